@@ -1,0 +1,1 @@
+"""Conversations, envelopes, outbox, receipts and the message-request policy."""

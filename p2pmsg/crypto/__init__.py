@@ -1,0 +1,1 @@
+"""Cryptographic protocols on PyNaCl: Noise XX, signed envelopes, boxes (sans-IO)."""

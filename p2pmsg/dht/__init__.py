@@ -1,0 +1,1 @@
+"""Kademlia DHT, wire-compatible with the PyPI ``kademlia`` package, with signed records."""

@@ -1,0 +1,1 @@
+"""Transports (TCP, WebSocket), the secure channel and the dialer."""

@@ -1,0 +1,1 @@
+"""SQLite storage: schema migrations and a single writer thread driven from trio."""

@@ -1,0 +1,1 @@
+"""Wire formats: the strict msgpack codec and multiaddrs (sans-IO)."""
