@@ -1,0 +1,463 @@
+"""Ed25519 identity, libp2p peer IDs and the encrypted key file.
+
+Theory of operation
+-------------------
+A node's identity is one Ed25519 signing key, kept as its 32-byte seed.  Everything else derives from it:
+
+* the *public key protobuf* ``08 01 12 20 || pk`` (field 1 ``KeyType = Ed25519 (1)``, field 2 ``Data = pk``), exactly
+  as libp2p encodes it;
+* the *peer ID*: the identity multihash of that protobuf, ``00 24 || 08 01 12 20 || pk`` (38 bytes).  Its usual text
+  form is base58btc (``12D3KooW...``); the CIDv1 form is ``"b" || base32(01 72 || multihash)`` (multibase ``b`` =
+  RFC 4648 base32, lowercase, no padding; CID version 1, multicodec ``0x72`` = ``libp2p-key``);
+* the X25519 key used with ``crypto_box``: the Ed25519 key converted with ``to_curve25519_private_key()``.
+
+Only Ed25519 identity multihashes are accepted.  Parsing is strict and canonical: one byte string has one text form,
+varints must be minimal, and anything else (a hashed multihash, another key type, a bad character, a wrong CID
+version or codec, trailing bytes) raises :class:`InvalidPeerIdError` naming the reason.  Parsers never let
+``ValueError``/``IndexError`` escape, since peer IDs arrive from the network.
+
+The key file (see :func:`save_identity` / :func:`load_identity` and ``docs/protocol-identity.part.md``) stores the seed
+encrypted with ``SecretBox`` under a key derived from a passphrase with Argon2id (MODERATE limits by default).  The
+file is replaced atomically and is always mode 0600.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+from typing import Final
+
+import nacl.exceptions
+import nacl.public
+import nacl.signing
+
+from p2pmsg.errors import P2PMsgError, RemoteProtocolError
+
+__all__ = [
+    "Identity",
+    "InvalidPeerIdError",
+    "PeerId",
+    "VarintError",
+    "base32_decode",
+    "base32_encode",
+    "base58btc_decode",
+    "base58btc_encode",
+    "encode_uvarint",
+    "parse_public_key_protobuf",
+    "public_key_protobuf",
+    "read_uvarint",
+]
+
+ED25519_PUBLIC_KEY_SIZE: Final = 32
+ED25519_SEED_SIZE: Final = 32
+ED25519_SIGNATURE_SIZE: Final = 64
+
+#: libp2p ``KeyType`` enum values, for error messages.
+_KEY_TYPE_NAMES: Final = {0: "RSA", 1: "Ed25519", 2: "Secp256k1", 3: "ECDSA"}
+_KEY_TYPE_ED25519: Final = 1
+
+_PROTOBUF_PREFIX: Final = b"\x08\x01\x12\x20"
+PUBLIC_KEY_PROTOBUF_SIZE: Final = len(_PROTOBUF_PREFIX) + ED25519_PUBLIC_KEY_SIZE  # 36
+
+_MULTIHASH_IDENTITY: Final = 0x00
+_MULTIHASH_NAMES: Final = {0x00: "identity", 0x11: "sha1", 0x12: "sha2-256", 0x13: "sha2-512", 0x1B: "keccak-256"}
+_MULTIHASH_PREFIX: Final = bytes([_MULTIHASH_IDENTITY, PUBLIC_KEY_PROTOBUF_SIZE])
+PEER_ID_SIZE: Final = len(_MULTIHASH_PREFIX) + PUBLIC_KEY_PROTOBUF_SIZE  # 38
+
+_CID_VERSION: Final = 1
+_CID_CODEC_LIBP2P_KEY: Final = 0x72
+_CID_PREFIX: Final = bytes([_CID_VERSION, _CID_CODEC_LIBP2P_KEY])
+
+#: Longest peer-ID text accepted before decoding (the real forms are 52 and 62 characters).
+MAX_PEER_ID_TEXT: Final = 128
+
+#: Longest unsigned varint accepted (multiformats caps varints at 9 bytes / 63 bits).
+MAX_UVARINT_BYTES: Final = 9
+
+
+class InvalidPeerIdError(RemoteProtocolError):
+    """A peer ID or public-key protobuf is malformed or is not an Ed25519 identity multihash."""
+
+
+class VarintError(RemoteProtocolError):
+    """An unsigned varint is truncated, overlong (not minimal) or longer than :data:`MAX_UVARINT_BYTES`."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Unsigned varints (LEB128, as in multiformats and protobuf)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def encode_uvarint(value: int) -> bytes:
+    """Encode a non-negative integer as an unsigned LEB128 varint (7 bits per byte, least significant first)."""
+    if value < 0:
+        raise ValueError(f"uvarint value must be non-negative, got {value}")
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def read_uvarint(data: bytes | bytearray | memoryview, pos: int = 0) -> tuple[int, int]:
+    """Decode the minimal unsigned varint at ``data[pos:]``; return ``(value, position after it)``.
+
+    Raises :class:`VarintError` if it is truncated, longer than :data:`MAX_UVARINT_BYTES` or not minimally encoded
+    (a trailing ``0x00`` continuation byte).
+    """
+    value = 0
+    shift = 0
+    for i in range(MAX_UVARINT_BYTES):
+        if pos + i >= len(data):
+            raise VarintError("varint is truncated")
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            if byte == 0 and i > 0:
+                raise VarintError("varint is not minimally encoded (overlong)")
+            return value, pos + i + 1
+        shift += 7
+    raise VarintError(f"varint is longer than {MAX_UVARINT_BYTES} bytes")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# base58btc and base32 (multibase)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_B58_ALPHABET: Final = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_B58_INDEX: Final = {c: i for i, c in enumerate(_B58_ALPHABET)}
+_B32_ALPHABET: Final = "abcdefghijklmnopqrstuvwxyz234567"
+_B32_INDEX: Final = {c: i for i, c in enumerate(_B32_ALPHABET)}
+
+
+def base58btc_encode(data: bytes) -> str:
+    """Encode bytes in base58 with the Bitcoin alphabet; each leading zero byte becomes a leading ``1``."""
+    zeros = len(data) - len(data.lstrip(b"\x00"))
+    number = int.from_bytes(data, "big")
+    digits: list[str] = []
+    while number:
+        number, rem = divmod(number, 58)
+        digits.append(_B58_ALPHABET[rem])
+    return "1" * zeros + "".join(reversed(digits))
+
+
+def base58btc_decode(text: str) -> bytes:
+    """Decode base58btc text (the inverse of :func:`base58btc_encode`).
+
+    Raises :class:`InvalidPeerIdError` naming the first character outside the alphabet.
+    """
+    number = 0
+    for position, char in enumerate(text):
+        digit = _B58_INDEX.get(char)
+        if digit is None:
+            raise InvalidPeerIdError(f"invalid base58btc character {char!r} at position {position}")
+        number = number * 58 + digit
+    zeros = len(text) - len(text.lstrip("1"))
+    body = number.to_bytes((number.bit_length() + 7) // 8, "big") if number else b""
+    return b"\x00" * zeros + body
+
+
+def base32_encode(data: bytes) -> str:
+    """Encode bytes as RFC 4648 base32, lowercase, without ``=`` padding (multibase ``b`` without the prefix)."""
+    out: list[str] = []
+    buffer = 0
+    bits = 0
+    for byte in data:
+        buffer = (buffer << 8) | byte
+        bits += 8
+        while bits >= 5:
+            bits -= 5
+            out.append(_B32_ALPHABET[(buffer >> bits) & 0x1F])
+    if bits:
+        out.append(_B32_ALPHABET[(buffer << (5 - bits)) & 0x1F])
+    return "".join(out)
+
+
+def base32_decode(text: str) -> bytes:
+    """Decode lowercase unpadded RFC 4648 base32, strictly (the inverse of :func:`base32_encode`).
+
+    Raises :class:`InvalidPeerIdError` on a character outside the lowercase alphabet (including ``=`` padding), on an
+    impossible length (1, 3 or 6 characters modulo 8) or on non-zero unused trailing bits (a non-canonical form).
+    """
+    if len(text) % 8 in (1, 3, 6):
+        raise InvalidPeerIdError(
+            f"invalid base32 length {len(text)}: {len(text) % 8} characters modulo 8 is impossible"
+        )
+    out = bytearray()
+    buffer = 0
+    bits = 0
+    for position, char in enumerate(text):
+        value = _B32_INDEX.get(char)
+        if value is None:
+            raise InvalidPeerIdError(
+                f"invalid base32 character {char!r} at position {position} (lowercase, no padding)"
+            )
+        buffer = (buffer << 5) | value
+        bits += 5
+        if bits >= 8:
+            bits -= 8
+            out.append((buffer >> bits) & 0xFF)
+            buffer &= (1 << bits) - 1
+    if buffer:
+        raise InvalidPeerIdError("base32 text has non-zero trailing bits (non-canonical encoding)")
+    return bytes(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public key protobuf and PeerId
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def public_key_protobuf(ed25519_public_key: bytes) -> bytes:
+    """Return libp2p's ``PublicKey`` protobuf for an Ed25519 key: ``08 01 12 20 || pk`` (36 bytes)."""
+    if len(ed25519_public_key) != ED25519_PUBLIC_KEY_SIZE:
+        raise InvalidPeerIdError(
+            f"Ed25519 public key must be {ED25519_PUBLIC_KEY_SIZE} bytes, got {len(ed25519_public_key)}"
+        )
+    return _PROTOBUF_PREFIX + bytes(ed25519_public_key)
+
+
+def parse_public_key_protobuf(data: bytes) -> bytes:
+    """Parse libp2p's ``PublicKey`` protobuf and return the raw 32-byte Ed25519 public key.
+
+    Only the canonical Ed25519 form ``08 01 12 20 || pk`` is accepted; anything else (another key type, a wrong key
+    length, reordered, missing or extra fields, truncation, trailing bytes) raises :class:`InvalidPeerIdError`.
+    """
+    data = bytes(data)
+    try:
+        if not data:
+            raise InvalidPeerIdError("public key protobuf is empty")
+        if data[0] != 0x08:
+            raise InvalidPeerIdError(
+                f"public key protobuf must start with field 1 (Type, varint) tag 0x08, got 0x{data[0]:02x}"
+            )
+        key_type, pos = read_uvarint(data, 1)
+        if key_type != _KEY_TYPE_ED25519:
+            name = _KEY_TYPE_NAMES.get(key_type, "unknown")
+            raise InvalidPeerIdError(f"public key type {key_type} ({name}) is not supported: only Ed25519 (1)")
+        if pos >= len(data):
+            raise InvalidPeerIdError("public key protobuf is truncated: field 2 (Data) is missing")
+        if data[pos] != 0x12:
+            raise InvalidPeerIdError(
+                f"public key protobuf field 2 (Data, bytes) must have tag 0x12, got 0x{data[pos]:02x}"
+            )
+        key_len, pos = read_uvarint(data, pos + 1)
+        if key_len != ED25519_PUBLIC_KEY_SIZE:
+            raise InvalidPeerIdError(f"Ed25519 public key must be {ED25519_PUBLIC_KEY_SIZE} bytes, got {key_len}")
+        remaining = len(data) - pos
+        if remaining < key_len:
+            raise InvalidPeerIdError(f"public key protobuf is truncated: {remaining} of {key_len} key bytes present")
+        if remaining > key_len:
+            raise InvalidPeerIdError(f"public key protobuf has {remaining - key_len} trailing bytes")
+    except VarintError as exc:
+        raise InvalidPeerIdError(f"public key protobuf: {exc}") from exc
+    return data[pos:]
+
+
+def _parse_multihash(data: bytes) -> bytes:
+    """Validate an identity multihash of an Ed25519 public key protobuf and return it unchanged (as bytes)."""
+    try:
+        code, pos = read_uvarint(data, 0)
+        if code != _MULTIHASH_IDENTITY:
+            name = _MULTIHASH_NAMES.get(code, "unknown")
+            raise InvalidPeerIdError(
+                f"multihash code 0x{code:x} ({name}) is not supported: only the identity multihash (0x00) of an "
+                "Ed25519 public key"
+            )
+        length, pos = read_uvarint(data, pos)
+    except VarintError as exc:
+        raise InvalidPeerIdError(f"multihash: {exc}") from exc
+    present = len(data) - pos
+    if length != present:
+        raise InvalidPeerIdError(f"multihash digest length is {length} but {present} bytes follow")
+    if length != PUBLIC_KEY_PROTOBUF_SIZE:
+        raise InvalidPeerIdError(
+            f"identity multihash digest is {length} bytes: an Ed25519 public key protobuf is {PUBLIC_KEY_PROTOBUF_SIZE}"
+        )
+    parse_public_key_protobuf(data[pos:])
+    return data
+
+
+@dataclasses.dataclass(frozen=True, slots=True, order=True, repr=False)
+class PeerId:
+    """A libp2p peer ID of an Ed25519 key: the identity multihash ``00 24 08 01 12 20 || pk``.
+
+    Immutable and hashable; ordered by :meth:`to_bytes`.  Build one with :meth:`from_public_key`, :meth:`from_bytes`
+    or :meth:`from_string`; ``str(peer_id)`` is the base58btc form.
+    """
+
+    _multihash: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self._multihash, bytes):
+            raise InvalidPeerIdError(f"peer ID must be bytes, got {type(self._multihash).__name__}")
+        _parse_multihash(self._multihash)
+
+    @classmethod
+    def from_public_key(cls, ed25519_public_key: bytes) -> PeerId:
+        """The peer ID of a raw 32-byte Ed25519 public key."""
+        return cls(_MULTIHASH_PREFIX + public_key_protobuf(bytes(ed25519_public_key)))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PeerId:
+        """Parse the binary peer ID (38 bytes: ``00 24 08 01 12 20 || pk``); :class:`InvalidPeerIdError` otherwise."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise InvalidPeerIdError(f"peer ID must be bytes, got {type(data).__name__}")
+        return cls(bytes(data))
+
+    @classmethod
+    def from_string(cls, text: str) -> PeerId:
+        """Parse a peer ID in text: base58btc (``12D3KooW...``) or a CIDv1 in multibase base32 (``bafz...``).
+
+        As in the libp2p spec, text starting with ``1`` or ``Qm`` is a bare base58btc multihash; anything else must
+        be a multibase CID (prefix ``b`` = base32 lowercase, or ``z`` = base58btc) of version 1 with the
+        ``libp2p-key`` codec (0x72).
+        """
+        if not isinstance(text, str):
+            raise InvalidPeerIdError(f"peer ID text must be str, got {type(text).__name__}")
+        if not text:
+            raise InvalidPeerIdError("peer ID text is empty")
+        if len(text) > MAX_PEER_ID_TEXT:
+            raise InvalidPeerIdError(f"peer ID text is {len(text)} characters, longer than {MAX_PEER_ID_TEXT}")
+        if text.startswith(("1", "Qm")):
+            return cls.from_bytes(base58btc_decode(text))
+        prefix, body = text[0], text[1:]
+        if prefix == "b":
+            cid = base32_decode(body)
+        elif prefix == "z":
+            cid = base58btc_decode(body)
+        else:
+            raise InvalidPeerIdError(
+                f"unsupported peer ID text: multibase prefix {prefix!r} is not 'b' (base32) or 'z' (base58btc), "
+                "and the text is not a base58btc multihash starting with '1' or 'Qm'"
+            )
+        try:
+            version, pos = read_uvarint(cid, 0)
+            if version != _CID_VERSION:
+                raise InvalidPeerIdError(f"CID version {version} is not supported: only CIDv1")
+            codec, pos = read_uvarint(cid, pos)
+        except VarintError as exc:
+            raise InvalidPeerIdError(f"CID: {exc}") from exc
+        if codec != _CID_CODEC_LIBP2P_KEY:
+            raise InvalidPeerIdError(f"CID codec 0x{codec:x} is not libp2p-key (0x72)")
+        return cls.from_bytes(cid[pos:])
+
+    def to_bytes(self) -> bytes:
+        """The binary peer ID (the 38-byte identity multihash)."""
+        return self._multihash
+
+    def to_base58(self) -> str:
+        """The base58btc text form (``12D3KooW...``), also given by ``str()``."""
+        return base58btc_encode(self._multihash)
+
+    def to_cid(self) -> str:
+        """The CIDv1 text form: multibase ``b`` + base32(``01 72`` || multihash) (``bafz...``)."""
+        return "b" + base32_encode(_CID_PREFIX + self._multihash)
+
+    @property
+    def public_key(self) -> bytes:
+        """The raw 32-byte Ed25519 public key."""
+        return self._multihash[-ED25519_PUBLIC_KEY_SIZE:]
+
+    @property
+    def x25519_public_key(self) -> bytes:
+        """The 32-byte X25519 public key converted from the Ed25519 key (for ``crypto_box`` to this peer).
+
+        Raises :class:`InvalidPeerIdError` if the Ed25519 key is not a valid curve point.
+        """
+        try:
+            return bytes(nacl.signing.VerifyKey(self.public_key).to_curve25519_public_key())
+        except nacl.exceptions.CryptoError as exc:
+            raise InvalidPeerIdError("Ed25519 public key is not a valid curve point: no X25519 equivalent") from exc
+
+    def verify(self, message: bytes, signature: bytes) -> bool:
+        """Whether ``signature`` is a valid 64-byte detached Ed25519 signature of ``message`` by this peer."""
+        if len(signature) != ED25519_SIGNATURE_SIZE:
+            return False
+        try:
+            nacl.signing.VerifyKey(self.public_key).verify(bytes(message), bytes(signature))
+        except (nacl.exceptions.CryptoError, ValueError, TypeError):
+            return False
+        return True
+
+    def __str__(self) -> str:
+        return self.to_base58()
+
+    def __repr__(self) -> str:
+        return f"PeerId({self.to_base58()!r})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Identity
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Identity:
+    """This node's Ed25519 key pair.  The secret never appears in ``repr``; compare identities with ``==``."""
+
+    __slots__ = ("_peer_id", "_signing_key", "_x25519_private_key")
+
+    def __init__(self, signing_key: nacl.signing.SigningKey) -> None:
+        """Wrap a PyNaCl signing key (prefer :meth:`generate` or :meth:`from_seed`)."""
+        self._signing_key = signing_key
+        self._peer_id = PeerId.from_public_key(bytes(signing_key.verify_key))
+        self._x25519_private_key: nacl.public.PrivateKey | None = None
+
+    @classmethod
+    def generate(cls) -> Identity:
+        """A fresh random identity."""
+        return cls(nacl.signing.SigningKey.generate())
+
+    @classmethod
+    def from_seed(cls, seed: bytes) -> Identity:
+        """The identity of a 32-byte Ed25519 seed (the first half of libp2p's 64-byte private key data)."""
+        if not isinstance(seed, bytes | bytearray | memoryview) or len(seed) != ED25519_SEED_SIZE:
+            size = len(seed) if isinstance(seed, bytes | bytearray | memoryview) else type(seed).__name__
+            raise P2PMsgError(f"Ed25519 seed must be {ED25519_SEED_SIZE} bytes, got {size}")
+        return cls(nacl.signing.SigningKey(bytes(seed)))
+
+    @property
+    def seed(self) -> bytes:
+        """The 32-byte Ed25519 seed: the secret.  Keep it in memory only or in an encrypted key file."""
+        return bytes(self._signing_key)
+
+    @property
+    def public_key(self) -> bytes:
+        """The raw 32-byte Ed25519 public key."""
+        return self._peer_id.public_key
+
+    @property
+    def peer_id(self) -> PeerId:
+        """This identity's peer ID."""
+        return self._peer_id
+
+    def sign(self, message: bytes) -> bytes:
+        """A 64-byte detached Ed25519 signature of ``message``."""
+        return bytes(self._signing_key.sign(bytes(message)).signature)
+
+    @property
+    def x25519_private_key(self) -> nacl.public.PrivateKey:
+        """The X25519 private key for ``crypto_box``, converted from the Ed25519 key (cached)."""
+        if self._x25519_private_key is None:
+            self._x25519_private_key = self._signing_key.to_curve25519_private_key()
+        return self._x25519_private_key
+
+    @property
+    def x25519_public_key(self) -> bytes:
+        """The 32-byte X25519 public key matching :attr:`x25519_private_key`."""
+        return bytes(self.x25519_private_key.public_key)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Identity):
+            return NotImplemented
+        return hmac.compare_digest(self.seed, other.seed)
+
+    def __hash__(self) -> int:
+        return hash(self._peer_id)
+
+    def __repr__(self) -> str:
+        return f"Identity(peer_id={self._peer_id.to_base58()!r})"
