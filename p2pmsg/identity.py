@@ -183,10 +183,6 @@ def base32_decode(text: str) -> bytes:
     Raises :class:`InvalidPeerIdError` on a character outside the lowercase alphabet (including ``=`` padding), on an
     impossible length (1, 3 or 6 characters modulo 8) or on non-zero unused trailing bits (a non-canonical form).
     """
-    if len(text) % 8 in (1, 3, 6):
-        raise InvalidPeerIdError(
-            f"invalid base32 length {len(text)}: {len(text) % 8} characters modulo 8 is impossible"
-        )
     out = bytearray()
     buffer = 0
     bits = 0
@@ -202,6 +198,10 @@ def base32_decode(text: str) -> bytes:
             bits -= 8
             out.append((buffer >> bits) & 0xFF)
             buffer &= (1 << bits) - 1
+    if len(text) % 8 in (1, 3, 6):
+        raise InvalidPeerIdError(
+            f"invalid base32 length {len(text)}: {len(text) % 8} characters modulo 8 is impossible"
+        )
     if buffer:
         raise InvalidPeerIdError("base32 text has non-zero trailing bits (non-canonical encoding)")
     return bytes(out)
