@@ -24,29 +24,57 @@ file is replaced atomically and is always mode 0600.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import getpass
 import hmac
+import logging
+import os
+import secrets
+import stat
+import struct
+import unicodedata
+from collections.abc import Callable, Mapping
 from typing import Final
 
+import nacl.encoding
 import nacl.exceptions
+import nacl.hash
 import nacl.public
+import nacl.pwhash.argon2id
+import nacl.secret
 import nacl.signing
+import nacl.utils
 
 from p2pmsg.errors import P2PMsgError, RemoteProtocolError
 
 __all__ = [
+    "PASSPHRASE_ENV",
+    "CorruptKeyFileError",
     "Identity",
     "InvalidPeerIdError",
+    "KeyFileError",
+    "PassphraseMismatchError",
+    "PassphraseRequiredError",
     "PeerId",
+    "UnsupportedKeyFileVersionError",
     "VarintError",
+    "WrongPassphraseError",
     "base32_decode",
     "base32_encode",
     "base58btc_decode",
     "base58btc_encode",
+    "decode_key_file",
+    "encode_key_file",
     "encode_uvarint",
+    "load_identity",
     "parse_public_key_protobuf",
     "public_key_protobuf",
     "read_uvarint",
+    "resolve_passphrase",
+    "save_identity",
 ]
+
+logger = logging.getLogger(__name__)
 
 ED25519_PUBLIC_KEY_SIZE: Final = 32
 ED25519_SEED_SIZE: Final = 32
@@ -461,3 +489,297 @@ class Identity:
 
     def __repr__(self) -> str:
         return f"Identity(peer_id={self._peer_id.to_base58()!r})"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Key file
+# ---------------------------------------------------------------------------------------------------------------------
+#
+# Version 1, all integers big-endian (docs/protocol-identity.part.md has the full description):
+#
+#   encrypted (kdf 1)                          unencrypted (kdf 0, only with allow_unencrypted=True)
+#   0   8  magic "P2PMSGKF"                    0   8  magic "P2PMSGKF"
+#   8   1  version = 1                         8   1  version = 1
+#   9   1  kdf = 1 (Argon2id v1.3)             9   1  kdf = 0 (none)
+#   10  4  opslimit (u32)                      10 32  seed
+#   14  8  memlimit in bytes (u64)             42 16  checksum = BLAKE2b-128(bytes 0..41)
+#   22 16  salt                                total 58 bytes
+#   38 24  nonce
+#   62 48  SecretBox(seed): 16-byte Poly1305 tag || 32-byte XSalsa20 ciphertext
+#   110 16 checksum = BLAKE2b-128(bytes 0..109)
+#   total 126 bytes
+#
+# The checksum is the last 16 bytes in every version, so corruption is told apart from a wrong passphrase (which fails
+# the SecretBox tag) before the version is even looked at.
+
+PASSPHRASE_ENV: Final = "P2PMSG_PASSPHRASE"
+
+KEY_FILE_MAGIC: Final = b"P2PMSGKF"
+KEY_FILE_VERSION: Final = 1
+KDF_NONE: Final = 0
+KDF_ARGON2ID: Final = 1
+
+#: Argon2id defaults: MODERATE (3 passes, 256 MiB).  SENSITIVE (1 GiB) would exhaust a Raspberry Pi.
+DEFAULT_OPSLIMIT: Final[int] = nacl.pwhash.argon2id.OPSLIMIT_MODERATE
+DEFAULT_MEMLIMIT: Final[int] = nacl.pwhash.argon2id.MEMLIMIT_MODERATE
+
+#: Bounds on the KDF parameters, enforced when saving and (against hostile or corrupt files) when loading.
+MIN_OPSLIMIT: Final[int] = nacl.pwhash.argon2id.OPSLIMIT_MIN  # 1
+MAX_OPSLIMIT: Final = 16
+MIN_MEMLIMIT: Final[int] = nacl.pwhash.argon2id.MEMLIMIT_MIN  # 8 KiB
+MAX_MEMLIMIT: Final = 1 << 30  # 1 GiB
+
+_CHECKSUM_SIZE: Final = 16
+_SALT_SIZE: Final[int] = nacl.pwhash.argon2id.SALTBYTES  # 16
+_NONCE_SIZE: Final[int] = nacl.secret.SecretBox.NONCE_SIZE  # 24
+_BOX_SIZE: Final = nacl.secret.SecretBox.MACBYTES + ED25519_SEED_SIZE  # 48
+_PREAMBLE: Final = struct.Struct(">8sBB")  # magic, version, kdf
+_ARGON2_PARAMS: Final = struct.Struct(">IQ")  # opslimit, memlimit
+_ENCRYPTED_SIZE: Final = _PREAMBLE.size + _ARGON2_PARAMS.size + _SALT_SIZE + _NONCE_SIZE + _BOX_SIZE + _CHECKSUM_SIZE
+_UNENCRYPTED_SIZE: Final = _PREAMBLE.size + ED25519_SEED_SIZE + _CHECKSUM_SIZE
+_SIZE_BY_KDF: Final = {KDF_NONE: _UNENCRYPTED_SIZE, KDF_ARGON2ID: _ENCRYPTED_SIZE}
+#: Larger files are refused without reading them whole.
+MAX_KEY_FILE_SIZE: Final = 4096
+
+StrPath = str | os.PathLike[str]
+
+
+class KeyFileError(P2PMsgError):
+    """Base class of key-file errors (also raised for invalid arguments to :func:`save_identity`)."""
+
+
+class WrongPassphraseError(KeyFileError):
+    """The key file is intact but the passphrase does not decrypt it."""
+
+
+class CorruptKeyFileError(KeyFileError):
+    """The key file is damaged or hostile: truncated, bad magic, checksum mismatch, or KDF parameters out of bounds."""
+
+
+class UnsupportedKeyFileVersionError(KeyFileError):
+    """The key file is intact but written in a format version this code does not know."""
+
+
+class PassphraseRequiredError(KeyFileError):
+    """A passphrase is needed (to load an encrypted key file, or to save one without ``allow_unencrypted``)."""
+
+
+class PassphraseMismatchError(KeyFileError):
+    """The passphrase and its confirmation differ."""
+
+
+def _checksum(data: bytes) -> bytes:
+    digest: bytes = nacl.hash.blake2b(data, digest_size=_CHECKSUM_SIZE, encoder=nacl.encoding.RawEncoder)
+    return digest
+
+
+def _passphrase_bytes(passphrase: str) -> bytes:
+    try:
+        return unicodedata.normalize("NFC", passphrase).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise KeyFileError(f"passphrase is not encodable as UTF-8: {exc.reason}") from exc
+
+
+def _derive_key(passphrase: str, salt: bytes, opslimit: int, memlimit: int) -> bytes:
+    key: bytes = nacl.pwhash.argon2id.kdf(
+        nacl.secret.SecretBox.KEY_SIZE, _passphrase_bytes(passphrase), salt, opslimit=opslimit, memlimit=memlimit
+    )
+    return key
+
+
+def _check_kdf_bounds(opslimit: int, memlimit: int) -> str | None:
+    """The reason the parameters are out of bounds, or None."""
+    if not MIN_OPSLIMIT <= opslimit <= MAX_OPSLIMIT:
+        return f"opslimit {opslimit} is outside [{MIN_OPSLIMIT}, {MAX_OPSLIMIT}]"
+    if not MIN_MEMLIMIT <= memlimit <= MAX_MEMLIMIT:
+        return f"memlimit {memlimit} bytes is outside [{MIN_MEMLIMIT}, {MAX_MEMLIMIT}]"
+    return None
+
+
+def encode_key_file(
+    identity: Identity,
+    passphrase: str | None,
+    *,
+    allow_unencrypted: bool = False,
+    opslimit: int | None = None,
+    memlimit: int | None = None,
+) -> bytes:
+    """Serialise ``identity`` in key-file format version 1 (see :func:`save_identity` for the arguments)."""
+    if passphrase is None:
+        if not allow_unencrypted:
+            raise PassphraseRequiredError(
+                "a passphrase is required to save the identity; pass allow_unencrypted=True to store it in clear"
+            )
+        body = _PREAMBLE.pack(KEY_FILE_MAGIC, KEY_FILE_VERSION, KDF_NONE) + identity.seed
+        return body + _checksum(body)
+    if not passphrase:
+        raise KeyFileError("passphrase must not be empty (use passphrase=None with allow_unencrypted=True instead)")
+    ops = DEFAULT_OPSLIMIT if opslimit is None else opslimit
+    mem = DEFAULT_MEMLIMIT if memlimit is None else memlimit
+    reason = _check_kdf_bounds(ops, mem)
+    if reason is not None:
+        raise KeyFileError(f"cannot save key file: {reason}")
+    salt = nacl.utils.random(_SALT_SIZE)
+    nonce = nacl.utils.random(_NONCE_SIZE)
+    box = nacl.secret.SecretBox(_derive_key(passphrase, salt, ops, mem))
+    sealed = box.encrypt(identity.seed, nonce).ciphertext
+    body = (
+        _PREAMBLE.pack(KEY_FILE_MAGIC, KEY_FILE_VERSION, KDF_ARGON2ID)
+        + _ARGON2_PARAMS.pack(ops, mem)
+        + salt
+        + nonce
+        + bytes(sealed)
+    )
+    return body + _checksum(body)
+
+
+def decode_key_file(data: bytes, passphrase: str | None, *, source: str = "key file") -> Identity:
+    """Parse and decrypt key-file bytes (see :func:`load_identity`); ``source`` prefixes error messages."""
+    size = len(data)
+    if data[: len(KEY_FILE_MAGIC)] != KEY_FILE_MAGIC:
+        raise CorruptKeyFileError(f"{source}: bad magic (not a p2pmsg key file)")
+    if size > MAX_KEY_FILE_SIZE:
+        raise CorruptKeyFileError(f"{source}: {size} bytes is larger than the {MAX_KEY_FILE_SIZE}-byte maximum")
+    if size < _PREAMBLE.size + _CHECKSUM_SIZE:
+        raise CorruptKeyFileError(f"{source}: truncated ({size} bytes)")
+    _magic, version, kdf = _PREAMBLE.unpack_from(data)
+    if not hmac.compare_digest(_checksum(data[:-_CHECKSUM_SIZE]), data[-_CHECKSUM_SIZE:]):
+        expected = _SIZE_BY_KDF.get(kdf) if version == KEY_FILE_VERSION else None
+        if expected is not None and size < expected:
+            raise CorruptKeyFileError(f"{source}: truncated ({size} of {expected} bytes)")
+        raise CorruptKeyFileError(f"{source}: checksum mismatch (the file is damaged)")
+    if version != KEY_FILE_VERSION:
+        raise UnsupportedKeyFileVersionError(
+            f"{source}: format version {version} is not supported (this version of p2pmsg reads {KEY_FILE_VERSION})"
+        )
+    expected = _SIZE_BY_KDF.get(kdf)
+    if expected is None:
+        raise CorruptKeyFileError(f"{source}: unknown kdf id {kdf} (version 1 knows 0 = none and 1 = Argon2id)")
+    if size != expected:
+        raise CorruptKeyFileError(f"{source}: {size} bytes, a version-1 file with kdf {kdf} is {expected}")
+    pos = _PREAMBLE.size
+    if kdf == KDF_NONE:
+        logger.warning("%s is NOT encrypted: anyone who can read it can impersonate this node", source)
+        return Identity.from_seed(data[pos : pos + ED25519_SEED_SIZE])
+    opslimit, memlimit = _ARGON2_PARAMS.unpack_from(data, pos)
+    reason = _check_kdf_bounds(opslimit, memlimit)
+    if reason is not None:
+        raise CorruptKeyFileError(f"{source}: refusing KDF parameters: {reason}")
+    pos += _ARGON2_PARAMS.size
+    salt = data[pos : pos + _SALT_SIZE]
+    pos += _SALT_SIZE
+    nonce = data[pos : pos + _NONCE_SIZE]
+    pos += _NONCE_SIZE
+    sealed = data[pos : pos + _BOX_SIZE]
+    if passphrase is None:
+        raise PassphraseRequiredError(f"{source} is encrypted: a passphrase is required (or set {PASSPHRASE_ENV})")
+    box = nacl.secret.SecretBox(_derive_key(passphrase, salt, opslimit, memlimit))
+    try:
+        seed = box.decrypt(sealed, nonce)
+    except nacl.exceptions.CryptoError as exc:
+        raise WrongPassphraseError(f"{source}: wrong passphrase") from exc
+    return Identity.from_seed(seed)
+
+
+def save_identity(
+    path: StrPath,
+    identity: Identity,
+    passphrase: str | None,
+    *,
+    allow_unencrypted: bool = False,
+    opslimit: int | None = None,
+    memlimit: int | None = None,
+) -> None:
+    """Write ``identity`` to the key file ``path``, atomically, with mode 0600.
+
+    The seed is encrypted with ``SecretBox`` under a key derived from ``passphrase`` (NFC-normalised, UTF-8) by
+    Argon2id with ``opslimit``/``memlimit`` (default MODERATE; both bounded by :data:`MAX_OPSLIMIT` and
+    :data:`MAX_MEMLIMIT`).  ``passphrase=None`` writes the seed in clear, and only with ``allow_unencrypted=True``
+    (logged as a warning); otherwise it raises :class:`PassphraseRequiredError`.  An empty passphrase is refused.
+
+    The bytes go to a new temporary file in the same directory (created 0600 with ``O_EXCL``), are fsynced, renamed
+    over ``path`` with ``os.replace`` and the directory is fsynced: a crash leaves either the old file or the new one,
+    never a mix, and a failure removes the temporary file.
+    """
+    data = encode_key_file(
+        identity, passphrase, allow_unencrypted=allow_unencrypted, opslimit=opslimit, memlimit=memlimit
+    )
+    if passphrase is None:
+        logger.warning("writing UNENCRYPTED key file %s: anyone who can read it can impersonate this node", path)
+    _atomic_write(os.fspath(path), data)
+
+
+def load_identity(path: StrPath, passphrase: str | None) -> Identity:
+    """Read the key file ``path`` written by :func:`save_identity`.
+
+    Raises :class:`PassphraseRequiredError` (encrypted, ``passphrase`` is None), :class:`WrongPassphraseError`,
+    :class:`CorruptKeyFileError` (truncated, bad magic, checksum mismatch from bit flips, KDF parameters out of bounds,
+    over :data:`MAX_KEY_FILE_SIZE`), :class:`UnsupportedKeyFileVersionError`; ``OSError`` (e.g.
+    ``FileNotFoundError``) from the file system passes through.  Logs a warning if the file is readable by others.
+    """
+    name = os.fspath(path)
+    with open(name, "rb") as handle:
+        mode = os.fstat(handle.fileno()).st_mode
+        data = handle.read(MAX_KEY_FILE_SIZE + 1)
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        logger.warning("key file %s has mode 0o%o: it should be 0600 (chmod 600 it)", name, stat.S_IMODE(mode))
+    return decode_key_file(data, passphrase, source=f"key file {name}")
+
+
+def resolve_passphrase(
+    *,
+    confirm: bool = False,
+    env: Mapping[str, str] | None = None,
+    prompt: Callable[[str], str] = getpass.getpass,
+) -> str:
+    """The key-file passphrase: ``$P2PMSG_PASSPHRASE`` if set (even empty), else asked with ``prompt`` (getpass).
+
+    With ``confirm`` the prompt asks twice and :class:`PassphraseMismatchError` is raised if the answers differ.
+    ``env`` defaults to ``os.environ``.  End of input at the prompt raises :class:`PassphraseRequiredError`.
+    """
+    environment = os.environ if env is None else env
+    value = environment.get(PASSPHRASE_ENV)
+    if value is not None:
+        return value
+    try:
+        first = prompt("Passphrase: ")
+        if confirm and prompt("Repeat passphrase: ") != first:
+            raise PassphraseMismatchError("the two passphrases differ")
+    except EOFError as exc:
+        raise PassphraseRequiredError(f"no passphrase: {PASSPHRASE_ENV} is not set and the input ended") from exc
+    return first
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(temp, flags, 0o600)
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # the umask can only remove bits; make the mode exact
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+    except BaseException:
+        try:
+            os.unlink(temp)
+        except OSError as exc:
+            logger.warning("could not remove temporary key file %s: %s", temp, exc)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
