@@ -1,0 +1,448 @@
+"""A trio-websocket connection presented as a plain byte :class:`trio.abc.Stream`.
+
+Theory of operation
+-------------------
+The secure channel runs over any ``trio.abc.Stream``.  Over WebSocket, that byte stream is carried in *binary*
+messages whose boundaries mean nothing: the sender cuts its bytes into messages of at most
+:data:`WS_MAX_MESSAGE_SIZE` (65537 bytes, one Noise frame with its 2-byte length prefix) and the receiver
+concatenates them.  Text messages are a protocol violation; empty binary messages are ignored.
+
+trio-websocket needs a background *reader task* per connection, which must live in a nursery.  To keep structured
+concurrency, :func:`connect_websocket_stream` and :func:`accept_websocket_stream` start one small *host task* in
+the nursery the caller names.  The host task owns an inner nursery that runs the reader; it reports the finished
+:class:`WebSocketStream` through ``nursery.start`` and lives exactly as long as the connection.  Closing the stream
+closes the TCP connection and cancels the inner nursery, so nothing outlives :meth:`WebSocketStream.aclose`.
+Errors from the reader after the upgrade (for example a peer violating the WebSocket framing) are logged and turn
+into :class:`trio.BrokenResourceError` on the stream; they never reach the caller's nursery.
+
+Bounds: trio-websocket's ``max_message_size`` is :data:`WS_MAX_MESSAGE_SIZE`.  When a peer exceeds it,
+trio-websocket drops the partial message as soon as the running total passes the limit (it never assembles the
+oversized message), sends a Close frame with code 1009 (Message Too Big) and stops reading; the next
+``receive_some`` here raises :class:`trio.BrokenResourceError`.  Its message queue holds one message, so a peer
+can make us hold at most about three messages (~200 KB) per connection.  trio-websocket does *not* close the TCP
+socket after a 1009 close or after the client side of a close handshake; :meth:`WebSocketStream.aclose` always does.
+
+Close mapping to trio's conventions: a Close frame with code 1000 or 1001 is end of stream (``b""``); any other
+close, a dropped TCP connection, or a protocol error is :class:`trio.BrokenResourceError`; any use after our own
+``aclose`` is :class:`trio.ClosedResourceError`.  ``aclose`` sends a Close frame and waits at most
+``close_timeout`` seconds for the peer's reply before cutting the TCP connection.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import operator
+from collections.abc import Callable
+from types import TracebackType
+from typing import Final, cast
+
+import trio
+import trio_websocket
+
+from p2pmsg.errors import RemoteProtocolError
+
+__all__ = [
+    "DEFAULT_CLOSE_TIMEOUT",
+    "WS_MAX_MESSAGE_SIZE",
+    "WS_PATH",
+    "WebSocketStream",
+    "WebSocketUpgradeError",
+    "accept_websocket_stream",
+    "connect_websocket_stream",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Largest binary message we send or accept: one Noise frame (2-byte length + 65535 bytes).
+WS_MAX_MESSAGE_SIZE: Final = 65537
+#: The only HTTP path a p2pmsg WebSocket listener accepts.
+WS_PATH: Final = "/"
+#: Seconds :meth:`WebSocketStream.aclose` waits for the peer's Close frame before dropping the TCP connection.
+DEFAULT_CLOSE_TIMEOUT: Final = 2.0
+
+# trio-websocket's internal queue of complete messages (its default, stated so the bound above is explicit).
+_MESSAGE_QUEUE_SIZE: Final = 1
+# Bytes read from the socket per receive call by trio-websocket's reader.
+_RECEIVE_BUFFER_SIZE: Final = 65536
+# Close codes that mean an orderly end of stream.
+_GRACEFUL_CLOSE_CODES: Final = frozenset({1000, 1001})
+# Close code we send when the peer sends a text message.
+_UNSUPPORTED_DATA: Final = 1003
+
+
+class WebSocketUpgradeError(RemoteProtocolError):
+    """The HTTP upgrade to WebSocket failed (rejected, wrong path, garbage, or the peer hung up)."""
+
+
+class _Conflict:
+    """Raise :class:`trio.BusyResourceError` when two tasks use the same half of a stream at once."""
+
+    __slots__ = ("_held", "_message")
+
+    def __init__(self, message: str) -> None:
+        self._held = False
+        self._message = message
+
+    def __enter__(self) -> None:
+        if self._held:
+            raise trio.BusyResourceError(self._message)
+        self._held = True
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._held = False
+
+
+class _WatchedStream(trio.abc.Stream):
+    """Pass-through stream that calls ``on_dead`` once the transport reaches EOF, breaks or is closed.
+
+    trio-websocket waits forever for the upgrade response if the TCP connection ends before it arrives; the host
+    task uses this hook to abort the upgrade at once instead of waiting for the caller's timeout.
+    """
+
+    __slots__ = ("_inner", "on_dead")
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self._inner = inner
+        self.on_dead: Callable[[], object] | None = None
+
+    def _dead(self) -> None:
+        callback, self.on_dead = self.on_dead, None
+        if callback is not None:
+            callback()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self._inner.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._dead()
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._inner.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._dead()
+            raise
+        if not data:
+            self._dead()
+        return data
+
+    async def aclose(self) -> None:
+        self._dead()
+        await self._inner.aclose()
+
+
+class WebSocketStream(trio.abc.Stream):
+    """A WebSocket connection as a byte stream: ``send_all`` sends binary messages, ``receive_some`` returns bytes.
+
+    Build it with :func:`connect_websocket_stream` or :func:`accept_websocket_stream`; they own the reader task.
+    ``transport`` is the TCP stream underneath, which this object closes in :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        connection: trio_websocket.WebSocketConnection,
+        transport: trio.abc.Stream,
+        *,
+        reader_scope: trio.CancelScope | None = None,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    ) -> None:
+        self._connection = connection
+        self._transport = transport
+        self._reader_scope = reader_scope
+        self._close_timeout = close_timeout
+        self._buffer = b""
+        self._offset = 0
+        self._eof = False
+        self._closed = False
+        self._broken: str | None = None
+        self._close_code = 1000
+        self._close_scope: trio.CancelScope | None = None
+        self._reader_exited = False
+        self._receive_scope: trio.CancelScope | None = None
+        self._send_scope: trio.CancelScope | None = None
+        self._receive_conflict = _Conflict("another task is already receiving on this WebSocket stream")
+        self._send_conflict = _Conflict("another task is already sending on this WebSocket stream")
+
+    @property
+    def connection(self) -> trio_websocket.WebSocketConnection:
+        """The trio-websocket connection underneath."""
+        return self._connection
+
+    @property
+    def transport_stream(self) -> trio.abc.Stream:
+        """The TCP stream the WebSocket runs over."""
+        return self._transport
+
+    def _closed_error(self, exc: trio_websocket.ConnectionClosed) -> trio.BrokenResourceError:
+        reason = exc.reason
+        if reason is None:
+            text = "WebSocket connection closed"
+        else:
+            text = f"WebSocket closed with code {reason.code} ({reason.name})"
+            if reason.reason:
+                text += f": {reason.reason}"
+        self._broken = text
+        return trio.BrokenResourceError(text)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send ``data`` as one binary message (several if it exceeds :data:`WS_MAX_MESSAGE_SIZE`)."""
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("WebSocket stream was closed")
+            if self._broken is not None:
+                raise trio.BrokenResourceError(self._broken)
+            view = memoryview(data).cast("B")
+            if not view:
+                await trio.lowlevel.checkpoint()
+                return
+            with trio.CancelScope() as scope:
+                self._send_scope = scope
+                try:
+                    for start in range(0, len(view), WS_MAX_MESSAGE_SIZE):
+                        await self._connection.send_message(bytes(view[start : start + WS_MAX_MESSAGE_SIZE]))
+                except trio_websocket.ConnectionClosed as exc:
+                    if self._closed:
+                        raise trio.ClosedResourceError("WebSocket stream was closed") from None
+                    raise self._closed_error(exc) from None
+                finally:
+                    self._send_scope = None
+            if scope.cancelled_caught:
+                raise trio.ClosedResourceError("WebSocket stream was closed while sending")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Return at once (allowed by the trio contract): trio-websocket exposes no write readiness."""
+        with self._send_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("WebSocket stream was closed")
+            await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Return up to ``max_bytes`` bytes of the next binary message(s); ``b""`` after an orderly close."""
+        if max_bytes is not None:
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 1:
+                raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        with self._receive_conflict:
+            if self._closed:
+                raise trio.ClosedResourceError("WebSocket stream was closed")
+            if self._offset < len(self._buffer):
+                await trio.lowlevel.checkpoint()
+                return self._take(max_bytes)
+            if self._eof:
+                await trio.lowlevel.checkpoint()
+                return b""
+            if self._broken is not None:
+                raise trio.BrokenResourceError(self._broken)
+            while True:
+                message: bytes | str = b""
+                with trio.CancelScope() as scope:
+                    self._receive_scope = scope
+                    try:
+                        message = await self._connection.get_message()
+                    except trio_websocket.ConnectionClosed as exc:
+                        if self._closed:
+                            raise trio.ClosedResourceError("WebSocket stream was closed") from None
+                        if exc.reason is not None and exc.reason.code in _GRACEFUL_CLOSE_CODES:
+                            self._eof = True
+                            await trio.lowlevel.cancel_shielded_checkpoint()
+                            return b""
+                        raise self._closed_error(exc) from None
+                    finally:
+                        self._receive_scope = None
+                if scope.cancelled_caught:
+                    raise trio.ClosedResourceError("WebSocket stream was closed while receiving")
+                if isinstance(message, str):
+                    self._broken = "peer sent a WebSocket text message; only binary messages are allowed"
+                    self._close_code = _UNSUPPORTED_DATA
+                    raise trio.BrokenResourceError(self._broken)
+                if message:
+                    self._buffer = message
+                    self._offset = 0
+                    return self._take(max_bytes)
+                # An empty binary message carries nothing; wait for the next one (get_message is a checkpoint).
+
+    def _on_reader_exit(self) -> None:
+        """Called by the host task when trio-websocket's reader has stopped: no Close reply can arrive any more."""
+        self._reader_exited = True
+        if self._close_scope is not None:
+            self._close_scope.cancel()
+
+    def _take(self, max_bytes: int | None) -> bytes:
+        start = self._offset
+        end = len(self._buffer) if max_bytes is None else min(len(self._buffer), start + max_bytes)
+        self._offset = end
+        chunk = self._buffer[start:end]  # a full-range slice of bytes is the same object, no copy
+        if end == len(self._buffer):
+            self._buffer = b""
+            self._offset = 0
+        return chunk
+
+    async def aclose(self) -> None:
+        """Send a Close frame, wait up to ``close_timeout`` for the reply, then close TCP and stop the reader."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        self._buffer = b""
+        self._offset = 0
+        for scope in (self._receive_scope, self._send_scope):
+            if scope is not None:
+                scope.cancel()
+        try:
+            if not self._reader_exited:
+                # Wait for the peer's Close reply, but not past close_timeout and not once the reader is gone
+                # (nobody would see the reply).
+                with trio.move_on_after(self._close_timeout) as scope:
+                    self._close_scope = scope
+                    await self._connection.aclose(self._close_code)
+                self._close_scope = None
+        finally:
+            try:
+                await trio.aclose_forcefully(self._transport)
+            finally:
+                if self._reader_scope is not None:
+                    self._reader_scope.cancel()
+
+
+async def _host_connection(
+    transport: trio.abc.Stream,
+    *,
+    client: bool,
+    host_header: str,
+    path: str,
+    close_timeout: float,
+    task_status: trio.TaskStatus[WebSocketStream] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one WebSocket connection's reader for as long as the connection lives (see the module docstring)."""
+    watched = _WatchedStream(transport)
+    started = False
+    stream: WebSocketStream | None = None
+    try:
+        async with trio.open_nursery() as inner:
+            with trio.CancelScope() as upgrade_scope:
+                watched.on_dead = upgrade_scope.cancel
+                # trio-websocket annotates the stream as a SocketStream but only uses the trio.abc.Stream methods.
+                raw = cast(trio.SocketStream, watched)
+                if client:
+                    connection = await trio_websocket.wrap_client_stream(
+                        inner,
+                        raw,
+                        host_header,
+                        path,
+                        message_queue_size=_MESSAGE_QUEUE_SIZE,
+                        max_message_size=WS_MAX_MESSAGE_SIZE,
+                        receive_buffer_size=_RECEIVE_BUFFER_SIZE,
+                    )
+                else:
+                    request = await trio_websocket.wrap_server_stream(
+                        inner,
+                        raw,
+                        message_queue_size=_MESSAGE_QUEUE_SIZE,
+                        max_message_size=WS_MAX_MESSAGE_SIZE,
+                        receive_buffer_size=_RECEIVE_BUFFER_SIZE,
+                    )
+                    if request.path != path:
+                        await request.reject(404, body=b"not found\n")
+                        raise WebSocketUpgradeError(f"WebSocket path {request.path[:100]!r} is not {path!r}")
+                    connection = await request.accept()
+                watched.on_dead = None
+            if upgrade_scope.cancelled_caught:
+                raise WebSocketUpgradeError("connection ended during the WebSocket upgrade")
+            stream = WebSocketStream(connection, watched, reader_scope=inner.cancel_scope, close_timeout=close_timeout)
+            started = True
+            task_status.started(stream)
+    except BaseExceptionGroup as group:
+        cancelled, others = group.split(trio.Cancelled)
+        if others is None:
+            raise
+        if started:
+            # The reader failed after the upgrade: the stream already reports it as broken.  Log, never crash
+            # the caller's nursery.
+            logger.debug("WebSocket reader ended with an error", exc_info=others)
+            if cancelled is not None:
+                raise cancelled from None
+            return
+        raise _upgrade_error(others) from None
+    finally:
+        if stream is not None:
+            stream._on_reader_exit()
+        if not started:
+            await trio.aclose_forcefully(transport)
+
+
+def _upgrade_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Turn the failure of the upgrade into one clear exception (or re-raise something that is not ours)."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if not isinstance(exc, Exception):
+            return exc  # KeyboardInterrupt and friends pass through untouched
+    for exc in leaves:
+        if isinstance(exc, WebSocketUpgradeError):
+            return exc
+    for exc in leaves:
+        if isinstance(exc, trio_websocket.ConnectionRejected):
+            return WebSocketUpgradeError(f"WebSocket upgrade rejected with HTTP status {exc.status_code}")
+    for exc in leaves:
+        if isinstance(exc, trio_websocket.ConnectionClosed | trio.BrokenResourceError | trio.ClosedResourceError):
+            return WebSocketUpgradeError(f"connection ended during the WebSocket upgrade ({exc})")
+        if isinstance(exc, OSError):
+            return WebSocketUpgradeError(f"network error during the WebSocket upgrade: {exc}")
+    return group
+
+
+async def connect_websocket_stream(
+    nursery: trio.Nursery,
+    transport: trio.abc.Stream,
+    *,
+    host_header: str,
+    path: str = WS_PATH,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+) -> WebSocketStream:
+    """Run the client side of the WebSocket upgrade over ``transport`` and return the stream.
+
+    The connection's reader task is started in ``nursery`` and ends when the stream is closed.  Takes ownership
+    of ``transport``: it is closed if the upgrade fails.  Apply a timeout around this call (for example
+    ``trio.fail_after``); raises :class:`WebSocketUpgradeError` when the server refuses or hangs up.
+    """
+    stream: WebSocketStream = await nursery.start(
+        functools.partial(
+            _host_connection, transport, client=True, host_header=host_header, path=path, close_timeout=close_timeout
+        )
+    )
+    return stream
+
+
+async def accept_websocket_stream(
+    nursery: trio.Nursery,
+    transport: trio.abc.Stream,
+    *,
+    path: str = WS_PATH,
+    close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+) -> WebSocketStream:
+    """Run the server side of the WebSocket upgrade over an accepted ``transport`` and return the stream.
+
+    Requests for a path other than ``path`` are answered with HTTP 404 and raise :class:`WebSocketUpgradeError`.
+    Same ownership and timeout rules as :func:`connect_websocket_stream`.
+    """
+    stream: WebSocketStream = await nursery.start(
+        functools.partial(
+            _host_connection, transport, client=False, host_header="", path=path, close_timeout=close_timeout
+        )
+    )
+    return stream
