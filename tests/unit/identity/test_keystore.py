@@ -11,6 +11,7 @@ import nacl.encoding
 import nacl.hash
 import nacl.pwhash.argon2id
 import pytest
+from conftest import load_vectors
 
 from p2pmsg.errors import P2PMsgError
 from p2pmsg.identity import (
@@ -404,3 +405,36 @@ def test_passphrase_confirmation_mismatch() -> None:
 def test_passphrase_end_of_input() -> None:
     with pytest.raises(PassphraseRequiredError, match=PASSPHRASE_ENV):
         resolve_passphrase(env={}, prompt=Prompts())
+
+
+# --- the worked examples of docs/protocol-identity.part.md ----------------------------------------------------------
+
+DOC_ENCRYPTED = (
+    "5032504d53474b46010100000001000000000000200000"
+    "0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f2021222324252627"
+    "8079f3d8398651db382713800092198312756b55087ab6eb1f6ed83666941ba42878263581330cdff4849fef7e854d24"
+    "140a5299f3b957cbdc7b9c9d2143a05b"
+)
+DOC_UNENCRYPTED = (
+    "5032504d53474b460100"
+    "7e0830617c4a7de83925dfb2694556b12936c477a0e1feb2e148ec9da60fee7d"
+    "35a6a491325e92babd2779e3173e830c"
+)
+
+
+def _vector_identity() -> Identity:
+    v = load_vectors("libp2p-peer-id.json")["ed25519"]
+    return Identity.from_seed(bytes.fromhex(v["private_key_protobuf_hex"])[4:36])
+
+
+def test_documented_encrypted_example_decodes() -> None:
+    identity = _vector_identity()
+    assert decode_key_file(bytes.fromhex(DOC_ENCRYPTED), "correct horse battery staple") == identity
+    with pytest.raises(WrongPassphraseError):
+        decode_key_file(bytes.fromhex(DOC_ENCRYPTED), "Correct horse battery staple")
+
+
+def test_documented_unencrypted_example_is_exact() -> None:
+    identity = _vector_identity()
+    assert encode_key_file(identity, None, allow_unencrypted=True).hex() == DOC_UNENCRYPTED
+    assert decode_key_file(bytes.fromhex(DOC_UNENCRYPTED), None) == identity
