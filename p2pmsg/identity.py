@@ -45,7 +45,7 @@ import nacl.secret
 import nacl.signing
 import nacl.utils
 
-from p2pmsg.errors import P2PMsgError, RemoteProtocolError
+from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 
 __all__ = [
     "PASSPHRASE_ENV",
@@ -445,7 +445,7 @@ class Identity:
         """The identity of a 32-byte Ed25519 seed (the first half of libp2p's 64-byte private key data)."""
         if not isinstance(seed, bytes | bytearray | memoryview) or len(seed) != ED25519_SEED_SIZE:
             size = len(seed) if isinstance(seed, bytes | bytearray | memoryview) else type(seed).__name__
-            raise P2PMsgError(f"Ed25519 seed must be {ED25519_SEED_SIZE} bytes, got {size}")
+            raise LocalProtocolError(f"Ed25519 seed must be {ED25519_SEED_SIZE} bytes, got {size}")
         return cls(nacl.signing.SigningKey(bytes(seed)))
 
     @property

@@ -11,7 +11,7 @@ from conftest import load_vectors
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pmsg.errors import RemoteProtocolError
+from p2pmsg.errors import LocalProtocolError, RemoteProtocolError
 from p2pmsg.identity import (
     Identity,
     InvalidPeerIdError,
@@ -146,7 +146,7 @@ def test_x25519_keys_match_both_conversions() -> None:
 
 @pytest.mark.parametrize("seed", [b"", b"\x00" * 31, b"\x00" * 33, b"\x00" * 64])
 def test_from_seed_rejects_wrong_length(seed: bytes) -> None:
-    with pytest.raises(Exception, match="seed must be 32 bytes") as info:
+    with pytest.raises(LocalProtocolError, match="seed must be 32 bytes") as info:
         Identity.from_seed(seed)
     assert not isinstance(info.value, (ValueError, TypeError))
 
