@@ -1,0 +1,345 @@
+"""libp2p-noise: handshake payload protobuf, framing, the sans-IO handshake and men in the middle."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pmsg.crypto.libp2p_noise import (
+    MAX_EXTENSIONS_LEN,
+    MAX_HANDSHAKE_PAYLOAD_LEN,
+    PROTOCOL_NAME,
+    STATIC_KEY_SIGNATURE_PREFIX,
+    FrameDecoder,
+    FrameError,
+    HandshakeError,
+    HandshakePhase,
+    InvalidHandshakePayloadError,
+    NoiseHandshake,
+    PeerIdMismatchError,
+    encode_frame,
+    encode_handshake_payload,
+    parse_handshake_payload,
+)
+from p2pmsg.crypto.noise import HandshakeState, KeyPair
+from p2pmsg.errors import LocalProtocolError, RemoteProtocolError
+from p2pmsg.identity import Identity
+
+ALICE = Identity.from_seed(bytes([0xA1]) * 32)
+BOB = Identity.from_seed(bytes([0xB0]) * 32)
+MALLORY = Identity.from_seed(bytes([0x3A]) * 32)
+STATIC = KeyPair.from_private(bytes([7]) * 32)
+
+
+def _field(number: int, value: bytes, wire_type: int = 2) -> bytes:
+    assert len(value) < 128
+    return bytes([number << 3 | wire_type, len(value)]) + value
+
+
+def _payload(identity: Identity = ALICE, static_public: bytes = STATIC.public) -> bytes:
+    return encode_handshake_payload(identity, static_public)
+
+
+# ------------------------------------------------------------------------------------------------------- payload
+
+
+def test_payload_layout_byte_by_byte() -> None:
+    payload = _payload()
+    assert len(payload) == 104
+    assert payload[:6] == bytes.fromhex("0a24 0801 1220")
+    assert payload[6:38] == ALICE.public_key
+    assert payload[38:40] == bytes.fromhex("1240")
+    signature = payload[40:]
+    assert ALICE.peer_id.verify(b"noise-libp2p-static-key:" + STATIC.public, signature)
+    assert STATIC_KEY_SIGNATURE_PREFIX == b"noise-libp2p-static-key:"
+    parsed = parse_handshake_payload(payload)
+    assert parsed.identity_key == ALICE.public_key and parsed.identity_sig == signature
+    assert parsed.verify(STATIC.public) == ALICE.peer_id
+
+
+def test_payload_signature_is_bound_to_the_static_key() -> None:
+    parsed = parse_handshake_payload(_payload())
+    with pytest.raises(InvalidHandshakePayloadError, match="does not sign this Noise static key"):
+        parsed.verify(KeyPair.from_private(bytes([8]) * 32).public)
+
+
+def test_payload_field_order_and_extensions_are_accepted() -> None:
+    payload = _payload()
+    key_field, sig_field = payload[:38], payload[38:]
+    extensions = _field(4, _field(2, b"/yamux/1.0.0"))
+    parsed = parse_handshake_payload(sig_field + extensions + key_field)
+    assert parsed.peer_id == ALICE.peer_id
+
+
+def _valid_fields() -> tuple[bytes, bytes]:
+    payload = _payload()
+    return payload[:38], payload[38:]
+
+
+KEY_FIELD, SIG_FIELD = _valid_fields()
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "field 1 \\(identity_key\\) is missing"),
+        (KEY_FIELD, "field 2 \\(identity_sig\\) is missing"),
+        (SIG_FIELD, "field 1 \\(identity_key\\) is missing"),
+        (KEY_FIELD + SIG_FIELD + _field(3, b"early data"), "field 3 is not allowed"),
+        (KEY_FIELD + SIG_FIELD + KEY_FIELD, "field 1 \\(identity_key\\) appears twice"),
+        (KEY_FIELD + SIG_FIELD + _field(4, b"") + _field(4, b""), "field 4 \\(extensions\\) appears twice"),
+        (bytes([0x08, 0x01]) + SIG_FIELD, "field 1 \\(identity_key\\) must be length-delimited"),
+        (KEY_FIELD + SIG_FIELD[:-1], "field 2 \\(identity_sig\\) is truncated: 64 bytes declared, 63 present"),
+        (KEY_FIELD + _field(2, bytes(63)), "field 2 \\(identity_sig\\) must be 64 bytes, got 63"),
+        (_field(1, bytes.fromhex("08001220") + bytes(32)) + SIG_FIELD, "field 1 \\(identity_key\\): .*RSA"),
+        (_field(1, bytes.fromhex("08011220") + bytes(31)) + SIG_FIELD, "field 1 \\(identity_key\\)"),
+        (bytes([0x8A, 0x00]) + KEY_FIELD[1:] + SIG_FIELD, "bad varint"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x22]), "bad varint"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x00]), "field 0 is not allowed"),
+        (bytes(MAX_HANDSHAKE_PAYLOAD_LEN + 1), "exceeds the 4096-byte limit"),
+    ],
+)
+def test_payload_parse_rejects(data: bytes, reason: str) -> None:
+    with pytest.raises(InvalidHandshakePayloadError, match=reason):
+        parse_handshake_payload(data)
+
+
+def test_payload_extensions_are_bounded() -> None:
+    big = MAX_EXTENSIONS_LEN + 1
+    extensions = bytes([0x22]) + bytes([big & 0x7F | 0x80, big >> 7]) + bytes(big)
+    with pytest.raises(InvalidHandshakePayloadError, match="field 4 \\(extensions\\) is 2049 bytes"):
+        parse_handshake_payload(KEY_FIELD + SIG_FIELD + extensions)
+    ok = bytes([0x22]) + bytes([(big - 1) & 0x7F | 0x80, (big - 1) >> 7]) + bytes(big - 1)
+    assert parse_handshake_payload(KEY_FIELD + SIG_FIELD + ok).identity_key == ALICE.public_key
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_payload_parse_only_raises_its_own_error(data: bytes) -> None:
+    with contextlib.suppress(InvalidHandshakePayloadError):
+        parse_handshake_payload(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=103), st.integers(min_value=1, max_value=255))
+def test_payload_mutations_never_verify(position: int, mask: int) -> None:
+    payload = bytearray(_payload())
+    payload[position] ^= mask
+    try:
+        parsed = parse_handshake_payload(bytes(payload))
+        parsed.verify(STATIC.public)
+    except InvalidHandshakePayloadError:
+        return
+    # A mutation may only survive if it did not change what is signed and who signed it (impossible here).
+    pytest.fail(f"mutated payload (byte {position} ^ {mask:#x}) still verifies")
+
+
+# ------------------------------------------------------------------------------------------------------- framing
+
+
+def test_encode_frame() -> None:
+    assert encode_frame(b"") == b"\x00\x00"
+    assert encode_frame(b"abc") == b"\x00\x03abc"
+    assert encode_frame(bytes(65535))[:2] == b"\xff\xff"
+    with pytest.raises(LocalProtocolError, match="65536 bytes"):
+        encode_frame(bytes(65536))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    frames=st.lists(st.binary(max_size=700), max_size=8),
+    cuts=st.lists(st.integers(min_value=0, max_value=6000), max_size=10),
+)
+def test_frame_decoder_reassembles_any_split(frames: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(encode_frame(f) for f in frames)
+    points = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    decoder = FrameDecoder()
+    out: list[bytes] = []
+    for start, end in itertools.pairwise(points):
+        decoder.feed(stream[start:end])
+        while (frame := decoder.next_frame()) is not None:
+            out.append(frame)
+    assert out == frames
+    assert decoder.buffered == 0
+    decoder.check_eof()
+
+
+def test_frame_decoder_eof_inside_a_frame() -> None:
+    decoder = FrameDecoder()
+    decoder.feed(b"\x00")
+    with pytest.raises(FrameError, match="inside a frame header"):
+        decoder.check_eof()
+    decoder.feed(b"\x05ab")
+    assert decoder.next_frame() is None
+    with pytest.raises(FrameError, match="2 of 5 bytes"):
+        decoder.check_eof()
+
+
+# ----------------------------------------------------------------------------------------------------- handshake
+
+
+def _run(initiator: NoiseHandshake, responder: NoiseHandshake) -> None:
+    responder.read_message(initiator.write_message())
+    initiator.read_message(responder.write_message())
+    responder.read_message(initiator.write_message())
+
+
+def test_handshake_success_and_phases() -> None:
+    initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    responder = NoiseHandshake(BOB, initiator=False)
+    assert initiator.phase is HandshakePhase.INITIATOR_SEND_1 and initiator.wants_write
+    assert responder.phase is HandshakePhase.RESPONDER_AWAIT_1 and not responder.wants_write
+    message1 = initiator.write_message()
+    assert len(message1) == 32, "message 1 is the bare ephemeral key"
+    assert initiator.phase is HandshakePhase.INITIATOR_AWAIT_2
+    responder.read_message(message1)
+    assert responder.phase is HandshakePhase.RESPONDER_SEND_2
+    message2 = responder.write_message()
+    assert len(message2) == 32 + 48 + 104 + 16
+    initiator.read_message(message2)
+    assert initiator.remote_peer == BOB.peer_id and initiator.phase is HandshakePhase.INITIATOR_SEND_3
+    message3 = initiator.write_message()
+    assert len(message3) == 48 + 104 + 16
+    responder.read_message(message3)
+    assert initiator.is_complete and responder.is_complete
+    a, b = initiator.result(), responder.result()
+    assert a.remote_peer == BOB.peer_id and b.remote_peer == ALICE.peer_id
+    assert a.handshake_hash == b.handshake_hash
+    assert b.transport.decrypt(a.transport.encrypt(b"hi bob")) == b"hi bob"
+    assert a.transport.decrypt(b.transport.encrypt(b"hi alice")) == b"hi alice"
+    # The Noise static keys are fresh per handshake, not the identity's converted X25519 key.
+    assert a.remote_static != BOB.x25519_public_key
+
+
+def test_static_keys_are_fresh_per_handshake() -> None:
+    statics = set()
+    for _ in range(3):
+        initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+        responder = NoiseHandshake(BOB, initiator=False)
+        _run(initiator, responder)
+        statics.add(initiator.result().remote_static)
+    assert len(statics) == 3
+
+
+def test_handshake_misuse_is_local() -> None:
+    with pytest.raises(LocalProtocolError, match="expected_peer"):
+        NoiseHandshake(ALICE, initiator=True)
+    initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    with pytest.raises(LocalProtocolError, match="read_message: not allowed in phase INITIATOR_SEND_1"):
+        initiator.read_message(bytes(32))
+    with pytest.raises(LocalProtocolError, match="not complete"):
+        initiator.result()
+    responder = NoiseHandshake(BOB, initiator=False)
+    with pytest.raises(LocalProtocolError, match="write_message"):
+        responder.write_message()
+
+
+def test_wrong_peer_is_caught_before_our_identity_is_sent() -> None:
+    initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    impostor = NoiseHandshake(MALLORY, initiator=False)
+    impostor.read_message(initiator.write_message())
+    with pytest.raises(PeerIdMismatchError, match=f"the peer is {MALLORY.peer_id}, expected {BOB.peer_id}") as info:
+        initiator.read_message(impostor.write_message())
+    assert info.value.expected == BOB.peer_id and info.value.actual == MALLORY.peer_id
+    assert initiator.phase is HandshakePhase.FAILED
+    with pytest.raises(LocalProtocolError):
+        initiator.write_message()  # message 3 (with Alice's identity) can never be produced
+
+
+def test_responder_may_insist_on_a_peer() -> None:
+    initiator = NoiseHandshake(MALLORY, initiator=True, expected_peer=BOB.peer_id)
+    responder = NoiseHandshake(BOB, initiator=False, expected_peer=ALICE.peer_id)
+    with pytest.raises(PeerIdMismatchError, match="message 3"):
+        _run(initiator, responder)
+
+
+def test_message_1_payload_must_be_empty() -> None:
+    noise = HandshakeState(initiator=True, protocol_name=PROTOCOL_NAME)
+    responder = NoiseHandshake(BOB, initiator=False)
+    with pytest.raises(InvalidHandshakePayloadError, match="message 1: payload must be empty, got 5 bytes"):
+        responder.read_message(noise.write_message(b"hello"))
+    assert responder.phase is HandshakePhase.FAILED
+
+
+def test_low_order_ephemeral_key_fails_the_handshake() -> None:
+    responder = NoiseHandshake(BOB, initiator=False)
+    responder.read_message(bytes(32))
+    with pytest.raises(HandshakeError, match="message 2: X25519"):
+        responder.write_message()
+
+
+def _mitm_message2(initiator: NoiseHandshake, payload: bytes, attacker: HandshakeState | None = None) -> None:
+    """Mallory answers Alice's message 1 with a message 2 of her own making, carrying ``payload``."""
+    attacker = attacker or HandshakeState(initiator=False, protocol_name=PROTOCOL_NAME)
+    attacker.read_message(initiator.write_message())
+    initiator.read_message(attacker.write_message(payload))
+
+
+def _bob_payload_via_mallory() -> bytes:
+    """What Mallory can learn from Bob: his real payload (signed over Bob's own static key)."""
+    mallory = HandshakeState(initiator=True, protocol_name=PROTOCOL_NAME)
+    bob = NoiseHandshake(BOB, initiator=False)
+    bob.read_message(mallory.write_message())
+    return mallory.read_message(bob.write_message())
+
+
+def test_mitm_substituting_the_static_key_fails() -> None:
+    """Mallory replays Bob's identity and signature with her own static key: the signature does not cover it."""
+    bob_payload = _bob_payload_via_mallory()
+    assert parse_handshake_payload(bob_payload).peer_id == BOB.peer_id
+    initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    with pytest.raises(InvalidHandshakePayloadError, match=f"identity_sig of {BOB.peer_id} does not sign"):
+        _mitm_message2(initiator, bob_payload)
+
+
+def test_mitm_substituting_the_identity_key_fails() -> None:
+    """Mallory signs her static key with her identity but claims Bob's public key: the signature fails."""
+    attacker = HandshakeState(initiator=False, protocol_name=PROTOCOL_NAME)
+    own = parse_handshake_payload(encode_handshake_payload(MALLORY, attacker.static_public))
+    forged = _field(1, bytes.fromhex("08011220") + BOB.public_key) + _field(2, own.identity_sig)
+    initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    with pytest.raises(InvalidHandshakePayloadError, match="does not sign"):
+        _mitm_message2(initiator, forged, attacker)
+
+
+def test_mitm_with_her_own_identity_is_a_peer_mismatch() -> None:
+    attacker = HandshakeState(initiator=False, protocol_name=PROTOCOL_NAME)
+    honest = encode_handshake_payload(MALLORY, attacker.static_public)
+    initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    with pytest.raises(PeerIdMismatchError):
+        _mitm_message2(initiator, honest, attacker)
+
+
+def test_mitm_claiming_bobs_static_key_without_its_secret_fails() -> None:
+    """Mallory sends Bob's static public key and Bob's payload but cannot compute the es key: decryption fails."""
+    mallory = HandshakeState(initiator=True, protocol_name=PROTOCOL_NAME)
+    bob = NoiseHandshake(BOB, initiator=False)
+    bob.read_message(mallory.write_message())
+    bob_payload = mallory.read_message(bob.write_message())
+    bob_static = mallory.remote_static
+    assert bob_static is not None
+    attacker = HandshakeState(initiator=False, protocol_name=PROTOCOL_NAME)
+    # Fault injection: a static key pair whose public half is Bob's and whose private half is a guess.
+    object.__setattr__(attacker, "_s", KeyPair(private=bytes([9]) * 32, public=bob_static))
+    initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    with pytest.raises(HandshakeError, match="message 2: the payload failed authentication"):
+        _mitm_message2(initiator, bob_payload, attacker)
+
+
+@pytest.mark.parametrize("message_index", [0, 1, 2])
+def test_flipped_bits_fail_the_libp2p_handshake(message_index: int) -> None:
+    for position in range(0, 300, 7):
+        initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+        responder = NoiseHandshake(BOB, initiator=False)
+        sides = [(initiator, responder), (responder, initiator), (initiator, responder)]
+        with pytest.raises(RemoteProtocolError):
+            for index, (sender, receiver) in enumerate(sides):
+                message = bytearray(sender.write_message())
+                if index == message_index:
+                    message[position % len(message)] ^= 0x10
+                receiver.read_message(bytes(message))
+        assert not (initiator.is_complete and responder.is_complete)
