@@ -119,7 +119,7 @@ class VarintError(RemoteProtocolError):
 def encode_uvarint(value: int) -> bytes:
     """Encode a non-negative integer as an unsigned LEB128 varint (7 bits per byte, least significant first)."""
     if value < 0:
-        raise ValueError(f"uvarint value must be non-negative, got {value}")
+        raise LocalProtocolError(f"uvarint value must be non-negative, got {value}")
     out = bytearray()
     while True:
         byte = value & 0x7F
