@@ -1,1 +1,46 @@
-"""The local control API: a Unix socket in the node's home directory."""
+"""The local control API: a Unix socket in the node's home directory.
+
+The node runs a :class:`ControlServer` on ``<home>/control.sock`` (mode 0600) and publishes events through an
+:class:`EventHub`; the CLI talks to it with the synchronous :class:`ControlClient`.  Formats:
+``docs/protocol-control.part.md``.
+"""
+
+from p2pmsg.control.client import ControlClient, EventStream
+from p2pmsg.control.errors import (
+    ERROR_CODES,
+    ControlConnectionError,
+    ControlError,
+    ControlProtocolError,
+    ControlRequestError,
+    ControlSetupError,
+    FrameTooLargeError,
+    NodeAlreadyRunningError,
+    NodeNotRunningError,
+)
+from p2pmsg.control.methods import EVENT_NAMES, METHODS, check_params
+from p2pmsg.control.server import ControlServer, EventHub, Handler
+from p2pmsg.control.socketpath import SOCKET_NAME, SocketState, control_socket_path, probe_socket
+
+__all__ = [
+    "ERROR_CODES",
+    "EVENT_NAMES",
+    "METHODS",
+    "SOCKET_NAME",
+    "ControlClient",
+    "ControlConnectionError",
+    "ControlError",
+    "ControlProtocolError",
+    "ControlRequestError",
+    "ControlServer",
+    "ControlSetupError",
+    "EventHub",
+    "EventStream",
+    "FrameTooLargeError",
+    "Handler",
+    "NodeAlreadyRunningError",
+    "NodeNotRunningError",
+    "SocketState",
+    "check_params",
+    "control_socket_path",
+    "probe_socket",
+]
