@@ -1,0 +1,261 @@
+"""The inbound side: accept TCP and WebSocket connections, authenticate them, hand secure channels to a handler.
+
+Theory of operation
+-------------------
+:meth:`Listener.run` binds every listen multiaddr (:func:`~p2pmsg.net.transport.open_listeners`), reports the bound
+addresses through ``task_status`` and serves until cancelled (or :meth:`Listener.stop`).  All tasks live in one
+nursery owned by ``run``; when it ends, every connection is closed and every task has finished.
+
+Each accepted connection gets one task, which owns everything the connection needs:
+
+1. Admission: if :attr:`ListenerConfig.max_connections` connections are already open, the new one is closed at
+   once (counted as ``rejected_overload``).
+2. Handshake, under one deadline of :attr:`ListenerConfig.handshake_timeout` seconds that starts at accept: wait for
+   one of :attr:`ListenerConfig.max_concurrent_handshakes` slots, for ``/ws`` run the WebSocket upgrade, then run
+   :func:`~p2pmsg.net.channel.secure_inbound`.  Waiting for a slot counts against the same deadline, so a flood of
+   stalled connections delays a good client by at most one timeout and never ties up memory beyond the caps.
+3. Hand-off: the authenticated :class:`~p2pmsg.net.channel.SecureChannel` and the peer's observed multiaddr go to
+   the handler, which runs in the same task.  When the handler returns (or raises), the channel is closed.
+
+On any failure the connection is closed, the reason is logged with the remote address (INFO for timeouts and
+hang-ups, WARNING for protocol violations) and counted in :class:`ListenerStats`, which :attr:`Listener.stats`
+returns as a snapshot for ``p2pmsg status``.  A failure never affects other connections or the listener.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
+from p2pmsg.identity import Identity
+from p2pmsg.net.channel import SecureChannel, secure_inbound
+from p2pmsg.net.transport import TransportKind, open_listeners, remote_multiaddr
+from p2pmsg.net.websocket import WS_PATH, accept_websocket_stream
+from p2pmsg.wire.multiaddr import Multiaddr
+
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_MAX_CONCURRENT_HANDSHAKES",
+    "DEFAULT_MAX_CONNECTIONS",
+    "Handler",
+    "Listener",
+    "ListenerConfig",
+    "ListenerStats",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+DEFAULT_MAX_CONCURRENT_HANDSHAKES: Final = 64
+DEFAULT_MAX_CONNECTIONS: Final = 1024
+# secure_inbound gets this much more time than our own deadline, so that our deadline is the one that fires and
+# the failure is classified as a timeout.
+_CHANNEL_TIMEOUT_MARGIN: Final = 1.0
+
+Handler = Callable[[SecureChannel, Multiaddr | None], Awaitable[object]]
+"""``handler(channel, remote_addr)``: called once per authenticated connection; the channel is closed after it."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ListenerConfig:
+    """Limits of a :class:`Listener`."""
+
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT
+    """Seconds from accept to an authenticated channel (slot wait, WebSocket upgrade and Noise handshake)."""
+    max_concurrent_handshakes: int = DEFAULT_MAX_CONCURRENT_HANDSHAKES
+    """Handshakes running at once; more connections wait (within their deadline) for a slot."""
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    """Open inbound connections (handshaking or handed to the handler); beyond it new ones are closed at once."""
+
+    def __post_init__(self) -> None:
+        if not (self.handshake_timeout > 0 and math.isfinite(self.handshake_timeout)):
+            raise LocalProtocolError(f"handshake_timeout must be a positive number, got {self.handshake_timeout}")
+        if self.max_concurrent_handshakes < 1:
+            raise LocalProtocolError(f"max_concurrent_handshakes must be >= 1, got {self.max_concurrent_handshakes}")
+        if self.max_connections < 1:
+            raise LocalProtocolError(f"max_connections must be >= 1, got {self.max_connections}")
+
+
+@dataclass(slots=True, kw_only=True)
+class ListenerStats:
+    """Counters of a :class:`Listener` (a snapshot; :attr:`Listener.stats` returns a fresh copy)."""
+
+    accepted: int = 0
+    """Connections accepted from the listening sockets."""
+    active: int = 0
+    """Connections open right now (handshaking or handed to the handler)."""
+    handshaking: int = 0
+    """Connections open right now that are not yet authenticated."""
+    authenticated: int = 0
+    """Handshakes completed (channels handed to the handler)."""
+    handshake_timeouts: int = 0
+    """Connections dropped because the handshake deadline passed."""
+    handshake_failures: int = 0
+    """Connections dropped for a protocol violation, a failed WebSocket upgrade or a hang-up during the handshake."""
+    rejected_overload: int = 0
+    """Connections closed at once because :attr:`ListenerConfig.max_connections` were open."""
+    handler_errors: int = 0
+    """Handler calls that raised an exception."""
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict (for the control API)."""
+        return dataclasses.asdict(self)
+
+
+class Listener:
+    """Accept inbound connections on TCP and WebSocket, authenticate them, and pass channels to ``handler``."""
+
+    def __init__(self, identity: Identity, handler: Handler, config: ListenerConfig | None = None) -> None:
+        self._identity = identity
+        self._handler = handler
+        self._config = config if config is not None else ListenerConfig()
+        self._stats = ListenerStats()
+        self._slots = trio.CapacityLimiter(self._config.max_concurrent_handshakes)
+        self._listen_addrs: tuple[Multiaddr, ...] = ()
+        self._run_scope: trio.CancelScope | None = None
+
+    @property
+    def config(self) -> ListenerConfig:
+        """The limits in force."""
+        return self._config
+
+    @property
+    def stats(self) -> ListenerStats:
+        """A snapshot of the counters."""
+        return dataclasses.replace(self._stats)
+
+    @property
+    def listen_addrs(self) -> tuple[Multiaddr, ...]:
+        """The bound addresses while :meth:`run` is serving (empty before and after)."""
+        return self._listen_addrs
+
+    async def run(
+        self,
+        addrs: Sequence[Multiaddr],
+        *,
+        task_status: trio.TaskStatus[tuple[Multiaddr, ...]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Bind ``addrs``, report the bound multiaddrs via ``task_status``, serve until cancelled or stopped.
+
+        Use as ``bound = await nursery.start(listener.run, addrs)``.  Binding errors raise
+        :class:`~p2pmsg.net.transport.TransportError` before anything is served.  On exit all connections are closed.
+        """
+        if self._run_scope is not None:
+            raise LocalProtocolError("Listener.run is already running")
+        if not addrs:
+            raise LocalProtocolError("Listener.run needs at least one address")
+        bound = await open_listeners(addrs)
+        try:
+            with trio.CancelScope() as scope:
+                self._run_scope = scope
+                async with trio.open_nursery() as nursery:
+                    for item in bound:
+                        await nursery.start(
+                            functools.partial(
+                                trio.serve_listeners,
+                                self._connection_task(item.kind),
+                                [item.listener],
+                                handler_nursery=nursery,
+                            )
+                        )
+                    self._listen_addrs = tuple(item.addr for item in bound)
+                    for addr in self._listen_addrs:
+                        logger.info("listening on %s", addr)
+                    task_status.started(self._listen_addrs)
+        finally:
+            self._run_scope = None
+            self._listen_addrs = ()
+            for item in bound:  # serve_listeners closes them; this covers a failure before it started
+                await trio.aclose_forcefully(item.listener)
+
+    def stop(self) -> None:
+        """Make :meth:`run` close everything and return (no effect if it is not running)."""
+        if self._run_scope is not None:
+            self._run_scope.cancel()
+
+    def _connection_task(self, kind: TransportKind) -> Callable[[trio.SocketStream], Awaitable[None]]:
+        async def task(stream: trio.SocketStream) -> None:
+            await self._serve_connection(stream, kind)
+
+        return task
+
+    async def _serve_connection(self, raw: trio.SocketStream, kind: TransportKind) -> None:
+        stats = self._stats
+        stats.accepted += 1
+        remote = remote_multiaddr(raw, kind)
+        where = str(remote) if remote is not None else f"unknown {kind} peer"
+        if stats.active >= self._config.max_connections:
+            stats.rejected_overload += 1
+            logger.warning("inbound %s dropped: %d connections already open", where, stats.active)
+            await trio.aclose_forcefully(raw)
+            return
+        stats.active += 1
+        stats.handshaking += 1
+        handshaking = True
+        stream: trio.abc.Stream = raw
+        try:
+            async with trio.open_nursery() as connection_nursery:  # hosts the WebSocket reader, if any
+                try:
+                    channel = await self._authenticate(connection_nursery, raw, kind, where)
+                    if channel is None:
+                        return
+                    stream = channel
+                    stats.handshaking -= 1
+                    handshaking = False
+                    stats.authenticated += 1
+                    logger.debug("inbound %s authenticated as %s", where, channel.remote_peer)
+                    try:
+                        await self._handler(channel, remote)
+                    except Exception:
+                        stats.handler_errors += 1
+                        logger.exception("handler for %s (%s) failed", channel.remote_peer, where)
+                finally:
+                    await _close(stream)
+                    connection_nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(raw)
+            if handshaking:
+                stats.handshaking -= 1
+            stats.active -= 1
+
+    async def _authenticate(
+        self, nursery: trio.Nursery, raw: trio.SocketStream, kind: TransportKind, where: str
+    ) -> SecureChannel | None:
+        """Upgrade and authenticate ``raw`` within the handshake deadline; None (logged, counted) on failure."""
+        timeout = self._config.handshake_timeout
+        stats = self._stats
+        with trio.move_on_after(timeout) as deadline:
+            try:
+                async with self._slots:
+                    stream: trio.abc.Stream = raw
+                    if kind == "ws":
+                        stream = await accept_websocket_stream(nursery, raw, path=WS_PATH)
+                    return await secure_inbound(stream, self._identity, timeout=timeout + _CHANNEL_TIMEOUT_MARGIN)
+            except RemoteProtocolError as exc:
+                stats.handshake_failures += 1
+                logger.warning("inbound %s dropped during handshake: %s", where, exc)
+                return None
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, P2PMsgError) as exc:
+                stats.handshake_failures += 1
+                logger.info("inbound %s dropped during handshake: %s: %s", where, type(exc).__name__, exc)
+                return None
+        if deadline.cancelled_caught:
+            stats.handshake_timeouts += 1
+            logger.info("inbound %s dropped: no authenticated channel within %g s", where, timeout)
+        return None
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Close gracefully (a WebSocket sends its Close frame); forcefully if cancelled; never raise a stream error."""
+    try:
+        await stream.aclose()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, P2PMsgError):
+        await trio.aclose_forcefully(stream)
