@@ -174,7 +174,7 @@ class Listener:
             self._run_scope = None
             self._listen_addrs = ()
             for item in bound:  # serve_listeners closes them; this covers a failure before it started
-                await trio.aclose_forcefully(item.listener)
+                item.listener.socket.close()  # synchronous: an await here could be cut short by Cancelled
 
     def stop(self) -> None:
         """Make :meth:`run` close everything and return (no effect if it is not running)."""
@@ -218,13 +218,17 @@ class Listener:
                         stats.handler_errors += 1
                         logger.exception("handler for %s (%s) failed", channel.remote_peer, where)
                 finally:
-                    await _close(stream)
+                    # Closing raises Cancelled when we are being cancelled, so stop the connection's own tasks
+                    # first, and update the counters in a finally of their own.
                     connection_nursery.cancel_scope.cancel()
+                    await _close(stream)
         finally:
-            await trio.aclose_forcefully(raw)
-            if handshaking:
-                stats.handshaking -= 1
-            stats.active -= 1
+            try:
+                await trio.aclose_forcefully(raw)
+            finally:
+                if handshaking:
+                    stats.handshaking -= 1
+                stats.active -= 1
 
     async def _authenticate(
         self, nursery: trio.Nursery, raw: trio.SocketStream, kind: TransportKind, where: str

@@ -282,12 +282,12 @@ async def open_listeners(addrs: Sequence[Multiaddr], *, backlog: int = 128) -> l
             try:
                 real = _multiaddr_for(tuple(sock.getsockname()), address.kind)
             except BaseException:
-                await listener.aclose()
+                sock.close()
                 raise
             bound.append(BoundListener(kind=address.kind, listener=listener, addr=real))
     except BaseException:
         for item in bound:
-            await trio.aclose_forcefully(item.listener)
+            item.listener.socket.close()  # synchronous, so a pending Cancelled cannot skip any of them
         raise
     return bound
 

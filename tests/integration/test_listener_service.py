@@ -1,0 +1,218 @@
+"""Listener over real loopback TCP and WebSocket: hand-off, counters, limits, handler errors, shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from p2pmsg.errors import LocalProtocolError
+from p2pmsg.identity import Identity
+from p2pmsg.net.channel import SecureChannel
+from p2pmsg.net.dialer import DialError, dial
+from p2pmsg.net.listener import Listener, ListenerConfig, ListenerStats
+from p2pmsg.net.transport import TransportError, open_stream
+from p2pmsg.wire.multiaddr import Multiaddr
+
+ALICE = Identity.from_seed(bytes([0xA1]) * 32)
+BOB = Identity.from_seed(bytes([0xB0]) * 32)
+LOCAL_TCP = Multiaddr.parse("/ip4/127.0.0.1/tcp/0")
+LOCAL_WS = Multiaddr.parse("/ip4/127.0.0.1/tcp/0/ws")
+
+
+@pytest.fixture
+async def nursery() -> AsyncIterator[trio.Nursery]:
+    async with trio.open_nursery() as n:
+        yield n
+        n.cancel_scope.cancel()
+
+
+async def wait_for(predicate: object, what: str) -> None:
+    """Poll a condition (bounded: at most 5 s)."""
+    assert callable(predicate)
+    with trio.fail_after(5):
+        while not predicate():
+            await trio.sleep(0.005)
+
+
+async def read_exactly(channel: trio.abc.Stream, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        chunk = await channel.receive_some()
+        assert chunk, "unexpected end of stream"
+        got += chunk
+    return got
+
+
+class Recorder:
+    """A handler that echoes and records who connected from where."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, Multiaddr | None]] = []
+        self.release = trio.Event()
+
+    async def echo(self, channel: SecureChannel, remote: Multiaddr | None) -> None:
+        self.seen.append((str(channel.remote_peer), remote))
+        while data := await channel.receive_some():
+            await channel.send_all(data)
+
+    async def hold(self, channel: SecureChannel, remote: Multiaddr | None) -> None:
+        self.seen.append((str(channel.remote_peer), remote))
+        await self.release.wait()
+
+
+async def test_tcp_and_ws_hand_off_channels_and_count(nursery: trio.Nursery) -> None:
+    recorder = Recorder()
+    listener = Listener(BOB, recorder.echo, ListenerConfig(handshake_timeout=5))
+    tcp_addr, ws_addr = await nursery.start(listener.run, [LOCAL_TCP, LOCAL_WS])
+    assert listener.listen_addrs == (tcp_addr, ws_addr)
+    assert str(ws_addr).endswith("/ws")
+    for addr in (tcp_addr, ws_addr):
+        channel = await dial(ALICE, BOB.peer_id, [addr], timeout=5, nursery=nursery)
+        await channel.send_all(b"ping " + str(addr).encode())
+        assert await read_exactly(channel, 5 + len(str(addr))) == b"ping " + str(addr).encode()
+        await channel.aclose()
+    await wait_for(lambda: listener.stats.active == 0, "connections closed")
+    stats = listener.stats
+    assert (stats.accepted, stats.authenticated, stats.handshaking) == (2, 2, 0)
+    assert stats.handshake_failures == stats.handshake_timeouts == stats.handler_errors == 0
+    assert [peer for peer, _ in recorder.seen] == [str(ALICE.peer_id)] * 2
+    tcp_remote, ws_remote = (remote for _, remote in recorder.seen)
+    assert tcp_remote is not None and tcp_remote.transport()[:2] == ("tcp", "127.0.0.1")
+    assert ws_remote is not None and ws_remote.transport()[:2] == ("ws", "127.0.0.1")
+    assert stats.as_dict()["authenticated"] == 2
+    # stats is a snapshot: mutating it does not touch the listener.
+    stats.accepted = 99
+    assert listener.stats.accepted == 2
+
+
+async def test_handler_error_is_logged_counted_and_closes_only_that_channel(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+
+    async def flaky(channel: SecureChannel, remote: Multiaddr | None) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("handler bug")
+        await Recorder().echo(channel, remote)
+
+    listener = Listener(BOB, flaky, ListenerConfig(handshake_timeout=5))
+    (addr,) = await nursery.start(listener.run, [LOCAL_TCP])
+    first = await dial(ALICE, BOB.peer_id, [addr], timeout=5)
+    with trio.fail_after(5):
+        assert await first.receive_some() == b""  # the listener closed it after the handler failed
+    await first.aclose()
+    second = await dial(ALICE, BOB.peer_id, [addr], timeout=5)
+    await second.send_all(b"still serving")
+    assert await read_exactly(second, 13) == b"still serving"
+    await second.aclose()
+    await wait_for(lambda: listener.stats.active == 0, "connections closed")
+    assert listener.stats.handler_errors == 1
+    assert any("handler bug" in (r.exc_text or "") or r.exc_info for r in caplog.records if r.levelno >= logging.ERROR)
+
+
+async def test_max_connections_closes_extra_connections_at_once(nursery: trio.Nursery) -> None:
+    recorder = Recorder()
+    listener = Listener(BOB, recorder.hold, ListenerConfig(handshake_timeout=5, max_connections=1))
+    (addr,) = await nursery.start(listener.run, [LOCAL_TCP])
+    held = await dial(ALICE, BOB.peer_id, [addr], timeout=5)
+    with pytest.raises(DialError) as info:
+        await dial(ALICE, BOB.peer_id, [addr], timeout=5)
+    assert "HandshakeError" in info.value.failures[0].reason
+    assert listener.stats.rejected_overload == 1
+    recorder.release.set()
+    with trio.fail_after(5):
+        assert await held.receive_some() == b""
+    await held.aclose()
+    await wait_for(lambda: listener.stats.active == 0, "connections closed")
+    # Capacity is back.
+    again = await dial(ALICE, BOB.peer_id, [addr], timeout=5)
+    await again.aclose()
+
+
+async def test_handshake_slots_bound_concurrency_but_waiters_get_through(nursery: trio.Nursery) -> None:
+    """One handshake slot, held by a silent connection: a good client waits, then succeeds once it is dropped."""
+    recorder = Recorder()
+    config = ListenerConfig(handshake_timeout=1.0, max_concurrent_handshakes=1)
+    listener = Listener(BOB, recorder.echo, config)
+    (addr,) = await nursery.start(listener.run, [LOCAL_TCP])
+    silent = await open_stream(addr, timeout=5)
+    await wait_for(lambda: listener.stats.handshaking == 1, "the silent connection holds the slot")
+    results: list[SecureChannel] = []
+
+    async def good_client() -> None:
+        results.append(await dial(ALICE, BOB.peer_id, [addr], timeout=5))
+
+    nursery.start_soon(good_client)
+    await wait_for(lambda: listener.stats.handshaking == 2, "the good client is waiting")
+    assert not results  # it cannot run its handshake while the slot is taken
+    await wait_for(lambda: bool(results), "the good client got through after the silent one timed out")
+    assert listener.stats.handshake_timeouts == 1
+    assert listener.stats.authenticated == 1
+    await results[0].aclose()
+    await silent.aclose()
+
+
+async def test_stop_closes_everything_and_frees_the_ports(nursery: trio.Nursery) -> None:
+    recorder = Recorder()
+    listener = Listener(BOB, recorder.hold, ListenerConfig(handshake_timeout=30))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as owner:  # exits only once run() has returned
+            tcp_addr, ws_addr = await owner.start(listener.run, [LOCAL_TCP, LOCAL_WS])
+            established = await dial(ALICE, BOB.peer_id, [ws_addr], timeout=5, nursery=nursery)
+            await wait_for(lambda: len(recorder.seen) == 1, "handler running")
+            half_open = await open_stream(tcp_addr, timeout=5)  # sits in its handshake
+            await wait_for(lambda: listener.stats.handshaking == 1, "handshake pending")
+            assert listener.stats.active == 2
+            listener.stop()
+    stats = listener.stats
+    assert (stats.active, stats.handshaking) == (0, 0)
+    assert listener.listen_addrs == ()
+    with trio.fail_after(5):
+        # The handler's channel was closed under it: the client learns it as EOF or as a broken stream.
+        with contextlib.suppress(trio.BrokenResourceError):
+            assert await established.receive_some() == b""
+        assert await half_open.receive_some() == b""
+    await established.aclose()
+    await half_open.aclose()
+    for addr in (tcp_addr, ws_addr):
+        with pytest.raises(TransportError):
+            await open_stream(addr, timeout=5, nursery=nursery)
+    listener.stop()  # stopping a stopped listener is harmless
+
+
+async def test_cancelling_the_owner_nursery_closes_connections() -> None:
+    recorder = Recorder()
+    listener = Listener(BOB, recorder.hold, ListenerConfig(handshake_timeout=30))
+    async with trio.open_nursery() as outer:
+        (addr,) = await outer.start(listener.run, [LOCAL_TCP])
+        channel = await dial(ALICE, BOB.peer_id, [addr], timeout=5)
+        await wait_for(lambda: len(recorder.seen) == 1, "handler running")
+        outer.cancel_scope.cancel()
+    assert listener.stats.active == 0
+    with trio.fail_after(5):
+        with contextlib.suppress(trio.BrokenResourceError):
+            assert await channel.receive_some() == b""
+    await channel.aclose()
+    with pytest.raises(TransportError):
+        await open_stream(addr, timeout=5)
+
+
+async def test_bad_configuration_and_addresses(nursery: trio.Nursery) -> None:
+    with pytest.raises(LocalProtocolError, match="handshake_timeout"):
+        ListenerConfig(handshake_timeout=0)
+    with pytest.raises(LocalProtocolError, match="max_concurrent_handshakes"):
+        ListenerConfig(max_concurrent_handshakes=0)
+    with pytest.raises(LocalProtocolError, match="max_connections"):
+        ListenerConfig(max_connections=0)
+    listener = Listener(BOB, Recorder().echo)
+    with pytest.raises(TransportError, match="needs an ip4 or ip6"):
+        await nursery.start(listener.run, [Multiaddr.parse("/dns4/localhost/tcp/0")])
+    with pytest.raises(LocalProtocolError, match="at least one"):
+        await listener.run([])
+    assert isinstance(listener.stats, ListenerStats)
