@@ -1,0 +1,151 @@
+"""Invite links: how one person hands their peer id (and where to reach them) to another.
+
+Theory of operation
+-------------------
+An invite is a single line of text, short enough for a QR code or a chat message::
+
+    p2pmsg://invite/<peer id, base58btc>?addr=<percent-encoded multiaddr>&addr=...
+
+The peer id is the only part that matters for security: the Noise handshake proves who answers, so a wrong or
+stale address can at worst fail to connect, never connect to somebody else.  The ``addr`` parameters are *hints*
+tried before (or while) the DHT is asked for the peer's signed record.  Hints that carry their own ``/p2p/<id>``
+must name the same peer as the invite.
+
+Invites come from other people, so parsing is strict and bounded: at most :data:`MAX_INVITE_LENGTH` characters and
+:data:`MAX_INVITE_ADDRS` addresses; anything else raises :class:`InviteError` naming the field and the reason.
+Unknown query parameters are ignored so later versions can add some without breaking older readers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, urlsplit
+
+from p2pmsg.errors import LocalProtocolError, RemoteProtocolError
+from p2pmsg.identity import PeerId
+from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
+
+__all__ = [
+    "INVITE_PREFIX",
+    "MAX_INVITE_ADDRS",
+    "MAX_INVITE_LENGTH",
+    "Invite",
+    "InviteError",
+    "format_invite",
+    "parse_invite",
+    "parse_target",
+]
+
+INVITE_SCHEME = "p2pmsg"
+INVITE_HOST = "invite"
+INVITE_PREFIX = f"{INVITE_SCHEME}://{INVITE_HOST}/"
+MAX_INVITE_LENGTH = 4096
+MAX_INVITE_ADDRS = 16
+
+
+class InviteError(RemoteProtocolError):
+    """An invite link (or peer id given in its place) is malformed.
+
+    ``field`` names the part that is wrong (``"scheme"``, ``"peer_id"``, ``"addr"``, ...), ``reason`` says why.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"invalid invite: {field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Invite:
+    """A parsed invite: the peer to talk to and the address hints to try first."""
+
+    peer_id: PeerId
+    addrs: tuple[Multiaddr, ...] = ()
+
+    def __str__(self) -> str:
+        return format_invite(self.peer_id, self.addrs)
+
+
+def format_invite(peer_id: PeerId, addrs: tuple[Multiaddr, ...] | list[Multiaddr] = ()) -> str:
+    """Return the invite link for ``peer_id`` with ``addrs`` as hints (``/p2p/`` suffixes are stripped).
+
+    At most :data:`MAX_INVITE_ADDRS` addresses are included (the first ones); duplicates are dropped.
+    """
+    seen: list[str] = []
+    for addr in addrs:
+        own = addr.peer_id
+        if own is not None and own != peer_id:
+            raise LocalProtocolError(f"invite addr: {addr} belongs to {own}, not to {peer_id}")
+        text = str(addr.without_peer_id())
+        if text not in seen:
+            seen.append(text)
+        if len(seen) == MAX_INVITE_ADDRS:
+            break
+    query = "&".join("addr=" + quote(text, safe="") for text in seen)
+    return INVITE_PREFIX + peer_id.to_base58() + ("?" + query if query else "")
+
+
+def parse_invite(text: str) -> Invite:
+    """Parse an invite link; raise :class:`InviteError` with the offending field on any problem."""
+    if not isinstance(text, str):
+        raise InviteError("invite", f"expected text, got {type(text).__name__}")
+    text = text.strip()
+    if len(text) > MAX_INVITE_LENGTH:
+        raise InviteError("invite", f"longer than {MAX_INVITE_LENGTH} characters")
+    if not text.isprintable() or any(ch.isspace() for ch in text):
+        raise InviteError("invite", "contains whitespace or control characters")
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:
+        raise InviteError("invite", f"not a URL ({exc})") from None
+    if parts.scheme.lower() != INVITE_SCHEME:
+        raise InviteError("scheme", f"expected {INVITE_SCHEME!r}, got {parts.scheme!r}")
+    if parts.netloc.lower() != INVITE_HOST:
+        raise InviteError("kind", f"expected {INVITE_HOST!r}, got {parts.netloc!r}")
+    if parts.fragment:
+        raise InviteError("invite", "unexpected '#' fragment")
+    path = parts.path
+    if not path.startswith("/") or "/" in path[1:] or len(path) < 2:
+        raise InviteError("peer_id", "missing: expected p2pmsg://invite/<peer id>")
+    try:
+        peer_id = PeerId.from_string(path[1:])
+    except RemoteProtocolError as exc:
+        raise InviteError("peer_id", str(exc)) from None
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query), errors="strict")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InviteError("query", f"malformed ({exc})") from None
+    addrs: list[Multiaddr] = []
+    for key, value in pairs:
+        if key != "addr":
+            continue  # unknown parameters are reserved for later versions
+        if len(addrs) == MAX_INVITE_ADDRS:
+            raise InviteError("addr", f"more than {MAX_INVITE_ADDRS} addresses")
+        try:
+            addr = Multiaddr.parse(value)
+        except MultiaddrError as exc:
+            raise InviteError("addr", f"{value!r}: {exc}") from None
+        own = addr.peer_id
+        if own is not None and own != peer_id:
+            raise InviteError("addr", f"{value!r} names peer {own}, not the invite's peer {peer_id}")
+        addr = addr.without_peer_id()
+        if addr not in addrs:
+            addrs.append(addr)
+    return Invite(peer_id=peer_id, addrs=tuple(addrs))
+
+
+def parse_target(text: str) -> Invite:
+    """Parse what a user typed to name a peer: an invite link, or a bare peer id (base58 or CIDv1) without hints."""
+    if not isinstance(text, str):
+        raise InviteError("invite", f"expected text, got {type(text).__name__}")
+    stripped = text.strip()
+    if "://" in stripped:
+        return parse_invite(stripped)
+    if not stripped:
+        raise InviteError("peer_id", "empty")
+    if len(stripped) > MAX_INVITE_LENGTH:
+        raise InviteError("peer_id", f"longer than {MAX_INVITE_LENGTH} characters")
+    try:
+        return Invite(peer_id=PeerId.from_string(stripped))
+    except RemoteProtocolError as exc:
+        raise InviteError("peer_id", str(exc)) from None

@@ -1,0 +1,100 @@
+"""Who may talk to us, and where their messages land.
+
+Theory of operation
+-------------------
+Every peer is, from our side, in exactly one of three relations: a *contact* (we added them, or accepted their
+request), *blocked*, or a *stranger* (neither).  The policy maps the relation to what happens:
+
+==========  ==========================  =======================================================
+relation    at the channel              a message from them
+==========  ==========================  =======================================================
+contact     admitted                    stored in the conversation (the inbox), acknowledged
+stranger    admitted                    ``accept_from = "contacts"`` (default): stored as a *message request*,
+                                        kept apart from the inbox until accepted; acknowledged.
+                                        ``accept_from = "anyone"``: the stranger is added as a contact
+                                        (named by its peer id) and the message goes to the inbox.
+blocked     refused right after the     never stored, never acknowledged
+            handshake (channel closed)
+==========  ==========================  =======================================================
+
+Requests are bounded: at most :attr:`ChatPolicy.max_request_peers` strangers with pending requests and
+:attr:`ChatPolicy.max_requests_per_peer` messages each.  Over either bound the message is dropped *without* an
+acknowledgement (so an honest sender keeps it queued and retries later) and counted.
+
+The policy is pure data plus decisions; the chat service asks it and does the I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from p2pmsg.errors import LocalProtocolError
+
+__all__ = ["AcceptFrom", "ChatPolicy", "Disposition", "Relation"]
+
+
+class AcceptFrom(enum.StrEnum):
+    """The ``accept_from`` setting."""
+
+    CONTACTS = "contacts"
+    ANYONE = "anyone"
+
+
+class Relation(enum.StrEnum):
+    """How we know a peer."""
+
+    CONTACT = "contact"
+    BLOCKED = "blocked"
+    STRANGER = "stranger"
+
+
+class Disposition(enum.Enum):
+    """Where an incoming message goes."""
+
+    INBOX = "inbox"  #: store in the conversation with a contact
+    REQUEST = "request"  #: store as a message request from a stranger
+    ADD_AND_INBOX = "add_and_inbox"  #: add the stranger as a contact, then store in the conversation
+    REFUSE = "refuse"  #: drop, do not acknowledge
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChatPolicy:
+    """The message-request policy and its bounds."""
+
+    accept_from: AcceptFrom = AcceptFrom.CONTACTS
+    max_request_peers: int = 256
+    max_requests_per_peer: int = 100
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "accept_from", AcceptFrom(self.accept_from))
+        except ValueError:
+            choices = ", ".join(repr(a.value) for a in AcceptFrom)
+            raise LocalProtocolError(f"accept_from: {self.accept_from!r} is not one of {choices}") from None
+        if self.max_request_peers < 1 or self.max_requests_per_peer < 1:
+            raise LocalProtocolError("max_request_peers and max_requests_per_peer must be at least 1")
+
+    def admit_channel(self, relation: Relation) -> bool:
+        """Whether a channel authenticated as a peer with this relation may stay open."""
+        return relation is not Relation.BLOCKED
+
+    def classify(self, relation: Relation) -> Disposition:
+        """Where a (valid, decrypted) message from a peer with this relation goes."""
+        if relation is Relation.CONTACT:
+            return Disposition.INBOX
+        if relation is Relation.BLOCKED:
+            return Disposition.REFUSE
+        if self.accept_from is AcceptFrom.ANYONE:
+            return Disposition.ADD_AND_INBOX
+        return Disposition.REQUEST
+
+    def request_admissible(self, *, pending_peers: int, pending_from_peer: int, peer_already_pending: bool) -> bool:
+        """Whether one more request message from a stranger fits the bounds.
+
+        ``pending_peers`` is the number of strangers with pending requests now, ``pending_from_peer`` the number of
+        requests pending from this stranger, ``peer_already_pending`` whether this stranger is among them.
+        """
+        if pending_from_peer >= self.max_requests_per_peer:
+            return False
+        return peer_already_pending or pending_peers < self.max_request_peers

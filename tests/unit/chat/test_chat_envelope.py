@@ -1,0 +1,247 @@
+"""Envelope v1: sealing, opening, every refusal, the shared-key cache, receipts."""
+
+from __future__ import annotations
+
+import itertools
+
+import msgpack
+import nacl.bindings
+import nacl.public
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pmsg.chat.envelope import (
+    MAX_ACK_IDS,
+    MAX_TEXT_BYTES,
+    ChatEnvelopeError,
+    DecryptionError,
+    EnvelopeSealer,
+    MessageIdMismatchError,
+    WrongRecipientError,
+    decode_envelope,
+    decode_receipt,
+    encode_receipt,
+)
+from p2pmsg.errors import LocalProtocolError, RemoteProtocolError
+from p2pmsg.identity import Identity, PeerId
+
+ALICE = Identity.from_seed(bytes(range(32)))
+BOB = Identity.from_seed(bytes(range(1, 33)))
+CAROL = Identity.from_seed(bytes(range(2, 34)))
+
+
+def _counter_random() -> object:
+    counter = itertools.count()
+
+    def random(n: int) -> bytes:
+        return bytes([next(counter) % 256]) * n
+
+    return random
+
+
+def _outer(env_raw: bytes) -> dict[str, object]:
+    value = msgpack.unpackb(env_raw, raw=False)
+    assert isinstance(value, dict)
+    return value
+
+
+def _repack(fields: dict[str, object]) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def test_seal_open_round_trip() -> None:
+    sealed = EnvelopeSealer(ALICE).seal(BOB.peer_id, "hello, bob ✓", ts=1_700_000_000_123)
+    message = EnvelopeSealer(BOB).open(sealed.raw)
+    assert message.text == "hello, bob ✓"
+    assert message.ts == 1_700_000_000_123
+    assert message.id == sealed.id
+    assert message.sender == ALICE.peer_id
+    assert message.recipient == BOB.peer_id
+    assert message.kind == "text"
+    assert len(sealed.id_hex) == 32 and sealed.id_hex == sealed.id.hex()
+
+
+def test_box_is_a_standard_crypto_box() -> None:
+    """An independent opener (PyNaCl's Box with the converted keys) reads the inner message."""
+    random = _counter_random()
+    sealed = EnvelopeSealer(ALICE, random=random).seal(BOB.peer_id, "kat", ts=5)  # type: ignore[arg-type]
+    assert sealed.id == bytes([0]) * 16 and sealed.nonce == bytes([1]) * 24
+    box = nacl.public.Box(BOB.x25519_private_key, nacl.public.PublicKey(ALICE.x25519_public_key))
+    inner = msgpack.unpackb(box.decrypt(sealed.box, sealed.nonce), raw=False)
+    assert inner == {"v": 1, "id": bytes(16), "ts": 5, "kind": "text", "text": "kat"}
+    outer = _outer(sealed.raw)
+    assert list(outer) == ["v", "id", "from", "to", "nonce", "box"]
+    assert outer["from"] == ALICE.peer_id.to_bytes() and outer["to"] == BOB.peer_id.to_bytes()
+
+
+def test_sealing_is_deterministic_with_injected_randomness() -> None:
+    a = EnvelopeSealer(ALICE, random=_counter_random()).seal(BOB.peer_id, "x", ts=1)  # type: ignore[arg-type]
+    b = EnvelopeSealer(ALICE, random=_counter_random()).seal(BOB.peer_id, "x", ts=1)  # type: ignore[arg-type]
+    c = EnvelopeSealer(ALICE).seal(BOB.peer_id, "x", ts=1)
+    assert a.raw == b.raw
+    assert c.raw != a.raw and c.id != a.id
+
+
+def test_wrong_recipient_is_refused() -> None:
+    sealed = EnvelopeSealer(ALICE).seal(BOB.peer_id, "for bob", ts=1)
+    with pytest.raises(WrongRecipientError) as info:
+        EnvelopeSealer(CAROL).open(sealed)
+    assert info.value.field == "envelope.to"
+
+
+def test_tampered_box_is_refused() -> None:
+    sealed = EnvelopeSealer(ALICE).seal(BOB.peer_id, "intact", ts=1)
+    fields = _outer(sealed.raw)
+    box = bytearray(fields["box"])  # type: ignore[arg-type]
+    box[-1] ^= 1
+    fields["box"] = bytes(box)
+    with pytest.raises(DecryptionError) as info:
+        EnvelopeSealer(BOB).open(_repack(fields))
+    assert info.value.field == "envelope.box"
+
+
+def test_forged_sender_is_refused() -> None:
+    """Carol seals to Bob but writes Alice in ``from``: Bob opens with Alice's key and the box fails."""
+    forged = EnvelopeSealer(CAROL).seal(BOB.peer_id, "I am alice", ts=1)
+    fields = _outer(forged.raw)
+    fields["from"] = ALICE.peer_id.to_bytes()
+    with pytest.raises(DecryptionError):
+        EnvelopeSealer(BOB).open(_repack(fields))
+
+
+def test_relabelled_id_is_refused() -> None:
+    sealed = EnvelopeSealer(ALICE).seal(BOB.peer_id, "id bound", ts=1)
+    fields = _outer(sealed.raw)
+    fields["id"] = bytes(16)
+    with pytest.raises(MessageIdMismatchError) as info:
+        EnvelopeSealer(BOB).open(_repack(fields))
+    assert info.value.field == "message.id"
+
+
+def _raw_envelope(inner: dict[str, object], *, sender: Identity = ALICE, nonce: bytes = bytes(24)) -> bytes:
+    key = nacl.bindings.crypto_box_beforenm(BOB.x25519_public_key, bytes(sender.x25519_private_key))
+    box = nacl.bindings.crypto_box_afternm(msgpack.packb(inner, use_bin_type=True), nonce, key)
+    outer = {
+        "v": 1,
+        "id": inner.get("id", bytes(16)),
+        "from": sender.peer_id.to_bytes(),
+        "to": BOB.peer_id.to_bytes(),
+        "nonce": nonce,
+        "box": box,
+    }
+    return _repack(outer)
+
+
+@pytest.mark.parametrize(
+    ("inner", "field"),
+    [
+        ({"v": 1, "id": bytes(16), "ts": 1, "kind": "file", "text": "x"}, "message.kind"),
+        ({"v": 2, "id": bytes(16), "ts": 1, "kind": "text", "text": "x"}, "message.v"),
+        ({"v": 1, "id": bytes(16), "ts": -1, "kind": "text", "text": "x"}, "message.ts"),
+        ({"v": 1, "id": bytes(16), "ts": 1, "kind": "text", "text": b"x"}, "message.text"),
+        ({"v": 1, "id": bytes(16), "ts": 1, "kind": "text"}, "message.text"),
+        ({"v": 1, "id": bytes(16), "ts": 1, "kind": "text", "text": "x", "extra": 1}, "message.extra"),
+    ],
+)
+def test_bad_inner_message_is_refused_naming_the_field(inner: dict[str, object], field: str) -> None:
+    with pytest.raises(ChatEnvelopeError) as info:
+        EnvelopeSealer(BOB).open(_raw_envelope(inner))
+    assert info.value.field == field
+    assert isinstance(info.value, RemoteProtocolError)
+
+
+def _good_outer() -> dict[str, object]:
+    return _outer(EnvelopeSealer(ALICE).seal(BOB.peer_id, "x", ts=1).raw)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"v": 2}, "envelope.v"),
+        ({"id": bytes(15)}, "envelope.id"),
+        ({"nonce": bytes(23)}, "envelope.nonce"),
+        ({"box": b""}, "envelope.box"),
+        ({"from": b"\x00\x24" + bytes(36)}, "envelope.from"),
+        ({"to": "12D3KooW"}, "envelope.to"),
+        ({"extra": True}, "envelope.extra"),
+    ],
+)
+def test_bad_outer_envelope_is_refused_naming_the_field(change: dict[str, object], field: str) -> None:
+    fields = {**_good_outer(), **change}
+    with pytest.raises(ChatEnvelopeError) as info:
+        decode_envelope(_repack(fields))
+    assert info.value.field == field
+
+
+def test_sender_key_without_x25519_equivalent_is_refused() -> None:
+    fields = _good_outer()
+    fields["from"] = PeerId.from_public_key(b"\xff" * 32).to_bytes()
+    with pytest.raises(ChatEnvelopeError) as info:
+        EnvelopeSealer(BOB).open(_repack(fields))
+    assert info.value.field == "envelope.from"
+    assert not isinstance(info.value, DecryptionError)
+
+
+def test_text_limits() -> None:
+    sealer = EnvelopeSealer(ALICE)
+    longest = sealer.seal(BOB.peer_id, "é" * (MAX_TEXT_BYTES // 2), ts=1)
+    assert EnvelopeSealer(BOB).open(longest).text == "é" * (MAX_TEXT_BYTES // 2)
+    with pytest.raises(LocalProtocolError):
+        sealer.seal(BOB.peer_id, "a" * (MAX_TEXT_BYTES + 1), ts=1)
+    with pytest.raises(LocalProtocolError):
+        sealer.seal(BOB.peer_id, "x", ts=-5)
+
+
+def test_shared_keys_are_cached_and_bounded() -> None:
+    bob = EnvelopeSealer(BOB, cache_size=2)
+    for _ in range(5):
+        bob.open(EnvelopeSealer(ALICE).seal(BOB.peer_id, "a", ts=1))
+    assert bob.key_computations == 1
+    bob.open(EnvelopeSealer(CAROL).seal(BOB.peer_id, "c", ts=1))
+    assert bob.key_computations == 2
+    dave = Identity.from_seed(bytes(range(3, 35)))
+    bob.open(EnvelopeSealer(dave).seal(BOB.peer_id, "d", ts=1))  # evicts Alice, the least recently used
+    bob.open(EnvelopeSealer(CAROL).seal(BOB.peer_id, "c", ts=1))
+    assert bob.key_computations == 3
+    bob.open(EnvelopeSealer(ALICE).seal(BOB.peer_id, "a", ts=1))
+    assert bob.key_computations == 4
+    with pytest.raises(LocalProtocolError):
+        EnvelopeSealer(BOB, cache_size=0)
+
+
+def test_receipt_round_trip_and_limits() -> None:
+    ids = [bytes([i]) * 16 for i in range(3)]
+    data = encode_receipt(ids)
+    assert msgpack.unpackb(data, raw=False) == {"v": 1, "t": "ack", "ids": ids}
+    assert decode_receipt(data) == tuple(ids)
+    assert len(decode_receipt(encode_receipt([bytes(16)] * MAX_ACK_IDS))) == MAX_ACK_IDS
+    with pytest.raises(LocalProtocolError):
+        encode_receipt([])
+    with pytest.raises(LocalProtocolError):
+        encode_receipt([bytes(16)] * (MAX_ACK_IDS + 1))
+    with pytest.raises(LocalProtocolError):
+        encode_receipt([bytes(8)])
+    bad = msgpack.packb({"v": 1, "t": "ack", "ids": [bytes(16), b"short"]}, use_bin_type=True)
+    with pytest.raises(ChatEnvelopeError) as info:
+        decode_receipt(bad)
+    assert info.value.field == "ack.ids[1]"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_only_raise_envelope_errors(data: bytes) -> None:
+    with pytest.raises(ChatEnvelopeError):
+        decode_envelope(data)
+    with pytest.raises(ChatEnvelopeError):
+        EnvelopeSealer(BOB).open(data)
+    with pytest.raises(ChatEnvelopeError):
+        decode_receipt(data)
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.text(st.characters(exclude_categories=("Cs",)), max_size=300), st.integers(min_value=0, max_value=2**63 - 1))
+def test_any_text_round_trips(text: str, ts: int) -> None:
+    sealed = EnvelopeSealer(ALICE).seal(BOB.peer_id, text, ts=ts)
+    message = EnvelopeSealer(BOB).open(decode_envelope(sealed.raw))
+    assert (message.text, message.ts) == (text, ts)
