@@ -622,8 +622,12 @@ class Str(Schema[str]):
         if type(value) is not str:
             raise _Invalid(f"expected str, got {_type_name(value)}")
         n = len(value)
-        if n > self.max_len:
-            raise _Invalid(f"str is at least {n} bytes long, more than the maximum {self.max_len}")
+        if n > self.max_len:  # at least n bytes: too long whatever the encoding; measure it for the message
+            try:
+                n = len(value.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise _Invalid("str holds a lone surrogate and is not valid UTF-8") from None
+            raise _Invalid(f"str is {n} bytes long, more than the maximum {self.max_len}")
         if not value.isascii() and (encoding or n * 4 > self.max_len or self.min_len > n):
             try:
                 n = len(value.encode("utf-8"))

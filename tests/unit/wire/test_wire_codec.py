@@ -431,3 +431,24 @@ def test_describe_uses_the_documented_notation() -> None:
         "  score?:    float",
         "}",
     ]
+
+
+def test_worked_example_of_the_protocol_document() -> None:
+    """docs/protocol-wire.part.md, section 2: the example encodes to exactly the bytes shown there."""
+    example = Struct("example", {"v": Int(1, 1), "id": Bytes(4, 4), "text": Str(16)}, {"tags": Array(Str(8), 4)})
+    encoded = example.encode({"v": 1, "id": b"\x01\x02\x03\x04", "text": "hé", "tags": ["a"]})
+    assert (
+        encoded.hex(" ") == "84 a1 76 01 a2 69 64 c4 04 01 02 03 04 a4 74 65 78 74 a3 68 c3 a9 a4 74 61 67 73 91 a1 61"
+    )
+    rejected = {
+        "85 a1 76 01 a2 69 64 c4 04 01 02 03 04 a4 74 65 78 74 a3 68 c3 a9 a4 74 61 67 73 91 a1 61 a1 78 c0": (
+            "example.x: unknown field"
+        ),
+        "83 a1 76 01 a2 69 64 c4 04 01 02 03 04 a4 74 65 78 74 c4 01 68": "example.text: expected str, got bin",
+        "82 a1 76 01 a1 76 01": "example: a map repeats a key",
+        "db ff ff ff ff 78 78 78 78 78": "example: truncated msgpack value",
+    }
+    for frame, message in rejected.items():
+        with pytest.raises(CodecError) as info:
+            example.decode(bytes.fromhex(frame))
+        assert str(info.value) == message
