@@ -1,18 +1,702 @@
-"""Entry point of the ``p2pmsg`` console script."""
+"""The ``p2pmsg`` command line.
+
+Theory of operation
+-------------------
+Every command works on one *home* directory (``--home``, ``$P2PMSG_HOME``, or the platform's user data directory):
+``<home>/identity.key`` (the encrypted Ed25519 key), ``<home>/config.toml`` (see :mod:`p2pmsg.cli.config`) and,
+while a node runs, ``<home>/control.sock``.
+
+* ``init`` and ``run`` work on the files directly: ``init`` creates the home (0700), the key file and the config;
+  ``run`` loads them and runs the node in the foreground (``p2pmsg.node.run_node``).
+* Every other command is a client of the running node's control API (:class:`~p2pmsg.control.ControlClient`); the
+  CLI never opens the node's database or key while it runs.  Read commands take ``--json`` for machine output.
+
+Errors are shown as one ``error: ...`` line saying what to do, never a traceback.  Exit status: 0 success, 1 error,
+2 usage error, 3 no node is running on the home.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import logging
+import os
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final
+
 import click
+import platformdirs
 
 from p2pmsg import __version__
+from p2pmsg.cli.config import (
+    ACCEPT_FROM_CHOICES,
+    CONFIG_FILENAME,
+    DEFAULT_LISTEN,
+    Config,
+    ConfigError,
+    load_config,
+    write_config,
+)
+from p2pmsg.cli.output import clean, format_duration, format_ts, render_qr, table, to_json, truncate
+from p2pmsg.control import (
+    ControlClient,
+    ControlError,
+    ControlProtocolError,
+    ControlRequestError,
+    NodeAlreadyRunningError,
+    NodeNotRunningError,
+    SocketState,
+    control_socket_path,
+    probe_socket,
+)
+from p2pmsg.errors import P2PMsgError
+from p2pmsg.identity import (
+    Identity,
+    KeyFileError,
+    PassphraseRequiredError,
+    WrongPassphraseError,
+    load_identity,
+    resolve_passphrase,
+    save_identity,
+)
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_NOT_RUNNING",
+    "IDENTITY_FILENAME",
+    "CliError",
+    "State",
+    "cli",
+    "default_home",
+    "format_message",
+    "human_error",
+    "main",
+]
+
+IDENTITY_FILENAME: Final = "identity.key"
+HOME_ENV: Final = "P2PMSG_HOME"
+EXIT_ERROR: Final = 1
+EXIT_NOT_RUNNING: Final = 3
+
+#: How each control error code is introduced to a human.
+_CODE_TEXT: Final = {
+    "unknown_contact": "unknown contact",
+    "invalid_invite": "malformed invite",
+    "name_taken": "name already taken",
+    "bad_request": "bad request",
+    "internal": "the node failed",
+}
+_CODE_HINT: Final = {
+    "unknown_contact": "see `p2pmsg contacts list`",
+    "invalid_invite": "an invite looks like p2pmsg://invite/12D3KooW...; a bare peer id works too",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def default_home() -> Path:
+    """The home used without ``--home`` or ``$P2PMSG_HOME``: the platform's user data directory for p2pmsg."""
+    return Path(platformdirs.user_data_dir("p2pmsg", appauthor=False))
+
+
+class CliError(click.ClickException):
+    """An error shown as ``error: <message>``, exit status 1."""
+
+    exit_code = EXIT_ERROR
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class NotRunningCliError(CliError):
+    """No node runs on the home: exit status 3, so scripts can tell it apart."""
+
+    exit_code = EXIT_NOT_RUNNING
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """The single error inside (nested) exception groups, as trio nurseries raise them."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def human_error(exc: BaseException, *, home: Path) -> CliError | None:
+    """The :class:`CliError` a human should see for ``exc``, or ``None`` if it is not one of ours."""
+    exc = _unwrap(exc)
+    quoted = shlex.quote(str(home))
+    if isinstance(exc, NodeNotRunningError):
+        return NotRunningCliError(str(exc))
+    if isinstance(exc, NodeAlreadyRunningError):
+        return CliError(str(exc))
+    if isinstance(exc, ControlRequestError):
+        text = f"{_CODE_TEXT.get(exc.code, exc.code)}: {clean(exc.message)}"
+        hint = _CODE_HINT.get(exc.code)
+        return CliError(f"{text} ({hint})" if hint else text)
+    if isinstance(exc, ControlProtocolError):
+        return CliError(f"the node sent something this p2pmsg does not understand ({exc}); are both the same version?")
+    if isinstance(exc, WrongPassphraseError):
+        return CliError(f"wrong passphrase for {home / IDENTITY_FILENAME}")
+    if isinstance(exc, PassphraseRequiredError):
+        return CliError(f"{exc} (set $P2PMSG_PASSPHRASE or run in a terminal)")
+    if isinstance(exc, KeyFileError):
+        return CliError(f"{exc}")
+    if isinstance(exc, ConfigError):
+        return CliError(
+            f"{exc} (fix {home / CONFIG_FILENAME}, or recreate the home with `p2pmsg --home {quoted} init`)"
+        )
+    if isinstance(exc, ControlError | P2PMsgError):
+        return CliError(str(exc))
+    return None
+
+
+class _Group(click.Group):
+    """The root group: turns p2pmsg's exceptions into one-line human errors."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except (Exception, BaseExceptionGroup) as exc:
+            state = ctx.find_object(State)
+            error = human_error(exc, home=state.home if state else default_home())
+            if error is None:
+                raise
+            raise error from None
+
+
+class State:
+    """What every command shares: the home, and a control client opened on first use."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self._client: ControlClient | None = None
+
+    @property
+    def client(self) -> ControlClient:
+        """The control client of the node running on :attr:`home`."""
+        if self._client is None:
+            self._client = ControlClient(self.home)
+        return self._client
+
+    def call(self, method: str, /, **params: Any) -> Any:
+        """Call a control method of the running node."""
+        return self.client.call(method, **params)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def json_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add ``--json`` (the command's result as JSON on stdout)."""
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(fn)
+
+
+def _echo_json(value: Any) -> None:
+    click.echo(to_json(value))
+
+
+def _rows(result: Any, what: str) -> list[dict[str, Any]]:
+    """A list-of-maps result, refusing anything else with a clear error."""
+    if not isinstance(result, list) or not all(isinstance(row, dict) for row in result):
+        raise CliError(f"the node answered {what} with something other than a list of records")
+    return result
+
+
+def _record(result: Any, what: str) -> dict[str, Any]:
+    if not isinstance(result, dict):
+        raise CliError(f"the node answered {what} with something other than a record")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Root
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="p2pmsg")
-def cli() -> None:
-    """p2pmsg: a serverless, end-to-end encrypted messenger."""
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar=HOME_ENV,
+    show_envvar=True,
+    default=None,
+    help="The node's home directory (key, config, control socket).  [default: the user data dir, "
+    "e.g. ~/.local/share/p2pmsg]",
+)
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None) -> None:
+    """p2pmsg: a serverless, end-to-end encrypted messenger.
+
+    Start with `p2pmsg init`, keep `p2pmsg run` going, and use the other commands (in another terminal) to talk to
+    the running node.
+    """
+    state = State(home if home is not None else default_home())
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# init / run: the files, not the control API
+
+
+@cli.command()
+@click.option("--no-passphrase", is_flag=True, help="Store the key unencrypted (anyone who reads it can be you).")
+@click.option(
+    "--listen", multiple=True, metavar="MULTIADDR", help=f"Listen address (repeatable). [default: {DEFAULT_LISTEN[0]}]"
+)
+@click.option("--bootstrap", multiple=True, metavar="MULTIADDR", help="Address of a node to join through (repeatable).")
+@click.option("--accept-from", type=click.Choice(ACCEPT_FROM_CHOICES), default="contacts", show_default=True,
+              help="Whose messages are accepted; strangers' wait in `p2pmsg requests` with 'contacts'.")  # fmt: skip
+@click.option("--dht-port", type=click.IntRange(0, 65535), default=None, help="UDP port of the DHT.")
+@pass_state
+def init(
+    state: State,
+    no_passphrase: bool,
+    listen: tuple[str, ...],
+    bootstrap: tuple[str, ...],
+    accept_from: str,
+    dht_port: int | None,
+) -> None:
+    """Create a home: a new identity (encrypted key file) and config.toml.
+
+    The passphrase is read from $P2PMSG_PASSPHRASE if set, else asked twice.  An existing identity is never
+    overwritten.
+    """
+    home = state.home
+    key_path = home / IDENTITY_FILENAME
+    if key_path.exists():
+        raise CliError(
+            f"{home} already has an identity ({key_path}); refusing to overwrite it. "
+            "Use another --home for a second identity."
+        )
+    config = Config(
+        listen=list(listen) or list(DEFAULT_LISTEN),
+        bootstrap=list(bootstrap),
+        accept_from=accept_from,
+        dht_port=dht_port,
+    )
+    passphrase = None if no_passphrase else resolve_passphrase(confirm=True, prompt=_prompt)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    identity = Identity.generate()
+    save_identity(key_path, identity, passphrase, allow_unencrypted=no_passphrase)
+    config_path = home / CONFIG_FILENAME
+    if config_path.exists():
+        click.echo(f"kept the existing {config_path}")
+    else:
+        write_config(config_path, config)
+    click.echo(f"created {key_path}" + (" (UNENCRYPTED)" if no_passphrase else ""))
+    click.echo(f"peer id  {identity.peer_id}")
+    click.echo(f"start the node with: p2pmsg --home {shlex.quote(str(home))} run")
+
+
+def _prompt(text: str) -> str:
+    """Ask for a passphrase without echo (through click, so the prompt goes where click's output goes)."""
+    try:
+        value: str = click.prompt(
+            text.removesuffix(": "), hide_input=True, default="", show_default=False, prompt_suffix=": "
+        )
+    except click.Abort:
+        raise EOFError from None
+    return value
+
+
+def _load_identity(key_path: Path) -> Identity:
+    try:
+        return load_identity(key_path, None)
+    except PassphraseRequiredError:
+        return load_identity(key_path, resolve_passphrase(prompt=_prompt))
+
+
+@cli.command()
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="How much the node logs (to stderr).",
+)
+@pass_state
+def run(state: State, log_level: str) -> None:
+    """Run the node in the foreground until Ctrl-C."""
+    home = state.home
+    key_path = home / IDENTITY_FILENAME
+    if not key_path.exists():
+        raise CliError(f"no identity in {home}; create one with `p2pmsg --home {shlex.quote(str(home))} init`")
+    config = load_config(home / CONFIG_FILENAME)
+    # Refuse early, before asking for the passphrase, if a node already runs here (the node checks again).
+    if probe_socket(control_socket_path(home)) is SocketState.RUNNING:
+        raise NodeAlreadyRunningError(f"another node is already running on {home}; stop it first or use another --home")
+    identity = _load_identity(key_path)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        # Imported here, not at the top: the CLI's other commands do not need the node's code.
+        run_node: Any = importlib.import_module("p2pmsg.node").run_node
+    except (ImportError, AttributeError) as exc:
+        raise CliError(f"this installation has no node yet ({exc})") from None
+    click.echo(f"node {identity.peer_id} starting on {home} (Ctrl-C to stop)", err=True)
+    try:
+        if inspect.iscoroutinefunction(run_node):
+            import trio
+
+            trio.run(run_node, home, identity, config)
+        else:
+            run_node(home, identity, config)
+    except KeyboardInterrupt:
+        click.echo("node stopped", err=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Identity
+
+
+@cli.command("id")
+@json_option
+@click.option("--no-qr", is_flag=True, help="Do not draw the invite as a QR code.")
+@pass_state
+def id_(state: State, as_json: bool, no_qr: bool) -> None:
+    """Show this node's peer id, addresses and invite link (with a QR code on a terminal)."""
+    info = _record(state.call("id"), "id")
+    if as_json:
+        _echo_json(info)
+        return
+    addrs = info.get("addrs") or []
+    invite = str(info.get("invite", ""))
+    click.echo(f"peer id  {clean(info.get('peer_id', '-'))}")
+    for index, addr in enumerate(addrs if isinstance(addrs, list) else []):
+        click.echo(f"{'address' if index == 0 else '':7}  {clean(addr)}")
+    if not addrs:
+        click.echo("address  (none yet)")
+    click.echo(f"invite   {clean(invite)}")
+    if invite and not no_qr and sys.stdout.isatty():
+        click.echo(render_qr(invite))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Contacts
+
+
+@cli.group()
+def contacts() -> None:
+    """Manage contacts: add, list, rename, remove, block, unblock."""
+
+
+@contacts.command("add")
+@click.argument("target")
+@click.argument("name")
+@pass_state
+def contacts_add(state: State, target: str, name: str) -> None:
+    """Add a contact from an invite link (or a bare peer id) under NAME."""
+    result = _record(state.call("contacts.add", target=target, name=name), "contacts.add")
+    click.echo(f"added {clean(result.get('name', name))} ({clean(result.get('peer_id', '?'))})")
+
+
+@contacts.command("list")
+@json_option
+@pass_state
+def contacts_list(state: State, as_json: bool) -> None:
+    """List contacts (and blocked peers)."""
+    rows = _rows(state.call("contacts.list"), "contacts.list")
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no contacts yet (add one with `p2pmsg contacts add INVITE NAME`)")
+        return
+    click.echo(
+        table(
+            ["NAME", "STATE", "ADDED", "PEER ID"],
+            [[r.get("name", ""), r.get("state", ""), format_ts(r.get("added")), r.get("peer_id", "")] for r in rows],
+        )
+    )
+
+
+@contacts.command("rename")
+@click.argument("name")
+@click.argument("new_name")
+@pass_state
+def contacts_rename(state: State, name: str, new_name: str) -> None:
+    """Rename the contact NAME to NEW_NAME."""
+    state.call("contacts.rename", name=name, new_name=new_name)
+    click.echo(f"renamed {clean(name)} to {clean(new_name)}")
+
+
+@contacts.command("remove")
+@click.argument("name")
+@pass_state
+def contacts_remove(state: State, name: str) -> None:
+    """Remove the contact NAME."""
+    state.call("contacts.remove", name=name)
+    click.echo(f"removed {clean(name)}")
+
+
+@contacts.command("block")
+@click.argument("name_or_peer")
+@pass_state
+def contacts_block(state: State, name_or_peer: str) -> None:
+    """Block a contact (by name) or any peer (by peer id)."""
+    state.call("contacts.block", name_or_peer=name_or_peer)
+    click.echo(f"blocked {clean(name_or_peer)}")
+
+
+@contacts.command("unblock")
+@click.argument("name_or_peer")
+@pass_state
+def contacts_unblock(state: State, name_or_peer: str) -> None:
+    """Unblock a contact or peer."""
+    state.call("contacts.unblock", name_or_peer=name_or_peer)
+    click.echo(f"unblocked {clean(name_or_peer)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Messages
+
+
+@cli.command()
+@click.argument("name")
+@click.argument("text", nargs=-1)
+@json_option
+@pass_state
+def send(state: State, name: str, text: tuple[str, ...], as_json: bool) -> None:
+    """Send TEXT to the contact NAME (the words are joined by spaces; no TEXT: read the message from stdin).
+
+    Returns once the message is safely queued; it is delivered when the contact is reachable.
+    """
+    message = " ".join(text) if text else sys.stdin.read().rstrip("\n")
+    if not message:
+        raise click.UsageError("nothing to send: give TEXT or pipe the message on stdin")
+    result = _record(state.call("send", name=name, text=message), "send")
+    if as_json:
+        _echo_json(result)
+        return
+    click.echo(f"{clean(result.get('status', 'queued'))} {clean(result.get('id', ''))}")
+
+
+def format_message(row: dict[str, Any], *, contact: str) -> str:
+    """One history line: ``[time] who: text`` (+ the status of an outgoing message not yet delivered)."""
+    outgoing = row.get("direction") == "out"
+    who = "me" if outgoing else contact
+    status = row.get("status")
+    suffix = f"  ({clean(status)})" if outgoing and status not in (None, "delivered", "read") else ""
+    return f"[{format_ts(row.get('ts'))}] {clean(who)}: {clean(row.get('text', ''), multiline=True)}{suffix}"
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(1, None), default=50, show_default=True, help="How many messages.")
+@click.option("--before", type=click.IntRange(0, None), default=None, help="Only messages before this time (ms).")
+@json_option
+@pass_state
+def history(state: State, name: str, limit: int, before: int | None, as_json: bool) -> None:
+    """Show the conversation with NAME, oldest first."""
+    params: dict[str, Any] = {"name": name, "limit": limit}
+    if before is not None:
+        params["before"] = before
+    rows = _rows(state.call("history", **params), "history")
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo(f"no messages with {clean(name)} yet")
+    for row in rows:
+        click.echo(format_message(row, contact=name))
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--limit", type=click.IntRange(1, None), default=20, show_default=True, help="History shown first.")
+@pass_state
+def chat(state: State, name: str, limit: int) -> None:
+    """Chat with NAME: show recent history and incoming messages; each line typed (or piped) is sent.
+
+    Leave with Ctrl-D (end of input); with piped input it exits once every line is queued.
+    """
+    from p2pmsg.cli.chatloop import run_chat
+
+    run_chat(
+        state.client,
+        name,
+        limit=limit,
+        stdin=sys.stdin,
+        echo=click.echo,
+        format_line=format_message,
+    )
+
+
+@cli.command()
+@json_option
+@pass_state
+def inbox(state: State, as_json: bool) -> None:
+    """List conversations, most recent first."""
+    rows = _rows(state.call("inbox"), "inbox")
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no conversations yet")
+        return
+    click.echo(
+        table(
+            ["NAME", "LAST", "UNREAD", "MESSAGE"],
+            [
+                [
+                    r.get("name", ""),
+                    format_ts(r.get("last_ts")),
+                    r.get("unread", ""),
+                    truncate(str(r.get("last_text", "")), 60),
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+@cli.group(invoke_without_command=True)
+@json_option
+@click.pass_context
+def requests(ctx: click.Context, as_json: bool) -> None:
+    """List message requests from strangers; accept or block them."""
+    if ctx.invoked_subcommand is not None:
+        return
+    state = ctx.find_object(State)
+    assert state is not None
+    rows = _rows(state.call("requests.list"), "requests.list")
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no message requests")
+        return
+    click.echo(
+        table(
+            ["PEER ID", "COUNT", "LAST", "MESSAGE"],
+            [
+                [
+                    r.get("peer_id", ""),
+                    r.get("count", ""),
+                    format_ts(r.get("last_ts")),
+                    truncate(str(r.get("last_text", "")), 50),
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+@requests.command("accept")
+@click.argument("peer_id")
+@click.argument("name")
+@pass_state
+def requests_accept(state: State, peer_id: str, name: str) -> None:
+    """Accept the request from PEER_ID as a contact called NAME."""
+    state.call("requests.accept", peer_id=peer_id, name=name)
+    click.echo(f"accepted {clean(peer_id)} as {clean(name)}")
+
+
+@requests.command("block")
+@click.argument("peer_id")
+@pass_state
+def requests_block(state: State, peer_id: str) -> None:
+    """Block PEER_ID and drop its requests."""
+    state.call("requests.block", peer_id=peer_id)
+    click.echo(f"blocked {clean(peer_id)}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Node state
+
+
+@cli.command()
+@json_option
+@pass_state
+def peers(state: State, as_json: bool) -> None:
+    """List connected peers."""
+    rows = _rows(state.call("peers"), "peers")
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        click.echo("no connected peers")
+        return
+    click.echo(
+        table(
+            ["NAME", "DIRECTION", "SINCE", "ADDRESS", "PEER ID"],
+            [
+                [
+                    r.get("name") or "-",
+                    r.get("direction", ""),
+                    format_ts(r.get("since")),
+                    r.get("addr", ""),
+                    r.get("peer_id", ""),
+                ]
+                for r in rows
+            ],
+        )
+    )
+
+
+@cli.command()
+@json_option
+@pass_state
+def status(state: State, as_json: bool) -> None:
+    """Show the node's health: uptime, connections, DHT size, outbox depth, dropped inputs."""
+    info = _record(state.call("status"), "status")
+    if as_json:
+        _echo_json(info)
+        return
+    dropped = info.get("dropped") or {}
+    dropped_text = (
+        ", ".join(f"{clean(reason)}={clean(count)}" for reason, count in sorted(dropped.items()))
+        if isinstance(dropped, dict) and dropped
+        else "none"
+    )
+    lines = [
+        ("peer id", info.get("peer_id", "-")),
+        ("uptime", format_duration(info.get("uptime_s"))),
+        ("connections", info.get("connections", "-")),
+        ("dht size", info.get("dht_size", "-")),
+        ("outbox depth", info.get("outbox_depth", "-")),
+        ("dropped", dropped_text),
+    ]
+    for label, value in lines:
+        click.echo(f"{label:<13} {value if label == 'dropped' else clean(value)}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write to this new file (mode 0600) instead of stdout.",
+)
+@pass_state
+def export(state: State, name: str, output: Path | None) -> None:
+    """Export the contact NAME and the whole conversation as JSON."""
+    text = to_json(_record(state.call("export", name=name), "export")) + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise CliError(f"{output} already exists; choose a new file name") from None
+    except OSError as exc:
+        raise CliError(f"cannot create {output}: {exc.strerror or exc}") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    click.echo(f"exported {clean(name)} to {output}")
 
 
 def main() -> None:
-    """Run the command line."""
-    cli()
+    """Run the command line (the ``p2pmsg`` console script)."""
+    cli(prog_name="p2pmsg")

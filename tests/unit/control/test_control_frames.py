@@ -28,7 +28,7 @@ from p2pmsg.errors import LocalProtocolError
 
 
 def frame(obj: object) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
     return struct.pack(">I", len(body)) + body
 
 

@@ -97,7 +97,7 @@ async def in_thread(fn: Any, *args: Any) -> Any:
 
 
 def raw_frame(obj: object) -> bytes:
-    body = msgpack.packb(obj, use_bin_type=True)
+    body: bytes = msgpack.packb(obj, use_bin_type=True)
     return struct.pack(">I", len(body)) + body
 
 
@@ -141,14 +141,15 @@ async def test_handler_errors_become_error_responses(home: Path) -> None:
         def client_side() -> list[tuple[str, str]]:
             errors = []
             with ControlClient(home) as client:
-                for method, params in [
+                cases: list[tuple[str, dict[str, Any]]] = [
                     ("history", {"name": "carol"}),  # ControlRequestError raised by the handler
                     ("status", {}),  # unexpected exception -> internal
                     ("export", {"name": "zed"}),  # mapped exception type
                     ("peers", {}),  # result that cannot be encoded -> internal
                     ("nope", {}),  # unknown method
                     ("history", {"name": 7}),  # params failing their schema
-                ]:
+                ]
+                for method, params in cases:
                     with pytest.raises(ControlRequestError) as info:
                         client.call(method, **params)
                     errors.append((info.value.code, info.value.message))

@@ -1,0 +1,108 @@
+"""``p2pmsg chat NAME``: history, then live messages in, lines typed (or piped) out.
+
+Theory of operation
+-------------------
+The chat subscribes to the node's events *before* it fetches the history, so no message can fall between the two;
+message ids already shown are remembered and never shown twice.  A background thread reads the event stream and
+prints the messages of this contact as they arrive (on a terminal also when the contact comes online or goes away),
+while the main thread reads lines from stdin and sends each non-blank one with the ``send`` method, which returns
+once the message is durably queued.  At end of input the event stream is closed (waking the thread) and the
+command returns: with piped input, every line has been queued by then.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol, TextIO
+
+from p2pmsg.cli.output import clean
+from p2pmsg.control import ControlClient, ControlRequestError
+from p2pmsg.errors import P2PMsgError
+
+__all__ = ["run_chat"]
+
+
+class _Formatter(Protocol):
+    def __call__(self, row: dict[str, Any], *, contact: str) -> str: ...
+
+
+def _find_peer(client: ControlClient, name: str) -> str:
+    rows = client.call("contacts.list")
+    if isinstance(rows, list):
+        for row in rows:
+            if isinstance(row, dict) and row.get("name") == name and isinstance(row.get("peer_id"), str):
+                return str(row["peer_id"])
+    raise ControlRequestError("unknown_contact", f"no contact named {name!r}")
+
+
+def run_chat(
+    client: ControlClient,
+    name: str,
+    *,
+    limit: int,
+    stdin: TextIO,
+    echo: Callable[[str], Any],
+    format_line: _Formatter,
+) -> int:
+    """Run the chat with contact ``name`` until the end of ``stdin``; return how many messages were sent."""
+    peer_id = _find_peer(client, name)
+    interactive = stdin.isatty()
+    events = client.events()
+    lock = threading.Lock()
+    seen: set[str] = set()
+
+    def show(text: str) -> None:
+        with lock:
+            echo(text)
+
+    def pump() -> None:
+        try:
+            for event in events:
+                kind = event.get("event")
+                if event.get("peer_id") != peer_id:
+                    continue
+                if kind == "message" and event.get("direction") != "out":
+                    message_id = str(event.get("id", ""))
+                    with lock:
+                        if message_id and message_id in seen:
+                            continue
+                        seen.add(message_id)
+                        echo(format_line(event, contact=name))
+                elif interactive and kind == "peer_up":
+                    show(f"({clean(name)} is online)")
+                elif interactive and kind == "peer_down":
+                    show(f"({clean(name)} went offline)")
+        except P2PMsgError as exc:
+            show(f"(no more incoming messages: {exc})")
+            return
+        if not closing.is_set():
+            show("(the node stopped; incoming messages are no longer shown)")
+
+    closing = threading.Event()
+    thread = threading.Thread(target=pump, name="p2pmsg-chat-events", daemon=True)
+    sent = 0
+    try:
+        rows = client.call("history", name=name, limit=limit)
+        with lock:
+            for row in rows if isinstance(rows, list) else []:
+                if isinstance(row, dict):
+                    seen.add(str(row.get("id", "")))
+                    echo(format_line(row, contact=name))
+        thread.start()
+        if interactive:
+            show(f"-- chatting with {clean(name)}; type a message and press Enter, Ctrl-D to leave --")
+        for line in stdin:
+            text = line.rstrip("\r\n")
+            if not text.strip():
+                continue
+            client.call("send", name=name, text=text)
+            sent += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        closing.set()
+        events.close()
+        if thread.is_alive():
+            thread.join(timeout=5)
+    return sent

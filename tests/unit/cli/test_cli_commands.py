@@ -1,0 +1,407 @@
+"""The control-backed commands, run with click's CliRunner against a real ControlServer on a temporary Unix socket.
+
+The server's handlers below are the control API's other end (a small in-memory node following the contract), not a
+mock of the node's internals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import stat
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from click.testing import CliRunner, Result
+
+from p2pmsg.cli.chatloop import run_chat
+from p2pmsg.cli.main import EXIT_NOT_RUNNING, cli, format_message
+from p2pmsg.control import (
+    ControlClient,
+    ControlRequestError,
+    ControlServer,
+    EventHub,
+    Handler,
+    control_socket_path,
+)
+from p2pmsg.identity import Identity, PeerId
+
+BOB = Identity.from_seed(b"\x01" * 32).peer_id.to_base58()
+CAROL = Identity.from_seed(b"\x02" * 32).peer_id.to_base58()
+STRANGER = Identity.from_seed(b"\x03" * 32).peer_id.to_base58()
+ME = Identity.from_seed(b"\x04" * 32).peer_id.to_base58()
+T0 = 1_700_000_000_000
+
+
+class ContactNode:
+    """The node's side of the control contract, in memory: contacts, conversations, requests."""
+
+    def __init__(self, hub: EventHub) -> None:
+        self.hub = hub
+        self.contacts: dict[str, dict[str, Any]] = {
+            "bob": {"peer_id": BOB, "name": "bob", "state": "contact", "added": T0},
+        }
+        self.messages: dict[str, list[dict[str, Any]]] = {
+            "bob": [
+                {
+                    "id": "a1" * 16,
+                    "from": BOB,
+                    "text": "hi there",
+                    "ts": T0 + 1000,
+                    "status": "received",
+                    "direction": "in",
+                },
+                {
+                    "id": "a2" * 16,
+                    "from": ME,
+                    "text": "hello bob",
+                    "ts": T0 + 2000,
+                    "status": "delivered",
+                    "direction": "out",
+                },
+            ]
+        }
+        self.requests = [{"peer_id": STRANGER, "count": 2, "last_text": "let me in", "last_ts": T0 + 5000}]
+        self.sent: list[tuple[str, str]] = []
+        self.blocked: list[str] = []
+
+    def _contact(self, name: str) -> dict[str, Any]:
+        if name not in self.contacts:
+            raise ControlRequestError("unknown_contact", f"no contact named {name!r}")
+        return self.contacts[name]
+
+    def handlers(self) -> dict[str, Handler]:
+        async def id_(p: dict[str, Any]) -> Any:
+            return {"peer_id": ME, "addrs": ["/ip4/127.0.0.1/tcp/4001"], "invite": f"p2pmsg://invite/{ME}"}
+
+        async def add(p: dict[str, Any]) -> Any:
+            target = p["target"].removeprefix("p2pmsg://invite/").split("?")[0]
+            try:
+                peer = PeerId.from_string(target).to_base58()
+            except Exception:
+                raise ControlRequestError("invalid_invite", f"{p['target']!r} is not an invite or a peer id") from None
+            if p["name"] in self.contacts:
+                raise ControlRequestError("name_taken", f"a contact is already called {p['name']!r}")
+            self.contacts[p["name"]] = {"peer_id": peer, "name": p["name"], "state": "contact", "added": T0}
+            return {"peer_id": peer, "name": p["name"]}
+
+        async def list_(p: dict[str, Any]) -> Any:
+            return list(self.contacts.values())
+
+        async def rename(p: dict[str, Any]) -> Any:
+            contact = self.contacts.pop(self._contact(p["name"])["name"])
+            contact["name"] = p["new_name"]
+            self.contacts[p["new_name"]] = contact
+            return {}
+
+        async def remove(p: dict[str, Any]) -> Any:
+            del self.contacts[self._contact(p["name"])["name"]]
+            return {}
+
+        async def block(p: dict[str, Any]) -> Any:
+            self.blocked.append(p.get("name_or_peer") or p["peer_id"])
+            return {}
+
+        async def unblock(p: dict[str, Any]) -> Any:
+            self.blocked.remove(p["name_or_peer"])
+            return {}
+
+        async def send(p: dict[str, Any]) -> Any:
+            self._contact(p["name"])
+            self.sent.append((p["name"], p["text"]))
+            return {"id": f"{len(self.sent):032x}", "status": "queued"}
+
+        async def history(p: dict[str, Any]) -> Any:
+            self._contact(p["name"])
+            return self.messages.get(p["name"], [])[-p.get("limit", 50) :]
+
+        async def inbox(p: dict[str, Any]) -> Any:
+            return [{"name": "bob", "peer_id": BOB, "last_text": "hello bob", "last_ts": T0 + 2000, "unread": 1}]
+
+        async def requests_list(p: dict[str, Any]) -> Any:
+            return self.requests
+
+        async def accept(p: dict[str, Any]) -> Any:
+            self.contacts[p["name"]] = {"peer_id": p["peer_id"], "name": p["name"], "state": "contact", "added": T0}
+            return {}
+
+        async def peers(p: dict[str, Any]) -> Any:
+            return [{"peer_id": BOB, "name": "bob", "addr": "/ip4/10.0.0.2/tcp/4001", "direction": "out", "since": T0}]
+
+        async def status(p: dict[str, Any]) -> Any:
+            return {
+                "peer_id": ME,
+                "uptime_s": 3725,
+                "connections": 1,
+                "dht_size": 12,
+                "outbox_depth": 0,
+                "dropped": {"control_slow_subscriber": 2},
+            }
+
+        async def export(p: dict[str, Any]) -> Any:
+            return {"contact": self._contact(p["name"]), "messages": self.messages.get(p["name"], [])}
+
+        return {
+            "id": id_,
+            "contacts.add": add,
+            "contacts.list": list_,
+            "contacts.rename": rename,
+            "contacts.remove": remove,
+            "contacts.block": block,
+            "contacts.unblock": unblock,
+            "send": send,
+            "history": history,
+            "inbox": inbox,
+            "requests.list": requests_list,
+            "requests.accept": accept,
+            "requests.block": block,
+            "peers": peers,
+            "status": status,
+            "export": export,
+        }
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="p2pcli-"))  # short: a Unix socket path holds 107 bytes
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def node_on(home: Path) -> AsyncIterator[ContactNode]:
+    hub = EventHub()
+    node = ContactNode(hub)
+    server = ControlServer(control_socket_path(home), node.handlers(), hub)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        yield node
+        nursery.cancel_scope.cancel()
+
+
+async def invoke(home: Path, *args: str, input: str | None = None) -> Result:
+    runner = CliRunner()
+    return await trio.to_thread.run_sync(
+        lambda: runner.invoke(cli, ["--home", str(home), *args], input=input, catch_exceptions=False)
+    )
+
+
+# -- reads ---------------------------------------------------------------------------------------------------------
+
+
+async def test_id_text_and_json(home: Path) -> None:
+    async with node_on(home):
+        text = await invoke(home, "id")
+        as_json = await invoke(home, "id", "--json")
+    assert text.exit_code == 0
+    assert f"peer id  {ME}" in text.output
+    assert "address  /ip4/127.0.0.1/tcp/4001" in text.output
+    assert f"invite   p2pmsg://invite/{ME}" in text.output
+    assert "█" not in text.output and "▀" not in text.output  # no QR code when stdout is not a terminal
+    assert json.loads(as_json.output) == {
+        "peer_id": ME,
+        "addrs": ["/ip4/127.0.0.1/tcp/4001"],
+        "invite": f"p2pmsg://invite/{ME}",
+    }
+
+
+async def test_contacts_add_list_rename_remove(home: Path) -> None:
+    async with node_on(home) as node:
+        added = await invoke(
+            home, "contacts", "add", f"p2pmsg://invite/{CAROL}?addr=%2Fip4%2F1.2.3.4%2Ftcp%2F1", "carol"
+        )
+        assert added.exit_code == 0 and f"added carol ({CAROL})" in added.output
+        listed = await invoke(home, "contacts", "list")
+        lines = listed.output.splitlines()
+        assert lines[0].split() == ["NAME", "STATE", "ADDED", "PEER", "ID"]
+        assert any(line.startswith("carol ") and line.endswith(CAROL) for line in lines)
+        # Columns are aligned: PEER ID starts at the same offset on every line.
+        assert len({line.index("12D3") for line in lines[1:]}) == 1
+        assert (await invoke(home, "contacts", "rename", "carol", "caro")).exit_code == 0
+        listed_json = json.loads((await invoke(home, "contacts", "list", "--json")).output)
+        assert sorted(c["name"] for c in listed_json) == ["bob", "caro"]
+        assert (await invoke(home, "contacts", "remove", "caro")).exit_code == 0
+        assert set(node.contacts) == {"bob"}
+        assert (await invoke(home, "contacts", "block", "bob")).output == "blocked bob\n"
+        assert (await invoke(home, "contacts", "unblock", "bob")).output == "unblocked bob\n"
+        assert node.blocked == []
+
+
+async def test_send_from_args_and_stdin(home: Path) -> None:
+    async with node_on(home) as node:
+        by_args = await invoke(home, "send", "bob", "hello", "there")
+        by_stdin = await invoke(home, "send", "bob", input="from\nstdin\n")
+        as_json = await invoke(home, "send", "bob", "x", "--json")
+        empty = await invoke(home, "send", "bob", input="")
+    assert by_args.exit_code == 0 and by_args.output == f"queued {1:032x}\n"
+    assert by_stdin.exit_code == 0
+    assert json.loads(as_json.output) == {"id": f"{3:032x}", "status": "queued"}
+    assert node.sent == [("bob", "hello there"), ("bob", "from\nstdin"), ("bob", "x")]
+    assert empty.exit_code == 2 and "nothing to send" in empty.output
+
+
+async def test_history_text_is_sanitised_and_json_is_exact(home: Path) -> None:
+    async with node_on(home) as node:
+        node.messages["bob"].append(
+            {
+                "id": "a3" * 16,
+                "from": BOB,
+                "text": "evil\x1b]0;pwned\x07\nsecond line",
+                "ts": T0 + 3000,
+                "status": "received",
+                "direction": "in",
+            }
+        )
+        node.messages["bob"].append(
+            {"id": "a4" * 16, "from": ME, "text": "pending", "ts": T0 + 4000, "status": "queued", "direction": "out"}
+        )
+        text = await invoke(home, "history", "bob")
+        as_json = await invoke(home, "history", "bob", "--limit", "2", "--json")
+    assert text.exit_code == 0
+    lines = text.output.splitlines()
+    assert lines[0].endswith("] bob: hi there")
+    assert lines[1].endswith("] me: hello bob")  # delivered: no status shown
+    assert "\x1b" not in text.output and "\x07" not in text.output
+    assert lines[2].endswith("] bob: evil\\x1b]0;pwned\\x07")
+    assert lines[3] == "  second line"
+    assert lines[4].endswith("] me: pending  (queued)")
+    rows = json.loads(as_json.output)
+    assert [r["id"] for r in rows] == ["a3" * 16, "a4" * 16]
+    assert rows[0]["text"] == "evil\x1b]0;pwned\x07\nsecond line"
+
+
+async def test_inbox_requests_peers_status(home: Path) -> None:
+    async with node_on(home) as node:
+        inbox = await invoke(home, "inbox")
+        requests = await invoke(home, "requests")
+        requests_json = await invoke(home, "requests", "--json")
+        accepted = await invoke(home, "requests", "accept", STRANGER, "dave")
+        blocked = await invoke(home, "requests", "block", CAROL)
+        peers = await invoke(home, "peers")
+        status = await invoke(home, "status")
+        status_json = await invoke(home, "status", "--json")
+        assert node.contacts["dave"]["peer_id"] == STRANGER
+        assert node.blocked == [CAROL]
+    assert inbox.output.splitlines()[0].split() == ["NAME", "LAST", "UNREAD", "MESSAGE"]
+    assert inbox.output.splitlines()[1].startswith("bob ") and inbox.output.splitlines()[1].endswith("hello bob")
+    assert STRANGER in requests.output and "let me in" in requests.output
+    assert json.loads(requests_json.output)[0]["count"] == 2
+    assert accepted.output == f"accepted {STRANGER} as dave\n"
+    assert blocked.output == f"blocked {CAROL}\n"
+    assert "/ip4/10.0.0.2/tcp/4001" in peers.output and peers.output.splitlines()[1].startswith("bob ")
+    assert "uptime        1h 02m 05s" in status.output
+    assert "dropped       control_slow_subscriber=2" in status.output
+    assert json.loads(status_json.output)["dht_size"] == 12
+
+
+async def test_export_to_stdout_and_to_a_private_file(home: Path) -> None:
+    out = home / "bob.json"
+    async with node_on(home):
+        printed = await invoke(home, "export", "bob")
+        written = await invoke(home, "export", "bob", "-o", str(out))
+        again = await invoke(home, "export", "bob", "-o", str(out))
+    exported = json.loads(printed.output)
+    assert exported["contact"]["peer_id"] == BOB and len(exported["messages"]) == 2
+    assert written.exit_code == 0 and json.loads(out.read_text()) == exported
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+# -- human errors --------------------------------------------------------------------------------------------------
+
+
+async def test_human_errors_from_the_node(home: Path) -> None:
+    async with node_on(home):
+        unknown = await invoke(home, "history", "zed")
+        bad_invite = await invoke(home, "contacts", "add", "p2pmsg://invite/nonsense", "x")
+        taken = await invoke(home, "contacts", "add", CAROL, "bob")
+        bad_limit = await invoke(home, "history", "bob", "--limit", "0")
+    assert unknown.exit_code == 1
+    assert unknown.output == "error: unknown contact: no contact named 'zed' (see `p2pmsg contacts list`)\n"
+    assert bad_invite.exit_code == 1 and bad_invite.output.startswith("error: malformed invite: ")
+    assert taken.exit_code == 1 and taken.output.startswith("error: name already taken: ")
+    assert bad_limit.exit_code == 2  # click refuses it before the node is asked
+
+
+def test_node_not_running(home: Path) -> None:
+    result = CliRunner().invoke(cli, ["--home", str(home), "status"])
+    assert result.exit_code == EXIT_NOT_RUNNING
+    assert f"Start it with `p2pmsg --home {home} run`" in result.output
+    assert "Traceback" not in result.output
+    missing = CliRunner().invoke(cli, ["--home", str(home / "nope"), "inbox"])
+    assert missing.exit_code == EXIT_NOT_RUNNING and "init" in missing.output
+
+
+def test_home_from_the_environment(home: Path) -> None:
+    result = CliRunner().invoke(cli, ["peers"], env={"P2PMSG_HOME": str(home)})
+    assert result.exit_code == EXIT_NOT_RUNNING and str(home) in result.output
+
+
+# -- chat ----------------------------------------------------------------------------------------------------------
+
+
+async def test_chat_with_piped_input_sends_each_line_and_exits(home: Path) -> None:
+    async with node_on(home) as node:
+        result = await invoke(home, "chat", "bob", input="first line\n\n   \nsecond line\n")
+        assert node.sent == [("bob", "first line"), ("bob", "second line")]
+        assert node.hub.subscribers == 0 or await _eventually(lambda: node.hub.subscribers == 0)
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].endswith("] bob: hi there") and lines[1].endswith("] me: hello bob")
+
+
+async def test_chat_with_an_unknown_contact(home: Path) -> None:
+    async with node_on(home) as node:
+        result = await invoke(home, "chat", "zed", input="hello\n")
+        assert node.sent == []
+    assert result.exit_code == 1 and "unknown contact" in result.output
+
+
+async def _eventually(predicate: Any) -> bool:
+    with trio.fail_after(5):
+        while not predicate():
+            await trio.sleep(0.01)
+    return True
+
+
+async def test_chat_shows_incoming_messages_live(home: Path) -> None:
+    shown: list[str] = []
+    read_fd, write_fd = os.pipe()
+    async with node_on(home) as node:
+        stdin = os.fdopen(read_fd, "r")
+        done = threading.Event()
+
+        def chat() -> int:
+            try:
+                return run_chat(
+                    ControlClient(home), "bob", limit=1, stdin=stdin, echo=shown.append, format_line=format_message
+                )
+            finally:
+                done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, chat)
+            await _eventually(lambda: node.hub.subscribers == 1 and len(shown) == 1)  # history (limit 1) shown
+            node.hub.publish("message", id="b1" * 16, peer_id=CAROL, text="not for this chat", ts=T0, direction="in")
+            node.hub.publish("message", id="b2" * 16, peer_id=BOB, text="live!", ts=T0 + 9000, direction="in")
+            node.hub.publish("message", id="b2" * 16, peer_id=BOB, text="live!", ts=T0 + 9000, direction="in")  # dup
+            node.hub.publish("message", id="b3" * 16, peer_id=BOB, text="from me", ts=T0, direction="out")
+            await _eventually(lambda: any("live!" in line for line in shown))
+            os.write(write_fd, b"reply\n")
+            await _eventually(lambda: node.sent == [("bob", "reply")])
+            os.close(write_fd)
+            await _eventually(done.is_set)
+        stdin.close()
+    assert shown[0].endswith("] me: hello bob")
+    assert [line for line in shown if "live!" in line] == [shown[1]]
+    assert shown[1].endswith("] bob: live!")
+    assert not any("not for this chat" in line or "from me" in line for line in shown)

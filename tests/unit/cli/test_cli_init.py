@@ -1,0 +1,175 @@
+"""``p2pmsg init`` and ``p2pmsg run``: files and modes, refusing to overwrite, passphrases, config errors."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import sys
+import tempfile
+import types
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from click.testing import CliRunner, Result
+
+from p2pmsg.cli.config import CONFIG_FILENAME, Config, load_config
+from p2pmsg.cli.main import IDENTITY_FILENAME, cli
+from p2pmsg.control import ControlServer, control_socket_path
+from p2pmsg.identity import Identity, load_identity
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    parent = Path(tempfile.mkdtemp(prefix="p2pinit-"))
+    try:
+        yield parent / "home"  # does not exist yet: init creates it
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def run_cli(home: Path, *args: str, passphrase: str | None = None, input: str | None = None) -> Result:
+    env: dict[str, str | None] = {
+        "P2PMSG_PASSPHRASE": passphrase
+    }  # None: unset, whatever the environment running the tests has
+    return CliRunner().invoke(cli, ["--home", str(home), *args], env=env, input=input)
+
+
+def peer_id_in(output: str) -> str:
+    (line,) = [line for line in output.splitlines() if line.startswith("peer id")]
+    return line.split()[-1]
+
+
+def test_init_creates_a_private_home_key_and_config(home: Path) -> None:
+    result = run_cli(home, "init", "--listen", "/ip4/127.0.0.1/tcp/4100", "--bootstrap", "/ip4/192.0.2.1/tcp/4001",
+                     "--accept-from", "anyone", "--dht-port", "4101", passphrase="correct horse")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    key = home / IDENTITY_FILENAME
+    config = home / CONFIG_FILENAME
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    assert load_config(config) == Config(
+        listen=["/ip4/127.0.0.1/tcp/4100"], bootstrap=["/ip4/192.0.2.1/tcp/4001"], accept_from="anyone", dht_port=4101
+    )
+    # A fresh load with the right passphrase gives the identity init announced.
+    identity = load_identity(key, "correct horse")
+    assert str(identity.peer_id) == peer_id_in(result.output)
+    assert f"p2pmsg --home {home} run" in result.output
+
+
+def test_init_refuses_to_overwrite_an_identity(home: Path) -> None:
+    assert run_cli(home, "init", "--no-passphrase").exit_code == 0
+    key = home / IDENTITY_FILENAME
+    before = key.read_bytes()
+    again = run_cli(home, "init", "--no-passphrase")
+    assert again.exit_code == 1
+    assert "already has an identity" in again.output and "refusing to overwrite" in again.output
+    assert key.read_bytes() == before
+
+
+def test_init_without_passphrase_and_with_defaults(home: Path) -> None:
+    result = run_cli(home, "init", "--no-passphrase")
+    assert result.exit_code == 0
+    identity = load_identity(home / IDENTITY_FILENAME, None)
+    assert str(identity.peer_id) == peer_id_in(result.output)
+    assert load_config(home / CONFIG_FILENAME) == Config()
+
+
+def test_init_keeps_an_existing_config_and_tightens_the_home(home: Path) -> None:
+    home.mkdir(mode=0o755)
+    home.chmod(0o755)
+    (home / CONFIG_FILENAME).write_text('accept_from = "anyone"\n')
+    result = run_cli(home, "init", "--no-passphrase")
+    assert result.exit_code == 0
+    assert "kept the existing" in result.output
+    assert load_config(home / CONFIG_FILENAME).accept_from == "anyone"
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+def test_init_with_a_bad_address_creates_nothing(home: Path) -> None:
+    result = run_cli(home, "init", "--no-passphrase", "--listen", "/ip4/1.2.3.4/udp/1")
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and "can only listen on tcp or ws" in result.output
+    assert not home.exists()
+
+
+def test_init_refuses_an_empty_passphrase(home: Path) -> None:
+    result = run_cli(home, "init", passphrase="")
+    assert result.exit_code == 1 and result.output.startswith("error: ")
+    assert not (home / IDENTITY_FILENAME).exists()
+
+
+def test_init_asks_for_the_passphrase_twice(home: Path) -> None:
+    mismatch = run_cli(home, "init", input="one\ntwo\n")
+    assert mismatch.exit_code == 1 and "differ" in mismatch.output
+    assert not (home / IDENTITY_FILENAME).exists()
+    typed = run_cli(home, "init", input="typed secret\ntyped secret\n")
+    assert typed.exit_code == 0, typed.output
+    assert "typed secret" not in typed.output  # no echo
+    assert str(load_identity(home / IDENTITY_FILENAME, "typed secret").peer_id) == peer_id_in(typed.output)
+
+
+def test_run_with_a_wrong_passphrase(home: Path) -> None:
+    assert run_cli(home, "init", passphrase="right").exit_code == 0
+    result = run_cli(home, "run", passphrase="wrong")
+    assert result.exit_code == 1
+    assert result.output == f"error: wrong passphrase for {home / IDENTITY_FILENAME}\n"
+
+
+def test_run_without_identity_or_with_a_broken_config(home: Path) -> None:
+    missing = run_cli(home, "run")
+    assert missing.exit_code == 1 and f"p2pmsg --home {home} init" in missing.output
+    assert run_cli(home, "init", "--no-passphrase").exit_code == 0
+    (home / CONFIG_FILENAME).write_text("listen = [1]\n")
+    broken = run_cli(home, "run")
+    assert broken.exit_code == 1
+    assert "config.toml: listen[0]: must be a multiaddr string" in broken.output
+
+
+def test_run_with_an_encrypted_key_and_no_passphrase_source(home: Path) -> None:
+    assert run_cli(home, "init", passphrase="pw").exit_code == 0
+    # No $P2PMSG_PASSPHRASE and the prompt gets end of input.
+    result = run_cli(home, "run", input="")
+    assert result.exit_code == 1 and "P2PMSG_PASSPHRASE" in result.output
+
+
+async def test_run_refuses_when_a_node_already_runs_there(home: Path) -> None:
+    assert run_cli(home, "init", "--no-passphrase").exit_code == 0
+    server = ControlServer(control_socket_path(home), {})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        result = await trio.to_thread.run_sync(run_cli, home, "run")
+        nursery.cancel_scope.cancel()
+    assert result.exit_code == 1 and "another node is already running" in result.output
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+def test_run_hands_home_identity_and_config_to_the_node(
+    home: Path, monkeypatch: pytest.MonkeyPatch, is_async: bool
+) -> None:
+    # p2pmsg.node is written by someone else; a stand-in module records what `run` hands it.
+    calls: list[tuple[Any, ...]] = []
+    node = types.ModuleType("p2pmsg.node")
+    if is_async:
+
+        async def run_node(home: Path, identity: Identity, config: Config) -> None:
+            await trio.sleep(0)
+            calls.append((home, identity, config))
+
+    else:
+
+        def run_node(home: Path, identity: Identity, config: Config) -> None:  # type: ignore[misc]
+            calls.append((home, identity, config))
+
+    node.run_node = run_node  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    init = run_cli(home, "init", "--no-passphrase", "--listen", "/ip4/127.0.0.1/tcp/4100")
+    result = run_cli(home, "run")
+    assert result.exit_code == 0, result.output
+    ((got_home, identity, config),) = calls
+    assert got_home == home
+    assert str(identity.peer_id) == peer_id_in(init.output)
+    assert config == Config(listen=["/ip4/127.0.0.1/tcp/4100"])
