@@ -343,3 +343,68 @@ def test_flipped_bits_fail_the_libp2p_handshake(message_index: int) -> None:
                     message[position % len(message)] ^= 0x10
                 receiver.read_message(bytes(message))
         assert not (initiator.is_complete and responder.is_complete)
+
+
+# ------------------------------------------------------------------------------------------------ worked example
+
+# The worked example of docs/protocol-noise.part.md (keep the two in step).
+EXAMPLE = {
+    "payload_bob": "0a2408011220705fbac01f5519899f437bc42e40255ae9ab54bff00de3433af7d687d9e71ad51240"
+    "13f84c49d404c1c2c89d56ba34be623be172abcdf959afeb6aaf3bc674b7e0a6"
+    "81d4808f7049c47758832252f19fa75a63ff5303625fc2ac8237aa3522c0e904",
+    "payload_alice": "0a2408011220bc7cbcb5636375fa1d82434d466724d92377f53b980695dd49d26d0ce12205a51240"
+    "7b134ecd496e4a013cb1a3fe2f843a20f84a340af90c55b3ba610db7334ae49b"
+    "cb07b898eb611215f4c767cfba57760fb202be83622fdf8410ac7e4c2315ee07",
+    "frame1": "0020052a50773ac8d91773f2dc9662e12f0defe915e415b8a1c8e20a5a3d6ab2b843",
+    "frame2": "00c8"
+    "0faa684ed28867b97f4a6a2dee5df8ce974e76b7018e3f22a1c4cf2678570f20"
+    "a7ed3a6a454f03d7bb49831f99155a0f5b30d08f206300ad054574e2c183e324"
+    "73fc04f9ec728bfb00430cf36aed63af"
+    "19b2fb5876facec13cd5831cfb3ad981fe1fbd273722c54d50a9b680325f252b"
+    "05991920f61e661fd4c510ddf2174688c450e50ac6e35beb9baf2e20dc264957"
+    "250ac5ac27db1e5df940790626a37a174a7fdbbf36757f72cd1e9f8cca9c3842"
+    "8bbb775b328f66052bf672b2491dbb05967e95787b3e49e4",
+    "frame3": "00a8"
+    "e86c81a880398a8d9bc21b322d8f524134ef9c0456a63ec2de76574116541dca"
+    "b70430d763bea7539ecc46a8febbce36"
+    "27e4f597132215014ebae3b4f309c32ba35df072280f751db19bebb16912dfb7"
+    "acf10eb709ddd7aa109cb515a3e825d03926b76a0926621e6d19bc786dc7a0be"
+    "dfe2ad324f0a39b574f5eb840497544545c81a213a785e45ea54d845bbe7655b"
+    "52e8bfcdafd72f2646d1c1d5f59c107754761254f9766ce8",
+    "handshake_hash": "b29d326f2e8b2dfb65ec1b3b90d2dac1c396eba7dc2e3bd78b13fb4b69d3ba71",
+    "alice_hello": "0015aa95c32df597c589e3fe61f3cbede5197bb35b7cf3",
+    "bob_hi": "0012de17c87406f65c303e695e274a3ae3c9eb92",
+}
+
+
+def test_worked_example_from_the_protocol_document() -> None:
+    assert str(ALICE.peer_id) == "12D3KooWNW98jY6oC8EEaFFbYCc24HPRaNAJaEY7eiAvspiAgFak"
+    assert str(BOB.peer_id) == "12D3KooWHP2Ve7tpkRQMJACbU4xmq9aDwL6gphLRHLJ3xB6nU5KA"
+    alice_static, bob_static = bytes([0x11]) * 32, bytes([0x21]) * 32
+    assert encode_handshake_payload(BOB, KeyPair.from_private(bob_static).public).hex() == EXAMPLE["payload_bob"]
+    assert encode_handshake_payload(ALICE, KeyPair.from_private(alice_static).public).hex() == EXAMPLE["payload_alice"]
+    alice = NoiseHandshake(
+        ALICE,
+        initiator=True,
+        expected_peer=BOB.peer_id,
+        static_private=alice_static,
+        ephemeral_private=bytes([0x12]) * 32,
+    )
+    bob = NoiseHandshake(BOB, initiator=False, static_private=bob_static, ephemeral_private=bytes([0x22]) * 32)
+    frame1 = encode_frame(alice.write_message())
+    assert frame1.hex() == EXAMPLE["frame1"]
+    bob.read_message(frame1[2:])
+    frame2 = encode_frame(bob.write_message())
+    assert frame2.hex() == EXAMPLE["frame2"]
+    alice.read_message(frame2[2:])
+    frame3 = encode_frame(alice.write_message())
+    assert frame3.hex() == EXAMPLE["frame3"]
+    bob.read_message(frame3[2:])
+    a, b = alice.result(), bob.result()
+    assert a.handshake_hash.hex() == b.handshake_hash.hex() == EXAMPLE["handshake_hash"]
+    hello = encode_frame(a.transport.encrypt(b"hello"))
+    assert hello.hex() == EXAMPLE["alice_hello"]
+    assert b.transport.decrypt(hello[2:]) == b"hello"
+    hi = encode_frame(b.transport.encrypt(b"hi"))
+    assert hi.hex() == EXAMPLE["bob_hi"]
+    assert a.transport.decrypt(hi[2:]) == b"hi"
