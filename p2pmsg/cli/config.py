@@ -3,9 +3,10 @@
 Theory of operation
 -------------------
 ``p2pmsg init`` writes the file once; the user may edit it; ``p2pmsg run`` reads it with :mod:`tomllib`, validates
-every key and hands the resulting :class:`Config` to the node.  Reading is strict: an unknown key (usually a typo), a
-value of the wrong type, a multiaddr that does not parse or an out-of-range port raises :class:`ConfigError` naming
-the file, the key and the reason, so a node never starts on a configuration it misunderstood.
+every key and hands the resulting :class:`Config` to the node (multiaddrs in their canonical text form).  Reading is
+strict: an unknown key (usually a typo), a value of the wrong type, a multiaddr that does not parse or an
+out-of-range port raises :class:`ConfigError` naming the file, the key and the reason, so a node never starts on a
+configuration it misunderstood.
 
 The file (every key optional; the values shown are the defaults)::
 

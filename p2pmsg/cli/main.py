@@ -148,6 +148,10 @@ def human_error(exc: BaseException, *, home: Path) -> CliError | None:
         )
     if isinstance(exc, ControlError | P2PMsgError):
         return CliError(str(exc))
+    if isinstance(exc, OSError) and exc.strerror:
+        # The file system said no (permission denied, a file where a directory should be...).
+        where = f"{exc.filename}: " if exc.filename else ""
+        return CliError(f"{where}{exc.strerror}")
     return None
 
 

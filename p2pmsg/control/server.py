@@ -67,6 +67,9 @@ Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 DEFAULT_MAX_CONNECTIONS: Final = 32
 DEFAULT_SUBSCRIBER_QUEUE: Final = 256
+DEFAULT_SUBSCRIBER_BYTES: Final = 8 * 1024 * 1024
+#: Largest event frame (a chat message event is a few KiB at most).
+DEFAULT_MAX_EVENT_SIZE: Final = 1024 * 1024
 #: How long the server tries to deliver the "why I close this connection" frame.
 GOODBYE_TIMEOUT: Final = 1.0
 _READ_SIZE: Final = 64 * 1024
@@ -81,28 +84,36 @@ _ACCEPT_RETRY_DELAY: Final = 0.1
 
 
 class _Subscriber:
-    __slots__ = ("cancel_scope", "receive", "send")
+    __slots__ = ("cancel_scope", "queued_bytes", "receive", "send")
 
     def __init__(self, queue_size: int) -> None:
         self.send, self.receive = trio.open_memory_channel[bytes](queue_size)
         self.cancel_scope = trio.CancelScope()
+        self.queued_bytes = 0
 
 
 class EventHub:
     """Fan-out of node events to the control connections that subscribed.
 
     :meth:`publish` is synchronous and never blocks or fails because of a subscriber; call it from the node's trio
-    thread.  A subscriber that lets ``queue_size`` events pile up is disconnected and counted in :attr:`dropped`.
+    thread.  A subscriber that lets more than ``queue_size`` events or ``max_queued_bytes`` bytes pile up is
+    disconnected and counted in :attr:`dropped`.
     """
 
     def __init__(
-        self, *, queue_size: int = DEFAULT_SUBSCRIBER_QUEUE, max_frame_size: int = DEFAULT_MAX_RESPONSE_SIZE
+        self,
+        *,
+        queue_size: int = DEFAULT_SUBSCRIBER_QUEUE,
+        max_queued_bytes: int = DEFAULT_SUBSCRIBER_BYTES,
+        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
     ) -> None:
-        """``queue_size``: events buffered per subscriber; ``max_frame_size``: largest encoded event accepted."""
-        if queue_size < 1:
-            raise LocalProtocolError(f"queue_size must be positive, got {queue_size}")
+        """Bound each subscriber's backlog to ``queue_size`` events and ``max_queued_bytes`` bytes; refuse (as a
+        local error) any event whose frame is larger than ``max_event_size`` bytes."""
+        if queue_size < 1 or max_queued_bytes < 1 or max_event_size < 1:
+            raise LocalProtocolError("queue_size, max_queued_bytes and max_event_size must be positive")
         self._queue_size = queue_size
-        self._max_frame_size = max_frame_size
+        self._max_queued_bytes = max_queued_bytes
+        self._max_event_size = max_event_size
         self._subscribers: list[_Subscriber] = []
         self._dropped: collections.Counter[str] = collections.Counter()
         self._published = 0
@@ -127,18 +138,30 @@ class EventHub:
 
         Raises :class:`LocalProtocolError` (the caller's bug) if the event cannot be encoded or is too large.
         """
-        frame = encode_event(event, fields, max_size=self._max_frame_size)
+        frame = encode_event(event, fields, max_size=self._max_event_size)
         self._published += 1
         for subscriber in list(self._subscribers):
+            if subscriber.queued_bytes + len(frame) > self._max_queued_bytes:
+                self._drop_slow(subscriber)
+                continue
             try:
                 subscriber.send.send_nowait(frame)
             except trio.WouldBlock:
-                self._remove(subscriber)
-                subscriber.cancel_scope.cancel()
-                self._dropped["control_slow_subscriber"] += 1
-                log.warning("control: dropped a subscriber that fell %d events behind", self._queue_size)
+                self._drop_slow(subscriber)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._remove(subscriber)
+            else:
+                subscriber.queued_bytes += len(frame)
+
+    def _drop_slow(self, subscriber: _Subscriber) -> None:
+        self._remove(subscriber)
+        subscriber.cancel_scope.cancel()
+        self._dropped["control_slow_subscriber"] += 1
+        log.warning(
+            "control: dropped a subscriber that fell behind (%d events, %d bytes queued)",
+            subscriber.send.statistics().current_buffer_used,
+            subscriber.queued_bytes,
+        )
 
     def _add(self) -> _Subscriber:
         subscriber = _Subscriber(self._queue_size)
@@ -437,7 +460,7 @@ class ControlServer:
             with subscriber.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_subscriber, stream, reader, nursery.cancel_scope, problem)
-                    await _pump(stream, subscriber.receive)
+                    await _pump(stream, subscriber)
                     nursery.cancel_scope.cancel()
         finally:
             hub._remove(subscriber)
@@ -463,10 +486,11 @@ class ControlServer:
         scope.cancel()
 
 
-async def _pump(stream: trio.SocketStream, frames: trio.MemoryReceiveChannel[bytes]) -> None:
+async def _pump(stream: trio.SocketStream, subscriber: _Subscriber) -> None:
     """Copy event frames to the subscriber until the hub closes its queue or the subscriber goes away."""
     try:
-        async for frame in frames:
+        async for frame in subscriber.receive:
+            subscriber.queued_bytes -= len(frame)
             await stream.send_all(frame)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass

@@ -96,6 +96,12 @@ def test_init_with_a_bad_address_creates_nothing(home: Path) -> None:
     assert not home.exists()
 
 
+def test_init_where_a_file_is_in_the_way(home: Path) -> None:
+    home.write_text("not a directory")
+    result = run_cli(home, "init", "--no-passphrase")
+    assert result.exit_code == 2 and "is a file" in result.output and "Traceback" not in result.output
+
+
 def test_init_refuses_an_empty_passphrase(home: Path) -> None:
     result = run_cli(home, "init", passphrase="")
     assert result.exit_code == 1 and result.output.startswith("error: ")

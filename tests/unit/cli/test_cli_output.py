@@ -87,4 +87,6 @@ def test_human_errors() -> None:
     assert unknown_code is not None and unknown_code.message == "future_code: m"
     config = human_error(ConfigError("/h/config.toml: listen: bad"), home=home)
     assert config is not None and "fix /h/config.toml" in config.message
+    denied = human_error(PermissionError(13, "Permission denied", "/h/identity.key"), home=home)
+    assert denied is not None and denied.message == "/h/identity.key: Permission denied"
     assert human_error(ValueError("a bug"), home=home) is None

@@ -303,8 +303,13 @@ async def test_closing_the_event_stream_unsubscribes(home: Path) -> None:
         hub.publish("peer_up", peer_id="x")  # nobody left; nothing breaks
 
 
-async def test_slow_subscriber_is_dropped_and_never_blocks_publish(home: Path) -> None:
-    hub = EventHub(queue_size=4)
+@pytest.mark.parametrize(
+    "limits",
+    [{"queue_size": 4}, {"queue_size": 10_000, "max_queued_bytes": 200_000}],
+    ids=["event-count", "byte-budget"],
+)
+async def test_slow_subscriber_is_dropped_and_never_blocks_publish(home: Path, limits: dict[str, int]) -> None:
+    hub = EventHub(**limits)
     async with serving(home, hub=hub) as server:
         lazy = await trio.open_unix_socket(str(control_socket_path(home)))
         await lazy.send_all(raw_frame({"id": 1, "method": "subscribe", "params": {}}))
@@ -351,10 +356,14 @@ async def test_subscribe_without_a_hub_is_a_bad_request(home: Path) -> None:
         assert await in_thread(client_side) == "bad_request"
 
 
-def test_publish_refuses_unencodable_events() -> None:
-    hub = EventHub()
+def test_publish_refuses_unencodable_or_oversize_events() -> None:
+    hub = EventHub(max_event_size=1000)
     with pytest.raises(LocalProtocolError):
         hub.publish("message", payload=object())
+    with pytest.raises(LocalProtocolError, match="more than the maximum 1000"):
+        hub.publish("message", text="x" * 1000)
+    with pytest.raises(LocalProtocolError):
+        EventHub(queue_size=0)
 
 
 # -- socket lifecycle --------------------------------------------------------------------------------------------------
