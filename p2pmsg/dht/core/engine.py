@@ -1,0 +1,873 @@
+"""The sans-IO DHT node: every protocol decision of a p2pmsg Kademlia node, without sockets or clocks.
+
+Theory of operation
+-------------------
+:class:`DhtEngine` owns the routing table, the record store, the running lookups and the table of requests awaiting
+an answer.  Its driver (:mod:`p2pmsg.dht.service` over UDP, or a simulator) feeds it three things -- datagrams
+(:meth:`~DhtEngine.datagram_received`), the passing of time (:meth:`~DhtEngine.tick`, at
+:meth:`~DhtEngine.next_deadline`) and operations (:meth:`~DhtEngine.ping`, :meth:`~DhtEngine.store`,
+:meth:`~DhtEngine.lookup_nodes`, :meth:`~DhtEngine.lookup_value`) -- and collects datagrams to send
+(:meth:`~DhtEngine.take_datagrams`) and completion events (:meth:`~DhtEngine.take_events`).
+
+**Answering requests.**  A request is dropped, unanswered, if it is malformed, if its source exceeds its rate limit
+(token buckets per address and per IP, and a stricter one for STOREs), if it names this node's own id, or if its
+RPC is unknown (as ``rpcudp`` does).  Otherwise it is answered exactly like ``kademlia`` 2.2.3 would, except that:
+
+* a STORE is validated (:mod:`~p2pmsg.dht.core.records`, :mod:`~p2pmsg.dht.core.storage`) and answered ``false``
+  when refused;
+* *anti-amplification*: until an address has proven itself by a round trip (it answered a request of ours, echoing
+  its random message id), the bytes sent to it never exceed the bytes received from it
+  (:class:`~p2pmsg.dht.core.limits.AddressGuard`).  A ``ping`` from such an address is answered at once (43 bytes
+  for 50).  Any other request makes this node ping the address (50 bytes, paid from the credit the request brought)
+  and *holds* the answer -- at most 8 per address -- until the pong proves the address, then sends it in full; if
+  the ping times out the held answers are dropped.  A request that can be neither answered within the credit nor
+  held is dropped before it has any effect.  Requests this node starts on its own (lookup queries, publishing) are
+  not charged: they go to contacts learnt from the routing table or from answers, one small request each, and
+  larger STOREs only go to nodes that answered a lookup;
+* the requester is not trusted on its word: it enters the routing table only from a proven address, and a
+  requester whose address is unproven only after answering that ping with its node id -- never straight from a
+  request, as in the stock package (whose ``welcome_if_new`` also pushes STOREs to any new sender).
+
+**Identity binding.**  This node's id is ``sha1(PublicKey protobuf)`` of its Ed25519 key and its message ids carry
+the p2pmsg mark (:func:`~p2pmsg.dht.core.messages.new_message_id`).  When a peer whose request carried the mark has a
+proven address, the engine sends it ``p2pmsg_auth [own id, 32-byte challenge]``; the answer is an envelope
+(:func:`~p2pmsg.crypto.envelope.seal_envelope`, domain ``"p2pmsg-dht-auth"``, payload type
+``/p2pmsg/dht-auth/1``) over ``challenge || requester id || responder id``, and the peer is *verified* when the
+signature holds and ``sha1(PublicKey protobuf of the signer) == its node id``.  Extension RPCs go to marked peers
+only, so a stock node never receives one; peers are tracked per node id with the explicit :class:`AuthState`
+machine below.
+
+**Lookups** (:class:`~p2pmsg.dht.core.lookup.Lookup`) query ``alpha`` nodes at a time; answers are validated before
+they count: a ``find_value`` answer holding a value that is not a plain value (a planted list, map, ``None``...) or,
+for signed lookups, not a verified record for the key, counts as a failed query and the lookup goes on.  A plain
+lookup stops at the first valid value; a signed lookup runs to its end and returns the highest valid ``seq``.
+
+**Time.**  ``now`` is monotonic seconds from the driver; record expiry uses ``wall_clock()`` (Unix seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import heapq
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final
+
+from p2pmsg.crypto.envelope import EnvelopeError, open_envelope, seal_envelope
+from p2pmsg.dht.core.contact import NODE_ID_SIZE, Address, Contact, node_id_for_peer, node_id_from_public_key
+from p2pmsg.dht.core.errors import DhtUsageError, MalformedMessageError, RecordError, StoreRefusedError
+from p2pmsg.dht.core.events import DhtEvent, LookupDone, PeerVerified, PingDone, StoreDone
+from p2pmsg.dht.core.limits import AddressGuard, RateLimiter
+from p2pmsg.dht.core.lookup import Lookup
+from p2pmsg.dht.core.messages import (
+    AUTH_CHALLENGE_SIZE,
+    EXTENSION_VERSION,
+    HEADER_SIZE,
+    AuthRequest,
+    FindNodeRequest,
+    FindValueRequest,
+    FoundValue,
+    IncomingRequest,
+    IncomingResponse,
+    PingRequest,
+    Request,
+    StoreRequest,
+    StunRequest,
+    UnknownRequest,
+    decode_datagram,
+    encode_request,
+    encode_response,
+    fit_contacts,
+    is_plain_value,
+    message_id_mark,
+    new_message_id,
+    nodes_body,
+    parse_auth_response,
+    parse_find_value_response,
+    parse_nodes,
+    parse_ping_response,
+    parse_store_response,
+    value_body,
+)
+from p2pmsg.dht.core.records import (
+    VerifiedRecord,
+    is_signed_value,
+    peer_record_key,
+    verify_record_value,
+)
+from p2pmsg.dht.core.routing import ContactAdded, PingNeeded, RoutingEvent, RoutingTable
+from p2pmsg.dht.core.storage import RecordStore, StorageLimits
+from p2pmsg.errors import RemoteProtocolError
+from p2pmsg.identity import Identity, PeerId
+
+__all__ = ["AUTH_DOMAIN", "AUTH_PAYLOAD_TYPE", "AuthState", "DhtConfig", "DhtEngine", "ValueMode"]
+
+log = logging.getLogger(__name__)
+
+AUTH_DOMAIN: Final = "p2pmsg-dht-auth"
+AUTH_PAYLOAD_TYPE: Final = b"/p2pmsg/dht-auth/1"
+MAX_AUTH_RESPONSE: Final = 512
+_MAX_DEFERRED_PER_ADDRESS: Final = 8
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DhtConfig:
+    """Tunables of a DHT node (defaults suit the public network; tests shrink them)."""
+
+    k: int = 20
+    alpha: int = 3
+    #: A request unanswered for this long has failed (a dead peer costs at most this).
+    rpc_timeout: float = 2.0
+    #: A lookup query unanswered for this long stops counting against alpha.
+    stall_timeout: float = 0.5
+    split_depth_modulus: int = 5
+    max_failures: int = 3
+    max_pending: int = 4096
+    max_lookups: int = 256
+    storage: StorageLimits = dataclasses.field(default_factory=StorageLimits)
+    request_rate_per_address: float = 100.0
+    request_burst_per_address: float = 200.0
+    request_rate_per_ip: float = 1000.0
+    request_burst_per_ip: float = 2000.0
+    store_rate_per_ip: float = 50.0
+    store_burst_per_ip: float = 200.0
+    proven_ttl: float = 1800.0
+    auth_retry_interval: float = 600.0
+    max_peers_tracked: int = 8192
+    #: Whether to mark message ids and speak the p2pmsg extension RPCs at all.
+    extensions: bool = True
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.alpha < 1:
+            raise DhtUsageError("DhtConfig.k and alpha must be positive")
+        if not 0 < self.stall_timeout <= self.rpc_timeout:
+            raise DhtUsageError("DhtConfig needs 0 < stall_timeout <= rpc_timeout")
+
+
+class ValueMode(enum.Enum):
+    """What a value lookup accepts."""
+
+    #: The stock ``get``: the first int/float/bool/str/bytes value found wins.
+    PLAIN = "plain"
+    #: Only signed records that verify for the key; the highest ``seq`` wins.
+    SIGNED = "signed"
+
+
+class AuthState(enum.Enum):
+    """Where the identity check of a peer stands."""
+
+    UNKNOWN = "unknown"  # never saw the p2pmsg mark from it: treat as a stock node
+    ADVERTISED = "advertised"  # its requests carry the mark
+    IN_PROGRESS = "in-progress"  # a p2pmsg_auth challenge is out
+    VERIFIED = "verified"  # it proved its key, and its node id is bound to it
+    FAILED = "failed"  # the challenge failed or timed out (retried after auth_retry_interval)
+
+
+_AUTH_TRANSITIONS: Final[dict[AuthState, frozenset[AuthState]]] = {
+    AuthState.UNKNOWN: frozenset({AuthState.ADVERTISED}),
+    AuthState.ADVERTISED: frozenset({AuthState.IN_PROGRESS}),
+    AuthState.IN_PROGRESS: frozenset({AuthState.VERIFIED, AuthState.FAILED}),
+    AuthState.FAILED: frozenset({AuthState.IN_PROGRESS}),
+    AuthState.VERIFIED: frozenset({AuthState.IN_PROGRESS}),
+}
+
+
+class _Peer:
+    __slots__ = ("address", "auth", "last_attempt", "peer_id", "version")
+
+    def __init__(self) -> None:
+        self.auth = AuthState.UNKNOWN
+        self.version = 0
+        self.peer_id: PeerId | None = None
+        self.address: Address | None = None
+        self.last_attempt = float("-inf")
+
+    def move(self, new: AuthState) -> None:
+        if new not in _AUTH_TRANSITIONS[self.auth]:
+            raise DhtUsageError(f"peer auth: illegal transition {self.auth.name} -> {new.name}")
+        self.auth = new
+
+
+class _Purpose(enum.Enum):
+    PING = "ping"  # DhtEngine.ping
+    STORE = "store"  # DhtEngine.store
+    LOOKUP = "lookup"  # a lookup query
+    VERIFY = "verify"  # proving a requester's address and id
+    BUCKET = "bucket"  # the routing table asked whether its oldest contact lives
+    AUTH = "auth"  # p2pmsg_auth challenge
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class _Call:
+    msg_id: bytes
+    address: Address
+    purpose: _Purpose
+    deadline: float
+    op: int | None = None
+    contact: Contact | None = None
+    expected_id: bytes | None = None
+    challenge: bytes | None = None
+
+
+@dataclasses.dataclass(slots=True, kw_only=True)
+class _LookupOp:
+    op: int
+    lookup: Lookup
+    mode: ValueMode | None
+    value: object = None
+    found: bool = False
+    record: VerifiedRecord | None = None
+    rejected: int = 0
+
+
+class DhtEngine:
+    """A DHT node's protocol logic (see the module docstring)."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        config: DhtConfig | None = None,
+        now: float = 0.0,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self.config = config or DhtConfig()
+        self.node_id = node_id_from_public_key(identity.public_key)
+        self._random = random_bytes
+        self._wall = wall_clock
+        cfg = self.config
+        self.table = RoutingTable(
+            self.node_id, k=cfg.k, split_depth_modulus=cfg.split_depth_modulus, max_failures=cfg.max_failures, now=now
+        )
+        self.storage = RecordStore(cfg.storage)
+        self.guard = AddressGuard(proven_ttl=cfg.proven_ttl, max_entries=cfg.max_peers_tracked)
+        self._addr_limiter: RateLimiter[Address] = RateLimiter(
+            rate=cfg.request_rate_per_address, burst=cfg.request_burst_per_address
+        )
+        self._ip_limiter: RateLimiter[str] = RateLimiter(rate=cfg.request_rate_per_ip, burst=cfg.request_burst_per_ip)
+        self._store_limiter: RateLimiter[str] = RateLimiter(rate=cfg.store_rate_per_ip, burst=cfg.store_burst_per_ip)
+        self._pending: dict[bytes, _Call] = {}
+        self._timers: list[tuple[float, int, bytes]] = []
+        self._timer_seq = 0
+        self._verifying: dict[Address, bytes] = {}
+        self._deferred: dict[Address, list[bytes]] = {}
+        self._peers: OrderedDict[bytes, _Peer] = OrderedDict()
+        self._signed_keys: OrderedDict[bytes, None] = OrderedDict()
+        self._lookups: dict[int, _LookupOp] = {}
+        self._next_op = 1
+        self._out: list[tuple[bytes, Address]] = []
+        self._events: list[DhtEvent] = []
+        self.stats: dict[str, int] = dict.fromkeys(
+            (
+                "datagrams_in",
+                "datagrams_out",
+                "bytes_in",
+                "bytes_out",
+                "malformed",
+                "rate_limited",
+                "unknown_rpc",
+                "unexpected_response",
+                "timeouts",
+                "answers_deferred",
+                "amplification_truncated",
+                "amplification_dropped",
+                "stores_accepted",
+                "stores_refused",
+                "values_rejected",
+                "peers_verified",
+                "auth_failed",
+                "pending_full",
+            ),
+            0,
+        )
+        self._reserve_signed_key(peer_record_key(identity.peer_id))
+
+    # =================================================================================================================
+    # Driver interface
+    # =================================================================================================================
+
+    def take_datagrams(self) -> list[tuple[bytes, Address]]:
+        """The datagrams to send, in order (the list is handed over and cleared)."""
+        out, self._out = self._out, []
+        return out
+
+    def take_events(self) -> list[DhtEvent]:
+        """The events produced so far (handed over and cleared)."""
+        events, self._events = self._events, []
+        return events
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` must next be called (``None``: only when something else happens)."""
+        times: list[float] = []
+        while self._timers and self._timers[0][2] not in self._pending:
+            heapq.heappop(self._timers)
+        if self._timers:
+            times.append(self._timers[0][0])
+        for op in self._lookups.values():
+            deadline = op.lookup.next_deadline()
+            if deadline is not None:
+                times.append(deadline)
+        return min(times) if times else None
+
+    def tick(self, now: float) -> None:
+        """Let time pass: fail overdue requests, let slow lookup queries stall, move lookups on."""
+        while self._timers and self._timers[0][0] <= now:
+            _, _, msg_id = heapq.heappop(self._timers)
+            call = self._pending.get(msg_id)
+            if call is not None and call.deadline <= now:
+                del self._pending[msg_id]
+                self.stats["timeouts"] += 1
+                self._on_failure(call, now, timed_out=True)
+        for op_id in list(self._lookups):
+            op = self._lookups.get(op_id)
+            if op is not None:
+                op.lookup.tick(now)
+                self._pump(op, now)
+
+    def datagram_received(self, data: bytes, address: Address, now: float) -> None:
+        """Handle one datagram from ``address``; bad input is counted and dropped, never raised."""
+        self.stats["datagrams_in"] += 1
+        self.stats["bytes_in"] += len(data)
+        if not self._addr_limiter.allow(address, now) or not self._ip_limiter.allow(address[0], now):
+            self.stats["rate_limited"] += 1
+            return
+        try:
+            message = decode_datagram(data)
+        except MalformedMessageError as exc:
+            self.stats["malformed"] += 1
+            log.debug("dropping datagram from %s: %s", address, exc)
+            return
+        if isinstance(message, IncomingRequest):
+            self.guard.received(address, len(data), now)
+            self._on_request(message, address, now)
+        else:
+            self._on_response(message, address, now)
+
+    # =================================================================================================================
+    # Operations
+    # =================================================================================================================
+
+    def ping(self, address: Address, now: float) -> int:
+        """Ping ``address``; a :class:`PingDone` follows.  On an answer the node enters the routing table."""
+        op = self._new_op()
+        msg_id = self._send_request(address, PingRequest(node_id=self.node_id), _Purpose.PING, now, op=op)
+        if msg_id is None:
+            self._events.append(PingDone(op=op, address=address, node_id=None))
+        return op
+
+    def store(self, contact: Contact, key: bytes, value: object, now: float) -> int:
+        """Send ``store [own id, key, value]`` to ``contact``; a :class:`StoreDone` follows."""
+        self._check_key(key)
+        op = self._new_op()
+        request = StoreRequest(node_id=self.node_id, key=key, value=value)
+        msg_id = self._send_request(contact.address, request, _Purpose.STORE, now, op=op, contact=contact)
+        if msg_id is None:
+            self._events.append(StoreDone(op=op, contact=contact, stored=False))
+        return op
+
+    def lookup_nodes(self, target: bytes, now: float) -> int:
+        """Start a node lookup for ``target``; a :class:`LookupDone` with the k closest responders follows."""
+        return self._start_lookup(target, None, now)
+
+    def lookup_value(self, key: bytes, now: float, *, mode: ValueMode = ValueMode.PLAIN) -> int:
+        """Start a value lookup for ``key`` (the local store is consulted first); a :class:`LookupDone` follows."""
+        return self._start_lookup(key, mode, now)
+
+    def cancel(self, op: int) -> None:
+        """Forget a running lookup (its late answers still feed the routing table)."""
+        self._lookups.pop(op, None)
+
+    def store_local(self, key: bytes, value: object, now: float) -> bool:
+        """Keep ``value`` in this node's own store, validated like a remote STORE; whether it was accepted."""
+        return self._accept_store(key, value, "local", now)
+
+    def is_verified(self, contact: Contact) -> bool:
+        """Whether ``contact`` proved that its node id belongs to its key, from its current address."""
+        peer = self._peers.get(contact.node_id)
+        return peer is not None and peer.auth is AuthState.VERIFIED and peer.address == contact.address
+
+    def verified_peer(self, node_id: bytes) -> PeerId | None:
+        """The peer id bound to ``node_id`` by a successful challenge, if any."""
+        peer = self._peers.get(node_id)
+        return peer.peer_id if peer is not None and peer.auth is AuthState.VERIFIED else None
+
+    def auth_state(self, node_id: bytes) -> AuthState:
+        """The identity-check state of ``node_id``."""
+        peer = self._peers.get(node_id)
+        return AuthState.UNKNOWN if peer is None else peer.auth
+
+    def refresh_targets(self, now: float, max_age: float = 3600.0) -> list[bytes]:
+        """A random id inside each bucket untouched for ``max_age`` seconds (look them up to refresh the table)."""
+        targets = []
+        for low, high in self.table.stale_buckets(now, max_age):
+            offset = int.from_bytes(self._random(NODE_ID_SIZE), "big") % (high - low)
+            targets.append((low + offset).to_bytes(NODE_ID_SIZE, "big"))
+        return targets
+
+    @property
+    def pending_requests(self) -> int:
+        """How many requests await an answer."""
+        return len(self._pending)
+
+    # =================================================================================================================
+    # Requests from the network
+    # =================================================================================================================
+
+    def _on_request(self, message: IncomingRequest, address: Address, now: float) -> None:
+        request = message.request
+        if isinstance(request, UnknownRequest) or (isinstance(request, AuthRequest) and not self.config.extensions):
+            self.stats["unknown_rpc"] += 1
+            return
+        sender = None if isinstance(request, StunRequest) else request.node_id
+        if sender == self.node_id:
+            self.stats["malformed"] += 1
+            return
+        if isinstance(request, StoreRequest) and not self._store_limiter.allow(address[0], now):
+            self.stats["rate_limited"] += 1
+            return
+        if sender is not None and self.config.extensions:
+            version = message_id_mark(message.msg_id)
+            if version is not None:
+                self._advertised(sender, version)
+        if self.guard.is_proven(address, now):
+            self._emit(encode_response(message.msg_id, self._answer(request, address, now)), address)
+            if sender is not None:
+                self._observe(Contact(node_id=sender, host=address[0], port=address[1]), now)
+            return
+        # Unproven address.  A ping is answered at once (the answer, 43 bytes, is smaller than the ping, so this is
+        # never an amplifier, and it is what lets two new nodes prove themselves to each other without deadlock).
+        # Anything else first makes the address prove itself with a ping (paid from its credit) and is answered once
+        # it has; a request that can be neither answered nor held is dropped before it has any effect.
+        if isinstance(request, PingRequest):
+            datagram = encode_response(message.msg_id, self._answer(request, address, now))
+            if self.guard.try_spend(address, len(datagram), now):
+                self._emit(datagram, address)
+                self._verify_requester(sender, address, now)
+                return
+        elif self._verify_requester(sender, address, now):
+            held = self._deferred.setdefault(address, [])
+            if len(held) >= _MAX_DEFERRED_PER_ADDRESS:
+                self.stats["amplification_dropped"] += 1
+                return
+            held.append(encode_response(message.msg_id, self._answer(request, address, now)))
+            self.stats["answers_deferred"] += 1
+            return
+        # Not even a ping is covered: answer only what the credit covers, cutting a contact list if need be.
+        if isinstance(request, FindNodeRequest | FindValueRequest):
+            budget = self.guard.budget(address, now) or 0
+            body = self._answer(request, address, now)
+            datagram = encode_response(message.msg_id, body)
+            if len(datagram) > budget:
+                fitted = fit_contacts(self._closest_for(request, address), budget - HEADER_SIZE)
+                datagram = encode_response(message.msg_id, nodes_body(fitted))
+                self.stats["amplification_truncated"] += 1
+            if self.guard.try_spend(address, len(datagram), now):
+                self._emit(datagram, address)
+                return
+        elif not isinstance(request, StoreRequest | PingRequest):
+            datagram = encode_response(message.msg_id, self._answer(request, address, now))
+            if self.guard.try_spend(address, len(datagram), now):
+                self._emit(datagram, address)
+                return
+        self.stats["amplification_dropped"] += 1
+
+    def _closest_for(self, request: FindNodeRequest | FindValueRequest, address: Address) -> list[Contact]:
+        return self.table.closest(
+            request.key, self.config.k, exclude_ids=(request.node_id,), exclude_addresses=(address,)
+        )
+
+    def _answer(self, request: Request, address: Address, now: float) -> object:
+        if isinstance(request, PingRequest):
+            return self.node_id
+        if isinstance(request, StunRequest):
+            return [address[0], address[1]]
+        if isinstance(request, StoreRequest):
+            return self._accept_store(request.key, request.value, address[0], now)
+        if isinstance(request, AuthRequest):
+            payload = request.challenge + request.node_id + self.node_id
+            return seal_envelope(self.identity, domain=AUTH_DOMAIN, payload_type=AUTH_PAYLOAD_TYPE, payload=payload)
+        if isinstance(request, FindValueRequest):
+            stored = self.storage.get(request.key, now)
+            if stored is not None:
+                return value_body(stored.value)
+        return nodes_body(self._closest_for(request, address))
+
+    def _accept_store(self, key: bytes, value: object, source: str, now: float) -> bool:
+        try:
+            if is_signed_value(value):
+                wall = self._wall()
+                record = verify_record_value(key, value, now=wall, max_size=self.config.storage.max_signed_value_size)
+                assert isinstance(value, bytes)
+                self.storage.put_signed(
+                    key, value, seq=record.seq, expires_at=now + (record.expires_at - wall), source=source, now=now
+                )
+                self._reserve_signed_key(key)
+            else:
+                if key in self._signed_keys:
+                    raise StoreRefusedError("key belongs to a signed namespace: an unsigned value is refused")
+                self.storage.put_plain(key, value, source=source, now=now)
+        except (RecordError, StoreRefusedError) as exc:
+            self.stats["stores_refused"] += 1
+            log.debug("refusing STORE of %s from %s: %s", key.hex(), source, exc)
+            return False
+        self.stats["stores_accepted"] += 1
+        return True
+
+    def _reserve_signed_key(self, key: bytes) -> None:
+        self._signed_keys[key] = None
+        self._signed_keys.move_to_end(key)
+        while len(self._signed_keys) > self.config.max_peers_tracked:
+            self._signed_keys.popitem(last=False)
+
+    # =================================================================================================================
+    # Contacts, address proofs and identity checks
+    # =================================================================================================================
+
+    def _observe(self, contact: Contact, now: float) -> None:
+        self._routing_events(self.table.observe(contact, now), now)
+        self._maybe_auth(contact, now)
+
+    def _routing_events(self, events: list[RoutingEvent], now: float) -> None:
+        for event in events:
+            if isinstance(event, PingNeeded):
+                request = PingRequest(node_id=self.node_id)
+                msg_id = self._send_request(event.contact.address, request, _Purpose.BUCKET, now, contact=event.contact)
+                if msg_id is None:
+                    self.table.ping_result(event.contact.node_id, alive=True, now=now)
+            elif isinstance(event, ContactAdded):
+                self._maybe_auth(event.contact, now)
+
+    def _verify_requester(self, claimed: bytes | None, address: Address, now: float) -> bool:
+        """Make sure a ping proving ``address`` is out (charged to its credit); whether one is."""
+        if address in self._verifying:
+            return True
+        request = PingRequest(node_id=self.node_id)
+        msg_id = self._send_request(address, request, _Purpose.VERIFY, now, expected_id=claimed, charge=True)
+        if msg_id is None:
+            return False
+        self._verifying[address] = msg_id
+        return True
+
+    def _peer(self, node_id: bytes) -> _Peer:
+        peer = self._peers.get(node_id)
+        if peer is None:
+            peer = self._peers[node_id] = _Peer()
+            while len(self._peers) > self.config.max_peers_tracked:
+                self._peers.popitem(last=False)
+        else:
+            self._peers.move_to_end(node_id)
+        return peer
+
+    def _advertised(self, node_id: bytes, version: int) -> None:
+        peer = self._peer(node_id)
+        peer.version = version
+        if peer.auth is AuthState.UNKNOWN:
+            peer.move(AuthState.ADVERTISED)
+
+    def _maybe_auth(self, contact: Contact, now: float) -> None:
+        if not self.config.extensions:
+            return
+        peer = self._peers.get(contact.node_id)
+        if peer is None or peer.auth in (AuthState.UNKNOWN, AuthState.IN_PROGRESS):
+            return
+        if peer.auth is AuthState.VERIFIED and peer.address == contact.address:
+            return
+        if peer.auth is not AuthState.ADVERTISED and now - peer.last_attempt < self.config.auth_retry_interval:
+            return
+        if not self.guard.is_proven(contact.address, now) or self.table.get(contact.node_id) != contact:
+            return
+        challenge = self._random(AUTH_CHALLENGE_SIZE)
+        request = AuthRequest(node_id=self.node_id, challenge=challenge)
+        msg_id = self._send_request(contact.address, request, _Purpose.AUTH, now, contact=contact, challenge=challenge)
+        if msg_id is not None:
+            peer.move(AuthState.IN_PROGRESS)
+            peer.last_attempt = now
+
+    def _auth_answered(self, call: _Call, body: object, now: float) -> None:
+        contact = call.contact
+        assert contact is not None and call.challenge is not None
+        peer = self._peer(contact.node_id)
+        if peer.auth is not AuthState.IN_PROGRESS:
+            return
+        try:
+            proof = parse_auth_response(body, max_size=MAX_AUTH_RESPONSE)
+            signer, payload = open_envelope(
+                proof, domain=AUTH_DOMAIN, payload_type=AUTH_PAYLOAD_TYPE, max_size=MAX_AUTH_RESPONSE
+            )
+            if payload != call.challenge + self.node_id + contact.node_id:
+                raise RecordError("p2pmsg_auth proof signs another challenge or other node ids")
+            if node_id_for_peer(signer) != contact.node_id:
+                raise RecordError("p2pmsg_auth signer's key does not hash to the node id")
+        except (RemoteProtocolError, EnvelopeError) as exc:
+            self.stats["auth_failed"] += 1
+            log.debug("identity check of %s failed: %s", contact, exc)
+            peer.move(AuthState.FAILED)
+            return
+        peer.move(AuthState.VERIFIED)
+        peer.peer_id = signer
+        peer.address = contact.address
+        self.stats["peers_verified"] += 1
+        self._reserve_signed_key(peer_record_key(signer))
+        self._events.append(PeerVerified(contact=contact, peer_id=signer))
+
+    # =================================================================================================================
+    # Our requests and their answers
+    # =================================================================================================================
+
+    def _new_op(self) -> int:
+        op = self._next_op
+        self._next_op += 1
+        return op
+
+    def _new_msg_id(self) -> bytes:
+        while True:
+            if self.config.extensions:
+                msg_id = new_message_id(self._random(12), version=EXTENSION_VERSION)
+            else:
+                msg_id = self._random(20)
+            if msg_id not in self._pending:
+                return msg_id
+
+    def _send_request(
+        self,
+        address: Address,
+        request: Request,
+        purpose: _Purpose,
+        now: float,
+        *,
+        op: int | None = None,
+        contact: Contact | None = None,
+        expected_id: bytes | None = None,
+        challenge: bytes | None = None,
+        charge: bool = False,
+    ) -> bytes | None:
+        """Queue a request; ``None`` if it cannot be sent (too many pending, or an uncovered ``charge``)."""
+        if len(self._pending) >= self.config.max_pending:
+            self.stats["pending_full"] += 1
+            return None
+        msg_id = self._new_msg_id()
+        datagram = encode_request(msg_id, request)
+        if charge and not self.guard.try_spend(address, len(datagram), now):
+            return None
+        deadline = now + self.config.rpc_timeout
+        self._pending[msg_id] = _Call(
+            msg_id=msg_id,
+            address=address,
+            purpose=purpose,
+            deadline=deadline,
+            op=op,
+            contact=contact,
+            expected_id=expected_id,
+            challenge=challenge,
+        )
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (deadline, self._timer_seq, msg_id))
+        self._emit(datagram, address)
+        return msg_id
+
+    def _emit(self, datagram: bytes, address: Address) -> None:
+        self.stats["datagrams_out"] += 1
+        self.stats["bytes_out"] += len(datagram)
+        self._out.append((datagram, address))
+
+    def _on_response(self, message: IncomingResponse, address: Address, now: float) -> None:
+        call = self._pending.get(message.msg_id)
+        if call is None or call.address != address:
+            self.stats["unexpected_response"] += 1
+            return
+        del self._pending[message.msg_id]
+        self.guard.mark_proven(address, now)
+        body = message.body
+        try:
+            self._dispatch_answer(call, body, now)
+        except RemoteProtocolError as exc:
+            self.stats["malformed"] += 1
+            log.debug("bad %s answer from %s: %s", call.purpose.value, address, exc)
+            self._on_failure(call, now, timed_out=False)
+
+    def _dispatch_answer(self, call: _Call, body: object, now: float) -> None:
+        purpose = call.purpose
+        if purpose is _Purpose.PING:
+            node_id = parse_ping_response(body)
+            assert call.op is not None
+            self._events.append(PingDone(op=call.op, address=call.address, node_id=node_id))
+            self._observe(Contact(node_id=node_id, host=call.address[0], port=call.address[1]), now)
+        elif purpose is _Purpose.VERIFY:
+            self._verifying.pop(call.address, None)
+            for datagram in self._deferred.pop(call.address, ()):
+                self._emit(datagram, call.address)
+            node_id = parse_ping_response(body)
+            self._observe(Contact(node_id=node_id, host=call.address[0], port=call.address[1]), now)
+        elif purpose is _Purpose.BUCKET:
+            assert call.contact is not None
+            node_id = parse_ping_response(body)
+            alive = node_id == call.contact.node_id
+            self._routing_events(self.table.ping_result(call.contact.node_id, alive=alive, now=now), now)
+        elif purpose is _Purpose.STORE:
+            assert call.op is not None and call.contact is not None
+            stored = parse_store_response(body)
+            self._events.append(StoreDone(op=call.op, contact=call.contact, stored=stored))
+            self._observe(call.contact, now)
+        elif purpose is _Purpose.AUTH:
+            self._auth_answered(call, body, now)
+        elif purpose is _Purpose.LOOKUP:
+            self._lookup_answered(call, body, now)
+
+    def _on_failure(self, call: _Call, now: float, *, timed_out: bool) -> None:
+        purpose = call.purpose
+        if purpose is _Purpose.PING:
+            assert call.op is not None
+            self._events.append(PingDone(op=call.op, address=call.address, node_id=None))
+        elif purpose is _Purpose.VERIFY:
+            self._verifying.pop(call.address, None)
+            dropped = self._deferred.pop(call.address, [])
+            self.stats["amplification_dropped"] += len(dropped)
+        elif purpose is _Purpose.BUCKET:
+            assert call.contact is not None
+            self._routing_events(self.table.ping_result(call.contact.node_id, alive=False, now=now), now)
+        elif purpose is _Purpose.STORE:
+            assert call.op is not None and call.contact is not None
+            self._events.append(StoreDone(op=call.op, contact=call.contact, stored=False))
+            if timed_out:
+                self._routing_events(self.table.failed(call.contact.node_id, now), now)
+        elif purpose is _Purpose.AUTH:
+            assert call.contact is not None
+            peer = self._peer(call.contact.node_id)
+            if peer.auth is AuthState.IN_PROGRESS:
+                self.stats["auth_failed"] += 1
+                peer.move(AuthState.FAILED)
+        elif purpose is _Purpose.LOOKUP:
+            assert call.contact is not None
+            if timed_out:
+                self._routing_events(self.table.failed(call.contact.node_id, now), now)
+            op = self._lookups.get(call.op) if call.op is not None else None
+            if op is not None:
+                op.lookup.on_failure(call.contact.node_id, now)
+                self._pump(op, now)
+
+    # =================================================================================================================
+    # Lookups
+    # =================================================================================================================
+
+    def _check_key(self, key: bytes) -> None:
+        if not isinstance(key, bytes) or len(key) != NODE_ID_SIZE:
+            raise DhtUsageError(f"DHT keys are {NODE_ID_SIZE} bytes")
+
+    def _start_lookup(self, target: bytes, mode: ValueMode | None, now: float) -> int:
+        self._check_key(target)
+        if len(self._lookups) >= self.config.max_lookups:
+            raise DhtUsageError(f"too many concurrent lookups (limit {self.config.max_lookups})")
+        cfg = self.config
+        op = _LookupOp(
+            op=self._new_op(),
+            lookup=Lookup(
+                target, k=cfg.k, alpha=cfg.alpha, stall_timeout=cfg.stall_timeout, exclude_ids=(self.node_id,)
+            ),
+            mode=mode,
+        )
+        self.table.touch(target, now)
+        if mode is not None:
+            stored = self.storage.get(target, now)
+            if stored is not None:
+                self._consider_value(op, stored.value, now, local=True)
+        self._lookups[op.op] = op
+        if op.lookup.finished:
+            self._complete(op)
+            return op.op
+        op.lookup.add_candidates(self.table.closest(target, cfg.k))
+        self._pump(op, now)
+        return op.op
+
+    def _consider_value(self, op: _LookupOp, value: object, now: float, *, local: bool = False) -> bool:
+        """Record a value found for ``op``; whether it was acceptable."""
+        if op.mode is ValueMode.PLAIN:
+            # Any plain value is accepted (the stock semantics), except a value claiming to be a signed record:
+            # those must verify.
+            if local or (is_plain_value(value) and (not is_signed_value(value) or self._verify(op, value))):
+                op.value = value
+                op.found = True
+                op.lookup.finish()
+                return True
+        elif op.mode is ValueMode.SIGNED:
+            record = self._verify(op, value)
+            if record is not None:
+                if op.record is None or record.seq > op.record.seq:
+                    op.record = record
+                return True
+        op.rejected += 1
+        self.stats["values_rejected"] += 1
+        return False
+
+    def _verify(self, op: _LookupOp, value: object) -> VerifiedRecord | None:
+        try:
+            return verify_record_value(
+                op.lookup.target, value, now=self._wall(), max_size=self.config.storage.max_signed_value_size
+            )
+        except RecordError as exc:
+            log.debug("rejecting record for %s: %s", op.lookup.target.hex(), exc)
+            return None
+
+    def _lookup_answered(self, call: _Call, body: object, now: float) -> None:
+        contact = call.contact
+        assert contact is not None
+        self._observe(contact, now)
+        op = self._lookups.get(call.op) if call.op is not None else None
+        if op is None:
+            return
+        if op.mode is None:
+            contacts, _ = parse_nodes(body)
+            op.lookup.on_response(contact.node_id, contacts, now)
+        else:
+            answer = parse_find_value_response(body)
+            if isinstance(answer, FoundValue):
+                if self._consider_value(op, answer.value, now):
+                    op.lookup.on_response(contact.node_id, (), now)
+                else:
+                    op.lookup.on_failure(contact.node_id, now)
+            else:
+                op.lookup.on_response(contact.node_id, answer[0], now)
+        self._pump(op, now)
+
+    def _pump(self, op: _LookupOp, now: float) -> None:
+        lookup = op.lookup
+        while not lookup.finished:
+            queries = lookup.next_queries(now)
+            if not queries:
+                break
+            for contact in queries:
+                request: Request
+                if op.mode is None:
+                    request = FindNodeRequest(node_id=self.node_id, key=lookup.target)
+                else:
+                    request = FindValueRequest(node_id=self.node_id, key=lookup.target)
+                if (
+                    self._send_request(contact.address, request, _Purpose.LOOKUP, now, op=op.op, contact=contact)
+                    is None
+                ):
+                    lookup.on_failure(contact.node_id, now)
+        if lookup.finished:
+            self._complete(op)
+
+    def _complete(self, op: _LookupOp) -> None:
+        if self._lookups.pop(op.op, None) is None:
+            return
+        lookup = op.lookup
+        self._events.append(
+            LookupDone(
+                op=op.op,
+                target=lookup.target,
+                closest=tuple(lookup.closest_responders()),
+                responders=tuple(lookup.responders()),
+                value=op.value,
+                found=op.found,
+                record=op.record,
+                rejected_values=op.rejected,
+                queries=lookup.queries_sent,
+            )
+        )

@@ -1,0 +1,117 @@
+"""Per-source rate limits and the anti-amplification guard.
+
+Theory of operation
+-------------------
+UDP source addresses can be forged, so a node must not let a small datagram make it send a lot of bytes to whatever
+address the datagram claims to come from (the stock ``kademlia`` package answers a spoofed 50-byte ``ping`` with
+about 2 KB of STOREs).  :class:`AddressGuard` keeps, for each address that has not yet *proven* itself, a byte
+credit: every datagram received from it adds its size, every datagram sent to it in reaction spends it, and nothing
+is sent that the credit cannot pay for.  An address is proven by a round trip -- it answered a request this node
+sent to it, echoing the request's random 20-byte message id, which an off-path forger cannot know.  Proofs expire
+after ``proven_ttl`` seconds; both tables are bounded LRU maps (forgetting an entry only makes the guard stricter).
+
+:class:`RateLimiter` is a token bucket per source (``rate`` tokens per second, at most ``burst``) in a bounded LRU
+map; the engine applies one per address and one per IP.  Time is passed in; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+from p2pmsg.dht.core.contact import Address
+from p2pmsg.dht.core.errors import DhtUsageError
+
+__all__ = ["AddressGuard", "RateLimiter"]
+
+S = TypeVar("S", bound=Hashable)
+
+
+class RateLimiter(Generic[S]):
+    """Token buckets keyed by source."""
+
+    def __init__(self, *, rate: float, burst: float, max_sources: int = 4096) -> None:
+        if rate <= 0 or burst < 1 or max_sources < 1:
+            raise DhtUsageError("rate must be > 0, burst >= 1 and max_sources >= 1")
+        self.rate = rate
+        self.burst = burst
+        self.max_sources = max_sources
+        self._buckets: OrderedDict[S, list[float]] = OrderedDict()
+
+    def allow(self, source: S, now: float, cost: float = 1.0) -> bool:
+        """Take ``cost`` tokens from ``source``'s bucket; ``False`` (and nothing taken) if it has too few."""
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            bucket = [self.burst, now]
+            self._buckets[source] = bucket
+            while len(self._buckets) > self.max_sources:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(source)
+            elapsed = max(0.0, now - bucket[1])
+            bucket[0] = min(self.burst, bucket[0] + elapsed * self.rate)
+            bucket[1] = now
+        if bucket[0] < cost:
+            return False
+        bucket[0] -= cost
+        return True
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+
+class AddressGuard:
+    """Byte credit for unproven addresses, and the set of proven ones."""
+
+    def __init__(self, *, proven_ttl: float = 1800.0, max_entries: int = 8192, max_credit: int = 65536) -> None:
+        if proven_ttl <= 0 or max_entries < 1 or max_credit < 1:
+            raise DhtUsageError("proven_ttl, max_entries and max_credit must be positive")
+        self.proven_ttl = proven_ttl
+        self.max_entries = max_entries
+        self.max_credit = max_credit
+        self._proven: OrderedDict[Address, float] = OrderedDict()
+        self._credit: OrderedDict[Address, int] = OrderedDict()
+
+    def is_proven(self, address: Address, now: float) -> bool:
+        """Whether ``address`` completed a round trip within ``proven_ttl``."""
+        since = self._proven.get(address)
+        if since is None:
+            return False
+        if now - since > self.proven_ttl:
+            del self._proven[address]
+            return False
+        return True
+
+    def mark_proven(self, address: Address, now: float) -> None:
+        """``address`` answered one of our requests: it is real."""
+        self._proven[address] = now
+        self._proven.move_to_end(address)
+        self._credit.pop(address, None)
+        while len(self._proven) > self.max_entries:
+            self._proven.popitem(last=False)
+
+    def received(self, address: Address, size: int, now: float) -> None:
+        """A datagram of ``size`` bytes arrived from ``address``."""
+        if self.is_proven(address, now):
+            return
+        credit = min(self.max_credit, self._credit.pop(address, 0) + size)
+        self._credit[address] = credit
+        while len(self._credit) > self.max_entries:
+            self._credit.popitem(last=False)
+
+    def budget(self, address: Address, now: float) -> int | None:
+        """Bytes that may still be sent to ``address`` (``None``: unlimited, the address is proven)."""
+        if self.is_proven(address, now):
+            return None
+        return self._credit.get(address, 0)
+
+    def try_spend(self, address: Address, size: int, now: float) -> bool:
+        """Account for sending ``size`` bytes to ``address``; ``False`` (nothing spent) if that is not allowed."""
+        budget = self.budget(address, now)
+        if budget is None:
+            return True
+        if size > budget:
+            return False
+        self._credit[address] = budget - size
+        return True

@@ -1,0 +1,293 @@
+"""The Kademlia routing table: k-buckets over the 160-bit keyspace.
+
+Theory of operation
+-------------------
+The table starts as one bucket covering ``[0, 2**160)``.  A bucket holds at most ``k`` contacts ordered from least-
+to most-recently seen, plus a bounded *replacement cache* of newer contacts that did not fit.  When a contact is seen
+(:meth:`RoutingTable.observe`: it answered us, or sent us a request from an address we proved):
+
+* already present: it moves to the most-recently-seen end;
+* room in its bucket: it is appended;
+* bucket full and splittable -- the bucket's range holds our own id, or its depth is not a multiple of ``b`` (the
+  relaxation of section 4.2 of the Kademlia paper for unbalanced trees) -- the bucket splits in two halves and the
+  insertion is retried;
+* bucket full otherwise: the newcomer goes to the replacement cache and the table emits :class:`PingNeeded` for the
+  least-recently-seen contact (one at a time per bucket).  The driver pings it and reports with
+  :meth:`RoutingTable.ping_result`: alive, it moves to the recent end and the newcomer waits in the cache; dead, it is
+  evicted and the most recent replacement takes its place.  A live old contact is never evicted for a newcomer.
+
+An RPC failure (:meth:`RoutingTable.failed`) evicts a contact at once if a replacement is waiting, else after
+``max_failures`` consecutive failures.  A known node id seen at a different address is *not* moved there (that
+would let anyone hijack a contact); the new address only takes over once the old one has been evicted.
+
+The table is pure data: it takes the current time as an argument and returns events; it never sends anything.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Final
+
+from p2pmsg.dht.core.contact import KEYSPACE_BITS, NODE_ID_SIZE, Address, Contact
+from p2pmsg.dht.core.errors import DhtUsageError
+
+__all__ = [
+    "BucketInfo",
+    "ContactAdded",
+    "ContactRemoved",
+    "PingNeeded",
+    "RoutingEvent",
+    "RoutingTable",
+]
+
+_KEYSPACE: Final = 1 << KEYSPACE_BITS
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PingNeeded:
+    """Ping ``contact`` (the least-recently-seen of a full bucket) and report with ``ping_result``."""
+
+    contact: Contact
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ContactAdded:
+    """``contact`` entered the table."""
+
+    contact: Contact
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ContactRemoved:
+    """``contact`` left the table (failed a ping or too many RPCs)."""
+
+    contact: Contact
+
+
+RoutingEvent = PingNeeded | ContactAdded | ContactRemoved
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class BucketInfo:
+    """A read-only view of one bucket (for status output and tests)."""
+
+    low: int
+    high: int
+    depth: int
+    contacts: tuple[Contact, ...]
+    replacements: tuple[Contact, ...]
+    last_touched: float
+
+
+class _Bucket:
+    __slots__ = ("contacts", "depth", "failures", "high", "last_touched", "low", "pending_ping", "replacements")
+
+    def __init__(self, low: int, high: int, depth: int, now: float) -> None:
+        self.low = low
+        self.high = high
+        self.depth = depth
+        self.contacts: OrderedDict[bytes, Contact] = OrderedDict()
+        self.replacements: OrderedDict[bytes, Contact] = OrderedDict()
+        self.failures: dict[bytes, int] = {}
+        self.pending_ping: bytes | None = None
+        self.last_touched = now
+
+    def covers(self, value: int) -> bool:
+        return self.low <= value < self.high
+
+
+class RoutingTable:
+    """k-buckets around ``own_id`` (see the module docstring for the rules)."""
+
+    def __init__(
+        self,
+        own_id: bytes,
+        *,
+        k: int = 20,
+        split_depth_modulus: int = 5,
+        replacement_cache_size: int | None = None,
+        max_failures: int = 3,
+        now: float = 0.0,
+    ) -> None:
+        if len(own_id) != NODE_ID_SIZE:
+            raise DhtUsageError(f"own_id must be {NODE_ID_SIZE} bytes")
+        if k < 1 or split_depth_modulus < 1 or max_failures < 1:
+            raise DhtUsageError("k, split_depth_modulus and max_failures must be positive")
+        self.own_id = own_id
+        self.k = k
+        self._own = int.from_bytes(own_id, "big")
+        self._modulus = split_depth_modulus
+        self._cache_size = k if replacement_cache_size is None else replacement_cache_size
+        self._max_failures = max_failures
+        self._buckets: list[_Bucket] = [_Bucket(0, _KEYSPACE, 0, now)]
+        self._lows: list[int] = [0]
+
+    # -- queries -------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return sum(len(b.contacts) for b in self._buckets)
+
+    def __contains__(self, node_id: object) -> bool:
+        return isinstance(node_id, bytes) and node_id in self._bucket_for(node_id).contacts
+
+    def get(self, node_id: bytes) -> Contact | None:
+        """The contact with this id, if it is in the table."""
+        return self._bucket_for(node_id).contacts.get(node_id)
+
+    def contacts(self) -> list[Contact]:
+        """Every contact in the table (bucket order, least-recently seen first within a bucket)."""
+        return [c for b in self._buckets for c in b.contacts.values()]
+
+    def closest(
+        self,
+        target: bytes,
+        count: int | None = None,
+        *,
+        exclude_ids: Iterable[bytes] = (),
+        exclude_addresses: Iterable[Address] = (),
+    ) -> list[Contact]:
+        """Up to ``count`` (default k) contacts closest to ``target`` by XOR, closest first."""
+        count = self.k if count is None else count
+        ids = set(exclude_ids)
+        addresses = set(exclude_addresses)
+        key = int.from_bytes(target, "big")
+        candidates = [
+            c
+            for b in self._buckets
+            for c in b.contacts.values()
+            if c.node_id not in ids and (c.host, c.port) not in addresses
+        ]
+        candidates.sort(key=lambda c: int.from_bytes(c.node_id, "big") ^ key)
+        return candidates[:count]
+
+    def buckets(self) -> list[BucketInfo]:
+        """A snapshot of every bucket, lowest range first."""
+        return [
+            BucketInfo(
+                low=b.low,
+                high=b.high,
+                depth=b.depth,
+                contacts=tuple(b.contacts.values()),
+                replacements=tuple(b.replacements.values()),
+                last_touched=b.last_touched,
+            )
+            for b in self._buckets
+        ]
+
+    def stale_buckets(self, now: float, max_age: float) -> list[tuple[int, int]]:
+        """The ``[low, high)`` ranges of buckets not touched for ``max_age`` seconds (to refresh with a lookup)."""
+        return [(b.low, b.high) for b in self._buckets if now - b.last_touched >= max_age]
+
+    def touch(self, target: bytes, now: float) -> None:
+        """Record that a lookup for ``target`` ran (refreshes its bucket)."""
+        self._bucket_for(target).last_touched = now
+
+    # -- updates -------------------------------------------------------------------------------------------------
+
+    def observe(self, contact: Contact, now: float) -> list[RoutingEvent]:
+        """``contact`` proved alive (it answered us, or requested from a proven address); see the module docstring."""
+        if contact.node_id == self.own_id:
+            return []
+        while True:
+            bucket = self._bucket_for(contact.node_id)
+            known = bucket.contacts.get(contact.node_id)
+            if known is not None:
+                if known.address != contact.address:
+                    return []
+                bucket.contacts.move_to_end(contact.node_id)
+                bucket.failures.pop(contact.node_id, None)
+                bucket.last_touched = now
+                return []
+            if len(bucket.contacts) < self.k:
+                bucket.contacts[contact.node_id] = contact
+                bucket.replacements.pop(contact.node_id, None)
+                bucket.last_touched = now
+                return [ContactAdded(contact=contact)]
+            if self._splittable(bucket):
+                self._split(bucket)
+                continue
+            bucket.replacements.pop(contact.node_id, None)
+            bucket.replacements[contact.node_id] = contact
+            while len(bucket.replacements) > self._cache_size:
+                bucket.replacements.popitem(last=False)
+            if bucket.pending_ping is None:
+                oldest = next(iter(bucket.contacts.values()))
+                bucket.pending_ping = oldest.node_id
+                return [PingNeeded(contact=oldest)]
+            return []
+
+    def ping_result(self, node_id: bytes, *, alive: bool, now: float) -> list[RoutingEvent]:
+        """Report the outcome of a :class:`PingNeeded` ping."""
+        bucket = self._bucket_for(node_id)
+        if bucket.pending_ping == node_id:
+            bucket.pending_ping = None
+        if node_id not in bucket.contacts:
+            return []
+        if alive:
+            bucket.contacts.move_to_end(node_id)
+            bucket.failures.pop(node_id, None)
+            bucket.last_touched = now
+            return []
+        return self._evict(bucket, node_id)
+
+    def failed(self, node_id: bytes, now: float) -> list[RoutingEvent]:
+        """An RPC to ``node_id`` timed out: evict it if a replacement waits, or after ``max_failures`` in a row."""
+        bucket = self._bucket_for(node_id)
+        bucket.replacements.pop(node_id, None)
+        if node_id not in bucket.contacts:
+            return []
+        failures = bucket.failures.get(node_id, 0) + 1
+        bucket.failures[node_id] = failures
+        if bucket.replacements or failures >= self._max_failures:
+            return self._evict(bucket, node_id)
+        return []
+
+    def remove(self, node_id: bytes) -> list[RoutingEvent]:
+        """Drop ``node_id`` from the table (and its replacement cache) unconditionally."""
+        bucket = self._bucket_for(node_id)
+        bucket.replacements.pop(node_id, None)
+        if node_id not in bucket.contacts:
+            return []
+        return self._evict(bucket, node_id)
+
+    # -- internals -----------------------------------------------------------------------------------------------
+
+    def _bucket_for(self, node_id: bytes) -> _Bucket:
+        value = int.from_bytes(node_id, "big")
+        return self._buckets[bisect.bisect_right(self._lows, value) - 1]
+
+    def _splittable(self, bucket: _Bucket) -> bool:
+        if bucket.depth >= KEYSPACE_BITS:
+            return False
+        return bucket.covers(self._own) or bucket.depth % self._modulus != 0
+
+    def _split(self, bucket: _Bucket) -> None:
+        mid = (bucket.low + bucket.high) // 2
+        lower = _Bucket(bucket.low, mid, bucket.depth + 1, bucket.last_touched)
+        upper = _Bucket(mid, bucket.high, bucket.depth + 1, bucket.last_touched)
+        for node_id, contact in bucket.contacts.items():
+            half = lower if int.from_bytes(node_id, "big") < mid else upper
+            half.contacts[node_id] = contact
+            if node_id in bucket.failures:
+                half.failures[node_id] = bucket.failures[node_id]
+        for node_id, contact in bucket.replacements.items():
+            half = lower if int.from_bytes(node_id, "big") < mid else upper
+            half.replacements[node_id] = contact
+        index = self._buckets.index(bucket)
+        self._buckets[index : index + 1] = [lower, upper]
+        self._lows[index : index + 1] = [lower.low, upper.low]
+
+    def _evict(self, bucket: _Bucket, node_id: bytes) -> list[RoutingEvent]:
+        removed = bucket.contacts.pop(node_id)
+        bucket.failures.pop(node_id, None)
+        if bucket.pending_ping == node_id:
+            bucket.pending_ping = None
+        events: list[RoutingEvent] = [ContactRemoved(contact=removed)]
+        if bucket.replacements:
+            _, newcomer = bucket.replacements.popitem(last=True)
+            bucket.contacts[newcomer.node_id] = newcomer
+            events.append(ContactAdded(contact=newcomer))
+        return events

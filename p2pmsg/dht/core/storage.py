@@ -1,0 +1,246 @@
+"""The bounded local record store of a DHT node.
+
+Theory of operation
+-------------------
+The store maps a 20-byte key to one value of one of two kinds:
+
+* ``PLAIN`` -- what a stock ``kademlia`` node ``set``s: an int, float, bool, str or bytes, last writer wins,
+  kept for ``plain_ttl`` seconds;
+* ``SIGNED`` -- a signed record (:mod:`p2pmsg.dht.core.records`) already verified by the caller.  The highest
+  ``seq`` wins; the same ``seq`` is accepted again only with identical bytes (a refresh).  A signed record replaces a
+  plain value under its key, and a plain value can never replace (or be stored beside) a signed record: once a key
+  is known to belong to a signed namespace, unsigned STOREs to it are refused.
+
+Everything is bounded: the number of values and their total size (key plus msgpack-encoded value), the same two per
+*source* (the IP address the STORE came from, so one host cannot fill the store), and the size of one value per
+kind.  When a limit would be exceeded, expired values are purged first; if it still does not fit, the STORE is
+refused with :class:`StoreRefusedError` -- existing values are never evicted to make room, so a flood cannot flush
+honest data.  Time is passed in (monotonic seconds); the store never reads a clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import heapq
+from collections.abc import Iterator
+
+import msgpack
+
+from p2pmsg.dht.core.errors import DhtUsageError, StoreRefusedError
+from p2pmsg.dht.core.messages import is_plain_value
+
+__all__ = ["RecordStore", "StorageLimits", "StoredValue", "ValueKind", "value_size"]
+
+
+class ValueKind(enum.Enum):
+    """How a stored value is validated and replaced."""
+
+    PLAIN = "plain"
+    SIGNED = "signed"
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StorageLimits:
+    """Bounds of a :class:`RecordStore`."""
+
+    max_values: int = 10_000
+    max_bytes: int = 16 * 1024 * 1024
+    max_values_per_source: int = 1_000
+    max_bytes_per_source: int = 1024 * 1024
+    max_plain_value_size: int = 4096
+    max_signed_value_size: int = 2048
+    plain_ttl: float = 24 * 3600.0
+    max_signed_ttl: float = 7 * 24 * 3600.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) <= 0:
+                raise DhtUsageError(f"StorageLimits.{field.name} must be positive")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StoredValue:
+    """One value held by the store."""
+
+    key: bytes
+    value: object
+    kind: ValueKind
+    size: int
+    source: str
+    stored_at: float
+    expires_at: float
+    seq: int | None = None
+
+
+def value_size(key: bytes, value: object) -> int:
+    """The bytes a value is charged for: its key plus its msgpack encoding."""
+    return len(key) + len(msgpack.packb(value, use_bin_type=True))
+
+
+class RecordStore:
+    """Bounded key/value storage (see the module docstring)."""
+
+    def __init__(self, limits: StorageLimits | None = None) -> None:
+        self.limits = limits or StorageLimits()
+        self._values: dict[bytes, StoredValue] = {}
+        self._total = 0
+        self._per_source: dict[str, list[int]] = {}
+        self._expiry: list[tuple[float, bytes]] = []
+
+    # -- queries ---------------------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes charged for every value held."""
+        return self._total
+
+    def usage_of(self, source: str) -> tuple[int, int]:
+        """``(values, bytes)`` charged to ``source``."""
+        count, size = self._per_source.get(source, (0, 0))
+        return count, size
+
+    def get(self, key: bytes, now: float) -> StoredValue | None:
+        """The live value under ``key``, if any."""
+        stored = self._values.get(key)
+        if stored is None:
+            return None
+        if stored.expires_at <= now:
+            self._remove(key)
+            return None
+        return stored
+
+    def items(self, now: float) -> Iterator[StoredValue]:
+        """Every live value (a snapshot)."""
+        self.purge(now)
+        return iter(list(self._values.values()))
+
+    # -- updates ---------------------------------------------------------------------------------------------------
+
+    def put_plain(self, key: bytes, value: object, *, source: str, now: float) -> StoredValue:
+        """Store a plain value; raises :class:`StoreRefusedError` with the reason if it is refused."""
+        if not is_plain_value(value):
+            raise StoreRefusedError(f"plain value must be int, float, bool, str or bytes, got {type(value).__name__}")
+        existing = self.get(key, now)
+        if existing is not None and existing.kind is ValueKind.SIGNED:
+            raise StoreRefusedError("key holds a signed record: an unsigned value cannot replace it")
+        size = value_size(key, value)
+        if size - len(key) > self.limits.max_plain_value_size:
+            raise StoreRefusedError(
+                f"plain value is {size - len(key)} bytes, over the {self.limits.max_plain_value_size}-byte limit"
+            )
+        stored = StoredValue(
+            key=key,
+            value=value,
+            kind=ValueKind.PLAIN,
+            size=size,
+            source=source,
+            stored_at=now,
+            expires_at=now + self.limits.plain_ttl,
+        )
+        self._admit(stored, existing, now)
+        return stored
+
+    def put_signed(self, key: bytes, value: bytes, *, seq: int, expires_at: float, source: str, now: float) -> bool:
+        """Store a verified signed record; ``False`` if it is the record already held (a refresh), else ``True``.
+
+        Raises :class:`StoreRefusedError` for a stale ``seq``, a different record with the same ``seq``, an expired
+        record, or a limit.  ``expires_at`` is on the same monotonic clock as ``now`` and is capped at
+        ``now + max_signed_ttl``.
+        """
+        if expires_at <= now:
+            raise StoreRefusedError("signed record has expired")
+        size = value_size(key, value)
+        if size - len(key) > self.limits.max_signed_value_size:
+            raise StoreRefusedError(
+                f"signed record is {size - len(key)} bytes, over the {self.limits.max_signed_value_size}-byte limit"
+            )
+        existing = self.get(key, now)
+        if existing is not None and existing.kind is ValueKind.SIGNED:
+            assert existing.seq is not None
+            if seq < existing.seq:
+                raise StoreRefusedError(f"stale record: seq {seq} is lower than the stored seq {existing.seq}")
+            if seq == existing.seq:
+                if existing.value == value:
+                    return False
+                raise StoreRefusedError(f"conflicting record: another record with seq {seq} is stored")
+        stored = StoredValue(
+            key=key,
+            value=value,
+            kind=ValueKind.SIGNED,
+            size=size,
+            source=source,
+            stored_at=now,
+            expires_at=min(expires_at, now + self.limits.max_signed_ttl),
+            seq=seq,
+        )
+        self._admit(stored, existing, now)
+        return True
+
+    def remove(self, key: bytes) -> None:
+        """Forget ``key`` (no error if absent)."""
+        if key in self._values:
+            self._remove(key)
+
+    def purge(self, now: float) -> int:
+        """Drop every expired value; returns how many were dropped."""
+        dropped = 0
+        while self._expiry and self._expiry[0][0] <= now:
+            _, key = heapq.heappop(self._expiry)
+            stored = self._values.get(key)
+            if stored is not None and stored.expires_at <= now:
+                self._remove(key)
+                dropped += 1
+        if len(self._expiry) > 4 * len(self._values) + 64:
+            self._expiry = [(v.expires_at, v.key) for v in self._values.values()]
+            heapq.heapify(self._expiry)
+        return dropped
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    def _fits(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
+        limits = self.limits
+        old_size = existing.size if existing is not None else 0
+        old_count = 1 if existing is not None else 0
+        if len(self._values) - old_count + 1 > limits.max_values:
+            return f"store is full ({limits.max_values} values)"
+        if self._total - old_size + stored.size > limits.max_bytes:
+            return f"store is full ({limits.max_bytes} bytes)"
+        count, size = self.usage_of(stored.source)
+        if existing is not None and existing.source == stored.source:
+            count -= 1
+            size -= existing.size
+        if count + 1 > limits.max_values_per_source:
+            return f"source {stored.source} already stores {count} values (limit {limits.max_values_per_source})"
+        if size + stored.size > limits.max_bytes_per_source:
+            return f"source {stored.source} already stores {size} bytes (limit {limits.max_bytes_per_source})"
+        return None
+
+    def _admit(self, stored: StoredValue, existing: StoredValue | None, now: float) -> None:
+        reason = self._fits(stored, existing)
+        if reason is not None:
+            self.purge(now)
+            existing = self._values.get(stored.key)
+            reason = self._fits(stored, existing)
+            if reason is not None:
+                raise StoreRefusedError(reason)
+        if existing is not None:
+            self._remove(stored.key)
+        self._values[stored.key] = stored
+        self._total += stored.size
+        usage = self._per_source.setdefault(stored.source, [0, 0])
+        usage[0] += 1
+        usage[1] += stored.size
+        heapq.heappush(self._expiry, (stored.expires_at, stored.key))
+
+    def _remove(self, key: bytes) -> None:
+        stored = self._values.pop(key)
+        self._total -= stored.size
+        usage = self._per_source[stored.source]
+        usage[0] -= 1
+        usage[1] -= stored.size
+        if usage[0] == 0:
+            del self._per_source[stored.source]
