@@ -1,0 +1,244 @@
+"""Schema migrations: an ordered list of steps driven by SQLite's ``user_version``.
+
+Theory of operation
+-------------------
+The schema version of a database is ``PRAGMA user_version`` (0 for a new file).  :data:`MIGRATIONS` lists the steps
+in order; step *n* turns version ``n - 1`` into version *n*.  :func:`migrate` applies the missing steps one by one,
+each in its own ``BEGIN IMMEDIATE`` transaction that also sets ``user_version`` (SQLite stores it in the database
+header, which is written inside the transaction), so a crash leaves the database at the previous or the next version,
+never in between.  The version is re-read under the write lock, so two processes opening a new file at the same time
+do not both apply a step.
+
+Before anything is written the file is checked: ``PRAGMA application_id`` must be 0 (a new file) or
+:data:`APPLICATION_ID`; a version-0 file that already has tables is someone else's database; a version above the
+newest step is refused with :class:`SchemaTooNewError` and the file is left untouched (this code does not know what a
+newer one changed).  Steps are only ever appended: a released step is never edited, a change to the schema is a new
+step.  ``docs/protocol-store.part.md`` documents every table of every version.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from p2pmsg.store.errors import ForeignDatabaseError, MigrationError, SchemaTooNewError, StoreArgumentError
+
+__all__ = [
+    "APPLICATION_ID",
+    "LATEST_VERSION",
+    "MIGRATIONS",
+    "Migration",
+    "check_database",
+    "migrate",
+    "schema_version",
+]
+
+APPLICATION_ID: Final = 0x70326D73
+"""``PRAGMA application_id`` of a p2pmsg database: the ASCII bytes ``p2ms``."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Migration:
+    """One schema step: *statements* (one SQL statement each), then the optional Python *apply* step."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+    apply: Callable[[sqlite3.Connection], None] | None = None
+
+
+_V1_STATEMENTS: Final = (
+    # Identity-independent settings (a small key/value table; values are bytes, the caller picks the encoding).
+    """CREATE TABLE settings (
+        key        TEXT    NOT NULL PRIMARY KEY
+                           CHECK (typeof(key) = 'text' AND length(key) BETWEEN 1 AND 128),
+        value      BLOB    NOT NULL CHECK (typeof(value) = 'blob' AND length(value) <= 65536),
+        updated_at INTEGER NOT NULL CHECK (typeof(updated_at) = 'integer')
+    ) WITHOUT ROWID""",
+    # Contacts and blocked peers.  A blocked stranger has no name.
+    """CREATE TABLE contacts (
+        peer_id    BLOB    NOT NULL PRIMARY KEY
+                           CHECK (typeof(peer_id) = 'blob' AND length(peer_id) BETWEEN 1 AND 64),
+        name       TEXT    COLLATE NOCASE UNIQUE
+                           CHECK (name IS NULL OR (typeof(name) = 'text' AND length(name) BETWEEN 1 AND 64)),
+        state      TEXT    NOT NULL CHECK (state IN ('contact', 'blocked')),
+        verified   INTEGER NOT NULL DEFAULT 0 CHECK (verified IN (0, 1)),
+        added_at   INTEGER NOT NULL CHECK (typeof(added_at) = 'integer'),
+        updated_at INTEGER NOT NULL CHECK (typeof(updated_at) = 'integer'),
+        CHECK (state = 'blocked' OR name IS NOT NULL)
+    ) WITHOUT ROWID""",
+    # Strangers who wrote to us; their messages are in `messages` with is_request = 1.
+    """CREATE TABLE message_requests (
+        peer_id       BLOB    NOT NULL PRIMARY KEY
+                              CHECK (typeof(peer_id) = 'blob' AND length(peer_id) BETWEEN 1 AND 64),
+        first_at      INTEGER NOT NULL CHECK (typeof(first_at) = 'integer'),
+        last_at       INTEGER NOT NULL CHECK (typeof(last_at) = 'integer'),
+        message_count INTEGER NOT NULL CHECK (typeof(message_count) = 'integer' AND message_count >= 0)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX message_requests_by_last_at ON message_requests (last_at)",
+    # Every message, both directions.  seq is the rowid (AUTOINCREMENT: never reused, strictly increasing).
+    """CREATE TABLE messages (
+        seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+        message_id   BLOB    NOT NULL UNIQUE CHECK (typeof(message_id) = 'blob' AND length(message_id) = 16),
+        conversation BLOB    NOT NULL
+                             CHECK (typeof(conversation) = 'blob' AND length(conversation) BETWEEN 1 AND 64),
+        direction    TEXT    NOT NULL CHECK (direction IN ('in', 'out')),
+        sender       BLOB    NOT NULL CHECK (typeof(sender) = 'blob' AND length(sender) BETWEEN 1 AND 64),
+        text         TEXT    NOT NULL CHECK (typeof(text) = 'text' AND length(CAST(text AS BLOB)) <= 65536),
+        sent_at      INTEGER NOT NULL CHECK (typeof(sent_at) = 'integer' AND sent_at >= 0),
+        stored_at    INTEGER NOT NULL CHECK (typeof(stored_at) = 'integer'),
+        status       TEXT    NOT NULL,
+        status_at    INTEGER NOT NULL CHECK (typeof(status_at) = 'integer'),
+        is_request   INTEGER NOT NULL DEFAULT 0 CHECK (is_request IN (0, 1)),
+        CHECK ((direction = 'out' AND status IN ('queued', 'sent', 'delivered', 'failed') AND is_request = 0)
+            OR (direction = 'in' AND status = 'received'))
+    )""",
+    # History of one conversation ordered by (sent_at, seq): the rowid seq is the implicit last index column.
+    "CREATE INDEX messages_by_conversation ON messages (conversation, sent_at)",
+    # The inbox: incoming messages that are not requests, newest first.
+    "CREATE INDEX messages_inbox ON messages (seq) WHERE direction = 'in' AND is_request = 0",
+    # Outbound envelopes awaiting a delivery receipt.  Keyed by the message's seq so inserts append.
+    """CREATE TABLE outbox (
+        seq             INTEGER PRIMARY KEY REFERENCES messages (seq) ON DELETE CASCADE,
+        message_id      BLOB    NOT NULL CHECK (typeof(message_id) = 'blob' AND length(message_id) = 16),
+        recipient       BLOB    NOT NULL
+                                CHECK (typeof(recipient) = 'blob' AND length(recipient) BETWEEN 1 AND 64),
+        envelope        BLOB    NOT NULL
+                                CHECK (typeof(envelope) = 'blob' AND length(envelope) BETWEEN 1 AND 262144),
+        attempts        INTEGER NOT NULL DEFAULT 0 CHECK (typeof(attempts) = 'integer' AND attempts >= 0),
+        next_attempt_at INTEGER NOT NULL CHECK (typeof(next_attempt_at) = 'integer'),
+        last_error      TEXT    CHECK (last_error IS NULL OR length(last_error) <= 512),
+        enqueued_at     INTEGER NOT NULL CHECK (typeof(enqueued_at) = 'integer')
+    )""",
+    "CREATE INDEX outbox_due ON outbox (next_attempt_at)",
+    "CREATE INDEX outbox_by_recipient ON outbox (recipient)",
+    # Signed peer records fetched from the DHT (already verified by the caller).
+    """CREATE TABLE peer_records (
+        peer_id    BLOB    NOT NULL PRIMARY KEY
+                           CHECK (typeof(peer_id) = 'blob' AND length(peer_id) BETWEEN 1 AND 64),
+        record     BLOB    NOT NULL CHECK (typeof(record) = 'blob' AND length(record) BETWEEN 1 AND 8192),
+        seq        INTEGER NOT NULL CHECK (typeof(seq) = 'integer' AND seq >= 0),
+        expires_at INTEGER NOT NULL CHECK (typeof(expires_at) = 'integer'),
+        fetched_at INTEGER NOT NULL CHECK (typeof(fetched_at) = 'integer')
+    )""",
+    "CREATE INDEX peer_records_by_expiry ON peer_records (expires_at)",
+    # The DHT routing table, saved for restarts.
+    """CREATE TABLE dht_nodes (
+        node_id   BLOB    NOT NULL PRIMARY KEY CHECK (typeof(node_id) = 'blob' AND length(node_id) = 20),
+        host      TEXT    NOT NULL CHECK (typeof(host) = 'text' AND length(host) BETWEEN 1 AND 255),
+        port      INTEGER NOT NULL CHECK (typeof(port) = 'integer' AND port BETWEEN 1 AND 65535),
+        last_seen INTEGER NOT NULL CHECK (typeof(last_seen) = 'integer')
+    ) WITHOUT ROWID""",
+    "CREATE INDEX dht_nodes_by_last_seen ON dht_nodes (last_seen)",
+)
+
+MIGRATIONS: Final[tuple[Migration, ...]] = (
+    Migration(
+        version=1,
+        description="settings, contacts, message requests, messages, outbox, peer record cache, DHT nodes",
+        statements=_V1_STATEMENTS,
+    ),
+)
+"""Every schema step, oldest first; ``MIGRATIONS[i].version == i + 1``."""
+
+LATEST_VERSION: Final = MIGRATIONS[-1].version
+"""The schema version this code creates and expects."""
+
+# Our own statements carry this comment so that a caller's identical-looking SQL never reuses a cached statement
+# prepared under the store's own authority (see db.py, the authorizer).
+_TAG: Final = " /* p2pmsg.store */"
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    """Return ``PRAGMA user_version`` of *conn*'s main database."""
+    row = conn.execute("PRAGMA user_version" + _TAG).fetchone()
+    return int(row[0])
+
+
+def _application_id(conn: sqlite3.Connection) -> int:
+    row = conn.execute("PRAGMA application_id" + _TAG).fetchone()
+    return int(row[0])
+
+
+def _has_tables(conn: sqlite3.Connection) -> bool:
+    row = conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'" + _TAG
+    ).fetchone()
+    return int(row[0]) > 0
+
+
+def _check_list(migrations: Sequence[Migration]) -> int:
+    if not migrations:
+        raise StoreArgumentError("migrations", "the list of migration steps is empty")
+    for index, step in enumerate(migrations):
+        if step.version != index + 1:
+            raise StoreArgumentError(
+                "migrations", f"step {index} has version {step.version}, expected {index + 1} (no gaps, oldest first)"
+            )
+    return migrations[-1].version
+
+
+def check_database(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Check, without writing, that *conn* is a p2pmsg database this code can open; return its schema version.
+
+    Raises :class:`ForeignDatabaseError` for a file that is not SQLite or belongs to another application, and
+    :class:`SchemaTooNewError` for a schema newer than the last of *migrations*.
+    """
+    latest = _check_list(migrations)
+    try:
+        app_id = _application_id(conn)
+        version = schema_version(conn)
+        has_tables = _has_tables(conn)
+    except sqlite3.DatabaseError as exc:
+        raise ForeignDatabaseError(f"not a usable SQLite database: {exc}") from exc
+    if app_id not in (0, APPLICATION_ID):
+        raise ForeignDatabaseError(
+            f"database belongs to another application (application_id {app_id:#010x}, "
+            f"p2pmsg uses {APPLICATION_ID:#010x})"
+        )
+    if version == 0 and has_tables:
+        raise ForeignDatabaseError("database has tables but no p2pmsg schema version (user_version is 0)")
+    if version > latest:
+        raise SchemaTooNewError(found=version, supported=latest)
+    return version
+
+
+def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Apply the missing steps of *migrations* to *conn*, each in its own transaction; return the final version.
+
+    *conn* must be in autocommit mode (``isolation_level=None``) and not inside a transaction.  A failing step is
+    rolled back and raises :class:`MigrationError` (the version stays at the last step that succeeded).
+    """
+    latest = _check_list(migrations)
+    if conn.in_transaction:
+        raise StoreArgumentError("conn", "migrate() needs a connection that is not inside a transaction")
+    check_database(conn, migrations)
+    while True:
+        conn.execute("BEGIN IMMEDIATE" + _TAG)
+        try:
+            # Re-check under the write lock: another process may have migrated in the meantime.
+            version = check_database(conn, migrations)
+            if version == latest:
+                conn.execute("COMMIT" + _TAG)
+                return version
+            step = migrations[version]
+            try:
+                for statement in step.statements:
+                    conn.execute(statement)
+                if step.apply is not None:
+                    step.apply(conn)
+                # PRAGMA values cannot be bound parameters; both are integers from this module.
+                conn.execute(f"PRAGMA user_version = {int(step.version)}" + _TAG)
+                if version == 0:
+                    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}" + _TAG)
+                conn.execute("COMMIT" + _TAG)
+            except sqlite3.Error as exc:
+                raise MigrationError(
+                    f"migration to schema version {step.version} ({step.description}) failed: {exc}"
+                ) from exc
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK" + _TAG)
+            raise
