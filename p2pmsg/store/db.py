@@ -1,0 +1,561 @@
+"""The database handle: one writer thread with group commit, and a small pool of read-only connections.
+
+Theory of operation
+-------------------
+``async with open_database(path) as db:`` opens (creating it, mode 0600) an SQLite file in WAL mode, checks and
+migrates its schema (:mod:`p2pmsg.store.migrations`), then serves two calls:
+
+``await db.write(fn)``
+    runs ``fn(conn)`` on the **writer thread**, a real ``threading.Thread`` that owns the only read-write connection
+    for its whole life, inside a transaction, and returns ``fn``'s result once that transaction is **committed and
+    synced** (``synchronous=FULL``).  Requests wait in a FIFO queue.  When the thread becomes free it takes every
+    waiting request (up to ``max_batch``) and runs them in **one** transaction, each inside its own ``SAVEPOINT``: a
+    function that raises is rolled back to its savepoint and gets its exception, the others commit together
+    ("group commit": one WAL sync for the whole batch, which is what makes thousands of acknowledged writes per second
+    possible).  An idle store commits a lone request at once; nothing waits for a batch to fill.
+
+``await db.read(fn)``
+    runs ``fn(conn)`` on one of ``readers`` read-only connections (``mode=ro``, ``query_only``) in a worker thread,
+    inside a read transaction, so ``fn`` sees one consistent snapshot that includes every write whose ``await
+    db.write`` has returned.  Reads never wait for the writer (WAL).
+
+Why a dedicated thread rather than ``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)``: the limiter would
+serialise the writes but every write would be its own transaction and its own sync, and the connection would hop
+between pool threads.  A dedicated thread sees the whole queue, so it can batch concurrent writers into one commit,
+and the connection stays on the thread that created it.  The trio side waits with
+``trio.lowlevel.wait_task_rescheduled``; the thread wakes the waiting tasks with one ``run_sync_soon`` per batch.
+
+Cancellation: a write that is cancelled while it still waits in the queue is withdrawn (``fn`` never runs, nothing
+is written) and raises ``Cancelled``.  Once the thread has started ``fn`` the write is not abandoned: the await
+returns only when the transaction has committed or rolled back, and returns the result normally (trio then delivers
+the cancellation at the caller's next checkpoint).  So ``Cancelled`` out of ``write`` means "not written", a return
+means "committed", and there is never a half transaction.
+
+The store owns the transaction.  An authorizer on the writer connection refuses, while a caller's ``fn`` runs,
+``BEGIN``/``COMMIT``/``ROLLBACK``, touching the store's savepoint, ``ATTACH``/``DETACH`` and pragmas that change
+settings; the attempt raises :class:`TransactionControlError` and ``fn``'s changes are rolled back.  If SQLite itself
+aborts the transaction (disk full, I/O error) every write of the batch that had not committed gets
+:class:`StoreWriteError`.  ``fn`` runs on another thread: it must not touch trio, and must return plain values
+(not cursors).
+
+Durability: ``synchronous=FULL`` on the writer connection, so a write acknowledged to the user survives ``kill -9``
+and power loss (WAL sync on every commit).  It is set for the whole database rather than per table because SQLite's
+sync level is a property of the connection and there is exactly one writer connection; group commit makes the cost
+one sync per batch.  ``fullfsync`` is on for macOS, where plain ``fsync`` does not flush the drive cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import enum
+import os
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import outcome
+import trio
+
+from p2pmsg.store.errors import (
+    ForeignDatabaseError,
+    StoreArgumentError,
+    StoreClosedError,
+    StoreError,
+    StoreWriteError,
+    TransactionControlError,
+)
+from p2pmsg.store.migrations import MIGRATIONS, Migration, check_database, migrate
+
+__all__ = ["MIN_SQLITE_VERSION", "Database", "StoreStats", "open_database"]
+
+T = TypeVar("T")
+
+MIN_SQLITE_VERSION: Final = (3, 24, 0)
+"""Oldest SQLite library supported (``INSERT ... ON CONFLICT DO NOTHING`` appeared in 3.24)."""
+
+_TAG: Final = " /* p2pmsg.store */"
+_BEGIN_WRITE: Final = "BEGIN IMMEDIATE" + _TAG
+_BEGIN_READ: Final = "BEGIN DEFERRED" + _TAG
+_COMMIT: Final = "COMMIT" + _TAG
+_ROLLBACK: Final = "ROLLBACK" + _TAG
+_SAVEPOINT_NAME: Final = "p2pmsg_store_request"
+_SAVEPOINT: Final = f"SAVEPOINT {_SAVEPOINT_NAME}" + _TAG
+_RELEASE: Final = f"RELEASE {_SAVEPOINT_NAME}" + _TAG
+_ROLLBACK_TO: Final = f"ROLLBACK TO {_SAVEPOINT_NAME}" + _TAG
+
+# Pragmas a write function may run with an argument: they only read the schema.
+_READ_ONLY_PRAGMAS: Final = frozenset(
+    {
+        "table_info",
+        "table_xinfo",
+        "table_list",
+        "index_list",
+        "index_info",
+        "index_xinfo",
+        "foreign_key_list",
+        "foreign_key_check",
+        "integrity_check",
+        "quick_check",
+    }
+)
+
+_WRITER_PRAGMAS: Final = (
+    "PRAGMA synchronous = FULL",
+    "PRAGMA fullfsync = ON",
+    "PRAGMA checkpoint_fullfsync = ON",
+    "PRAGMA foreign_keys = ON",
+    "PRAGMA trusted_schema = OFF",
+    "PRAGMA temp_store = MEMORY",
+    "PRAGMA cache_size = -16384",
+    "PRAGMA journal_size_limit = 67108864",
+)
+_READER_PRAGMAS: Final = (
+    "PRAGMA query_only = ON",
+    "PRAGMA trusted_schema = OFF",
+    "PRAGMA temp_store = MEMORY",
+    "PRAGMA cache_size = -8192",
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class StoreStats:
+    """Counters of the writer thread (for ``p2pmsg status`` and benchmarks)."""
+
+    transactions: int
+    """Write transactions committed."""
+    writes: int
+    """Write functions committed."""
+    largest_batch: int
+    """Most write functions committed in one transaction."""
+    failed_commits: int
+    """Transactions SQLite could not commit (each failed every write of its batch)."""
+
+
+class _RequestState(enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    CANCELLED = "cancelled"
+
+
+class _Request:
+    """One call waiting for the writer thread.  ``raw`` requests run outside any transaction (open, close)."""
+
+    __slots__ = ("fn", "raw", "state", "task")
+
+    def __init__(self, fn: Callable[..., Any], task: trio.lowlevel.Task, *, raw: bool) -> None:
+        self.fn = fn
+        self.task = task
+        self.raw = raw
+        self.state = _RequestState.PENDING
+
+
+_Completion = tuple[trio.lowlevel.Task, outcome.Outcome[Any]]
+
+
+def _wake_all(completions: list[_Completion]) -> None:
+    for task, result in completions:
+        trio.lowlevel.reschedule(task, result)
+
+
+def _file_uri(path: Path, mode: str) -> str:
+    return f"{path.absolute().as_uri()}?mode={mode}"
+
+
+class _Writer:
+    """The writer thread and the one read-write connection it owns."""
+
+    def __init__(self, path: Path, *, max_batch: int, migrations: tuple[Migration, ...]) -> None:
+        self.path = path
+        self.max_batch = max_batch
+        self.migrations = migrations
+        self.token = trio.lowlevel.current_trio_token()
+        self.cv = threading.Condition(threading.Lock())
+        self.queue: collections.deque[_Request] = collections.deque()
+        self.conn: sqlite3.Connection | None = None
+        self.stopped = False  # set by the thread when it exits; protected by cv
+        self.version = 0
+        # Authorizer state; only touched on the writer thread.
+        self.internal = True
+        self.violation: str | None = None
+        # Statistics; written by the writer thread only.
+        self.transactions = 0
+        self.writes = 0
+        self.largest_batch = 0
+        self.failed_commits = 0
+        self.thread = threading.Thread(target=self._main, name=f"p2pmsg-store-writer:{path.name}", daemon=True)
+
+    # ----------------------------------------------------------------------------------------------- trio side
+
+    async def submit(self, fn: Callable[..., T], *, raw: bool = False) -> T:
+        request = _Request(fn, trio.lowlevel.current_task(), raw=raw)
+        with self.cv:
+            if self.stopped:
+                raise StoreClosedError("the database is closed")
+            self.queue.append(request)
+            self.cv.notify()
+
+        def abort(_: Callable[[], object]) -> trio.lowlevel.Abort:
+            with self.cv:
+                if request.state is _RequestState.PENDING:
+                    request.state = _RequestState.CANCELLED
+                    return trio.lowlevel.Abort.SUCCEEDED
+            # Already running: the transaction finishes (commit or rollback) and the result is delivered.
+            return trio.lowlevel.Abort.FAILED
+
+        result: T = await trio.lowlevel.wait_task_rescheduled(abort)
+        return result
+
+    # ----------------------------------------------------------------------------------------------- thread side
+
+    def _take(self) -> list[_Request]:
+        """Block until requests are queued; return one raw request or up to ``max_batch`` transactional ones."""
+        with self.cv:
+            while True:
+                while self.queue and self.queue[0].state is _RequestState.CANCELLED:
+                    self.queue.popleft()
+                if self.queue:
+                    break
+                self.cv.wait()
+            batch: list[_Request] = []
+            while self.queue and len(batch) < self.max_batch:
+                request = self.queue[0]
+                if request.state is _RequestState.CANCELLED:
+                    self.queue.popleft()
+                    continue
+                if request.raw and batch:
+                    break
+                self.queue.popleft()
+                request.state = _RequestState.RUNNING
+                batch.append(request)
+                if request.raw:
+                    break
+            return batch
+
+    def _deliver(self, completions: list[_Completion]) -> None:
+        if completions:
+            with contextlib.suppress(trio.RunFinishedError):
+                self.token.run_sync_soon(_wake_all, completions)
+
+    def _main(self) -> None:
+        batch: list[_Request] = []
+        try:
+            while True:
+                batch = self._take()
+                if batch[0].raw:
+                    request = batch[0]
+                    result = outcome.capture(request.fn, self.conn)
+                    stop = self.conn is None  # the close request (or a failed open) leaves no connection
+                    if stop:
+                        with self.cv:
+                            self.stopped = True
+                            leftover = [r for r in self.queue if r.state is _RequestState.PENDING]
+                            self.queue.clear()
+                        closed = outcome.Error(StoreClosedError("the database is closed"))
+                        self._deliver([(request.task, result), *((r.task, closed) for r in leftover)])
+                        return
+                    completions = [(request.task, result)]
+                else:
+                    completions = self._run_batch(batch)
+                batch = []  # from here on these requests are answered, even if delivering fails
+                self._deliver(completions)
+        except BaseException as exc:  # pragma: no cover - a bug in this module; fail everyone rather than hang
+            with self.cv:
+                self.stopped = True
+                leftover = [*batch, *(r for r in self.queue if r.state is _RequestState.PENDING)]
+                self.queue.clear()
+            error = outcome.Error(StoreError(f"the store's writer thread died: {exc!r}"))
+            self._deliver([(r.task, error) for r in leftover])
+            raise
+
+    def _authorize(self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _src: str | None) -> int:
+        if self.internal:
+            return sqlite3.SQLITE_OK
+        if action == sqlite3.SQLITE_TRANSACTION:
+            self.violation = f"run {arg1} (the store owns the transaction)"
+        elif action == sqlite3.SQLITE_SAVEPOINT and arg2 is not None and arg2.lower() == _SAVEPOINT_NAME:
+            self.violation = f"{arg1} the store's savepoint"
+        elif action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+            self.violation = "attach or detach a database"
+        elif action == sqlite3.SQLITE_PRAGMA and arg2 is not None and (arg1 or "").lower() not in _READ_ONLY_PRAGMAS:
+            self.violation = f"change PRAGMA {arg1}"
+        else:
+            return sqlite3.SQLITE_OK
+        return sqlite3.SQLITE_DENY
+
+    def _exec(self, sql: str) -> None:
+        assert self.conn is not None
+        self.conn.execute(sql)
+
+    def _run_batch(self, batch: list[_Request]) -> list[_Completion]:
+        conn = self.conn
+        if conn is None:  # pragma: no cover - writes are refused before open and after close
+            error = outcome.Error(StoreClosedError("the database is closed"))
+            return [(r.task, error) for r in batch]
+        completions: list[_Completion] = []
+        uncommitted: list[_Completion] = []  # ran successfully inside the open transaction
+        use_savepoints = len(batch) > 1
+        in_txn = False
+        for request in batch:
+            if not in_txn:
+                try:
+                    self._exec(_BEGIN_WRITE)
+                except sqlite3.Error as exc:
+                    completions.append((request.task, outcome.Error(StoreWriteError(f"cannot begin a write: {exc}"))))
+                    continue
+                in_txn = True
+            try:
+                if use_savepoints:
+                    self._exec(_SAVEPOINT)
+                self.violation = None
+                self.internal = False
+                try:
+                    result = outcome.capture(request.fn, conn)
+                finally:
+                    self.internal = True
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (SQLITE_FULL, SQLITE_IOERR, ...): everything of this
+                    # batch that had not committed is lost, so none of it may be reported as written.
+                    cause = result.error if isinstance(result, outcome.Error) else None
+                    lost = StoreWriteError(f"SQLite rolled back the write transaction: {cause or 'unknown cause'}")
+                    completions.extend((task, outcome.Error(lost)) for task, _ in uncommitted)
+                    uncommitted.clear()
+                    completions.append((request.task, outcome.Error(lost) if cause is None else result))
+                    self.failed_commits += 1
+                    in_txn = False
+                    continue
+                if isinstance(result, outcome.Error):
+                    if self.violation is not None:
+                        violation = TransactionControlError(f"a write function tried to {self.violation}")
+                        violation.__cause__ = result.error
+                        result = outcome.Error(violation)
+                    if use_savepoints:
+                        self._exec(_ROLLBACK_TO)
+                        self._exec(_RELEASE)
+                    else:
+                        self._exec(_ROLLBACK)
+                        in_txn = False
+                    completions.append((request.task, result))
+                else:
+                    if use_savepoints:
+                        self._exec(_RELEASE)
+                    uncommitted.append((request.task, result))
+            except sqlite3.Error as exc:  # one of our own statements failed: abandon the transaction
+                lost = StoreWriteError(f"write transaction failed: {exc}")
+                completions.extend((task, outcome.Error(lost)) for task, _ in uncommitted)
+                uncommitted.clear()
+                completions.append((request.task, outcome.Error(lost)))
+                self._rollback_quietly()
+                self.failed_commits += 1
+                in_txn = False
+        if in_txn:
+            try:
+                self._exec(_COMMIT)
+            except sqlite3.Error as exc:
+                lost = StoreWriteError(f"cannot commit the write transaction: {exc}")
+                completions.extend((task, outcome.Error(lost)) for task, _ in uncommitted)
+                self._rollback_quietly()
+                self.failed_commits += 1
+            else:
+                if uncommitted:
+                    self.transactions += 1
+                    self.writes += len(uncommitted)
+                    self.largest_batch = max(self.largest_batch, len(uncommitted))
+                completions.extend(uncommitted)
+        return completions
+
+    def _rollback_quietly(self) -> None:
+        assert self.conn is not None
+        if self.conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._exec(_ROLLBACK)
+
+    # ----------------------------------------------------------------------------------------------- raw requests
+
+    def open(self, _: sqlite3.Connection | None) -> int:
+        """Create/open the file, check it, switch to WAL, migrate.  Runs on the writer thread."""
+        if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+            raise StoreError(
+                f"SQLite {sqlite3.sqlite_version} is too old; p2pmsg needs "
+                f"{'.'.join(map(str, MIN_SQLITE_VERSION))} or newer"
+            )
+        # Create the file ourselves so that it (and the -wal/-shm files SQLite derives from it) is private.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        conn = sqlite3.connect(
+            _file_uri(self.path, "rw"), uri=True, isolation_level=None, check_same_thread=True, cached_statements=256
+        )
+        try:
+            check_database(conn, self.migrations)  # refuse foreign/newer files before writing anything
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"{self.path}: SQLite refused WAL mode (journal_mode is {mode}); use a local disk")
+            for pragma in _WRITER_PRAGMAS:
+                conn.execute(pragma)
+            conn.execute("PRAGMA busy_timeout = 5000")
+            self.version = migrate(conn, self.migrations)
+            conn.set_authorizer(self._authorize)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise ForeignDatabaseError(f"{self.path}: not a usable SQLite database: {exc}") from exc
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+        return self.version
+
+    def close(self, _: sqlite3.Connection | None) -> None:
+        """Close the connection (SQLite checkpoints and removes the WAL when it is the last one)."""
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("PRAGMA optimize")
+            conn.close()
+
+
+class Database:
+    """An open p2pmsg database.  Create it with :func:`open_database`; see the module docstring for the model."""
+
+    def __init__(self, path: Path, *, readers: int, max_batch: int, migrations: tuple[Migration, ...]) -> None:
+        self.path = path
+        self._writer = _Writer(path, max_batch=max_batch, migrations=migrations)
+        self._reader_count = readers
+        self._readers: list[sqlite3.Connection] = []
+        self._read_limiter = trio.CapacityLimiter(readers)
+        self._closed = False
+        self._close_done = trio.Event()
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open database (:data:`~p2pmsg.store.migrations.LATEST_VERSION`)."""
+        return self._writer.version
+
+    @property
+    def stats(self) -> StoreStats:
+        """A snapshot of the writer's counters."""
+        w = self._writer
+        return StoreStats(
+            transactions=w.transactions,
+            writes=w.writes,
+            largest_batch=w.largest_batch,
+            failed_commits=w.failed_commits,
+        )
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` has been called."""
+        return self._closed
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on the writer thread inside a transaction; return its result once committed and synced.
+
+        If ``fn`` raises, its changes are rolled back and the exception propagates.  Raises
+        :class:`StoreWriteError` if SQLite could not commit, :class:`TransactionControlError` if ``fn`` tried to
+        control the transaction, :class:`StoreClosedError` after :meth:`aclose`.  Cancellation never leaves a half
+        transaction (see the module docstring).
+        """
+        if self._closed:
+            raise StoreClosedError("the database is closed")
+        return await self._writer.submit(fn)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` on a read-only connection in a worker thread, inside one read transaction.
+
+        The snapshot includes every write whose ``await write`` returned before this call.  Raises
+        :class:`StoreClosedError` after :meth:`aclose`.
+        """
+        if self._closed:
+            raise StoreClosedError("the database is closed")
+        async with self._read_limiter:
+            if self._closed:
+                raise StoreClosedError("the database is closed")
+            conn = self._readers.pop()
+            try:
+                return await trio.to_thread.run_sync(_run_read, conn, fn)
+            finally:
+                self._readers.append(conn)
+
+    async def _open(self) -> None:
+        self._writer.thread.start()
+        await self._writer.submit(self._writer.open, raw=True)
+        uri = _file_uri(self.path, "ro")
+        for _ in range(self._reader_count):
+            self._readers.append(await trio.to_thread.run_sync(_open_reader, uri))
+
+    async def aclose(self) -> None:
+        """Finish queued writes, wait for reads in flight, close every connection and stop the writer thread.
+
+        Idempotent; shielded from cancellation (it waits only for work already started).
+        """
+        if self._closed:
+            await self._close_done.wait()
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            try:
+                borrowers = [object() for _ in range(self._reader_count)]
+                for borrower in borrowers:
+                    await self._read_limiter.acquire_on_behalf_of(borrower)
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
+                if self._writer.thread.is_alive():
+                    with contextlib.suppress(StoreClosedError):
+                        await self._writer.submit(self._writer.close, raw=True)
+                    await trio.to_thread.run_sync(self._writer.thread.join)
+            finally:
+                self._close_done.set()
+
+
+def _open_reader(uri: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, cached_statements=128)
+    try:
+        conn.execute("PRAGMA busy_timeout = 5000")
+        for pragma in _READER_PRAGMAS:
+            conn.execute(pragma)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _run_read(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute(_BEGIN_READ)
+    try:
+        return fn(conn)
+    finally:
+        if conn.in_transaction:
+            conn.execute(_ROLLBACK)
+
+
+@contextlib.asynccontextmanager
+async def open_database(
+    path: str | os.PathLike[str],
+    *,
+    readers: int = 2,
+    max_batch: int = 1000,
+    migrations: tuple[Migration, ...] = MIGRATIONS,
+) -> AsyncIterator[Database]:
+    """Open (create, check, migrate) the p2pmsg database at *path* and close it when the block exits.
+
+    *path* is a file on a local disk (WAL needs shared memory); its directory must exist.  *readers* read-only
+    connections serve :meth:`Database.read`; *max_batch* bounds how many writes share one transaction.  *migrations*
+    is for tests of the migration machinery; the default is the real schema.
+
+    Raises :class:`~p2pmsg.store.errors.SchemaTooNewError` (file written by a newer p2pmsg; left untouched),
+    :class:`~p2pmsg.store.errors.ForeignDatabaseError` (not a p2pmsg database),
+    :class:`~p2pmsg.store.errors.MigrationError`, or ``OSError`` when the file cannot be created.
+    """
+    if not 1 <= readers <= 16:
+        raise StoreArgumentError("readers", f"must be within 1..16, got {readers}")
+    if not 1 <= max_batch <= 100_000:
+        raise StoreArgumentError("max_batch", f"must be within 1..100000, got {max_batch}")
+    db = Database(Path(os.fspath(path)), readers=readers, max_batch=max_batch, migrations=tuple(migrations))
+    try:
+        await db._open()
+        yield db
+    finally:
+        await db.aclose()
