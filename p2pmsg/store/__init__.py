@@ -1,1 +1,72 @@
-"""SQLite storage: schema migrations and a single writer thread driven from trio."""
+"""SQLite storage: schema migrations, one writer thread driven from trio, and typed repository functions.
+
+``async with open_database(path) as db:`` gives a :class:`Database`; ``await db.write(fn)`` / ``await db.read(fn)``
+run ``fn(conn)`` in a transaction; :mod:`p2pmsg.store.repo` holds the functions to pass (``repo.enqueue``,
+``repo.history``, ...).  See ``docs/protocol-store.part.md`` for the schema.
+"""
+
+from p2pmsg.store import repo
+from p2pmsg.store.db import Database, StoreStats, open_database
+from p2pmsg.store.errors import (
+    ContactExistsError,
+    DuplicateMessageError,
+    ForeignDatabaseError,
+    MigrationError,
+    NameTakenError,
+    SchemaError,
+    SchemaTooNewError,
+    StoreArgumentError,
+    StoreClosedError,
+    StoreError,
+    StoreWriteError,
+    TransactionControlError,
+    UnknownContactError,
+    UnknownRequestError,
+)
+from p2pmsg.store.migrations import LATEST_VERSION
+from p2pmsg.store.models import (
+    Backoff,
+    CachedPeerRecord,
+    Contact,
+    ContactState,
+    DhtNode,
+    Direction,
+    HistoryCursor,
+    MessageRequest,
+    MessageStatus,
+    OutboxEntry,
+    StoredMessage,
+)
+
+__all__ = [
+    "LATEST_VERSION",
+    "Backoff",
+    "CachedPeerRecord",
+    "Contact",
+    "ContactExistsError",
+    "ContactState",
+    "Database",
+    "DhtNode",
+    "Direction",
+    "DuplicateMessageError",
+    "ForeignDatabaseError",
+    "HistoryCursor",
+    "MessageRequest",
+    "MessageStatus",
+    "MigrationError",
+    "NameTakenError",
+    "OutboxEntry",
+    "SchemaError",
+    "SchemaTooNewError",
+    "StoreArgumentError",
+    "StoreClosedError",
+    "StoreError",
+    "StoreStats",
+    "StoreWriteError",
+    "StoredMessage",
+    "TransactionControlError",
+    "UnknownContactError",
+    "UnknownRequestError",
+    "open_database",
+    "repo",
+]

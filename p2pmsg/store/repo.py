@@ -1,0 +1,862 @@
+"""Typed repository functions over the schema of :mod:`p2pmsg.store.migrations`.
+
+Theory of operation
+-------------------
+Every function takes an ``sqlite3.Connection`` as its first argument and is meant to run inside
+``Database.write``/``Database.read``, which supply the connection and the transaction::
+
+    msg = await db.write(lambda c: repo.enqueue(c, message_id=mid, recipient=bob, sender=me, text="hi",
+                                               sent_at=now, envelope=sealed, now=now))
+    page = await db.read(lambda c: repo.history(c, bob, limit=50))
+
+Several calls in one ``fn`` share one transaction (they all commit or none does); that is how the chat layer makes a
+composite step atomic, e.g. "message + outbox row" (:func:`enqueue` does that itself) or "store an incoming message
+only if the stranger has fewer than N pending".  Functions that write must run under ``Database.write``; the read
+connections are read-only.
+
+Arguments are checked before SQLite sees them (:class:`StoreArgumentError` names the field); peer ids are raw bytes,
+timestamps integer milliseconds passed in by the caller (see :mod:`p2pmsg.store.models`).  Results are frozen
+dataclasses.  Outbound status changes follow :data:`~p2pmsg.store.models.STATUS_TRANSITIONS`; a change the table
+does not allow is a no-op that returns ``False`` (receipts may be duplicated, reordered or forged, so a refused change
+is not an error).
+
+Exactly once in the store: ``messages.message_id`` is unique.  :func:`insert_incoming` returns ``False`` for an id
+already stored (the sender retried because our receipt was lost: acknowledge it again, do not show it twice).
+"""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import unicodedata
+from collections.abc import Iterable
+from typing import Any, Final
+
+from p2pmsg.store.errors import (
+    ContactExistsError,
+    DuplicateMessageError,
+    NameTakenError,
+    StoreArgumentError,
+    UnknownContactError,
+    UnknownRequestError,
+)
+from p2pmsg.store.models import (
+    DEFAULT_BACKOFF,
+    DHT_NODE_ID_SIZE,
+    MAX_DHT_NODES,
+    MAX_ENVELOPE_SIZE,
+    MAX_ERROR_CHARS,
+    MAX_HOST_CHARS,
+    MAX_NAME_CHARS,
+    MAX_PEER_ID_SIZE,
+    MAX_PEER_RECORD_SIZE,
+    MAX_QUERY_LIMIT,
+    MAX_SETTING_KEY_CHARS,
+    MAX_SETTING_VALUE_SIZE,
+    MAX_TEXT_BYTES,
+    MAX_TIMESTAMP,
+    MESSAGE_ID_SIZE,
+    Backoff,
+    CachedPeerRecord,
+    Contact,
+    ContactState,
+    DhtNode,
+    Direction,
+    HistoryCursor,
+    MessageRequest,
+    MessageStatus,
+    OutboxEntry,
+    StoredMessage,
+    can_transition,
+)
+
+__all__ = [
+    "accept_request",
+    "add_contact",
+    "block_peer",
+    "count_requests",
+    "delete_peer_record",
+    "delete_setting",
+    "due",
+    "due_for",
+    "enqueue",
+    "expedite",
+    "find_contact",
+    "get_contact",
+    "get_message",
+    "get_outbox_entry",
+    "get_peer_record",
+    "get_request",
+    "get_setting",
+    "history",
+    "inbox",
+    "insert_incoming",
+    "is_blocked",
+    "list_contacts",
+    "list_requests",
+    "load_dht_nodes",
+    "mark_delivered",
+    "mark_failed",
+    "mark_sent",
+    "outbox_depth",
+    "prune_peer_records",
+    "put_peer_record",
+    "reject_request",
+    "remove_contact",
+    "rename_contact",
+    "reschedule",
+    "save_dht_nodes",
+    "set_setting",
+    "set_verified",
+    "unblock_peer",
+]
+
+# --------------------------------------------------------------------------------------------------- validation
+
+
+def _bytes(field: str, value: object, *, min_size: int, max_size: int) -> bytes:
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise StoreArgumentError(field, f"expected bytes, got {type(value).__name__}")
+    data = bytes(value)
+    if not min_size <= len(data) <= max_size:
+        expected = str(min_size) if min_size == max_size else f"{min_size}..{max_size}"
+        raise StoreArgumentError(field, f"must be {expected} bytes long, got {len(data)}")
+    return data
+
+
+def _peer_id(field: str, value: object) -> bytes:
+    return _bytes(field, value, min_size=1, max_size=MAX_PEER_ID_SIZE)
+
+
+def _message_id(value: object) -> bytes:
+    return _bytes("message_id", value, min_size=MESSAGE_ID_SIZE, max_size=MESSAGE_ID_SIZE)
+
+
+def _int(field: str, value: object, *, low: int, high: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise StoreArgumentError(field, f"expected an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise StoreArgumentError(field, f"must be within {low}..{high}, got {value}")
+    return value
+
+
+def _timestamp(field: str, value: object) -> int:
+    return _int(field, value, low=0, high=MAX_TIMESTAMP)
+
+
+def _limit(value: object, *, high: int = MAX_QUERY_LIMIT) -> int:
+    return _int("limit", value, low=1, high=high)
+
+
+def _utf8(field: str, value: object) -> bytes:
+    if not isinstance(value, str):
+        raise StoreArgumentError(field, f"expected str, got {type(value).__name__}")
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise StoreArgumentError(field, f"not encodable as UTF-8 ({exc.reason} at index {exc.start})") from None
+
+
+def _text(value: object) -> str:
+    size = len(_utf8("text", value))
+    if size > MAX_TEXT_BYTES:
+        raise StoreArgumentError("text", f"is {size} bytes of UTF-8, the limit is {MAX_TEXT_BYTES}")
+    assert isinstance(value, str)
+    return value
+
+
+def _name(value: object) -> str:
+    _utf8("name", value)
+    assert isinstance(value, str)
+    if not 1 <= len(value) <= MAX_NAME_CHARS:
+        raise StoreArgumentError("name", f"must be 1..{MAX_NAME_CHARS} characters, got {len(value)}")
+    if value != value.strip():
+        raise StoreArgumentError("name", "must not start or end with white space")
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
+            raise StoreArgumentError("name", f"must not contain control or format characters (found {char!r})")
+    return value
+
+
+def _error_text(value: object) -> str:
+    if not isinstance(value, str):
+        raise StoreArgumentError("error", f"expected str, got {type(value).__name__}")
+    text = value if len(value) <= MAX_ERROR_CHARS else value[: MAX_ERROR_CHARS - 1] + "…"
+    # Lone surrogates (e.g. from a decoded remote string) cannot be stored; replace them rather than fail.
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def _state(value: object) -> ContactState:
+    if not isinstance(value, ContactState):
+        raise StoreArgumentError("state", f"expected a ContactState, got {type(value).__name__}")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------- settings
+
+
+def _setting_key(value: object) -> str:
+    _utf8("key", value)
+    assert isinstance(value, str)
+    if not 1 <= len(value) <= MAX_SETTING_KEY_CHARS:
+        raise StoreArgumentError("key", f"must be 1..{MAX_SETTING_KEY_CHARS} characters, got {len(value)}")
+    return value
+
+
+def get_setting(conn: sqlite3.Connection, key: str) -> bytes | None:
+    """Return the value stored under *key*, or ``None``."""
+    row = conn.execute("SELECT value FROM settings WHERE key = ?", (_setting_key(key),)).fetchone()
+    return None if row is None else bytes(row[0])
+
+
+def set_setting(conn: sqlite3.Connection, key: str, value: bytes, *, now: int) -> None:
+    """Store *value* (at most 64 KiB) under *key*, replacing any previous value."""
+    conn.execute(
+        "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        (
+            _setting_key(key),
+            _bytes("value", value, min_size=0, max_size=MAX_SETTING_VALUE_SIZE),
+            _timestamp("now", now),
+        ),
+    )
+
+
+def delete_setting(conn: sqlite3.Connection, key: str) -> bool:
+    """Delete *key*; return whether it existed."""
+    return conn.execute("DELETE FROM settings WHERE key = ?", (_setting_key(key),)).rowcount > 0
+
+
+# --------------------------------------------------------------------------------------------------- contacts
+
+_CONTACT_COLUMNS: Final = "peer_id, name, state, verified, added_at, updated_at"
+
+
+def _contact(row: Any) -> Contact:
+    return Contact(
+        peer_id=bytes(row[0]),
+        name=row[1],
+        state=ContactState(row[2]),
+        verified=bool(row[3]),
+        added_at=row[4],
+        updated_at=row[5],
+    )
+
+
+def get_contact(conn: sqlite3.Connection, peer_id: bytes) -> Contact | None:
+    """Return the contact (or blocked peer) with this peer id, or ``None``."""
+    row = conn.execute(
+        f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE peer_id = ?", (_peer_id("peer_id", peer_id),)
+    ).fetchone()
+    return None if row is None else _contact(row)
+
+
+def find_contact(conn: sqlite3.Connection, name: str) -> Contact | None:
+    """Return the contact named *name* (ASCII letters compare case-insensitively), or ``None``."""
+    row = conn.execute(f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE name = ?", (_name(name),)).fetchone()
+    return None if row is None else _contact(row)
+
+
+def list_contacts(conn: sqlite3.Connection, *, state: ContactState | None = None) -> list[Contact]:
+    """Return the contacts ordered by name (blocked strangers, which have no name, last); optionally one *state*."""
+    order = "ORDER BY name IS NULL, name, peer_id"
+    if state is None:
+        rows = conn.execute(f"SELECT {_CONTACT_COLUMNS} FROM contacts {order}").fetchall()
+    else:
+        rows = conn.execute(
+            f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE state = ? {order}", (_state(state).value,)
+        ).fetchall()
+    return [_contact(row) for row in rows]
+
+
+def _check_name_free(conn: sqlite3.Connection, name: str, peer_id: bytes) -> None:
+    row = conn.execute("SELECT peer_id, name FROM contacts WHERE name = ? AND peer_id != ?", (name, peer_id)).fetchone()
+    if row is not None:
+        raise NameTakenError(f"the name {name!r} is already used by another contact ({row[1]!r})")
+
+
+def _require_contact(conn: sqlite3.Connection, peer_id: bytes) -> Contact:
+    contact = get_contact(conn, peer_id)
+    if contact is None:
+        raise UnknownContactError(f"no contact with peer id {peer_id.hex()}")
+    return contact
+
+
+def add_contact(conn: sqlite3.Connection, *, peer_id: bytes, name: str, now: int, verified: bool = False) -> Contact:
+    """Add a contact.  A blocked stranger (no name) becomes a contact; anything else already known is refused.
+
+    Raises :class:`ContactExistsError` if the peer is already a contact (blocked or not) and
+    :class:`NameTakenError` if another contact has this name.
+    """
+    peer = _peer_id("peer_id", peer_id)
+    name = _name(name)
+    now = _timestamp("now", now)
+    existing = get_contact(conn, peer)
+    if existing is not None and existing.name is not None:
+        blocked = " (blocked)" if existing.state is ContactState.BLOCKED else ""
+        raise ContactExistsError(f"this peer is already the contact {existing.name!r}{blocked}")
+    _check_name_free(conn, name, peer)
+    if existing is None:
+        conn.execute(
+            f"INSERT INTO contacts ({_CONTACT_COLUMNS}) VALUES (?, ?, 'contact', ?, ?, ?)",
+            (peer, name, int(bool(verified)), now, now),
+        )
+    else:
+        conn.execute(
+            "UPDATE contacts SET name = ?, state = 'contact', verified = ?, updated_at = ? WHERE peer_id = ?",
+            (name, int(bool(verified)), now, peer),
+        )
+    return _require_contact(conn, peer)
+
+
+def rename_contact(conn: sqlite3.Connection, peer_id: bytes, name: str, *, now: int) -> Contact:
+    """Rename a contact; raises :class:`UnknownContactError` or :class:`NameTakenError`."""
+    peer = _peer_id("peer_id", peer_id)
+    name = _name(name)
+    now = _timestamp("now", now)
+    _require_contact(conn, peer)
+    _check_name_free(conn, name, peer)
+    conn.execute("UPDATE contacts SET name = ?, updated_at = ? WHERE peer_id = ?", (name, now, peer))
+    return _require_contact(conn, peer)
+
+
+def remove_contact(conn: sqlite3.Connection, peer_id: bytes) -> bool:
+    """Forget a contact or blocked peer (the message history stays); return whether it was known."""
+    return conn.execute("DELETE FROM contacts WHERE peer_id = ?", (_peer_id("peer_id", peer_id),)).rowcount > 0
+
+
+def block_peer(conn: sqlite3.Connection, peer_id: bytes, *, now: int) -> Contact:
+    """Block a peer: a contact keeps its name and history; a stranger is recorded as a blocked peer without name."""
+    peer = _peer_id("peer_id", peer_id)
+    now = _timestamp("now", now)
+    conn.execute(
+        f"INSERT INTO contacts ({_CONTACT_COLUMNS}) VALUES (?, NULL, 'blocked', 0, ?, ?) "
+        "ON CONFLICT (peer_id) DO UPDATE SET state = 'blocked', updated_at = excluded.updated_at "
+        "WHERE state != 'blocked'",
+        (peer, now, now),
+    )
+    return _require_contact(conn, peer)
+
+
+def unblock_peer(conn: sqlite3.Connection, peer_id: bytes, *, now: int) -> bool:
+    """Unblock a peer: a named one becomes a contact again, a nameless one is forgotten.  Return whether it was
+    blocked."""
+    peer = _peer_id("peer_id", peer_id)
+    now = _timestamp("now", now)
+    if conn.execute("DELETE FROM contacts WHERE peer_id = ? AND state = 'blocked' AND name IS NULL", (peer,)).rowcount:
+        return True
+    cursor = conn.execute(
+        "UPDATE contacts SET state = 'contact', updated_at = ? WHERE peer_id = ? AND state = 'blocked'", (now, peer)
+    )
+    return cursor.rowcount > 0
+
+
+def set_verified(conn: sqlite3.Connection, peer_id: bytes, verified: bool, *, now: int) -> Contact:
+    """Set whether the contact's key was verified out of band; raises :class:`UnknownContactError`."""
+    peer = _peer_id("peer_id", peer_id)
+    now = _timestamp("now", now)
+    _require_contact(conn, peer)
+    conn.execute("UPDATE contacts SET verified = ?, updated_at = ? WHERE peer_id = ?", (int(bool(verified)), now, peer))
+    return _require_contact(conn, peer)
+
+
+def is_blocked(conn: sqlite3.Connection, peer_id: bytes) -> bool:
+    """Return whether the peer is blocked (checked when a channel opens and for every incoming message)."""
+    row = conn.execute(
+        "SELECT 1 FROM contacts WHERE peer_id = ? AND state = 'blocked'", (_peer_id("peer_id", peer_id),)
+    ).fetchone()
+    return row is not None
+
+
+# --------------------------------------------------------------------------------------------------- messages
+
+_MESSAGE_COLUMNS: Final = (
+    "seq, message_id, conversation, direction, sender, text, sent_at, stored_at, status, status_at, is_request"
+)
+
+
+def _message(row: Any) -> StoredMessage:
+    return StoredMessage(
+        seq=row[0],
+        message_id=bytes(row[1]),
+        conversation=bytes(row[2]),
+        direction=Direction(row[3]),
+        sender=bytes(row[4]),
+        text=row[5],
+        sent_at=row[6],
+        stored_at=row[7],
+        status=MessageStatus(row[8]),
+        status_at=row[9],
+        is_request=bool(row[10]),
+    )
+
+
+def enqueue(
+    conn: sqlite3.Connection,
+    *,
+    message_id: bytes,
+    recipient: bytes,
+    sender: bytes,
+    text: str,
+    sent_at: int,
+    envelope: bytes,
+    now: int,
+) -> StoredMessage:
+    """Store an outbound message (status ``queued``) and its outbox row, due at *now*, in the caller's transaction.
+
+    *sender* is this node's own peer id; *envelope* the sealed bytes to put on the wire (sent unchanged on every
+    retry).  Raises :class:`DuplicateMessageError` if *message_id* is already stored.
+    """
+    mid = _message_id(message_id)
+    peer = _peer_id("recipient", recipient)
+    own = _peer_id("sender", sender)
+    body = _text(text)
+    sent = _timestamp("sent_at", sent_at)
+    sealed = _bytes("envelope", envelope, min_size=1, max_size=MAX_ENVELOPE_SIZE)
+    now = _timestamp("now", now)
+    try:
+        cursor = conn.execute(
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (NULL, ?, ?, 'out', ?, ?, ?, ?, 'queued', ?, 0)",
+            (mid, peer, own, body, sent, now, now),
+        )
+    except sqlite3.IntegrityError as exc:
+        if get_message(conn, mid) is not None:
+            raise DuplicateMessageError(f"message id {mid.hex()} is already stored") from None
+        raise StoreArgumentError("message", f"refused by the schema: {exc}") from exc
+    seq = cursor.lastrowid
+    assert seq is not None
+    conn.execute(
+        "INSERT INTO outbox (seq, message_id, recipient, envelope, attempts, next_attempt_at, last_error, enqueued_at)"
+        " VALUES (?, ?, ?, ?, 0, ?, NULL, ?)",
+        (seq, mid, peer, sealed, now, now),
+    )
+    return StoredMessage(
+        seq=seq,
+        message_id=mid,
+        conversation=peer,
+        direction=Direction.OUT,
+        sender=own,
+        text=body,
+        sent_at=sent,
+        stored_at=now,
+        status=MessageStatus.QUEUED,
+        status_at=now,
+        is_request=False,
+    )
+
+
+def insert_incoming(
+    conn: sqlite3.Connection,
+    *,
+    message_id: bytes,
+    sender: bytes,
+    text: str,
+    sent_at: int,
+    now: int,
+    is_request: bool = False,
+    conversation: bytes | None = None,
+) -> bool:
+    """Store a received message; return ``False`` (and change nothing) if its id is already stored.
+
+    *conversation* defaults to *sender* (a one-to-one chat).  With *is_request* the message belongs to a message
+    request from a stranger: it is kept out of :func:`inbox` and counted in ``message_requests`` until
+    :func:`accept_request` or :func:`reject_request`.  *sent_at* is the sender's claim; the caller bounds it.
+    """
+    mid = _message_id(message_id)
+    peer = _peer_id("sender", sender)
+    conv = peer if conversation is None else _peer_id("conversation", conversation)
+    body = _text(text)
+    sent = _timestamp("sent_at", sent_at)
+    now = _timestamp("now", now)
+    request = int(bool(is_request))
+    cursor = conn.execute(
+        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (NULL, ?, ?, 'in', ?, ?, ?, ?, 'received', ?, ?) "
+        "ON CONFLICT (message_id) DO NOTHING",
+        (mid, conv, peer, body, sent, now, now, request),
+    )
+    if cursor.rowcount == 0:
+        return False
+    if request:
+        conn.execute(
+            "INSERT INTO message_requests (peer_id, first_at, last_at, message_count) VALUES (?, ?, ?, 1) "
+            "ON CONFLICT (peer_id) DO UPDATE SET last_at = max(last_at, excluded.last_at), "
+            "message_count = message_count + 1",
+            (conv, now, now),
+        )
+    return True
+
+
+def get_message(conn: sqlite3.Connection, message_id: bytes) -> StoredMessage | None:
+    """Return the message with this id, or ``None``."""
+    row = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ?", (_message_id(message_id),)
+    ).fetchone()
+    return None if row is None else _message(row)
+
+
+def history(
+    conn: sqlite3.Connection, conversation: bytes, *, limit: int = 50, before: HistoryCursor | None = None
+) -> list[StoredMessage]:
+    """Return up to *limit* messages of a conversation, oldest first, ordered by ``(sent_at, seq)``.
+
+    Without *before* these are the newest messages; with it, the newest ones strictly before that position (pass
+    ``page[0].cursor`` to page back).  The order is stable even when messages arrived out of order.
+    """
+    conv = _peer_id("conversation", conversation)
+    count = _limit(limit)
+    if before is None:
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation = ? ORDER BY sent_at DESC, seq DESC LIMIT ?",
+            (conv, count),
+        ).fetchall()
+    else:
+        if not isinstance(before, HistoryCursor):
+            raise StoreArgumentError("before", f"expected a HistoryCursor, got {type(before).__name__}")
+        sent = _timestamp("before.sent_at", before.sent_at)
+        seq = _int("before.seq", before.seq, low=0, high=MAX_TIMESTAMP)
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation = ? AND (sent_at, seq) < (?, ?) "
+            "ORDER BY sent_at DESC, seq DESC LIMIT ?",
+            (conv, sent, seq, count),
+        ).fetchall()
+    rows.reverse()
+    return [_message(row) for row in rows]
+
+
+def inbox(conn: sqlite3.Connection, *, limit: int = 50, before_seq: int | None = None) -> list[StoredMessage]:
+    """Return up to *limit* received messages that are not message requests, newest (highest ``seq``) first.
+
+    Pass the last result's ``seq`` as *before_seq* to page back.
+    """
+    count = _limit(limit)
+    if before_seq is None:
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE direction = 'in' AND is_request = 0 "
+            "ORDER BY seq DESC LIMIT ?",
+            (count,),
+        ).fetchall()
+    else:
+        seq = _int("before_seq", before_seq, low=0, high=MAX_TIMESTAMP)
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE direction = 'in' AND is_request = 0 AND seq < ? "
+            "ORDER BY seq DESC LIMIT ?",
+            (seq, count),
+        ).fetchall()
+    return [_message(row) for row in rows]
+
+
+# --------------------------------------------------------------------------------------------------- requests
+
+_REQUEST_COLUMNS: Final = "peer_id, first_at, last_at, message_count"
+
+
+def _request(row: Any) -> MessageRequest:
+    return MessageRequest(peer_id=bytes(row[0]), first_at=row[1], last_at=row[2], message_count=row[3])
+
+
+def get_request(conn: sqlite3.Connection, peer_id: bytes) -> MessageRequest | None:
+    """Return the pending message request of this peer, or ``None``."""
+    row = conn.execute(
+        f"SELECT {_REQUEST_COLUMNS} FROM message_requests WHERE peer_id = ?", (_peer_id("peer_id", peer_id),)
+    ).fetchone()
+    return None if row is None else _request(row)
+
+
+def list_requests(conn: sqlite3.Connection, *, limit: int = 100) -> list[MessageRequest]:
+    """Return pending message requests, most recently active first."""
+    rows = conn.execute(
+        f"SELECT {_REQUEST_COLUMNS} FROM message_requests ORDER BY last_at DESC, peer_id LIMIT ?", (_limit(limit),)
+    ).fetchall()
+    return [_request(row) for row in rows]
+
+
+def count_requests(conn: sqlite3.Connection) -> int:
+    """Return the number of pending message requests (for bounding them and for ``p2pmsg status``)."""
+    return int(conn.execute("SELECT count(*) FROM message_requests").fetchone()[0])
+
+
+def accept_request(conn: sqlite3.Connection, peer_id: bytes, *, name: str, now: int) -> Contact:
+    """Accept a stranger's request: add them as contact *name* and move their messages into the inbox.
+
+    If the peer became a contact in the meantime the existing contact is kept (and *name* ignored).  Raises
+    :class:`UnknownRequestError` if there is no pending request, :class:`NameTakenError` if the name is used.
+    """
+    peer = _peer_id("peer_id", peer_id)
+    _name(name)
+    now = _timestamp("now", now)
+    if get_request(conn, peer) is None:
+        raise UnknownRequestError(f"no pending message request from peer id {peer.hex()}")
+    existing = get_contact(conn, peer)
+    contact = (
+        add_contact(conn, peer_id=peer, name=name, now=now) if existing is None or existing.name is None else existing
+    )
+    conn.execute("UPDATE messages SET is_request = 0 WHERE conversation = ? AND is_request = 1", (peer,))
+    conn.execute("DELETE FROM message_requests WHERE peer_id = ?", (peer,))
+    return contact
+
+
+def reject_request(conn: sqlite3.Connection, peer_id: bytes, *, block: bool, now: int) -> int:
+    """Drop a stranger's request and its messages; with *block* also block the peer.  Return messages deleted."""
+    peer = _peer_id("peer_id", peer_id)
+    now = _timestamp("now", now)
+    deleted = conn.execute("DELETE FROM messages WHERE conversation = ? AND is_request = 1", (peer,)).rowcount
+    conn.execute("DELETE FROM message_requests WHERE peer_id = ?", (peer,))
+    if block:
+        block_peer(conn, peer, now=now)
+    return int(deleted)
+
+
+# --------------------------------------------------------------------------------------------------- outbox
+
+_OUTBOX_COLUMNS: Final = "message_id, seq, recipient, envelope, attempts, next_attempt_at, last_error, enqueued_at"
+
+
+def _outbox(row: Any) -> OutboxEntry:
+    return OutboxEntry(
+        message_id=bytes(row[0]),
+        seq=row[1],
+        recipient=bytes(row[2]),
+        envelope=bytes(row[3]),
+        attempts=row[4],
+        next_attempt_at=row[5],
+        last_error=row[6],
+        enqueued_at=row[7],
+    )
+
+
+def _outbound_status(conn: sqlite3.Connection, mid: bytes) -> tuple[int, bytes, MessageStatus] | None:
+    row = conn.execute(
+        "SELECT seq, conversation, status FROM messages WHERE message_id = ? AND direction = 'out'", (mid,)
+    ).fetchone()
+    return None if row is None else (row[0], bytes(row[1]), MessageStatus(row[2]))
+
+
+def _set_status(conn: sqlite3.Connection, seq: int, old: MessageStatus, new: MessageStatus, now: int) -> bool:
+    if old is new or not can_transition(old, new):
+        return False
+    conn.execute("UPDATE messages SET status = ?, status_at = ? WHERE seq = ?", (new.value, now, seq))
+    return True
+
+
+def get_outbox_entry(conn: sqlite3.Connection, message_id: bytes) -> OutboxEntry | None:
+    """Return the outbox row of this message, or ``None`` (delivered, failed or unknown)."""
+    row = conn.execute(
+        f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE seq = (SELECT seq FROM messages WHERE message_id = ?)",
+        (_message_id(message_id),),
+    ).fetchone()
+    return None if row is None else _outbox(row)
+
+
+def due(conn: sqlite3.Connection, *, now: int, limit: int = 100) -> list[OutboxEntry]:
+    """Return up to *limit* outbox entries whose ``next_attempt_at <= now``, earliest first (then in send order)."""
+    rows = conn.execute(
+        f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE next_attempt_at <= ? ORDER BY next_attempt_at, seq LIMIT ?",
+        (_timestamp("now", now), _limit(limit)),
+    ).fetchall()
+    return [_outbox(row) for row in rows]
+
+
+def due_for(conn: sqlite3.Connection, recipient: bytes, *, limit: int = 100) -> list[OutboxEntry]:
+    """Return up to *limit* outbox entries for *recipient* in send order, whatever their schedule (to flush the
+    queue when the recipient connects)."""
+    rows = conn.execute(
+        f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE recipient = ? ORDER BY seq LIMIT ?",
+        (_peer_id("recipient", recipient), _limit(limit)),
+    ).fetchall()
+    return [_outbox(row) for row in rows]
+
+
+def expedite(conn: sqlite3.Connection, recipient: bytes, *, now: int) -> int:
+    """Make every outbox entry of *recipient* due at *now* (it connected or its record changed); return how many."""
+    cursor = conn.execute(
+        "UPDATE outbox SET next_attempt_at = ? WHERE recipient = ? AND next_attempt_at > ?",
+        (_timestamp("now", now), _peer_id("recipient", recipient), now),
+    )
+    return int(cursor.rowcount)
+
+
+def outbox_depth(conn: sqlite3.Connection) -> int:
+    """Return the number of messages waiting for a delivery receipt."""
+    return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+
+def mark_sent(conn: sqlite3.Connection, message_id: bytes, *, now: int, retry_at: int) -> bool:
+    """Record that the envelope was written to the recipient's channel: status ``sent``, one more attempt, and the
+    next attempt at *retry_at* unless a receipt arrives first.  Return ``False`` if the message no longer waits for
+    a receipt (delivered or failed meanwhile, or unknown)."""
+    mid = _message_id(message_id)
+    now = _timestamp("now", now)
+    retry = _timestamp("retry_at", retry_at)
+    found = _outbound_status(conn, mid)
+    if found is None:
+        return False
+    seq, _, status = found
+    cursor = conn.execute(
+        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = NULL WHERE seq = ?",
+        (retry, seq),
+    )
+    if cursor.rowcount == 0:
+        return False
+    _set_status(conn, seq, status, MessageStatus.SENT, now)
+    return True
+
+
+def mark_delivered(conn: sqlite3.Connection, message_id: bytes, *, recipient: bytes, now: int) -> bool:
+    """Apply a delivery receipt from *recipient*: status ``delivered`` and the outbox row removed.
+
+    Return ``False`` (changing nothing) for a duplicate receipt, an unknown id, or a receipt from a peer that is not
+    the message's recipient (a peer cannot acknowledge messages sent to someone else).
+    """
+    mid = _message_id(message_id)
+    peer = _peer_id("recipient", recipient)
+    now = _timestamp("now", now)
+    found = _outbound_status(conn, mid)
+    if found is None or found[1] != peer:
+        return False
+    seq, _, status = found
+    changed = _set_status(conn, seq, status, MessageStatus.DELIVERED, now)
+    if changed:
+        conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+    return changed
+
+
+def reschedule(
+    conn: sqlite3.Connection,
+    message_id: bytes,
+    *,
+    now: int,
+    error: str,
+    backoff: Backoff = DEFAULT_BACKOFF,
+    rng: random.Random | None = None,
+) -> int | None:
+    """Record a failed attempt (*error* says why, truncated to 512 characters) and schedule the next one after an
+    exponential backoff with jitter (*rng* for tests).  Return the new ``next_attempt_at``, or ``None`` if the
+    message is no longer in the outbox."""
+    mid = _message_id(message_id)
+    now = _timestamp("now", now)
+    reason = _error_text(error)
+    row = conn.execute(
+        "SELECT seq, attempts FROM outbox WHERE seq = (SELECT seq FROM messages WHERE message_id = ?)", (mid,)
+    ).fetchone()
+    if row is None:
+        return None
+    seq, attempts = row[0], row[1] + 1
+    unit = (rng if rng is not None else random).random()
+    next_at = min(MAX_TIMESTAMP, now + backoff.delay_ms(attempts, unit))
+    conn.execute(
+        "UPDATE outbox SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE seq = ?",
+        (attempts, next_at, reason, seq),
+    )
+    return next_at
+
+
+def mark_failed(conn: sqlite3.Connection, message_id: bytes, *, now: int) -> bool:
+    """Give up on a message: status ``failed`` and the outbox row removed.  Return whether it was still pending."""
+    mid = _message_id(message_id)
+    now = _timestamp("now", now)
+    found = _outbound_status(conn, mid)
+    if found is None:
+        return False
+    seq, _, status = found
+    changed = _set_status(conn, seq, status, MessageStatus.FAILED, now)
+    if changed:
+        conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+    return changed
+
+
+# --------------------------------------------------------------------------------------------------- peer records
+
+_RECORD_COLUMNS: Final = "peer_id, record, seq, expires_at, fetched_at"
+
+
+def put_peer_record(
+    conn: sqlite3.Connection, *, peer_id: bytes, record: bytes, seq: int, expires_at: int, now: int
+) -> bool:
+    """Cache a signed peer record the caller has verified; the highest *seq* wins.
+
+    Return whether the cached record changed.  The same *seq* again only refreshes ``fetched_at``; a lower one is
+    ignored.
+    """
+    peer = _peer_id("peer_id", peer_id)
+    data = _bytes("record", record, min_size=1, max_size=MAX_PEER_RECORD_SIZE)
+    number = _int("seq", seq, low=0, high=MAX_TIMESTAMP)
+    expires = _timestamp("expires_at", expires_at)
+    now = _timestamp("now", now)
+    row = conn.execute("SELECT seq FROM peer_records WHERE peer_id = ?", (peer,)).fetchone()
+    if row is None:
+        conn.execute(
+            f"INSERT INTO peer_records ({_RECORD_COLUMNS}) VALUES (?, ?, ?, ?, ?)", (peer, data, number, expires, now)
+        )
+        return True
+    if number > row[0]:
+        conn.execute(
+            "UPDATE peer_records SET record = ?, seq = ?, expires_at = ?, fetched_at = ? WHERE peer_id = ?",
+            (data, number, expires, now, peer),
+        )
+        return True
+    if number == row[0]:
+        conn.execute("UPDATE peer_records SET fetched_at = ? WHERE peer_id = ?", (now, peer))
+    return False
+
+
+def get_peer_record(conn: sqlite3.Connection, peer_id: bytes) -> CachedPeerRecord | None:
+    """Return the cached record of this peer (expired or not: check :meth:`CachedPeerRecord.is_expired`)."""
+    row = conn.execute(
+        f"SELECT {_RECORD_COLUMNS} FROM peer_records WHERE peer_id = ?", (_peer_id("peer_id", peer_id),)
+    ).fetchone()
+    if row is None:
+        return None
+    return CachedPeerRecord(
+        peer_id=bytes(row[0]), record=bytes(row[1]), seq=row[2], expires_at=row[3], fetched_at=row[4]
+    )
+
+
+def delete_peer_record(conn: sqlite3.Connection, peer_id: bytes) -> bool:
+    """Forget a cached record (it failed: dial refused, wrong peer); return whether one was cached."""
+    return conn.execute("DELETE FROM peer_records WHERE peer_id = ?", (_peer_id("peer_id", peer_id),)).rowcount > 0
+
+
+def prune_peer_records(conn: sqlite3.Connection, *, now: int) -> int:
+    """Delete records expired at *now*; return how many."""
+    return int(conn.execute("DELETE FROM peer_records WHERE expires_at <= ?", (_timestamp("now", now),)).rowcount)
+
+
+# --------------------------------------------------------------------------------------------------- DHT nodes
+
+
+def _dht_node(value: object) -> tuple[bytes, str, int, int]:
+    if not isinstance(value, DhtNode):
+        raise StoreArgumentError("nodes", f"expected DhtNode items, got {type(value).__name__}")
+    node_id = _bytes("node_id", value.node_id, min_size=DHT_NODE_ID_SIZE, max_size=DHT_NODE_ID_SIZE)
+    _utf8("host", value.host)
+    if not 1 <= len(value.host) <= MAX_HOST_CHARS or any(c.isspace() or not c.isprintable() for c in value.host):
+        raise StoreArgumentError("host", f"must be 1..{MAX_HOST_CHARS} printable characters without spaces")
+    port = _int("port", value.port, low=1, high=65535)
+    return node_id, value.host, port, _timestamp("last_seen", value.last_seen)
+
+
+def save_dht_nodes(conn: sqlite3.Connection, nodes: Iterable[DhtNode]) -> int:
+    """Replace the saved routing table with *nodes* (the :data:`MAX_DHT_NODES` most recently seen; for a node id
+    given twice the most recent wins).  Return how many were saved."""
+    rows = sorted((_dht_node(node) for node in nodes), key=lambda r: r[3], reverse=True)
+    conn.execute("DELETE FROM dht_nodes")
+    saved = 0
+    for row in rows:
+        if saved >= MAX_DHT_NODES:
+            break
+        cursor = conn.execute(
+            "INSERT INTO dht_nodes (node_id, host, port, last_seen) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (node_id) DO NOTHING",
+            row,
+        )
+        saved += cursor.rowcount
+    return saved
+
+
+def load_dht_nodes(conn: sqlite3.Connection, *, limit: int = MAX_DHT_NODES) -> list[DhtNode]:
+    """Return the saved routing table, most recently seen first."""
+    rows = conn.execute(
+        "SELECT node_id, host, port, last_seen FROM dht_nodes ORDER BY last_seen DESC, node_id LIMIT ?",
+        (_limit(limit, high=MAX_DHT_NODES),),
+    ).fetchall()
+    return [DhtNode(node_id=bytes(r[0]), host=r[1], port=r[2], last_seen=r[3]) for r in rows]
