@@ -1,0 +1,439 @@
+"""The Database handle: writer thread, group commit, read pool, transaction ownership, cancellation, closing."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from p2pmsg.store import Database, open_database, repo
+from p2pmsg.store.errors import StoreArgumentError, StoreClosedError, StoreWriteError, TransactionControlError
+
+T0 = 1_700_000_000_000
+BOB = b"\x00\x24" + bytes(range(1, 37))
+ME = b"\x00\x24" + bytes(range(36))
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    async with open_database(tmp_path / "node.db") as handle:
+        yield handle
+
+
+def put(key: str) -> Callable[[sqlite3.Connection], str]:
+    def fn(conn: sqlite3.Connection) -> str:
+        repo.set_setting(conn, key, b"v", now=T0)
+        return key
+
+    return fn
+
+
+async def keys(db: Database) -> set[str]:
+    rows = await db.read(lambda c: c.execute("SELECT key FROM settings").fetchall())
+    return {r[0] for r in rows}
+
+
+class Gate:
+    """Blocks the writer thread inside a write function until released (to line up a batch deterministically)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def fn(self, conn: sqlite3.Connection) -> str:
+        self.entered.set()
+        if not self.release.wait(10):
+            raise AssertionError("gate never released")
+        return "gate"
+
+    async def wait_entered(self) -> None:
+        await trio.to_thread.run_sync(self.entered.wait, 10)
+
+
+async def test_write_returns_result_and_read_sees_it(db: Database) -> None:
+    assert db.schema_version == 1
+    assert await db.write(put("a")) == "a"
+    assert await keys(db) == {"a"}
+
+
+async def test_write_exception_rolls_back_and_propagates(db: Database) -> None:
+    def fn(conn: sqlite3.Connection) -> None:
+        repo.set_setting(conn, "half", b"v", now=T0)
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        await db.write(fn)
+    assert await keys(db) == set()
+    assert await db.write(put("after")) == "after"  # the connection is usable again, no transaction left open
+
+
+async def test_concurrent_writes_are_group_committed_and_isolated(db: Database) -> None:
+    gate = Gate()
+    results: dict[str, object] = {}
+
+    def failing(conn: sqlite3.Connection) -> None:
+        repo.set_setting(conn, "bad", b"v", now=T0)
+        raise RuntimeError("this one fails")
+
+    async def run(name: str, fn: object) -> None:
+        try:
+            results[name] = await db.write(fn)  # type: ignore[arg-type]
+        except RuntimeError as exc:
+            results[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, "gate", gate.fn)
+        await gate.wait_entered()
+        before = db.stats
+        for i in range(10):
+            nursery.start_soon(run, f"k{i}", put(f"k{i}"))
+        nursery.start_soon(run, "bad", failing)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.release.set()
+    after = db.stats
+    assert isinstance(results.pop("bad"), RuntimeError)
+    assert results == {"gate": "gate", **{f"k{i}": f"k{i}" for i in range(10)}}
+    assert await keys(db) == {f"k{i}" for i in range(10)}
+    # The ten writes queued behind the gate committed together, in one transaction.
+    assert after.transactions - before.transactions == 2
+    assert after.largest_batch == 10
+
+
+async def test_max_batch_bounds_the_transaction(tmp_path: Path) -> None:
+    async with open_database(tmp_path / "b.db", max_batch=3) as db:
+        gate = Gate()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(db.write, gate.fn)
+            await gate.wait_entered()
+            for i in range(7):
+                nursery.start_soon(db.write, put(f"k{i}"))
+            await trio.testing.wait_all_tasks_blocked()
+            gate.release.set()
+        assert db.stats.largest_batch == 3
+        assert db.stats.transactions == 4  # the gate, then 3 + 3 + 1
+        assert db.stats.writes == 8
+
+
+@pytest.mark.parametrize(
+    ("sql", "what"),
+    [
+        ("COMMIT", "COMMIT"),
+        ("ROLLBACK", "ROLLBACK"),
+        ("BEGIN", "BEGIN"),
+        ("PRAGMA synchronous = OFF", "PRAGMA synchronous"),
+        ("PRAGMA foreign_keys = OFF", "PRAGMA foreign_keys"),
+        ("PRAGMA journal_mode = DELETE", "PRAGMA journal_mode"),
+        ("ATTACH ':memory:' AS other", "attach"),
+        ("RELEASE p2pmsg_store_request", "savepoint"),
+    ],
+)
+async def test_write_functions_cannot_control_the_transaction(db: Database, sql: str, what: str) -> None:
+    def fn(conn: sqlite3.Connection) -> None:
+        repo.set_setting(conn, "mine", b"v", now=T0)
+        conn.execute(sql)
+
+    with pytest.raises(TransactionControlError, match=what):
+        await db.write(fn)
+    assert await keys(db) == set()
+    assert await db.write(put("ok")) == "ok"
+
+
+async def test_commit_method_is_refused_too(db: Database) -> None:
+    def fn(conn: sqlite3.Connection) -> None:
+        repo.set_setting(conn, "mine", b"v", now=T0)
+        conn.commit()
+
+    with pytest.raises(TransactionControlError):
+        await db.write(fn)
+    assert await keys(db) == set()
+
+
+async def test_write_functions_may_read_schema_pragmas_and_use_own_savepoints(db: Database) -> None:
+    def fn(conn: sqlite3.Connection) -> list[str]:
+        conn.execute("SAVEPOINT mine")
+        repo.set_setting(conn, "kept", b"v", now=T0)
+        conn.execute("RELEASE mine")
+        conn.execute("SAVEPOINT undo")
+        repo.set_setting(conn, "undone", b"v", now=T0)
+        conn.execute("ROLLBACK TO undo")
+        conn.execute("RELEASE undo")
+        return [row[1] for row in conn.execute("PRAGMA table_info(settings)")]
+
+    assert await db.write(fn) == ["key", "value", "updated_at"]
+    assert await keys(db) == {"kept"}
+
+
+async def test_reads_are_read_only(db: Database) -> None:
+    with pytest.raises(sqlite3.OperationalError, match=r"readonly|read-only|query_only"):
+        await db.read(lambda c: c.execute("INSERT INTO settings VALUES ('x', x'00', 1)"))
+
+
+async def test_reads_run_concurrently_with_a_blocked_writer(db: Database) -> None:
+    await db.write(put("before"))
+    gate = Gate()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.write, gate.fn)
+        await gate.wait_entered()
+        # The writer is busy inside a transaction; readers still get the last committed snapshot.
+        assert await keys(db) == {"before"}
+        gate.release.set()
+
+
+async def test_read_snapshot_is_consistent_within_one_call(db: Database) -> None:
+    reading = threading.Event()
+    go_on = threading.Event()
+
+    def reader(conn: sqlite3.Connection) -> tuple[int, int]:
+        first = conn.execute("SELECT count(*) FROM settings").fetchone()[0]
+        reading.set()
+        go_on.wait(10)
+        second = conn.execute("SELECT count(*) FROM settings").fetchone()[0]
+        return first, second
+
+    async with trio.open_nursery() as nursery:
+        result: list[tuple[int, int]] = []
+
+        async def run_reader() -> None:
+            result.append(await db.read(reader))
+
+        nursery.start_soon(run_reader)
+        await trio.to_thread.run_sync(reading.wait, 10)
+        await db.write(put("new"))
+        go_on.set()
+    assert result == [(0, 0)]
+    assert await keys(db) == {"new"}
+
+
+# --------------------------------------------------------------------------------------------------- cancellation
+
+
+async def test_cancel_while_queued_withdraws_the_write(db: Database) -> None:
+    gate = Gate()
+    ran = threading.Event()
+
+    def queued(conn: sqlite3.Connection) -> None:
+        ran.set()
+        repo.set_setting(conn, "queued", b"v", now=T0)
+
+    outcome: list[str] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.write, gate.fn)
+        await gate.wait_entered()
+        scope = trio.CancelScope()
+
+        async def writer() -> None:
+            with scope:
+                await db.write(queued)
+                outcome.append("returned")
+            outcome.append("cancelled" if scope.cancelled_caught else "not cancelled")
+
+        nursery.start_soon(writer)
+        await trio.testing.wait_all_tasks_blocked()
+        scope.cancel()
+        # The cancelled write finishes at once, while the writer thread is still blocked in the gate.
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == ["cancelled"]
+        assert not gate.release.is_set()
+        gate.release.set()
+    assert not ran.is_set()
+    assert await keys(db) == set()
+    assert await db.write(put("next")) == "next"
+
+
+async def test_cancel_while_running_waits_and_commits_the_whole_write(db: Database) -> None:
+    entered = threading.Event()
+    release = threading.Event()
+
+    def slow(conn: sqlite3.Connection) -> str:
+        repo.set_setting(conn, "first", b"v", now=T0)
+        entered.set()
+        release.wait(10)
+        repo.set_setting(conn, "second", b"v", now=T0)
+        return "committed"
+
+    events: list[str] = []
+    scope = trio.CancelScope()
+
+    async def writer() -> None:
+        with scope:
+            events.append(await db.write(slow))
+            await trio.lowlevel.checkpoint()  # the cancellation is delivered here, after the result
+            events.append("not reached")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await trio.to_thread.run_sync(entered.wait, 10)
+        scope.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert events == []  # not abandoned: still waiting for the transaction to end
+        release.set()
+    assert events == ["committed"]
+    assert scope.cancelled_caught
+    assert await keys(db) == {"first", "second"}
+
+
+async def test_cancelled_batch_member_does_not_disturb_the_others(db: Database) -> None:
+    gate = Gate()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.write, gate.fn)
+        await gate.wait_entered()
+        nursery.start_soon(db.write, put("a"))
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await db.write(put("cancelled"))
+        nursery.start_soon(db.write, put("b"))
+        await trio.testing.wait_all_tasks_blocked()
+        gate.release.set()
+    assert await keys(db) == {"a", "b"}
+
+
+async def test_cancelling_a_burst_never_leaves_a_half_enqueue(tmp_path: Path) -> None:
+    """Eight writers enqueue in a loop and are cancelled mid-burst: every stored message has its outbox row, and the
+    stored messages are exactly those whose ``await db.write`` returned (a cancelled write was not written)."""
+    returned: list[bytes] = []
+    async with open_database(tmp_path / "t.db") as db:
+        async with trio.open_nursery() as nursery:
+
+            async def burst(worker: int) -> None:
+                for n in range(100_000):
+                    message_id = (worker * 1_000_000 + n).to_bytes(16, "big")
+                    await db.write(
+                        lambda c, m=message_id: repo.enqueue(
+                            c, message_id=m, recipient=BOB, sender=ME, text="x" * 200, sent_at=T0, envelope=b"e", now=T0
+                        )
+                    )
+                    returned.append(message_id)
+                    if len(returned) >= 400:
+                        nursery.cancel_scope.cancel()
+
+            for worker in range(8):
+                nursery.start_soon(burst, worker)
+        counts = await db.read(
+            lambda c: c.execute(
+                "SELECT (SELECT count(*) FROM messages), (SELECT count(*) FROM outbox),"
+                " (SELECT count(*) FROM messages m LEFT JOIN outbox o ON o.seq = m.seq WHERE o.seq IS NULL)"
+            ).fetchone()
+        )
+        stored = await db.read(lambda c: {bytes(r[0]) for r in c.execute("SELECT message_id FROM messages")})
+    assert len(returned) >= 400
+    assert counts[0] == counts[1] and counts[2] == 0
+    assert stored == set(returned)
+
+
+# --------------------------------------------------------------------------------------------------- failures
+
+
+async def test_sqlite_aborting_the_transaction_fails_every_uncommitted_write(db: Database) -> None:
+    """SQLITE_FULL rolls the whole transaction back: writes batched before it must not be reported as written."""
+    writer = db._writer
+    await writer.submit(lambda _: writer.conn.execute("PRAGMA max_page_count = 60"), raw=True)  # type: ignore[union-attr]
+    gate = Gate()
+    results: dict[str, object] = {}
+
+    async def run(name: str, fn: object) -> None:
+        try:
+            results[name] = await db.write(fn)  # type: ignore[arg-type]
+        except Exception as exc:
+            results[name] = exc
+
+    def huge(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO settings VALUES ('huge', zeroblob(65536), 1)")
+        for i in range(200):
+            conn.execute("INSERT INTO peer_records VALUES (?, zeroblob(8000), 1, 1, 1)", (bytes([i + 1]) * 38,))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, "gate", gate.fn)
+        await gate.wait_entered()
+        nursery.start_soon(run, "early", put("early"))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(run, "huge", huge)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(run, "late", put("late"))
+        await trio.testing.wait_all_tasks_blocked()
+        gate.release.set()
+    assert results["gate"] == "gate"  # committed alone, before the batch
+    assert isinstance(results["early"], StoreWriteError)
+    assert isinstance(results["huge"], sqlite3.OperationalError)
+    assert results["late"] == "late"
+    assert await keys(db) == {"late"}
+    assert db.stats.failed_commits == 1
+
+
+# --------------------------------------------------------------------------------------------------- lifecycle
+
+
+async def test_closed_database_refuses_work_and_close_is_idempotent(tmp_path: Path) -> None:
+    async with open_database(tmp_path / "c.db") as db:
+        await db.write(put("a"))
+    assert db.closed
+    with pytest.raises(StoreClosedError):
+        await db.write(put("b"))
+    with pytest.raises(StoreClosedError):
+        await db.read(lambda c: 1)
+    await db.aclose()
+    assert not db._writer.thread.is_alive()
+    # The last connection closed: SQLite checkpointed and removed the WAL.
+    assert not (tmp_path / "c.db-wal").exists()
+
+
+async def test_close_finishes_queued_writes(tmp_path: Path) -> None:
+    async with open_database(tmp_path / "q.db") as db:
+        gate = Gate()
+        results: list[object] = []
+
+        async def run(fn: object) -> None:
+            results.append(await db.write(fn))  # type: ignore[arg-type]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, gate.fn)
+            await gate.wait_entered()
+            for i in range(3):
+                nursery.start_soon(run, put(f"k{i}"))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(db.aclose)
+            await trio.testing.wait_all_tasks_blocked()
+            gate.release.set()
+    assert sorted(map(str, results)) == ["gate", "k0", "k1", "k2"]
+    async with open_database(tmp_path / "q.db") as again:
+        assert await keys(again) == {"k0", "k1", "k2"}
+
+
+async def test_cancelled_body_still_closes(tmp_path: Path) -> None:
+    with trio.CancelScope() as scope:
+        async with open_database(tmp_path / "x.db") as db:
+            await db.write(put("a"))
+            scope.cancel()
+            await trio.sleep_forever()
+    assert db.closed and not db._writer.thread.is_alive()
+
+
+async def test_file_is_private_and_in_wal_mode(db: Database) -> None:
+    assert stat.S_IMODE(os.stat(db.path).st_mode) == 0o600
+    await db.write(put("a"))
+    wal = Path(str(db.path) + "-wal")
+    assert wal.exists() and stat.S_IMODE(os.stat(wal).st_mode) == 0o600
+    mode = await db.read(lambda c: c.execute("PRAGMA journal_mode").fetchone()[0])
+    assert mode == "wal"
+    settings = await db.write(
+        lambda c: (c.execute("PRAGMA synchronous").fetchone()[0], c.execute("PRAGMA foreign_keys").fetchone()[0])
+    )
+    assert settings == (2, 1)  # FULL, on
+
+
+async def test_open_arguments_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(StoreArgumentError, match="readers"):
+        async with open_database(tmp_path / "a.db", readers=0):
+            pass
+    with pytest.raises(StoreArgumentError, match="max_batch"):
+        async with open_database(tmp_path / "a.db", max_batch=0):
+            pass
+    with pytest.raises(FileNotFoundError):
+        async with open_database(tmp_path / "missing-dir" / "a.db"):
+            pass

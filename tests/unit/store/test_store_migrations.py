@@ -1,0 +1,231 @@
+"""Schema migrations: creation from empty, re-open, refusing newer or foreign files, step-by-step upgrades."""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from p2pmsg.store import open_database, repo
+from p2pmsg.store.errors import (
+    ForeignDatabaseError,
+    MigrationError,
+    SchemaTooNewError,
+    StoreArgumentError,
+)
+from p2pmsg.store.migrations import APPLICATION_ID, LATEST_VERSION, MIGRATIONS, Migration, migrate, schema_version
+
+T0 = 1_700_000_000_000
+
+EXPECTED_TABLES = {"settings", "contacts", "message_requests", "messages", "outbox", "peer_records", "dht_nodes"}
+EXPECTED_INDEXES = {
+    "message_requests_by_last_at",
+    "messages_by_conversation",
+    "messages_inbox",
+    "outbox_due",
+    "outbox_by_recipient",
+    "peer_records_by_expiry",
+    "dht_nodes_by_last_seen",
+}
+
+
+def _schema(path: Path) -> tuple[int, int, set[str], set[str]]:
+    with sqlite3.connect(path) as conn:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        indexes = {
+            r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL")
+        }
+    conn.close()
+    return version, app_id, tables - {"sqlite_sequence"}, indexes
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_creates_schema_from_empty_and_reopens_without_change(tmp_path: Path) -> None:
+    path = tmp_path / "node.db"
+    async with open_database(path) as db:
+        assert db.schema_version == LATEST_VERSION == len(MIGRATIONS)
+        await db.write(lambda c: repo.add_contact(c, peer_id=b"\x01" * 38, name="bob", now=T0))
+    assert _schema(path) == (LATEST_VERSION, APPLICATION_ID, EXPECTED_TABLES, EXPECTED_INDEXES)
+    async with open_database(path) as db:
+        assert db.schema_version == LATEST_VERSION
+        contact = await db.read(lambda c: repo.find_contact(c, "bob"))
+        assert contact is not None and contact.peer_id == b"\x01" * 38
+    assert _schema(path)[0] == LATEST_VERSION
+
+
+async def test_refuses_a_newer_schema_and_leaves_the_file_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "future.db"
+    async with open_database(path):
+        pass
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA user_version = {LATEST_VERSION + 1}")
+        conn.execute("PRAGMA journal_mode = DELETE")  # as a newer p2pmsg might leave it
+    conn.close()
+    before = _digest(path)
+    with pytest.raises(SchemaTooNewError) as info:
+        async with open_database(path):
+            pytest.fail("opened a database newer than the code")
+    assert (info.value.found, info.value.supported) == (LATEST_VERSION + 1, LATEST_VERSION)
+    assert "upgrade p2pmsg" in str(info.value)
+    assert _digest(path) == before
+    assert not Path(str(path) + "-wal").exists()
+
+
+async def test_refuses_a_database_of_another_application(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA application_id = 1234")
+        conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    before = _digest(path)
+    with pytest.raises(ForeignDatabaseError, match="another application"):
+        async with open_database(path):
+            pass
+    assert _digest(path) == before
+
+
+async def test_refuses_tables_without_a_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "unversioned.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (x)")
+    conn.close()
+    with pytest.raises(ForeignDatabaseError, match="no p2pmsg schema version"):
+        async with open_database(path):
+            pass
+
+
+async def test_refuses_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"definitely not an SQLite database file" * 200)
+    before = _digest(path)
+    with pytest.raises(ForeignDatabaseError, match="not a usable SQLite database"):
+        async with open_database(path):
+            pass
+    assert _digest(path) == before
+
+
+# --------------------------------------------------------------------------------------------------- the machinery
+
+V2 = Migration(
+    version=2,
+    description="add contacts.note",
+    statements=("ALTER TABLE contacts ADD COLUMN note TEXT",),
+)
+
+
+def _mark_migrated(conn: sqlite3.Connection) -> None:
+    conn.execute("INSERT INTO settings VALUES ('v3-ran', x'01', 0)")
+
+
+V3 = Migration(
+    version=3,
+    description="a Python step",
+    statements=("CREATE TABLE extra (x INTEGER)",),
+    apply=_mark_migrated,
+)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def test_migrates_step_by_step_from_an_older_version(tmp_path: Path) -> None:
+    conn = _connect(tmp_path / "old.db")
+    assert migrate(conn, MIGRATIONS) == 1
+    repo.add_contact(conn, peer_id=b"\x01" * 38, name="bob", now=T0)
+    assert migrate(conn, (*MIGRATIONS, V2, V3)) == 3
+    assert schema_version(conn) == 3
+    assert conn.execute("SELECT name, note FROM contacts").fetchall() == [("bob", None)]
+    assert conn.execute("SELECT value FROM settings WHERE key = 'v3-ran'").fetchone() == (b"\x01",)
+    assert migrate(conn, (*MIGRATIONS, V2, V3)) == 3  # nothing left to do
+    conn.close()
+
+
+def test_failing_step_is_rolled_back_and_earlier_steps_kept(tmp_path: Path) -> None:
+    broken = Migration(
+        version=3,
+        description="broken",
+        statements=("CREATE TABLE half_done (x)", "ALTER TABLE no_such_table ADD COLUMN y"),
+    )
+    conn = _connect(tmp_path / "broken.db")
+    with pytest.raises(MigrationError, match=r"version 3 \(broken\)"):
+        migrate(conn, (*MIGRATIONS, V2, broken))
+    assert schema_version(conn) == 2
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
+    assert not conn.in_transaction
+    conn.close()
+
+
+def test_python_step_exception_rolls_back(tmp_path: Path) -> None:
+    def explode(conn: sqlite3.Connection) -> None:
+        raise RuntimeError("data migration failed")
+
+    conn = _connect(tmp_path / "py.db")
+    with pytest.raises(RuntimeError, match="data migration failed"):
+        migrate(
+            conn,
+            (*MIGRATIONS, Migration(version=2, description="x", statements=("CREATE TABLE t (x)",), apply=explode)),
+        )
+    assert schema_version(conn) == 1
+    conn.close()
+
+
+async def test_open_database_applies_given_migrations(tmp_path: Path) -> None:
+    path = tmp_path / "up.db"
+    async with open_database(path) as db:
+        assert db.schema_version == 1
+    async with open_database(path, migrations=(*MIGRATIONS, V2)) as db:
+        assert db.schema_version == 2
+        assert await db.read(lambda c: [r[1] for r in c.execute("PRAGMA table_info(contacts)")][-1]) == "note"
+    # The older code now refuses the file.
+    with pytest.raises(SchemaTooNewError):
+        async with open_database(path):
+            pass
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        (),
+        (V2,),
+        (*MIGRATIONS, V3),
+        (*MIGRATIONS, V2, V2),
+    ],
+    ids=["empty", "starts-at-2", "gap", "duplicate"],
+)
+def test_migration_list_must_be_contiguous(tmp_path: Path, steps: tuple[Migration, ...]) -> None:
+    conn = _connect(tmp_path / "x.db")
+    with pytest.raises(StoreArgumentError, match="migrations"):
+        migrate(conn, steps)
+    assert schema_version(conn) == 0
+    conn.close()
+
+
+def test_schema_checks_back_the_repository_limits(tmp_path: Path) -> None:
+    """The CHECK constraints refuse bad rows even when the repository is bypassed."""
+    conn = _connect(tmp_path / "checks.db")
+    migrate(conn)
+    bad_statements = [
+        "INSERT INTO messages (message_id, conversation, direction, sender, text, sent_at, stored_at, status,"
+        " status_at) VALUES (x'00', x'01', 'in', x'01', 't', 1, 1, 'received', 1)",
+        "INSERT INTO messages (message_id, conversation, direction, sender, text, sent_at, stored_at, status,"
+        " status_at) VALUES (zeroblob(16), x'01', 'in', x'01', 't', 1, 1, 'queued', 1)",
+        "INSERT INTO messages (message_id, conversation, direction, sender, text, sent_at, stored_at, status,"
+        " status_at, is_request) VALUES (zeroblob(16), x'01', 'out', x'01', 't', 1, 1, 'queued', 1, 1)",
+        "INSERT INTO messages (message_id, conversation, direction, sender, text, sent_at, stored_at, status,"
+        " status_at) VALUES ('sixteen chars!!!', x'01', 'in', x'01', 't', 1, 1, 'received', 1)",
+        "INSERT INTO contacts VALUES (x'01', NULL, 'contact', 0, 1, 1)",
+        "INSERT INTO contacts VALUES (x'01', 'n', 'friend', 0, 1, 1)",
+        "INSERT INTO dht_nodes VALUES (zeroblob(20), 'h', 70000, 1)",
+    ]
+    for statement in bad_statements:
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute(statement)
+    conn.close()

@@ -1,0 +1,547 @@
+"""Repository functions of p2pmsg.store.repo, run on a migrated SQLite file (synchronously, one statement per
+transaction; the transactional wrapper is tested in test_store_db.py)."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pmsg.errors import LocalProtocolError
+from p2pmsg.store import repo
+from p2pmsg.store.errors import (
+    ContactExistsError,
+    DuplicateMessageError,
+    NameTakenError,
+    StoreArgumentError,
+    UnknownContactError,
+    UnknownRequestError,
+)
+from p2pmsg.store.migrations import migrate
+from p2pmsg.store.models import (
+    MAX_DHT_NODES,
+    MAX_ERROR_CHARS,
+    MAX_TEXT_BYTES,
+    STATUS_TRANSITIONS,
+    Backoff,
+    ContactState,
+    DhtNode,
+    Direction,
+    HistoryCursor,
+    MessageStatus,
+    can_transition,
+)
+
+ME = b"\x00\x24" + bytes(range(36))
+BOB = b"\x00\x24" + bytes(range(1, 37))
+CAROL = b"\x00\x24" + bytes(range(2, 38))
+EVE = b"\x00\x24" + bytes(range(3, 39))
+T0 = 1_700_000_000_000
+
+
+def mid(n: int) -> bytes:
+    return n.to_bytes(16, "big")
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    migrate(conn)
+    return conn
+
+
+@pytest.fixture
+def conn() -> Iterator[sqlite3.Connection]:
+    c = _connect(":memory:")
+    yield c
+    c.close()
+
+
+def send(conn: sqlite3.Connection, n: int, *, to: bytes = BOB, sent_at: int = T0, text: str = "hi") -> None:
+    repo.enqueue(
+        conn, message_id=mid(n), recipient=to, sender=ME, text=text, sent_at=sent_at, envelope=b"E%d" % n, now=sent_at
+    )
+
+
+# --------------------------------------------------------------------------------------------------- settings
+
+
+def test_settings_roundtrip_replace_delete(conn: sqlite3.Connection) -> None:
+    assert repo.get_setting(conn, "accept_from") is None
+    repo.set_setting(conn, "accept_from", b"contacts", now=T0)
+    repo.set_setting(conn, "accept_from", b"anyone", now=T0 + 1)
+    assert repo.get_setting(conn, "accept_from") == b"anyone"
+    repo.set_setting(conn, "empty", b"", now=T0)
+    assert repo.get_setting(conn, "empty") == b""
+    assert repo.delete_setting(conn, "accept_from") is True
+    assert repo.delete_setting(conn, "accept_from") is False
+    assert repo.get_setting(conn, "accept_from") is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field"),
+    [("", b"x", "key"), ("k" * 129, b"x", "key"), ("k", "text", "value"), ("k", b"x" * 65537, "value")],
+)
+def test_settings_refuse_bad_arguments(conn: sqlite3.Connection, key: str, value: object, field: str) -> None:
+    with pytest.raises(StoreArgumentError) as info:
+        repo.set_setting(conn, key, value, now=T0)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert isinstance(info.value, LocalProtocolError)
+
+
+# --------------------------------------------------------------------------------------------------- contacts
+
+
+def test_contacts_add_find_list_rename_remove(conn: sqlite3.Connection) -> None:
+    bob = repo.add_contact(conn, peer_id=BOB, name="bob", now=T0)
+    assert (bob.peer_id, bob.name, bob.state, bob.verified, bob.added_at) == (
+        BOB,
+        "bob",
+        ContactState.CONTACT,
+        False,
+        T0,
+    )
+    repo.add_contact(conn, peer_id=CAROL, name="Carol", now=T0, verified=True)
+    assert repo.find_contact(conn, "BOB") == bob  # ASCII case-insensitive
+    assert repo.get_contact(conn, BOB) == bob
+    assert [c.name for c in repo.list_contacts(conn)] == ["bob", "Carol"]
+    renamed = repo.rename_contact(conn, BOB, "robert", now=T0 + 5)
+    assert (renamed.name, renamed.updated_at, renamed.added_at) == ("robert", T0 + 5, T0)
+    assert repo.find_contact(conn, "bob") is None
+    assert repo.remove_contact(conn, BOB) is True
+    assert repo.remove_contact(conn, BOB) is False
+    assert repo.get_contact(conn, BOB) is None
+
+
+def test_contact_names_are_unique_and_peers_not_added_twice(conn: sqlite3.Connection) -> None:
+    repo.add_contact(conn, peer_id=BOB, name="bob", now=T0)
+    with pytest.raises(NameTakenError, match="'Bob'"):
+        repo.add_contact(conn, peer_id=CAROL, name="Bob", now=T0)
+    with pytest.raises(ContactExistsError, match="'bob'"):
+        repo.add_contact(conn, peer_id=BOB, name="bobby", now=T0)
+    repo.add_contact(conn, peer_id=CAROL, name="carol", now=T0)
+    with pytest.raises(NameTakenError):
+        repo.rename_contact(conn, CAROL, "BOB", now=T0)
+    assert repo.rename_contact(conn, BOB, "Bob", now=T0).name == "Bob"  # renaming to its own name differently cased
+    with pytest.raises(UnknownContactError):
+        repo.rename_contact(conn, EVE, "eve", now=T0)
+    with pytest.raises(UnknownContactError):
+        repo.set_verified(conn, EVE, True, now=T0)
+
+
+@pytest.mark.parametrize("name", ["", " bob", "bob ", "a\nb", "a\u200bb", "x" * 65, "\udc80"])
+def test_contact_names_are_validated(conn: sqlite3.Connection, name: str) -> None:
+    with pytest.raises(StoreArgumentError) as info:
+        repo.add_contact(conn, peer_id=BOB, name=name, now=T0)
+    assert info.value.field == "name"
+
+
+def test_block_contact_and_stranger(conn: sqlite3.Connection) -> None:
+    repo.add_contact(conn, peer_id=BOB, name="bob", now=T0)
+    blocked = repo.block_peer(conn, BOB, now=T0 + 1)
+    assert (blocked.state, blocked.name) == (ContactState.BLOCKED, "bob")
+    stranger = repo.block_peer(conn, EVE, now=T0 + 2)
+    assert (stranger.state, stranger.name) == (ContactState.BLOCKED, None)
+    assert repo.is_blocked(conn, BOB) and repo.is_blocked(conn, EVE) and not repo.is_blocked(conn, CAROL)
+    assert [c.peer_id for c in repo.list_contacts(conn, state=ContactState.BLOCKED)] == [BOB, EVE]
+    assert repo.list_contacts(conn, state=ContactState.CONTACT) == []
+    # A blocked contact cannot be added again; a blocked stranger can (it becomes a contact).
+    with pytest.raises(ContactExistsError, match="blocked"):
+        repo.add_contact(conn, peer_id=BOB, name="bob2", now=T0)
+    eve = repo.add_contact(conn, peer_id=EVE, name="eve", now=T0 + 3)
+    assert (eve.state, eve.name, eve.added_at) == (ContactState.CONTACT, "eve", T0 + 2)
+    # Unblocking: the named contact is restored, a nameless blocked peer is forgotten.
+    repo.block_peer(conn, CAROL, now=T0)
+    assert repo.unblock_peer(conn, BOB, now=T0 + 4) is True
+    assert repo.get_contact(conn, BOB).state is ContactState.CONTACT  # type: ignore[union-attr]
+    assert repo.unblock_peer(conn, BOB, now=T0 + 4) is False
+    assert repo.unblock_peer(conn, CAROL, now=T0 + 4) is True
+    assert repo.get_contact(conn, CAROL) is None
+
+
+def test_set_verified(conn: sqlite3.Connection) -> None:
+    repo.add_contact(conn, peer_id=BOB, name="bob", now=T0)
+    assert repo.set_verified(conn, BOB, True, now=T0 + 1).verified is True
+    assert repo.set_verified(conn, BOB, False, now=T0 + 2).verified is False
+
+
+@pytest.mark.parametrize("peer", [b"", b"x" * 65, "peer", 12])
+def test_peer_ids_are_validated(conn: sqlite3.Connection, peer: object) -> None:
+    with pytest.raises(StoreArgumentError) as info:
+        repo.get_contact(conn, peer)  # type: ignore[arg-type]
+    assert info.value.field == "peer_id"
+
+
+# --------------------------------------------------------------------------------------------------- messages
+
+
+def test_incoming_is_deduplicated_by_id(conn: sqlite3.Connection) -> None:
+    assert repo.insert_incoming(conn, message_id=mid(1), sender=BOB, text="hello", sent_at=T0, now=T0 + 5) is True
+    # The sender retries (our receipt was lost): same id, stored once, the first copy kept.
+    assert repo.insert_incoming(conn, message_id=mid(1), sender=BOB, text="changed", sent_at=T0, now=T0 + 9) is False
+    rows = repo.history(conn, BOB)
+    assert [(m.text, m.stored_at, m.status, m.direction) for m in rows] == [
+        ("hello", T0 + 5, MessageStatus.RECEIVED, Direction.IN)
+    ]
+    # An id is unique across directions and conversations too.
+    send(conn, 2)
+    assert repo.insert_incoming(conn, message_id=mid(2), sender=CAROL, text="x", sent_at=T0, now=T0) is False
+    with pytest.raises(DuplicateMessageError):
+        send(conn, 1)
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 2
+
+
+def test_history_orders_by_sender_timestamp_then_arrival(conn: sqlite3.Connection) -> None:
+    # Arrival order differs from the sender's order; two messages share a timestamp.
+    arrivals = [(3, T0 + 300), (1, T0 + 100), (4, T0 + 300), (2, T0 + 200)]
+    for n, sent in arrivals:
+        repo.insert_incoming(conn, message_id=mid(n), sender=BOB, text=f"m{n}", sent_at=sent, now=T0 + 1000 + n)
+    send(conn, 9, sent_at=T0 + 250)  # our reply, interleaved by its timestamp
+    assert [m.text for m in repo.history(conn, BOB)] == ["m1", "m2", "hi", "m3", "m4"]
+    seqs = [m.seq for m in repo.history(conn, BOB)]
+    assert len(set(seqs)) == 5
+    # Other conversations are not mixed in.
+    repo.insert_incoming(conn, message_id=mid(20), sender=CAROL, text="c", sent_at=T0, now=T0)
+    assert [m.text for m in repo.history(conn, CAROL)] == ["c"]
+
+
+def test_history_pages_back_with_a_cursor_across_equal_timestamps(conn: sqlite3.Connection) -> None:
+    for n in range(10):
+        repo.insert_incoming(conn, message_id=mid(n), sender=BOB, text=f"m{n}", sent_at=T0 + n // 4, now=T0)
+    page = repo.history(conn, BOB, limit=3)
+    assert [m.text for m in page] == ["m7", "m8", "m9"]
+    seen = [m.text for m in page]
+    while page:
+        page = repo.history(conn, BOB, limit=3, before=page[0].cursor)
+        seen[:0] = [m.text for m in page]
+    assert seen == [f"m{n}" for n in range(10)]
+    assert repo.history(conn, BOB, before=HistoryCursor(sent_at=0, seq=0)) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    timestamps=st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=30),
+    page=st.integers(min_value=1, max_value=7),
+    seed=st.integers(min_value=0, max_value=2**32),
+)
+def test_history_paging_returns_every_message_once_in_order(timestamps: list[int], page: int, seed: int) -> None:
+    conn = _connect(":memory:")
+    order = list(range(len(timestamps)))
+    random.Random(seed).shuffle(order)
+    for n in order:  # arrive in a random order
+        repo.insert_incoming(conn, message_id=mid(n), sender=BOB, text=str(n), sent_at=timestamps[n], now=T0)
+    expected = [m.text for m in sorted(repo.history(conn, BOB, limit=100), key=lambda m: (m.sent_at, m.seq))]
+    got: list[str] = []
+    chunk = repo.history(conn, BOB, limit=page)
+    while chunk:
+        got[:0] = [m.text for m in chunk]
+        chunk = repo.history(conn, BOB, limit=page, before=chunk[0].cursor)
+    assert got == expected
+    assert sorted(int(t) for t in got) == list(range(len(timestamps)))
+    assert [timestamps[int(t)] for t in got] == sorted(timestamps)
+    conn.close()
+
+
+def test_inbox_excludes_requests_and_outgoing(conn: sqlite3.Connection) -> None:
+    repo.insert_incoming(conn, message_id=mid(1), sender=BOB, text="b1", sent_at=T0, now=T0)
+    repo.insert_incoming(conn, message_id=mid(2), sender=EVE, text="spam", sent_at=T0, now=T0, is_request=True)
+    send(conn, 3)
+    repo.insert_incoming(conn, message_id=mid(4), sender=CAROL, text="c1", sent_at=T0 - 5, now=T0)
+    assert [m.text for m in repo.inbox(conn)] == ["c1", "b1"]
+    first = repo.inbox(conn, limit=1)
+    assert [m.text for m in repo.inbox(conn, before_seq=first[0].seq)] == ["b1"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"message_id": b"short"}, "message_id"),
+        ({"text": "x" * (MAX_TEXT_BYTES + 1)}, "text"),
+        ({"text": "é" * (MAX_TEXT_BYTES // 2 + 1)}, "text"),  # the limit counts UTF-8 bytes
+        ({"text": "bad \udc80 surrogate"}, "text"),
+        ({"text": b"bytes"}, "text"),
+        ({"sent_at": -1}, "sent_at"),
+        ({"sent_at": 2**63}, "sent_at"),
+        ({"sent_at": True}, "sent_at"),
+        ({"sent_at": 1.5}, "sent_at"),
+        ({"sender": b""}, "sender"),
+    ],
+)
+def test_insert_incoming_validates_fields(conn: sqlite3.Connection, kwargs: dict[str, object], field: str) -> None:
+    args: dict[str, object] = {"message_id": mid(1), "sender": BOB, "text": "t", "sent_at": T0, "now": T0}
+    args.update(kwargs)
+    with pytest.raises(StoreArgumentError) as info:
+        repo.insert_incoming(conn, **args)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 0
+
+
+def test_text_at_the_limit_is_accepted(conn: sqlite3.Connection) -> None:
+    text = "€" * (MAX_TEXT_BYTES // 3)  # three bytes each
+    assert repo.insert_incoming(conn, message_id=mid(1), sender=BOB, text=text, sent_at=T0, now=T0)
+    assert repo.get_message(conn, mid(1)).text == text  # type: ignore[union-attr]
+
+
+# --------------------------------------------------------------------------------------------------- requests
+
+
+def test_request_lifecycle_accept(conn: sqlite3.Connection) -> None:
+    for n in range(3):
+        repo.insert_incoming(
+            conn, message_id=mid(n), sender=EVE, text=f"e{n}", sent_at=T0 + n, now=T0 + 10 * n, is_request=True
+        )
+    repo.insert_incoming(conn, message_id=mid(0), sender=EVE, text="dup", sent_at=T0, now=T0 + 99, is_request=True)
+    request = repo.get_request(conn, EVE)
+    assert request is not None
+    assert (request.message_count, request.first_at, request.last_at) == (3, T0, T0 + 20)
+    assert repo.count_requests(conn) == 1
+    assert repo.inbox(conn) == []
+    assert all(m.is_request for m in repo.history(conn, EVE))
+    contact = repo.accept_request(conn, EVE, name="eve", now=T0 + 50)
+    assert (contact.name, contact.state) == ("eve", ContactState.CONTACT)
+    assert [m.text for m in repo.inbox(conn)] == ["e2", "e1", "e0"]
+    assert repo.get_request(conn, EVE) is None
+    with pytest.raises(UnknownRequestError):
+        repo.accept_request(conn, EVE, name="eve", now=T0)
+
+
+def test_request_reject_and_block(conn: sqlite3.Connection) -> None:
+    repo.insert_incoming(conn, message_id=mid(1), sender=EVE, text="spam", sent_at=T0, now=T0, is_request=True)
+    repo.insert_incoming(conn, message_id=mid(2), sender=CAROL, text="hi", sent_at=T0, now=T0, is_request=True)
+    assert [r.peer_id for r in repo.list_requests(conn)] == sorted([EVE, CAROL])
+    assert repo.reject_request(conn, EVE, block=True, now=T0 + 1) == 1
+    assert repo.is_blocked(conn, EVE)
+    assert repo.history(conn, EVE) == []
+    assert repo.reject_request(conn, CAROL, block=False, now=T0 + 1) == 1
+    assert not repo.is_blocked(conn, CAROL)
+    assert repo.count_requests(conn) == 0
+
+
+def test_accepting_keeps_an_existing_contact(conn: sqlite3.Connection) -> None:
+    repo.insert_incoming(conn, message_id=mid(1), sender=EVE, text="x", sent_at=T0, now=T0, is_request=True)
+    repo.add_contact(conn, peer_id=EVE, name="eve", now=T0)
+    assert repo.accept_request(conn, EVE, name="other", now=T0).name == "eve"
+    assert not repo.history(conn, EVE)[0].is_request
+
+
+# --------------------------------------------------------------------------------------------------- outbox
+
+
+def test_enqueue_creates_message_and_due_outbox_row(conn: sqlite3.Connection) -> None:
+    stored = repo.enqueue(
+        conn, message_id=mid(1), recipient=BOB, sender=ME, text="hi", sent_at=T0, envelope=b"sealed", now=T0 + 1
+    )
+    assert (stored.status, stored.direction, stored.conversation, stored.sender) == (
+        MessageStatus.QUEUED,
+        Direction.OUT,
+        BOB,
+        ME,
+    )
+    assert repo.get_message(conn, mid(1)) == stored
+    assert repo.due(conn, now=T0) == []
+    (entry,) = repo.due(conn, now=T0 + 1)
+    assert (entry.message_id, entry.recipient, entry.envelope, entry.attempts, entry.seq) == (
+        mid(1),
+        BOB,
+        b"sealed",
+        0,
+        stored.seq,
+    )
+    assert repo.outbox_depth(conn) == 1
+
+
+def test_outbox_lifecycle_sent_then_delivered(conn: sqlite3.Connection) -> None:
+    send(conn, 1)
+    assert repo.mark_sent(conn, mid(1), now=T0 + 10, retry_at=T0 + 30_000) is True
+    message = repo.get_message(conn, mid(1))
+    assert message is not None
+    assert (message.status, message.status_at) == (MessageStatus.SENT, T0 + 10)
+    assert repo.due(conn, now=T0 + 29_999) == []
+    (entry,) = repo.due(conn, now=T0 + 30_000)  # no receipt yet: due again for a resend
+    assert entry.attempts == 1
+    # A receipt from someone else is ignored.
+    assert repo.mark_delivered(conn, mid(1), recipient=CAROL, now=T0 + 20) is False
+    assert repo.mark_delivered(conn, mid(1), recipient=BOB, now=T0 + 20) is True
+    assert repo.get_message(conn, mid(1)).status is MessageStatus.DELIVERED  # type: ignore[union-attr]
+    assert repo.outbox_depth(conn) == 0
+    # Duplicate receipts and late "sent" marks change nothing.
+    assert repo.mark_delivered(conn, mid(1), recipient=BOB, now=T0 + 30) is False
+    assert repo.mark_sent(conn, mid(1), now=T0 + 40, retry_at=T0 + 50) is False
+    assert repo.get_message(conn, mid(1)).status_at == T0 + 20  # type: ignore[union-attr]
+
+
+def test_receipt_may_overtake_sent_mark(conn: sqlite3.Connection) -> None:
+    send(conn, 1)
+    assert repo.mark_delivered(conn, mid(1), recipient=BOB, now=T0 + 5) is True
+    assert repo.mark_sent(conn, mid(1), now=T0 + 6, retry_at=T0 + 10) is False
+    assert repo.get_message(conn, mid(1)).status is MessageStatus.DELIVERED  # type: ignore[union-attr]
+
+
+def test_receipts_for_incoming_or_unknown_ids_are_ignored(conn: sqlite3.Connection) -> None:
+    repo.insert_incoming(conn, message_id=mid(1), sender=BOB, text="x", sent_at=T0, now=T0)
+    assert repo.mark_delivered(conn, mid(1), recipient=BOB, now=T0) is False
+    assert repo.mark_delivered(conn, mid(2), recipient=BOB, now=T0) is False
+    assert repo.mark_sent(conn, mid(2), now=T0, retry_at=T0) is False
+    assert repo.mark_failed(conn, mid(1), now=T0) is False
+    assert repo.reschedule(conn, mid(2), now=T0, error="x") is None
+    assert repo.get_message(conn, mid(1)).status is MessageStatus.RECEIVED  # type: ignore[union-attr]
+
+
+def test_reschedule_backs_off_exponentially_with_jitter(conn: sqlite3.Connection) -> None:
+    send(conn, 1)
+    backoff = Backoff(base_ms=1000, factor=2.0, cap_ms=5000, jitter=0.0)
+    delays = []
+    now = T0
+    for _ in range(5):
+        next_at = repo.reschedule(conn, mid(1), now=now, error="dial failed", backoff=backoff)
+        assert next_at is not None
+        delays.append(next_at - now)
+        now = next_at
+    assert delays == [1000, 2000, 4000, 5000, 5000]
+    entry = repo.get_outbox_entry(conn, mid(1))
+    assert entry is not None
+    assert (entry.attempts, entry.last_error, entry.next_attempt_at) == (5, "dial failed", now)
+    # Jitter: deterministic with an injected RNG, always within [(1 - jitter) * d, d].
+    jittered = Backoff(base_ms=1000, factor=2.0, cap_ms=60_000, jitter=0.5)
+    rng = random.Random(7)
+    got = [jittered.delay_ms(4, rng.random()) for _ in range(200)]
+    assert all(4000 <= d <= 8000 for d in got)
+    assert len(set(got)) > 100
+    assert jittered.delay_ms(1000, 0.0) == 60_000  # huge attempt counts do not overflow
+    # Long error texts are truncated, not refused.
+    repo.reschedule(conn, mid(1), now=now, error="e" * 10_000, backoff=backoff)
+    assert len(repo.get_outbox_entry(conn, mid(1)).last_error or "") == MAX_ERROR_CHARS  # type: ignore[union-attr]
+
+
+def test_mark_sent_clears_last_error_and_counts_attempts(conn: sqlite3.Connection) -> None:
+    send(conn, 1)
+    repo.reschedule(conn, mid(1), now=T0, error="refused", rng=random.Random(1))
+    repo.mark_sent(conn, mid(1), now=T0 + 5, retry_at=T0 + 100)
+    entry = repo.get_outbox_entry(conn, mid(1))
+    assert entry is not None
+    assert (entry.attempts, entry.last_error, entry.next_attempt_at) == (2, None, T0 + 100)
+
+
+def test_mark_failed_removes_from_outbox_but_a_late_receipt_still_counts(conn: sqlite3.Connection) -> None:
+    send(conn, 1)
+    assert repo.mark_failed(conn, mid(1), now=T0 + 1) is True
+    assert repo.get_message(conn, mid(1)).status is MessageStatus.FAILED  # type: ignore[union-attr]
+    assert repo.outbox_depth(conn) == 0
+    assert repo.mark_failed(conn, mid(1), now=T0 + 2) is False
+    assert repo.mark_delivered(conn, mid(1), recipient=BOB, now=T0 + 3) is True
+
+
+def test_due_order_and_flush_for_a_recipient(conn: sqlite3.Connection) -> None:
+    for n in range(4):
+        send(conn, n, to=BOB if n % 2 == 0 else CAROL, sent_at=T0)
+    repo.reschedule(conn, mid(0), now=T0, error="offline", backoff=Backoff(jitter=0.0, base_ms=60_000, cap_ms=60_000))
+    assert [e.message_id for e in repo.due(conn, now=T0)] == [mid(1), mid(2), mid(3)]
+    assert [e.message_id for e in repo.due(conn, now=T0, limit=2)] == [mid(1), mid(2)]
+    assert [e.message_id for e in repo.due_for(conn, BOB)] == [mid(0), mid(2)]  # whatever the schedule
+    assert repo.expedite(conn, BOB, now=T0 + 1) == 1  # only mid(0) was scheduled later
+    assert [e.message_id for e in repo.due(conn, now=T0 + 1)] == [mid(1), mid(2), mid(3), mid(0)]
+
+
+def test_deleting_a_message_cascades_to_its_outbox_row(conn: sqlite3.Connection) -> None:
+    send(conn, 1)
+    conn.execute("DELETE FROM messages WHERE message_id = ?", (mid(1),))
+    assert repo.outbox_depth(conn) == 0
+
+
+def test_status_transition_table() -> None:
+    assert can_transition(MessageStatus.QUEUED, MessageStatus.SENT)
+    assert can_transition(MessageStatus.SENT, MessageStatus.DELIVERED)
+    assert can_transition(MessageStatus.FAILED, MessageStatus.DELIVERED)
+    assert not can_transition(MessageStatus.DELIVERED, MessageStatus.SENT)
+    assert not can_transition(MessageStatus.SENT, MessageStatus.QUEUED)
+    assert not any(can_transition(MessageStatus.RECEIVED, new) for new in MessageStatus)
+    assert set(STATUS_TRANSITIONS) == set(MessageStatus)
+
+
+def test_backoff_parameters_are_checked() -> None:
+    with pytest.raises(StoreArgumentError):
+        Backoff(base_ms=0)
+    with pytest.raises(StoreArgumentError):
+        Backoff(factor=float("nan"))
+    with pytest.raises(StoreArgumentError):
+        Backoff(jitter=1.5)
+
+
+# --------------------------------------------------------------------------------------------------- peer records
+
+
+def test_peer_record_cache_highest_seq_wins(conn: sqlite3.Connection) -> None:
+    assert repo.put_peer_record(conn, peer_id=BOB, record=b"r5", seq=5, expires_at=T0 + 100, now=T0) is True
+    assert repo.put_peer_record(conn, peer_id=BOB, record=b"r4", seq=4, expires_at=T0 + 900, now=T0 + 1) is False
+    assert repo.put_peer_record(conn, peer_id=BOB, record=b"r5", seq=5, expires_at=T0 + 100, now=T0 + 2) is False
+    cached = repo.get_peer_record(conn, BOB)
+    assert cached is not None
+    assert (cached.record, cached.seq, cached.fetched_at) == (b"r5", 5, T0 + 2)
+    assert repo.put_peer_record(conn, peer_id=BOB, record=b"r6", seq=6, expires_at=T0 + 200, now=T0 + 3) is True
+    cached = repo.get_peer_record(conn, BOB)
+    assert cached is not None
+    assert (cached.record, cached.seq, cached.expires_at) == (b"r6", 6, T0 + 200)
+    assert not cached.is_expired(T0 + 199) and cached.is_expired(T0 + 200)
+
+
+def test_peer_record_prune_and_delete(conn: sqlite3.Connection) -> None:
+    repo.put_peer_record(conn, peer_id=BOB, record=b"b", seq=1, expires_at=T0 + 10, now=T0)
+    repo.put_peer_record(conn, peer_id=CAROL, record=b"c", seq=1, expires_at=T0 + 20, now=T0)
+    assert repo.prune_peer_records(conn, now=T0 + 10) == 1
+    assert repo.get_peer_record(conn, BOB) is None
+    assert repo.delete_peer_record(conn, CAROL) is True
+    assert repo.delete_peer_record(conn, CAROL) is False
+    with pytest.raises(StoreArgumentError, match="record"):
+        repo.put_peer_record(conn, peer_id=BOB, record=b"x" * 8193, seq=1, expires_at=T0, now=T0)
+
+
+# --------------------------------------------------------------------------------------------------- DHT nodes
+
+
+def _node(n: int, last_seen: int) -> DhtNode:
+    return DhtNode(node_id=n.to_bytes(20, "big"), host="127.0.0.1", port=4000 + n % 1000, last_seen=last_seen)
+
+
+def test_dht_nodes_save_replaces_and_load_orders_by_recency(conn: sqlite3.Connection) -> None:
+    assert repo.save_dht_nodes(conn, [_node(1, T0), _node(2, T0 + 5), _node(1, T0 + 9)]) == 2
+    loaded = repo.load_dht_nodes(conn)
+    assert [(n.node_id[-1], n.last_seen) for n in loaded] == [(1, T0 + 9), (2, T0 + 5)]
+    assert repo.save_dht_nodes(conn, [_node(3, T0)]) == 1
+    assert [n.node_id[-1] for n in repo.load_dht_nodes(conn)] == [3]
+
+
+def test_dht_nodes_are_bounded_keeping_the_most_recent(conn: sqlite3.Connection) -> None:
+    nodes = [_node(n, T0 + n) for n in range(MAX_DHT_NODES + 50)]
+    assert repo.save_dht_nodes(conn, nodes) == MAX_DHT_NODES
+    loaded = repo.load_dht_nodes(conn, limit=MAX_DHT_NODES)
+    assert min(n.last_seen for n in loaded) == T0 + 50
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        DhtNode(node_id=b"x" * 19, host="h", port=1, last_seen=0),
+        DhtNode(node_id=b"x" * 20, host="", port=1, last_seen=0),
+        DhtNode(node_id=b"x" * 20, host="a b", port=1, last_seen=0),
+        DhtNode(node_id=b"x" * 20, host="h" * 256, port=1, last_seen=0),
+        DhtNode(node_id=b"x" * 20, host="h", port=0, last_seen=0),
+        DhtNode(node_id=b"x" * 20, host="h", port=65536, last_seen=0),
+    ],
+)
+def test_dht_nodes_are_validated(conn: sqlite3.Connection, node: DhtNode) -> None:
+    repo.save_dht_nodes(conn, [_node(1, T0)])
+    with pytest.raises(StoreArgumentError):
+        repo.save_dht_nodes(conn, [node])
+    assert len(repo.load_dht_nodes(conn)) == 1  # validation happens before the old table is replaced
+
+
+def test_limits_are_validated(conn: sqlite3.Connection) -> None:
+    for bad in (0, -1, 10_001, True):
+        with pytest.raises(StoreArgumentError, match="limit"):
+            repo.history(conn, BOB, limit=bad)
+    with pytest.raises(StoreArgumentError, match="before"):
+        repo.history(conn, BOB, before=(1, 2))  # type: ignore[arg-type]
