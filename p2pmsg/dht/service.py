@@ -1,0 +1,339 @@
+"""The trio UDP service that drives the sans-IO DHT engine.
+
+Theory of operation
+-------------------
+:class:`DhtNode` owns one UDP socket and one :class:`~p2pmsg.dht.core.engine.DhtEngine`, and runs two tasks in
+the nursery of :meth:`DhtNode.run`: a *receiver* feeding every datagram to the engine, and a *timer* that sleeps
+until the engine's next deadline (or until woken because a new request went out) and calls ``tick``.  After every
+engine call the node *flushes*: it sends the datagrams the engine queued and hands completion events to the tasks
+awaiting them.  The engine is only touched from trio tasks of one thread and never across an ``await``, so no lock
+is needed.  All the protocol decisions -- validation, limits, anti-amplification, identity checks -- live in the
+engine; this module only moves bytes and wakes tasks.
+
+The public operations are coroutines that start an engine operation, register a waiter for its id and wait for the
+matching event; if the caller is cancelled, the operation is cancelled in the engine too.  Bounded by construction:
+the engine caps pending requests and concurrent lookups, and every request times out after ``rpc_timeout``.
+
+:func:`open_dht_node` is the usual entry point::
+
+    async with open_dht_node(identity, host="127.0.0.1", port=0) as node:
+        await node.bootstrap([("192.0.2.1", 8468)])
+        await node.publish_peer_record(["/ip4/192.0.2.7/tcp/4001"])
+        record = await node.find_peer(friend_peer_id)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import math
+import socket as _socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+
+import trio
+
+from p2pmsg.dht.core.contact import Address, Contact, PlainKey, digest, distance
+from p2pmsg.dht.core.engine import DhtConfig, DhtEngine, ValueMode
+from p2pmsg.dht.core.errors import DhtUsageError
+from p2pmsg.dht.core.events import DhtEvent, LookupDone, PingDone, StoreDone
+from p2pmsg.dht.core.messages import PlainValue, is_plain_value
+from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, peer_record_key, seal_peer_record
+from p2pmsg.identity import Identity, PeerId
+from p2pmsg.wire.multiaddr import Multiaddr
+
+__all__ = ["DhtNode", "open_dht_node"]
+
+log = logging.getLogger(__name__)
+
+#: Largest datagram read from the socket (anything larger than the engine accepts is dropped by it).
+_RECV_SIZE = 65535
+#: Default lifetime of a published peer record.
+DEFAULT_RECORD_TTL = 3600.0
+
+
+@dataclasses.dataclass(slots=True)
+class _Waiter:
+    event: trio.Event = dataclasses.field(default_factory=trio.Event)
+    result: DhtEvent | None = None
+
+
+def _check_ip_address(address: tuple[str, int]) -> Address:
+    host, port = address
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise DhtUsageError(f"DHT addresses must be IP literals, not names: {host!r}") from None
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise DhtUsageError(f"invalid UDP port {port!r}")
+    return (str(ip), port)
+
+
+class DhtNode:
+    """A p2pmsg DHT node on one UDP socket (see the module docstring); start it with :meth:`run`."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        config: DhtConfig | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.identity = identity
+        self._host = host
+        self._port = port
+        self._wall = wall_clock
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # built outside trio.run
+            now = 0.0
+        self.engine = DhtEngine(identity, config=config, now=now, wall_clock=wall_clock)
+        self._sock: trio.socket.SocketType | None = None
+        self._address: Address | None = None
+        self._waiters: dict[int, _Waiter] = {}
+        self._wake = trio.Event()
+        self._record_seq = 0
+        self.send_errors = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+
+    @property
+    def node_id(self) -> bytes:
+        """This node's 20-byte DHT id: ``sha1(PublicKey protobuf)``."""
+        return self.engine.node_id
+
+    @property
+    def peer_id(self) -> PeerId:
+        """This node's peer id."""
+        return self.identity.peer_id
+
+    @property
+    def address(self) -> Address:
+        """The bound ``(ip, port)``; only valid while :meth:`run` runs."""
+        if self._address is None:
+            raise DhtUsageError("the DHT node is not running")
+        return self._address
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters (datagrams, drops by reason, stores, verifications...), for ``p2pmsg status``."""
+        return {**self.engine.stats, "send_errors": self.send_errors, "pending": self.engine.pending_requests}
+
+    async def run(self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind the socket and serve until cancelled; ``task_status.started`` gets the bound address."""
+        family = _socket.AF_INET6 if ":" in self._host else _socket.AF_INET
+        sock = trio.socket.socket(family, _socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind((self._host, self._port))
+            bound = sock.getsockname()
+            self._address = (str(bound[0]), int(bound[1]))
+            self._sock = sock
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._receiver, sock)
+                    nursery.start_soon(self._timer)
+                    task_status.started(self._address)
+            finally:
+                self._sock = None
+                self._address = None
+                for waiter in self._waiters.values():
+                    waiter.event.set()
+                self._waiters.clear()
+
+    async def _receiver(self, sock: trio.socket.SocketType) -> None:
+        while True:
+            try:
+                data, source = await sock.recvfrom(_RECV_SIZE)
+            except OSError as exc:  # e.g. ICMP port unreachable surfacing as ECONNREFUSED on some systems
+                log.debug("recvfrom failed: %s", exc)
+                continue
+            self.engine.datagram_received(data, (str(source[0]), int(source[1])), trio.current_time())
+            await self._flush()
+
+    async def _timer(self) -> None:
+        while True:
+            deadline = self.engine.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            self.engine.tick(trio.current_time())
+            await self._flush(wake=False)
+
+    async def _flush(self, *, wake: bool = True) -> None:
+        """Send what the engine queued and deliver its events; ``wake`` the timer to re-read the next deadline."""
+        for event in self.engine.take_events():
+            waiter = self._waiters.pop(getattr(event, "op", -1), None)
+            if waiter is not None:
+                waiter.result = event
+                waiter.event.set()
+        datagrams = self.engine.take_datagrams()
+        if wake:
+            self._wake.set()
+        sock = self._sock
+        if sock is None:
+            return
+        for data, address in datagrams:
+            try:
+                await sock.sendto(data, address)
+            except OSError as exc:
+                self.send_errors += 1
+                log.debug("sendto %s failed: %s", address, exc)
+
+    # -- operations ------------------------------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        if self._sock is None:
+            raise DhtUsageError("the DHT node is not running")
+        return trio.current_time()
+
+    async def _wait(self, ops: Sequence[int]) -> list[DhtEvent]:
+        waiters = []
+        for op in ops:
+            waiter = _Waiter()
+            self._waiters[op] = waiter
+            waiters.append(waiter)
+        try:
+            await self._flush()
+            for waiter in waiters:
+                await waiter.event.wait()
+        finally:
+            for op in ops:
+                if self._waiters.pop(op, None) is not None:
+                    self.engine.cancel(op)
+        results = [w.result for w in waiters]
+        if any(r is None for r in results):
+            raise DhtUsageError("the DHT node stopped during the operation")
+        return [r for r in results if r is not None]
+
+    async def _lookup(self, start: Callable[[float], int]) -> LookupDone:
+        (event,) = await self._wait([start(self._now())])
+        assert isinstance(event, LookupDone)
+        return event
+
+    async def ping(self, address: tuple[str, int]) -> bytes | None:
+        """Ping ``address``; the node id it answered with, or ``None``.  A live node enters the routing table."""
+        target = _check_ip_address(address)
+        (event,) = await self._wait([self.engine.ping(target, self._now())])
+        assert isinstance(event, PingDone)
+        return event.node_id
+
+    async def bootstrap(self, addresses: Iterable[tuple[str, int]]) -> int:
+        """Ping every address, then look up our own id; returns the number of contacts in the routing table."""
+        targets = [_check_ip_address(a) for a in addresses]
+        now = self._now()
+        await self._wait([self.engine.ping(a, now) for a in targets])
+        await self.find_node(self.node_id)
+        return len(self.engine.table)
+
+    async def find_node(self, target: bytes) -> list[Contact]:
+        """The k closest nodes to ``target`` that answered, closest first."""
+        done = await self._lookup(lambda now: self.engine.lookup_nodes(target, now))
+        return list(done.closest)
+
+    async def get(self, key: PlainKey) -> PlainValue | None:
+        """The value stored under ``key`` by this package or by a stock ``kademlia`` node, or ``None``."""
+        return await self.get_digest(digest(key))
+
+    async def get_digest(self, dkey: bytes) -> PlainValue | None:
+        """Like :meth:`get` for an already hashed 20-byte key."""
+        done = await self._lookup(lambda now: self.engine.lookup_value(dkey, now, mode=ValueMode.PLAIN))
+        if not done.found or not is_plain_value(done.value):
+            return None
+        value: PlainValue = done.value  # type: ignore[assignment]
+        return value
+
+    async def set(self, key: PlainKey, value: PlainValue) -> int:
+        """Store ``value`` under ``key`` on the k closest nodes; returns how many STOREs really succeeded."""
+        return await self.set_digest(digest(key), value)
+
+    async def set_digest(self, dkey: bytes, value: PlainValue) -> int:
+        """Like :meth:`set` for an already hashed 20-byte key."""
+        if not is_plain_value(value):
+            raise DhtUsageError(f"DHT values must be int, float, bool, str or bytes, not {type(value).__name__}")
+        done = await self._lookup(lambda now: self.engine.lookup_nodes(dkey, now))
+        return await self._store_on(dkey, value, list(done.closest))
+
+    async def _store_on(self, key: bytes, value: object, targets: list[Contact]) -> int:
+        if not targets:
+            return 0
+        now = self._now()
+        farthest = max(c.distance_to(key) for c in targets)
+        if distance(self.node_id, key) < farthest or len(targets) < self.engine.config.k:
+            self.engine.store_local(key, value, now)
+        events = await self._wait([self.engine.store(c, key, value, now) for c in targets])
+        return sum(1 for e in events if isinstance(e, StoreDone) and e.stored)
+
+    async def put_signed(self, key: bytes, value: bytes) -> int:
+        """Publish a signed-record value (see :mod:`~p2pmsg.dht.core.records`); how many STOREs succeeded.
+
+        The record goes to the k closest nodes, and additionally to the closest *verified* p2pmsg nodes beyond them,
+        one for each stock (unverified) node among the k: stock nodes keep whatever anyone stores, verified nodes
+        keep only the highest valid record.
+        """
+        if not self.engine.store_local(key, value, self._now()):
+            raise DhtUsageError("the record does not verify (wrong key, expired, too large or malformed)")
+        done = await self._lookup(lambda now: self.engine.lookup_nodes(key, now))
+        closest = list(done.closest)
+        unverified = sum(1 for c in closest if not self.engine.is_verified(c))
+        extras = [c for c in done.responders[len(closest) :] if self.engine.is_verified(c)][:unverified]
+        return await self._store_on(key, value, closest + extras)
+
+    async def get_signed(self, key: bytes) -> VerifiedRecord | None:
+        """The verified record with the highest ``seq`` under ``key``, whatever other nodes return."""
+        done = await self._lookup(lambda now: self.engine.lookup_value(key, now, mode=ValueMode.SIGNED))
+        return done.record
+
+    async def publish_peer_record(
+        self, addrs: Sequence[Multiaddr | str], *, ttl: float = DEFAULT_RECORD_TTL, seq: int | None = None
+    ) -> int:
+        """Sign and publish this node's peer record; returns how many remote STOREs succeeded.
+
+        ``seq`` defaults to the current Unix time in seconds (or one more than the last published), so a record
+        published after a restart still supersedes the previous one.
+        """
+        texts = tuple(str(a) if isinstance(a, Multiaddr) else str(Multiaddr.parse(a)) for a in addrs)
+        wall = self._wall()
+        if seq is None:
+            seq = max(self._record_seq + 1, int(wall))
+        self._record_seq = seq
+        record = PeerRecord(peer_id=self.peer_id, addrs=texts, seq=seq, expires_at=int(wall + ttl))
+        value = seal_peer_record(self.identity, record)
+        return await self.put_signed(peer_record_key(self.peer_id), value)
+
+    async def find_peer(self, peer_id: PeerId) -> PeerRecord | None:
+        """The freshest verified peer record of ``peer_id``, or ``None``."""
+        record = await self.get_signed(peer_record_key(peer_id))
+        if record is None or not isinstance(record.content, PeerRecord):
+            return None
+        return record.content
+
+    def routing_table_snapshot(self) -> list[Contact]:
+        """Every contact in the routing table."""
+        return self.engine.table.contacts()
+
+    def is_verified(self, contact: Contact) -> bool:
+        """Whether ``contact`` proved its node id with the signed challenge."""
+        return self.engine.is_verified(contact)
+
+
+@asynccontextmanager
+async def open_dht_node(
+    identity: Identity,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    config: DhtConfig | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> AsyncIterator[DhtNode]:
+    """Run a :class:`DhtNode` for the duration of the ``async with`` block."""
+    node = DhtNode(identity, host=host, port=port, config=config, wall_clock=wall_clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        try:
+            yield node
+        finally:
+            nursery.cancel_scope.cancel()
