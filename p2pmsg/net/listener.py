@@ -17,9 +17,11 @@ Each accepted connection gets one task, which owns everything the connection nee
 3. Hand-off: the authenticated :class:`~p2pmsg.net.channel.SecureChannel` and the peer's observed multiaddr go to
    the handler, which runs in the same task.  When the handler returns (or raises), the channel is closed.
 
-On any failure the connection is closed, the reason is logged with the remote address (INFO for timeouts and
-hang-ups, WARNING for protocol violations) and counted in :class:`ListenerStats`, which :attr:`Listener.stats`
-returns as a snapshot for ``p2pmsg status``.  A failure never affects other connections or the listener.
+On any failure the connection is closed, the reason is logged with the remote address and counted in
+:class:`ListenerStats`, which :attr:`Listener.stats` returns as a snapshot for ``p2pmsg status``.  Timeouts and
+transport errors are logged at INFO; every error the WebSocket upgrade or the secure channel reports (a
+:class:`~p2pmsg.errors.RemoteProtocolError`, which includes a peer hanging up mid-handshake) at WARNING; a handler
+that raises at ERROR with its traceback.  A failure never affects other connections or the listener.
 """
 
 from __future__ import annotations
