@@ -63,8 +63,8 @@ DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 """Seconds allowed for the whole handshake."""
 SEND_BATCH_BYTES: Final = 16 * MAX_PLAINTEXT_LEN
 """Plaintext encrypted per underlying ``send_all`` (16 full frames, about 1 MiB)."""
-RECEIVE_CHUNK: Final = 256 * 1024
-"""``max_bytes`` asked of the underlying stream per read."""
+RECEIVE_CHUNK: Final = 64 * 1024
+"""``max_bytes`` asked of the underlying stream per read (larger reads measured slower: big allocations)."""
 
 _HEADER: Final = struct.Struct(">H")
 
