@@ -161,7 +161,8 @@ class WebSocketStream(trio.abc.Stream):
         self._offset = 0
         self._eof = False
         self._closed = False
-        self._broken: str | None = None
+        self._send_broken: str | None = None
+        self._receive_broken: str | None = None
         self._close_code = 1000
         self._close_scope: trio.CancelScope | None = None
         self._reader_exited = False
@@ -180,24 +181,21 @@ class WebSocketStream(trio.abc.Stream):
         """The TCP stream the WebSocket runs over."""
         return self._transport
 
-    def _closed_error(self, exc: trio_websocket.ConnectionClosed) -> trio.BrokenResourceError:
+    @staticmethod
+    def _describe_close(exc: trio_websocket.ConnectionClosed) -> str:
         reason = exc.reason
         if reason is None:
-            text = "WebSocket connection closed"
-        else:
-            text = f"WebSocket closed with code {reason.code} ({reason.name})"
-            if reason.reason:
-                text += f": {reason.reason}"
-        self._broken = text
-        return trio.BrokenResourceError(text)
+            return "WebSocket connection closed"
+        text = f"WebSocket closed with code {reason.code} ({reason.name})"
+        return f"{text}: {reason.reason}" if reason.reason else text
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` as one binary message (several if it exceeds :data:`WS_MAX_MESSAGE_SIZE`)."""
         with self._send_conflict:
             if self._closed:
                 raise trio.ClosedResourceError("WebSocket stream was closed")
-            if self._broken is not None:
-                raise trio.BrokenResourceError(self._broken)
+            if self._send_broken is not None:
+                raise trio.BrokenResourceError(self._send_broken)
             view = memoryview(data).cast("B")
             if not view:
                 await trio.lowlevel.checkpoint()
@@ -210,7 +208,8 @@ class WebSocketStream(trio.abc.Stream):
                 except trio_websocket.ConnectionClosed as exc:
                     if self._closed:
                         raise trio.ClosedResourceError("WebSocket stream was closed") from None
-                    raise self._closed_error(exc) from None
+                    self._send_broken = self._describe_close(exc)
+                    raise trio.BrokenResourceError(self._send_broken) from None
                 finally:
                     self._send_scope = None
             if scope.cancelled_caught:
@@ -238,8 +237,8 @@ class WebSocketStream(trio.abc.Stream):
             if self._eof:
                 await trio.lowlevel.checkpoint()
                 return b""
-            if self._broken is not None:
-                raise trio.BrokenResourceError(self._broken)
+            if self._receive_broken is not None:
+                raise trio.BrokenResourceError(self._receive_broken)
             while True:
                 message: bytes | str = b""
                 with trio.CancelScope() as scope:
@@ -253,15 +252,16 @@ class WebSocketStream(trio.abc.Stream):
                             self._eof = True
                             await trio.lowlevel.cancel_shielded_checkpoint()
                             return b""
-                        raise self._closed_error(exc) from None
+                        self._receive_broken = self._describe_close(exc)
+                        raise trio.BrokenResourceError(self._receive_broken) from None
                     finally:
                         self._receive_scope = None
                 if scope.cancelled_caught:
                     raise trio.ClosedResourceError("WebSocket stream was closed while receiving")
                 if isinstance(message, str):
-                    self._broken = "peer sent a WebSocket text message; only binary messages are allowed"
+                    self._receive_broken = "peer sent a WebSocket text message; only binary messages are allowed"
                     self._close_code = _UNSUPPORTED_DATA
-                    raise trio.BrokenResourceError(self._broken)
+                    raise trio.BrokenResourceError(self._receive_broken)
                 if message:
                     self._buffer = message
                     self._offset = 0

@@ -214,7 +214,7 @@ async def test_oversized_websocket_message_is_refused_with_1009(nursery: trio.Nu
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_good_client_is_served_while_attacks_are_in_progress(kind: str, nursery: trio.Nursery) -> None:
-    server = await start_server(nursery, timeout=2.0)
+    server = await start_server(nursery, timeout=1.0)
     attackers: list[trio.abc.Stream] = []
     for index in range(8):
         stream = await connect(server, kind, nursery)

@@ -103,6 +103,22 @@ async def test_receive_some_respects_max_bytes_and_keeps_the_rest(tcp_pairs: Tcp
         await server.aclose()
 
 
+async def test_data_sent_before_close_is_still_read_after_a_failed_send(tcp_pairs: TcpPairs) -> None:
+    """A send failing because the peer closed must not hide the data the peer sent before its Close."""
+    async with trio.open_nursery() as nursery:
+        client, server = await ws_pair(nursery, tcp_pairs)
+        await client.send_all(b"last words")
+        async with trio.open_nursery() as closer:
+            closer.start_soon(client.aclose)
+            with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+                while True:  # bounded by fail_after: the Close arrives within milliseconds
+                    await server.send_all(b"x")
+                    await trio.sleep(0.001)
+        assert await server.receive_some() == b"last words"
+        assert await server.receive_some() == b""
+        await server.aclose()
+
+
 async def test_oversized_message_closes_with_1009_and_breaks_the_stream(
     tcp_pairs: TcpPairs, caplog: pytest.LogCaptureFixture
 ) -> None:
