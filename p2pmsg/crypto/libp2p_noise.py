@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from p2pmsg.crypto.noise import (
+    DH_LEN,
     MAX_MESSAGE_LEN,
+    TAG_LEN,
     HandshakeState,
     NoiseRemoteError,
     NoiseTransport,
@@ -273,6 +275,13 @@ class FrameDecoder:
         del buf[:end]
         return frame
 
+    def announced_length(self) -> int | None:
+        """The body length announced by the next frame's header, once its 2 bytes are buffered (else None)."""
+        buf = self._buf
+        if len(buf) < FRAME_HEADER_LEN:
+            return None
+        return (buf[0] << 8) | buf[1]
+
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as a frame."""
@@ -319,6 +328,15 @@ _TRANSITIONS: Final[dict[tuple[HandshakePhase, _Action], HandshakePhase]] = {
     (HandshakePhase.RESPONDER_AWAIT_3, _Action.READ): HandshakePhase.COMPLETE,
 }
 _WRITE_PHASES: Final = frozenset(phase for phase, action in _TRANSITIONS if action is _Action.WRITE)
+
+# The longest message the peer may send in each reading phase: message 1 is a bare ephemeral key (its payload must
+# be empty); messages 2 and 3 hold an encrypted static key and an encrypted payload of at most
+# MAX_HANDSHAKE_PAYLOAD_LEN bytes (message 2 also the ephemeral key).
+_MAX_INCOMING: Final[dict[HandshakePhase, int]] = {
+    HandshakePhase.RESPONDER_AWAIT_1: DH_LEN,
+    HandshakePhase.INITIATOR_AWAIT_2: DH_LEN + DH_LEN + TAG_LEN + MAX_HANDSHAKE_PAYLOAD_LEN + TAG_LEN,
+    HandshakePhase.RESPONDER_AWAIT_3: DH_LEN + TAG_LEN + MAX_HANDSHAKE_PAYLOAD_LEN + TAG_LEN,
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -391,6 +409,15 @@ class NoiseHandshake:
         """The peer's authenticated identity, once its payload is verified."""
         return self._remote_peer
 
+    @property
+    def max_incoming_len(self) -> int:
+        """The longest message the peer may send next (0 when it is not the peer's turn).
+
+        32 for message 1, 4192 for message 2, 4160 for message 3: a driver can refuse a frame header announcing more
+        without waiting for the body.
+        """
+        return _MAX_INCOMING.get(self._phase, 0)
+
     def _step(self, action: _Action) -> HandshakePhase:
         following = _TRANSITIONS.get((self._phase, action))
         if following is None:
@@ -417,16 +444,16 @@ class NoiseHandshake:
         following = self._step(_Action.READ)
         number = self._noise.message_index + 1
         try:
+            limit = self.max_incoming_len
+            if len(message) > limit:
+                raise HandshakeError(
+                    f"handshake message {number}: {len(message)} bytes is longer than the {limit} bytes it can have"
+                )
             try:
                 payload = self._noise.read_message(message)
             except NoiseRemoteError as exc:
                 raise HandshakeError(str(exc)) from exc
-            if number == 1:
-                if payload:
-                    raise InvalidHandshakePayloadError(
-                        f"handshake message 1: payload must be empty, got {len(payload)} bytes"
-                    )
-            else:
+            if number > 1:  # message 1 has no payload: its length limit (32) leaves no room for one
                 remote_static = self._noise.remote_static
                 assert remote_static is not None  # the XX pattern sends s before the payload
                 peer = parse_handshake_payload(payload).verify(remote_static)

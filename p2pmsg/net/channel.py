@@ -250,8 +250,13 @@ class SecureChannel(trio.abc.Stream):
 # ------------------------------------------------------------------------------------------------ handshakes
 
 
-async def _read_frame(stream: trio.abc.Stream, decoder: FrameDecoder, number: int) -> bytes:
+async def _read_frame(stream: trio.abc.Stream, decoder: FrameDecoder, number: int, limit: int) -> bytes:
     while True:
+        announced = decoder.announced_length()
+        if announced is not None and announced > limit:  # refuse at once rather than wait for the body
+            raise HandshakeError(
+                f"handshake message {number}: the frame announces {announced} bytes, at most {limit} are possible"
+            )
         frame = decoder.next_frame()
         if frame is not None:
             return frame
@@ -276,7 +281,8 @@ async def _handshake(
                 if handshake.wants_write:
                     await stream.send_all(encode_frame(handshake.write_message()))
                 else:
-                    handshake.read_message(await _read_frame(stream, decoder, number))
+                    frame = await _read_frame(stream, decoder, number, handshake.max_incoming_len)
+                    handshake.read_message(frame)
     except trio.TooSlowError:
         await trio.aclose_forcefully(stream)
         raise HandshakeError(f"handshake timed out after {timeout:g} s (at message {number})") from None

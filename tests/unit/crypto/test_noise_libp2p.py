@@ -260,9 +260,41 @@ def test_responder_may_insist_on_a_peer() -> None:
 def test_message_1_payload_must_be_empty() -> None:
     noise = HandshakeState(initiator=True, protocol_name=PROTOCOL_NAME)
     responder = NoiseHandshake(BOB, initiator=False)
-    with pytest.raises(InvalidHandshakePayloadError, match="message 1: payload must be empty, got 5 bytes"):
+    with pytest.raises(HandshakeError, match="message 1: 37 bytes is longer than the 32 bytes it can have"):
         responder.read_message(noise.write_message(b"hello"))
     assert responder.phase is HandshakePhase.FAILED
+
+
+def test_incoming_message_length_limits() -> None:
+    initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    responder = NoiseHandshake(BOB, initiator=False)
+    assert (initiator.max_incoming_len, responder.max_incoming_len) == (0, 32)
+    responder.read_message(initiator.write_message())
+    assert (initiator.max_incoming_len, responder.max_incoming_len) == (32 + 48 + 4096 + 16, 0)
+    initiator.read_message(responder.write_message())
+    assert (initiator.max_incoming_len, responder.max_incoming_len) == (0, 48 + 4096 + 16)
+    with pytest.raises(HandshakeError, match="message 3: 4161 bytes is longer than the 4160 bytes"):
+        responder.read_message(bytes(4161))
+    assert responder.phase is HandshakePhase.FAILED
+    other = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    other.write_message()
+    with pytest.raises(HandshakeError, match="message 2: 4193 bytes"):
+        other.read_message(bytes(4193))
+
+
+def test_largest_valid_payload_fits_the_limits() -> None:
+    """A peer payload with the largest extensions field (2048 bytes) is accepted in message 2."""
+    attacker = HandshakeState(initiator=False, protocol_name=PROTOCOL_NAME)
+    base = encode_handshake_payload(BOB, attacker.static_public)
+    room = MAX_EXTENSIONS_LEN
+    extensions = bytes([0x22, room & 0x7F | 0x80, room >> 7]) + bytes(room)
+    assert len(base + extensions) <= MAX_HANDSHAKE_PAYLOAD_LEN
+    initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    attacker.read_message(initiator.write_message())
+    message2 = attacker.write_message(base + extensions)
+    assert len(message2) <= initiator.max_incoming_len
+    initiator.read_message(message2)
+    assert initiator.remote_peer == BOB.peer_id
 
 
 def test_low_order_ephemeral_key_fails_the_handshake() -> None:

@@ -259,6 +259,20 @@ async def test_truncated_message_2_times_out(autojump_clock: trio.testing.MockCl
     await _assert_closed(client_end)
 
 
+@pytest.mark.parametrize("announced", [33, 0xFFFF])
+async def test_impossible_handshake_frame_length_is_refused_at_once(
+    autojump_clock: trio.testing.MockClock, announced: int
+) -> None:
+    """A header announcing more than message 1 can hold is refused without waiting for the body (or the timeout)."""
+    client_end, server_end = trio.testing.memory_stream_pair()
+    await client_end.send_all(announced.to_bytes(2, "big") + bytes(40))
+    with pytest.raises(HandshakeError, match=f"message 1: the frame announces {announced} bytes, at most 32"):
+        await secure_inbound(server_end, BOB, timeout=30)
+    assert trio.current_time() == 0
+    await _assert_closed(server_end)
+    assert await client_end.receive_some() == b""
+
+
 async def test_peer_closing_mid_handshake(autojump_clock: trio.testing.MockClock) -> None:
     client_end, server_end = trio.testing.memory_stream_pair()
 
