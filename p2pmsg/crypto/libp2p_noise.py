@@ -22,7 +22,9 @@ identity key breaks the signature too; one that signs with its own identity is c
 :class:`NoiseHandshake` is the sans-IO state machine (:class:`HandshakePhase` + the ``_TRANSITIONS`` table): call
 :meth:`~NoiseHandshake.write_message` when :attr:`~NoiseHandshake.wants_write`, feed the peer's messages to
 :meth:`~NoiseHandshake.read_message`, and take the :class:`HandshakeResult` once complete.  Every remote failure is a
-:class:`HandshakeError` and leaves the handshake FAILED.
+:class:`HandshakeError` and leaves the handshake FAILED.  Incoming messages are bounded per phase
+(:attr:`~NoiseHandshake.max_incoming_len`: 32, 4192 and 4160 bytes), so a driver can refuse an oversized frame from
+its header alone.
 
 On the wire every Noise message (handshake or transport) travels in a frame: a 2-byte big-endian length followed by
 that many bytes (0..65535).  :func:`encode_frame` and :class:`FrameDecoder` implement it.  See
