@@ -16,6 +16,7 @@ from p2pmsg.dht.core.contact import Address, Contact, digest, distance, node_id_
 from p2pmsg.dht.core.engine import AUTH_DOMAIN, AUTH_PAYLOAD_TYPE, AuthState, DhtConfig, DhtEngine, ValueMode
 from p2pmsg.dht.core.events import LookupDone, PeerVerified, PingDone, StoreDone
 from p2pmsg.dht.core.messages import (
+    AuthRequest,
     FindNodeRequest,
     FindValueRequest,
     PingRequest,
@@ -462,3 +463,28 @@ def test_find_value_and_stun_answers() -> None:
     answers = [umsgpack.unpackb(d[21:]) for d, _ in engine.take_datagrams() if d[0] == 1]
     # The requester itself is never offered back to it.
     assert answers == [{"value": 42}, [VICTIM[0], VICTIM[1]], []]
+
+
+def test_auth_proof_worked_example() -> None:
+    """docs/protocol-dht.part.md, section 6: B's answer to A's challenge, byte for byte."""
+    from p2pmsg.identity import Identity
+
+    node_b = DhtEngine(Identity.from_seed(bytes(range(1, 33))))
+    node_a_id = bytes.fromhex("209e328b26b4dfcda8c9b426b152d822d3215035")
+    assert node_b.node_id.hex() == "83b2c9f1d3d32ce2ee01211b872e2244f6b46b3b"
+    msg_id = new_message_id(bytes(range(12)))
+    node_b.guard.mark_proven(VICTIM, 0.0)
+    node_b.datagram_received(
+        encode_request(msg_id, AuthRequest(node_id=node_a_id, challenge=bytes(range(32)))), VICTIM, 0.0
+    )
+    ((answer, to),) = [d for d in node_b.take_datagrams() if d[0][0] == 1]
+    assert to == VICTIM
+    assert answer.hex() == (
+        "0170327001000102030405060708090a0bcb301210c4c6"
+        "0a240801122079b5562e8fe654f94078b112e8a98ba7901f853ae695bed7e0e3910bad049664"
+        "12122f7032706d73672f6468742d617574682f31"
+        "1a48000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+        "209e328b26b4dfcda8c9b426b152d822d321503583b2c9f1d3d32ce2ee01211b872e2244f6b46b3b"
+        "2a40c167ff29a761fceaee0935d239ed18b2d1e7930b26256ac81fa369fb55fece692ee04c6c329d708341d4ba3f92a285a14487a7551f"
+        "d35e36a3787ce841e75001"
+    )

@@ -261,3 +261,27 @@ def test_fit_contacts_is_the_longest_prefix_that_fits() -> None:
         if len(fitted) < len(contacts):
             assert len(msgpack.packb(nodes_body(contacts[: len(fitted) + 1]))) > budget
     assert fit_contacts(contacts, 5000) == contacts
+
+
+def test_documented_examples() -> None:
+    """The byte strings of docs/protocol-dht.part.md, section 4."""
+    node_a = bytes.fromhex("209e328b26b4dfcda8c9b426b152d822d3215035")
+    node_b = bytes.fromhex("83b2c9f1d3d32ce2ee01211b872e2244f6b46b3b")
+    msg_id = new_message_id(bytes(range(12)))
+    assert msg_id.hex() == "70327001000102030405060708090a0bcb301210"
+    head = "0070327001000102030405060708090a0bcb301210"
+    assert encode_request(msg_id, PingRequest(node_id=node_a)).hex() == head + "92a470696e6791c414" + node_a.hex()
+    assert encode_response(msg_id, node_b).hex() == "01" + head[2:] + "c414" + node_b.hex()
+    key = bytes.fromhex("aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d")
+    assert encode_request(msg_id, FindValueRequest(node_id=node_a, key=key)).hex() == (
+        head + "92aa66696e645f76616c756592c414" + node_a.hex() + "c414" + key.hex()
+    )
+    assert encode_response(msg_id, value_body("world")).hex().endswith("81a576616c7565a5776f726c64")
+    contact = Contact(node_id=node_b, host="192.0.2.7", port=8468)
+    assert (
+        encode_response(msg_id, nodes_body([contact]))
+        .hex()
+        .endswith("9193c414" + node_b.hex() + "a93139322e302e322e37cd2114")
+    )
+    assert encode_request(msg_id, StunRequest()).hex() == head + "92a47374756e90"
+    assert encode_response(msg_id, ["192.0.2.9", 40000]).hex().endswith("92a93139322e302e322e39cd9c40")
