@@ -17,7 +17,8 @@ migrates its schema (:mod:`p2pmsg.store.migrations`), then serves two calls:
 ``await db.read(fn)``
     runs ``fn(conn)`` on one of ``readers`` read-only connections (``mode=ro``, ``query_only``) in a worker thread,
     inside a read transaction, so ``fn`` sees one consistent snapshot that includes every write whose ``await
-    db.write`` has returned.  Reads never wait for the writer (WAL).
+    db.write`` has returned.  Reads never wait for the writer (WAL).  A cancelled read still waits for ``fn`` to
+    return (reads are short: every listing function takes a bounded ``limit``).
 
 Why a dedicated thread rather than ``trio.to_thread.run_sync`` with a ``CapacityLimiter(1)``: the limiter would
 serialise the writes but every write would be its own transaction and its own sync, and the connection would hop

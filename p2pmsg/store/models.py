@@ -40,6 +40,7 @@ from p2pmsg.store.errors import StoreArgumentError
 __all__ = [
     "DEFAULT_BACKOFF",
     "DHT_NODE_ID_SIZE",
+    "MAX_BATCH_ITEMS",
     "MAX_DHT_NODES",
     "MAX_ENVELOPE_SIZE",
     "MAX_ERROR_CHARS",
@@ -61,9 +62,11 @@ __all__ = [
     "DhtNode",
     "Direction",
     "HistoryCursor",
+    "IncomingMessage",
     "MessageRequest",
     "MessageStatus",
     "OutboxEntry",
+    "OutgoingMessage",
     "StoredMessage",
     "can_transition",
 ]
@@ -92,6 +95,8 @@ MAX_HOST_CHARS: Final = 255
 """Longest host (an IP address or DNS name) of a persisted DHT node."""
 MAX_ERROR_CHARS: Final = 512
 """``last_error`` texts longer than this are truncated (not refused)."""
+MAX_BATCH_ITEMS: Final = 10000
+"""Most items accepted by one ``*_many`` repository call."""
 MAX_QUERY_LIMIT: Final = 10000
 """Largest ``limit`` accepted by the listing functions."""
 MAX_TIMESTAMP: Final = 2**63 - 1
@@ -183,6 +188,30 @@ class StoredMessage:
     def cursor(self) -> HistoryCursor:
         """The history position of this message (pass it as ``before=`` to page back from it)."""
         return HistoryCursor(sent_at=self.sent_at, seq=self.seq)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class OutgoingMessage:
+    """One item of :func:`~p2pmsg.store.repo.enqueue_many` (the arguments of :func:`~p2pmsg.store.repo.enqueue`)."""
+
+    message_id: bytes
+    recipient: bytes
+    sender: bytes
+    text: str
+    sent_at: int
+    envelope: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class IncomingMessage:
+    """One item of :func:`~p2pmsg.store.repo.insert_incoming_many` (see :func:`~p2pmsg.store.repo.insert_incoming`)."""
+
+    message_id: bytes
+    sender: bytes
+    text: str
+    sent_at: int
+    is_request: bool = False
+    conversation: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

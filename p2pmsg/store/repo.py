@@ -29,7 +29,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from p2pmsg.store.errors import (
@@ -43,6 +43,7 @@ from p2pmsg.store.errors import (
 from p2pmsg.store.models import (
     DEFAULT_BACKOFF,
     DHT_NODE_ID_SIZE,
+    MAX_BATCH_ITEMS,
     MAX_DHT_NODES,
     MAX_ENVELOPE_SIZE,
     MAX_ERROR_CHARS,
@@ -56,6 +57,7 @@ from p2pmsg.store.models import (
     MAX_TEXT_BYTES,
     MAX_TIMESTAMP,
     MESSAGE_ID_SIZE,
+    STATUS_TRANSITIONS,
     Backoff,
     CachedPeerRecord,
     Contact,
@@ -63,9 +65,11 @@ from p2pmsg.store.models import (
     DhtNode,
     Direction,
     HistoryCursor,
+    IncomingMessage,
     MessageRequest,
     MessageStatus,
     OutboxEntry,
+    OutgoingMessage,
     StoredMessage,
     can_transition,
 )
@@ -80,6 +84,7 @@ __all__ = [
     "due",
     "due_for",
     "enqueue",
+    "enqueue_many",
     "expedite",
     "find_contact",
     "get_contact",
@@ -91,13 +96,16 @@ __all__ = [
     "history",
     "inbox",
     "insert_incoming",
+    "insert_incoming_many",
     "is_blocked",
     "list_contacts",
     "list_requests",
     "load_dht_nodes",
     "mark_delivered",
+    "mark_delivered_many",
     "mark_failed",
     "mark_sent",
+    "mark_sent_many",
     "outbox_depth",
     "prune_peer_records",
     "put_peer_record",
@@ -486,6 +494,110 @@ def insert_incoming(
     return True
 
 
+def _max_seq(conn: sqlite3.Connection) -> int:
+    # With AUTOINCREMENT a new row gets max(largest seq ever used, largest seq present) + 1.
+    row = conn.execute(
+        "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0),"
+        " coalesce((SELECT max(seq) FROM messages), 0))"
+    ).fetchone()
+    return int(row[0])
+
+
+def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, now: int) -> list[int]:
+    """:func:`enqueue` for many messages at once (two ``executemany`` calls); return their ``seq`` in order.
+
+    All or nothing: on a duplicate id (stored already or twice in *items*) nothing of this call is kept and
+    :class:`DuplicateMessageError` is raised.  The throughput path for bursts of sends.
+    """
+    now = _timestamp("now", now)
+    if len(items) > MAX_BATCH_ITEMS:
+        raise StoreArgumentError("items", f"at most {MAX_BATCH_ITEMS} per call, got {len(items)}")
+    rows: list[tuple[bytes, bytes, bytes, str, int, bytes]] = []
+    seen: set[bytes] = set()
+    for item in items:
+        if not isinstance(item, OutgoingMessage):
+            raise StoreArgumentError("items", f"expected OutgoingMessage items, got {type(item).__name__}")
+        mid = _message_id(item.message_id)
+        if mid in seen:
+            raise DuplicateMessageError(f"message id {mid.hex()} appears twice in one enqueue_many call")
+        seen.add(mid)
+        rows.append(
+            (
+                mid,
+                _peer_id("recipient", item.recipient),
+                _peer_id("sender", item.sender),
+                _text(item.text),
+                _timestamp("sent_at", item.sent_at),
+                _bytes("envelope", item.envelope, min_size=1, max_size=MAX_ENVELOPE_SIZE),
+            )
+        )
+    base = _max_seq(conn)
+    try:
+        conn.executemany(
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, 'out', ?, ?, ?, ?, 'queued', ?, 0)",
+            [(base + i + 1, r[0], r[1], r[2], r[3], r[4], now, now) for i, r in enumerate(rows)],
+        )
+    except sqlite3.IntegrityError as exc:
+        conn.execute("DELETE FROM messages WHERE seq > ?", (base,))  # undo the part inserted before the failure
+        raise DuplicateMessageError(f"a message id of this batch is already stored ({exc})") from None
+    conn.executemany(
+        "INSERT INTO outbox (seq, message_id, recipient, envelope, attempts, next_attempt_at, last_error, enqueued_at)"
+        " VALUES (?, ?, ?, ?, 0, ?, NULL, ?)",
+        [(base + i + 1, r[0], r[1], r[5], now, now) for i, r in enumerate(rows)],
+    )
+    return [base + i + 1 for i in range(len(rows))]
+
+
+def insert_incoming_many(conn: sqlite3.Connection, items: Sequence[IncomingMessage], *, now: int) -> list[bool]:
+    """:func:`insert_incoming` for many messages at once; return, per item, whether it was new.
+
+    An id already stored, or repeated within *items*, gives ``False`` (the first occurrence wins).
+    """
+    now = _timestamp("now", now)
+    if len(items) > MAX_BATCH_ITEMS:
+        raise StoreArgumentError("items", f"at most {MAX_BATCH_ITEMS} per call, got {len(items)}")
+    rows: list[tuple[bytes, bytes, bytes, str, int, int, int, int]] = []
+    for item in items:
+        if not isinstance(item, IncomingMessage):
+            raise StoreArgumentError("items", f"expected IncomingMessage items, got {type(item).__name__}")
+        peer = _peer_id("sender", item.sender)
+        conv = peer if item.conversation is None else _peer_id("conversation", item.conversation)
+        rows.append(
+            (
+                _message_id(item.message_id),
+                conv,
+                peer,
+                _text(item.text),
+                _timestamp("sent_at", item.sent_at),
+                now,
+                now,
+                int(bool(item.is_request)),
+            )
+        )
+    base = _max_seq(conn)
+    conn.executemany(
+        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (NULL, ?, ?, 'in', ?, ?, ?, ?, 'received', ?, ?) "
+        "ON CONFLICT (message_id) DO NOTHING",
+        rows,
+    )
+    # Single writer: the rows above base are exactly the ones this call inserted.
+    inserted = {bytes(r[0]) for r in conn.execute("SELECT message_id FROM messages WHERE seq > ?", (base,))}
+    result: list[bool] = []
+    for row in rows:
+        new = row[0] in inserted
+        if new:
+            inserted.discard(row[0])  # a repeat later in the batch is a duplicate
+            if row[7]:
+                conn.execute(
+                    "INSERT INTO message_requests (peer_id, first_at, last_at, message_count) VALUES (?, ?, ?, 1) "
+                    "ON CONFLICT (peer_id) DO UPDATE SET last_at = max(last_at, excluded.last_at), "
+                    "message_count = message_count + 1",
+                    (row[1], now, now),
+                )
+        result.append(new)
+    return result
+
+
 def get_message(conn: sqlite3.Connection, message_id: bytes) -> StoredMessage | None:
     """Return the message with this id, or ``None``."""
     row = conn.execute(
@@ -718,6 +830,58 @@ def mark_delivered(conn: sqlite3.Connection, message_id: bytes, *, recipient: by
     if changed:
         conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
     return changed
+
+
+def _sources(new: MessageStatus) -> str:
+    """The SQL list of statuses from which STATUS_TRANSITIONS allows *new* (built from the one table)."""
+    olds = sorted(old.value for old, news in STATUS_TRANSITIONS.items() if new in news)
+    return "(" + ", ".join(f"'{value}'" for value in olds) + ")"
+
+
+def _id_list(message_ids: Sequence[bytes]) -> list[bytes]:
+    if len(message_ids) > MAX_BATCH_ITEMS:
+        raise StoreArgumentError("message_ids", f"at most {MAX_BATCH_ITEMS} per call, got {len(message_ids)}")
+    return [_message_id(m) for m in message_ids]
+
+
+def mark_sent_many(conn: sqlite3.Connection, message_ids: Sequence[bytes], *, now: int, retry_at: int) -> int:
+    """:func:`mark_sent` for many messages (two ``executemany`` calls); return how many still wait for a receipt."""
+    now = _timestamp("now", now)
+    retry = _timestamp("retry_at", retry_at)
+    ids = _id_list(message_ids)
+    cursor = conn.executemany(
+        "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?, last_error = NULL "
+        "WHERE seq = (SELECT seq FROM messages WHERE message_id = ? AND direction = 'out')",
+        [(retry, m) for m in ids],
+    )
+    waiting = cursor.rowcount
+    conn.executemany(
+        "UPDATE messages SET status = 'sent', status_at = ? "
+        f"WHERE message_id = ? AND direction = 'out' AND status IN {_sources(MessageStatus.SENT)} "
+        "AND EXISTS (SELECT 1 FROM outbox WHERE outbox.seq = messages.seq)",
+        [(now, m) for m in ids],
+    )
+    return int(waiting)
+
+
+def mark_delivered_many(conn: sqlite3.Connection, message_ids: Sequence[bytes], *, recipient: bytes, now: int) -> int:
+    """:func:`mark_delivered` for many receipts from *recipient*; return how many messages became delivered."""
+    peer = _peer_id("recipient", recipient)
+    now = _timestamp("now", now)
+    ids = _id_list(message_ids)
+    cursor = conn.executemany(
+        "UPDATE messages SET status = 'delivered', status_at = ? "
+        "WHERE message_id = ? AND conversation = ? AND direction = 'out' "
+        f"AND status IN {_sources(MessageStatus.DELIVERED)}",
+        [(now, m, peer) for m in ids],
+    )
+    delivered = cursor.rowcount
+    conn.executemany(
+        "DELETE FROM outbox WHERE seq = "
+        "(SELECT seq FROM messages WHERE message_id = ? AND conversation = ? AND status = 'delivered')",
+        [(m, peer) for m in ids],
+    )
+    return int(delivered)
 
 
 def reschedule(

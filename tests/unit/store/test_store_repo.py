@@ -32,7 +32,9 @@ from p2pmsg.store.models import (
     DhtNode,
     Direction,
     HistoryCursor,
+    IncomingMessage,
     MessageStatus,
+    OutgoingMessage,
     can_transition,
 )
 
@@ -545,3 +547,100 @@ def test_limits_are_validated(conn: sqlite3.Connection) -> None:
             repo.history(conn, BOB, limit=bad)
     with pytest.raises(StoreArgumentError, match="before"):
         repo.history(conn, BOB, before=(1, 2))  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------- batch variants
+
+
+def outgoing(n: int, *, to: bytes = BOB) -> OutgoingMessage:
+    return OutgoingMessage(message_id=mid(n), recipient=to, sender=ME, text=f"t{n}", sent_at=T0 + n, envelope=b"E")
+
+
+def test_enqueue_many_stores_messages_and_outbox_rows_in_order(conn: sqlite3.Connection) -> None:
+    send(conn, 100)
+    conn.execute("DELETE FROM messages WHERE message_id = ?", (mid(100),))  # seq values are never reused
+    seqs = repo.enqueue_many(conn, [outgoing(n) for n in range(5)], now=T0)
+    assert seqs == [2, 3, 4, 5, 6]
+    assert [(m.seq, m.text, m.status) for m in repo.history(conn, BOB)] == [
+        (s, f"t{n}", MessageStatus.QUEUED) for n, s in enumerate(seqs)
+    ]
+    assert [e.seq for e in repo.due(conn, now=T0)] == seqs
+    send(conn, 200)
+    assert repo.get_message(conn, mid(200)).seq == 7  # type: ignore[union-attr]
+
+
+def test_enqueue_many_is_all_or_nothing_on_duplicates(conn: sqlite3.Connection) -> None:
+    send(conn, 3)
+    with pytest.raises(DuplicateMessageError):
+        repo.enqueue_many(conn, [outgoing(1), outgoing(2), outgoing(3), outgoing(4)], now=T0)
+    with pytest.raises(DuplicateMessageError, match="twice"):
+        repo.enqueue_many(conn, [outgoing(5), outgoing(5)], now=T0)
+    assert conn.execute("SELECT count(*) FROM messages").fetchone()[0] == 1
+    assert repo.outbox_depth(conn) == 1
+    assert repo.enqueue_many(conn, [], now=T0) == []
+
+
+def test_insert_incoming_many_reports_duplicates_per_item(conn: sqlite3.Connection) -> None:
+    repo.insert_incoming(conn, message_id=mid(2), sender=BOB, text="old", sent_at=T0, now=T0)
+    items = [
+        IncomingMessage(message_id=mid(1), sender=BOB, text="a", sent_at=T0 + 1),
+        IncomingMessage(message_id=mid(2), sender=BOB, text="dup of stored", sent_at=T0 + 2),
+        IncomingMessage(message_id=mid(3), sender=EVE, text="req", sent_at=T0 + 3, is_request=True),
+        IncomingMessage(message_id=mid(1), sender=BOB, text="dup in batch", sent_at=T0 + 4),
+        IncomingMessage(message_id=mid(4), sender=EVE, text="req2", sent_at=T0 + 5, is_request=True),
+    ]
+    assert repo.insert_incoming_many(conn, items, now=T0 + 9) == [True, False, True, False, True]
+    assert [m.text for m in repo.history(conn, BOB)] == ["old", "a"]
+    request = repo.get_request(conn, EVE)
+    assert request is not None and request.message_count == 2
+    assert repo.insert_incoming_many(conn, items, now=T0 + 10) == [False] * 5
+
+
+def test_batch_functions_refuse_oversized_batches(conn: sqlite3.Connection) -> None:
+    with pytest.raises(StoreArgumentError, match="message_ids"):
+        repo.mark_sent_many(conn, [mid(1)] * 10_001, now=T0, retry_at=T0)
+    with pytest.raises(StoreArgumentError, match="items"):
+        repo.enqueue_many(conn, [object()], now=T0)  # type: ignore[list-item]
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["sent", "delivered", "delivered-by-stranger", "failed"]),
+        st.lists(st.integers(min_value=0, max_value=9), max_size=6),
+    ),
+    max_size=8,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=_OPS)
+def test_batch_status_updates_match_the_single_ones(ops: list[tuple[str, list[int]]]) -> None:
+    """The same receipts applied one by one and as batches leave the same messages and outbox."""
+    single, batch = _connect(":memory:"), _connect(":memory:")
+    for n in range(10):
+        send(single, n)
+    repo.enqueue_many(batch, [outgoing(n) for n in range(10)], now=T0)
+    # enqueue_many used its own texts/timestamps; align the rows that the comparison looks at.
+    batch.execute("UPDATE messages SET text = 'hi', sent_at = ?, stored_at = ?, status_at = ?", (T0, T0, T0))
+    single.execute("UPDATE messages SET sent_at = ?, stored_at = ?, status_at = ?", (T0, T0, T0))
+    single.execute("UPDATE outbox SET next_attempt_at = ?, enqueued_at = ?, envelope = x'45'", (T0, T0))
+    for step, (op, numbers) in enumerate(ops):
+        now = T0 + 10 * (step + 1)
+        ids = [mid(n) for n in numbers]
+        if op == "sent":
+            expected = sum(repo.mark_sent(single, m, now=now, retry_at=now + 5) for m in ids)
+            assert repo.mark_sent_many(batch, ids, now=now, retry_at=now + 5) == expected
+        elif op == "failed":
+            for m in ids:
+                repo.mark_failed(single, m, now=now)
+                repo.mark_failed(batch, m, now=now)
+        else:
+            peer = BOB if op == "delivered" else EVE
+            expected = sum(repo.mark_delivered(single, m, recipient=peer, now=now) for m in ids)
+            assert repo.mark_delivered_many(batch, ids, recipient=peer, now=now) == expected
+    dump_messages = "SELECT message_id, status, status_at FROM messages ORDER BY seq"
+    dump_outbox = "SELECT seq, attempts, next_attempt_at FROM outbox ORDER BY seq"
+    assert single.execute(dump_messages).fetchall() == batch.execute(dump_messages).fetchall()
+    assert single.execute(dump_outbox).fetchall() == batch.execute(dump_outbox).fetchall()
+    single.close()
+    batch.close()
