@@ -270,17 +270,15 @@ class DhtNode:
     async def put_signed(self, key: bytes, value: bytes) -> int:
         """Publish a signed-record value (see :mod:`~p2pmsg.dht.core.records`); how many STOREs succeeded.
 
-        The record goes to the k closest nodes, and additionally to the closest *verified* p2pmsg nodes beyond them,
-        one for each stock (unverified) node among the k: stock nodes keep whatever anyone stores, verified nodes
-        keep only the highest valid record.
+        The record goes to the k closest nodes, and additionally to the closest *verified* p2pmsg nodes among the
+        next k, one for each stock (unverified) node among the k closest
+        (:meth:`~p2pmsg.dht.core.engine.DhtEngine.signed_record_targets`).
         """
         if not self.engine.store_local(key, value, self._now()):
             raise DhtUsageError("the record does not verify (wrong key, expired, too large or malformed)")
-        done = await self._lookup(lambda now: self.engine.lookup_nodes(key, now))
-        closest = list(done.closest)
-        unverified = sum(1 for c in closest if not self.engine.is_verified(c))
-        extras = [c for c in done.responders[len(closest) :] if self.engine.is_verified(c)][:unverified]
-        return await self._store_on(key, value, closest + extras)
+        k = self.engine.config.k
+        done = await self._lookup(lambda now: self.engine.lookup_nodes(key, now, count=2 * k))
+        return await self._store_on(key, value, self.engine.signed_record_targets(done))
 
     async def get_signed(self, key: bytes) -> VerifiedRecord | None:
         """The verified record with the highest ``seq`` under ``key``, whatever other nodes return."""

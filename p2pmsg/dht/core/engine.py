@@ -371,13 +371,17 @@ class DhtEngine:
             self._events.append(StoreDone(op=op, contact=contact, stored=False))
         return op
 
-    def lookup_nodes(self, target: bytes, now: float) -> int:
-        """Start a node lookup for ``target``; a :class:`LookupDone` with the k closest responders follows."""
-        return self._start_lookup(target, None, now)
+    def lookup_nodes(self, target: bytes, now: float, *, count: int | None = None) -> int:
+        """Start a node lookup for ``target``; a :class:`LookupDone` with the ``count`` (default k) closest
+        responders follows."""
+        return self._start_lookup(target, None, now, count)
 
     def lookup_value(self, key: bytes, now: float, *, mode: ValueMode = ValueMode.PLAIN) -> int:
-        """Start a value lookup for ``key`` (the local store is consulted first); a :class:`LookupDone` follows."""
-        return self._start_lookup(key, mode, now)
+        """Start a value lookup for ``key`` (the local store is consulted first); a :class:`LookupDone` follows.
+
+        A signed lookup runs over the ``2k`` closest nodes, where :meth:`signed_record_targets` puts records.
+        """
+        return self._start_lookup(key, mode, now, 2 * self.config.k if mode is ValueMode.SIGNED else None)
 
     def cancel(self, op: int) -> None:
         """Forget a running lookup (its late answers still feed the routing table)."""
@@ -396,6 +400,17 @@ class DhtEngine:
         """The peer id bound to ``node_id`` by a successful challenge, if any."""
         peer = self._peers.get(node_id)
         return peer.peer_id if peer is not None and peer.auth is AuthState.VERIFIED else None
+
+    def signed_record_targets(self, done: LookupDone) -> list[Contact]:
+        """Where to STORE a signed record, given a lookup of its key over ``2k`` nodes (``lookup_nodes(key, now,
+        count=2 * k)``): the k closest responders, plus the closest *verified* responders among the next k, one for
+        each unverified (stock) node among the k closest.  Stock nodes keep whatever anyone stores next; verified
+        p2pmsg nodes keep only the highest valid record, and signed lookups read the ``2k`` closest."""
+        k = self.config.k
+        closest = list(done.closest[:k])
+        unverified = sum(1 for c in closest if not self.is_verified(c))
+        extras = [c for c in done.closest[k:] if self.is_verified(c)][:unverified]
+        return closest + extras
 
     def auth_state(self, node_id: bytes) -> AuthState:
         """The identity-check state of ``node_id``."""
@@ -759,7 +774,7 @@ class DhtEngine:
         if not isinstance(key, bytes) or len(key) != NODE_ID_SIZE:
             raise DhtUsageError(f"DHT keys are {NODE_ID_SIZE} bytes")
 
-    def _start_lookup(self, target: bytes, mode: ValueMode | None, now: float) -> int:
+    def _start_lookup(self, target: bytes, mode: ValueMode | None, now: float, count: int | None) -> int:
         self._check_key(target)
         if len(self._lookups) >= self.config.max_lookups:
             raise DhtUsageError(f"too many concurrent lookups (limit {self.config.max_lookups})")
@@ -767,7 +782,11 @@ class DhtEngine:
         op = _LookupOp(
             op=self._new_op(),
             lookup=Lookup(
-                target, k=cfg.k, alpha=cfg.alpha, stall_timeout=cfg.stall_timeout, exclude_ids=(self.node_id,)
+                target,
+                k=count or cfg.k,
+                alpha=cfg.alpha,
+                stall_timeout=cfg.stall_timeout,
+                exclude_ids=(self.node_id,),
             ),
             mode=mode,
         )
@@ -780,7 +799,7 @@ class DhtEngine:
         if op.lookup.finished:
             self._complete(op)
             return op.op
-        op.lookup.add_candidates(self.table.closest(target, cfg.k))
+        op.lookup.add_candidates(self.table.closest(target, op.lookup.k))
         self._pump(op, now)
         return op.op
 

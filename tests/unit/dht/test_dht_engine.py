@@ -488,3 +488,28 @@ def test_auth_proof_worked_example() -> None:
         "2a40c167ff29a761fceaee0935d239ed18b2d1e7930b26256ac81fa369fb55fece692ee04c6c329d708341d4ba3f92a285a14487a7551f"
         "d35e36a3787ce841e75001"
     )
+
+
+def test_signed_records_go_to_extra_verified_nodes_when_stock_nodes_are_closest() -> None:
+    config = DhtConfig(k=4)
+    net, engines = build_network(12, config=config)
+    publisher = engines[0]
+    key = peer_record_key(publisher.identity.peer_id)
+    stock_ids = [bytes(a ^ b for a, b in zip(key, b"\x00" * 19 + bytes([n]), strict=True)) for n in (1, 2, 3)]
+    everyone = [Contact(node_id=e.node_id, host=net.address_of(e)[0], port=net.address_of(e)[1]) for e in engines]
+    for n, stock_id in enumerate(stock_ids):
+        stock = FakeStock(node_id=stock_id, known=everyone[1:])
+        address: Address = (f"10.9.3.{n + 1}", 7000)
+        net.raw[address] = stock
+        net.inject(address, net.address_of(publisher), stock.request("find_node", (stock_id, stock_id)))
+    net.run()
+    done = net.wait(publisher, publisher.lookup_nodes(key, net.now, count=8))
+    assert isinstance(done, LookupDone)
+    assert [c.node_id for c in done.closest[:3]] == stock_ids
+    targets = publisher.signed_record_targets(done)
+    assert targets[:4] == list(done.closest[:4])
+    extras = targets[4:]
+    assert len(extras) == 3
+    assert all(publisher.is_verified(c) for c in extras)
+    assert {c.node_id for c in extras} <= {e.node_id for e in engines}
+    assert extras == [c for c in done.closest[4:] if publisher.is_verified(c)][:3]
