@@ -1,0 +1,1121 @@
+"""The chat service: contacts, the durable outbox, one session per peer, receipts and message requests.
+
+Theory of operation
+-------------------
+**Sending.**  :meth:`ChatService.send` seals the text into an envelope (:mod:`p2pmsg.chat.envelope`) and stores the
+message and its outbox row in one SQLite transaction (``repo.enqueue``); it returns once that transaction is committed
+and synced, so a message reported ``queued`` survives a crash.  Nothing else is ever needed to deliver it: the
+*outbox worker* repeatedly reads the entries that are due (``repo.due``) and, per recipient, hands them to a live
+session or starts one dial.  A session writes envelopes in batches (one ``send_all`` per batch) and marks them
+``sent`` with a retry time (:attr:`ChatConfig.resend_after_ms`); the recipient's receipt marks them ``delivered``
+and removes them from the outbox.  A failed dial reschedules the recipient's due entries with exponential backoff
+and jitter (``repo.reschedule``, capped).  When a session with a peer opens (either direction), or its peer record
+changes, all of that peer's entries are made due at once (``repo.expedite``) and the worker is woken: the backlog is
+flushed in send order.  Delivery is at-least-once on the wire and exactly once in the store.
+
+**Reaching a peer.**  Addresses come from the peer's signed record cached in the store (verified again on every
+use), the address hints of the invite it was added with, and the DHT (:class:`PeerResolver`), asked when nothing
+usable is cached and again when dialling the cached addresses fails ("refresh on failure").  Dialling races the
+addresses (:func:`p2pmsg.net.dialer.dial`); the Noise handshake proves the peer id, so a stale address cannot
+reach somebody else.
+
+**Sessions.**  Each authenticated channel, inbound (from the listener, :meth:`ChatService.handle_inbound`) or
+outbound (our dial), runs one :class:`~p2pmsg.chat.protocol.ChatConnection`: a reader (this task) and a sender
+task.  A blocked peer's channel is closed right after the handshake.  A session that already exists for a peer is
+reused; we only dial when there is none.  If both sides dial at the same moment, both connections stay usable
+(each side sends on its newest one, receives on all); at most :attr:`ChatConfig.max_sessions_per_peer` are kept.
+
+**Receiving.**  Envelopes are opened (the envelope's ``from`` must be the channel's peer: relaying is for a later
+version), then one write transaction per received chunk applies the policy (:mod:`p2pmsg.chat.policy`) and stores
+the messages (``repo.insert_incoming``: a duplicate id changes nothing).  Stored *and duplicate* ids are
+acknowledged after the commit, so a sender whose receipt was lost gets it again.  Messages that cannot be opened,
+refused ones, and anything else dropped are counted by reason (:meth:`ChatService.status`) and logged; a malformed
+frame closes that peer's session only.
+
+**Events** for control API subscribers (``message``, ``receipt``, ``peer_up``, ``peer_down``, ``request``) go to
+an :class:`EventSink` such as ``EventHub.publish``; it must not block.
+
+Everything runs in the nursery of :meth:`ChatService.run`; inbound sessions run in the listener's handler task.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import random
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from typing import Any, Final, Protocol
+
+import msgpack
+import trio
+
+from p2pmsg.chat import events as ev
+from p2pmsg.chat.envelope import (
+    MAX_TEXT_BYTES,
+    ChatEnvelopeError,
+    ChatMessage,
+    DecryptionError,
+    EnvelopeSealer,
+    SealedEnvelope,
+    WrongRecipientError,
+)
+from p2pmsg.chat.errors import BadRequestError, NameTakenError, UnknownContactError
+from p2pmsg.chat.invite import format_invite, parse_target
+from p2pmsg.chat.policy import ChatPolicy, Disposition, Relation
+from p2pmsg.chat.protocol import ChatConnection, SessionProtocolError
+from p2pmsg.dht.core.records import PeerRecord, peer_record_key, verify_record_value
+from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
+from p2pmsg.identity import Identity, InvalidPeerIdError, PeerId
+from p2pmsg.net.channel import SecureChannel
+from p2pmsg.net.dialer import DialError
+from p2pmsg.net.dialer import dial as net_dial
+from p2pmsg.store import errors as store_errors
+from p2pmsg.store import repo
+from p2pmsg.store.db import Database
+from p2pmsg.store.models import (
+    DEFAULT_BACKOFF,
+    MAX_QUERY_LIMIT,
+    MAX_TIMESTAMP,
+    Backoff,
+    Contact,
+    ContactState,
+    HistoryCursor,
+    OutboxEntry,
+    StoredMessage,
+)
+from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
+
+__all__ = ["ChatConfig", "ChatService", "DialFunction", "EventSink", "PeerResolver"]
+
+log = logging.getLogger("p2pmsg.chat")
+
+_RECEIVE_CHUNK: Final = 65536
+_HINTS_PREFIX: Final = "chat.hints."
+_MAX_HINTS: Final = 16
+
+
+class EventSink(Protocol):
+    """Where service events go: ``sink("message", id=..., ...)``; must not block (e.g. ``EventHub.publish``)."""
+
+    def __call__(self, event: str, /, **fields: Any) -> None: ...
+
+
+class PeerResolver(Protocol):
+    """Looks a peer's signed record up in the DHT (e.g. the DHT node service)."""
+
+    async def find_peer(self, peer_id: PeerId) -> object:
+        """The peer's signed peer-record value (``bytes``, or an object with a ``value: bytes`` attribute such as
+        ``VerifiedRecord``), or ``None`` if none was found.  The chat service verifies it again."""
+        ...
+
+
+class DialFunction(Protocol):
+    """The signature of :func:`p2pmsg.net.dialer.dial`."""
+
+    async def __call__(
+        self,
+        identity: Identity,
+        peer_id: PeerId,
+        addrs: Sequence[Multiaddr],
+        *,
+        timeout: float = ...,
+        nursery: trio.Nursery | None = ...,
+    ) -> SecureChannel: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ChatConfig:
+    """Tunables of the chat service (the defaults suit a personal node)."""
+
+    policy: ChatPolicy = dataclasses.field(default_factory=ChatPolicy)
+    backoff: Backoff = DEFAULT_BACKOFF
+    """Retry schedule after a failed dial: 1 s, 2 s, 4 s ... capped at 15 min, with jitter."""
+    resend_after_ms: int = 30_000
+    """A message written to a session but not acknowledged within this time is sent again."""
+    dial_timeout: float = 10.0
+    resolve_timeout: float = 15.0
+    send_timeout: float = 30.0
+    """A session whose ``send_all`` takes longer than this is closed (its messages stay queued)."""
+    max_sessions: int = 256
+    max_sessions_per_peer: int = 4
+    batch_size: int = 256
+    """Envelopes per ``send_all``."""
+    due_batch: int = 2000
+    """Outbox entries the worker reads per round."""
+    max_session_queue: int = 4096
+    """Envelopes handed to one session and not yet written; beyond it the worker leaves them in the outbox."""
+    min_poll: float = 0.2
+    max_poll: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("dial_timeout", "resolve_timeout", "send_timeout", "min_poll", "max_poll"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise LocalProtocolError(f"ChatConfig.{name} must be a positive number, got {value}")
+        for name in ("resend_after_ms", "max_sessions", "max_sessions_per_peer", "batch_size", "due_batch"):
+            if getattr(self, name) < 1:
+                raise LocalProtocolError(f"ChatConfig.{name} must be at least 1")
+        if self.due_batch > MAX_QUERY_LIMIT:
+            raise LocalProtocolError(f"ChatConfig.due_batch must be at most {MAX_QUERY_LIMIT}")
+        if self.max_session_queue < self.batch_size:
+            raise LocalProtocolError("ChatConfig.max_session_queue must be at least batch_size")
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class _FixedRandom(random.Random):
+    """A ``random.Random`` whose ``random()`` always returns one value (the same jitter for a peer's whole batch)."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(0)
+        self._value = value
+
+    def random(self) -> float:
+        return self._value
+
+
+class _ConnectFailed(P2PMsgError):
+    pass
+
+
+class _SessionRefused(P2PMsgError):
+    pass
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Session:
+    peer: PeerId
+    channel: SecureChannel
+    direction: str
+    addr: str
+    since: int
+    conn: ChatConnection = dataclasses.field(default_factory=ChatConnection)
+    send_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
+    pending: collections.OrderedDict[bytes, bytes] = dataclasses.field(default_factory=collections.OrderedDict)
+    held: set[bytes] = dataclasses.field(default_factory=set)
+    written: set[bytes] = dataclasses.field(default_factory=set)
+    work: trio.Event = dataclasses.field(default_factory=trio.Event)
+    scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    closed: bool = False
+    close_reason: str | None = None
+    contact_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Stored:
+    message: ChatMessage
+    outcome: str  # "stored" | "duplicate" | "overflow"
+    disposition: Disposition
+    sent_at: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Incoming:
+    relation: Relation
+    contact_name: str | None
+    results: list[_Stored]
+
+
+def _peer_text(peer: bytes) -> str:
+    try:
+        return PeerId.from_bytes(peer).to_base58()
+    except InvalidPeerIdError:
+        return peer.hex()
+
+
+def _message_dict(message: StoredMessage) -> dict[str, Any]:
+    return {
+        "id": message.message_id.hex(),
+        "from": _peer_text(message.sender),
+        "text": message.text,
+        "ts": message.sent_at,
+        "status": message.status.value,
+        "direction": message.direction.value,
+    }
+
+
+class ChatService:
+    """The chat layer of one node (see the module docstring).  Run :meth:`run` in the node's nursery."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        db: Database,
+        *,
+        resolver: PeerResolver | None = None,
+        config: ChatConfig | None = None,
+        events: EventSink | None = None,
+        dial: DialFunction = net_dial,
+        clock_ms: Callable[[], int] = _wall_ms,
+        rng: random.Random | None = None,
+    ) -> None:
+        """``resolver`` finds peer records in the DHT (``None``: only cached records and invite hints are used);
+        ``events`` receives service events; ``dial``, ``clock_ms`` (wall clock, ms) and ``rng`` are for tests."""
+        self.identity = identity
+        self._db = db
+        self._resolver = resolver
+        self.config = config if config is not None else ChatConfig()
+        self._events = events
+        self._dial = dial
+        self._now = clock_ms
+        self._rng = rng if rng is not None else random.Random()
+        self._sealer = EnvelopeSealer(identity)
+        self._own = identity.peer_id.to_bytes()
+        self._sessions: dict[PeerId, list[_Session]] = {}
+        self._dialing: set[PeerId] = set()
+        self._inflight: set[bytes] = set()
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._dropped: collections.Counter[str] = collections.Counter()
+        self._started_at = self._now()
+
+    # ------------------------------------------------------------------------------------------------- lifecycle
+
+    @property
+    def peer_id(self) -> PeerId:
+        """This node's peer id."""
+        return self.identity.peer_id
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the outbox worker and the outbound sessions until cancelled (``await nursery.start(chat.run)``)."""
+        if self._nursery is not None:
+            raise LocalProtocolError("ChatService.run is already running")
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._outbox_worker)
+                task_status.started()
+        finally:
+            self._nursery = None
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    def _drop(self, reason: str, detail: str, peer: PeerId | None = None) -> None:
+        self._dropped[reason] += 1
+        log.info("chat: dropped (%s) %s%s", reason, detail, f" from {peer}" if peer is not None else "")
+
+    def _publish(self, event: ev.ChatServiceEvent) -> None:
+        if self._events is None:
+            return
+        try:
+            self._events(event.name, **event.fields())
+        except P2PMsgError as exc:
+            self._drop("chat_event_unpublishable", f"{event.name} event: {exc}")
+
+    # ------------------------------------------------------------------------------------------------- outbox
+
+    async def _outbox_worker(self) -> None:
+        cfg = self.config
+        while True:
+            self._wake = trio.Event()
+            now = self._now()
+            entries = await self._db.read(functools.partial(repo.due, now=now, limit=cfg.due_batch))
+            busy = len(entries) >= cfg.due_batch
+            by_peer: dict[bytes, list[OutboxEntry]] = {}
+            for entry in entries:
+                if entry.message_id in self._inflight:
+                    busy = True
+                    continue
+                by_peer.setdefault(entry.recipient, []).append(entry)
+            for raw_peer, items in by_peer.items():
+                if not await self._dispatch(raw_peer, sorted(items, key=lambda e: e.seq)):
+                    busy = True
+            if busy:
+                timeout = cfg.min_poll
+            else:
+                earliest = await self._db.read(lambda c: repo.due(c, now=MAX_TIMESTAMP, limit=1))
+                wait_ms = earliest[0].next_attempt_at - self._now() if earliest else cfg.max_poll * 1000
+                timeout = min(cfg.max_poll, max(cfg.min_poll, wait_ms / 1000))
+            with trio.move_on_after(timeout):
+                await self._wake.wait()
+
+    async def _dispatch(self, raw_peer: bytes, items: list[OutboxEntry]) -> bool:
+        """Hand ``items`` (due, in send order) to a session with their recipient or start a dial; False if busy."""
+        try:
+            peer = PeerId.from_bytes(raw_peer)
+        except InvalidPeerIdError:  # never written by us; do not retry it forever
+            now = self._now()
+            await self._db.write(lambda c: [repo.mark_failed(c, e.message_id, now=now) for e in items])
+            return True
+        session = self._best_session(peer)
+        if session is not None:
+            room = self.config.max_session_queue - len(session.pending)
+            for entry in items[: max(room, 0)]:
+                session.pending[entry.message_id] = entry.envelope
+                session.held.add(entry.message_id)
+                self._inflight.add(entry.message_id)
+            session.work.set()
+            return room >= len(items)
+        if peer in self._dialing:
+            return False
+        if self._nursery is None:
+            return True
+        self._dialing.add(peer)
+        self._nursery.start_soon(self._dial_task, peer)
+        return True
+
+    async def _reschedule_peer(self, peer: PeerId, error: str, written: Iterable[bytes] = ()) -> None:
+        """Count a failed attempt for ``peer``'s due entries and those in ``written`` (sent on a session that was
+        lost before their receipts came): each gets its next try after the backoff."""
+        now = self._now()
+        lost = set(written)
+        jitter = _FixedRandom(self._rng.random())
+        backoff = self.config.backoff
+        raw = peer.to_bytes()
+
+        def txn(conn: sqlite3.Connection) -> int:
+            count = 0
+            for entry in repo.due_for(conn, raw, limit=MAX_QUERY_LIMIT):
+                if entry.next_attempt_at <= now or entry.message_id in lost:
+                    repo.reschedule(conn, entry.message_id, now=now, error=error, backoff=backoff, rng=jitter)
+                    count += 1
+            return count
+
+        count = await self._db.write(txn)
+        if count:
+            log.info("chat: %d message(s) to %s rescheduled: %s", count, peer, error)
+
+    async def _expedite(self, peer: PeerId) -> None:
+        now = self._now()
+        raw = peer.to_bytes()
+        await self._db.write(lambda c: repo.expedite(c, raw, now=now))
+        self._poke()
+
+    # ------------------------------------------------------------------------------------------------- dialling
+
+    async def _dial_task(self, peer: PeerId) -> None:
+        handed_over = False
+        try:
+            contact = await self._db.read(lambda c: repo.get_contact(c, peer.to_bytes()))
+            if contact is not None and contact.state is ContactState.BLOCKED:
+                await self._reschedule_peer(peer, "the recipient is blocked")
+                return
+            try:
+                channel, addr = await self._connect(peer)
+            except _ConnectFailed as exc:
+                await self._reschedule_peer(peer, str(exc))
+                return
+            if self._nursery is None:
+                await trio.aclose_forcefully(channel)
+                return
+            self._nursery.start_soon(self._run_session, channel, "outbound", addr, True)
+            handed_over = True
+        finally:
+            if not handed_over:
+                self._dialing.discard(peer)
+
+    async def _hints(self, peer: PeerId) -> list[Multiaddr]:
+        data = await self._db.read(lambda c: repo.get_setting(c, _HINTS_PREFIX + peer.to_bytes().hex()))
+        if not data:
+            return []
+        try:
+            texts = msgpack.unpackb(data, raw=False)
+            return [Multiaddr.parse(t) for t in texts[:_MAX_HINTS] if isinstance(t, str)]
+        except (ValueError, TypeError, MultiaddrError, msgpack.UnpackException):
+            return []
+
+    def _verify_record(self, peer: PeerId, value: bytes) -> PeerRecord | None:
+        try:
+            verified = verify_record_value(peer_record_key(peer), value, now=self._now() / 1000)
+        except RemoteProtocolError as exc:
+            log.info("chat: peer record of %s refused: %s", peer, exc)
+            return None
+        content = verified.content
+        return content if isinstance(content, PeerRecord) and content.peer_id == peer else None
+
+    async def _cached_record(self, peer: PeerId) -> PeerRecord | None:
+        cached = await self._db.read(lambda c: repo.get_peer_record(c, peer.to_bytes()))
+        if cached is None or cached.is_expired(self._now()):
+            return None
+        return self._verify_record(peer, cached.record)
+
+    async def _store_record(self, peer: PeerId, value: bytes) -> tuple[PeerRecord | None, bool]:
+        """Verify and cache a record; return it and whether the cache changed (a newer ``seq``)."""
+        record = self._verify_record(peer, value)
+        if record is None:
+            return None, False
+        now = self._now()
+        expires_ms = min(record.expires_at * 1000, MAX_TIMESTAMP)
+        changed = await self._db.write(
+            lambda c: repo.put_peer_record(
+                c, peer_id=peer.to_bytes(), record=value, seq=record.seq, expires_at=expires_ms, now=now
+            )
+        )
+        return record, changed
+
+    async def _resolve(self, peer: PeerId) -> PeerRecord | None:
+        if self._resolver is None:
+            return None
+        found: object = None
+        with trio.move_on_after(self.config.resolve_timeout):
+            try:
+                found = await self._resolver.find_peer(peer)
+            except (P2PMsgError, OSError) as exc:
+                log.info("chat: DHT lookup of %s failed: %s", peer, exc)
+        value = found if isinstance(found, bytes) else getattr(found, "value", None)
+        if not isinstance(value, bytes):
+            return None
+        record, _ = await self._store_record(peer, value)
+        return record
+
+    async def peer_record_seen(self, peer_id: PeerId, value: bytes) -> bool:
+        """A peer record of ``peer_id`` was seen (e.g. by the DHT): cache it if newer, and if so flush that
+        peer's outbox at once.  Return whether it was newer."""
+        _, changed = await self._store_record(peer_id, value)
+        if changed:
+            await self._expedite(peer_id)
+        return changed
+
+    async def _connect(self, peer: PeerId) -> tuple[SecureChannel, str]:
+        hints = await self._hints(peer)
+        record = await self._cached_record(peer)
+        fresh = False
+        if record is None:
+            record = await self._resolve(peer)
+            fresh = True
+        tried: list[Multiaddr] = []
+        reasons: list[str] = []
+
+        async def attempt(addrs: list[Multiaddr]) -> tuple[SecureChannel, str] | None:
+            candidates = [a for a in addrs if a not in tried]
+            if not candidates:
+                return None
+            tried.extend(candidates)
+            try:
+                channel = await self._dial(
+                    self.identity, peer, candidates, timeout=self.config.dial_timeout, nursery=self._nursery
+                )
+            except DialError as exc:
+                reasons.append(str(exc))
+                return None
+            return channel, _channel_addr(channel, candidates)
+
+        record_addrs = _record_addrs(record)
+        result = await attempt(record_addrs + hints)
+        if result is None and not fresh:
+            # The cached record may be stale: ask the DHT again and try what is new.
+            result = await attempt(_record_addrs(await self._resolve(peer)))
+        if result is None:
+            raise _ConnectFailed("; ".join(reasons) if reasons else f"no known address for {peer}")
+        return result
+
+    # ------------------------------------------------------------------------------------------------- sessions
+
+    def _best_session(self, peer: PeerId) -> _Session | None:
+        for session in reversed(self._sessions.get(peer, [])):
+            if not session.closed:
+                return session
+        return None
+
+    async def handle_inbound(self, channel: SecureChannel, remote_addr: Multiaddr | None = None) -> None:
+        """Serve an authenticated inbound channel until it closes (the listener's handler)."""
+        await self._run_session(channel, "inbound", str(remote_addr) if remote_addr is not None else "", False)
+
+    async def _run_session(self, channel: SecureChannel, direction: str, addr: str, dialed: bool) -> None:
+        peer = channel.remote_peer
+        session: _Session | None = None
+        try:
+            if peer == self.identity.peer_id:
+                self._drop("chat_self_connection", "a channel to ourselves")
+                return
+            contact = await self._db.read(lambda c: repo.get_contact(c, peer.to_bytes()))
+            relation = _relation(contact)
+            if not self.config.policy.admit_channel(relation):
+                self._drop("chat_blocked_peer", "channel of a blocked peer closed", peer)
+                return
+            total = sum(len(v) for v in self._sessions.values())
+            if total >= self.config.max_sessions:
+                self._drop("chat_session_limit", f"{total} sessions already open", peer)
+                return
+            session = _Session(
+                peer=peer,
+                channel=channel,
+                direction=direction,
+                addr=addr,
+                since=self._now(),
+                contact_name=contact.name if contact is not None else None,
+            )
+            sessions = self._sessions.setdefault(peer, [])
+            sessions.append(session)
+            while len(sessions) > self.config.max_sessions_per_peer:
+                old = sessions.pop(0)
+                old.closed = True
+                old.close_reason = "replaced by a newer session"
+                old.scope.cancel()
+            if dialed:
+                self._dialing.discard(peer)
+            self._publish(
+                ev.PeerUpEvent(peer_id=str(peer), contact=session.contact_name, direction=direction, addr=addr)
+            )
+            log.info("chat: session with %s open (%s %s)", peer, direction, addr or "?")
+            with session.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._guarded, session, self._sender)
+                    await self._guarded(session, self._reader)
+                    nursery.cancel_scope.cancel()
+        except store_errors.StoreClosedError:
+            if session is not None:
+                session.close_reason = "the store is closed"
+        except Exception:  # a bug: lose this session, never the node
+            self._dropped["chat_internal_error"] += 1
+            log.exception("chat: session with %s failed", peer)
+            if session is not None:
+                session.close_reason = "internal error"
+        finally:
+            if dialed:
+                self._dialing.discard(peer)
+            if session is not None:
+                session.closed = True
+                sessions = self._sessions.get(peer, [])
+                if session in sessions:
+                    sessions.remove(session)
+                if not sessions:
+                    self._sessions.pop(peer, None)
+                self._inflight.difference_update(session.held)
+                session.held.clear()
+                session.pending.clear()
+                self._poke()
+            await trio.aclose_forcefully(channel)
+        if session is not None:
+            reason = session.close_reason or "closed"
+            log.info("chat: session with %s closed: %s", peer, reason)
+            if self._best_session(peer) is None:
+                self._publish(ev.PeerDownEvent(peer_id=str(peer), contact=session.contact_name, reason=reason))
+                # What was written but not acknowledged, and what is due, waits for the backoff: a peer that closes
+                # every session at once (it blocked us, it is overloaded) is not hammered with redials.
+                with contextlib.suppress(store_errors.StoreClosedError):
+                    await self._reschedule_peer(peer, f"session closed: {reason}", session.written)
+
+    async def _guarded(self, session: _Session, body: Callable[[_Session], Awaitable[str]]) -> None:
+        """Run a session task; turn the ways a session ends into its close reason, then end the whole session."""
+        peer = session.peer
+        try:
+            reason = await body(session)
+        except SessionProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            self._drop("chat_protocol_error", str(exc), peer)
+        except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            reason = f"connection lost: {type(exc).__name__}: {exc}"
+        except trio.TooSlowError:
+            reason = "send timed out"
+            self._drop("chat_send_timeout", f"no progress for {self.config.send_timeout:g} s", peer)
+        except _SessionRefused as exc:
+            reason = str(exc)
+        if session.close_reason is None:
+            session.close_reason = reason
+        session.scope.cancel()
+
+    async def _write(self, session: _Session, data: bytes) -> None:
+        if not data:
+            return
+        async with session.send_lock:
+            with trio.fail_after(self.config.send_timeout):
+                await session.channel.send_all(data)
+
+    async def _sender(self, session: _Session) -> str:
+        cfg = self.config
+        while True:
+            await session.work.wait()
+            session.work = trio.Event()
+            while session.pending:
+                batch: list[tuple[bytes, bytes]] = []
+                while session.pending and len(batch) < cfg.batch_size:
+                    batch.append(session.pending.popitem(last=False))
+                await self._write(session, session.conn.send_messages(raw for _, raw in batch))
+                ids = [mid for mid, _ in batch]
+                session.written.update(ids)
+                now = self._now()
+                retry_at = min(now + cfg.resend_after_ms, MAX_TIMESTAMP)
+                marked = await self._db.write(functools.partial(_mark_sent, ids=ids, now=now, retry_at=retry_at))
+                session.held.difference_update(ids)
+                self._inflight.difference_update(ids)
+                for mid in marked:
+                    self._publish(ev.ReceiptEvent(id=mid.hex(), peer_id=str(session.peer), status="sent"))
+
+    async def _reader(self, session: _Session) -> str:
+        await self._write(session, session.conn.send_hello())
+        await self._expedite(session.peer)
+        while True:
+            data = await session.channel.receive_some(_RECEIVE_CHUNK)
+            envelopes: list[SealedEnvelope] = []
+            acks: list[bytes] = []
+            closed = False
+            for event in session.conn.receive_data(data):
+                if isinstance(event, ev.EnvelopeReceived):
+                    envelopes.append(event.envelope)
+                elif isinstance(event, ev.AckReceived):
+                    acks.extend(event.ids)
+                elif isinstance(event, ev.SessionClosed):
+                    closed = True
+            if envelopes:
+                await self._receive_envelopes(session, envelopes)
+            if acks:
+                await self._apply_acks(session, acks)
+            if closed:
+                return "the peer closed the session"
+
+    async def _receive_envelopes(self, session: _Session, envelopes: list[SealedEnvelope]) -> None:
+        peer = session.peer
+        opened: list[ChatMessage] = []
+        for envelope in envelopes:
+            if envelope.sender != peer:
+                self._drop("chat_relayed_envelope", f"envelope {envelope.id_hex} from {envelope.sender}", peer)
+                continue
+            try:
+                opened.append(self._sealer.open(envelope))
+            except WrongRecipientError as exc:
+                self._drop("chat_wrong_recipient", str(exc), peer)
+            except DecryptionError as exc:
+                self._drop("chat_undecryptable", str(exc), peer)
+            except ChatEnvelopeError as exc:
+                self._drop("chat_invalid_message", str(exc), peer)
+        if not opened:
+            return
+        now = self._now()
+        incoming = await self._db.write(lambda c: self._store_incoming(c, peer, opened, now))
+        if incoming.relation is Relation.BLOCKED:
+            self._dropped["chat_blocked_peer"] += len(opened)
+            raise _SessionRefused("the peer is blocked")
+        ack_ids = [r.message.id for r in incoming.results if r.outcome != "overflow"]
+        overflow = len(incoming.results) - len(ack_ids)
+        if overflow:
+            self._dropped["chat_request_overflow"] += overflow
+            log.info("chat: %d message request(s) from %s over the limits, not acknowledged", overflow, peer)
+        await self._write(session, session.conn.send_ack(ack_ids))
+        for result in incoming.results:
+            if result.outcome != "stored":
+                continue
+            message = result.message
+            if result.disposition is Disposition.REQUEST:
+                self._publish(
+                    ev.RequestEvent(id=message.id.hex(), peer_id=str(peer), text=message.text, ts=result.sent_at)
+                )
+            else:
+                self._publish(
+                    ev.MessageEvent(
+                        id=message.id.hex(),
+                        peer_id=str(peer),
+                        contact=incoming.contact_name,
+                        sender=str(peer),
+                        text=message.text,
+                        ts=result.sent_at,
+                        direction="in",
+                    )
+                )
+
+    def _store_incoming(
+        self, conn: sqlite3.Connection, peer: PeerId, messages: list[ChatMessage], now: int
+    ) -> _Incoming:
+        """Runs on the store's writer thread: apply the policy and store (one transaction)."""
+        policy = self.config.policy
+        raw = peer.to_bytes()
+        contact = repo.get_contact(conn, raw)
+        relation = _relation(contact)
+        name = contact.name if contact is not None else None
+        disposition = policy.classify(relation)
+        if disposition is Disposition.REFUSE:
+            return _Incoming(relation=relation, contact_name=name, results=[])
+        if disposition is Disposition.ADD_AND_INBOX:
+            added = _add_stranger(conn, raw, str(peer), now)
+            name = added.name
+            relation = Relation.CONTACT
+            disposition = Disposition.INBOX
+        results: list[_Stored] = []
+        for message in messages:
+            sent_at = min(message.ts, now)  # a clock in the future must not pin a message below newer ones
+            if disposition is Disposition.REQUEST and repo.get_message(conn, message.id) is None:
+                pending = repo.get_request(conn, raw)
+                if not policy.request_admissible(
+                    pending_peers=repo.count_requests(conn),
+                    pending_from_peer=pending.message_count if pending is not None else 0,
+                    peer_already_pending=pending is not None,
+                ):
+                    results.append(_Stored(message, "overflow", disposition, sent_at))
+                    continue
+            stored = repo.insert_incoming(
+                conn,
+                message_id=message.id,
+                sender=raw,
+                text=message.text,
+                sent_at=sent_at,
+                now=now,
+                is_request=disposition is Disposition.REQUEST,
+            )
+            results.append(_Stored(message, "stored" if stored else "duplicate", disposition, sent_at))
+        return _Incoming(relation=relation, contact_name=name, results=results)
+
+    async def _apply_acks(self, session: _Session, ids: list[bytes]) -> None:
+        now = self._now()
+        raw = session.peer.to_bytes()
+        delivered = await self._db.write(
+            lambda c: [mid for mid in ids if repo.mark_delivered(c, mid, recipient=raw, now=now)]
+        )
+        session.written.difference_update(ids)
+        for mid in delivered:
+            self._publish(ev.ReceiptEvent(id=mid.hex(), peer_id=str(session.peer), status="delivered"))
+
+    def _close_sessions(self, peer: PeerId) -> None:
+        for session in self._sessions.get(peer, []):
+            session.closed = True
+            session.scope.cancel()
+
+    # ------------------------------------------------------------------------------------------------- contacts
+
+    async def _contact_by_name(self, name: str) -> Contact:
+        try:
+            contact = await self._db.read(lambda c: repo.find_contact(c, name))
+        except store_errors.StoreArgumentError as exc:
+            raise UnknownContactError(f"no contact named {name!r} ({exc.reason})") from None
+        if contact is None:
+            raise UnknownContactError(f"no contact named {name!r}")
+        return contact
+
+    async def _peer_by_name_or_id(self, text: str) -> tuple[bytes, Contact | None]:
+        try:
+            contact = await self._db.read(lambda c: repo.find_contact(c, text))
+        except store_errors.StoreArgumentError:
+            contact = None
+        if contact is not None:
+            return contact.peer_id, contact
+        try:
+            peer = PeerId.from_string(text.strip())
+        except InvalidPeerIdError:
+            raise UnknownContactError(f"no contact named {text!r}, and it is not a peer id") from None
+        raw = peer.to_bytes()
+        return raw, await self._db.read(lambda c: repo.get_contact(c, raw))
+
+    async def add_contact(self, target: str, name: str) -> dict[str, Any]:
+        """Add the peer of an invite link (or bare peer id) as contact ``name``; accepts its pending request."""
+        invite = parse_target(target)
+        peer = invite.peer_id
+        if peer == self.identity.peer_id:
+            raise BadRequestError("that invite is your own")
+        raw = peer.to_bytes()
+        hints = msgpack.packb([str(a) for a in invite.addrs], use_bin_type=True) if invite.addrs else None
+        now = self._now()
+
+        def txn(conn: sqlite3.Connection) -> Contact:
+            existing = repo.get_contact(conn, raw)
+            if existing is not None and existing.name == name and existing.state is ContactState.CONTACT:
+                contact = existing
+            elif repo.get_request(conn, raw) is not None and (existing is None or existing.name is None):
+                contact = repo.accept_request(conn, raw, name=name, now=now)
+            else:
+                contact = repo.add_contact(conn, peer_id=raw, name=name, now=now)
+            if hints is not None:
+                repo.set_setting(conn, _HINTS_PREFIX + raw.hex(), hints, now=now)
+            return contact
+
+        with _user_errors():
+            contact = await self._db.write(txn)
+        await self._expedite(peer)
+        return {"peer_id": str(peer), "name": contact.name}
+
+    async def list_contacts(self) -> list[dict[str, Any]]:
+        """Every contact and blocked peer."""
+        contacts = await self._db.read(lambda c: repo.list_contacts(c))
+        return [
+            {"peer_id": _peer_text(c.peer_id), "name": c.name, "state": c.state.value, "added": c.added_at}
+            for c in contacts
+        ]
+
+    async def rename_contact(self, name: str, new_name: str) -> dict[str, Any]:
+        """Rename a contact."""
+        contact = await self._contact_by_name(name)
+        now = self._now()
+        with _user_errors():
+            await self._db.write(lambda c: repo.rename_contact(c, contact.peer_id, new_name, now=now))
+        return {}
+
+    async def remove_contact(self, name: str) -> dict[str, Any]:
+        """Forget a contact (its history stays; queued messages to it stay queued)."""
+        contact = await self._contact_by_name(name)
+        await self._db.write(lambda c: repo.remove_contact(c, contact.peer_id))
+        return {}
+
+    async def block(self, name_or_peer: str) -> dict[str, Any]:
+        """Block a contact or any peer id: its channels are closed and refused, its messages never stored."""
+        raw, _ = await self._peer_by_name_or_id(name_or_peer)
+        if raw == self._own:
+            raise BadRequestError("you cannot block yourself")
+        now = self._now()
+        await self._db.write(lambda c: repo.block_peer(c, raw, now=now))
+        self._close_sessions(PeerId.from_bytes(raw))
+        return {}
+
+    async def unblock(self, name_or_peer: str) -> dict[str, Any]:
+        """Unblock a peer (a named one becomes a contact again)."""
+        raw, contact = await self._peer_by_name_or_id(name_or_peer)
+        if contact is None or contact.state is not ContactState.BLOCKED:
+            raise UnknownContactError(f"{name_or_peer!r} is not blocked")
+        now = self._now()
+        await self._db.write(lambda c: repo.unblock_peer(c, raw, now=now))
+        await self._expedite(PeerId.from_bytes(raw))
+        return {}
+
+    # ------------------------------------------------------------------------------------------------- messages
+
+    async def send(self, name: str, text: str) -> dict[str, Any]:
+        """Queue ``text`` to contact ``name``; returns ``{id, status: "queued"}`` once it is durably stored."""
+        contact = await self._contact_by_name(name)
+        if contact.state is ContactState.BLOCKED:
+            raise BadRequestError(f"{name!r} is blocked; unblock it to send")
+        if not isinstance(text, str) or not text:
+            raise BadRequestError("text: must not be empty")
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise BadRequestError("text: not valid UTF-8") from None
+        if size > MAX_TEXT_BYTES:
+            raise BadRequestError(f"text: {size} bytes of UTF-8, the limit is {MAX_TEXT_BYTES}")
+        peer = PeerId.from_bytes(contact.peer_id)
+        now = self._now()
+        sealed = self._sealer.seal(peer, text, ts=now)
+        stored = await self._db.write(
+            lambda c: repo.enqueue(
+                c,
+                message_id=sealed.id,
+                recipient=contact.peer_id,
+                sender=self._own,
+                text=text,
+                sent_at=now,
+                envelope=sealed.raw,
+                now=now,
+            )
+        )
+        self._poke()
+        self._publish(
+            ev.MessageEvent(
+                id=sealed.id_hex,
+                peer_id=str(peer),
+                contact=contact.name,
+                sender=str(self.identity.peer_id),
+                text=text,
+                ts=now,
+                direction="out",
+            )
+        )
+        return {"id": sealed.id_hex, "status": stored.status.value}
+
+    async def history(self, name: str, limit: int | None = None, before: int | None = None) -> list[dict[str, Any]]:
+        """The conversation with ``name``, oldest first: the newest ``limit`` messages (sent before ``before`` ms)."""
+        contact = await self._contact_by_name(name)
+        count = max(1, min(limit if limit is not None else 50, MAX_QUERY_LIMIT))
+        cursor = HistoryCursor(sent_at=min(max(before, 0), MAX_TIMESTAMP), seq=0) if before is not None else None
+        rows = await self._db.read(lambda c: repo.history(c, contact.peer_id, limit=count, before=cursor))
+        return [_message_dict(m) for m in rows]
+
+    async def inbox(self) -> list[dict[str, Any]]:
+        """One row per conversation with a contact, most recent first."""
+
+        def query(conn: sqlite3.Connection) -> list[tuple[Contact, StoredMessage]]:
+            out = []
+            for contact in repo.list_contacts(conn, state=ContactState.CONTACT):
+                last = repo.history(conn, contact.peer_id, limit=1)
+                if last:
+                    out.append((contact, last[-1]))
+            return out
+
+        rows = await self._db.read(query)
+        rows.sort(key=lambda r: (r[1].sent_at, r[1].seq), reverse=True)
+        return [
+            {"name": c.name, "peer_id": _peer_text(c.peer_id), "last_text": m.text, "last_ts": m.sent_at}
+            for c, m in rows
+        ]
+
+    async def list_requests(self) -> list[dict[str, Any]]:
+        """Pending message requests from strangers, most recent first."""
+
+        def query(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            out = []
+            for request in repo.list_requests(conn, limit=MAX_QUERY_LIMIT):
+                last = repo.history(conn, request.peer_id, limit=1)
+                out.append(
+                    {
+                        "peer_id": _peer_text(request.peer_id),
+                        "count": request.message_count,
+                        "last_text": last[-1].text if last else "",
+                        "last_ts": last[-1].sent_at if last else request.last_at,
+                    }
+                )
+            return out
+
+        return await self._db.read(query)
+
+    def _parse_peer(self, text: str) -> PeerId:
+        try:
+            return PeerId.from_string(text.strip())
+        except InvalidPeerIdError as exc:
+            raise BadRequestError(f"peer_id: {exc}") from None
+
+    async def accept_request(self, peer_id: str, name: str) -> dict[str, Any]:
+        """Accept a stranger's request: it becomes contact ``name`` and its messages move to the inbox."""
+        peer = self._parse_peer(peer_id)
+        now = self._now()
+        with _user_errors():
+            await self._db.write(lambda c: repo.accept_request(c, peer.to_bytes(), name=name, now=now))
+        return {}
+
+    async def block_request(self, peer_id: str) -> dict[str, Any]:
+        """Refuse a stranger's request: its messages are deleted and the peer blocked."""
+        peer = self._parse_peer(peer_id)
+        if peer == self.identity.peer_id:
+            raise BadRequestError("you cannot block yourself")
+        now = self._now()
+        await self._db.write(lambda c: repo.reject_request(c, peer.to_bytes(), block=True, now=now))
+        self._close_sessions(peer)
+        return {}
+
+    async def export(self, name: str) -> dict[str, Any]:
+        """The contact and its whole conversation, oldest first."""
+        contact = await self._contact_by_name(name)
+
+        def query(conn: sqlite3.Connection) -> list[StoredMessage]:
+            pages: list[list[StoredMessage]] = []
+            cursor: HistoryCursor | None = None
+            while True:
+                page = repo.history(conn, contact.peer_id, limit=MAX_QUERY_LIMIT, before=cursor)
+                if not page:
+                    break
+                pages.append(page)
+                if len(page) < MAX_QUERY_LIMIT:
+                    break
+                cursor = page[0].cursor
+            return [m for page in reversed(pages) for m in page]
+
+        messages = await self._db.read(query)
+        return {
+            "contact": {
+                "peer_id": _peer_text(contact.peer_id),
+                "name": contact.name,
+                "state": contact.state.value,
+                "added": contact.added_at,
+                "verified": contact.verified,
+            },
+            "messages": [_message_dict(m) for m in messages],
+        }
+
+    # ------------------------------------------------------------------------------------------------- node info
+
+    def invite(self, addrs: Iterable[Multiaddr]) -> str:
+        """Our invite link with ``addrs`` (our listening addresses) as hints."""
+        return format_invite(self.identity.peer_id, list(addrs))
+
+    async def peers(self) -> list[dict[str, Any]]:
+        """The open chat sessions."""
+        contacts = await self._db.read(lambda c: repo.list_contacts(c))
+        names = {c.peer_id: c.name for c in contacts}
+        out = []
+        for peer, sessions in self._sessions.items():
+            for s in sessions:
+                if s.closed:
+                    continue
+                row: dict[str, Any] = {
+                    "peer_id": str(peer),
+                    "addr": s.addr,
+                    "direction": s.direction,
+                    "since": s.since,
+                }
+                name = names.get(peer.to_bytes())
+                if name is not None:
+                    row["name"] = name
+                out.append(row)
+        return out
+
+    @property
+    def connections(self) -> int:
+        """Open chat sessions."""
+        return sum(1 for sessions in self._sessions.values() for s in sessions if not s.closed)
+
+    @property
+    def dropped(self) -> dict[str, int]:
+        """Counters of everything dropped, by reason."""
+        return dict(self._dropped)
+
+    async def status(self) -> dict[str, Any]:
+        """The chat part of ``status``: ``connections``, ``outbox_depth`` and ``dropped``."""
+        depth = await self._db.read(repo.outbox_depth)
+        return {"connections": self.connections, "outbox_depth": depth, "dropped": self.dropped}
+
+    def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]:
+        """Handlers of the chat methods of the control API (the node adds ``id``, ``status`` and ``subscribe``)."""
+        return {
+            "contacts.add": lambda p: self.add_contact(p["target"], p["name"]),
+            "contacts.list": lambda p: self.list_contacts(),
+            "contacts.rename": lambda p: self.rename_contact(p["name"], p["new_name"]),
+            "contacts.remove": lambda p: self.remove_contact(p["name"]),
+            "contacts.block": lambda p: self.block(p["name_or_peer"]),
+            "contacts.unblock": lambda p: self.unblock(p["name_or_peer"]),
+            "send": lambda p: self.send(p["name"], p["text"]),
+            "history": lambda p: self.history(p["name"], p.get("limit"), p.get("before")),
+            "inbox": lambda p: self.inbox(),
+            "requests.list": lambda p: self.list_requests(),
+            "requests.accept": lambda p: self.accept_request(p["peer_id"], p["name"]),
+            "requests.block": lambda p: self.block_request(p["peer_id"]),
+            "peers": lambda p: self.peers(),
+            "export": lambda p: self.export(p["name"]),
+        }
+
+
+def _mark_sent(conn: sqlite3.Connection, *, ids: list[bytes], now: int, retry_at: int) -> list[bytes]:
+    return [mid for mid in ids if repo.mark_sent(conn, mid, now=now, retry_at=retry_at)]
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn the store's refusals of a user request into the chat errors the control API maps to codes."""
+    try:
+        yield
+    except store_errors.NameTakenError as exc:
+        raise NameTakenError(str(exc)) from None
+    except (store_errors.UnknownContactError, store_errors.UnknownRequestError) as exc:
+        raise UnknownContactError(str(exc)) from None
+    except (store_errors.ContactExistsError, store_errors.StoreArgumentError) as exc:
+        raise BadRequestError(str(exc)) from None
+
+
+def _relation(contact: Contact | None) -> Relation:
+    if contact is None:
+        return Relation.STRANGER
+    if contact.state is ContactState.BLOCKED:
+        return Relation.BLOCKED
+    return Relation.CONTACT if contact.name is not None else Relation.STRANGER
+
+
+def _add_stranger(conn: sqlite3.Connection, raw: bytes, base_name: str, now: int) -> Contact:
+    """``accept_from = "anyone"``: add a stranger as a contact named by its peer id (suffixed if taken)."""
+    for attempt in range(100):
+        name = base_name if attempt == 0 else f"{base_name[:58]}-{attempt}"
+        try:
+            return repo.add_contact(conn, peer_id=raw, name=name, now=now)
+        except store_errors.NameTakenError:
+            continue
+    raise store_errors.NameTakenError(f"no free name for {base_name}")
+
+
+def _record_addrs(record: PeerRecord | None) -> list[Multiaddr]:
+    if record is None:
+        return []
+    out = []
+    for text in record.addrs:
+        try:
+            out.append(Multiaddr.parse(text).without_peer_id())
+        except MultiaddrError:
+            continue
+    return out
+
+
+def _channel_addr(channel: SecureChannel, candidates: list[Multiaddr]) -> str:
+    addr = getattr(channel, "remote_addr", None)
+    if addr is not None:
+        return str(addr)
+    return str(candidates[0]) if len(candidates) == 1 else ""

@@ -1,0 +1,381 @@
+"""Chat services in one trio process over real loopback TCP, with real SQLite stores in temporary directories."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from p2pmsg.chat.envelope import EnvelopeSealer
+from p2pmsg.chat.errors import BadRequestError, NameTakenError, UnknownContactError
+from p2pmsg.chat.events import AckReceived, HelloReceived
+from p2pmsg.chat.invite import InviteError, format_invite
+from p2pmsg.chat.policy import AcceptFrom, ChatPolicy
+from p2pmsg.chat.protocol import ChatConnection
+from p2pmsg.chat.service import ChatConfig, ChatService
+from p2pmsg.dht.core.records import PeerRecord, seal_peer_record
+from p2pmsg.identity import Identity, PeerId
+from p2pmsg.net.channel import SecureChannel
+from p2pmsg.net.dialer import dial
+from p2pmsg.net.listener import Listener
+from p2pmsg.store import repo
+from p2pmsg.store.db import Database, open_database
+from p2pmsg.store.models import Backoff
+from p2pmsg.wire.multiaddr import Multiaddr
+
+ALICE = Identity.from_seed(bytes([0xA1]) * 32)
+BOB = Identity.from_seed(bytes([0xB0]) * 32)
+CAROL = Identity.from_seed(bytes([0xC0]) * 32)
+LOCAL_TCP = Multiaddr.parse("/ip4/127.0.0.1/tcp/0")
+
+FAST = ChatConfig(
+    backoff=Backoff(base_ms=50, cap_ms=300, jitter=0.5),
+    dial_timeout=2.0,
+    min_poll=0.02,
+    max_poll=0.5,
+)
+
+
+@dataclasses.dataclass
+class Node:
+    identity: Identity
+    db: Database
+    chat: ChatService
+    listener: Listener
+    addrs: tuple[Multiaddr, ...]
+    events: list[tuple[str, dict[str, Any]]]
+
+    @property
+    def peer_id(self) -> PeerId:
+        return self.identity.peer_id
+
+    @property
+    def invite(self) -> str:
+        return self.chat.invite(self.addrs)
+
+    def seen(self, kind: str) -> list[dict[str, Any]]:
+        return [fields for name, fields in self.events if name == kind]
+
+
+@contextlib.asynccontextmanager
+async def running_node(
+    home: Path,
+    identity: Identity,
+    *,
+    config: ChatConfig = FAST,
+    listen: Multiaddr = LOCAL_TCP,
+    resolver: Any = None,
+) -> AsyncIterator[Node]:
+    home.mkdir(exist_ok=True)
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    def sink(event: str, /, **fields: Any) -> None:
+        events.append((event, fields))
+
+    async with open_database(home / "p2pmsg.db") as db, trio.open_nursery() as nursery:
+        chat = ChatService(identity, db, config=config, events=sink, resolver=resolver)
+        listener = Listener(identity, chat.handle_inbound)
+        addrs = await nursery.start(listener.run, [listen])
+        await nursery.start(chat.run)
+        yield Node(identity=identity, db=db, chat=chat, listener=listener, addrs=addrs, events=events)
+        nursery.cancel_scope.cancel()
+
+
+async def eventually(predicate: Callable[[], Any], what: str, timeout: float = 8.0) -> Any:
+    """Poll an async or plain predicate until it returns something truthy (bounded)."""
+    with trio.move_on_after(timeout):
+        while True:
+            result = predicate()
+            if hasattr(result, "__await__"):
+                result = await result
+            if result:
+                return result
+            await trio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def statuses(node: Node, name: str) -> list[str]:
+    return [row["status"] for row in await node.chat.history(name)]
+
+
+async def test_send_and_receive_both_ways_with_receipts(tmp_path: Path) -> None:
+    async with running_node(tmp_path / "alice", ALICE) as alice, running_node(tmp_path / "bob", BOB) as bob:
+        assert await alice.chat.add_contact(bob.invite, "bob") == {"peer_id": str(BOB.peer_id), "name": "bob"}
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")  # a bare peer id: Bob knows no address of Alice
+
+        sent = await alice.chat.send("bob", "hello bob")
+        assert sent["status"] == "queued" and len(sent["id"]) == 32
+        await eventually(lambda: bob.seen("message"), "bob receives")
+        [incoming] = bob.seen("message")
+        assert incoming | {"ts": 0} == {
+            "id": sent["id"],
+            "peer_id": str(ALICE.peer_id),
+            "name": "alice",
+            "from": str(ALICE.peer_id),
+            "text": "hello bob",
+            "ts": 0,
+            "direction": "in",
+        }
+        await eventually(lambda: _has_receipt(alice, sent["id"], "delivered"), "alice's receipt")
+        assert await statuses(alice, "bob") == ["delivered"]
+
+        # Bob answers over the session Alice opened: no dial, no address needed.
+        reply = await bob.chat.send("alice", "hi alice")
+        await eventually(lambda: alice.seen("message")[-1:] and alice.seen("message")[-1]["direction"] == "in", "reply")
+        assert alice.seen("message")[-1]["id"] == reply["id"]
+        await eventually(lambda: _has_receipt(bob, reply["id"], "delivered"), "bob's receipt")
+
+        history = await alice.chat.history("bob")
+        assert [(m["text"], m["direction"], m["status"]) for m in history] == [
+            ("hello bob", "out", "delivered"),
+            ("hi alice", "in", "received"),
+        ]
+        assert history[0]["from"] == str(ALICE.peer_id) and history[1]["from"] == str(BOB.peer_id)
+        assert [r["status"] for r in alice.seen("receipt") if r["id"] == sent["id"]][-1] == "delivered"
+        assert (await alice.chat.inbox())[0] | {"last_ts": 0} == {
+            "name": "bob",
+            "peer_id": str(BOB.peer_id),
+            "last_text": "hi alice",
+            "last_ts": 0,
+        }
+        peers = await alice.chat.peers()
+        assert [(p["peer_id"], p["name"], p["direction"]) for p in peers] == [(str(BOB.peer_id), "bob", "outbound")]
+        assert [p["direction"] for p in await bob.chat.peers()] == ["inbound"]
+        assert alice.seen("peer_up") and bob.seen("peer_up")
+        status = await alice.chat.status()
+        assert status["connections"] == 1 and status["outbox_depth"] == 0
+
+
+def _has_receipt(node: Node, message_id: str, status: str) -> bool:
+    return any(r["id"] == message_id and r["status"] == status for r in node.seen("receipt"))
+
+
+async def test_offline_peer_gets_everything_once_in_order(tmp_path: Path) -> None:
+    """Bob is down while Alice sends; when Bob is back on the same address, all arrive once, in order."""
+    async with running_node(tmp_path / "bob", BOB) as bob:
+        bob_addr = bob.addrs[0]
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+    async with running_node(tmp_path / "alice", ALICE) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [bob_addr]), "bob")
+        ids = [(await alice.chat.send("bob", f"message {i}"))["id"] for i in range(20)]
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "a failed dial while bob is offline")
+        assert set(await statuses(alice, "bob")) == {"queued"}
+
+        async with running_node(tmp_path / "bob", BOB, listen=bob_addr) as bob:
+            await eventually(lambda: _count(bob, "alice", 20), "all 20 messages at bob", timeout=10)
+            history = await bob.chat.history("alice", limit=100)
+            assert [m["id"] for m in history] == ids
+            assert [m["text"] for m in history] == [f"message {i}" for i in range(20)]
+            await eventually(lambda: _all_delivered(alice, "bob", 20), "every receipt at alice")
+            assert len(bob.seen("message")) == 20
+            assert (await alice.chat.status())["outbox_depth"] == 0
+
+
+async def _attempts(node: Node, peer: PeerId) -> bool:
+    """Whether every queued message to ``peer`` has had a failed attempt (and waits for its retry)."""
+    entries = await node.db.read(lambda c: repo.due_for(c, peer.to_bytes()))
+    return bool(entries) and all(e.attempts >= 1 and e.last_error for e in entries)
+
+
+async def _count(node: Node, name: str, count: int) -> bool:
+    return len(await node.chat.history(name, limit=1000)) == count
+
+
+async def _all_delivered(node: Node, name: str, count: int) -> bool:
+    return await statuses(node, name) == ["delivered"] * count
+
+
+async def test_delivered_from_the_dht_record_after_the_peer_moved(tmp_path: Path) -> None:
+    """Bob comes back on another port: the cached record fails, the DHT has a newer one, delivery follows."""
+    dht: dict[PeerId, bytes] = {}
+
+    class Directory:
+        """A stand-in for the DHT's peer lookup, serving real signed peer records (the DHT node is not here)."""
+
+        async def find_peer(self, peer_id: PeerId) -> bytes | None:
+            return dht.get(peer_id)
+
+    def publish(node: Node, seq: int) -> None:
+        record = PeerRecord(
+            peer_id=node.peer_id, addrs=tuple(str(a) for a in node.addrs), seq=seq, expires_at=int(time.time()) + 600
+        )
+        dht[node.peer_id] = seal_peer_record(node.identity, record)
+
+    async with running_node(tmp_path / "alice", ALICE, resolver=Directory()) as alice:
+        async with running_node(tmp_path / "bob", BOB) as bob:
+            publish(bob, 1)
+            await alice.chat.add_contact(str(BOB.peer_id), "bob")
+            first = await alice.chat.send("bob", "via the record")
+            await eventually(lambda: _has_receipt(alice, first["id"], "delivered"), "first delivery")
+        # Bob is gone; the record Alice cached now points to a dead port.
+        second = await alice.chat.send("bob", "after the move")
+        async with running_node(tmp_path / "bob", BOB) as bob:
+            publish(bob, 2)
+            await eventually(lambda: _has_receipt(alice, second["id"], "delivered"), "delivery at the new address")
+            [request] = await bob.chat.list_requests()
+            assert request["count"] == 2 and request["last_text"] == "after the move"
+
+
+async def test_contact_connecting_flushes_the_outbox_at_once(tmp_path: Path) -> None:
+    """Alice's retry is far away (long backoff); Bob dialling her makes her deliver over his session at once."""
+    slow = dataclasses.replace(FAST, backoff=Backoff(base_ms=60_000, cap_ms=60_000, jitter=0.0))
+    async with running_node(tmp_path / "alice", ALICE, config=slow) as alice:
+        await alice.chat.add_contact(str(BOB.peer_id), "bob")  # no address at all: her dial fails at once
+        queued = await alice.chat.send("bob", "waiting for you")
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "alice's failed attempt")
+        async with running_node(tmp_path / "bob", BOB) as bob:
+            await bob.chat.add_contact(alice.invite, "alice")
+            await bob.chat.send("alice", "I am online")
+            await eventually(lambda: _has_receipt(alice, queued["id"], "delivered"), "flush on connect", timeout=5)
+            assert [m["text"] for m in await bob.chat.history("alice")] == ["waiting for you", "I am online"]
+
+
+async def test_duplicate_envelope_is_stored_once_and_acknowledged_each_time(tmp_path: Path) -> None:
+    async with running_node(tmp_path / "bob", BOB) as bob, trio.open_nursery() as nursery:
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        envelope = EnvelopeSealer(ALICE).seal(BOB.peer_id, "only once", ts=int(time.time() * 1000))
+        for _ in range(2):  # two connections, the second one as after a lost receipt
+            channel = await dial(ALICE, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+            conn = ChatConnection()
+            await channel.send_all(conn.send_hello() + conn.send_messages([envelope, envelope]))
+            acks = await _read_until_acks(channel, conn, 2)
+            assert acks == [envelope.id, envelope.id]
+            await channel.aclose()
+        history = await bob.chat.history("alice")
+        assert [m["text"] for m in history] == ["only once"]
+        assert len(bob.seen("message")) == 1
+
+
+async def _read_until_acks(channel: SecureChannel, conn: ChatConnection, count: int) -> list[bytes]:
+    acks: list[bytes] = []
+    with trio.fail_after(5):
+        while len(acks) < count:
+            data = await channel.receive_some()
+            assert data, "bob closed the session"
+            for event in conn.receive_data(data):
+                if isinstance(event, AckReceived):
+                    acks.extend(event.ids)
+                else:
+                    assert isinstance(event, HelloReceived)
+    return acks
+
+
+async def test_stranger_lands_in_requests_until_accepted(tmp_path: Path) -> None:
+    async with running_node(tmp_path / "bob", BOB) as bob, running_node(tmp_path / "carol", CAROL) as carol:
+        await carol.chat.add_contact(bob.invite, "bob")
+        sent = await carol.chat.send("bob", "hi, we met at the conference")
+        await eventually(lambda: bob.seen("request"), "a request at bob")
+        await eventually(lambda: _has_receipt(carol, sent["id"], "delivered"), "carol's receipt (stored as request)")
+        assert bob.seen("message") == []
+        assert await bob.chat.inbox() == []
+        [request] = await bob.chat.list_requests()
+        assert request | {"last_ts": 0} == {
+            "peer_id": str(CAROL.peer_id),
+            "count": 1,
+            "last_text": "hi, we met at the conference",
+            "last_ts": 0,
+        }
+        await bob.chat.accept_request(str(CAROL.peer_id), "carol")
+        assert await bob.chat.list_requests() == []
+        assert [m["text"] for m in await bob.chat.history("carol")] == ["hi, we met at the conference"]
+        assert [row["name"] for row in await bob.chat.inbox()] == ["carol"]
+        with pytest.raises(UnknownContactError):
+            await bob.chat.accept_request(str(CAROL.peer_id), "carol again")
+
+
+async def test_anyone_policy_adds_the_stranger(tmp_path: Path) -> None:
+    open_policy = dataclasses.replace(FAST, policy=ChatPolicy(accept_from=AcceptFrom.ANYONE))
+    async with (
+        running_node(tmp_path / "bob", BOB, config=open_policy) as bob,
+        running_node(tmp_path / "carol", CAROL) as carol,
+    ):
+        await carol.chat.add_contact(bob.invite, "bob")
+        await carol.chat.send("bob", "hello anyone")
+        await eventually(lambda: bob.seen("message"), "message at bob")
+        assert await bob.chat.list_requests() == []
+        assert [m["text"] for m in await bob.chat.history(str(CAROL.peer_id))] == ["hello anyone"]
+
+
+async def test_blocked_peer_is_refused_at_the_channel(tmp_path: Path) -> None:
+    async with running_node(tmp_path / "bob", BOB) as bob, running_node(tmp_path / "carol", CAROL) as carol:
+        await bob.chat.block(str(CAROL.peer_id))
+        await carol.chat.add_contact(bob.invite, "bob")
+        await carol.chat.send("bob", "let me in")
+        await eventually(lambda: bob.chat.dropped.get("chat_blocked_peer", 0) >= 1, "bob refuses carol")
+        await trio.sleep(0.2)
+        assert bob.seen("request") == [] and bob.seen("message") == []
+        assert await bob.chat.list_requests() == []
+        assert await statuses(carol, "bob") in (["queued"], ["sent"])
+        assert [c["state"] for c in await bob.chat.list_contacts()] == ["blocked"]
+        # Unblocking makes Bob reachable again; Carol's retry then lands (as a request: she is not a contact).
+        await bob.chat.unblock(str(CAROL.peer_id))
+        await eventually(lambda: bob.seen("request"), "carol's message after unblock", timeout=8)
+
+
+async def test_blocking_a_connected_contact_closes_the_session(tmp_path: Path) -> None:
+    async with running_node(tmp_path / "alice", ALICE) as alice, running_node(tmp_path / "bob", BOB) as bob:
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        await alice.chat.send("bob", "before")
+        await eventually(lambda: bob.seen("message"), "first message")
+        await bob.chat.block("alice")
+        await eventually(lambda: bob.chat.connections == 0, "session closed")
+        await alice.chat.send("bob", "after")
+        await trio.sleep(0.3)
+        assert [m["text"] for m in await bob.chat.history("alice")] == ["before"]
+
+
+async def test_malformed_frames_close_only_that_session(tmp_path: Path) -> None:
+    async with (
+        running_node(tmp_path / "alice", ALICE) as alice,
+        running_node(tmp_path / "bob", BOB) as bob,
+        trio.open_nursery() as nursery,
+    ):
+        await alice.chat.add_contact(bob.invite, "bob")
+        channel = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        conn = ChatConnection()
+        await channel.send_all(conn.send_hello() + b"\x00\x00\x00\x05garbage")
+        with trio.fail_after(5):
+            while await channel.receive_some():
+                pass
+        await channel.aclose()
+        assert bob.chat.dropped.get("chat_protocol_error") == 1
+        sent = await alice.chat.send("bob", "still serving")
+        await eventually(lambda: bob.seen("request") or bob.seen("message"), "bob still serves alice")
+        await eventually(lambda: _has_receipt(alice, sent["id"], "delivered"), "alice's receipt")
+
+
+async def test_user_errors(tmp_path: Path) -> None:
+    async with running_node(tmp_path / "alice", ALICE) as alice:
+        await alice.chat.add_contact(str(BOB.peer_id), "bob")
+        with pytest.raises(NameTakenError):
+            await alice.chat.add_contact(str(CAROL.peer_id), "bob")
+        with pytest.raises(BadRequestError):
+            await alice.chat.add_contact(str(BOB.peer_id), "robert")
+        with pytest.raises(InviteError):
+            await alice.chat.add_contact("p2pmsg://invite/nope", "x")
+        with pytest.raises(BadRequestError):
+            await alice.chat.add_contact(alice.invite, "me")
+        with pytest.raises(BadRequestError):
+            await alice.chat.add_contact(str(CAROL.peer_id), " padded ")
+        with pytest.raises(UnknownContactError):
+            await alice.chat.send("nobody", "hi")
+        with pytest.raises(BadRequestError):
+            await alice.chat.send("bob", "x" * 70_000)
+        assert (await alice.chat.add_contact(str(BOB.peer_id), "bob"))["name"] == "bob"  # idempotent
+        await alice.chat.rename_contact("bob", "robert")
+        with pytest.raises(UnknownContactError):
+            await alice.chat.history("bob")
+        await alice.chat.block("robert")
+        with pytest.raises(BadRequestError):
+            await alice.chat.send("robert", "blocked")
+        exported = await alice.chat.export("robert")
+        assert exported["contact"]["state"] == "blocked" and exported["messages"] == []
+        handlers = alice.chat.control_handlers()
+        assert await handlers["contacts.list"]({}) == await alice.chat.list_contacts()
