@@ -222,8 +222,9 @@ class DhtNode:
         return event.node_id
 
     async def bootstrap(self, addresses: Iterable[tuple[str, int]]) -> int:
-        """Ping every address, then look up our own id; returns the number of contacts in the routing table."""
-        targets = [_check_ip_address(a) for a in addresses]
+        """Ping every address (except our own), then look up our own id; returns the number of contacts in the
+        routing table."""
+        targets = [t for t in map(_check_ip_address, addresses) if t != self._address]  # never ourselves
         now = self._now()
         await self._wait([self.engine.ping(a, now) for a in targets])
         await self.find_node(self.node_id)
