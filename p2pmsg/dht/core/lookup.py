@@ -16,8 +16,10 @@ The rules, applied after every input:
   remain; its late answer is still used, and the driver's hard timeout turns it into ``FAILED``.
 * **Termination.**  ``T`` is the first ``k`` candidates that are not ``FAILED``.  The lookup finishes when every
   member of ``T`` has ``RESPONDED`` -- so the result is the true ``k`` closest *responders* among all nodes heard of
-  (unlike the ``kademlia`` package's crawler, which can stop on nodes that never answered) -- or when nothing is left
-  to ask or wait for.  The driver may also :meth:`~Lookup.finish` early (a value was found).
+  -- or when nothing is left to ask or wait for.  A failed candidate stays ``FAILED`` however often later answers
+  name it again (the ``kademlia`` package's crawler forgets a failed node but remembers it as contacted, so a dead
+  node named again by another answer ends up in its result; it also waits for a whole round of alpha answers, so
+  one dead peer stalls it for the full timeout).  The driver may also :meth:`~Lookup.finish` early.
 * **Bounds.**  At most ``max_candidates`` candidates are kept (the farthest ``NEW`` ones are dropped first), one per
   node id and one per address (many ids pointing at one address would turn the lookup into a reflector), and at most
   ``max_queries`` queries are sent in total.
