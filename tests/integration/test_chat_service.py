@@ -19,7 +19,8 @@ from p2pmsg.chat.invite import InviteError, format_invite
 from p2pmsg.chat.policy import AcceptFrom, ChatPolicy
 from p2pmsg.chat.protocol import ChatConnection
 from p2pmsg.chat.service import ChatConfig, ChatService
-from p2pmsg.dht.core.records import PeerRecord, seal_peer_record
+from p2pmsg.dht.core.engine import DhtConfig
+from p2pmsg.dht.service import open_dht_node
 from p2pmsg.identity import Identity, PeerId
 from p2pmsg.net.channel import SecureChannel
 from p2pmsg.net.dialer import dial
@@ -191,35 +192,32 @@ async def _all_delivered(node: Node, name: str, count: int) -> bool:
     return await statuses(node, name) == ["delivered"] * count
 
 
-async def test_delivered_from_the_dht_record_after_the_peer_moved(tmp_path: Path) -> None:
-    """Bob comes back on another port: the cached record fails, the DHT has a newer one, delivery follows."""
-    dht: dict[PeerId, bytes] = {}
-
-    class Directory:
-        """A stand-in for the DHT's peer lookup, serving real signed peer records (the DHT node is not here)."""
-
-        async def find_peer(self, peer_id: PeerId) -> bytes | None:
-            return dht.get(peer_id)
-
-    def publish(node: Node, seq: int) -> None:
-        record = PeerRecord(
-            peer_id=node.peer_id, addrs=tuple(str(a) for a in node.addrs), seq=seq, expires_at=int(time.time()) + 600
-        )
-        dht[node.peer_id] = seal_peer_record(node.identity, record)
-
-    async with running_node(tmp_path / "alice", ALICE, resolver=Directory()) as alice:
-        async with running_node(tmp_path / "bob", BOB) as bob:
-            publish(bob, 1)
-            await alice.chat.add_contact(str(BOB.peer_id), "bob")
-            first = await alice.chat.send("bob", "via the record")
-            await eventually(lambda: _has_receipt(alice, first["id"], "delivered"), "first delivery")
-        # Bob is gone; the record Alice cached now points to a dead port.
-        second = await alice.chat.send("bob", "after the move")
-        async with running_node(tmp_path / "bob", BOB) as bob:
-            publish(bob, 2)
-            await eventually(lambda: _has_receipt(alice, second["id"], "delivered"), "delivery at the new address")
-            [request] = await bob.chat.list_requests()
-            assert request["count"] == 2 and request["last_text"] == "after the move"
+async def test_delivered_through_the_dht_after_the_peer_moved(tmp_path: Path) -> None:
+    """Alice knows only Bob's peer id.  She finds his signed record in the DHT; when Bob comes back on another
+    port, the cached record fails, the DHT has a newer one, and delivery follows."""
+    dht_config = DhtConfig(rpc_timeout=0.5)
+    async with (
+        open_dht_node(Identity.from_seed(bytes([0xD0]) * 32), config=dht_config) as boot,
+        open_dht_node(ALICE, config=dht_config) as alice_dht,
+        running_node(tmp_path / "alice", ALICE, resolver=alice_dht) as alice,
+    ):
+        await alice_dht.bootstrap([boot.address])
+        await alice.chat.add_contact(str(BOB.peer_id), "bob")
+        async with open_dht_node(BOB, config=dht_config) as bob_dht:
+            await bob_dht.bootstrap([boot.address])
+            async with running_node(tmp_path / "bob", BOB) as bob:
+                assert await bob_dht.publish_peer_record(bob.addrs, seq=1) >= 1
+                first = await alice.chat.send("bob", "via the record")
+                await eventually(lambda: _has_receipt(alice, first["id"], "delivered"), "first delivery")
+            # Bob is gone; the record Alice cached now points to a dead port.
+            second = await alice.chat.send("bob", "after the move")
+            async with running_node(tmp_path / "bob", BOB) as bob:
+                assert await bob_dht.publish_peer_record(bob.addrs, seq=2) >= 1
+                await eventually(lambda: _has_receipt(alice, second["id"], "delivered"), "delivery at the new address")
+                [request] = await bob.chat.list_requests()
+                assert request["count"] == 2 and request["last_text"] == "after the move"
+        cached = await alice.db.read(lambda c: repo.get_peer_record(c, BOB.peer_id.to_bytes()))
+        assert cached is not None and cached.seq == 2
 
 
 async def test_contact_connecting_flushes_the_outbox_at_once(tmp_path: Path) -> None:
@@ -379,3 +377,37 @@ async def test_user_errors(tmp_path: Path) -> None:
         assert exported["contact"]["state"] == "blocked" and exported["messages"] == []
         handlers = alice.chat.control_handlers()
         assert await handlers["contacts.list"]({}) == await alice.chat.list_contacts()
+
+
+async def test_sender_restart_keeps_its_queue(tmp_path: Path) -> None:
+    """Messages queued by Alice survive her restart and go out once Bob is reachable."""
+    async with running_node(tmp_path / "bob", BOB) as bob:
+        bob_addr = bob.addrs[0]
+    async with running_node(tmp_path / "alice", ALICE) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [bob_addr]), "bob")
+        ids = [(await alice.chat.send("bob", f"queued {i}"))["id"] for i in range(3)]
+    async with running_node(tmp_path / "bob", BOB, listen=bob_addr) as bob:
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        async with running_node(tmp_path / "alice", ALICE) as alice:
+            await eventually(lambda: _all_delivered(alice, "bob", 3), "delivery after alice's restart")
+        assert [m["id"] for m in await bob.chat.history("alice")] == ids
+
+
+async def test_request_limits_hold_back_receipts_until_accepted(tmp_path: Path) -> None:
+    strict = dataclasses.replace(FAST, policy=ChatPolicy(max_requests_per_peer=2))
+    eager = dataclasses.replace(FAST, resend_after_ms=100)
+    async with (
+        running_node(tmp_path / "bob", BOB, config=strict) as bob,
+        running_node(tmp_path / "carol", CAROL, config=eager) as carol,
+    ):
+        await carol.chat.add_contact(bob.invite, "bob")
+        ids = [(await carol.chat.send("bob", f"request {i}"))["id"] for i in range(3)]
+        await eventually(lambda: bob.chat.dropped.get("chat_request_overflow", 0) >= 1, "the third is over the limit")
+        [request] = await bob.chat.list_requests()
+        assert request["count"] == 2
+        await eventually(lambda: _has_receipt(carol, ids[1], "delivered"), "the first two are acknowledged")
+        assert not _has_receipt(carol, ids[2], "delivered")
+        # Accepting the request makes Carol a contact; her next resend of the third message is accepted.
+        await bob.chat.accept_request(str(CAROL.peer_id), "carol")
+        await eventually(lambda: _has_receipt(carol, ids[2], "delivered"), "the third after acceptance")
+        assert [m["id"] for m in await bob.chat.history("carol")] == ids
