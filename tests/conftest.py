@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,14 @@ VECTORS_DIR = PROJECT_ROOT.parent / "shared" / "vectors"
 
 
 def load_vectors(name: str) -> Any:
-    """Load ``../shared/vectors/<name>``, skipping the test with a reason when it is not there."""
+    """Load ``../shared/vectors/<name>``, skipping the test with a reason when it is not there.
+
+    With ``P2PMSG_REQUIRE_VECTORS=1`` (set by ``.ci/run``) a missing file fails the test instead: in CI the
+    vectors must run, not skip.
+    """
     path = VECTORS_DIR / name
     if not path.is_file():
+        if os.environ.get("P2PMSG_REQUIRE_VECTORS") == "1":
+            pytest.fail(f"test vectors required but missing: {path}")
         pytest.skip(f"test vectors not available: {path} is missing (clone beside ../shared to run these)")
     return json.loads(path.read_text())

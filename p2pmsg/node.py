@@ -1,0 +1,394 @@
+"""The composition root: one p2pmsg node, every service in one trio nursery.
+
+Theory of operation
+-------------------
+:func:`run_node` opens the node's SQLite database (``<home>/p2pmsg.db``), claims the control socket first (so a
+second node on the same home is refused before anything else binds), then starts, in one nursery:
+
+* the DHT (:class:`p2pmsg.dht.service.DhtNode`) on UDP, by default the port of the first TCP listen address;
+* the listener (:class:`p2pmsg.net.listener.Listener`) on the configured TCP / WebSocket multiaddrs, handing each
+  authenticated channel to the chat service;
+* the chat service (:class:`p2pmsg.chat.service.ChatService`): contacts, outbox, sessions, receipts;
+* the control server (:class:`p2pmsg.control.server.ControlServer`) on ``<home>/control.sock``;
+* the *maintenance* task: bootstrap the DHT (saved routing table first, then the configured bootstrap peers,
+  DNS names resolved here), publish our signed peer record, republish it before it expires or whenever our
+  advertised addresses change, and save the routing table for the next start.
+
+SIGINT and SIGTERM cancel the nursery: every service closes its sockets, the database finishes its queued writes,
+and the routing table is saved one last time.  Nothing acknowledged to a user depends on a clean shutdown: a
+``send`` returns only after its SQLite transaction is synced.
+
+:func:`run_bootstrap_node` runs the DHT alone (no chat, no database): a node fit for a public host or a Raspberry
+Pi whose only job is to let others join.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import math
+import signal
+import socket as _socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import trio
+
+from p2pmsg.chat.policy import ChatPolicy
+from p2pmsg.chat.service import ChatConfig, ChatService
+from p2pmsg.control.errors import NodeAlreadyRunningError
+from p2pmsg.control.server import ControlServer, EventHub
+from p2pmsg.control.socketpath import SocketState, control_socket_path, probe_socket
+from p2pmsg.dht.core.contact import Contact
+from p2pmsg.dht.service import DEFAULT_RECORD_TTL, DhtNode
+from p2pmsg.errors import LocalProtocolError
+from p2pmsg.identity import Identity
+from p2pmsg.net.listener import Listener
+from p2pmsg.store import repo
+from p2pmsg.store.db import Database, open_database
+from p2pmsg.store.models import DhtNode as SavedDhtNode
+from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
+
+log = logging.getLogger(__name__)
+
+DATABASE_FILENAME: Final = "p2pmsg.db"
+ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
+"""Seconds between saves of the DHT routing table (it is also saved at shutdown)."""
+REPUBLISH_CHECK_INTERVAL: Final = 30.0
+"""Seconds between checks of whether our advertised addresses changed."""
+
+
+class NodeConfig(Protocol):
+    """What the node needs from the configuration (``p2pmsg.cli.config.Config`` is one)."""
+
+    @property
+    def listen(self) -> Sequence[str]: ...
+    @property
+    def bootstrap(self) -> Sequence[str]: ...
+    @property
+    def accept_from(self) -> str: ...
+    @property
+    def dht_port(self) -> int | None: ...
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class NodeOptions:
+    """Timings of the node's maintenance (tests shorten them)."""
+
+    record_ttl: float = DEFAULT_RECORD_TTL
+    """Lifetime of our published peer record; it is republished at half of it."""
+    save_interval: float = ROUTING_TABLE_SAVE_INTERVAL
+    check_interval: float = REPUBLISH_CHECK_INTERVAL
+    bootstrap_retry: float = 10.0
+    """Seconds before retrying a bootstrap that found nobody."""
+
+    def __post_init__(self) -> None:
+        for name in ("record_ttl", "save_interval", "check_interval", "bootstrap_retry"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise LocalProtocolError(f"NodeOptions.{name} must be a positive number, got {value}")
+
+
+def dht_endpoint(listen: Sequence[str], dht_port: int | None) -> tuple[str, int]:
+    """The UDP ``(host, port)`` the DHT binds: the first listen address's host, and ``dht_port`` or else the same
+    port number as that address (0 when it is 0)."""
+    first = Multiaddr.parse(listen[0])
+    _kind, host, port = first.transport()
+    return host, (port if dht_port is None else dht_port)
+
+
+async def resolve_bootstrap(addrs: Iterable[str]) -> list[tuple[str, int]]:
+    """Turn bootstrap multiaddrs (``/ip4|ip6|dns4|dns6/HOST/udp|tcp/PORT[...]``) into UDP ``(ip, port)`` pairs.
+
+    The DHT listens on UDP; a TCP multiaddr is taken to mean the same port number on UDP.  DNS names are resolved
+    here; a name that does not resolve, or an address that does not parse, is logged and skipped.
+    """
+    out: list[tuple[str, int]] = []
+    for text in addrs:
+        try:
+            maddr = Multiaddr.parse(text)
+            _kind, host, port = maddr.transport()
+        except MultiaddrError as exc:
+            log.warning("bootstrap address %r skipped: %s", text, exc)
+            continue
+        family = _socket.AF_INET6 if maddr.components[0][0] in ("ip6", "dns6") else _socket.AF_INET
+        try:
+            ipaddress.ip_address(host)
+            out.append((host, port))
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, family=family, type=_socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("bootstrap address %s skipped: cannot resolve %s: %s", text, host, exc)
+            continue
+        for info in infos[:4]:
+            sockaddr = info[4]
+            out.append((str(sockaddr[0]), int(sockaddr[1])))
+    return list(dict.fromkeys(out))
+
+
+def advertised_addrs(bound: Sequence[Multiaddr], bootstrap: Sequence[tuple[str, int]]) -> list[Multiaddr]:
+    """The addresses we put in our peer record and invite: the bound ones, with a wildcard host (0.0.0.0 / ::)
+    replaced by the local address the OS would use to reach each bootstrap peer (and loopback)."""
+    out: list[Multiaddr] = []
+    for addr in bound:
+        kind, host, port = addr.transport()
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            out.append(addr)
+            continue
+        if not ip.is_unspecified:
+            out.append(addr)
+            continue
+        hosts = ["::1" if ip.version == 6 else "127.0.0.1"]
+        for peer_host, peer_port in bootstrap:
+            local = _local_address_towards(peer_host, peer_port, ip.version)
+            if local is not None:
+                hosts.append(local)
+        for local in dict.fromkeys(hosts):
+            out.append(_with_host(addr, kind, local, port))
+    return list(dict.fromkeys(out))
+
+
+def _with_host(addr: Multiaddr, kind: str, host: str, port: int) -> Multiaddr:
+    return Multiaddr.from_transport(kind, host, port, peer_id=addr.peer_id)
+
+
+def _local_address_towards(host: str, port: int, version: int) -> str | None:
+    """The source address the OS routes from towards ``host`` (a UDP connect sends nothing)."""
+    family = _socket.AF_INET6 if version == 6 else _socket.AF_INET
+    try:
+        with _socket.socket(family, _socket.SOCK_DGRAM) as probe:
+            probe.connect((host, port))
+            local = probe.getsockname()[0]
+    except OSError:
+        return None
+    return str(local) if isinstance(local, str) else None
+
+
+class Node:
+    """One running node: the services of the module docstring, built from a home, an identity and a config."""
+
+    def __init__(
+        self,
+        home: Path,
+        identity: Identity,
+        config: NodeConfig,
+        db: Database,
+        *,
+        options: NodeOptions | None = None,
+    ) -> None:
+        self.home = home
+        self.identity = identity
+        self.config = config
+        self.db = db
+        self.options = options if options is not None else NodeOptions()
+        self.events = EventHub()
+        dht_host, dht_port = dht_endpoint(config.listen, config.dht_port)
+        self.dht = DhtNode(identity, host=dht_host, port=dht_port)
+        self.chat = ChatService(
+            identity,
+            db,
+            resolver=self.dht,
+            config=ChatConfig(policy=ChatPolicy(accept_from=config.accept_from)),  # type: ignore[arg-type]
+            events=self.events.publish,
+        )
+        self.listener = Listener(identity, self.chat.handle_inbound)
+        handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = self.chat.control_handlers()
+        handlers["id"] = self._id
+        handlers["status"] = self._status
+        self.control = ControlServer(control_socket_path(home), handlers, self.events)
+        self.addrs: list[Multiaddr] = []
+        self._bootstrap: list[tuple[str, int]] = []
+        self._started = time.monotonic()
+        self.ready = trio.Event()
+
+    # -- control methods -------------------------------------------------------------------------------------------
+
+    async def _id(self, params: dict[str, Any]) -> dict[str, Any]:
+        addrs = [a.with_peer_id(self.identity.peer_id) for a in self.addrs]
+        return {
+            "peer_id": str(self.identity.peer_id),
+            "addrs": [str(a) for a in addrs],
+            "invite": self.chat.invite(self.addrs),
+        }
+
+    async def _status(self, params: dict[str, Any]) -> dict[str, Any]:
+        chat = await self.chat.status()
+        dropped = dict(chat.pop("dropped", {}))
+        for reason, count in self.events.dropped.items():
+            dropped[reason] = dropped.get(reason, 0) + count
+        dht_stats = self.dht.stats
+        for name, value in dht_stats.items():
+            if name.startswith("dropped_") and value:
+                dropped[f"dht_{name.removeprefix('dropped_')}"] = value
+        listener = self.listener.stats
+        for name in ("handshake_timeouts", "handshake_failures", "rejected_overload"):
+            value = getattr(listener, name)
+            if value:
+                dropped[f"net_{name}"] = value
+        return {
+            "peer_id": str(self.identity.peer_id),
+            "uptime_s": int(time.monotonic() - self._started),
+            "addrs": [str(a) for a in self.addrs],
+            "dht_size": len(self.dht.routing_table_snapshot()),
+            "dht_address": f"{self.dht.address[0]}:{self.dht.address[1]}",
+            **chat,
+            "listener": listener.as_dict(),
+            "dht": dht_stats,
+            "dropped": dropped,
+        }
+
+    # -- lifecycle -------------------------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run every service until cancelled; ``task_status.started`` once all of them are up."""
+        await self.control.bind()  # refuse a second node on this home before anything else binds (idempotent)
+        self._bootstrap = await resolve_bootstrap(self.config.bootstrap)
+        listen = [Multiaddr.parse(a) for a in self.config.listen]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.dht.run)
+            bound = await nursery.start(self.listener.run, listen)
+            self.addrs = advertised_addrs(bound, self._bootstrap)
+            await nursery.start(self.chat.run)
+            await nursery.start(self.control.serve)
+            nursery.start_soon(self._maintain)
+            log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
+            self.ready.set()
+            task_status.started(self)
+
+    async def _maintain(self) -> None:
+        """Bootstrap, publish and republish our peer record, save the routing table (module docstring)."""
+        try:
+            await self._join()
+            published_at = -math.inf
+            published_addrs: list[Multiaddr] = []
+            last_save = trio.current_time()
+            while True:
+                now = trio.current_time()
+                stale = published_addrs != self.addrs or now - published_at >= self.options.record_ttl / 2
+                if stale and await self._publish():
+                    published_at, published_addrs = now, list(self.addrs)
+                if now - last_save >= self.options.save_interval:
+                    await self._save_routing_table()
+                    last_save = now
+                if len(self.dht.routing_table_snapshot()) == 0 and self._bootstrap:
+                    await self._join()
+                await trio.sleep(self.options.check_interval)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._save_routing_table()
+
+    async def _join(self) -> None:
+        saved = await self.db.read(repo.load_dht_nodes)
+        # A database call that started completes even when cancelled meanwhile; stop here rather than touch a DHT
+        # node that the same cancellation may already have stopped.
+        await trio.lowlevel.checkpoint_if_cancelled()
+        targets = list(dict.fromkeys([(n.host, n.port) for n in saved] + self._bootstrap))
+        if not targets:
+            log.info("dht: no bootstrap peers configured and none saved; waiting for others to join us")
+            return
+        size = await self.dht.bootstrap(targets)
+        log.info("dht: bootstrapped through %d addresses, %d contacts in the routing table", len(targets), size)
+
+    async def _publish(self) -> bool:
+        if not self.addrs:
+            return False
+        stored = await self.dht.publish_peer_record(self.addrs, ttl=self.options.record_ttl)
+        if stored:
+            log.info("dht: published our peer record on %d nodes", stored)
+        else:
+            log.info("dht: our peer record is stored nowhere yet (no DHT peers); will retry")
+        return stored > 0
+
+    async def _save_routing_table(self) -> None:
+        now = int(time.time() * 1000)
+        nodes = [SavedDhtNode(node_id=c.node_id, host=c.host, port=c.port, last_seen=now) for c in self._contacts()]
+        if not nodes:
+            return
+        try:
+            await self.db.write(lambda conn: repo.save_dht_nodes(conn, nodes))
+        except Exception as exc:  # the database may already be closing at shutdown
+            log.warning("dht: could not save the routing table: %s", exc)
+
+    def _contacts(self) -> list[Contact]:
+        return self.dht.routing_table_snapshot()
+
+
+@contextlib.asynccontextmanager
+async def _shutdown_on_signals(scope: trio.CancelScope) -> AsyncIterator[None]:
+    """Cancel ``scope`` on SIGINT or SIGTERM (a clean shutdown instead of KeyboardInterrupt)."""
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    scope.cancel()
+                    return
+
+        nursery.start_soon(watch)
+        try:
+            yield
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def run_node(
+    home: Path,
+    identity: Identity,
+    config: NodeConfig,
+    *,
+    options: NodeOptions | None = None,
+    task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a node on ``home`` until SIGINT/SIGTERM or cancellation (``p2pmsg run``).
+
+    Raises :class:`~p2pmsg.control.errors.NodeAlreadyRunningError` (a plain exception, not inside an exception
+    group) when another node serves this home.
+    """
+    home = Path(home)
+    if probe_socket(control_socket_path(home)) is SocketState.RUNNING:  # before touching its database
+        raise NodeAlreadyRunningError(f"another node is already running on {home}; stop it first or use another --home")
+    async with open_database(home / DATABASE_FILENAME) as db:
+        node = Node(home, identity, config, db, options=options)
+        await node.control.bind()  # the authoritative check: it owns the socket from here on
+        with trio.CancelScope() as scope:
+            async with _shutdown_on_signals(scope):
+                await node.run(task_status=task_status)
+    log.info("node stopped")
+
+
+async def run_bootstrap_node(
+    identity: Identity,
+    listen: Multiaddr,
+    *,
+    bootstrap: Sequence[str] = (),
+    on_ready: Callable[[Multiaddr], None] | None = None,
+) -> None:
+    """Run a DHT-only node on the UDP multiaddr ``listen`` until SIGINT/SIGTERM (``p2pmsg bootstrap``).
+
+    ``on_ready`` receives our full multiaddr (with ``/p2p/<peer id>``) once the socket is bound.
+    """
+    kind, host, port = listen.transport()
+    if kind != "udp":
+        raise LocalProtocolError(f"a bootstrap node listens on UDP (…/udp/PORT), not {kind}: {listen}")
+    with trio.CancelScope() as scope:
+        async with _shutdown_on_signals(scope), trio.open_nursery() as nursery:
+            dht = DhtNode(identity, host=host, port=port)
+            bound_host, bound_port = await nursery.start(dht.run)
+            peers = await resolve_bootstrap(bootstrap)
+            for addr in advertised_addrs([Multiaddr.from_transport("udp", bound_host, bound_port)], peers):
+                full = addr.with_peer_id(identity.peer_id)
+                log.info("bootstrap node listening on %s", full)
+                if on_ready is not None:
+                    on_ready(full)
+            if peers:
+                await dht.bootstrap(peers)

@@ -1,0 +1,162 @@
+"""Two whole nodes in one trio process, over real loopback sockets, driven through their control sockets.
+
+Bob joins the DHT through Alice; Alice adds Bob by peer id only (no address hints), so the message can reach him
+only if Bob's signed peer record was published and Alice's DHT lookup found it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from p2pmsg.control.client import ControlClient
+from p2pmsg.control.errors import NodeAlreadyRunningError
+from p2pmsg.identity import Identity
+from p2pmsg.node import Node, NodeOptions, advertised_addrs, dht_endpoint, resolve_bootstrap, run_node
+from p2pmsg.wire.multiaddr import Multiaddr
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    listen: Sequence[str]
+    bootstrap: Sequence[str] = ()
+    accept_from: str = "contacts"
+    dht_port: int | None = None
+
+
+FAST = NodeOptions(check_interval=0.2, bootstrap_retry=0.2)
+
+
+async def call(home: Path, method: str, **params: Any) -> Any:
+    def run() -> Any:
+        client = ControlClient(home)
+        try:
+            return client.call(method, **params)
+        finally:
+            client.close()
+
+    return await trio.to_thread.run_sync(run)
+
+
+async def start(nursery: trio.Nursery, home: Path, cfg: Cfg) -> Node:
+    home.mkdir(mode=0o700)
+    node: Node = await nursery.start(lambda task_status: run_node(home, Identity.generate(), cfg, options=FAST,
+                                                                   task_status=task_status))  # fmt: skip
+    return node
+
+
+async def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> Any:
+    with trio.move_on_after(timeout):
+        while True:
+            value = await predicate()
+            if value:
+                return value
+            await trio.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    async with trio.open_nursery() as nursery:
+        alice = await start(nursery, tmp_path / "alice", Cfg(listen=["/ip4/127.0.0.1/tcp/0"]))
+        boot = f"/ip4/127.0.0.1/udp/{alice.dht.address[1]}"
+        bob = await start(nursery, tmp_path / "bob", Cfg(listen=["/ip4/127.0.0.1/tcp/0/ws"], bootstrap=[boot]))
+        yield alice, bob
+        nursery.cancel_scope.cancel()
+
+
+async def test_message_found_through_dht_and_control_socket(pair: tuple[Node, Node]) -> None:
+    alice, bob = pair
+    ident = await call(bob.home, "id")
+    assert ident["peer_id"] == str(bob.identity.peer_id)
+    assert ident["addrs"] and all(a.endswith(f"/p2p/{bob.identity.peer_id}") for a in ident["addrs"])
+    assert "/ws/" in ident["addrs"][0]
+    # Bob's record must be in the DHT before Alice (who knows only his peer id) can reach him.
+    await wait_for(lambda: alice.dht.find_peer(bob.identity.peer_id), "Bob's peer record in the DHT")
+
+    await call(alice.home, "contacts.add", target=str(bob.identity.peer_id), name="bob")
+    await call(bob.home, "contacts.add", target=ident["invite"].replace(str(bob.identity.peer_id),
+                                                                           str(alice.identity.peer_id)),
+               name="alice")  # fmt: skip
+    sent = await call(alice.home, "send", name="bob", text="hello through the DHT")
+    assert sent["status"] == "queued"
+
+    async def delivered() -> bool:
+        history = await call(alice.home, "history", name="bob")
+        return bool(history) and history[-1]["status"] == "delivered"
+
+    await wait_for(delivered, "the delivery receipt")
+    history = await call(bob.home, "history", name="alice")
+    assert [m["text"] for m in history] == ["hello through the DHT"]
+    assert history[0]["id"] == sent["id"]
+
+    status = await call(alice.home, "status")
+    assert status["peer_id"] == str(alice.identity.peer_id)
+    assert status["outbox_depth"] == 0
+    assert status["dht_size"] >= 1
+    assert isinstance(status["dropped"], dict)
+
+
+async def test_second_node_on_same_home_is_refused(pair: tuple[Node, Node]) -> None:
+    alice, _bob = pair
+    with pytest.raises(NodeAlreadyRunningError):
+        await run_node(alice.home, alice.identity, Cfg(listen=["/ip4/127.0.0.1/tcp/0"]))
+
+
+async def test_routing_table_is_saved_and_reused(tmp_path: Path) -> None:
+    """A node restarted without bootstrap peers rejoins through the routing table it saved at shutdown."""
+    async with trio.open_nursery() as outer:
+        alice = await start(outer, tmp_path / "alice", Cfg(listen=["/ip4/127.0.0.1/tcp/0"]))
+        boot = f"/ip4/127.0.0.1/udp/{alice.dht.address[1]}"
+        bob_home = tmp_path / "bob"
+        bob_home.mkdir(mode=0o700)
+        bob_id = Identity.generate()
+        async with trio.open_nursery() as inner:
+            cfg = Cfg(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[boot])
+            bob: Node = await inner.start(lambda task_status: run_node(bob_home, bob_id, cfg, options=FAST,
+                                                                       task_status=task_status))  # fmt: skip
+            await wait_for(lambda: _has_contacts(bob), "Bob's first bootstrap")
+            inner.cancel_scope.cancel()
+        async with trio.open_nursery() as inner:
+            cfg = Cfg(listen=["/ip4/127.0.0.1/tcp/0"])  # no bootstrap peers this time
+            bob = await inner.start(lambda task_status: run_node(bob_home, bob_id, cfg, options=FAST,
+                                                                 task_status=task_status))  # fmt: skip
+            await wait_for(lambda: _has_contacts(bob), "Bob rejoining from his saved routing table")
+            assert alice.dht.node_id in {c.node_id for c in bob.dht.routing_table_snapshot()}
+            inner.cancel_scope.cancel()
+        outer.cancel_scope.cancel()
+
+
+async def _has_contacts(node: Node) -> bool:
+    return bool(node.dht.routing_table_snapshot())
+
+
+def test_dht_endpoint_follows_first_listen_address() -> None:
+    assert dht_endpoint(["/ip4/0.0.0.0/tcp/4001"], None) == ("0.0.0.0", 4001)
+    assert dht_endpoint(["/ip4/127.0.0.1/tcp/4001/ws"], 5000) == ("127.0.0.1", 5000)
+
+
+async def test_resolve_bootstrap_skips_bad_entries() -> None:
+    got = await resolve_bootstrap(["/ip4/127.0.0.1/udp/4001", "not a multiaddr", "/ip4/127.0.0.1/tcp/4002"])
+    assert got == [("127.0.0.1", 4001), ("127.0.0.1", 4002)]
+    assert await resolve_bootstrap(["/dns4/localhost/udp/4003"]) == [("127.0.0.1", 4003)]
+
+
+def test_wildcard_listen_address_is_advertised_as_concrete_addresses() -> None:
+    bound = [Multiaddr.parse("/ip4/0.0.0.0/tcp/4001"), Multiaddr.parse("/ip4/127.0.0.1/tcp/4002/ws")]
+    out = [str(a) for a in advertised_addrs(bound, [("127.0.0.1", 9)])]
+    assert out == ["/ip4/127.0.0.1/tcp/4001", "/ip4/127.0.0.1/tcp/4002/ws"]
+    assert all("0.0.0.0" not in a for a in out)
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX only")
+async def test_control_socket_is_private(pair: tuple[Node, Node]) -> None:
+    alice, _ = pair
+    mode = os.stat(alice.home / "control.sock").st_mode & 0o777
+    assert mode == 0o600
