@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: connection setup (TCP connect + Noise XX) and secure-channel throughput on loopback.
 
-Usage: ``python scripts/bench_handshake.py [--json] [--n N] [--mib M]``
+Usage: ``python scripts/bench_handshake.py [--json] [--n N] [--mib M] [--repeat R]``
 
 * ``handshake_wall_ms_p50`` / ``_p99``: N sequential connections, each a TCP connect plus the full libp2p-noise XX
   handshake against a :class:`p2pmsg.net.listener.Listener`, both in this process; wall time until the dialer holds
@@ -9,8 +9,10 @@ Usage: ``python scripts/bench_handshake.py [--json] [--n N] [--mib M]``
 * ``handshake_cpu_ms``: process CPU time over those N handshakes divided by N (both sides' work, one process).
 * ``tcp_connect_ms_p50``: the same N connects with plain trio TCP and no handshake (the comparison floor).
 * ``channel_mb_s``: M MiB written in 64 KiB ``send_all`` calls through a SecureChannel over TCP to a second process
-  (this script re-run as a sink), until the sink acknowledges the last byte.  MB = 10^6 bytes.
-* ``raw_tcp_mb_s``: the same transfer over plain trio TCP between two processes.
+  (this script re-run as a sink), until the sink acknowledges the last byte; the median of R transfers (each run is
+  listed in ``channel_mb_s_runs``).  MB = 10^6 bytes.
+* ``raw_tcp_mb_s``: the same transfers over plain trio TCP between two processes (``raw_tcp_mb_s_runs``), run
+  alternately with the channel ones so both see the same machine load.
 
 Prints one JSON object with ``--json``; otherwise a table with the targets and the py-libp2p figures measured on this
 machine earlier.
@@ -19,6 +21,7 @@ machine earlier.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -120,13 +123,16 @@ async def run_sink(mode: str, total: int) -> None:
     if mode == "channel":
         stream = await secure_inbound(raw, LISTENER)
     received = 0
+    cpu_start = time.process_time()
     while received < total:
         chunk = await stream.receive_some(256 * 1024)
         if not chunk:
             raise SystemExit(f"sink: stream ended after {received} of {total} bytes")
         received += len(chunk)
+    cpu = time.process_time() - cpu_start
     await stream.send_all(b"!")
     await stream.aclose()
+    print(cpu, flush=True)  # the receiver's CPU seconds for the transfer
 
 
 def _spawn_sink(mode: str, total: int) -> tuple[subprocess.Popen[str], int]:
@@ -143,8 +149,8 @@ def _spawn_sink(mode: str, total: int) -> tuple[subprocess.Popen[str], int]:
     return child, int(line)
 
 
-async def measure_transfer(mode: str, total: int) -> float:
-    """MB/s of ``total`` bytes in 64 KiB writes to a sink process, until its acknowledgement."""
+async def measure_transfer(mode: str, total: int) -> tuple[float, float, float]:
+    """(MB/s, sender CPU ns/byte, receiver CPU ns/byte) for ``total`` bytes in 64 KiB writes to a sink process."""
     child, port = _spawn_sink(mode, total)
     try:
         stream: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
@@ -153,25 +159,43 @@ async def measure_transfer(mode: str, total: int) -> float:
         block = os.urandom(WRITE_SIZE)
         writes = total // WRITE_SIZE
         start = time.perf_counter()
+        cpu_start = time.process_time()
         for _ in range(writes):
             await stream.send_all(block)
         ack = await stream.receive_some(1)
         elapsed = time.perf_counter() - start
+        sender_cpu = time.process_time() - cpu_start
         if ack != b"!":
             raise SystemExit(f"{mode} sink did not acknowledge (got {ack!r})")
         await stream.aclose()
+        assert child.stdout is not None
+        receiver_cpu = float(await trio.to_thread.run_sync(child.stdout.readline))
     finally:
         child.wait(timeout=30)
-    return total / elapsed / 1e6
+    return total / elapsed / 1e6, sender_cpu / total * 1e9, receiver_cpu / total * 1e9
 
 
-async def run_all(n: int, mib: int) -> dict[str, Any]:
+async def run_all(n: int, mib: int, repeat: int) -> dict[str, Any]:
     total = mib * 1024 * 1024 // WRITE_SIZE * WRITE_SIZE
     results: dict[str, Any] = {}
     results.update(await measure_tcp_connects(n))
     results.update(await measure_handshakes(n))
-    results["raw_tcp_mb_s"] = await measure_transfer("raw", total)
-    results["channel_mb_s"] = await measure_transfer("channel", total)
+    runs: dict[str, list[tuple[float, float, float]]] = {"raw": [], "channel": []}
+    for _ in range(repeat):
+        for mode in ("raw", "channel"):
+            runs[mode].append(await measure_transfer(mode, total))
+    for mode, prefix in (("raw", "raw_tcp"), ("channel", "channel")):
+        speeds = [run[0] for run in runs[mode]]
+        sender = statistics.median(run[1] for run in runs[mode])
+        receiver = statistics.median(run[2] for run in runs[mode])
+        results[f"{prefix}_mb_s"] = statistics.median(speeds)
+        results[f"{prefix}_mb_s_runs"] = [round(value, 1) for value in speeds]
+        results[f"{prefix}_sender_cpu_ns_per_byte"] = sender
+        results[f"{prefix}_receiver_cpu_ns_per_byte"] = receiver
+        # What the slower side could sustain with a core of its own: a load-independent ceiling.
+        results[f"{prefix}_cpu_bound_mb_s"] = 1e3 / max(sender, receiver)
+    with contextlib.suppress(OSError):
+        results["loadavg_1min"] = os.getloadavg()[0]
     results["n"] = n
     results["transfer_bytes"] = total
     results["write_size"] = WRITE_SIZE
@@ -181,28 +205,39 @@ async def run_all(n: int, mib: int) -> dict[str, Any]:
 
 
 def print_table(results: dict[str, Any]) -> None:
-    print(f"p2pmsg handshake benchmark: n={results['n']}, transfer {results['transfer_bytes'] / 2**20:.0f} MiB")
+    print(
+        f"p2pmsg handshake benchmark: n={results['n']}, transfers of {results['transfer_bytes'] / 2**20:.0f} MiB, "
+        f"load average {results.get('loadavg_1min', float('nan')):.2f} on {results['cpus']} CPUs"
+    )
     print(f"{'metric':<24}{'measured':>12}  {'target':<14}{'py-libp2p (here, earlier)'}")
     units = {"ms": "ms", "mb": "MB/s"}
     for key, (target, reference) in TARGETS.items():
         unit = units["mb"] if key.endswith("mb_s") else units["ms"]
         print(f"{key:<24}{results[key]:>9.2f} {unit:<4} {target:<14}{reference}")
+    print(f"transfer runs (MB/s): channel {results['channel_mb_s_runs']}, raw TCP {results['raw_tcp_mb_s_runs']}")
+    for prefix, name in (("channel", "channel"), ("raw_tcp", "raw TCP")):
+        print(
+            f"{name} CPU per byte: sender {results[prefix + '_sender_cpu_ns_per_byte']:.2f} ns, receiver "
+            f"{results[prefix + '_receiver_cpu_ns_per_byte']:.2f} ns -> {results[prefix + '_cpu_bound_mb_s']:.0f} MB/s "
+            "if each side had a core to itself"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--n", type=int, default=300, help="connections to time (default 300)")
-    parser.add_argument("--mib", type=int, default=512, help="MiB per throughput transfer (default 512)")
+    parser.add_argument("--mib", type=int, default=256, help="MiB per throughput transfer (default 256)")
+    parser.add_argument("--repeat", type=int, default=3, help="transfers per mode, median reported (default 3)")
     parser.add_argument("--sink", choices=["raw", "channel"], help=argparse.SUPPRESS)
     parser.add_argument("--bytes", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.sink:
         trio.run(run_sink, args.sink, args.bytes)
         return
-    if args.n < 1 or args.mib < 1:
-        parser.error("--n and --mib must be positive")
-    results = trio.run(run_all, args.n, args.mib)
+    if args.n < 1 or args.mib < 1 or args.repeat < 1:
+        parser.error("--n, --mib and --repeat must be positive")
+    results = trio.run(run_all, args.n, args.mib, args.repeat)
     if args.json:
         print(json.dumps(results, sort_keys=True))
     else:
