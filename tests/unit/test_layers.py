@@ -23,8 +23,10 @@ LAYER_RANK = {
     "files": 7,
     "calls": 7,
     "chat": 8,
-    "node": 9,
-    "control": 10,
+    # DESIGN.md draws control/ above node.py, but node.py is the composition root that builds every service,
+    # the control server included, so it must sit above control/ (control/ itself never imports node or chat).
+    "control": 9,
+    "node": 10,
     "cli": 11,
 }
 
