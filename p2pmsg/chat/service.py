@@ -24,6 +24,9 @@ outbound (our dial), runs one :class:`~p2pmsg.chat.protocol.ChatConnection`: a r
 task.  A blocked peer's channel is closed right after the handshake.  A session that already exists for a peer is
 reused; we only dial when there is none.  If both sides dial at the same moment, both connections stay usable
 (each side sends on its newest one, receives on all); at most :attr:`ChatConfig.max_sessions_per_peer` are kept.
+A session on which messages stay unacknowledged for :attr:`ChatConfig.resend_after_ms` is presumed dead (a
+connection lost without FIN or RST looks alive until TCP gives up, many minutes later) and is closed; its messages
+go out again over a new session after the backoff.
 
 **Receiving.**  Envelopes are opened (the envelope's ``from`` must be the channel's peer: relaying is for a later
 version), then one write transaction per received chunk applies the policy (:mod:`p2pmsg.chat.policy`) and stores
@@ -203,7 +206,8 @@ class _Session:
     send_lock: trio.Lock = dataclasses.field(default_factory=trio.Lock)
     pending: collections.OrderedDict[bytes, bytes] = dataclasses.field(default_factory=collections.OrderedDict)
     held: set[bytes] = dataclasses.field(default_factory=set)
-    written: set[bytes] = dataclasses.field(default_factory=set)
+    written: dict[bytes, float] = dataclasses.field(default_factory=dict)
+    """Message id -> when it was written (trio clock), until its receipt arrives."""
     work: trio.Event = dataclasses.field(default_factory=trio.Event)
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
     closed: bool = False
@@ -363,6 +367,16 @@ class ChatService:
             return True
         session = self._best_session(peer)
         if session is not None:
+            # A receipt normally follows within milliseconds.  Entries written on this very session long ago and
+            # still unacknowledged mean a dead connection (no FIN, no RST) or a peer that does not accept them: end
+            # the session, so the entries go out again after a backoff over a fresh one.
+            patience = self.config.resend_after_ms / 1000
+            oldest = min((session.written.get(e.message_id, math.inf) for e in items), default=math.inf)
+            if trio.current_time() - oldest >= patience:
+                session.close_reason = f"no receipt within {patience:g} s"
+                session.closed = True
+                session.scope.cancel()
+                return False
             room = self.config.max_session_queue - len(session.pending)
             for entry in items[: max(room, 0)]:
                 self._hand_over(session, entry.message_id, entry.envelope)
@@ -656,9 +670,10 @@ class ChatService:
                 batch: list[tuple[bytes, bytes]] = []
                 while session.pending and len(batch) < cfg.batch_size:
                     batch.append(session.pending.popitem(last=False))
-                await self._write(session, session.conn.send_messages(raw for _, raw in batch))
                 ids = [mid for mid, _ in batch]
-                session.written.update(ids)
+                # Recorded before the write: the receipts may come back before send_all returns.
+                session.written.update(dict.fromkeys(ids, trio.current_time()))
+                await self._write(session, session.conn.send_messages(raw for _, raw in batch))
                 now = self._now()
                 retry_at = min(now + cfg.resend_after_ms, MAX_TIMESTAMP)
                 marked = await self._db.write(
@@ -801,7 +816,8 @@ class ChatService:
         delivered = await self._db.write(
             lambda c: [mid for mid in ids if repo.mark_delivered(c, mid, recipient=raw, now=now)]
         )
-        session.written.difference_update(ids)
+        for mid in ids:
+            session.written.pop(mid, None)
         for mid in delivered:
             self._publish(ev.ReceiptEvent(id=mid.hex(), peer_id=str(session.peer), status="delivered"))
 

@@ -411,3 +411,26 @@ async def test_request_limits_hold_back_receipts_until_accepted(tmp_path: Path) 
         await bob.chat.accept_request(str(CAROL.peer_id), "carol")
         await eventually(lambda: _has_receipt(carol, ids[2], "delivered"), "the third after acceptance")
         assert [m["id"] for m in await bob.chat.history("carol")] == ids
+
+
+async def test_a_session_without_receipts_is_replaced(tmp_path: Path) -> None:
+    """A peer that takes messages but never acknowledges them (a dead or broken connection) costs a new session."""
+    patient = dataclasses.replace(FAST, resend_after_ms=200)
+    connections: list[SecureChannel] = []
+
+    async def swallow(channel: SecureChannel, remote: Multiaddr | None) -> None:
+        connections.append(channel)
+        while await channel.receive_some():
+            pass
+
+    async with trio.open_nursery() as nursery:
+        silent_bob = Listener(BOB, swallow)
+        addrs = await nursery.start(silent_bob.run, [LOCAL_TCP])
+        async with running_node(tmp_path / "alice", ALICE, config=patient) as alice:
+            await alice.chat.add_contact(format_invite(BOB.peer_id, addrs), "bob")
+            await alice.chat.send("bob", "anyone there?")
+            await eventually(lambda: len(connections) >= 2, "a second session after the silence")
+            [down, *_] = alice.seen("peer_down")
+            assert down["reason"] == "no receipt within 0.2 s"
+            assert await statuses(alice, "bob") == ["sent"]
+        nursery.cancel_scope.cancel()
