@@ -16,9 +16,11 @@ varints must be minimal, and anything else (a hashed multihash, another key type
 version or codec, trailing bytes) raises :class:`InvalidPeerIdError` naming the reason.  Parsers never let
 ``ValueError``/``IndexError`` escape, since peer IDs arrive from the network.
 
-The key file (see :func:`save_identity` / :func:`load_identity` and ``docs/protocol-identity.part.md``) stores the seed
-encrypted with ``SecretBox`` under a key derived from a passphrase with Argon2id (MODERATE limits by default).  The
-file is replaced atomically and is always mode 0600.
+The key file (see :func:`save_identity` / :func:`load_identity` and ``docs/protocol.md``) stores the seed encrypted
+with ``SecretBox`` under a key derived from a passphrase with Argon2id (MODERATE limits by default, and never more
+memory than MODERATE, even when a file asks for it).  The file is replaced atomically and is always mode 0600.  A key
+file stored in clear is only written, and only *read*, when the caller explicitly allows it (``allow_unencrypted``):
+otherwise someone able to write the data directory could plant a clear file holding a seed they know.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ __all__ = [
     "PassphraseMismatchError",
     "PassphraseRequiredError",
     "PeerId",
+    "UnencryptedKeyFileError",
     "UnsupportedKeyFileVersionError",
     "VarintError",
     "WrongPassphraseError",
@@ -495,9 +498,9 @@ class Identity:
 # Key file
 # ---------------------------------------------------------------------------------------------------------------------
 #
-# Version 1, all integers big-endian (docs/protocol-identity.part.md has the full description):
+# Version 1, all integers big-endian (docs/protocol.md has the full description):
 #
-#   encrypted (kdf 1)                          unencrypted (kdf 0, only with allow_unencrypted=True)
+#   encrypted (kdf 1)                          unencrypted (kdf 0, written and read only with allow_unencrypted)
 #   0   8  magic "P2PMSGKF"                    0   8  magic "P2PMSGKF"
 #   8   1  version = 1                         8   1  version = 1
 #   9   1  kdf = 1 (Argon2id v1.3)             9   1  kdf = 0 (none)
@@ -523,11 +526,13 @@ KDF_ARGON2ID: Final = 1
 DEFAULT_OPSLIMIT: Final[int] = nacl.pwhash.argon2id.OPSLIMIT_MODERATE
 DEFAULT_MEMLIMIT: Final[int] = nacl.pwhash.argon2id.MEMLIMIT_MODERATE
 
-#: Bounds on the KDF parameters, enforced when saving and (against hostile or corrupt files) when loading.
+#: Bounds on the KDF parameters, enforced when saving and (against hostile or corrupt files) when loading, before any
+#: key derivation.  At most MODERATE memory (256 MiB) and SENSITIVE passes (4): a planted or corrupt file can cost at
+#: most about 1.3 times a default load, never 1 GiB of memory.
 MIN_OPSLIMIT: Final[int] = nacl.pwhash.argon2id.OPSLIMIT_MIN  # 1
-MAX_OPSLIMIT: Final = 16
+MAX_OPSLIMIT: Final[int] = nacl.pwhash.argon2id.OPSLIMIT_SENSITIVE  # 4
 MIN_MEMLIMIT: Final[int] = nacl.pwhash.argon2id.MEMLIMIT_MIN  # 8 KiB
-MAX_MEMLIMIT: Final = 1 << 30  # 1 GiB
+MAX_MEMLIMIT: Final[int] = nacl.pwhash.argon2id.MEMLIMIT_MODERATE  # 256 MiB
 
 _CHECKSUM_SIZE: Final = 16
 _SALT_SIZE: Final[int] = nacl.pwhash.argon2id.SALTBYTES  # 16
@@ -562,6 +567,10 @@ class UnsupportedKeyFileVersionError(KeyFileError):
 
 class PassphraseRequiredError(KeyFileError):
     """A passphrase is needed (to load an encrypted key file, or to save one without ``allow_unencrypted``)."""
+
+
+class UnencryptedKeyFileError(KeyFileError):
+    """The key file is intact but stores the seed in clear, and the caller did not pass ``allow_unencrypted=True``."""
 
 
 class PassphraseMismatchError(KeyFileError):
@@ -633,7 +642,9 @@ def encode_key_file(
     return body + _checksum(body)
 
 
-def decode_key_file(data: bytes, passphrase: str | None, *, source: str = "key file") -> Identity:
+def decode_key_file(
+    data: bytes, passphrase: str | None, *, allow_unencrypted: bool = False, source: str = "key file"
+) -> Identity:
     """Parse and decrypt key-file bytes (see :func:`load_identity`); ``source`` prefixes error messages."""
     size = len(data)
     if data[: len(KEY_FILE_MAGIC)] != KEY_FILE_MAGIC:
@@ -659,6 +670,13 @@ def decode_key_file(data: bytes, passphrase: str | None, *, source: str = "key f
         raise CorruptKeyFileError(f"{source}: {size} bytes, a version-1 file with kdf {kdf} is {expected}")
     pos = _PREAMBLE.size
     if kdf == KDF_NONE:
+        if not allow_unencrypted:
+            raise UnencryptedKeyFileError(
+                f"{source} is NOT encrypted (the seed is stored in clear): refusing to load it, because anyone who "
+                "can write the data directory could have planted a key they know.  If it was created without a "
+                "passphrase on purpose (init --no-passphrase), load it with allow_unencrypted=True; otherwise "
+                "replace it with your encrypted key file"
+            )
         logger.warning("%s is NOT encrypted: anyone who can read it can impersonate this node", source)
         return Identity.from_seed(data[pos : pos + ED25519_SEED_SIZE])
     opslimit, memlimit = _ARGON2_PARAMS.unpack_from(data, pos)
@@ -693,9 +711,11 @@ def save_identity(
     """Write ``identity`` to the key file ``path``, atomically, with mode 0600.
 
     The seed is encrypted with ``SecretBox`` under a key derived from ``passphrase`` (NFC-normalised, UTF-8) by
-    Argon2id with ``opslimit``/``memlimit`` (default MODERATE; both bounded by :data:`MAX_OPSLIMIT` and
-    :data:`MAX_MEMLIMIT`).  ``passphrase=None`` writes the seed in clear, and only with ``allow_unencrypted=True``
-    (logged as a warning); otherwise it raises :class:`PassphraseRequiredError`.  An empty passphrase is refused.
+    Argon2id with ``opslimit``/``memlimit`` (default MODERATE; bounded by :data:`MAX_OPSLIMIT` = 4 passes and
+    :data:`MAX_MEMLIMIT` = 256 MiB, the same bounds :func:`load_identity` enforces).  ``passphrase=None`` writes the
+    seed in clear, and only with ``allow_unencrypted=True`` (logged as a warning); otherwise it raises
+    :class:`PassphraseRequiredError`.  Such a file is read back only with ``load_identity(...,
+    allow_unencrypted=True)``.  An empty passphrase is refused.
 
     The bytes go to a new temporary file in the same directory (created 0600 with ``O_EXCL``), are fsynced, renamed
     over ``path`` with ``os.replace`` and the directory is fsynced: a crash leaves either the old file or the new one,
@@ -709,13 +729,18 @@ def save_identity(
     _atomic_write(os.fspath(path), data)
 
 
-def load_identity(path: StrPath, passphrase: str | None) -> Identity:
+def load_identity(path: StrPath, passphrase: str | None, *, allow_unencrypted: bool = False) -> Identity:
     """Read the key file ``path`` written by :func:`save_identity`.
 
+    A file that stores the seed in clear (written with ``allow_unencrypted=True``) is only accepted when
+    ``allow_unencrypted`` is True here too, whatever ``passphrase`` is; otherwise :class:`UnencryptedKeyFileError`.
+    Loading it logs a warning.
+
     Raises :class:`PassphraseRequiredError` (encrypted, ``passphrase`` is None), :class:`WrongPassphraseError`,
-    :class:`CorruptKeyFileError` (truncated, bad magic, checksum mismatch from bit flips, KDF parameters out of bounds,
-    over :data:`MAX_KEY_FILE_SIZE`), :class:`UnsupportedKeyFileVersionError`; ``OSError`` (e.g.
-    ``FileNotFoundError``) from the file system passes through.  Logs a warning if the file is readable by others.
+    :class:`UnencryptedKeyFileError`, :class:`CorruptKeyFileError` (truncated, bad magic, checksum mismatch from bit
+    flips, KDF parameters out of bounds, over :data:`MAX_KEY_FILE_SIZE`), :class:`UnsupportedKeyFileVersionError`;
+    ``OSError`` (e.g. ``FileNotFoundError``) from the file system passes through.  Logs a warning if the file is
+    readable by others.
     """
     name = os.fspath(path)
     with open(name, "rb") as handle:
@@ -723,7 +748,7 @@ def load_identity(path: StrPath, passphrase: str | None) -> Identity:
         data = handle.read(MAX_KEY_FILE_SIZE + 1)
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         logger.warning("key file %s has mode 0o%o: it should be 0600 (chmod 600 it)", name, stat.S_IMODE(mode))
-    return decode_key_file(data, passphrase, source=f"key file {name}")
+    return decode_key_file(data, passphrase, allow_unencrypted=allow_unencrypted, source=f"key file {name}")
 
 
 def resolve_passphrase(

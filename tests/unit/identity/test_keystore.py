@@ -15,12 +15,15 @@ from conftest import load_vectors
 
 from p2pmsg.errors import P2PMsgError
 from p2pmsg.identity import (
+    MAX_MEMLIMIT,
+    MAX_OPSLIMIT,
     PASSPHRASE_ENV,
     CorruptKeyFileError,
     Identity,
     KeyFileError,
     PassphraseMismatchError,
     PassphraseRequiredError,
+    UnencryptedKeyFileError,
     UnsupportedKeyFileVersionError,
     WrongPassphraseError,
     decode_key_file,
@@ -32,6 +35,7 @@ from p2pmsg.identity import (
 
 # The smallest Argon2id parameters keep these tests fast; one test below uses the MODERATE default.
 FAST = {"opslimit": nacl.pwhash.argon2id.OPSLIMIT_MIN, "memlimit": nacl.pwhash.argon2id.MEMLIMIT_MIN}
+LOW_MEMORY = {"memlimit": nacl.pwhash.argon2id.MEMLIMIT_MIN}
 PASS = "correct horse battery staple"
 IDENTITY = Identity.from_seed(bytes(range(32)))
 
@@ -128,9 +132,33 @@ def test_unencrypted_only_when_allowed_and_warned(tmp_path: Path, caplog: pytest
     assert _mode(path) == 0o600
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="p2pmsg.identity"):
-        assert load_identity(path, None) == IDENTITY
+        assert load_identity(path, None, allow_unencrypted=True) == IDENTITY
     assert any("NOT encrypted" in r.getMessage() for r in caplog.records)
-    assert load_identity(path, "ignored") == IDENTITY
+    assert load_identity(path, "ignored", allow_unencrypted=True) == IDENTITY
+
+
+@pytest.mark.parametrize("passphrase", [PASS, None])
+def test_unencrypted_file_is_refused_unless_allowed(tmp_path: Path, passphrase: str | None) -> None:
+    """Someone who can write the data dir plants a clear key file with a seed they know: loading must refuse it."""
+    path = tmp_path / "identity.key"
+    save_identity(path, IDENTITY, PASS, **FAST)
+    planted = Identity.from_seed(b"\x66" * 32)
+    path.write_bytes(encode_key_file(planted, None, allow_unencrypted=True))
+    with pytest.raises(UnencryptedKeyFileError, match=r"NOT encrypted.*allow_unencrypted=True") as info:
+        load_identity(path, passphrase)
+    assert str(path) in str(info.value)
+    with pytest.raises(UnencryptedKeyFileError, match="allow_unencrypted=True"):
+        decode_key_file(path.read_bytes(), passphrase)
+    assert load_identity(path, passphrase, allow_unencrypted=True) == planted
+    assert decode_key_file(path.read_bytes(), passphrase, allow_unencrypted=True) == planted
+
+
+def test_allow_unencrypted_does_not_weaken_an_encrypted_file(encrypted: bytes) -> None:
+    assert decode_key_file(encrypted, PASS, allow_unencrypted=True) == IDENTITY
+    with pytest.raises(WrongPassphraseError):
+        decode_key_file(encrypted, PASS + "!", allow_unencrypted=True)
+    with pytest.raises(PassphraseRequiredError):
+        decode_key_file(encrypted, None, allow_unencrypted=True)
 
 
 def test_passphrase_with_allow_unencrypted_still_encrypts(tmp_path: Path) -> None:
@@ -146,7 +174,10 @@ def test_passphrase_with_allow_unencrypted_still_encrypts(tmp_path: Path) -> Non
     [
         ({"opslimit": 0}, "opslimit 0"),
         ({"opslimit": 17}, "opslimit 17"),
+        ({"opslimit": nacl.pwhash.argon2id.OPSLIMIT_SENSITIVE + 1, **LOW_MEMORY}, "opslimit 5 is outside \\[1, 4\\]"),
         ({"memlimit": 4096}, "memlimit 4096"),
+        ({"opslimit": 1, "memlimit": nacl.pwhash.argon2id.MEMLIMIT_MODERATE + 1024}, "memlimit 268436480"),
+        ({"opslimit": 1, "memlimit": nacl.pwhash.argon2id.MEMLIMIT_SENSITIVE}, "memlimit 1073741824 bytes is outside"),
         ({"memlimit": (1 << 30) + 1}, "memlimit 1073741825"),
     ],
 )
@@ -235,6 +266,10 @@ def test_wrong_length_with_valid_checksum_is_corrupt(encrypted: bytes) -> None:
     ("opslimit", "memlimit", "reason"),
     [
         (1, 1 << 40, "memlimit 1099511627776"),
+        (16, 1 << 30, "opslimit 16"),  # the old maximum: 16 passes over 1 GiB
+        (1, nacl.pwhash.argon2id.MEMLIMIT_SENSITIVE, "memlimit 1073741824 bytes is outside \\[8192, 268435456\\]"),
+        (1, nacl.pwhash.argon2id.MEMLIMIT_MODERATE + 1024, "memlimit 268436480"),
+        (nacl.pwhash.argon2id.OPSLIMIT_SENSITIVE + 1, 8192, "opslimit 5 is outside \\[1, 4\\]"),
         (1, (1 << 64) - 1, "memlimit"),
         (1, 0, "memlimit 0"),
         (0, 8192, "opslimit 0"),
@@ -248,6 +283,14 @@ def test_hostile_kdf_parameters_are_refused_before_deriving(
     # Refused before any key derivation: with these parameters Argon2id would exhaust memory or never finish.
     with pytest.raises(CorruptKeyFileError, match=reason):
         decode_key_file(_reseal(data), PASS)
+
+
+def test_kdf_limits_are_capped_at_moderate_memory() -> None:
+    assert MAX_MEMLIMIT == nacl.pwhash.argon2id.MEMLIMIT_MODERATE
+    assert MAX_OPSLIMIT == nacl.pwhash.argon2id.OPSLIMIT_SENSITIVE
+    # The most passes still allowed round-trip (with little memory, to stay fast).
+    data = encode_key_file(IDENTITY, PASS, opslimit=MAX_OPSLIMIT, memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN)
+    assert decode_key_file(data, PASS) == IDENTITY
 
 
 def test_oversized_file_is_refused(tmp_path: Path, encrypted: bytes) -> None:
@@ -269,8 +312,10 @@ def test_error_hierarchy() -> None:
         UnsupportedKeyFileVersionError,
         PassphraseRequiredError,
         PassphraseMismatchError,
+        UnencryptedKeyFileError,
     ):
         assert issubclass(cls, KeyFileError)
+    assert not issubclass(UnencryptedKeyFileError, CorruptKeyFileError | WrongPassphraseError)
     assert issubclass(KeyFileError, P2PMsgError)
     assert len({WrongPassphraseError, CorruptKeyFileError, UnsupportedKeyFileVersionError}) == 3
     assert not issubclass(WrongPassphraseError, CorruptKeyFileError)
@@ -437,4 +482,6 @@ def test_documented_encrypted_example_decodes() -> None:
 def test_documented_unencrypted_example_is_exact() -> None:
     identity = _vector_identity()
     assert encode_key_file(identity, None, allow_unencrypted=True).hex() == DOC_UNENCRYPTED
-    assert decode_key_file(bytes.fromhex(DOC_UNENCRYPTED), None) == identity
+    assert decode_key_file(bytes.fromhex(DOC_UNENCRYPTED), None, allow_unencrypted=True) == identity
+    with pytest.raises(UnencryptedKeyFileError):
+        decode_key_file(bytes.fromhex(DOC_UNENCRYPTED), "correct horse battery staple")
