@@ -14,7 +14,8 @@ The signature covers neither the protobuf nor any re-serialised map, but the exp
 
     uvarint(len(domain)) || domain || uvarint(len(payload_type)) || payload_type || uvarint(len(payload)) || payload
 
-The *domain* (a UTF-8 string such as ``"p2pmsg-peer-record"``) is never transmitted: the receiver supplies the domain
+The *domain* (a string such as ``"p2pmsg-peer-record"``, signed as its UTF-8 bytes, so a string with a lone surrogate
+is refused with :class:`~p2pmsg.errors.LocalProtocolError`) is never transmitted: the receiver supplies the domain
 it expects, so a signature made for one purpose cannot be replayed as another.
 
 Decoding is strict and bounded, because envelopes come from the network: the whole envelope is at most ``max_size``
@@ -74,7 +75,12 @@ class EnvelopeError(RemoteProtocolError):
 def _check_domain_and_type(domain: str, payload_type: bytes) -> bytes:
     if not isinstance(domain, str) or not domain:
         raise LocalProtocolError("envelope domain must be a non-empty str")
-    domain_bytes = domain.encode("utf-8")
+    try:
+        domain_bytes = domain.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a surrogateescape-decoded name
+        raise LocalProtocolError(
+            f"envelope domain {domain!r} is not encodable as UTF-8: {exc.reason} at index {exc.start}"
+        ) from None
     if len(domain_bytes) > MAX_DOMAIN_SIZE:
         raise LocalProtocolError(f"envelope domain is {len(domain_bytes)} bytes, over {MAX_DOMAIN_SIZE}")
     if not isinstance(payload_type, bytes | bytearray | memoryview) or not payload_type:
@@ -100,7 +106,8 @@ def _field(number: int, value: bytes) -> bytes:
 def seal_envelope(identity: Identity, *, domain: str, payload_type: bytes, payload: bytes) -> bytes:
     """Sign ``payload`` for ``domain`` and ``payload_type`` and return the encoded envelope.
 
-    Raises :class:`~p2pmsg.errors.LocalProtocolError` if ``domain`` or ``payload_type`` is empty or too long.
+    Raises :class:`~p2pmsg.errors.LocalProtocolError` if ``domain`` or ``payload_type`` is empty or too long, or if
+    ``domain`` is not encodable as UTF-8 (a lone surrogate).
     """
     signature = identity.sign(envelope_signing_bytes(domain, payload_type, payload))
     return b"".join(

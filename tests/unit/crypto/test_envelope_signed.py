@@ -218,6 +218,16 @@ def test_local_misuse_is_a_local_protocol_error(kwargs: dict[str, object]) -> No
         open_envelope(_seal(), **kwargs)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("domain", ["lone \ud800 surrogate", "\udfff", "p2pmsg-\udcff-record"])
+def test_domain_that_is_not_utf8_encodable_is_a_local_protocol_error(domain: str) -> None:
+    with pytest.raises(LocalProtocolError, match=r"envelope domain .* UTF-8"):
+        seal_envelope(ALICE, domain=domain, payload_type=TYPE, payload=b"x")
+    with pytest.raises(LocalProtocolError, match=r"envelope domain .* UTF-8"):
+        open_envelope(_seal(), domain=domain, payload_type=TYPE)
+    with pytest.raises(LocalProtocolError, match=r"envelope domain .* UTF-8"):
+        envelope_signing_bytes(domain, TYPE, b"x")
+
+
 def test_accepts_bytearray_and_memoryview() -> None:
     data = _seal()
     assert _open(bytearray(data))[1] == b"hello"
