@@ -12,9 +12,11 @@ Each side's Noise static key is a *fresh* X25519 key made for this handshake onl
 identity's converted key.  The payload binds it to the long-term Ed25519 identity: it is a protobuf carrying the
 identity public key (field 1, libp2p ``PublicKey`` protobuf ``08 01 12 20 || pk``) and an Ed25519 signature
 (field 2) over ``b"noise-libp2p-static-key:" || static X25519 public key``.  Field 4 (libp2p ``extensions``) is
-accepted and ignored; anything else is rejected.  Payloads are encrypted by Noise, so neither identity is visible to
-a passive observer, and the initiator's identity is only sent after the responder proved its own: the initiator
-checks the responder's peer ID against the one it dialled (:class:`PeerIdMismatchError`) *before* writing message 3.
+size-checked and ignored; any other field is skipped, as go-libp2p and rust-libp2p do (the whole payload is capped at
+4096 bytes, which bounds them).  Payloads are encrypted by Noise, so neither identity is visible to a passive
+observer, and the initiator's identity is only sent after the responder proved its own: the initiator checks the
+responder's peer ID against the one it dialled (:class:`PeerIdMismatchError`) *before* writing message 3.  The
+responder checks message 3 the same way, so a dialer replaying someone else's payload with its own static key fails.
 
 A man in the middle that swaps a static key breaks the signature (or the Noise transcript); one that swaps the
 identity key breaks the signature too; one that signs with its own identity is caught by the peer-ID check.
@@ -27,8 +29,8 @@ identity key breaks the signature too; one that signs with its own identity is c
 its header alone.
 
 On the wire every Noise message (handshake or transport) travels in a frame: a 2-byte big-endian length followed by
-that many bytes (0..65535).  :func:`encode_frame` and :class:`FrameDecoder` implement it.  See
-``docs/protocol-noise.part.md`` for the bytes.
+that many bytes (0..65535).  :func:`encode_frame` and :class:`FrameDecoder` implement it.  See ``docs/protocol.md``
+(section "Secure channel") for the bytes.
 """
 
 from __future__ import annotations
@@ -100,7 +102,14 @@ _FIELD_NAMES: Final = {
     _FIELD_IDENTITY_SIG: "identity_sig",
     _FIELD_EXTENSIONS: "extensions",
 }
+_WIRE_TYPE_VARINT: Final = 0
+_WIRE_TYPE_FIXED64: Final = 1
 _WIRE_TYPE_LEN: Final = 2
+_WIRE_TYPE_FIXED32: Final = 5
+_FIXED_SIZES: Final = {_WIRE_TYPE_FIXED64: 8, _WIRE_TYPE_FIXED32: 4}
+_GROUP_WIRE_TYPES: Final = frozenset({3, 4})
+_MAX_FIELD_NUMBER: Final = (1 << 29) - 1
+_MAX_PROTOBUF_VARINT_LEN: Final = 10  # a negative int64 takes 10 bytes
 _SIGNATURE_LEN: Final = 64
 _HEADER: Final = struct.Struct(">H")
 
@@ -176,11 +185,14 @@ def encode_handshake_payload(identity: Identity, static_public: bytes) -> bytes:
 
 
 def parse_handshake_payload(data: bytes) -> HandshakePayload:
-    """Strictly parse a NoiseHandshakePayload protobuf.
+    """Parse a NoiseHandshakePayload protobuf: strict on the fields it uses, tolerant of the others.
 
-    Accepted: fields 1 (identity_key) and 2 (identity_sig), each exactly once, and field 4 (extensions) at most
-    once and at most :data:`MAX_EXTENSIONS_LEN` bytes, all length-delimited, in any order, with minimal varints and no
-    trailing bytes; at most :data:`MAX_HANDSHAKE_PAYLOAD_LEN` bytes in total.  Anything else raises
+    At most :data:`MAX_HANDSHAKE_PAYLOAD_LEN` bytes in total; tags and lengths are minimal varints; fields may come in
+    any order and nothing may trail the last one.  Fields 1 (identity_key) and 2 (identity_sig) must each appear
+    exactly once, length-delimited; field 4 (extensions) at most once, length-delimited, at most
+    :data:`MAX_EXTENSIONS_LEN` bytes, and is not interpreted.  Any other field number (1 .. 2**29 - 1) is skipped,
+    as often as it appears, if its wire type is varint (0), 64-bit (1), length-delimited (2) or 32-bit (5); groups
+    (wire types 3 and 4), wire types 6 and 7, field number 0 and truncated values are refused.  Every failure raises
     :class:`InvalidHandshakePayloadError` naming the field and the reason.
     """
     data = bytes(data)
@@ -194,12 +206,14 @@ def parse_handshake_payload(data: bytes) -> HandshakePayload:
         while pos < len(data):
             tag, pos = read_uvarint(data, pos)
             number, wire_type = tag >> 3, tag & 0x7
-            name = _FIELD_NAMES.get(number)
-            if name is None:
+            if not 1 <= number <= _MAX_FIELD_NUMBER:
                 raise InvalidHandshakePayloadError(
-                    f"handshake payload: field {number} is not allowed (only 1 identity_key, 2 identity_sig, "
-                    "4 extensions)"
+                    f"handshake payload: field {number} is not a valid field number (1 .. {_MAX_FIELD_NUMBER})"
                 )
+            name = _FIELD_NAMES.get(number)
+            if name is None:  # unknown: skip its value
+                pos = _skip_unknown_field(data, pos, number, wire_type)
+                continue
             if wire_type != _WIRE_TYPE_LEN:
                 raise InvalidHandshakePayloadError(
                     f"handshake payload: field {number} ({name}) must be length-delimited (wire type 2), "
@@ -235,6 +249,41 @@ def parse_handshake_payload(data: bytes) -> HandshakePayload:
             f"handshake payload: field 2 (identity_sig) must be {_SIGNATURE_LEN} bytes, got {len(signature)}"
         )
     return HandshakePayload(identity_key=identity_key, identity_sig=signature)
+
+
+def _skip_unknown_field(data: bytes, pos: int, number: int, wire_type: int) -> int:
+    """Return the position after the value of unknown field ``number`` that starts at ``pos``.
+
+    Raises :class:`InvalidHandshakePayloadError` for a group or undefined wire type or a truncated value, and
+    :class:`VarintError` for a bad length varint.  A varint *value* is not interpreted, so it may take up to 10 bytes
+    (protobuf encodes a negative int64 in 10) and need not be minimal.
+    """
+    if wire_type == _WIRE_TYPE_VARINT:
+        for end in range(pos, min(len(data), pos + _MAX_PROTOBUF_VARINT_LEN)):
+            if not data[end] & 0x80:
+                return end + 1
+        if len(data) - pos < _MAX_PROTOBUF_VARINT_LEN:
+            raise InvalidHandshakePayloadError(f"handshake payload: field {number} is truncated inside its varint")
+        raise InvalidHandshakePayloadError(
+            f"handshake payload: field {number} has a varint longer than {_MAX_PROTOBUF_VARINT_LEN} bytes"
+        )
+    if wire_type == _WIRE_TYPE_LEN:
+        size, pos = read_uvarint(data, pos)
+    elif wire_type in _FIXED_SIZES:
+        size = _FIXED_SIZES[wire_type]
+    elif wire_type in _GROUP_WIRE_TYPES:
+        raise InvalidHandshakePayloadError(
+            f"handshake payload: field {number} has wire type {wire_type} (a group), which is not supported"
+        )
+    else:
+        raise InvalidHandshakePayloadError(
+            f"handshake payload: field {number} has wire type {wire_type}, which does not exist"
+        )
+    if size > len(data) - pos:
+        raise InvalidHandshakePayloadError(
+            f"handshake payload: field {number} is truncated: {size} bytes declared, {len(data) - pos} present"
+        )
+    return pos + size
 
 
 # -------------------------------------------------------------------------------------------------------- framing

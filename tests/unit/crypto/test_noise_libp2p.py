@@ -89,7 +89,6 @@ KEY_FIELD, SIG_FIELD = _valid_fields()
         (b"", "field 1 \\(identity_key\\) is missing"),
         (KEY_FIELD, "field 2 \\(identity_sig\\) is missing"),
         (SIG_FIELD, "field 1 \\(identity_key\\) is missing"),
-        (KEY_FIELD + SIG_FIELD + _field(3, b"early data"), "field 3 is not allowed"),
         (KEY_FIELD + SIG_FIELD + KEY_FIELD, "field 1 \\(identity_key\\) appears twice"),
         (KEY_FIELD + SIG_FIELD + _field(4, b"") + _field(4, b""), "field 4 \\(extensions\\) appears twice"),
         (bytes([0x08, 0x01]) + SIG_FIELD, "field 1 \\(identity_key\\) must be length-delimited"),
@@ -99,7 +98,23 @@ KEY_FIELD, SIG_FIELD = _valid_fields()
         (_field(1, bytes.fromhex("08011220") + bytes(31)) + SIG_FIELD, "field 1 \\(identity_key\\)"),
         (bytes([0x8A, 0x00]) + KEY_FIELD[1:] + SIG_FIELD, "bad varint"),
         (KEY_FIELD + SIG_FIELD + bytes([0x22]), "bad varint"),
-        (KEY_FIELD + SIG_FIELD + bytes([0x00]), "field 0 is not allowed"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x00]), "field 0 is not a valid field number"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x00, 0x00]), "field 0 is not a valid field number"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x80, 0x80, 0x80, 0x80, 0x10, 0x00]), "field 536870912 is not a valid"),
+        (KEY_FIELD + SIG_FIELD + _field(2, bytes(64)), "field 2 \\(identity_sig\\) appears twice"),
+        (bytes([0x0D]) + bytes(4) + SIG_FIELD, "field 1 \\(identity_key\\) must be length-delimited"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x20, 0x01]), "field 4 \\(extensions\\) must be length-delimited"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x1B]) + bytes(8), "field 3 has wire type 3 \\(a group\\)"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x2C]), "field 5 has wire type 4 \\(a group\\)"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x2E]), "field 5 has wire type 6, which does not exist"),
+        (KEY_FIELD + SIG_FIELD + _field(3, b"early data")[:-1], "field 3 is truncated: 10 bytes declared, 9"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x28, 0x80]), "field 5 is truncated inside its varint"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x28]), "field 5 is truncated inside its varint"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x28]) + b"\xff" * 10 + b"\x01", "field 5 has a varint longer than 10 bytes"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x2A, 0x80]), "bad varint"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x2A, 0x85, 0x00]), "bad varint"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x29]) + bytes(7), "field 5 is truncated: 8 bytes declared, 7"),
+        (KEY_FIELD + SIG_FIELD + bytes([0x2D]) + bytes(3), "field 5 is truncated: 4 bytes declared, 3"),
         (bytes(MAX_HANDSHAKE_PAYLOAD_LEN + 1), "exceeds the 4096-byte limit"),
     ],
 )
@@ -115,6 +130,35 @@ def test_payload_extensions_are_bounded() -> None:
         parse_handshake_payload(KEY_FIELD + SIG_FIELD + extensions)
     ok = bytes([0x22]) + bytes([(big - 1) & 0x7F | 0x80, (big - 1) >> 7]) + bytes(big - 1)
     assert parse_handshake_payload(KEY_FIELD + SIG_FIELD + ok).identity_key == ALICE.public_key
+
+
+def test_payload_unknown_fields_are_skipped() -> None:
+    """Like go-libp2p, unknown fields of any defined wire type are skipped (field 3 included), in any position."""
+    unknown = b"".join(
+        (
+            _field(3, b"early data"),  # libp2p's deprecated `data`
+            bytes([0x28, 0x96, 0x01]),  # field 5, varint 150
+            bytes([0x30]) + b"\xff" * 9 + b"\x01",  # field 6, varint -1 as an int64 (10 bytes)
+            bytes([0x31]) + bytes(range(8)),  # field 6, fixed64
+            bytes([0x3D]) + bytes(4),  # field 7, fixed32
+            bytes([0x42, 0x00]),  # field 8, empty bytes
+            bytes([0x82, 0x01, 0x01, 0xAA]),  # field 16: a two-byte tag
+            _field(5, b"repeated unknown fields are allowed"),
+            bytes([0xFA, 0xFF, 0xFF, 0xFF, 0x0F, 0x01, 0x00]),  # field 536870911, the largest field number
+        )
+    )
+    for data in (KEY_FIELD + SIG_FIELD + unknown, unknown + SIG_FIELD + KEY_FIELD, KEY_FIELD + unknown + SIG_FIELD):
+        parsed = parse_handshake_payload(data)
+        assert parsed.identity_key == ALICE.public_key and parsed.verify(STATIC.public) == ALICE.peer_id
+
+
+def test_payload_unknown_fields_count_towards_the_size_cap() -> None:
+    filler = MAX_HANDSHAKE_PAYLOAD_LEN - len(KEY_FIELD + SIG_FIELD) - 3
+    at_limit = KEY_FIELD + SIG_FIELD + bytes([0x1A, filler & 0x7F | 0x80, filler >> 7]) + bytes(filler)
+    assert len(at_limit) == MAX_HANDSHAKE_PAYLOAD_LEN
+    assert parse_handshake_payload(at_limit).identity_key == ALICE.public_key
+    with pytest.raises(InvalidHandshakePayloadError, match="4097 bytes exceeds the 4096-byte limit"):
+        parse_handshake_payload(at_limit + b"\x00")
 
 
 @settings(max_examples=300, deadline=None)
@@ -360,6 +404,33 @@ def test_mitm_claiming_bobs_static_key_without_its_secret_fails() -> None:
     initiator = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
     with pytest.raises(HandshakeError, match="message 2: the payload failed authentication"):
         _mitm_message2(initiator, bob_payload, attacker)
+
+
+def _alice_message3_payload() -> bytes:
+    """What Mallory learns when Alice dials her: Alice's real payload, signed over Alice's own static key."""
+    alice = NoiseHandshake(ALICE, initiator=True, expected_peer=MALLORY.peer_id)
+    mallory = HandshakeState(initiator=False, protocol_name=PROTOCOL_NAME)
+    mallory.read_message(alice.write_message())
+    alice.read_message(mallory.write_message(encode_handshake_payload(MALLORY, mallory.static_public)))
+    payload = mallory.read_message(alice.write_message())
+    assert alice.is_complete and parse_handshake_payload(payload).peer_id == ALICE.peer_id
+    return payload
+
+
+def test_dialer_replaying_alices_message_3_payload_is_rejected() -> None:
+    """Mallory dials Bob with her own static key and Alice's identity key and signature: Bob must refuse."""
+    alice_payload = _alice_message3_payload()
+    fake_dialer = HandshakeState(initiator=True, protocol_name=PROTOCOL_NAME)
+    responder = NoiseHandshake(BOB, initiator=False)
+    responder.read_message(fake_dialer.write_message(b""))
+    fake_dialer.read_message(responder.write_message())
+    message3 = fake_dialer.write_message(alice_payload)
+    with pytest.raises(InvalidHandshakePayloadError, match=f"identity_sig of {ALICE.peer_id} does not sign"):
+        responder.read_message(message3)
+    assert responder.phase is HandshakePhase.FAILED
+    assert responder.remote_peer is None and not responder.is_complete
+    with pytest.raises(LocalProtocolError, match="not complete"):
+        responder.result()
 
 
 @pytest.mark.parametrize("message_index", [0, 1, 2])

@@ -218,6 +218,45 @@ async def test_active_mitm_substituting_keys_fails(autojump_clock: trio.testing.
     await _assert_closed(bob_end)
 
 
+async def test_dialer_replaying_alices_message_3_payload_is_rejected(autojump_clock: trio.testing.MockClock) -> None:
+    """Alice dials Mallory (as she may); Mallory then dials Bob with Alice's payload and her own static key."""
+    alice_end, mallory_listener = trio.testing.memory_stream_pair()
+    mallory_dialer, bob_end = trio.testing.memory_stream_pair()
+    captured: dict[str, bytes] = {}
+
+    async def mallory_answers_alice() -> None:
+        noise = HandshakeState(initiator=False, protocol_name=PROTOCOL_NAME)
+        decoder = FrameDecoder()
+        noise.read_message(await _read_frame(mallory_listener, decoder))
+        payload = encode_handshake_payload(MALLORY, noise.static_public)
+        await mallory_listener.send_all(encode_frame(noise.write_message(payload)))
+        captured["alice"] = noise.read_message(await _read_frame(mallory_listener, decoder))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mallory_answers_alice)
+        alice_channel = await secure_outbound(alice_end, ALICE, MALLORY.peer_id)
+    assert alice_channel.remote_peer == MALLORY.peer_id
+    assert parse_handshake_payload(captured["alice"]).peer_id == ALICE.peer_id
+
+    async def mallory_dials_bob_as_alice() -> None:
+        noise = HandshakeState(initiator=True, protocol_name=PROTOCOL_NAME)  # a static key of her own
+        decoder = FrameDecoder()
+        await mallory_dialer.send_all(encode_frame(noise.write_message(b"")))
+        noise.read_message(await _read_frame(mallory_dialer, decoder))
+        await mallory_dialer.send_all(encode_frame(noise.write_message(captured["alice"])))
+        assert await mallory_dialer.receive_some() == b"", "Bob must close the connection"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(mallory_dials_bob_as_alice)
+        start = trio.current_time()
+        with pytest.raises(HandshakeError) as info:
+            await secure_inbound(bob_end, BOB)
+        assert trio.current_time() == start, "refused at once, not by the timeout"
+    assert isinstance(info.value, InvalidHandshakePayloadError)
+    assert f"identity_sig of {ALICE.peer_id} does not sign this Noise static key" in str(info.value)
+    await _assert_closed(bob_end)
+
+
 async def test_silent_responder_times_out_and_closes(autojump_clock: trio.testing.MockClock) -> None:
     client_end, server_end = trio.testing.memory_stream_pair()
 
