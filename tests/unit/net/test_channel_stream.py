@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 from hypothesis import given, settings
@@ -217,6 +218,57 @@ async def test_concurrent_senders_and_receivers_are_refused() -> None:
         assert await server.receive_some() == b"one"
     await client.aclose()
     await server.aclose()
+
+
+def _channel_over_lockstep() -> tuple[SecureChannel, trio.abc.Stream, NoiseTransport]:
+    """Alice's channel over a lockstep stream (every send_all blocks until the far end has read all of it).
+
+    Returns (Alice's channel, the raw far end, Bob's transport).
+    """
+    alice = NoiseHandshake(ALICE, initiator=True, expected_peer=BOB.peer_id)
+    bob = NoiseHandshake(BOB, initiator=False)
+    bob.read_message(alice.write_message())
+    alice.read_message(bob.write_message())
+    bob.read_message(alice.write_message())
+    alice_stream, raw = trio.testing.lockstep_stream_pair()
+    return SecureChannel(alice_stream, alice.result(), local_peer=ALICE.peer_id), raw, bob.result().transport
+
+
+async def test_send_cancelled_mid_write_refuses_further_sends(autojump_clock: trio.testing.MockClock) -> None:
+    channel, raw, _ = _channel_over_lockstep()
+    received = bytearray()
+
+    async def read_a_little() -> None:
+        received.extend(await raw.receive_some(1000))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_a_little)
+        with trio.move_on_after(5) as scope:
+            await channel.send_all(b"x" * 100_000)  # the far end reads 1000 bytes, then stops: the write blocks
+    assert scope.cancelled_caught, "the write must have been blocked, then cancelled"
+    assert 0 < len(received) < 100_000, "the write was cut part-way: the peer holds part of a frame"
+    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError, match=r"did not complete.*gap"):
+        await channel.send_all(b"more")
+    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+        await channel.send_all(b"and more")
+
+
+async def test_send_cancelled_before_writing_leaves_the_channel_usable() -> None:
+    channel, raw, bob = _channel_over_lockstep()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await channel.send_all(b"never sent")
+    assert scope.cancelled_caught
+    decoder = FrameDecoder()
+
+    async def read_one_frame() -> None:
+        while (frame := decoder.next_frame()) is None:
+            decoder.feed(await raw.receive_some())
+        assert bob.decrypt(frame) == b"still fine", "nothing was encrypted by the cancelled send (nonce 0 unused)"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_one_frame)
+        await channel.send_all(b"still fine")
 
 
 async def test_send_nonce_exhaustion_closes_the_channel() -> None:
