@@ -17,6 +17,7 @@ Errors are shown as one ``error: ...`` line saying what to do, never a traceback
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import logging
@@ -54,14 +55,17 @@ from p2pmsg.control import (
 )
 from p2pmsg.errors import P2PMsgError
 from p2pmsg.identity import (
+    PASSPHRASE_ENV,
     Identity,
     KeyFileError,
     PassphraseRequiredError,
+    UnencryptedKeyFileError,
     WrongPassphraseError,
     load_identity,
     resolve_passphrase,
     save_identity,
 )
+from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
 
 __all__ = [
     "EXIT_ERROR",
@@ -140,6 +144,12 @@ def human_error(exc: BaseException, *, home: Path) -> CliError | None:
         return CliError(f"wrong passphrase for {home / IDENTITY_FILENAME}")
     if isinstance(exc, PassphraseRequiredError):
         return CliError(f"{exc} (set $P2PMSG_PASSPHRASE or run in a terminal)")
+    if isinstance(exc, UnencryptedKeyFileError):
+        return CliError(
+            f"{home / IDENTITY_FILENAME} is not encrypted, so it is only loaded on request: if you made it with "
+            f"`p2pmsg init --no-passphrase`, start with `p2pmsg --home {quoted} run --no-passphrase`; otherwise "
+            "someone else may have put it there"
+        )
     if isinstance(exc, KeyFileError):
         return CliError(f"{exc}")
     if isinstance(exc, ConfigError):
@@ -313,11 +323,18 @@ def _prompt(text: str) -> str:
     return value
 
 
-def _load_identity(key_path: Path) -> Identity:
+def _load_identity(key_path: Path, *, no_passphrase: bool) -> Identity:
+    """Load the key file: unencrypted only if the user says so (``--no-passphrase`` or an empty
+    ``$P2PMSG_PASSPHRASE``: intent from outside the home, where a planted key file could not supply it); encrypted
+    with the passphrase from the environment or the prompt."""
+    allow_unencrypted = no_passphrase or os.environ.get(PASSPHRASE_ENV) == ""
     try:
-        return load_identity(key_path, None)
+        return load_identity(key_path, None, allow_unencrypted=allow_unencrypted)
     except PassphraseRequiredError:
         return load_identity(key_path, resolve_passphrase(prompt=_prompt))
+
+
+_NO_PASSPHRASE_HELP: Final = 'The key file was made with `init --no-passphrase` (same as P2PMSG_PASSPHRASE="").'
 
 
 @cli.command()
@@ -328,8 +345,9 @@ def _load_identity(key_path: Path) -> Identity:
     show_default=True,
     help="How much the node logs (to stderr).",
 )
+@click.option("--no-passphrase", is_flag=True, help=_NO_PASSPHRASE_HELP)
 @pass_state
-def run(state: State, log_level: str) -> None:
+def run(state: State, log_level: str, no_passphrase: bool) -> None:
     """Run the node in the foreground until Ctrl-C."""
     home = state.home
     key_path = home / IDENTITY_FILENAME
@@ -339,7 +357,7 @@ def run(state: State, log_level: str) -> None:
     # Refuse early, before asking for the passphrase, if a node already runs here (the node checks again).
     if probe_socket(control_socket_path(home)) is SocketState.RUNNING:
         raise NodeAlreadyRunningError(f"another node is already running on {home}; stop it first or use another --home")
-    identity = _load_identity(key_path)
+    identity = _load_identity(key_path, no_passphrase=no_passphrase)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         # Imported here, not at the top: the CLI's other commands do not need the node's code.
@@ -356,6 +374,65 @@ def run(state: State, log_level: str) -> None:
             run_node(home, identity, config)
     except KeyboardInterrupt:
         click.echo("node stopped", err=True)
+
+
+@cli.command("bootstrap")
+@click.option(
+    "--listen",
+    default="/ip4/0.0.0.0/udp/4001",
+    show_default=True,
+    metavar="MULTIADDR",
+    help="UDP address of the DHT.",
+)
+@click.option("--bootstrap", "peers", multiple=True, metavar="MULTIADDR", help="Other nodes to join (repeatable).")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+    help="How much the node logs (to stderr).",
+)
+@pass_state
+def bootstrap_command(state: State, listen: str, peers: tuple[str, ...], log_level: str) -> None:
+    """Run a DHT-only bootstrap node (no chat, no database) until Ctrl-C.
+
+    It prints its full multiaddr (with /p2p/...) for other nodes' --bootstrap.  It uses the home's identity.key
+    (encrypted or not), creating an unencrypted one on first use: a bootstrap node's key only names it in the DHT.
+    Run `p2pmsg init` first to have it encrypted.
+    """
+    home = state.home
+    try:
+        listen_addr = Multiaddr.parse(listen)
+        kind = listen_addr.transport()[0]
+        for peer in peers:
+            Multiaddr.parse(peer).transport()
+    except MultiaddrError as exc:
+        raise CliError(f"not a usable multiaddr: {exc}") from None
+    if kind != "udp" or listen_addr.peer_id is not None:
+        raise CliError(f"--listen {listen}: a bootstrap node listens on UDP, like /ip4/0.0.0.0/udp/4001")
+    key_path = home / IDENTITY_FILENAME
+    if key_path.exists():
+        identity = _load_identity(key_path, no_passphrase=True)  # a clear key is expected here (docstring)
+    else:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        identity = Identity.generate()
+        save_identity(key_path, identity, None, allow_unencrypted=True)
+        click.echo(f"created {key_path} (unencrypted)", err=True)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_bootstrap_node: Any = importlib.import_module("p2pmsg.node").run_bootstrap_node
+    except (ImportError, AttributeError) as exc:
+        raise CliError(f"this installation has no bootstrap node ({exc})") from None
+
+    def ready(addr: object) -> None:
+        click.echo(f"bootstrap node listening on {addr}")
+
+    import trio
+
+    try:
+        trio.run(functools.partial(run_bootstrap_node, identity, listen_addr, bootstrap=list(peers), on_ready=ready))
+    except KeyboardInterrupt:
+        click.echo("bootstrap node stopped", err=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -395,10 +472,16 @@ def contacts() -> None:
 
 @contacts.command("add")
 @click.argument("target")
-@click.argument("name")
+@click.argument("name", required=False)
+@click.option("--name", "name_option", metavar="NAME", help="The contact's name (instead of the NAME argument).")
 @pass_state
-def contacts_add(state: State, target: str, name: str) -> None:
-    """Add a contact from an invite link (or a bare peer id) under NAME."""
+def contacts_add(state: State, target: str, name: str | None, name_option: str | None) -> None:
+    """Add a contact from an invite link (or a bare peer id) under NAME (or --name NAME)."""
+    if name is not None and name_option is not None and name != name_option:
+        raise click.UsageError(f"two different names given: {name!r} and --name {name_option!r}")
+    name = name if name is not None else name_option
+    if not name:
+        raise click.UsageError("give the contact a name: p2pmsg contacts add INVITE NAME")
     result = _record(state.call("contacts.add", target=target, name=name), "contacts.add")
     click.echo(f"added {clean(result.get('name', name))} ({clean(result.get('peer_id', '?'))})")
 

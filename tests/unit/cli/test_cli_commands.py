@@ -236,6 +236,18 @@ async def test_contacts_add_list_rename_remove(home: Path) -> None:
         assert node.blocked == []
 
 
+async def test_contacts_add_name_as_option(home: Path) -> None:
+    async with node_on(home) as node:
+        by_option = await invoke(home, "contacts", "add", CAROL, "--name", "carol")
+        both_same = await invoke(home, "contacts", "add", STRANGER, "dave", "--name", "dave")
+        both_differ = await invoke(home, "contacts", "add", ME, "x", "--name", "y")
+        neither = await invoke(home, "contacts", "add", ME)
+        assert set(node.contacts) == {"bob", "carol", "dave"}
+    assert by_option.exit_code == 0 and both_same.exit_code == 0
+    assert both_differ.exit_code == 2 and "two different names" in both_differ.output
+    assert neither.exit_code == 2 and "give the contact a name" in neither.output
+
+
 async def test_send_from_args_and_stdin(home: Path) -> None:
     async with node_on(home) as node:
         by_args = await invoke(home, "send", "bob", "hello", "there")

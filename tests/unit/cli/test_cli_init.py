@@ -73,7 +73,7 @@ def test_init_refuses_to_overwrite_an_identity(home: Path) -> None:
 def test_init_without_passphrase_and_with_defaults(home: Path) -> None:
     result = run_cli(home, "init", "--no-passphrase")
     assert result.exit_code == 0
-    identity = load_identity(home / IDENTITY_FILENAME, None)
+    identity = load_identity(home / IDENTITY_FILENAME, None, allow_unencrypted=True)
     assert str(identity.peer_id) == peer_id_in(result.output)
     assert load_config(home / CONFIG_FILENAME) == Config()
 
@@ -116,6 +116,22 @@ def test_init_asks_for_the_passphrase_twice(home: Path) -> None:
     assert typed.exit_code == 0, typed.output
     assert "typed secret" not in typed.output  # no echo
     assert str(load_identity(home / IDENTITY_FILENAME, "typed secret").peer_id) == peer_id_in(typed.output)
+
+
+def test_run_loads_an_unencrypted_key_only_on_request(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Identity] = []
+    node = types.ModuleType("p2pmsg.node")
+    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    assert run_cli(home, "init", "--no-passphrase").exit_code == 0
+    refused = run_cli(home, "run")
+    assert refused.exit_code == 1 and "is not encrypted" in refused.output and "run --no-passphrase" in refused.output
+    assert calls == []
+    assert run_cli(home, "run", "--no-passphrase").exit_code == 0
+    assert run_cli(home, "run", passphrase="").exit_code == 0  # an empty $P2PMSG_PASSPHRASE says the same
+    assert len(calls) == 2 and calls[0] == calls[1] == load_identity(
+        home / IDENTITY_FILENAME, None, allow_unencrypted=True
+    )
 
 
 def test_run_with_a_wrong_passphrase(home: Path) -> None:
@@ -173,9 +189,38 @@ def test_run_hands_home_identity_and_config_to_the_node(
     node.run_node = run_node  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
     init = run_cli(home, "init", "--no-passphrase", "--listen", "/ip4/127.0.0.1/tcp/4100")
-    result = run_cli(home, "run")
+    result = run_cli(home, "run", "--no-passphrase")
     assert result.exit_code == 0, result.output
     ((got_home, identity, config),) = calls
     assert got_home == home
     assert str(identity.peer_id) == peer_id_in(init.output)
     assert config == Config(listen=["/ip4/127.0.0.1/tcp/4100"])
+
+
+def test_bootstrap_refuses_a_non_udp_address(home: Path) -> None:
+    result = run_cli(home, "bootstrap", "--listen", "/ip4/127.0.0.1/tcp/4001")
+    assert result.exit_code == 1 and "listens on UDP" in result.output
+    bad_peer = run_cli(home, "bootstrap", "--bootstrap", "/ip4/1.2.3.4")
+    assert bad_peer.exit_code == 1 and "not a usable multiaddr" in bad_peer.output
+    assert not home.exists()
+
+
+def test_bootstrap_creates_then_reuses_its_identity(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    async def run_bootstrap_node(identity: Identity, listen: Any, *, bootstrap: Any, on_ready: Any) -> None:
+        calls.append((identity, str(listen), list(bootstrap)))
+        on_ready(listen.with_peer_id(identity.peer_id))
+
+    node = types.ModuleType("p2pmsg.node")
+    node.run_bootstrap_node = run_bootstrap_node  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    peer = "/ip4/192.0.2.1/udp/4001"
+    first = run_cli(home, "bootstrap", "--listen", "/ip4/127.0.0.1/udp/4999", "--bootstrap", peer)
+    second = run_cli(home, "bootstrap", "--listen", "/ip4/127.0.0.1/udp/4999")
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    (one, listen, peers), (two, _, no_peers) = calls
+    assert one == two == load_identity(home / IDENTITY_FILENAME, None, allow_unencrypted=True)
+    assert (listen, peers, no_peers) == ("/ip4/127.0.0.1/udp/4999", [peer], [])
+    assert f"bootstrap node listening on /ip4/127.0.0.1/udp/4999/p2p/{one.peer_id}" in first.output
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700

@@ -1,0 +1,74 @@
+"""`p2pmsg run` as a real process: the CLI finds it through its control socket, and SIGTERM stops it cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from p2pmsg.cli.main import EXIT_NOT_RUNNING, cli
+from p2pmsg.control import control_socket_path
+
+BIN = Path(sys.executable).parent / "p2pmsg"
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    parent = Path(tempfile.mkdtemp(prefix="p2prun-"))
+    try:
+        yield parent / "h"
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def cli_run(home: Path, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, ["--home", str(home), *args], env={"P2PMSG_PASSPHRASE": None})
+    return result.exit_code, result.output
+
+
+@pytest.mark.skipif(not BIN.exists(), reason=f"{BIN} is not installed (pip install -e .)")
+def test_run_serves_the_cli_and_stops_on_sigterm(home: Path) -> None:
+    assert cli_run(home, "init", "--no-passphrase", "--listen", "/ip4/127.0.0.1/tcp/0")[0] == 0
+    env = {**os.environ, "P2PMSG_HOME": str(home)}
+    env.pop("P2PMSG_PASSPHRASE", None)
+    node = subprocess.Popen(
+        [str(BIN), "run", "--no-passphrase", "--log-level", "warning"], env=env, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 15
+        code, output = cli_run(home, "status", "--json")
+        while code == EXIT_NOT_RUNNING and time.monotonic() < deadline and node.poll() is None:
+            time.sleep(0.1)
+            code, output = cli_run(home, "status", "--json")
+        assert code == 0, output
+        status = json.loads(output)
+        code, output = cli_run(home, "id", "--json")
+        assert code == 0 and json.loads(output)["peer_id"] == status["peer_id"]
+        assert json.loads(output)["invite"].startswith(f"p2pmsg://invite/{status['peer_id']}")
+        # A second node on the same home is refused, and the first one keeps running.
+        second = subprocess.run(
+            [str(BIN), "run", "--no-passphrase"], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert second.returncode == 1 and "another node is already running" in second.stderr
+        assert node.poll() is None
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            _, stderr = node.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.communicate()
+            raise
+    assert node.returncode == 0, stderr.decode(errors="replace")
+    assert not control_socket_path(home).exists()
+    assert cli_run(home, "status")[0] == EXIT_NOT_RUNNING
