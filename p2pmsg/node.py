@@ -38,6 +38,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
+from p2pmsg.chat.errors import ERROR_CODES as CHAT_ERROR_CODES
 from p2pmsg.chat.policy import ChatPolicy
 from p2pmsg.chat.service import ChatConfig, ChatService
 from p2pmsg.control.errors import NodeAlreadyRunningError
@@ -204,7 +205,7 @@ class Node:
         handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = self.chat.control_handlers()
         handlers["id"] = self._id
         handlers["status"] = self._status
-        self.control = ControlServer(control_socket_path(home), handlers, self.events)
+        self.control = ControlServer(control_socket_path(home), handlers, self.events, error_codes=CHAT_ERROR_CODES)
         self.addrs: list[Multiaddr] = []
         self._bootstrap: list[tuple[str, int]] = []
         self._started = time.monotonic()

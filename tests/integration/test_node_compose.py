@@ -160,3 +160,19 @@ async def test_control_socket_is_private(pair: tuple[Node, Node]) -> None:
     alice, _ = pair
     mode = os.stat(alice.home / "control.sock").st_mode & 0o777
     assert mode == 0o600
+
+
+async def test_user_errors_reach_the_client_with_their_codes(pair: tuple[Node, Node]) -> None:
+    from p2pmsg.control.errors import ControlRequestError
+
+    alice, bob = pair
+    with pytest.raises(ControlRequestError) as unknown:
+        await call(alice.home, "send", name="nobody", text="hi")
+    assert unknown.value.code == "unknown_contact"
+    with pytest.raises(ControlRequestError) as invalid:
+        await call(alice.home, "contacts.add", target="p2pmsg://invite/garbage", name="x")
+    assert invalid.value.code == "invalid_invite"
+    await call(alice.home, "contacts.add", target=str(bob.identity.peer_id), name="bob")
+    with pytest.raises(ControlRequestError) as taken:
+        await call(alice.home, "contacts.add", target=str(Identity.generate().peer_id), name="bob")
+    assert taken.value.code == "name_taken"
