@@ -1,10 +1,10 @@
-# The two commands a newcomer needs: `make test` and (once it exists) `make demo`.
+# The two commands a newcomer needs: `make demo` and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint unit venv bench clean
+.PHONY: test lint unit venv bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test: lint
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
 
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_handshake.py
