@@ -276,8 +276,12 @@ class EnvelopeSealer:
         must never be reused with the same pair of keys).  Raises :class:`LocalProtocolError` (for example
         :class:`~p2pmsg.wire.codec.CodecEncodeError` for a text over :data:`MAX_TEXT_BYTES`).
         """
-        mid = self._random(MESSAGE_ID_SIZE) if message_id is None else bytes(message_id)
-        box_nonce = self._random(NONCE_SIZE) if nonce is None else bytes(nonce)
+        if message_id is None and nonce is None:  # one call to the system's RNG for both
+            fresh = self._random(MESSAGE_ID_SIZE + NONCE_SIZE)
+            mid, box_nonce = fresh[:MESSAGE_ID_SIZE], fresh[MESSAGE_ID_SIZE:]
+        else:
+            mid = self._random(MESSAGE_ID_SIZE) if message_id is None else bytes(message_id)
+            box_nonce = self._random(NONCE_SIZE) if nonce is None else bytes(nonce)
         if len(box_nonce) != NONCE_SIZE:
             raise LocalProtocolError(f"nonce must be {NONCE_SIZE} bytes, got {len(box_nonce)}")
         inner = MESSAGE_SCHEMA.encode({"v": ENVELOPE_VERSION, "id": mid, "ts": ts, "kind": "text", "text": text})

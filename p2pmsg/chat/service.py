@@ -102,6 +102,8 @@ log = logging.getLogger("p2pmsg.chat")
 
 _RECEIVE_CHUNK: Final = 65536
 _HINTS_PREFIX: Final = "chat.hints."
+_CONTACT_CACHE_SIZE: Final = 1024
+_PEER_CACHE_SIZE: Final = 4096
 _MAX_HINTS: Final = 16
 
 
@@ -282,6 +284,10 @@ class ChatService:
         self._nursery: trio.Nursery | None = None
         self._dropped: collections.Counter[str] = collections.Counter()
         self._started_at = self._now()
+        self._contacts_by_name: dict[str, Contact] = {}
+        self._peer_texts: dict[PeerId, str] = {}
+        self._peer_ids: dict[bytes, PeerId] = {}
+        self._contact_generation = 0
 
     # ------------------------------------------------------------------------------------------------- lifecycle
 
@@ -302,6 +308,24 @@ class ChatService:
         finally:
             self._nursery = None
 
+    def _text(self, peer: PeerId) -> str:
+        """``str(peer)`` (base58btc), cached: encoding costs ~25 us and events need it for every message."""
+        text = self._peer_texts.get(peer)
+        if text is None:
+            if len(self._peer_texts) >= _PEER_CACHE_SIZE:
+                self._peer_texts.clear()
+            text = self._peer_texts[peer] = peer.to_base58()
+        return text
+
+    def _peer_of(self, raw: bytes) -> PeerId:
+        """``PeerId.from_bytes(raw)`` for a peer id this node stored itself, cached."""
+        peer = self._peer_ids.get(raw)
+        if peer is None:
+            if len(self._peer_ids) >= _PEER_CACHE_SIZE:
+                self._peer_ids.clear()
+            peer = self._peer_ids[raw] = PeerId.from_bytes(raw)
+        return peer
+
     def _poke(self) -> None:
         self._wake.set()
 
@@ -316,6 +340,9 @@ class ChatService:
             self._events(event.name, **event.fields())
         except P2PMsgError as exc:
             self._drop("chat_event_unpublishable", f"{event.name} event: {exc}")
+        except Exception:  # a broken sink must not cost the session that produced the event
+            self._dropped["chat_event_unpublishable"] += 1
+            log.exception("chat: the event sink failed on a %s event", event.name)
 
     # ------------------------------------------------------------------------------------------------- outbox
 
@@ -594,7 +621,7 @@ class ChatService:
             if dialed:
                 self._dialing.discard(peer)
             self._publish(
-                ev.PeerUpEvent(peer_id=str(peer), contact=session.contact_name, direction=direction, addr=addr)
+                ev.PeerUpEvent(peer_id=self._text(peer), contact=session.contact_name, direction=direction, addr=addr)
             )
             log.info("chat: session with %s open (%s %s)", peer, direction, addr or "?")
             with session.scope:
@@ -629,7 +656,7 @@ class ChatService:
             reason = session.close_reason or "closed"
             log.info("chat: session with %s closed: %s", peer, reason)
             if self._best_session(peer) is None:
-                self._publish(ev.PeerDownEvent(peer_id=str(peer), contact=session.contact_name, reason=reason))
+                self._publish(ev.PeerDownEvent(peer_id=self._text(peer), contact=session.contact_name, reason=reason))
                 # What was written but not acknowledged, and what is due, waits for the backoff: a peer that closes
                 # every session at once (it blocked us, it is overloaded) is not hammered with redials.
                 with contextlib.suppress(store_errors.StoreClosedError):
@@ -683,7 +710,7 @@ class ChatService:
                 self._inflight.difference_update(ids)
                 if marked == len(ids):  # otherwise some receipts overtook the mark: their "delivered" says enough
                     for mid in ids:
-                        self._publish(ev.ReceiptEvent(id=mid.hex(), peer_id=str(session.peer), status="sent"))
+                        self._publish(ev.ReceiptEvent(id=mid.hex(), peer_id=self._text(session.peer), status="sent"))
 
     async def _reader(self, session: _Session) -> str:
         await self._write(session, session.conn.send_hello())
@@ -741,15 +768,15 @@ class ChatService:
             message = result.message
             if result.disposition is Disposition.REQUEST:
                 self._publish(
-                    ev.RequestEvent(id=message.id.hex(), peer_id=str(peer), text=message.text, ts=result.sent_at)
+                    ev.RequestEvent(id=message.id.hex(), peer_id=self._text(peer), text=message.text, ts=result.sent_at)
                 )
             else:
                 self._publish(
                     ev.MessageEvent(
                         id=message.id.hex(),
-                        peer_id=str(peer),
+                        peer_id=self._text(peer),
                         contact=incoming.contact_name,
-                        sender=str(peer),
+                        sender=self._text(peer),
                         text=message.text,
                         ts=result.sent_at,
                         direction="in",
@@ -819,7 +846,7 @@ class ChatService:
         for mid in ids:
             session.written.pop(mid, None)
         for mid in delivered:
-            self._publish(ev.ReceiptEvent(id=mid.hex(), peer_id=str(session.peer), status="delivered"))
+            self._publish(ev.ReceiptEvent(id=mid.hex(), peer_id=self._text(session.peer), status="delivered"))
 
     def _close_sessions(self, peer: PeerId) -> None:
         for session in self._sessions.get(peer, []):
@@ -828,13 +855,23 @@ class ChatService:
 
     # ------------------------------------------------------------------------------------------------- contacts
 
-    async def _contact_by_name(self, name: str) -> Contact:
+    def _contacts_changed(self) -> None:
+        """Forget the cached name lookups (called around every change of the contacts table)."""
+        self._contact_generation += 1
+        self._contacts_by_name.clear()
+
+    async def _contact_by_name(self, name: str, *, cached: bool = False) -> Contact:
+        if cached and (hit := self._contacts_by_name.get(name)) is not None:
+            return hit
+        generation = self._contact_generation
         try:
             contact = await self._db.read(lambda c: repo.find_contact(c, name))
         except store_errors.StoreArgumentError as exc:
             raise UnknownContactError(f"no contact named {name!r} ({exc.reason})") from None
         if contact is None:
             raise UnknownContactError(f"no contact named {name!r}")
+        if generation == self._contact_generation and len(self._contacts_by_name) < _CONTACT_CACHE_SIZE:
+            self._contacts_by_name[name] = contact
         return contact
 
     async def _peer_by_name_or_id(self, text: str) -> tuple[bytes, Contact | None]:
@@ -873,8 +910,11 @@ class ChatService:
                 repo.set_setting(conn, _HINTS_PREFIX + raw.hex(), hints, now=now)
             return contact
 
-        with _user_errors():
-            contact = await self._db.write(txn)
+        try:
+            with _user_errors():
+                contact = await self._db.write(txn)
+        finally:
+            self._contacts_changed()
         await self._expedite(peer)
         return {"peer_id": str(peer), "name": contact.name}
 
@@ -890,14 +930,20 @@ class ChatService:
         """Rename a contact."""
         contact = await self._contact_by_name(name)
         now = self._now()
-        with _user_errors():
-            await self._db.write(lambda c: repo.rename_contact(c, contact.peer_id, new_name, now=now))
+        try:
+            with _user_errors():
+                await self._db.write(lambda c: repo.rename_contact(c, contact.peer_id, new_name, now=now))
+        finally:
+            self._contacts_changed()
         return {}
 
     async def remove_contact(self, name: str) -> dict[str, Any]:
         """Forget a contact (its history stays; queued messages to it stay queued)."""
         contact = await self._contact_by_name(name)
-        await self._db.write(lambda c: repo.remove_contact(c, contact.peer_id))
+        try:
+            await self._db.write(lambda c: repo.remove_contact(c, contact.peer_id))
+        finally:
+            self._contacts_changed()
         return {}
 
     async def block(self, name_or_peer: str) -> dict[str, Any]:
@@ -906,7 +952,10 @@ class ChatService:
         if raw == self._own:
             raise BadRequestError("you cannot block yourself")
         now = self._now()
-        await self._db.write(lambda c: repo.block_peer(c, raw, now=now))
+        try:
+            await self._db.write(lambda c: repo.block_peer(c, raw, now=now))
+        finally:
+            self._contacts_changed()
         self._close_sessions(PeerId.from_bytes(raw))
         return {}
 
@@ -916,7 +965,10 @@ class ChatService:
         if contact is None or contact.state is not ContactState.BLOCKED:
             raise UnknownContactError(f"{name_or_peer!r} is not blocked")
         now = self._now()
-        await self._db.write(lambda c: repo.unblock_peer(c, raw, now=now))
+        try:
+            await self._db.write(lambda c: repo.unblock_peer(c, raw, now=now))
+        finally:
+            self._contacts_changed()
         await self._expedite(PeerId.from_bytes(raw))
         return {}
 
@@ -924,7 +976,7 @@ class ChatService:
 
     async def send(self, name: str, text: str) -> dict[str, Any]:
         """Queue ``text`` to contact ``name``; returns ``{id, status: "queued"}`` once it is durably stored."""
-        contact = await self._contact_by_name(name)
+        contact = await self._contact_by_name(name, cached=True)
         if contact.state is ContactState.BLOCKED:
             raise BadRequestError(f"{name!r} is blocked; unblock it to send")
         if not isinstance(text, str) or not text:
@@ -935,7 +987,7 @@ class ChatService:
             raise BadRequestError("text: not valid UTF-8") from None
         if size > MAX_TEXT_BYTES:
             raise BadRequestError(f"text: {size} bytes of UTF-8, the limit is {MAX_TEXT_BYTES}")
-        peer = PeerId.from_bytes(contact.peer_id)
+        peer = self._peer_of(contact.peer_id)
         now = self._now()
         sealed = self._sealer.seal(peer, text, ts=now)
         stored = await self._db.write(
@@ -958,9 +1010,9 @@ class ChatService:
         self._publish(
             ev.MessageEvent(
                 id=sealed.id_hex,
-                peer_id=str(peer),
+                peer_id=self._text(peer),
                 contact=contact.name,
-                sender=str(self.identity.peer_id),
+                sender=self._text(self.identity.peer_id),
                 text=text,
                 ts=now,
                 direction="out",
@@ -1023,8 +1075,11 @@ class ChatService:
         """Accept a stranger's request: it becomes contact ``name`` and its messages move to the inbox."""
         peer = self._parse_peer(peer_id)
         now = self._now()
-        with _user_errors():
-            await self._db.write(lambda c: repo.accept_request(c, peer.to_bytes(), name=name, now=now))
+        try:
+            with _user_errors():
+                await self._db.write(lambda c: repo.accept_request(c, peer.to_bytes(), name=name, now=now))
+        finally:
+            self._contacts_changed()
         return {}
 
     async def block_request(self, peer_id: str) -> dict[str, Any]:
@@ -1033,7 +1088,10 @@ class ChatService:
         if peer == self.identity.peer_id:
             raise BadRequestError("you cannot block yourself")
         now = self._now()
-        await self._db.write(lambda c: repo.reject_request(c, peer.to_bytes(), block=True, now=now))
+        try:
+            await self._db.write(lambda c: repo.reject_request(c, peer.to_bytes(), block=True, now=now))
+        finally:
+            self._contacts_changed()
         self._close_sessions(peer)
         return {}
 

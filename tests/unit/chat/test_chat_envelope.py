@@ -66,7 +66,7 @@ def test_box_is_a_standard_crypto_box() -> None:
     """An independent opener (PyNaCl's Box with the converted keys) reads the inner message."""
     random = _counter_random()
     sealed = EnvelopeSealer(ALICE, random=random).seal(BOB.peer_id, "kat", ts=5)  # type: ignore[arg-type]
-    assert sealed.id == bytes([0]) * 16 and sealed.nonce == bytes([1]) * 24
+    assert sealed.id == bytes(16) and sealed.nonce == bytes(24)  # one 40-byte draw: id, then nonce
     box = nacl.public.Box(BOB.x25519_private_key, nacl.public.PublicKey(ALICE.x25519_public_key))
     inner = msgpack.unpackb(box.decrypt(sealed.box, sealed.nonce), raw=False)
     assert inner == {"v": 1, "id": bytes(16), "ts": 5, "kind": "text", "text": "kat"}
