@@ -367,14 +367,19 @@ async def test_user_errors(tmp_path: Path) -> None:
         with pytest.raises(BadRequestError):
             await alice.chat.send("bob", "x" * 70_000)
         assert (await alice.chat.add_contact(str(BOB.peer_id), "bob"))["name"] == "bob"  # idempotent
+        await alice.chat.send("bob", "queued under the old name")  # the name lookup is cached from here on
         await alice.chat.rename_contact("bob", "robert")
         with pytest.raises(UnknownContactError):
             await alice.chat.history("bob")
+        with pytest.raises(UnknownContactError):
+            await alice.chat.send("bob", "the cache forgot the old name")
+        await alice.chat.send("robert", "under the new name")
         await alice.chat.block("robert")
         with pytest.raises(BadRequestError):
             await alice.chat.send("robert", "blocked")
         exported = await alice.chat.export("robert")
-        assert exported["contact"]["state"] == "blocked" and exported["messages"] == []
+        assert exported["contact"]["state"] == "blocked"
+        assert [m["text"] for m in exported["messages"]] == ["queued under the old name", "under the new name"]
         handlers = alice.chat.control_handlers()
         assert await handlers["contacts.list"]({}) == await alice.chat.list_contacts()
 
