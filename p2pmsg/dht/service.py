@@ -2,13 +2,20 @@
 
 Theory of operation
 -------------------
-:class:`DhtNode` owns one UDP socket and one :class:`~p2pmsg.dht.core.engine.DhtEngine`, and runs two tasks in
-the nursery of :meth:`DhtNode.run`: a *receiver* feeding every datagram to the engine, and a *timer* that sleeps
-until the engine's next deadline (or until woken because a new request went out) and calls ``tick``.  After every
-engine call the node *flushes*: it sends the datagrams the engine queued and hands completion events to the tasks
-awaiting them.  The engine is only touched from trio tasks of one thread and never across an ``await``, so no lock
-is needed.  All the protocol decisions -- validation, limits, anti-amplification, identity checks -- live in the
-engine; this module only moves bytes and wakes tasks.
+:class:`DhtNode` owns one UDP socket and one :class:`~p2pmsg.dht.core.engine.DhtEngine`, and runs three tasks in
+the nursery of :meth:`DhtNode.run`: a *receiver* feeding every datagram to the engine, a *timer* that sleeps
+until the engine's next deadline (or until woken because a new request went out) and calls ``tick`` -- which also
+drops stored values as they expire -- and a *refresher* that, whenever a bucket has seen no lookup for
+``DhtConfig.refresh_interval`` seconds (default one hour), looks up a random id in it, one bucket at a time.
+
+After every engine call the node *flushes*: it sends the datagrams the engine queued and hands completion events to
+the tasks awaiting them.  The engine is only touched from trio tasks of one thread and never across an ``await``, so
+no lock is needed.  All the protocol decisions -- validation, limits, anti-amplification, identity checks -- live in
+the engine; this module only moves bytes and wakes tasks.
+
+What this node never does is re-publish the values it holds: only an owner republishes its record
+(:meth:`DhtNode.publish_peer_record`, called by the node at half the record's lifetime and when its addresses
+change), so a record whose owner is gone expires everywhere at the expiry its owner signed.
 
 The public operations are coroutines that start an engine operation, register a waiter for its id and wait for the
 matching event; if the caller is cancelled, the operation is cancelled in the engine too.  Bounded by construction:
@@ -52,6 +59,9 @@ log = logging.getLogger(__name__)
 _RECV_SIZE = 65535
 #: Default lifetime of a published peer record.
 DEFAULT_RECORD_TTL = 3600.0
+#: Bucket refresh: at most this many refresh lookups per pass, and at least this many seconds between passes.
+_MAX_REFRESH_LOOKUPS = 160
+_MIN_REFRESH_GAP = 1.0
 
 
 @dataclasses.dataclass(slots=True)
@@ -98,6 +108,7 @@ class DhtNode:
         self._wake = trio.Event()
         self._record_seq = 0
         self.send_errors = 0
+        self.refresh_lookups = 0
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
@@ -121,7 +132,12 @@ class DhtNode:
     @property
     def stats(self) -> dict[str, int]:
         """Counters (datagrams, drops by reason, stores, verifications...), for ``p2pmsg status``."""
-        return {**self.engine.stats, "send_errors": self.send_errors, "pending": self.engine.pending_requests}
+        return {
+            **self.engine.stats,
+            "send_errors": self.send_errors,
+            "pending": self.engine.pending_requests,
+            "refresh_lookups": self.refresh_lookups,
+        }
 
     async def run(self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind the socket and serve until cancelled; ``task_status.started`` gets the bound address."""
@@ -136,6 +152,7 @@ class DhtNode:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._receiver, sock)
                     nursery.start_soon(self._timer)
+                    nursery.start_soon(self._refresher)
                     task_status.started(self._address)
             finally:
                 self._sock = None
@@ -156,12 +173,28 @@ class DhtNode:
 
     async def _timer(self) -> None:
         while True:
-            deadline = self.engine.next_deadline()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
+            deadlines = [t for t in (self.engine.next_deadline(), self.engine.next_expiry()) if t is not None]
+            with trio.move_on_at(min(deadlines, default=math.inf)):
                 await self._wake.wait()
             self._wake = trio.Event()
             self.engine.tick(trio.current_time())
             await self._flush(wake=False)
+
+    async def _refresher(self) -> None:
+        """Look up a random id in every bucket that no lookup went through for ``refresh_interval`` seconds."""
+        interval = self.engine.config.refresh_interval
+        last_pass = -math.inf
+        while True:
+            due = max(self.engine.next_refresh_at(interval), last_pass + min(_MIN_REFRESH_GAP, interval))
+            await trio.sleep_until(due)
+            last_pass = trio.current_time()
+            for target in self.engine.refresh_targets(last_pass, interval)[:_MAX_REFRESH_LOOKUPS]:
+                try:
+                    await self.find_node(target)
+                    self.refresh_lookups += 1
+                except DhtUsageError as exc:  # too many lookups right now: mark the bucket done, retry next round
+                    log.debug("bucket refresh lookup skipped: %s", exc)
+                    self.engine.table.touch(target, trio.current_time())
 
     async def _flush(self, *, wake: bool = True) -> None:
         """Send what the engine queued and deliver its events; ``wake`` the timer to re-read the next deadline."""
@@ -229,6 +262,16 @@ class DhtNode:
         await self._wait([self.engine.ping(a, now) for a in targets])
         await self.find_node(self.node_id)
         return len(self.engine.table)
+
+    async def lookup(
+        self, key: bytes, *, mode: ValueMode | None = None, use_local: bool = True, count: int | None = None
+    ) -> LookupDone:
+        """Run one lookup of the 20-byte ``key`` and return its full outcome (closest responders, value or verified
+        record, queries sent, hops): a node lookup of the ``count`` (default k) closest when ``mode`` is ``None``,
+        else a value lookup (``use_local=False`` skips this node's own store, e.g. to measure the network)."""
+        if mode is None:
+            return await self._lookup(lambda now: self.engine.lookup_nodes(key, now, count=count))
+        return await self._lookup(lambda now: self.engine.lookup_value(key, now, mode=mode, use_local=use_local))
 
     async def find_node(self, target: bytes) -> list[Contact]:
         """The k closest nodes to ``target`` that answered, closest first."""

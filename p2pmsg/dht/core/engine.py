@@ -42,6 +42,19 @@ they count: a ``find_value`` answer holding a value that is not a plain value (a
 for signed lookups, not a verified record for the key, counts as a failed query and the lookup goes on.  A plain
 lookup stops at the first valid value; a signed lookup runs to its end and returns the highest valid ``seq``.
 
+**Lifecycle.**  Stored values expire on their own: the driver also calls :meth:`~DhtEngine.tick` at
+:meth:`~DhtEngine.next_expiry`, which drops them, with no traffic needed.  A holder never extends a value's lifetime: a
+signed record's expiry is the owner's, inside its signature, and storing the same plain value again keeps its first
+expiry; this node never re-publishes what it holds (only an owner republishes its record: unlike the stock
+package, whose every holder re-stores every value hourly and so keeps it alive forever).  What a holder does do is
+*hand off*: when a contact enters the routing table -- which needs a round trip from its address -- and this node
+is the closest it knows to the key of a signed record it holds while the newcomer is among the ``k`` closest, it
+STOREs the record, byte for byte, to the newcomer (at most ``handoff_max_records`` per newcomer, and
+``handoff_rate`` per second in all), so a record stays on the nodes its readers ask after closer nodes join, until
+the owner's next republish.  Plain values are never handed off (a copy would start a fresh lifetime at the newcomer).
+Bucket refresh is the driver's: it looks up :meth:`~DhtEngine.refresh_targets` when
+:meth:`~DhtEngine.next_refresh_at` comes.
+
 **Time.**  ``now`` is monotonic seconds from the driver; record expiry uses ``wall_clock()`` (Unix seconds).
 """
 
@@ -100,7 +113,7 @@ from p2pmsg.dht.core.records import (
     verify_record_value,
 )
 from p2pmsg.dht.core.routing import ContactAdded, PingNeeded, RoutingEvent, RoutingTable
-from p2pmsg.dht.core.storage import RecordStore, StorageLimits
+from p2pmsg.dht.core.storage import RecordStore, StorageLimits, ValueKind
 from p2pmsg.errors import RemoteProtocolError
 from p2pmsg.identity import Identity, PeerId
 
@@ -140,10 +153,21 @@ class DhtConfig:
     max_peers_tracked: int = 8192
     #: Whether to mark message ids and speak the p2pmsg extension RPCs at all.
     extensions: bool = True
+    #: A bucket no lookup went through for this long is refreshed with a lookup of a random id in it.
+    refresh_interval: float = 3600.0
+    #: Whether to hand signed records off to closer newcomers (module docstring), and its bounds.
+    handoff: bool = True
+    handoff_max_records: int = 8
+    handoff_rate: float = 20.0
+    handoff_burst: float = 100.0
 
     def __post_init__(self) -> None:
         if self.k < 1 or self.alpha < 1:
             raise DhtUsageError("DhtConfig.k and alpha must be positive")
+        if not self.refresh_interval > 0:
+            raise DhtUsageError("DhtConfig.refresh_interval must be positive")
+        if self.handoff_max_records < 0 or self.handoff_rate <= 0 or self.handoff_burst < 1:
+            raise DhtUsageError("DhtConfig handoff bounds: max_records >= 0, rate > 0, burst >= 1")
         if not 0 < self.stall_timeout <= self.rpc_timeout:
             raise DhtUsageError("DhtConfig needs 0 < stall_timeout <= rpc_timeout")
 
@@ -199,6 +223,7 @@ class _Purpose(enum.Enum):
     VERIFY = "verify"  # proving a requester's address and id
     BUCKET = "bucket"  # the routing table asked whether its oldest contact lives
     AUTH = "auth"  # p2pmsg_auth challenge
+    HANDOFF = "handoff"  # a signed record handed to a closer newcomer
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -222,6 +247,7 @@ class _LookupOp:
     found: bool = False
     record: VerifiedRecord | None = None
     rejected: int = 0
+    hops: int | None = None
 
 
 class DhtEngine:
@@ -252,6 +278,7 @@ class DhtEngine:
         )
         self._ip_limiter: RateLimiter[str] = RateLimiter(rate=cfg.request_rate_per_ip, burst=cfg.request_burst_per_ip)
         self._store_limiter: RateLimiter[str] = RateLimiter(rate=cfg.store_rate_per_ip, burst=cfg.store_burst_per_ip)
+        self._handoff_limiter: RateLimiter[None] = RateLimiter(rate=cfg.handoff_rate, burst=cfg.handoff_burst)
         self._pending: dict[bytes, _Call] = {}
         self._timers: list[tuple[float, int, bytes]] = []
         self._timer_seq = 0
@@ -283,6 +310,10 @@ class DhtEngine:
                 "peers_verified",
                 "auth_failed",
                 "pending_full",
+                "records_expired",
+                "handoffs_sent",
+                "handoffs_stored",
+                "handoffs_skipped",
             ),
             0,
         )
@@ -315,8 +346,15 @@ class DhtEngine:
                 times.append(deadline)
         return min(times) if times else None
 
+    def next_expiry(self) -> float | None:
+        """When a stored value next expires (:meth:`tick` then drops it; lookups never return it anyway).  Kept apart
+        from :meth:`next_deadline`, which is ``None`` when no request or lookup is running."""
+        return self.storage.next_expiry()
+
     def tick(self, now: float) -> None:
-        """Let time pass: fail overdue requests, let slow lookup queries stall, move lookups on."""
+        """Let time pass: fail overdue requests, let slow lookup queries stall, move lookups on, drop expired
+        values."""
+        self.stats["records_expired"] += self.storage.purge(now)
         while self._timers and self._timers[0][0] <= now:
             _, _, msg_id = heapq.heappop(self._timers)
             call = self._pending.get(msg_id)
@@ -374,14 +412,16 @@ class DhtEngine:
     def lookup_nodes(self, target: bytes, now: float, *, count: int | None = None) -> int:
         """Start a node lookup for ``target``; a :class:`LookupDone` with the ``count`` (default k) closest
         responders follows."""
-        return self._start_lookup(target, None, now, count)
+        return self._start_lookup(target, None, now, count, use_local=False)
 
-    def lookup_value(self, key: bytes, now: float, *, mode: ValueMode = ValueMode.PLAIN) -> int:
-        """Start a value lookup for ``key`` (the local store is consulted first); a :class:`LookupDone` follows.
+    def lookup_value(self, key: bytes, now: float, *, mode: ValueMode = ValueMode.PLAIN, use_local: bool = True) -> int:
+        """Start a value lookup for ``key``; a :class:`LookupDone` follows.
 
+        The local store is consulted first unless ``use_local`` is false (benchmarks measure network lookups).
         A signed lookup runs over the ``2k`` closest nodes, where :meth:`signed_record_targets` puts records.
         """
-        return self._start_lookup(key, mode, now, 2 * self.config.k if mode is ValueMode.SIGNED else None)
+        count = 2 * self.config.k if mode is ValueMode.SIGNED else None
+        return self._start_lookup(key, mode, now, count, use_local=use_local)
 
     def cancel(self, op: int) -> None:
         """Forget a running lookup (its late answers still feed the routing table)."""
@@ -417,13 +457,20 @@ class DhtEngine:
         peer = self._peers.get(node_id)
         return AuthState.UNKNOWN if peer is None else peer.auth
 
-    def refresh_targets(self, now: float, max_age: float = 3600.0) -> list[bytes]:
-        """A random id inside each bucket untouched for ``max_age`` seconds (look them up to refresh the table)."""
+    def refresh_targets(self, now: float, max_age: float | None = None) -> list[bytes]:
+        """A random id inside each bucket untouched for ``max_age`` (default ``refresh_interval``) seconds; looking
+        them up refreshes the table."""
+        max_age = self.config.refresh_interval if max_age is None else max_age
         targets = []
         for low, high in self.table.stale_buckets(now, max_age):
             offset = int.from_bytes(self._random(NODE_ID_SIZE), "big") % (high - low)
             targets.append((low + offset).to_bytes(NODE_ID_SIZE, "big"))
         return targets
+
+    def next_refresh_at(self, max_age: float | None = None) -> float:
+        """When the least recently touched bucket becomes due for a refresh (see :meth:`refresh_targets`)."""
+        max_age = self.config.refresh_interval if max_age is None else max_age
+        return min(b.last_touched for b in self.table.buckets()) + max_age
 
     @property
     def pending_requests(self) -> int:
@@ -557,6 +604,36 @@ class DhtEngine:
                     self.table.ping_result(event.contact.node_id, alive=True, now=now)
             elif isinstance(event, ContactAdded):
                 self._maybe_auth(event.contact, now)
+                self._handoff(event.contact, now)
+
+    def _handoff(self, newcomer: Contact, now: float) -> None:
+        """STORE to ``newcomer`` (just added to the table, so its address made a round trip) the signed records for
+        whose key this node is the closest it knows and ``newcomer`` among the k closest (module docstring)."""
+        cfg = self.config
+        if not cfg.handoff or cfg.handoff_max_records == 0 or not self.guard.is_proven(newcomer.address, now):
+            return
+        signed = [v for v in self.storage.items(now) if v.kind is ValueKind.SIGNED]
+        if not signed:
+            return
+        own = int.from_bytes(self.node_id, "big")
+        new = int.from_bytes(newcomer.node_id, "big")
+        others = [int.from_bytes(c.node_id, "big") for c in self.table.contacts() if c.node_id != newcomer.node_id]
+        sent = 0
+        for stored in signed:
+            key = int.from_bytes(stored.key, "big")
+            ours = own ^ key
+            if any(other ^ key < ours for other in others):
+                continue  # another contact is closer to the key: leave the hand-off to it
+            theirs = new ^ key
+            if sum(1 for other in others if other ^ key < theirs) >= cfg.k:
+                continue  # the newcomer is not among the k closest we know
+            if sent >= cfg.handoff_max_records or not self._handoff_limiter.allow(None, now):
+                self.stats["handoffs_skipped"] += 1
+                continue
+            request = StoreRequest(node_id=self.node_id, key=stored.key, value=stored.value)
+            if self._send_request(newcomer.address, request, _Purpose.HANDOFF, now, contact=newcomer) is not None:
+                self.stats["handoffs_sent"] += 1
+                sent += 1
 
     def _verify_requester(self, claimed: bytes | None, address: Address, now: float) -> bool:
         """Make sure a ping proving ``address`` is out (charged to its credit); whether one is."""
@@ -731,6 +808,9 @@ class DhtEngine:
             self._observe(call.contact, now)
         elif purpose is _Purpose.AUTH:
             self._auth_answered(call, body, now)
+        elif purpose is _Purpose.HANDOFF:
+            if parse_store_response(body):
+                self.stats["handoffs_stored"] += 1
         elif purpose is _Purpose.LOOKUP:
             self._lookup_answered(call, body, now)
 
@@ -749,6 +829,10 @@ class DhtEngine:
         elif purpose is _Purpose.STORE:
             assert call.op is not None and call.contact is not None
             self._events.append(StoreDone(op=call.op, contact=call.contact, stored=False))
+            if timed_out:
+                self._routing_events(self.table.failed(call.contact.node_id, now), now)
+        elif purpose is _Purpose.HANDOFF:
+            assert call.contact is not None
             if timed_out:
                 self._routing_events(self.table.failed(call.contact.node_id, now), now)
         elif purpose is _Purpose.AUTH:
@@ -774,7 +858,9 @@ class DhtEngine:
         if not isinstance(key, bytes) or len(key) != NODE_ID_SIZE:
             raise DhtUsageError(f"DHT keys are {NODE_ID_SIZE} bytes")
 
-    def _start_lookup(self, target: bytes, mode: ValueMode | None, now: float, count: int | None) -> int:
+    def _start_lookup(
+        self, target: bytes, mode: ValueMode | None, now: float, count: int | None, *, use_local: bool
+    ) -> int:
         self._check_key(target)
         if len(self._lookups) >= self.config.max_lookups:
             raise DhtUsageError(f"too many concurrent lookups (limit {self.config.max_lookups})")
@@ -791,10 +877,10 @@ class DhtEngine:
             mode=mode,
         )
         self.table.touch(target, now)
-        if mode is not None:
+        if mode is not None and use_local:
             stored = self.storage.get(target, now)
-            if stored is not None:
-                self._consider_value(op, stored.value, now, local=True)
+            if stored is not None and self._consider_value(op, stored.value, now, local=True):
+                op.hops = 0
         self._lookups[op.op] = op
         if op.lookup.finished:
             self._complete(op)
@@ -846,6 +932,8 @@ class DhtEngine:
             answer = parse_find_value_response(body)
             if isinstance(answer, FoundValue):
                 if self._consider_value(op, answer.value, now):
+                    if op.hops is None:
+                        op.hops = op.lookup.hop_of(contact.node_id)
                     op.lookup.on_response(contact.node_id, (), now)
                 else:
                     op.lookup.on_failure(contact.node_id, now)
@@ -888,5 +976,6 @@ class DhtEngine:
                 record=op.record,
                 rejected_values=op.rejected,
                 queries=lookup.queries_sent,
+                hops=lookup.depth() if op.hops is None else op.hops,
             )
         )

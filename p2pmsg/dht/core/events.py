@@ -36,7 +36,10 @@ class LookupDone:
     ``closest`` holds the k closest nodes that answered (closest first) and ``responders`` every node that answered.
     For a plain value lookup ``value`` is the first valid plain value found (``None`` if none); for a signed lookup
     ``record`` is the verified record with the highest ``seq`` (``None`` if none).  ``rejected_values`` counts values
-    that were found but failed validation (planted garbage, forged or expired records).
+    that were found but failed validation (planted garbage, forged or expired records).  ``queries`` counts the
+    requests the lookup sent and ``hops`` the sequential round trips it needed: the hop
+    (:meth:`~p2pmsg.dht.core.lookup.Lookup.hop_of`) of the first node whose value was accepted (0 when the local
+    store had it), or else the largest hop among the ``closest`` (:meth:`~p2pmsg.dht.core.lookup.Lookup.depth`).
     """
 
     op: int
@@ -48,6 +51,7 @@ class LookupDone:
     record: VerifiedRecord | None = None
     rejected_values: int = 0
     queries: int = 0
+    hops: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

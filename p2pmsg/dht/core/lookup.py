@@ -20,6 +20,9 @@ The rules, applied after every input:
   name it again (the ``kademlia`` package's crawler forgets a failed node but remembers it as contacted, so a dead
   node named again by another answer ends up in its result; it also waits for a whole round of alpha answers, so
   one dead peer stalls it for the full timeout).  The driver may also :meth:`~Lookup.finish` early.
+* **Hops.**  Every candidate remembers its *hop*: 1 for a seed from the routing table, ``n + 1`` for a contact first
+  named by the answer of a hop-``n`` candidate.  The hop of the node that held a value, or the largest hop among the
+  ``k`` closest responders (:meth:`Lookup.depth`), is the number of sequential round trips the lookup needed.
 * **Bounds.**  At most ``max_candidates`` candidates are kept (the farthest ``NEW`` ones are dropped first), one per
   node id and one per address (many ids pointing at one address would turn the lookup into a reflector), and at most
   ``max_queries`` queries are sent in total.
@@ -68,11 +71,12 @@ _QUERY_TRANSITIONS: Final[dict[QueryState, frozenset[QueryState]]] = {
 
 
 class _Candidate:
-    __slots__ = ("contact", "distance", "stall_at", "state")
+    __slots__ = ("contact", "distance", "hop", "stall_at", "state")
 
-    def __init__(self, contact: Contact, dist: int) -> None:
+    def __init__(self, contact: Contact, dist: int, hop: int) -> None:
         self.contact = contact
         self.distance = dist
+        self.hop = hop
         self.state = QueryState.NEW
         self.stall_at = 0.0
 
@@ -116,8 +120,9 @@ class Lookup:
 
     # -- inputs ----------------------------------------------------------------------------------------------------
 
-    def add_candidates(self, contacts: Iterable[Contact]) -> int:
-        """Learn contacts (seeds from the routing table, or an answer's contacts); returns how many were new."""
+    def add_candidates(self, contacts: Iterable[Contact], *, hop: int = 1) -> int:
+        """Learn contacts (seeds from the routing table at ``hop`` 1, or an answer's contacts); returns how many
+        were new."""
         added = 0
         for contact in contacts:
             if contact.node_id in self._by_id or contact.node_id in self._excluded:
@@ -125,7 +130,7 @@ class Lookup:
             if contact.address in self._addresses:
                 continue
             dist = int.from_bytes(contact.node_id, "big") ^ self._target_int
-            self._by_id[contact.node_id] = _Candidate(contact, dist)
+            self._by_id[contact.node_id] = _Candidate(contact, dist, hop)
             self._addresses.add(contact.address)
             bisect.insort(self._order, (dist, contact.node_id))
             added += 1
@@ -164,7 +169,7 @@ class Lookup:
             return
         cand.move(QueryState.RESPONDED)
         if self.state is LookupState.RUNNING:
-            self.add_candidates(contacts)
+            self.add_candidates(contacts, hop=cand.hop + 1)
         self._check_done()
 
     def on_failure(self, node_id: bytes, now: float) -> None:
@@ -203,6 +208,20 @@ class Lookup:
         """The query state of a candidate, or ``None`` if it is not one."""
         cand = self._by_id.get(node_id)
         return None if cand is None else cand.state
+
+    def hop_of(self, node_id: bytes) -> int:
+        """How many referrals led to a candidate: 1 for a seed, ``n + 1`` for a contact first named by the answer
+        of a hop-``n`` candidate (0 if it is not a candidate)."""
+        cand = self._by_id.get(node_id)
+        return 0 if cand is None else cand.hop
+
+    def depth(self) -> int:
+        """The largest hop among the ``k`` closest responders (0 if none answered): the number of sequential
+        round trips the lookup needed to reach its result."""
+        depth = 0
+        for contact in self.closest_responders():
+            depth = max(depth, self._by_id[contact.node_id].hop)
+        return depth
 
     def outstanding(self) -> list[Contact]:
         """Candidates asked and not yet resolved (``IN_FLIGHT`` or ``STALLED``)."""

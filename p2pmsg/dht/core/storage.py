@@ -5,9 +5,11 @@ Theory of operation
 The store maps a 20-byte key to one value of one of two kinds:
 
 * ``PLAIN`` -- what a stock ``kademlia`` node ``set``s: an int, float, bool, str or bytes, last writer wins,
-  kept for ``plain_ttl`` seconds;
+  kept for ``plain_ttl`` seconds from its arrival.  Storing the same value again does not extend that (stock
+  holders re-store every value they hold every hour, which would otherwise keep it alive forever);
 * ``SIGNED`` -- a signed record (:mod:`p2pmsg.dht.core.records`) already verified by the caller.  The highest
-  ``seq`` wins; the same ``seq`` is accepted again only with identical bytes (a refresh).  A signed record replaces a
+  ``seq`` wins; the same ``seq`` is accepted again only with identical bytes (a refresh, which changes nothing: the
+  expiry is the owner's, inside the signature, so only the owner can extend it).  A signed record replaces a
   plain value under its key, and a plain value can never replace (or be stored beside) a signed record: once a key
   is known to belong to a signed namespace, unsigned STOREs to it are refused.
 
@@ -121,12 +123,18 @@ class RecordStore:
     # -- updates ---------------------------------------------------------------------------------------------------
 
     def put_plain(self, key: bytes, value: object, *, source: str, now: float) -> StoredValue:
-        """Store a plain value; raises :class:`StoreRefusedError` with the reason if it is refused."""
+        """Store a plain value; raises :class:`StoreRefusedError` with the reason if it is refused.
+
+        Storing the value already held under ``key`` again (same type, equal value) changes nothing: it keeps its
+        first arrival time and expiry, so holders re-storing it can never keep it alive forever.
+        """
         if not is_plain_value(value):
             raise StoreRefusedError(f"plain value must be int, float, bool, str or bytes, got {type(value).__name__}")
         existing = self.get(key, now)
         if existing is not None and existing.kind is ValueKind.SIGNED:
             raise StoreRefusedError("key holds a signed record: an unsigned value cannot replace it")
+        if existing is not None and type(existing.value) is type(value) and existing.value == value:
+            return existing  # the same value again (a holder republishing it): its lifetime is NOT extended
         size = value_size(key, value)
         if size - len(key) > self.limits.max_plain_value_size:
             raise StoreRefusedError(
@@ -184,6 +192,10 @@ class RecordStore:
         """Forget ``key`` (no error if absent)."""
         if key in self._values:
             self._remove(key)
+
+    def next_expiry(self) -> float | None:
+        """When :meth:`purge` next has something to do (a value may have been replaced meanwhile: then nothing)."""
+        return self._expiry[0][0] if self._expiry else None
 
     def purge(self, now: float) -> int:
         """Drop every expired value; returns how many were dropped."""
