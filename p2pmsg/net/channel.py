@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import struct
-from types import TracebackType
 from typing import Final
 
 import trio
@@ -46,6 +45,7 @@ from p2pmsg.crypto.libp2p_noise import (
 from p2pmsg.crypto.noise import MAX_PLAINTEXT_LEN, NoiseRemoteError, NonceExhaustedError
 from p2pmsg.errors import RemoteProtocolError
 from p2pmsg.identity import Identity, PeerId
+from p2pmsg.net.conflict import ConflictGuard
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
@@ -71,26 +71,6 @@ _HEADER: Final = struct.Struct(">H")
 
 class ChannelError(RemoteProtocolError):
     """The secure channel received something it cannot accept and has been closed."""
-
-
-class _ConflictGuard:
-    """Raise ``trio.BusyResourceError`` when two tasks use the same direction at once."""
-
-    __slots__ = ("_held", "_message")
-
-    def __init__(self, message: str) -> None:
-        self._message = message
-        self._held = False
-
-    def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(self._message)
-        self._held = True
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._held = False
 
 
 class SecureChannel(trio.abc.Stream):
@@ -120,8 +100,8 @@ class SecureChannel(trio.abc.Stream):
         self._closed = False
         self._close_reason = "the channel was closed"
         self._send_broken: str | None = None
-        self._send_guard = _ConflictGuard("another task is already sending on this secure channel")
-        self._receive_guard = _ConflictGuard("another task is already receiving on this secure channel")
+        self._send_guard = ConflictGuard("another task is already sending on this secure channel")
+        self._receive_guard = ConflictGuard("another task is already receiving on this secure channel")
 
     def __repr__(self) -> str:
         return f"SecureChannel(remote_peer={self.remote_peer}, closed={self._closed})"

@@ -34,13 +34,13 @@ import functools
 import logging
 import operator
 from collections.abc import Callable
-from types import TracebackType
 from typing import Final, cast
 
 import trio
 import trio_websocket
 
 from p2pmsg.errors import RemoteProtocolError
+from p2pmsg.net.conflict import ConflictGuard
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
@@ -73,26 +73,6 @@ _UNSUPPORTED_DATA: Final = 1003
 
 class WebSocketUpgradeError(RemoteProtocolError):
     """The HTTP upgrade to WebSocket failed (rejected, wrong path, garbage, or the peer hung up)."""
-
-
-class _Conflict:
-    """Raise :class:`trio.BusyResourceError` when two tasks use the same half of a stream at once."""
-
-    __slots__ = ("_held", "_message")
-
-    def __init__(self, message: str) -> None:
-        self._held = False
-        self._message = message
-
-    def __enter__(self) -> None:
-        if self._held:
-            raise trio.BusyResourceError(self._message)
-        self._held = True
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._held = False
 
 
 class _WatchedStream(trio.abc.Stream):
@@ -168,8 +148,8 @@ class WebSocketStream(trio.abc.Stream):
         self._reader_exited = False
         self._receive_scope: trio.CancelScope | None = None
         self._send_scope: trio.CancelScope | None = None
-        self._receive_conflict = _Conflict("another task is already receiving on this WebSocket stream")
-        self._send_conflict = _Conflict("another task is already sending on this WebSocket stream")
+        self._receive_conflict = ConflictGuard("another task is already receiving on this WebSocket stream")
+        self._send_conflict = ConflictGuard("another task is already sending on this WebSocket stream")
 
     @property
     def connection(self) -> trio_websocket.WebSocketConnection:
