@@ -150,6 +150,10 @@ class ChatConfig:
     send_timeout: float = 30.0
     """A session whose ``send_all`` takes longer than this is closed (its messages stay queued)."""
     max_sessions: int = 256
+    max_stranger_sessions: int = 64
+    """Sessions with peers that are not contacts, so strangers can never crowd contacts out."""
+    stranger_idle_timeout: float = 120.0
+    """A stranger's session that sends nothing for this long is closed."""
     max_sessions_per_peer: int = 4
     batch_size: int = 256
     """Envelopes per ``send_all``."""
@@ -161,11 +165,19 @@ class ChatConfig:
     max_poll: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("dial_timeout", "resolve_timeout", "send_timeout", "min_poll", "max_poll"):
+        positive = ("dial_timeout", "resolve_timeout", "send_timeout", "min_poll", "max_poll", "stranger_idle_timeout")
+        for name in positive:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise LocalProtocolError(f"ChatConfig.{name} must be a positive number, got {value}")
-        for name in ("resend_after_ms", "max_sessions", "max_sessions_per_peer", "batch_size", "due_batch"):
+        for name in (
+            "resend_after_ms",
+            "max_sessions",
+            "max_stranger_sessions",
+            "max_sessions_per_peer",
+            "batch_size",
+            "due_batch",
+        ):
             if getattr(self, name) < 1:
                 raise LocalProtocolError(f"ChatConfig.{name} must be at least 1")
         if self.due_batch > MAX_QUERY_LIMIT:
@@ -215,6 +227,12 @@ class _Session:
     closed: bool = False
     close_reason: str | None = None
     contact_name: str | None = None
+    relation: Relation = Relation.STRANGER
+    expedited: bool = False
+    """The peer's outbox entries were made due after this session registered."""
+    in_order: bool = False
+    """An outbox round after that found nothing left for the peer: new messages may bypass the outbox worker
+    without overtaking older ones."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -364,18 +382,25 @@ class ChatService:
     async def _outbox_round(self) -> float:
         """Hand every due entry to a session or a dial; return how long to wait before the next round."""
         cfg = self.config
+        settling = [s for v in self._sessions.values() for s in v if s.expedited and not s.in_order]
         now = self._now()
         entries = await self._db.read(functools.partial(repo.due, now=now, limit=cfg.due_batch))
-        busy = len(entries) >= cfg.due_batch
+        truncated = busy = len(entries) >= cfg.due_batch
         by_peer: dict[bytes, list[OutboxEntry]] = {}
         for entry in entries:
             if entry.message_id in self._inflight:
                 busy = True
                 continue
             by_peer.setdefault(entry.recipient, []).append(entry)
+        left_over: set[bytes] = set()
         for raw_peer, items in by_peer.items():
             if not await self._dispatch(raw_peer, sorted(items, key=lambda e: e.seq)):
                 busy = True
+                left_over.add(raw_peer)
+        if not truncated:
+            for session in settling:
+                if not session.closed and session.peer.to_bytes() not in left_over:
+                    session.in_order = True
         if busy:
             timeout = cfg.min_poll
         else:
@@ -603,6 +628,11 @@ class ChatService:
             if total >= self.config.max_sessions:
                 self._drop("chat_session_limit", f"{total} sessions already open", peer)
                 return
+            if relation is Relation.STRANGER:
+                strangers = sum(1 for v in self._sessions.values() for s in v if s.relation is Relation.STRANGER)
+                if strangers >= self.config.max_stranger_sessions:
+                    self._drop("chat_stranger_session_limit", f"{strangers} stranger sessions already open", peer)
+                    return
             session = _Session(
                 peer=peer,
                 channel=channel,
@@ -610,6 +640,7 @@ class ChatService:
                 addr=addr,
                 since=self._now(),
                 contact_name=contact.name if contact is not None else None,
+                relation=relation,
             )
             sessions = self._sessions.setdefault(peer, [])
             sessions.append(session)
@@ -714,9 +745,18 @@ class ChatService:
 
     async def _reader(self, session: _Session) -> str:
         await self._write(session, session.conn.send_hello())
-        await self._expedite(session.peer)
+        now = self._now()
+        raw = session.peer.to_bytes()
+        await self._db.write(lambda c: repo.expedite(c, raw, now=now))
+        session.expedited = True
+        self._poke()
         while True:
-            data = await session.channel.receive_some(_RECEIVE_CHUNK)
+            idle = self.config.stranger_idle_timeout if session.relation is Relation.STRANGER else math.inf
+            data = None
+            with trio.move_on_after(idle):
+                data = await session.channel.receive_some(_RECEIVE_CHUNK)
+            if data is None:
+                return f"a stranger's session idle for {idle:g} s"
             envelopes: list[SealedEnvelope] = []
             acks: list[bytes] = []
             closed = False
@@ -855,6 +895,12 @@ class ChatService:
 
     # ------------------------------------------------------------------------------------------------- contacts
 
+    def _now_a_contact(self, peer: PeerId, name: str | None) -> None:
+        """Open sessions with ``peer`` are with a contact from now on (no stranger limits)."""
+        for session in self._sessions.get(peer, []):
+            session.relation = Relation.CONTACT
+            session.contact_name = name
+
     def _contacts_changed(self) -> None:
         """Forget the cached name lookups (called around every change of the contacts table)."""
         self._contact_generation += 1
@@ -915,6 +961,7 @@ class ChatService:
                 contact = await self._db.write(txn)
         finally:
             self._contacts_changed()
+        self._now_a_contact(peer, contact.name)
         await self._expedite(peer)
         return {"peer_id": str(peer), "name": contact.name}
 
@@ -1003,7 +1050,7 @@ class ChatService:
             )
         )
         session = self._best_session(peer)
-        if session is not None and len(session.pending) < self.config.max_session_queue:
+        if session is not None and session.in_order and len(session.pending) < self.config.max_session_queue:
             self._hand_over(session, sealed.id, sealed.raw)  # the fast path: no outbox round needed
         else:
             self._poke()
@@ -1077,9 +1124,10 @@ class ChatService:
         now = self._now()
         try:
             with _user_errors():
-                await self._db.write(lambda c: repo.accept_request(c, peer.to_bytes(), name=name, now=now))
+                contact = await self._db.write(lambda c: repo.accept_request(c, peer.to_bytes(), name=name, now=now))
         finally:
             self._contacts_changed()
+        self._now_a_contact(peer, contact.name)
         return {}
 
     async def block_request(self, peer_id: str) -> dict[str, Any]:

@@ -174,7 +174,7 @@ async def test_offline_peer_gets_everything_once_in_order(tmp_path: Path) -> Non
             assert [m["id"] for m in history] == ids
             assert [m["text"] for m in history] == [f"message {i}" for i in range(20)]
             await eventually(lambda: _all_delivered(alice, "bob", 20), "every receipt at alice")
-            assert len(bob.seen("message")) == 20
+            assert [m["id"] for m in bob.seen("message")] == ids  # arrival order, not only the history's order
             assert (await alice.chat.status())["outbox_depth"] == 0
 
 
@@ -439,3 +439,45 @@ async def test_a_session_without_receipts_is_replaced(tmp_path: Path) -> None:
             assert down["reason"] == "no receipt within 0.2 s"
             assert await statuses(alice, "bob") == ["sent"]
         nursery.cancel_scope.cancel()
+
+
+async def test_strangers_cannot_crowd_out_contacts(tmp_path: Path) -> None:
+    guarded = dataclasses.replace(FAST, max_stranger_sessions=1, stranger_idle_timeout=0.5)
+    dave = Identity.from_seed(bytes([0xD1]) * 32)
+    async with (
+        running_node(tmp_path / "bob", BOB, config=guarded) as bob,
+        running_node(tmp_path / "alice", ALICE) as alice,
+        trio.open_nursery() as nursery,
+    ):
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        await alice.chat.add_contact(bob.invite, "bob")
+        carol = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        await eventually(lambda: bob.chat.connections == 1, "carol's session")
+        intruder = await dial(dave, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        with trio.fail_after(5):
+            assert await intruder.receive_some() == b""  # closed at once: the one stranger slot is taken
+        assert bob.chat.dropped.get("chat_stranger_session_limit") == 1
+        sent = await alice.chat.send("bob", "contacts always get in")
+        await eventually(lambda: _has_receipt(alice, sent["id"], "delivered"), "alice's message")
+        # Carol never says anything: her session is closed when it has been idle too long.
+        with trio.fail_after(5):
+            while await carol.receive_some():
+                pass
+        await eventually(
+            lambda: any(d["reason"].startswith("a stranger's session idle") for d in bob.seen("peer_down")),
+            "the idle stranger's session closed",
+        )
+        await carol.aclose()
+        await intruder.aclose()
+
+
+async def test_a_burst_arrives_in_send_order(tmp_path: Path) -> None:
+    """Messages sent while the session is still being set up are not overtaken by later ones."""
+    async with running_node(tmp_path / "alice", ALICE) as alice, running_node(tmp_path / "bob", BOB) as bob:
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        ids = []
+        for i in range(150):  # each send yields to the dial, the session set-up and the outbox rounds
+            ids.append((await alice.chat.send("bob", f"burst {i}"))["id"])
+        await eventually(lambda: len(bob.seen("message")) == 150, "the whole burst")
+        assert [m["id"] for m in bob.seen("message")] == ids
