@@ -11,7 +11,8 @@ session or starts one dial.  A session writes envelopes in batches (one ``send_a
 and removes them from the outbox.  A failed dial reschedules the recipient's due entries with exponential backoff
 and jitter (``repo.reschedule``, capped).  When a session with a peer opens (either direction), or its peer record
 changes, all of that peer's entries are made due at once (``repo.expedite``) and the worker is woken: the backlog is
-flushed in send order.  Delivery is at-least-once on the wire and exactly once in the store.
+flushed in send order.  Once a round has handed a session's whole backlog over, new messages to that peer go straight
+to the session (no worker round, no overtaking).  Delivery is at-least-once on the wire and exactly once in the store.
 
 **Reaching a peer.**  Addresses come from the peer's signed record cached in the store (verified again on every
 use), the address hints of the invite it was added with, and the DHT (:class:`PeerResolver`), asked when nothing
