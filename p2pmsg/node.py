@@ -24,6 +24,7 @@ Pi whose only job is to let others join.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import ipaddress
@@ -61,6 +62,20 @@ ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
 """Seconds between saves of the DHT routing table (it is also saved at shutdown)."""
 REPUBLISH_CHECK_INTERVAL: Final = 30.0
 """Seconds between checks of whether our advertised addresses changed."""
+DHT_DROP_COUNTERS: Final = (
+    "malformed",
+    "unknown_rpc",
+    "rate_limited",
+    "amplification_dropped",
+    "stores_refused",
+    "values_rejected",
+    "auth_failed",
+    "pending_full",
+    "unexpected_response",
+)
+"""DHT counters of input that was dropped or refused; ``status`` reports them as ``dht_<name>``."""
+LISTENER_DROP_COUNTERS: Final = ("handshake_timeouts", "handshake_failures", "rejected_overload")
+"""Listener counters of dropped connections; ``status`` reports them as ``net_<name>``."""
 
 
 class NodeConfig(Protocol):
@@ -223,18 +238,12 @@ class Node:
 
     async def _status(self, params: dict[str, Any]) -> dict[str, Any]:
         chat = await self.chat.status()
-        dropped = dict(chat.pop("dropped", {}))
-        for reason, count in self.events.dropped.items():
-            dropped[reason] = dropped.get(reason, 0) + count
+        dropped: collections.Counter[str] = collections.Counter(chat.pop("dropped", {}))
+        dropped.update(self.control.dropped)
         dht_stats = self.dht.stats
-        for name, value in dht_stats.items():
-            if name.startswith("dropped_") and value:
-                dropped[f"dht_{name.removeprefix('dropped_')}"] = value
+        dropped.update({f"dht_{name}": dht_stats.get(name, 0) for name in DHT_DROP_COUNTERS})
         listener = self.listener.stats
-        for name in ("handshake_timeouts", "handshake_failures", "rejected_overload"):
-            value = getattr(listener, name)
-            if value:
-                dropped[f"net_{name}"] = value
+        dropped.update({f"net_{name}": getattr(listener, name) for name in LISTENER_DROP_COUNTERS})
         return {
             "peer_id": str(self.identity.peer_id),
             "uptime_s": int(time.monotonic() - self._started),
@@ -244,7 +253,7 @@ class Node:
             **chat,
             "listener": listener.as_dict(),
             "dht": dht_stats,
-            "dropped": dropped,
+            "dropped": {reason: count for reason, count in sorted(dropped.items()) if count},
         }
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
