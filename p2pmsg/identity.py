@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import getpass
 import hmac
 import logging
@@ -313,6 +314,13 @@ def _parse_multihash(data: bytes) -> bytes:
     return data
 
 
+@functools.lru_cache(maxsize=4096)
+def _peer_id_text(multihash: bytes) -> str:
+    """base58btc of a peer ID, cached: the big-integer conversion costs ~25 µs and hot paths (envelopes, logs,
+    control API results) render the same few peers over and over."""
+    return base58btc_encode(multihash)
+
+
 @dataclasses.dataclass(frozen=True, slots=True, order=True, repr=False)
 class PeerId:
     """A libp2p peer ID of an Ed25519 key: the identity multihash ``00 24 08 01 12 20 || pk``.
@@ -383,7 +391,7 @@ class PeerId:
 
     def to_base58(self) -> str:
         """The base58btc text form (``12D3KooW...``), also given by ``str()``."""
-        return base58btc_encode(self._multihash)
+        return _peer_id_text(self._multihash)
 
     def to_cid(self) -> str:
         """The CIDv1 text form: multibase ``b`` + base32(``01 72`` || multihash) (``bafz...``)."""
