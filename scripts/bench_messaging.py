@@ -1,0 +1,1222 @@
+#!/usr/bin/env python3
+"""Benchmark: chat messaging between two real nodes (two processes, loopback, SQLite in temporary homes).
+
+Usage: ``python scripts/bench_messaging.py [--json] [--n N] [--repeat R] [--idle M] [--load-seconds S]
+[--breakdown | --profile DIR]``  (the homes go to ``$TMPDIR``, default ``/tmp``)
+
+Both nodes are :func:`p2pmsg.node.run_node` with a real database in a temporary home.  This process runs the
+*sender* node and drives it in-process through :meth:`ChatService.send` (the coroutine behind the control API's
+``send`` method, without the Unix-socket round trip, so no third process competes for the CPUs); the *receiver*
+node is this script re-run as a child process.  Each node has the other as a contact (the hot path: no message
+requests).  Every message carries 1024 bytes of text.
+
+A message counts when the sender's node publishes its ``receipt`` event with status ``delivered``: the receiver
+opened the envelope, committed it to its database (``synchronous=FULL``), acknowledged it, and the sender committed
+the status ``delivered``.  Every latency below ends at that event (never at "stored at the receiver").
+
+* ``msgs_per_s``: N messages queued by ``--concurrency`` tasks calling ``send`` as fast as it returns (each call
+  returns once its message is durably queued); wall time from the first call until the last ``delivered`` receipt.
+  The median of R runs (``msgs_per_s_runs``).  ``sender_cpu_us`` / ``receiver_cpu_us``: CPU time of each node
+  process (all threads, from ``/proc``) per message in those runs, split into the trio thread (``*_main_*``), the
+  SQLite writer thread (``*_writer_*``) and the rest; ``cpu_bound_msgs_per_s`` = 10^6 / the larger of the two:
+  what the pair reaches when each node has a core to itself (independent of the machine's load).
+* ``latency_ms_p50`` / ``_p99``: M messages one at a time on an idle pair: ``send`` called -> ``delivered``
+  receipt at the sender.  ``send_ms_p50``: the part until ``send`` returned (durably queued).
+* ``latency_ms_p99_loaded``: probe messages, one every ``--probe-interval`` ms, while a saturating load runs for S
+  seconds: ``--concurrency`` tasks keep ``--window`` messages undelivered at all times.  A probe queues behind at
+  most that window (the session is FIFO), so this is about "window / throughput" plus every stall.
+* ``control_send_ms_p50``, ``control_latency_ms_p50`` / ``_p99``: M/3 more idle messages sent through the
+  control API (``ControlClient.call("send")`` from a worker thread, as ``p2pmsg send`` would from its process): the
+  call's round trip, and the time to the ``delivered`` receipt.
+* ``sqlite_commit_ms_p50`` / ``_p99``: one 1 KiB insert committed in a bare WAL database with ``synchronous=FULL``
+  in the same directory: the disk's floor for every durable step (a message needs three in a row).
+* ``rss_mb_idle``: resident memory (``VmRSS``) of the receiver node process one second after it started.
+* ``ceiling_msgs_per_s``: a bare pipe between this process and a child: each message a 4-byte length + nacl
+  SecretBox (random nonce) of msgpack ``{"id": 16 bytes, "body": 1 KiB}``, written in batches of 256 per
+  ``send_all`` (``ceiling_unbatched_msgs_per_s``: one ``send_all`` per message); the child decrypts and unpacks
+  each.  No database, no receipts: what two Python processes can move at all.  Run alternately with the node runs.
+
+``--breakdown`` runs one bulk transfer, then times each piece of the hot path alone with the product's own code
+(sealing, framing, events, the store's group commit on a real file, the trio <-> writer-thread hand-off) and
+compares the sum with the CPU per thread measured in the bulk run.  ``--profile DIR`` runs one bulk transfer with
+cProfile in both node processes (trio thread and SQLite writer thread separately), writes
+``DIR/{sender,receiver}-{main,writer}.prof`` and prints the top functions.
+
+Prints one JSON object with ``--json``; otherwise a table with the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import functools
+import json
+import os
+import platform
+import pstats
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nacl.secret
+import trio
+
+from p2pmsg.cli.config import Config
+from p2pmsg.identity import Identity
+from p2pmsg.node import Node, run_node
+
+SENDER = Identity.from_seed(bytes([0x5E]) * 32)
+RECEIVER = Identity.from_seed(bytes([0x4E]) * 32)
+TEXT_SIZE = 1024
+LISTEN = ["/ip4/127.0.0.1/tcp/0"]
+PIPE_KEY = bytes(range(32))
+PIPE_BATCH = 256
+_LEN = struct.Struct(">I")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+Row = tuple[str, str, float]
+BULK_TIMEOUT = 180.0
+"""Seconds a bulk run may take before the benchmark gives up (a stalled pipeline, not a slow one)."""
+
+TARGETS = {
+    "msgs_per_s": ">= 20,000 msg/s",
+    "ceiling_msgs_per_s": "(ceiling)",
+    "ceiling_fraction": ">= 40 %",
+    "latency_ms_p50": "<= 2 ms",
+    "latency_ms_p99": "",
+    "latency_ms_p99_loaded": "",
+    "sqlite_commit_ms_p50": "(floor)",
+    "rss_mb_idle": "<= 60 MB",
+}
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def text_of(index: int) -> str:
+    """1024 bytes of ASCII text, distinct per message."""
+    head = f"bench message {index:>10} "
+    return head + "x" * (TEXT_SIZE - len(head))
+
+
+# ------------------------------------------------------------------------------------------------ /proc readings
+
+
+def _stat_cpu(path: str) -> float:
+    """utime + stime in seconds from a /proc .../stat file."""
+    with open(path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def sys_cpu(pid: int) -> float:
+    """System (kernel) CPU seconds of process ``pid``, all threads."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[12]) / CLK_TCK
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of every thread of ``pid``, by thread id."""
+    out: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            out[int(tid)] = _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
+    return out
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise SystemExit(f"no VmRSS for process {pid}")
+
+
+def writer_thread_id() -> int | None:
+    for thread in threading.enumerate():
+        if thread.name.startswith("p2pmsg-store-writer"):
+            return thread.native_id
+    return None
+
+
+def split_cpu(before: dict[int, float], after: dict[int, float], main: int, writer: int | None) -> dict[str, float]:
+    """CPU seconds between two readings: trio (main) thread, SQLite writer thread, all other threads."""
+    delta = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    main_s = delta.pop(main, 0.0)
+    writer_s = delta.pop(writer, 0.0) if writer is not None else 0.0
+    return {"main": main_s, "writer": writer_s, "other": sum(delta.values())}
+
+
+# ------------------------------------------------------------------------------------------------ profiling
+
+
+class ThreadProfiles:
+    """cProfile of the trio thread and of the SQLite writer thread (cProfile only sees the thread that enables it)."""
+
+    def __init__(self, directory: Path, role: str) -> None:
+        self.directory = directory
+        self.role = role
+        self.main = cProfile.Profile()
+        self.writer: cProfile.Profile | None = None
+        self.armed = False
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        """Hook the writer thread: it enables its own profiler when armed, checked at each of its requests."""
+        from p2pmsg.store import db as store_db
+
+        profiles = self
+        original = store_db._Writer._run_batch
+
+        def run_batch(writer: Any, batch: Any) -> Any:
+            if profiles.armed and profiles.writer is None:
+                with profiles._lock:
+                    profiles.writer = cProfile.Profile()
+                    profiles.writer.enable()
+            elif not profiles.armed and profiles.writer is not None:
+                with profiles._lock:
+                    profiles.writer.disable()
+                    profiles.writer.dump_stats(profiles.directory / f"{profiles.role}-writer.prof")
+                    profiles.writer = None
+            return original(writer, batch)
+
+        store_db._Writer._run_batch = run_batch  # type: ignore[method-assign, assignment]
+
+    def start(self) -> None:
+        self.armed = True
+        self.main.enable()
+
+    def stop(self) -> None:
+        self.main.disable()
+        self.armed = False
+        self.main.dump_stats(self.directory / f"{self.role}-main.prof")
+
+
+# ------------------------------------------------------------------------------------------------ receiver child
+
+
+class StoredStamps:
+    """Tees the receiver node's event sink: when each incoming ``message`` event (published after the commit) came."""
+
+    def __init__(self, inner: Callable[..., None] | None) -> None:
+        self.inner = inner
+        self.stamps: dict[str, float] | None = None
+
+    def __call__(self, event: str, /, **fields: Any) -> None:
+        if self.stamps is not None and event == "message" and fields.get("direction") == "in":
+            self.stamps[fields["id"]] = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+        if self.inner is not None:
+            self.inner(event, **fields)
+
+
+async def run_receiver(home: Path, contact: str, profile_dir: str | None) -> None:
+    """Child process: a node that has the sender as a contact; commands on stdin, one JSON answer per line."""
+    profiles = ThreadProfiles(Path(profile_dir), "receiver") if profile_dir else None
+    if profiles is not None:
+        profiles.install()
+    config = Config(listen=LISTEN, bootstrap=[], accept_from="contacts")
+    async with trio.open_nursery() as nursery:
+        node: Node = await nursery.start(functools.partial(run_node, home, RECEIVER, config))
+        await node.chat.add_contact(contact, "sender")
+        stored = StoredStamps(node.chat._events)
+        node.chat._events = stored
+        answer = {"invite": node.chat.invite(node.addrs), "pid": os.getpid(), "writer_tid": writer_thread_id()}
+        print(json.dumps(answer), flush=True)
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        buffer = b""
+        while True:
+            data = await stdin.receive_some()
+            if not data:
+                break
+            buffer += data
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                command = line.decode().strip()
+                if command == "stats":
+                    stats = node.db.stats
+                    reply: dict[str, Any] = {
+                        "transactions": stats.transactions,
+                        "writes": stats.writes,
+                        "largest_batch": stats.largest_batch,
+                        "rss_mb": rss_mb(os.getpid()),
+                    }
+                elif command == "stamps-on":
+                    stored.stamps = {}
+                    reply = {}
+                elif command == "stamps-off":
+                    reply = {"stamps": stored.stamps}
+                    stored.stamps = None
+                elif command == "profile-start" and profiles is not None:
+                    profiles.start()
+                    reply = {}
+                elif command == "profile-stop" and profiles is not None:
+                    profiles.stop()
+                    await node.db.write(lambda conn: None)  # the writer thread dumps its profile at its next request
+                    reply = {}
+                else:
+                    reply = {"error": f"unknown command {command!r}"}
+                print(json.dumps(reply), flush=True)
+        nursery.cancel_scope.cancel()
+
+
+class Receiver:
+    """The receiver node process, seen from the benchmark."""
+
+    def __init__(self, profile_dir: str | None = None) -> None:
+        self.home = tempfile.TemporaryDirectory(prefix="p2pmsg-bench-recv-")
+        command = [sys.executable, os.path.abspath(__file__), "--role", "receiver", "--home", self.home.name]
+        command += ["--contact", str(SENDER.peer_id)]
+        if profile_dir:
+            command += ["--profile", profile_dir]
+        self.started = time.monotonic()
+        self.child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        hello = self._line()
+        self.invite: str = hello["invite"]
+        self.pid: int = hello["pid"]
+        self.writer_tid: int | None = hello["writer_tid"]
+
+    def _line(self) -> dict[str, Any]:
+        assert self.child.stdout is not None
+        line = self.child.stdout.readline()
+        if not line:
+            self.child.kill()
+            raise SystemExit(f"the receiver node exited early (status {self.child.wait()})")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    async def command(self, command: str) -> dict[str, Any]:
+        assert self.child.stdin is not None
+        self.child.stdin.write(command + "\n")
+        self.child.stdin.flush()
+        return await trio.to_thread.run_sync(self._line)
+
+    def cpu(self) -> dict[int, float]:
+        return thread_cpu(self.pid)
+
+    def close(self) -> None:
+        assert self.child.stdin is not None
+        self.child.stdin.close()
+        try:
+            self.child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            self.child.wait()
+        self.home.cleanup()
+
+
+# ------------------------------------------------------------------------------------------------ sender side
+
+
+class Receipts:
+    """Tees the sender node's event sink: records when each ``delivered`` receipt is published."""
+
+    def __init__(self, inner: Callable[..., None] | None) -> None:
+        self.inner = inner
+        self.delivered: dict[str, float] = {}
+        self.waiters: dict[str, trio.Event] = {}
+        self.group: set[str] = set()
+        self.group_hits = 0
+        self.group_target = -1
+        self.group_done = trio.Event()
+        self.window: trio.Semaphore | None = None
+        self.window_ids: set[str] = set()
+
+    def __call__(self, event: str, /, **fields: Any) -> None:
+        if event == "receipt" and fields.get("status") == "delivered":
+            mid = fields["id"]
+            self.delivered[mid] = time.perf_counter()
+            waiter = self.waiters.pop(mid, None)
+            if waiter is not None:
+                waiter.set()
+            if mid in self.group:
+                self._hit()
+            if mid in self.window_ids:
+                self.window_ids.discard(mid)
+                assert self.window is not None
+                self.window.release()
+        if self.inner is not None:
+            self.inner(event, **fields)
+
+    def _hit(self) -> None:
+        self.group_hits += 1
+        if self.group_hits >= self.group_target:
+            self.group_done.set()
+
+    def new_group(self, target: int) -> None:
+        self.group = set()
+        self.group_hits = 0
+        self.group_target = target
+        self.group_done = trio.Event()
+
+    def add_to_group(self, mid: str) -> None:
+        self.group.add(mid)
+        if mid in self.delivered:
+            self._hit()
+
+    def add_to_window(self, mid: str) -> None:
+        assert self.window is not None
+        if mid in self.delivered:
+            self.window.release()
+        else:
+            self.window_ids.add(mid)
+
+    async def wait_for(self, mid: str) -> float:
+        """When the ``delivered`` receipt of ``mid`` was published (waits for it)."""
+        if mid not in self.delivered:
+            event = self.waiters[mid] = trio.Event()
+            await event.wait()
+        return self.delivered[mid]
+
+
+class Bench:
+    def __init__(self, node: Node, receiver: Receiver, args: argparse.Namespace) -> None:
+        self.node = node
+        self.receiver = receiver
+        self.args = args
+        self.counter = 0
+        chat = node.chat
+        if not hasattr(chat, "_events"):
+            raise SystemExit("ChatService has no _events sink any more: update Receipts in this benchmark")
+        self.receipts = Receipts(chat._events)
+        chat._events = self.receipts
+        self.writer_tid = writer_thread_id()
+        self.main_tid = threading.get_native_id()
+
+    async def send(self) -> str:
+        self.counter += 1
+        result = await self.node.chat.send("receiver", text_of(self.counter))
+        mid: str = result["id"]
+        return mid
+
+    async def one(self) -> tuple[str, float, float, float]:
+        """(id, start, send returned, delivered receipt) of one message, ``perf_counter`` seconds."""
+        start = time.perf_counter()
+        mid = await self.send()
+        queued = time.perf_counter()
+        delivered = await self.receipts.wait_for(mid)
+        return mid, start, queued, delivered
+
+    async def idle_latency(self, count: int) -> dict[str, float]:
+        """One message at a time; the receiver stamps when it published each message (after its commit)."""
+        samples = []
+        await self.receiver.command("stamps-on")
+        for _ in range(count):
+            samples.append(await self.one())
+            await trio.sleep(0.002)
+        stamps: dict[str, float] = (await self.receiver.command("stamps-off"))["stamps"]
+        total = [(delivered - start) * 1e3 for _, start, _, delivered in samples]
+        queued = [(returned - start) * 1e3 for _, start, returned, _ in samples]
+        stored = [(stamps[mid] - start) * 1e3 for mid, start, _, _ in samples if mid in stamps]
+        return {
+            "latency_ms_p50": statistics.median(total),
+            "latency_ms_p99": percentile(total, 0.99),
+            "send_ms_p50": statistics.median(queued),
+            "stored_ms_p50": statistics.median(stored),
+            "stored_ms_p99": percentile(stored, 0.99),
+        }
+
+    async def control_latency(self, home: Path, count: int) -> dict[str, float]:
+        """Like :meth:`idle_latency`, but each ``send`` goes through the control API (what ``p2pmsg send`` does,
+        from a worker thread of this process instead of a new process)."""
+        from p2pmsg.control.client import ControlClient
+
+        calls: list[float] = []
+        total: list[float] = []
+        with ControlClient(home, timeout=30) as client:
+            for _ in range(count):
+                self.counter += 1
+                text = text_of(self.counter)
+                start = time.perf_counter()
+                call = functools.partial(client.call, "send", name="receiver", text=text)
+                result = await trio.to_thread.run_sync(call)
+                calls.append((time.perf_counter() - start) * 1e3)
+                total.append((await self.receipts.wait_for(result["id"]) - start) * 1e3)
+                await trio.sleep(0.002)
+        return {
+            "control_send_ms_p50": statistics.median(calls),
+            "control_latency_ms_p50": statistics.median(total),
+            "control_latency_ms_p99": percentile(total, 0.99),
+        }
+
+    async def bulk(self, n: int) -> dict[str, float]:
+        """N messages queued as fast as ``send`` returns; wall time until all are delivered, CPU of both sides."""
+        receipts = self.receipts
+        receipts.new_group(n)
+        remaining = n
+        queued_at = 0.0
+
+        async def producer() -> None:
+            nonlocal remaining, queued_at
+            while remaining > 0:
+                remaining -= 1
+                receipts.add_to_group(await self.send())
+            queued_at = max(queued_at, time.perf_counter())
+
+        sender_before, receiver_before = thread_cpu(os.getpid()), self.receiver.cpu()
+        sys_before = sys_cpu(os.getpid()), sys_cpu(self.receiver.pid)
+        db_before = self.node.db.stats
+        recv_db_before = await self.receiver.command("stats")
+        start = time.perf_counter()
+        with trio.fail_after(BULK_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.args.concurrency):
+                    nursery.start_soon(producer)
+            await receipts.group_done.wait()
+        elapsed = time.perf_counter() - start
+        sender = split_cpu(sender_before, thread_cpu(os.getpid()), self.main_tid, self.writer_tid)
+        receiver = split_cpu(receiver_before, self.receiver.cpu(), self.receiver.pid, self.receiver.writer_tid)
+        sys_after = sys_cpu(os.getpid()), sys_cpu(self.receiver.pid)
+        db_after = self.node.db.stats
+        recv_db_after = await self.receiver.command("stats")
+        return {
+            "msgs_per_s": n / elapsed,
+            "queue_msgs_per_s": n / (queued_at - start),
+            "sender_cpu_us": sum(sender.values()) / n * 1e6,
+            "sender_main_cpu_us": sender["main"] / n * 1e6,
+            "sender_writer_cpu_us": sender["writer"] / n * 1e6,
+            "sender_other_cpu_us": sender["other"] / n * 1e6,
+            "sender_sys_cpu_us": (sys_after[0] - sys_before[0]) / n * 1e6,
+            "receiver_cpu_us": sum(receiver.values()) / n * 1e6,
+            "receiver_sys_cpu_us": (sys_after[1] - sys_before[1]) / n * 1e6,
+            "receiver_main_cpu_us": receiver["main"] / n * 1e6,
+            "receiver_writer_cpu_us": receiver["writer"] / n * 1e6,
+            "receiver_other_cpu_us": receiver["other"] / n * 1e6,
+            "sender_writes_per_txn": (db_after.writes - db_before.writes)
+            / max(1, db_after.transactions - db_before.transactions),
+            "receiver_writes_per_txn": (recv_db_after["writes"] - recv_db_before["writes"])
+            / max(1, recv_db_after["transactions"] - recv_db_before["transactions"]),
+            "receiver_msgs_per_txn": n / max(1, recv_db_after["transactions"] - recv_db_before["transactions"]),
+        }
+
+    async def loaded(self, seconds: float) -> dict[str, float]:
+        """Probe latency while ``concurrency`` tasks keep ``window`` messages undelivered."""
+        receipts = self.receipts
+        receipts.window = trio.Semaphore(self.args.window)
+        receipts.window_ids = set()
+        sent = 0
+        latencies: list[float] = []
+        interval = self.args.probe_interval / 1e3
+
+        async def producer() -> None:
+            nonlocal sent
+            assert receipts.window is not None
+            while True:
+                await receipts.window.acquire()
+                receipts.add_to_window(await self.send())
+                sent += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.args.concurrency):
+                nursery.start_soon(producer)
+            await trio.sleep(min(1.0, seconds / 4))  # let the load build up
+            start = time.perf_counter()
+            delivered_before = len(receipts.delivered)
+            next_probe = trio.current_time()
+            while time.perf_counter() - start < seconds:
+                _, begun, _, delivered = await self.one()
+                latencies.append((delivered - begun) * 1e3)
+                next_probe += interval
+                await trio.sleep_until(max(next_probe, trio.current_time()))
+            elapsed = time.perf_counter() - start
+            delivered = len(receipts.delivered) - delivered_before
+            nursery.cancel_scope.cancel()
+        # Let the window drain, so the next phase starts on an idle pair.
+        with trio.fail_after(60):
+            while receipts.window_ids:
+                await trio.sleep(0.01)
+        receipts.window = None
+        return {
+            "latency_ms_p99_loaded": percentile(latencies, 0.99),
+            "latency_ms_p50_loaded": statistics.median(latencies),
+            "loaded_probes": len(latencies),
+            "loaded_msgs_per_s": delivered / elapsed,
+        }
+
+
+async def start_sender(home: Path, nursery: trio.Nursery) -> Node:
+    config = Config(listen=LISTEN, bootstrap=[], accept_from="contacts")
+    node: Node = await nursery.start(functools.partial(run_node, home, SENDER, config))
+    return node
+
+
+@contextlib.contextmanager
+def sender_home() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="p2pmsg-bench-send-") as name:
+        yield Path(name)
+
+
+# ------------------------------------------------------------------------------------------------ the ceiling pipe
+
+
+async def run_pipe_sink(total: int) -> None:
+    """Child process: accept one connection, open and unpack ``total`` framed SecretBox messages, answer one byte."""
+    box = nacl.secret.SecretBox(PIPE_KEY)
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listener.socket.getsockname()[1], flush=True)
+    stream = await listener.accept()
+    await listener.aclose()
+    buffer = bytearray()
+    count = 0
+    while count < total:
+        chunk = await stream.receive_some(256 * 1024)
+        if not chunk:
+            raise SystemExit(f"pipe sink: stream ended after {count} of {total} messages")
+        buffer += chunk
+        offset = 0
+        size = len(buffer)
+        while size - offset >= 4:
+            (length,) = _LEN.unpack_from(buffer, offset)
+            end = offset + 4 + length
+            if end > size:
+                break
+            message = msgpack.unpackb(box.decrypt(bytes(buffer[offset + 4 : end])), raw=False)
+            if len(message["body"]) != TEXT_SIZE:
+                raise SystemExit("pipe sink: bad message")
+            count += 1
+            offset = end
+        del buffer[:offset]
+    await stream.send_all(b"!")
+    await stream.aclose()
+
+
+async def measure_pipe(total: int, batch: int) -> tuple[float, float, float]:
+    """(messages/s, sender CPU us/msg, sink CPU us/msg) for ``total`` framed SecretBox messages to a sink process."""
+    child = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--role", "pipe-sink", "--count", str(total)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        if not line.strip().isdigit():
+            raise SystemExit(f"pipe sink did not report its port (got {line!r})")
+        stream = await trio.open_tcp_stream("127.0.0.1", int(line))
+        box = nacl.secret.SecretBox(PIPE_KEY)
+        body = b"x" * TEXT_SIZE
+        sink_before = _stat_cpu(f"/proc/{child.pid}/stat")
+        cpu_start = time.process_time()
+        start = time.perf_counter()
+        sent = 0
+        while sent < total:
+            frames = []
+            for _ in range(min(batch, total - sent)):
+                sealed = box.encrypt(msgpack.packb({"id": os.urandom(16), "body": body}, use_bin_type=True))
+                frames.append(_LEN.pack(len(sealed)))
+                frames.append(sealed)
+                sent += 1
+            await stream.send_all(b"".join(frames))
+        ack = await stream.receive_some(1)
+        elapsed = time.perf_counter() - start
+        sender_cpu = time.process_time() - cpu_start
+        sink_cpu = _stat_cpu(f"/proc/{child.pid}/stat") - sink_before
+        if ack != b"!":
+            raise SystemExit(f"pipe sink did not acknowledge (got {ack!r})")
+        await stream.aclose()
+    finally:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return total / elapsed, sender_cpu / total * 1e6, sink_cpu / total * 1e6
+
+
+# ------------------------------------------------------------------------------------------------ the runs
+
+
+def sqlite_commit_latency(directory: Path, count: int) -> list[float]:
+    """Seconds per commit of one 1 KiB row in a WAL database with ``synchronous=FULL`` (the disk's floor)."""
+    import sqlite3
+
+    conn = sqlite3.connect(directory / "floor.db", isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (v BLOB)")
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t VALUES (?)", (bytes(TEXT_SIZE),))
+            conn.execute("COMMIT")
+            samples.append(time.perf_counter() - start)
+    finally:
+        conn.close()
+    return samples
+
+
+async def warm_up(bench: Bench, count: int) -> None:
+    """Open the session (dial, handshake, hello) and warm both processes' caches."""
+    with trio.fail_after(60):
+        for _ in range(count):
+            await bench.one()
+
+
+async def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    receiver = Receiver()
+    try:
+        await trio.sleep(1.0)
+        results["rss_mb_idle"] = rss_mb(receiver.pid)
+        with sender_home() as home:
+            async with trio.open_nursery() as nursery:
+                node = await start_sender(home, nursery)
+                results["rss_mb_idle_sender_process"] = rss_mb(os.getpid())
+                bench = Bench(node, receiver, args)
+                await node.chat.add_contact(receiver.invite, "receiver")
+                await warm_up(bench, 200)
+                results.update(await bench.idle_latency(args.idle))
+                results.update(await bench.control_latency(home, max(10, args.idle // 3)))
+                floor = await trio.to_thread.run_sync(sqlite_commit_latency, home, 300)
+                results["sqlite_commit_ms_p50"] = statistics.median(floor) * 1e3
+                results["sqlite_commit_ms_p99"] = percentile(floor, 0.99) * 1e3
+                bulk_runs: list[dict[str, float]] = []
+                pipe_runs: list[tuple[float, float, float]] = []
+                unbatched_runs: list[float] = []
+                for _ in range(args.repeat):
+                    bulk_runs.append(await bench.bulk(args.n))
+                    pipe_runs.append(await measure_pipe(args.pipe_n, PIPE_BATCH))
+                    unbatched_runs.append((await measure_pipe(args.pipe_n // 2, 1))[0])
+                results.update(await bench.loaded(args.load_seconds))
+                results["rss_mb_after_sender_process"] = rss_mb(os.getpid())
+                results["rss_mb_after_receiver"] = (await receiver.command("stats"))["rss_mb"]
+                nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+    speeds = [run["msgs_per_s"] for run in bulk_runs]
+    results["msgs_per_s"] = statistics.median(speeds)
+    results["msgs_per_s_runs"] = [round(s) for s in speeds]
+    for key in bulk_runs[0]:
+        if key != "msgs_per_s":
+            results[key] = statistics.median(run[key] for run in bulk_runs)
+    results["ceiling_msgs_per_s"] = statistics.median(run[0] for run in pipe_runs)
+    results["ceiling_msgs_per_s_runs"] = [round(run[0]) for run in pipe_runs]
+    results["ceiling_sender_cpu_us"] = statistics.median(run[1] for run in pipe_runs)
+    results["ceiling_receiver_cpu_us"] = statistics.median(run[2] for run in pipe_runs)
+    results["ceiling_unbatched_msgs_per_s"] = statistics.median(unbatched_runs)
+    results["ceiling_fraction"] = results["msgs_per_s"] / results["ceiling_msgs_per_s"]
+    # What each side could sustain with a core of its own (its CPU per message): load-independent.
+    results["cpu_bound_msgs_per_s"] = 1e6 / max(results["sender_cpu_us"], results["receiver_cpu_us"])
+    results["ceiling_cpu_bound_msgs_per_s"] = 1e6 / max(
+        results["ceiling_sender_cpu_us"], results["ceiling_receiver_cpu_us"]
+    )
+    with contextlib.suppress(OSError):
+        results["loadavg_1min"] = os.getloadavg()[0]
+    results.update(
+        n=args.n,
+        repeat=args.repeat,
+        concurrency=args.concurrency,
+        window=args.window,
+        idle_messages=args.idle,
+        load_seconds=args.load_seconds,
+        text_bytes=TEXT_SIZE,
+        pipe_n=args.pipe_n,
+        python=platform.python_version(),
+        cpus=os.cpu_count(),
+    )
+    return results
+
+
+async def run_profile(args: argparse.Namespace) -> dict[str, float | str]:
+    """One bulk run with cProfile in both nodes' trio and writer threads; the .prof files go to ``--profile``."""
+    directory = Path(args.profile).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    profiles = ThreadProfiles(directory, "sender")
+    profiles.install()
+    receiver = Receiver(profile_dir=str(directory))
+    try:
+        with sender_home() as home:
+            async with trio.open_nursery() as nursery:
+                node = await start_sender(home, nursery)
+                bench = Bench(node, receiver, args)
+                await node.chat.add_contact(receiver.invite, "receiver")
+                await warm_up(bench, 200)
+                await receiver.command("profile-start")
+                profiles.start()
+                result = await bench.bulk(args.n)
+                profiles.stop()
+                await node.db.write(lambda conn: None)  # the writer thread dumps its profile at its next request
+                await receiver.command("profile-stop")
+                nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+    return {**result, "profile_dir": str(directory)}
+
+
+# ------------------------------------------------------------------------------------------------ breakdown
+
+
+def _per_call(fn: Callable[[], object], calls: int, *, repeat: int = 5) -> float:
+    """Best-of-``repeat`` CPU seconds of this thread per call of ``fn``."""
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.thread_time()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.thread_time() - start) / calls)
+    return best
+
+
+async def micro_breakdown(directory: Path, write_group: int, ack_group: int, receive_group: int) -> list[Row]:
+    """CPU per message of each piece of the hot path, measured alone: ``(side, piece, microseconds)``.
+
+    Uses the product's own code: the envelope sealer, the session framing, the event hub, and the store's group-commit
+    code (``_Writer._run_batch``, savepoints and all) on a real database file in ``directory`` (``synchronous=FULL``),
+    run in this thread so that its CPU can be read.  A piece whose name starts with spaces is part of the row above.
+    """
+    import nacl.bindings
+
+    from p2pmsg.chat import envelope as env
+    from p2pmsg.chat.envelope import EnvelopeSealer, decode_envelope
+    from p2pmsg.chat.protocol import ChatConnection
+    from p2pmsg.control.server import EventHub
+    from p2pmsg.identity import PeerId
+    from p2pmsg.store import db as store_db
+    from p2pmsg.store import repo
+    from p2pmsg.store.migrations import MIGRATIONS
+    from p2pmsg.store.models import IncomingMessage, OutgoingMessage
+
+    rows: list[Row] = []
+
+    def add(side: str, piece: str, seconds: float) -> None:
+        rows.append((side, piece, seconds * 1e6))
+
+    sealer, opener = EnvelopeSealer(SENDER), EnvelopeSealer(RECEIVER)
+    to, frm = RECEIVER.peer_id, SENDER.peer_id
+    text = text_of(1)
+    now = int(time.time() * 1000)
+    sealed = sealer.seal(to, text, ts=now)
+    inner = {"v": env.ENVELOPE_VERSION, "id": sealed.id, "ts": now, "kind": "text", "text": text}
+    inner_raw = env.MESSAGE_SCHEMA.encode(inner)
+    key = nacl.bindings.crypto_box_beforenm(to.x25519_public_key, bytes(SENDER.x25519_private_key))
+    outer = {"v": env.ENVELOPE_VERSION, "id": sealed.id, "from": frm.to_bytes(), "to": to.to_bytes()}
+    outer.update(nonce=sealed.nonce, box=sealed.box)
+    raws = [sealer.seal(to, text_of(i), ts=now).raw for i in range(256)]
+    ids = [os.urandom(16) for _ in range(ack_group)]
+
+    def session() -> ChatConnection:
+        conn = ChatConnection()
+        conn.send_hello()
+        return conn
+
+    talker = ChatConnection()
+    hello = talker.send_hello()
+    msg_stream = hello + talker.send_messages(raws)
+    ack_stream = hello + talker.send_ack(ids)
+    per_msg_bytes = (len(msg_stream) - len(hello)) / 256
+    chunk = os.urandom(65519)
+    per_byte = _per_call(
+        lambda: nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(chunk, None, bytes(12), bytes(32)), 500
+    ) / len(chunk)
+    hub = EventHub()
+    mid_hex, to_text, frm_text = sealed.id.hex(), str(to), str(frm)
+    frm_bytes = frm.to_bytes()
+
+    def three_events() -> None:
+        hub.publish(
+            "message", id=mid_hex, peer_id=to_text, contact="r", sender=frm_text, text=text, ts=now, direction="out"
+        )
+        hub.publish("receipt", id=mid_hex, peer_id=to_text, status="sent")
+        hub.publish("receipt", id=mid_hex, peer_id=to_text, status="delivered")
+
+    # -- sender, trio thread
+    add("sender trio", "seal (EnvelopeSealer.seal)", _per_call(lambda: sealer.seal(to, text, ts=now), 5000))
+    add("sender trio", "  os.urandom(40): id + nonce", _per_call(lambda: os.urandom(40), 20000))
+    add("sender trio", "  inner MESSAGE_SCHEMA.encode", _per_call(lambda: env.MESSAGE_SCHEMA.encode(inner), 5000))
+    add("sender trio", "    of which msgpack.packb", _per_call(lambda: msgpack.packb(inner, use_bin_type=True), 20000))
+    add(
+        "sender trio",
+        "  Box: crypto_box_afternm",
+        _per_call(lambda: nacl.bindings.crypto_box_afternm(inner_raw, sealed.nonce, key), 20000),
+    )
+    add(
+        "sender trio",
+        "  outer ENVELOPE_SCHEMA.encode",
+        _per_call(lambda: env.ENVELOPE_SCHEMA.encode(outer, max_size=env.MAX_ENVELOPE_SIZE), 5000),
+    )
+    add(
+        "sender trio",
+        "msg framing (send_messages, 256/batch)",
+        _per_call(lambda: session().send_messages(raws), 200) / 256,
+    )
+    add("sender trio", f"channel ChaCha20-Poly1305 ({per_msg_bytes:.0f} B)", per_byte * per_msg_bytes)
+    add(
+        "sender trio",
+        f"ack parse (receive_data, {ack_group} ids/frame)",
+        _per_call(lambda: ChatConnection().receive_data(ack_stream), 2000) / ack_group,
+    )
+    add("sender trio", "3 events published (no subscriber)", _per_call(three_events, 5000))
+
+    # -- receiver, trio thread
+    add(
+        "receiver trio",
+        "msg frames parsed (receive_data)",
+        _per_call(lambda: ChatConnection().receive_data(msg_stream), 100) / 256,
+    )
+    add("receiver trio", "  of which decode_envelope", _per_call(lambda: decode_envelope(sealed.raw), 5000))
+    add(
+        "receiver trio",
+        "    of which 2 x PeerId.from_bytes",
+        2 * _per_call(lambda: PeerId.from_bytes(frm_bytes), 10000),
+    )
+    add("receiver trio", "open (EnvelopeSealer.open)", _per_call(lambda: opener.open(sealed), 5000))
+    add(
+        "receiver trio",
+        "  Box: crypto_box_open_afternm",
+        _per_call(lambda: nacl.bindings.crypto_box_open_afternm(sealed.box, sealed.nonce, key), 20000),
+    )
+    add(
+        "receiver trio",
+        "  inner MESSAGE_SCHEMA.decode",
+        _per_call(lambda: env.MESSAGE_SCHEMA.decode(inner_raw, max_size=env.MAX_BOX_SIZE), 5000),
+    )
+    add("receiver trio", f"channel ChaCha20-Poly1305 ({per_msg_bytes:.0f} B)", per_byte * per_msg_bytes)
+    add(
+        "receiver trio",
+        f"ack encode (send_ack, {ack_group} ids)",
+        _per_call(lambda: session().send_ack(ids), 2000) / ack_group,
+    )
+    add(
+        "receiver trio",
+        "1 event published (no subscriber)",
+        _per_call(
+            lambda: hub.publish(
+                "message", id=mid_hex, peer_id=frm_text, contact="s", sender=frm_text, text=text, ts=now, direction="in"
+            ),
+            5000,
+        ),
+    )
+
+    # -- SQLite: the store's group-commit code and connection, run in this thread
+    writer = store_db._Writer(directory / "breakdown.db", max_batch=1000, migrations=MIGRATIONS)
+    writer.open(None)
+    task = trio.lowlevel.current_task()
+    own, peer = frm.to_bytes(), to.to_bytes()
+    counter = iter(range(1, 2**62))
+    outbound: list[bytes] = []
+    WriteFn = Callable[[Any], object]
+
+    def timed(make: Callable[[], list[WriteFn]], groups: int, per_group: int) -> float:
+        total = 0.0
+        for _ in range(groups):
+            requests = [store_db._Request(fn, task, raw=False) for fn in make()]
+            start = time.thread_time()
+            completions = writer._run_batch(requests)
+            total += time.thread_time() - start
+            for _, result in completions:
+                result.unwrap()
+        return total / (groups * per_group)
+
+    def enqueue_fn() -> WriteFn:
+        mid = next(counter).to_bytes(16, "big")
+        outbound.append(mid)
+        return functools.partial(
+            repo.enqueue,
+            message_id=mid,
+            recipient=peer,
+            sender=own,
+            text=text,
+            sent_at=now,
+            envelope=sealed.raw,
+            now=now,
+        )
+
+    def delivered_fn(group: list[bytes]) -> WriteFn:
+        return lambda c: [m for m in group if repo.mark_delivered(c, m, recipient=peer, now=now)]
+
+    def incoming_fn() -> WriteFn:
+        items = [
+            IncomingMessage(message_id=next(counter).to_bytes(16, "big"), sender=own, text=text, sent_at=now)
+            for _ in range(receive_group)
+        ]
+        return functools.partial(repo.insert_incoming_many, items=items, now=now)
+
+    try:
+        add(
+            "sender writer",
+            f"enqueue ({write_group} requests per commit)",
+            timed(lambda: [enqueue_fn() for _ in range(write_group)], 200, write_group),
+        )
+        add("sender writer", "  the same, 1 per commit", timed(lambda: [enqueue_fn()], 300, 1))
+
+        def enqueue_many_fn() -> WriteFn:
+            items = []
+            for _ in range(write_group):
+                mid = next(counter).to_bytes(16, "big")
+                outbound.append(mid)
+                items.append(
+                    OutgoingMessage(
+                        message_id=mid, recipient=peer, sender=own, text=text, sent_at=now, envelope=sealed.raw
+                    )
+                )
+            return functools.partial(repo.enqueue_many, items=items, now=now)
+
+        add(
+            "sender writer",
+            f"  instead enqueue_many ({write_group} per call)",
+            timed(lambda: [enqueue_many_fn()], 200, write_group),
+        )
+        batches = [outbound[i : i + 256] for i in range(0, len(outbound) - 255, 256)]
+        sent_calls = min(10, len(batches) // 2)
+        add(
+            "sender writer",
+            "mark_sent_many (256 ids per call)",
+            timed(
+                lambda: [functools.partial(repo.mark_sent_many, message_ids=batches.pop(), now=now, retry_at=now + 1)],
+                sent_calls,
+                256,
+            ),
+        )
+        waiting = [m for batch in batches for m in batch]
+        groups = min(30, len(waiting) // (2 * ack_group))
+        add(
+            "sender writer",
+            f"mark_delivered, one call per id ({ack_group} ids per commit)",
+            timed(lambda: [delivered_fn([waiting.pop() for _ in range(ack_group)])], groups, ack_group),
+        )
+        add(
+            "sender writer",
+            f"  instead mark_delivered_many ({ack_group} ids per call)",
+            timed(
+                lambda: [
+                    functools.partial(
+                        repo.mark_delivered_many,
+                        message_ids=[waiting.pop() for _ in range(ack_group)],
+                        recipient=peer,
+                        now=now,
+                    )
+                ],
+                groups,
+                ack_group,
+            ),
+        )
+        add(
+            "receiver writer",
+            f"insert_incoming_many ({receive_group} per commit)",
+            timed(lambda: [incoming_fn()], 100, receive_group),
+        )
+        add("both writers", "an empty write transaction (BEGIN + COMMIT)", timed(lambda: [lambda c: None], 2000, 1))
+    finally:
+        writer.close(None)
+
+    # -- the trio <-> writer-thread hand-off of one db.write (both threads' CPU)
+    from p2pmsg.store.db import open_database
+
+    async with open_database(directory / "handoff.db") as db:
+        calls = 5000
+        writer_tid = writer_thread_id()
+        before = thread_cpu(os.getpid())
+        for _ in range(calls):
+            await db.write(lambda c: None)
+        split = split_cpu(before, thread_cpu(os.getpid()), threading.get_native_id(), writer_tid)
+        add("sender trio", "db.write of an empty transaction: trio side", split["main"] / calls)
+        add("sender writer", "db.write of an empty transaction: writer side", split["writer"] / calls)
+
+    # -- trio: waking a task that waits on an Event (what every hand-over and db.write completion costs)
+    async def ping_pong(rounds: int) -> float:
+        events = [trio.Event() for _ in range(2 * rounds + 1)]
+
+        async def other() -> None:
+            for i in range(1, 2 * rounds, 2):
+                await events[i].wait()
+                events[i + 1].set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await trio.sleep(0)
+            start = time.thread_time()
+            for i in range(0, 2 * rounds, 2):
+                events[i + 1].set()
+                await events[i + 2].wait()
+            elapsed = time.thread_time() - start
+        return elapsed / (2 * rounds)
+
+    add(
+        "sender trio",
+        "trio: one task wake-up (Event.set -> wait returns)",
+        min([await ping_pong(5000) for _ in range(3)]),
+    )
+    return rows
+
+
+async def run_breakdown(args: argparse.Namespace) -> dict[str, Any]:
+    """One bulk run for the measured CPU per thread, then :func:`micro_breakdown` with the group sizes it saw."""
+    receiver = Receiver()
+    try:
+        with sender_home() as home:
+            async with trio.open_nursery() as nursery:
+                node = await start_sender(home, nursery)
+                bench = Bench(node, receiver, args)
+                await node.chat.add_contact(receiver.invite, "receiver")
+                await warm_up(bench, 200)
+                measured = await bench.bulk(args.n)
+                nursery.cancel_scope.cancel()
+    finally:
+        receiver.close()
+    write_group = max(1, round(measured["sender_writes_per_txn"]))
+    receive_group = max(1, round(measured["receiver_msgs_per_txn"]))
+    with tempfile.TemporaryDirectory(prefix="p2pmsg-bench-micro-") as name:
+        rows = await micro_breakdown(Path(name), write_group, receive_group, receive_group)
+    return {"measured": measured, "rows": rows, "write_group": write_group, "receive_group": receive_group}
+
+
+def print_breakdown(result: dict[str, Any]) -> None:
+    measured = result["measured"]
+    print(
+        f"bulk run: {measured['msgs_per_s']:,.0f} msg/s; writes per sender transaction {result['write_group']}, "
+        f"messages per receiver transaction {result['receive_group']}"
+    )
+    threads = {
+        "sender trio": measured["sender_main_cpu_us"],
+        "sender writer": measured["sender_writer_cpu_us"],
+        "receiver trio": measured["receiver_main_cpu_us"],
+        "receiver writer": measured["receiver_writer_cpu_us"],
+    }
+    print(f"{'thread':<16}{'piece (CPU per message, measured alone)':<58}{'us':>8}")
+    sums: dict[str, float] = {}
+    for side, piece, micros in result["rows"]:
+        print(f"{side:<16}{piece:<58}{micros:>8.2f}")
+        if not piece.startswith(" ") and side in threads:
+            sums[side] = sums.get(side, 0.0) + micros
+    print()
+    print(f"{'thread':<16}{'sum of pieces':>14}{'measured in the bulk run':>26}{'rest':>10}")
+    for side, cpu in threads.items():
+        total = sums.get(side, 0.0)
+        print(f"{side:<16}{total:>14.1f}{cpu:>26.1f}{cpu - total:>10.1f}")
+
+
+def print_table(results: dict[str, Any]) -> None:
+    print(
+        f"p2pmsg messaging benchmark: {results['text_bytes']} B messages, bulk n={results['n']} x {results['repeat']} "
+        f"({results['concurrency']} sending tasks), load average {results.get('loadavg_1min', float('nan')):.2f} "
+        f"on {results['cpus']} CPUs"
+    )
+    print(f"{'metric':<26}{'measured':>14}  target")
+    for key, target in TARGETS.items():
+        value = results[key]
+        if key == "ceiling_fraction":
+            shown = f"{value * 100:.1f} %"
+        elif key.endswith("msgs_per_s"):
+            shown = f"{value:,.0f} msg/s"
+        elif key.startswith("rss"):
+            shown = f"{value:.1f} MB"
+        else:
+            shown = f"{value:.2f} ms"
+        print(f"{key:<26}{shown:>14}  {target}")
+    print(f"bulk runs (msg/s): {results['msgs_per_s_runs']}; ceiling runs: {results['ceiling_msgs_per_s_runs']}")
+    print(
+        f"CPU per message: sender {results['sender_cpu_us']:.0f} us (trio {results['sender_main_cpu_us']:.0f}, "
+        f"SQLite writer {results['sender_writer_cpu_us']:.0f}, other {results['sender_other_cpu_us']:.0f}), "
+        f"receiver {results['receiver_cpu_us']:.0f} us (trio {results['receiver_main_cpu_us']:.0f}, "
+        f"SQLite writer {results['receiver_writer_cpu_us']:.0f}, other {results['receiver_other_cpu_us']:.0f})"
+    )
+    print(
+        f"  -> {results['cpu_bound_msgs_per_s']:,.0f} msg/s if each node had a core to itself; the bare pipe: "
+        f"{results['ceiling_sender_cpu_us']:.1f} / {results['ceiling_receiver_cpu_us']:.1f} us -> "
+        f"{results['ceiling_cpu_bound_msgs_per_s']:,.0f} msg/s"
+    )
+    print(
+        f"idle message: send() returned (durably queued) p50 {results['send_ms_p50']:.2f} ms, stored and published "
+        f"by the receiver p50 {results['stored_ms_p50']:.2f} / p99 {results['stored_ms_p99']:.2f} ms after send()"
+    )
+    print(
+        f"through the control API: send call p50 {results['control_send_ms_p50']:.2f} ms, to the delivered receipt "
+        f"p50 {results['control_latency_ms_p50']:.2f} / p99 {results['control_latency_ms_p99']:.2f} ms"
+    )
+    print(
+        f"bulk: queueing rate "
+        f"{results['queue_msgs_per_s']:,.0f} msg/s; writes per transaction: sender "
+        f"{results['sender_writes_per_txn']:.1f}, receiver {results['receiver_writes_per_txn']:.1f}"
+    )
+    print(
+        f"loaded: window {results['window']}, {results['loaded_probes']} probes, p50 "
+        f"{results['latency_ms_p50_loaded']:.1f} ms, {results['loaded_msgs_per_s']:,.0f} msg/s delivered meanwhile; "
+        f"unbatched pipe {results['ceiling_unbatched_msgs_per_s']:,.0f} msg/s"
+    )
+    print(
+        f"RSS: receiver idle {results['rss_mb_idle']:.1f} MB, after the runs {results['rss_mb_after_receiver']:.1f} MB;"
+        f" sender process (node + benchmark) {results['rss_mb_idle_sender_process']:.1f} -> "
+        f"{results['rss_mb_after_sender_process']:.1f} MB"
+    )
+
+
+def print_profile(directory: Path, top: int) -> None:
+    for name in ("sender-main", "sender-writer", "receiver-main", "receiver-writer"):
+        path = directory / f"{name}.prof"
+        if not path.exists():
+            print(f"(no {path})")
+            continue
+        print(f"==== {name}: top {top} by internal time")
+        stats = pstats.Stats(str(path))
+        stats.sort_stats("tottime").print_stats(top)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--n", type=int, default=10_000, help="messages per bulk run (default 10000)")
+    parser.add_argument("--repeat", type=int, default=3, help="bulk runs, median reported (default 3)")
+    parser.add_argument("--concurrency", type=int, default=64, help="tasks calling send (default 64)")
+    parser.add_argument("--idle", type=int, default=300, help="messages for the idle latency (default 300)")
+    parser.add_argument("--load-seconds", type=float, default=10.0, help="duration of the loaded phase (default 10)")
+    parser.add_argument("--window", type=int, default=256, help="undelivered messages under load (default 256)")
+    parser.add_argument("--probe-interval", type=float, default=20.0, help="ms between probes (default 20)")
+    parser.add_argument("--pipe-n", type=int, default=100_000, help="messages per ceiling run (default 100000)")
+    parser.add_argument("--profile", metavar="DIR", help="profile one bulk run instead; .prof files go to DIR")
+    parser.add_argument("--breakdown", action="store_true", help="CPU per message of each piece of the hot path")
+    parser.add_argument("--top", type=int, default=40, help="rows per profile listing (default 40)")
+    parser.add_argument("--role", choices=["receiver", "pipe-sink"], help=argparse.SUPPRESS)
+    parser.add_argument("--home", help=argparse.SUPPRESS)
+    parser.add_argument("--contact", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "receiver":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's Ctrl-C; it closes our stdin instead
+        trio.run(run_receiver, Path(args.home), args.contact, args.profile)
+        return
+    if args.role == "pipe-sink":
+        trio.run(run_pipe_sink, args.count)
+        return
+    for name in ("n", "repeat", "concurrency", "idle", "window", "pipe_n"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    if args.load_seconds <= 0 or args.probe_interval <= 0:
+        parser.error("--load-seconds and --probe-interval must be positive")
+    if args.breakdown:
+        breakdown = trio.run(run_breakdown, args)
+        if args.json:
+            print(json.dumps(breakdown, sort_keys=True))
+        else:
+            print_breakdown(breakdown)
+        return
+    if args.profile:
+        result = trio.run(run_profile, args)
+        if args.json:
+            print(json.dumps(result, sort_keys=True))
+        else:
+            print(json.dumps(result, indent=1, sort_keys=True))
+            print_profile(Path(args.profile), args.top)
+        return
+    results = trio.run(run_all, args)
+    if args.json:
+        print(json.dumps(results, sort_keys=True))
+    else:
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()
