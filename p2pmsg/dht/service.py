@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Largest datagram read from the socket (anything larger than the engine accepts is dropped by it).
 _RECV_SIZE = 65535
+#: At most this many datagrams are handled per wake-up of the receiver before it flushes and yields.
+_RECV_BATCH = 64
 #: Default lifetime of a published peer record.
 DEFAULT_RECORD_TTL = 3600.0
 #: Bucket refresh: at most this many refresh lookups per pass, and at least this many seconds between passes.
@@ -102,10 +104,10 @@ class DhtNode:
         except RuntimeError:  # built outside trio.run
             now = 0.0
         self.engine = DhtEngine(identity, config=config, now=now, wall_clock=wall_clock)
-        self._sock: trio.socket.SocketType | None = None
+        self._sock: _socket.socket | None = None
         self._address: Address | None = None
         self._waiters: dict[int, _Waiter] = {}
-        self._wake = trio.Event()
+        self._timer_scope: trio.CancelScope | None = None
         self._record_seq = 0
         self.send_errors = 0
         self.refresh_lookups = 0
@@ -142,41 +144,53 @@ class DhtNode:
     async def run(self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind the socket and serve until cancelled; ``task_status.started`` gets the bound address."""
         family = _socket.AF_INET6 if ":" in self._host else _socket.AF_INET
-        sock = trio.socket.socket(family, _socket.SOCK_DGRAM)
+        raw = _socket.socket(family, _socket.SOCK_DGRAM)
+        sock = trio.socket.from_stdlib_socket(raw)  # non-blocking from here on; closing it closes raw
         with sock:
             await sock.bind((self._host, self._port))
             bound = sock.getsockname()
             self._address = (str(bound[0]), int(bound[1]))
-            self._sock = sock
+            self._sock = raw
             try:
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._receiver, sock)
+                    nursery.start_soon(self._receiver, raw)
                     nursery.start_soon(self._timer)
                     nursery.start_soon(self._refresher)
                     task_status.started(self._address)
             finally:
                 self._sock = None
+                trio.lowlevel.notify_closing(raw)  # a caller's flush waiting for the socket to drain gives up
                 self._address = None
                 for waiter in self._waiters.values():
                     waiter.event.set()
                 self._waiters.clear()
 
-    async def _receiver(self, sock: trio.socket.SocketType) -> None:
+    async def _receiver(self, sock: _socket.socket) -> None:
+        """Wait until the socket is readable, hand every queued datagram (at most a batch) to the engine, then flush
+        once: fewer trips through the scheduler than one awaited ``recvfrom`` and ``sendto`` per datagram."""
         while True:
-            try:
-                data, source = await sock.recvfrom(_RECV_SIZE)
-            except OSError as exc:  # e.g. ICMP port unreachable surfacing as ECONNREFUSED on some systems
-                log.debug("recvfrom failed: %s", exc)
-                continue
-            self.engine.datagram_received(data, (str(source[0]), int(source[1])), trio.current_time())
+            await trio.lowlevel.wait_readable(sock)
+            for _ in range(_RECV_BATCH):
+                try:
+                    data, source = sock.recvfrom(_RECV_SIZE)
+                except BlockingIOError:
+                    break
+                except OSError as exc:  # e.g. ICMP port unreachable surfacing as ECONNREFUSED on some systems
+                    log.debug("recvfrom failed: %s", exc)
+                    continue
+                self.engine.datagram_received(data, (str(source[0]), int(source[1])), trio.current_time())
             await self._flush()
+
+    def _next_tick(self) -> float:
+        deadlines = [t for t in (self.engine.next_deadline(), self.engine.next_expiry()) if t is not None]
+        return min(deadlines, default=math.inf)
 
     async def _timer(self) -> None:
         while True:
-            deadlines = [t for t in (self.engine.next_deadline(), self.engine.next_expiry()) if t is not None]
-            with trio.move_on_at(min(deadlines, default=math.inf)):
-                await self._wake.wait()
-            self._wake = trio.Event()
+            with trio.CancelScope(deadline=self._next_tick()) as scope:
+                self._timer_scope = scope
+                await trio.sleep_forever()
+            self._timer_scope = None
             self.engine.tick(trio.current_time())
             await self._flush(wake=False)
 
@@ -197,24 +211,36 @@ class DhtNode:
                     self.engine.table.touch(target, trio.current_time())
 
     async def _flush(self, *, wake: bool = True) -> None:
-        """Send what the engine queued and deliver its events; ``wake`` the timer to re-read the next deadline."""
+        """Send what the engine queued and deliver its events; with ``wake``, bring the timer's alarm forward if the
+        engine now has an earlier deadline (setting a cancel scope's deadline does not even wake the task)."""
         for event in self.engine.take_events():
             waiter = self._waiters.pop(getattr(event, "op", -1), None)
             if waiter is not None:
                 waiter.result = event
                 waiter.event.set()
         datagrams = self.engine.take_datagrams()
-        if wake:
-            self._wake.set()
+        scope = self._timer_scope
+        if wake and scope is not None:  # an earlier deadline (a new request): move the sleeping timer's alarm
+            scope.deadline = min(scope.deadline, self._next_tick())
         sock = self._sock
         if sock is None:
             return
         for data, address in datagrams:
-            try:
-                await sock.sendto(data, address)
-            except OSError as exc:
-                self.send_errors += 1
-                log.debug("sendto %s failed: %s", address, exc)
+            while True:
+                try:
+                    sock.sendto(data, address)
+                except BlockingIOError:  # the send buffer is full: wait for room (rare for UDP)
+                    try:
+                        await trio.lowlevel.wait_writable(sock)
+                    except trio.ClosedResourceError:
+                        return
+                    if self._sock is not sock:
+                        return
+                    continue
+                except OSError as exc:
+                    self.send_errors += 1
+                    log.debug("sendto %s failed: %s", address, exc)
+                break
 
     # -- operations ------------------------------------------------------------------------------------------------
 

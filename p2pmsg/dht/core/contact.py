@@ -68,10 +68,18 @@ def node_id_for_peer(peer_id: PeerId) -> bytes:
     return node_id_from_public_key(peer_id.public_key)
 
 
+#: Hosts already validated (text as received -> canonical text); cleared when full, so bounded.
+_HOST_CACHE: dict[str, str] = {}
+_HOST_CACHE_SIZE: Final = 4096
+
+
 def parse_host(value: object, field: str = "host") -> str:
     """Validate an IP literal from the network and return its canonical text; :class:`MalformedMessageError` else."""
     if not isinstance(value, str):
         raise MalformedMessageError(field, f"must be an IP address string, got {type(value).__name__}")
+    cached = _HOST_CACHE.get(value)
+    if cached is not None:
+        return cached
     if len(value) > 45:
         raise MalformedMessageError(field, f"is {len(value)} characters, too long for an IP address")
     try:
@@ -82,7 +90,10 @@ def parse_host(value: object, field: str = "host") -> str:
         raise MalformedMessageError(field, f"{value!r} is unspecified or multicast, not a node address")
     if isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255"):
         raise MalformedMessageError(field, "255.255.255.255 is the broadcast address, not a node address")
-    return str(ip)
+    if len(_HOST_CACHE) >= _HOST_CACHE_SIZE:
+        _HOST_CACHE.clear()
+    _HOST_CACHE[value] = canonical = str(ip)
+    return canonical
 
 
 def parse_port(value: object, field: str = "port") -> int:
@@ -101,12 +112,15 @@ class Contact:
     node_id: bytes
     host: str
     port: int
+    #: ``node_id`` as a big-endian integer (computed once; distances are XORs of these).
+    id_int: int = dataclasses.field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.node_id, bytes) or len(self.node_id) != NODE_ID_SIZE:
             raise DhtUsageError(f"Contact.node_id must be {NODE_ID_SIZE} bytes")
         if not isinstance(self.port, int) or not 0 < self.port < 65536:
             raise DhtUsageError(f"Contact.port must be in 1..65535, got {self.port!r}")
+        object.__setattr__(self, "id_int", int.from_bytes(self.node_id, "big"))
 
     @property
     def address(self) -> Address:
@@ -115,7 +129,7 @@ class Contact:
 
     def distance_to(self, key: bytes) -> int:
         """XOR distance from this contact's id to ``key``."""
-        return distance(self.node_id, key)
+        return self.id_int ^ int.from_bytes(key, "big")
 
     def __str__(self) -> str:
         return f"{self.node_id.hex()[:12]}@{self.host}:{self.port}"

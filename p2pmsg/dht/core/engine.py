@@ -37,7 +37,10 @@ signature holds and ``sha1(PublicKey protobuf of the signer) == its node id``.  
 only, so a stock node never receives one; peers are tracked per node id with the explicit :class:`AuthState`
 machine below.
 
-**Lookups** (:class:`~p2pmsg.dht.core.lookup.Lookup`) query ``alpha`` nodes at a time; answers are validated before
+**Lookups** (:class:`~p2pmsg.dht.core.lookup.Lookup`) query ``alpha`` nodes at a time, skipping (as failed) an
+address that let a request of ours time out less than ``silent_memory`` seconds ago and was not heard from since --
+after churn, other nodes keep naming the dead for a while, and each lookup would otherwise wait for them again;
+answers are validated before
 they count: a ``find_value`` answer holding a value that is not a plain value (a planted list, map, ``None``...) or,
 for signed lookups, not a verified record for the key, counts as a failed query and the lookup goes on.  A plain
 lookup stops at the first valid value; a signed lookup runs to its end and returns the highest valid ``seq``.
@@ -125,6 +128,7 @@ AUTH_DOMAIN: Final = "p2pmsg-dht-auth"
 AUTH_PAYLOAD_TYPE: Final = b"/p2pmsg/dht-auth/1"
 MAX_AUTH_RESPONSE: Final = 512
 _MAX_DEFERRED_PER_ADDRESS: Final = 8
+_VERIFIED_CACHE_SIZE: Final = 128
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,6 +157,9 @@ class DhtConfig:
     max_peers_tracked: int = 8192
     #: Whether to mark message ids and speak the p2pmsg extension RPCs at all.
     extensions: bool = True
+    #: An address whose request timed out is not asked by lookups for this long, unless heard from meanwhile (other
+    #: nodes' answers keep naming a dead node until their tables evict it: each lookup would wait for it again).
+    silent_memory: float = 60.0
     #: A bucket no lookup went through for this long is refreshed with a lookup of a random id in it.
     refresh_interval: float = 3600.0
     #: Whether to hand signed records off to closer newcomers (module docstring), and its bounds.
@@ -164,8 +171,8 @@ class DhtConfig:
     def __post_init__(self) -> None:
         if self.k < 1 or self.alpha < 1:
             raise DhtUsageError("DhtConfig.k and alpha must be positive")
-        if not self.refresh_interval > 0:
-            raise DhtUsageError("DhtConfig.refresh_interval must be positive")
+        if not self.refresh_interval > 0 or self.silent_memory < 0:
+            raise DhtUsageError("DhtConfig.refresh_interval must be positive and silent_memory not negative")
         if self.handoff_max_records < 0 or self.handoff_rate <= 0 or self.handoff_burst < 1:
             raise DhtUsageError("DhtConfig handoff bounds: max_records >= 0, rate > 0, burst >= 1")
         if not 0 < self.stall_timeout <= self.rpc_timeout:
@@ -286,6 +293,8 @@ class DhtEngine:
         self._deferred: dict[Address, list[bytes]] = {}
         self._peers: OrderedDict[bytes, _Peer] = OrderedDict()
         self._signed_keys: OrderedDict[bytes, None] = OrderedDict()
+        self._verified: OrderedDict[tuple[bytes, bytes], VerifiedRecord] = OrderedDict()
+        self._silent: OrderedDict[Address, float] = OrderedDict()
         self._lookups: dict[int, _LookupOp] = {}
         self._next_op = 1
         self._out: list[tuple[bytes, Address]] = []
@@ -314,6 +323,7 @@ class DhtEngine:
                 "handoffs_sent",
                 "handoffs_stored",
                 "handoffs_skipped",
+                "silent_skipped",
             ),
             0,
         )
@@ -361,6 +371,7 @@ class DhtEngine:
             if call is not None and call.deadline <= now:
                 del self._pending[msg_id]
                 self.stats["timeouts"] += 1
+                self._note_silent(call.address, now)
                 self._on_failure(call, now, timed_out=True)
         for op_id in list(self._lookups):
             op = self._lookups.get(op_id)
@@ -482,6 +493,7 @@ class DhtEngine:
     # =================================================================================================================
 
     def _on_request(self, message: IncomingRequest, address: Address, now: float) -> None:
+        self._silent.pop(address, None)
         request = message.request
         if isinstance(request, UnknownRequest) or (isinstance(request, AuthRequest) and not self.config.extensions):
             self.stats["unknown_rpc"] += 1
@@ -564,7 +576,7 @@ class DhtEngine:
         try:
             if is_signed_value(value):
                 wall = self._wall()
-                record = verify_record_value(key, value, now=wall, max_size=self.config.storage.max_signed_value_size)
+                record = self._verify_record(key, value, wall)
                 assert isinstance(value, bytes)
                 self.storage.put_signed(
                     key, value, seq=record.seq, expires_at=now + (record.expires_at - wall), source=source, now=now
@@ -579,6 +591,40 @@ class DhtEngine:
             log.debug("refusing STORE of %s from %s: %s", key.hex(), source, exc)
             return False
         self.stats["stores_accepted"] += 1
+        return True
+
+    def _verify_record(self, key: bytes, value: object, wall: float) -> VerifiedRecord:
+        """:func:`verify_record_value`, remembering the last records that verified: a lookup meets the same bytes
+        at every holder, and one Ed25519 check is worth ~80 us.  A remembered record is only re-checked for expiry
+        (its other checks do not depend on time, and its lifetime bound only gets looser as time passes)."""
+        if isinstance(value, bytes):
+            cached = self._verified.get((key, value))
+            if cached is not None:
+                if cached.expires_at <= wall:
+                    del self._verified[(key, value)]
+                    raise RecordError(f"signed record expired at {cached.expires_at} (now {int(wall)})")
+                self._verified.move_to_end((key, value))
+                return cached
+        record = verify_record_value(key, value, now=wall, max_size=self.config.storage.max_signed_value_size)
+        self._verified[(key, record.value)] = record
+        while len(self._verified) > _VERIFIED_CACHE_SIZE:
+            self._verified.popitem(last=False)
+        return record
+
+    def _note_silent(self, address: Address, now: float) -> None:
+        self._silent[address] = now
+        self._silent.move_to_end(address)
+        while len(self._silent) > self.config.max_peers_tracked:
+            self._silent.popitem(last=False)
+
+    def _is_silent(self, address: Address, now: float) -> bool:
+        """Whether a request to ``address`` timed out less than ``silent_memory`` ago with nothing heard since."""
+        since = self._silent.get(address)
+        if since is None:
+            return False
+        if now - since >= self.config.silent_memory:
+            del self._silent[address]
+            return False
         return True
 
     def _reserve_signed_key(self, key: bytes) -> None:
@@ -616,13 +662,17 @@ class DhtEngine:
         if not signed:
             return
         own = int.from_bytes(self.node_id, "big")
-        new = int.from_bytes(newcomer.node_id, "big")
-        others = [int.from_bytes(c.node_id, "big") for c in self.table.contacts() if c.node_id != newcomer.node_id]
+        new = newcomer.id_int
+        others = [c.id_int for c in self.table.contacts() if c.node_id != newcomer.node_id]
+        # A contact c is closer to a key than this node iff the highest bit where c differs from this node is set in
+        # (own id XOR key).  So "no contact is closer" is one AND against the set of those highest bits.
+        classes = 0
+        for other in others:
+            classes |= 1 << ((other ^ own).bit_length() - 1)
         sent = 0
         for stored in signed:
             key = int.from_bytes(stored.key, "big")
-            ours = own ^ key
-            if any(other ^ key < ours for other in others):
+            if classes & (own ^ key):
                 continue  # another contact is closer to the key: leave the hand-off to it
             theirs = new ^ key
             if sum(1 for other in others if other ^ key < theirs) >= cfg.k:
@@ -775,6 +825,7 @@ class DhtEngine:
             return
         del self._pending[message.msg_id]
         self.guard.mark_proven(address, now)
+        self._silent.pop(address, None)
         body = message.body
         try:
             self._dispatch_answer(call, body, now)
@@ -911,9 +962,7 @@ class DhtEngine:
 
     def _verify(self, op: _LookupOp, value: object) -> VerifiedRecord | None:
         try:
-            return verify_record_value(
-                op.lookup.target, value, now=self._wall(), max_size=self.config.storage.max_signed_value_size
-            )
+            return self._verify_record(op.lookup.target, value, self._wall())
         except RecordError as exc:
             log.debug("rejecting record for %s: %s", op.lookup.target.hex(), exc)
             return None
@@ -953,7 +1002,10 @@ class DhtEngine:
                     request = FindNodeRequest(node_id=self.node_id, key=lookup.target)
                 else:
                     request = FindValueRequest(node_id=self.node_id, key=lookup.target)
-                if (
+                if self._is_silent(contact.address, now):
+                    self.stats["silent_skipped"] += 1
+                    lookup.on_failure(contact.node_id, now)
+                elif (
                     self._send_request(contact.address, request, _Purpose.LOOKUP, now, op=op.op, contact=contact)
                     is None
                 ):

@@ -117,6 +117,9 @@ class Lookup:
         self._by_id: dict[bytes, _Candidate] = {}
         self._addresses: set[Address] = set()
         self._order: list[tuple[int, bytes]] = []
+        # The asked-but-unresolved candidates, so nothing below has to scan every candidate.
+        self._in_flight: dict[bytes, _Candidate] = {}
+        self._stalled: dict[bytes, _Candidate] = {}
 
     # -- inputs ----------------------------------------------------------------------------------------------------
 
@@ -129,7 +132,7 @@ class Lookup:
                 continue
             if contact.address in self._addresses:
                 continue
-            dist = int.from_bytes(contact.node_id, "big") ^ self._target_int
+            dist = contact.id_int ^ self._target_int
             self._by_id[contact.node_id] = _Candidate(contact, dist, hop)
             self._addresses.add(contact.address)
             bisect.insort(self._order, (dist, contact.node_id))
@@ -143,21 +146,19 @@ class Lookup:
         if self.state is LookupState.FINISHED:
             return []
         self.tick(now)
-        in_flight = sum(1 for c in self._by_id.values() if c.state is QueryState.IN_FLIGHT)
         chosen: list[Contact] = []
         window = 0
         for _, node_id in self._order:
-            if in_flight >= self.alpha or window >= self.k or self.queries_sent >= self.max_queries:
+            if len(self._in_flight) >= self.alpha or window >= self.k or self.queries_sent >= self.max_queries:
                 break
             cand = self._by_id[node_id]
             if cand.state in (QueryState.FAILED, QueryState.STALLED):
                 continue
             window += 1
             if cand.state is QueryState.NEW:
-                cand.move(QueryState.IN_FLIGHT)
                 cand.stall_at = now + self.stall_timeout
+                self._move(cand, QueryState.IN_FLIGHT)
                 self.queries_sent += 1
-                in_flight += 1
                 chosen.append(cand.contact)
         self._check_done()
         return chosen
@@ -167,7 +168,7 @@ class Lookup:
         cand = self._by_id.get(node_id)
         if cand is None or cand.state not in (QueryState.IN_FLIGHT, QueryState.STALLED):
             return
-        cand.move(QueryState.RESPONDED)
+        self._move(cand, QueryState.RESPONDED)
         if self.state is LookupState.RUNNING:
             self.add_candidates(contacts, hop=cand.hop + 1)
         self._check_done()
@@ -177,14 +178,13 @@ class Lookup:
         cand = self._by_id.get(node_id)
         if cand is None or cand.state not in (QueryState.IN_FLIGHT, QueryState.STALLED):
             return
-        cand.move(QueryState.FAILED)
+        self._move(cand, QueryState.FAILED)
         self._check_done()
 
     def tick(self, now: float) -> None:
         """Mark queries unanswered for ``stall_timeout`` as ``STALLED`` (they stop counting against alpha)."""
-        for cand in self._by_id.values():
-            if cand.state is QueryState.IN_FLIGHT and now >= cand.stall_at:
-                cand.move(QueryState.STALLED)
+        for cand in [c for c in self._in_flight.values() if now >= c.stall_at]:
+            self._move(cand, QueryState.STALLED)
 
     def finish(self) -> None:
         """Stop now (the driver found what it looked for, or gives up)."""
@@ -201,8 +201,7 @@ class Lookup:
         """When the next in-flight query stalls (``None`` if nothing is in flight or the lookup is over)."""
         if self.finished:
             return None
-        times = [c.stall_at for c in self._by_id.values() if c.state is QueryState.IN_FLIGHT]
-        return min(times) if times else None
+        return min((c.stall_at for c in self._in_flight.values()), default=None)
 
     def state_of(self, node_id: bytes) -> QueryState | None:
         """The query state of a candidate, or ``None`` if it is not one."""
@@ -244,6 +243,16 @@ class Lookup:
 
     # -- internals -------------------------------------------------------------------------------------------------
 
+    def _move(self, cand: _Candidate, new: QueryState) -> None:
+        node_id = cand.contact.node_id
+        cand.move(new)
+        self._in_flight.pop(node_id, None)
+        self._stalled.pop(node_id, None)
+        if new is QueryState.IN_FLIGHT:
+            self._in_flight[node_id] = cand
+        elif new is QueryState.STALLED:
+            self._stalled[node_id] = cand
+
     def _trim(self) -> None:
         index = len(self._order) - 1
         while len(self._order) > self.max_candidates and index >= 0:
@@ -260,20 +269,21 @@ class Lookup:
             return
         members = 0
         all_responded = True
-        waiting = False
+        waiting = bool(self._in_flight or self._stalled)
         askable = False
-        for _, node_id in self._order:
-            cand = self._by_id[node_id]
-            if cand.state in (QueryState.IN_FLIGHT, QueryState.STALLED):
-                waiting = True
-            if cand.state is QueryState.FAILED:
+        for _, node_id in self._order:  # the first k that have not failed (and stop as soon as the outcome is known)
+            state = self._by_id[node_id].state
+            if state is QueryState.FAILED:
                 continue
-            if members < self.k:
-                members += 1
-                if cand.state is not QueryState.RESPONDED:
-                    all_responded = False
-                if cand.state is QueryState.NEW:
+            members += 1
+            if state is not QueryState.RESPONDED:
+                all_responded = False
+                if state is QueryState.NEW:
                     askable = True
+                if waiting or askable:
+                    break  # neither converged nor exhausted
+            if members >= self.k:
+                break
         converged = members > 0 and all_responded
         exhausted = not waiting and (not askable or self.queries_sent >= self.max_queries)
         if converged or exhausted:

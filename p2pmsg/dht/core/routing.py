@@ -154,14 +154,24 @@ class RoutingTable:
         ids = set(exclude_ids)
         addresses = set(exclude_addresses)
         key = int.from_bytes(target, "big")
-        candidates = [
-            c
-            for b in self._buckets
-            for c in b.contacts.values()
-            if c.node_id not in ids and (c.host, c.port) not in addresses
-        ]
-        candidates.sort(key=lambda c: int.from_bytes(c.node_id, "big") ^ key)
-        return candidates[:count]
+        # Buckets are disjoint prefix-aligned ranges, and XOR with the target maps them onto disjoint aligned ranges
+        # of distances: every id in a bucket nearer by its prefix is nearer than every id in a farther one.  So visit
+        # buckets by the distance of their prefix and sort contacts only within the buckets needed.
+        order = sorted(
+            self._buckets, key=lambda b: (b.low ^ key) >> (KEYSPACE_BITS - b.depth) << (KEYSPACE_BITS - b.depth)
+        )
+        closest: list[Contact] = []
+        for bucket in order:
+            if len(closest) >= count:
+                break
+            chunk = [
+                c
+                for c in bucket.contacts.values()
+                if c.node_id not in ids and (not addresses or (c.host, c.port) not in addresses)
+            ]
+            chunk.sort(key=lambda c: c.id_int ^ key)
+            closest.extend(chunk)
+        return closest[:count]
 
     def buckets(self) -> list[BucketInfo]:
         """A snapshot of every bucket, lowest range first."""
