@@ -6,8 +6,9 @@ The chat subscribes to the node's events *before* it fetches the history, so no 
 message ids already shown are remembered and never shown twice.  A background thread reads the event stream and
 prints the messages of this contact as they arrive (on a terminal also when the contact comes online or goes away),
 while the main thread reads lines from stdin and sends each non-blank one with the ``send`` method, which returns
-once the message is durably queued.  At end of input the event stream is closed (waking the thread) and the
-command returns: with piped input, every line has been queued by then.
+once the message is durably queued.  With piped input each queued line is confirmed on stdout as
+``queued <message id>`` (the same words as ``p2pmsg send``), so a script knows exactly what the node holds.  At end
+of input the event stream is closed (waking the thread) and the command returns: every line has been queued by then.
 """
 
 from __future__ import annotations
@@ -96,8 +97,11 @@ def run_chat(
             text = line.rstrip("\r\n")
             if not text.strip():
                 continue
-            client.call("send", name=name, text=text)
+            result = client.call("send", name=name, text=text)
             sent += 1
+            if not interactive and isinstance(result, dict):
+                # A script needs to know exactly what was durably queued (e.g. before a crash): say it per line.
+                show(f"{result.get('status', 'queued')} {result.get('id', '')}")
     except KeyboardInterrupt:
         pass
     finally:

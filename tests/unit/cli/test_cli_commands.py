@@ -369,6 +369,9 @@ async def test_chat_with_piped_input_sends_each_line_and_exits(home: Path) -> No
     assert result.exit_code == 0
     lines = result.output.splitlines()
     assert lines[0].endswith("] bob: hi there") and lines[1].endswith("] me: hello bob")
+    # Piped: every queued line is confirmed with its id, so a script knows what the node holds.
+    confirmations = [line for line in lines if line.startswith("queued ")]
+    assert len(confirmations) == 2 and all(len(line.split()[1]) == 32 for line in confirmations)
 
 
 async def test_chat_with_an_unknown_contact(home: Path) -> None:
