@@ -52,6 +52,30 @@ def test_closest_matches_brute_force() -> None:
     assert held[0] not in excluded
 
 
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32), count=st.integers(1, 60), target_near_own=st.booleans())
+def test_closest_is_the_brute_force_order_for_any_target_and_count(
+    seed: int, count: int, target_near_own: bool
+) -> None:
+    """closest() visits buckets by prefix distance; it must still equal a full sort, deep buckets included."""
+    rng = random.Random(seed)
+    own = rng.getrandbits(160)
+    table = RoutingTable(own.to_bytes(20, "big"), k=4, split_depth_modulus=2)
+    for i in range(120):
+        shared = rng.randrange(0, 160)  # ids sharing a prefix of every length with ours: buckets of every depth
+        value = (
+            (own >> (160 - shared) << (160 - shared)) | rng.getrandbits(160 - shared)
+            if shared
+            else rng.getrandbits(160)
+        )
+        table.observe(contact(value, port=1 + i), 0.0)
+    target = (own ^ rng.getrandbits(rng.randrange(1, 40))) if target_near_own else rng.getrandbits(160)
+    key = target.to_bytes(20, "big")
+    expected = sorted(table.contacts(), key=lambda c: distance(c.node_id, key))[:count]
+    assert table.closest(key, count) == expected
+    assert len(table.buckets()) > 3
+
+
 def test_full_unsplittable_bucket_pings_oldest_and_keeps_it_if_alive() -> None:
     table = RoutingTable(OWN, k=3, split_depth_modulus=1)
     first = [far(i) for i in range(3)]
