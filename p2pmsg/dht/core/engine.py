@@ -39,11 +39,13 @@ machine below.
 
 **Lookups** (:class:`~p2pmsg.dht.core.lookup.Lookup`) query ``alpha`` nodes at a time, skipping (as failed) an
 address that let a request of ours time out less than ``silent_memory`` seconds ago and was not heard from since --
-after churn, other nodes keep naming the dead for a while, and each lookup would otherwise wait for them again;
-answers are validated before
-they count: a ``find_value`` answer holding a value that is not a plain value (a planted list, map, ``None``...) or,
-for signed lookups, not a verified record for the key, counts as a failed query and the lookup goes on.  A plain
-lookup stops at the first valid value; a signed lookup runs to its end and returns the highest valid ``seq``.
+after churn, other nodes keep naming the dead for a while, and each lookup would otherwise wait for them again.
+Answers are validated before they count: a ``find_value`` answer holding a value that is not a plain value (a
+planted list, map, ``None``...) or, for signed lookups, not a verified record for the key, counts as a failed query
+and the lookup goes on.  A plain lookup stops at the first valid value.  A signed lookup returns the highest valid
+``seq`` it saw; it stops once the ``k`` closest non-failed candidates have all answered and one of them held a valid
+record -- a publisher puts the record on the ``k`` closest -- or else runs on over the ``2k`` closest, where the
+extra verified replicas are.
 
 **Lifecycle.**  Stored values expire on their own: the driver also calls :meth:`~DhtEngine.tick` at
 :meth:`~DhtEngine.next_expiry`, which drops them, with no traffic needed.  A holder never extends a value's lifetime: a
@@ -255,6 +257,7 @@ class _LookupOp:
     record: VerifiedRecord | None = None
     rejected: int = 0
     hops: int | None = None
+    holders: set[bytes] = dataclasses.field(default_factory=set)
 
 
 class DhtEngine:
@@ -981,6 +984,7 @@ class DhtEngine:
             answer = parse_find_value_response(body)
             if isinstance(answer, FoundValue):
                 if self._consider_value(op, answer.value, now):
+                    op.holders.add(contact.node_id)
                     if op.hops is None:
                         op.hops = op.lookup.hop_of(contact.node_id)
                     op.lookup.on_response(contact.node_id, (), now)
@@ -992,6 +996,8 @@ class DhtEngine:
 
     def _pump(self, op: _LookupOp, now: float) -> None:
         lookup = op.lookup
+        if op.holders and lookup.settled(self.config.k, op.holders):
+            lookup.finish()  # a signed lookup: the k closest all answered and one of them holds a valid record
         while not lookup.finished:
             queries = lookup.next_queries(now)
             if not queries:

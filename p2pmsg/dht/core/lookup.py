@@ -208,6 +208,23 @@ class Lookup:
         cand = self._by_id.get(node_id)
         return None if cand is None else cand.state
 
+    def settled(self, count: int, holders: set[bytes]) -> bool:
+        """Whether the ``count`` closest candidates that have not failed all ``RESPONDED`` and one of them is in
+        ``holders`` (the driver's early stop for signed lookups)."""
+        members = 0
+        held = False
+        for _, node_id in self._order:
+            state = self._by_id[node_id].state
+            if state is QueryState.FAILED:
+                continue
+            if state is not QueryState.RESPONDED:
+                return False
+            held = held or node_id in holders
+            members += 1
+            if members >= count:
+                break
+        return held
+
     def hop_of(self, node_id: bytes) -> int:
         """How many referrals led to a candidate: 1 for a seed, ``n + 1`` for a contact first named by the answer
         of a hop-``n`` candidate (0 if it is not a candidate)."""

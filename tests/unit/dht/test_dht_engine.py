@@ -513,3 +513,53 @@ def test_signed_records_go_to_extra_verified_nodes_when_stock_nodes_are_closest(
     assert all(publisher.is_verified(c) for c in extras)
     assert {c.node_id for c in extras} <= {e.node_id for e in engines}
     assert extras == [c for c in done.closest[4:] if publisher.is_verified(c)][:3]
+
+
+def test_signed_lookup_stops_once_the_k_closest_answered_with_a_holder_among_them() -> None:
+    net, engines = build_network(45)
+    owner, reader = engines[2], engines[30]
+    key = peer_record_key(owner.identity.peer_id)
+    record = seal_peer_record(
+        owner.identity, PeerRecord(peer_id=owner.identity.peer_id, addrs=(), seq=3, expires_at=int(net.wall()) + 600)
+    )
+    done = net.wait(owner, owner.lookup_nodes(key, net.now, count=40))
+    assert isinstance(done, LookupDone)
+    stored = [net.wait(owner, owner.store(c, key, record, net.now)) for c in owner.signed_record_targets(done)]
+    assert sum(isinstance(e, StoreDone) and e.stored for e in stored) == 20  # all verified: the k closest only
+    wide = net.wait(reader, reader.lookup_nodes(key, net.now, count=40))
+    found = net.wait(reader, reader.lookup_value(key, net.now, mode=ValueMode.SIGNED, use_local=False))
+    assert isinstance(wide, LookupDone) and isinstance(found, LookupDone)
+    assert found.record is not None and found.record.seq == 3
+    assert found.queries < wide.queries  # it did not walk the 2k closest
+
+
+def test_signed_lookup_reads_past_the_k_closest_when_they_hold_only_junk() -> None:
+    config = DhtConfig(k=4)
+    net, engines = build_network(12, config=config)
+    publisher, reader = engines[0], engines[9]
+    key = peer_record_key(publisher.identity.peer_id)
+    everyone = [Contact(node_id=e.node_id, host=net.address_of(e)[0], port=net.address_of(e)[1]) for e in engines]
+    stocks = []
+    for n in (1, 2, 3, 4):  # four stock nodes are the k = 4 closest to the key
+        stock_id = bytes(a ^ b for a, b in zip(key, b"\x00" * 19 + bytes([n]), strict=True))
+        stock = FakeStock(node_id=stock_id, known=everyone[1:])
+        address: Address = (f"10.9.4.{n}", 7000)
+        net.raw[address] = stock
+        stocks.append(stock)
+        for engine in (publisher, reader):
+            net.inject(address, net.address_of(engine), stock.request("find_node", (stock_id, stock_id)))
+    net.run()
+    record = seal_peer_record(
+        publisher.identity,
+        PeerRecord(peer_id=publisher.identity.peer_id, addrs=(), seq=7, expires_at=int(net.wall()) + 600),
+    )
+    done = net.wait(publisher, publisher.lookup_nodes(key, net.now, count=8))
+    assert isinstance(done, LookupDone)
+    for contact in publisher.signed_record_targets(done):
+        net.wait(publisher, publisher.store(contact, key, record, net.now))
+    for stock in stocks:
+        stock.values[key] = b"P2R\x01junk"  # whatever anyone stores next
+    found = net.wait(reader, reader.lookup_value(key, net.now, mode=ValueMode.SIGNED, use_local=False))
+    assert isinstance(found, LookupDone)
+    assert found.record is not None and found.record.seq == 7  # from the verified extras beyond the k closest
+    assert found.rejected_values == 4
