@@ -348,17 +348,18 @@ class Receipts:
 
     def __call__(self, event: str, /, **fields: Any) -> None:
         if event == "receipt" and fields.get("status") == "delivered":
-            mid = fields["id"]
-            self.delivered[mid] = time.perf_counter()
-            waiter = self.waiters.pop(mid, None)
-            if waiter is not None:
-                waiter.set()
-            if mid in self.group:
-                self._hit()
-            if mid in self.window_ids:
-                self.window_ids.discard(mid)
-                assert self.window is not None
-                self.window.release()
+            now = time.perf_counter()
+            for mid in fields["ids"]:  # one event per acknowledged batch
+                self.delivered[mid] = now
+                waiter = self.waiters.pop(mid, None)
+                if waiter is not None:
+                    waiter.set()
+                if mid in self.group:
+                    self._hit()
+                if mid in self.window_ids:
+                    self.window_ids.discard(mid)
+                    assert self.window is not None
+                    self.window.release()
         if self.inner is not None:
             self.inner(event, **fields)
 

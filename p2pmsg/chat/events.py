@@ -93,16 +93,18 @@ class MessageEvent:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReceiptEvent:
-    """An outgoing message changed status (``sent``, ``delivered`` or ``failed``)."""
+    """Outgoing messages to one peer changed status (``sent``, ``delivered`` or ``failed``): one event per batch,
+    so a burst of thousands of messages costs a subscriber a handful of events, not one per message."""
 
     name: ClassVar[str] = "receipt"
-    id: str
+    ids: tuple[str, ...]
+    """The message ids (hex), in the order the batch was written or acknowledged."""
     peer_id: str
     status: str
 
     def fields(self) -> dict[str, Any]:
         """The event's fields for the control API."""
-        return {"id": self.id, "peer_id": self.peer_id, "status": self.status}
+        return {"ids": list(self.ids), "peer_id": self.peer_id, "status": self.status}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

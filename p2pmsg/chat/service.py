@@ -363,6 +363,12 @@ class ChatService:
             self._dropped["chat_event_unpublishable"] += 1
             log.exception("chat: the event sink failed on a %s event", event.name)
 
+    def _publish_receipt(self, peer: PeerId, ids: Sequence[bytes], status: str) -> None:
+        """One ``receipt`` event for a whole batch (nothing at all when nobody listens)."""
+        if self._events is None:
+            return
+        self._publish(ev.ReceiptEvent(ids=tuple(mid.hex() for mid in ids), peer_id=self._text(peer), status=status))
+
     # ------------------------------------------------------------------------------------------------- outbox
 
     async def _outbox_worker(self) -> None:
@@ -741,8 +747,7 @@ class ChatService:
                 session.held.difference_update(ids)
                 self._inflight.difference_update(ids)
                 if marked == len(ids):  # otherwise some receipts overtook the mark: their "delivered" says enough
-                    for mid in ids:
-                        self._publish(ev.ReceiptEvent(id=mid.hex(), peer_id=self._text(session.peer), status="sent"))
+                    self._publish_receipt(session.peer, ids, "sent")
 
     async def _reader(self, session: _Session) -> str:
         await self._write(session, session.conn.send_hello())
@@ -886,8 +891,8 @@ class ChatService:
         )
         for mid in ids:
             session.written.pop(mid, None)
-        for mid in delivered:
-            self._publish(ev.ReceiptEvent(id=mid.hex(), peer_id=self._text(session.peer), status="delivered"))
+        if delivered:
+            self._publish_receipt(session.peer, delivered, "delivered")
 
     def _close_sessions(self, peer: PeerId) -> None:
         for session in self._sessions.get(peer, []):

@@ -136,10 +136,14 @@ class EventHub:
     def publish(self, event: str, /, **fields: Any) -> None:
         """Send ``{"event": event, **fields}`` to every subscriber.
 
-        Raises :class:`LocalProtocolError` (the caller's bug) if the event cannot be encoded or is too large.
+        With no subscriber it only counts the event (nothing is encoded: the hot paths publish per batch whether or
+        not anyone listens).  Raises :class:`LocalProtocolError` (the caller's bug) if the event cannot be encoded or
+        is too large.
         """
-        frame = encode_event(event, fields, max_size=self._max_event_size)
         self._published += 1
+        if not self._subscribers:  # the usual case: nobody listens, so encode nothing
+            return
+        frame = encode_event(event, fields, max_size=self._max_event_size)
         for subscriber in list(self._subscribers):
             if subscriber.queued_bytes + len(frame) > self._max_queued_bytes:
                 self._drop_slow(subscriber)

@@ -138,7 +138,7 @@ async def test_send_and_receive_both_ways_with_receipts(tmp_path: Path) -> None:
             ("hi alice", "in", "received"),
         ]
         assert history[0]["from"] == str(ALICE.peer_id) and history[1]["from"] == str(BOB.peer_id)
-        assert [r["status"] for r in alice.seen("receipt") if r["id"] == sent["id"]][-1] == "delivered"
+        assert [r["status"] for r in alice.seen("receipt") if sent["id"] in r["ids"]][-1] == "delivered"
         assert (await alice.chat.inbox())[0] | {"last_ts": 0} == {
             "name": "bob",
             "peer_id": str(BOB.peer_id),
@@ -154,7 +154,7 @@ async def test_send_and_receive_both_ways_with_receipts(tmp_path: Path) -> None:
 
 
 def _has_receipt(node: Node, message_id: str, status: str) -> bool:
-    return any(r["id"] == message_id and r["status"] == status for r in node.seen("receipt"))
+    return any(message_id in r["ids"] and r["status"] == status for r in node.seen("receipt"))
 
 
 async def test_offline_peer_gets_everything_once_in_order(tmp_path: Path) -> None:

@@ -41,7 +41,11 @@ def test_event_payloads_match_the_control_contract() -> None:
         "message",
         {"id": "ab" * 16, "peer_id": "12D3", "name": None, "from": "12D3", "text": "t", "ts": 5, "direction": "in"},
     )
-    assert ev.ReceiptEvent(id="x", peer_id="p", status="sent").fields() == {"id": "x", "peer_id": "p", "status": "sent"}
+    assert ev.ReceiptEvent(ids=("x", "y"), peer_id="p", status="sent").fields() == {
+        "ids": ["x", "y"],
+        "peer_id": "p",
+        "status": "sent",
+    }
     assert ev.PeerUpEvent(peer_id="p", contact="bob", direction="inbound", addr="/ip4/1.2.3.4/tcp/1").fields() == {
         "peer_id": "p",
         "name": "bob",

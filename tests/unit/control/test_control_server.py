@@ -358,6 +358,9 @@ async def test_subscribe_without_a_hub_is_a_bad_request(home: Path) -> None:
 
 def test_publish_refuses_unencodable_or_oversize_events() -> None:
     hub = EventHub(max_event_size=1000)
+    hub.publish("message", payload=object())  # nobody subscribed: counted, never encoded
+    assert hub.published == 1
+    hub._add()
     with pytest.raises(LocalProtocolError):
         hub.publish("message", payload=object())
     with pytest.raises(LocalProtocolError, match="more than the maximum 1000"):
