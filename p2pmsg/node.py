@@ -35,7 +35,7 @@ import socket as _socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import trio
 
@@ -47,7 +47,7 @@ from p2pmsg.control.server import ControlServer, EventHub
 from p2pmsg.control.socketpath import SocketState, control_socket_path, probe_socket
 from p2pmsg.dht.core.contact import Contact
 from p2pmsg.dht.service import DEFAULT_RECORD_TTL, DhtNode
-from p2pmsg.errors import LocalProtocolError
+from p2pmsg.errors import LocalProtocolError, P2PMsgError
 from p2pmsg.identity import Identity
 from p2pmsg.net.listener import Listener
 from p2pmsg.store import repo
@@ -56,6 +56,7 @@ from p2pmsg.store.models import DhtNode as SavedDhtNode
 from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DATABASE_FILENAME: Final = "p2pmsg.db"
 ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
@@ -224,6 +225,7 @@ class Node:
         self.addrs: list[Multiaddr] = []
         self._bootstrap: list[tuple[str, int]] = []
         self._started = time.monotonic()
+        self.maintenance_failures: collections.Counter[str] = collections.Counter()
         self.ready = trio.Event()
 
     # -- control methods -------------------------------------------------------------------------------------------
@@ -254,6 +256,7 @@ class Node:
             "listener": listener.as_dict(),
             "dht": dht_stats,
             "dropped": {reason: count for reason, count in sorted(dropped.items()) if count},
+            "maintenance_failures": dict(self.maintenance_failures),
         }
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
@@ -275,26 +278,39 @@ class Node:
             task_status.started(self)
 
     async def _maintain(self) -> None:
-        """Bootstrap, publish and republish our peer record, save the routing table (module docstring)."""
+        """Bootstrap, publish and republish our peer record, save the routing table (module docstring).
+
+        A step that fails (the DHT refuses, the network is down, too many lookups at once) is logged, counted in
+        ``status`` (``maintenance_failures``) and retried on the next round: maintenance never takes the node down.
+        """
         try:
-            await self._join()
+            await self._attempt("join", self._join())
             published_at = -math.inf
             published_addrs: list[Multiaddr] = []
             last_save = trio.current_time()
             while True:
                 now = trio.current_time()
                 stale = published_addrs != self.addrs or now - published_at >= self.options.record_ttl / 2
-                if stale and await self._publish():
+                if stale and await self._attempt("publish", self._publish()):
                     published_at, published_addrs = now, list(self.addrs)
                 if now - last_save >= self.options.save_interval:
                     await self._save_routing_table()
                     last_save = now
                 if len(self.dht.routing_table_snapshot()) == 0 and self._bootstrap:
-                    await self._join()
+                    await self._attempt("join", self._join())
                 await trio.sleep(self.options.check_interval)
         finally:
             with trio.CancelScope(shield=True):
                 await self._save_routing_table()
+
+    async def _attempt(self, step: str, work: Awaitable[T]) -> T | None:
+        """Run one maintenance step; a failure is logged and counted, and ``None`` returned."""
+        try:
+            return await work
+        except (P2PMsgError, OSError) as exc:
+            self.maintenance_failures[step] += 1
+            log.warning("maintenance: %s failed (will retry): %s", step, exc)
+            return None
 
     async def _join(self) -> None:
         saved = await self.db.read(repo.load_dht_nodes)

@@ -176,3 +176,32 @@ async def test_user_errors_reach_the_client_with_their_codes(pair: tuple[Node, N
     with pytest.raises(ControlRequestError) as taken:
         await call(alice.home, "contacts.add", target=str(Identity.generate().peer_id), name="bob")
     assert taken.value.code == "name_taken"
+
+
+async def test_failed_publish_is_retried_and_never_stops_the_node(
+    pair: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A DHT that refuses our record (e.g. its store was flooded full) is a fault we inject: the node must log it,
+    count it, keep serving and publish again on the next round."""
+    from p2pmsg.dht.core.errors import DhtUsageError
+
+    alice, _bob = pair
+    real = alice.dht.publish_peer_record
+    calls = 0
+
+    async def refusing(*args: Any, **kwargs: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise DhtUsageError("the local store refused the record")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(alice.dht, "publish_peer_record", refusing)
+    alice.addrs = [*alice.addrs, Multiaddr.parse("/ip4/127.0.0.1/tcp/9")]  # an address change forces a publish
+    await wait_for(lambda: _async_value(calls >= 2), "the publish to be retried")
+    status = await call(alice.home, "status")
+    assert status["maintenance_failures"] == {"publish": 1}
+
+
+async def _async_value(value: bool) -> bool:
+    return value
