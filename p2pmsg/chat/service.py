@@ -3,8 +3,10 @@
 Theory of operation
 -------------------
 **Sending.**  :meth:`ChatService.send` seals the text into an envelope (:mod:`p2pmsg.chat.envelope`) and stores the
-message and its outbox row in one SQLite transaction (``repo.enqueue``); it returns once that transaction is committed
-and synced, so a message reported ``queued`` survives a crash.  Nothing else is ever needed to deliver it: the
+message and its outbox row in one SQLite transaction; it returns once that transaction is committed and synced, so a
+message reported ``queued`` survives a crash.  Concurrent sends share that transaction: every ``send`` that arrives
+while one enqueue commits joins the next (``repo.enqueue_many``, one sync per round), which is handed to the sessions
+in send order.  Nothing else is ever needed to deliver it: the
 *outbox worker* repeatedly reads the entries that are due (``repo.due``) and, per recipient, hands them to a live
 session or starts one dial.  A session writes envelopes in batches (one ``send_all`` per batch) and marks them
 ``sent`` with a retry time (:attr:`ChatConfig.resend_after_ms`); the recipient's receipt marks them ``delivered``
@@ -85,6 +87,7 @@ from p2pmsg.store import repo
 from p2pmsg.store.db import Database
 from p2pmsg.store.models import (
     DEFAULT_BACKOFF,
+    MAX_BATCH_ITEMS,
     MAX_QUERY_LIMIT,
     MAX_TIMESTAMP,
     Backoff,
@@ -93,6 +96,7 @@ from p2pmsg.store.models import (
     HistoryCursor,
     IncomingMessage,
     OutboxEntry,
+    OutgoingMessage,
     StoredMessage,
 )
 from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
@@ -236,6 +240,28 @@ class _Session:
     without overtaking older ones."""
 
 
+@dataclasses.dataclass(eq=False, slots=True)
+class _Queued:
+    """One ``send`` waiting for its enqueue transaction."""
+
+    peer: PeerId
+    contact: Contact
+    sealed: SealedEnvelope
+    text: str
+    now: int
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _EnqueueRound:
+    """The sends that share one ``repo.enqueue_many`` transaction (group commit at the service level)."""
+
+    items: list[_Queued] = dataclasses.field(default_factory=list)
+    closed: bool = False
+    """The transaction started: no item may join or leave any more."""
+    done: trio.Event = dataclasses.field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Stored:
     message: ChatMessage
@@ -307,6 +333,8 @@ class ChatService:
         self._peer_texts: dict[PeerId, str] = {}
         self._peer_ids: dict[bytes, PeerId] = {}
         self._contact_generation = 0
+        self._enqueue_open: _EnqueueRound | None = None
+        self._enqueue_lock = trio.Lock()
 
     # ------------------------------------------------------------------------------------------------- lifecycle
 
@@ -1043,35 +1071,85 @@ class ChatService:
         peer = self._peer_of(contact.peer_id)
         now = self._now()
         sealed = self._sealer.seal(peer, text, ts=now)
-        stored = await self._db.write(
-            lambda c: repo.enqueue(
-                c,
-                message_id=sealed.id,
-                recipient=contact.peer_id,
-                sender=self._own,
-                text=text,
-                sent_at=now,
-                envelope=sealed.raw,
-                now=now,
-            )
-        )
-        session = self._best_session(peer)
-        if session is not None and session.in_order and len(session.pending) < self.config.max_session_queue:
-            self._hand_over(session, sealed.id, sealed.raw)  # the fast path: no outbox round needed
-        else:
+        await self._enqueue(_Queued(peer=peer, contact=contact, sealed=sealed, text=text, now=now))
+        return {"id": sealed.id_hex, "status": "queued"}
+
+    async def _enqueue(self, item: _Queued) -> None:
+        """Store ``item`` durably, together with every other ``send`` that arrives while the previous enqueue
+        transaction commits: one ``repo.enqueue_many`` and one sync per round, whatever the number of callers.
+
+        The first caller of a round (its *leader*) waits for the previous round, then writes the whole round and
+        hands it over in send order; the others wait for it.  Cancellation keeps ``db.write``'s contract: a caller
+        cancelled before its round started is withdrawn (nothing written); once the round started, the call returns
+        normally after the commit (the leader is shielded throughout, as its round carries the others' messages).
+        """
+        batch = self._enqueue_open
+        if batch is not None and len(batch.items) < MAX_BATCH_ITEMS:
+            batch.items.append(item)
+            try:
+                await batch.done.wait()
+            except trio.Cancelled:
+                if not batch.closed:
+                    batch.items.remove(item)
+                    raise
+                with trio.CancelScope(shield=True):
+                    await batch.done.wait()
+            if batch.error is not None:
+                raise batch.error
+            return
+        batch = self._enqueue_open = _EnqueueRound(items=[item])
+        with trio.CancelScope(shield=True):
+            async with self._enqueue_lock:
+                if self._enqueue_open is batch:
+                    self._enqueue_open = None
+                batch.closed = True
+                items = batch.items
+                rows = [
+                    OutgoingMessage(
+                        message_id=q.sealed.id,
+                        recipient=q.contact.peer_id,
+                        sender=self._own,
+                        text=q.text,
+                        sent_at=q.now,
+                        envelope=q.sealed.raw,
+                    )
+                    for q in items
+                ]
+                now = max(self._now(), items[-1].now)
+                try:
+                    await self._db.write(functools.partial(repo.enqueue_many, items=rows, now=now))
+                except BaseException as exc:
+                    batch.error = exc
+                    raise
+                finally:
+                    batch.done.set()
+        self._after_enqueue(items)
+
+    def _after_enqueue(self, items: list[_Queued]) -> None:
+        """Hand a committed round to the sessions (in send order) and publish its ``message`` events."""
+        poke = False
+        limit = self.config.max_session_queue
+        own = self._text(self.identity.peer_id)
+        for q in items:
+            session = self._best_session(q.peer)
+            if session is not None and session.in_order and len(session.pending) < limit:
+                self._hand_over(session, q.sealed.id, q.sealed.raw)  # the fast path: no outbox round needed
+            else:
+                poke = True
+            if self._events is not None:
+                self._publish(
+                    ev.MessageEvent(
+                        id=q.sealed.id_hex,
+                        peer_id=self._text(q.peer),
+                        contact=q.contact.name,
+                        sender=own,
+                        text=q.text,
+                        ts=q.now,
+                        direction="out",
+                    )
+                )
+        if poke:
             self._poke()
-        self._publish(
-            ev.MessageEvent(
-                id=sealed.id_hex,
-                peer_id=self._text(peer),
-                contact=contact.name,
-                sender=self._text(self.identity.peer_id),
-                text=text,
-                ts=now,
-                direction="out",
-            )
-        )
-        return {"id": sealed.id_hex, "status": stored.status.value}
 
     async def history(self, name: str, limit: int | None = None, before: int | None = None) -> list[dict[str, Any]]:
         """The conversation with ``name``, oldest first: the newest ``limit`` messages (sent before ``before`` ms)."""

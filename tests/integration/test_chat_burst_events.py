@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+import trio.testing
 
 from p2pmsg.chat.service import ChatConfig, ChatService
 from p2pmsg.control import ControlServer, EventHub, control_socket_path
@@ -117,3 +119,42 @@ async def test_a_reading_subscriber_survives_a_burst_of_sends(home: Path) -> Non
         assert len(receipts) < len(sent)  # batched, not one event per message and status
         nursery.cancel_scope.cancel()
     await stream.aclose()
+
+
+async def test_concurrent_sends_share_transactions_and_a_withdrawn_send_is_not_stored(home: Path) -> None:
+    """Sends that arrive while an enqueue commits are written together, in call order, exactly once; a send
+    cancelled before its round started is withdrawn (never stored), like a cancelled ``db.write``."""
+    async with open_database(home / "p2pmsg.db") as db, trio.open_nursery() as nursery:
+        alice = ChatService(ALICE, db, config=ChatConfig())
+        await alice.add_contact(str(BOB.peer_id), "bob")  # no session: everything stays queued
+        first = await alice.send("bob", "first")  # also caches the contact: later sends reach the queue at once
+        gate = threading.Event()
+        before = db.stats.writes
+        nursery.start_soon(db.write, lambda c: gate.wait(10))  # holds the writer thread
+        await trio.testing.wait_all_tasks_blocked()
+        results: dict[int, str] = {}
+
+        async def send(i: int) -> None:
+            results[i] = (await alice.send("bob", f"text {i}"))["id"]
+
+        async with trio.open_nursery() as senders:
+            for i in range(40):
+                senders.start_soon(send, i)
+                await trio.testing.wait_all_tasks_blocked()  # call order = i
+            withdrawn = trio.CancelScope()
+
+            async def cancelled_send() -> None:
+                with withdrawn:
+                    await alice.send("bob", "never stored")
+
+            senders.start_soon(cancelled_send)
+            await trio.testing.wait_all_tasks_blocked()
+            withdrawn.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+        history = await alice.history("bob", limit=100)
+        assert [m["text"] for m in history] == ["first"] + [f"text {i}" for i in range(40)]
+        assert [m["id"] for m in history] == [first["id"]] + [results[i] for i in range(40)]
+        # Write functions run: the gate, the first send's round, and one round for the 39 that waited behind it.
+        assert db.stats.writes - before == 3
+        nursery.cancel_scope.cancel()
