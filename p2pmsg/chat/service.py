@@ -249,6 +249,8 @@ class _Queued:
     sealed: SealedEnvelope
     text: str
     now: int
+    ahead: bool = False
+    """Enqueued with its resend time already set (a session was ready to take it): no ``mark_sent`` write."""
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -335,6 +337,8 @@ class ChatService:
         self._contact_generation = 0
         self._enqueue_open: _EnqueueRound | None = None
         self._enqueue_lock = trio.Lock()
+        self._premarked: set[bytes] = set()
+        """Handed to a session with the resend time written at enqueue: the sender does not mark them sent."""
 
     # ------------------------------------------------------------------------------------------------- lifecycle
 
@@ -348,6 +352,9 @@ class ChatService:
         if self._nursery is not None:
             raise LocalProtocolError("ChatService.run is already running")
         try:
+            # Entries enqueued with their resend time ahead may not have reached the wire before we stopped.
+            now = self._now()
+            await self._db.write(lambda c: repo.expedite_unattempted(c, now=now))
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._outbox_worker)
@@ -506,6 +513,19 @@ class ChatService:
         if count:
             log.info("chat: %d message(s) to %s rescheduled: %s", count, peer, error)
 
+    async def _reschedule_ids(self, ids: Sequence[bytes], error: str) -> None:
+        """Count a failed attempt for these entries: each gets its next try after the backoff."""
+        now = self._now()
+        jitter = _FixedRandom(self._rng.random())
+        backoff = self.config.backoff
+
+        def txn(conn: sqlite3.Connection) -> None:
+            for mid in ids:
+                repo.reschedule(conn, mid, now=now, error=error, backoff=backoff, rng=jitter)
+
+        await self._db.write(txn)
+        self._poke()
+
     async def _expedite(self, peer: PeerId) -> None:
         now = self._now()
         raw = peer.to_bytes()
@@ -650,6 +670,7 @@ class ChatService:
     async def _run_session(self, channel: SecureChannel, direction: str, addr: str, dialed: bool) -> None:
         peer = channel.remote_peer
         session: _Session | None = None
+        unsent: list[bytes] = []
         try:
             if peer == self.identity.peer_id:
                 self._drop("chat_self_connection", "a channel to ourselves")
@@ -713,6 +734,8 @@ class ChatService:
                     sessions.remove(session)
                 if not sessions:
                     self._sessions.pop(peer, None)
+                unsent = [mid for mid in session.held if mid in self._premarked]  # their rows are not due yet
+                self._premarked.difference_update(unsent)
                 self._inflight.difference_update(session.held)
                 session.held.clear()
                 session.pending.clear()
@@ -726,7 +749,10 @@ class ChatService:
                 # What was written but not acknowledged, and what is due, waits for the backoff: a peer that closes
                 # every session at once (it blocked us, it is overloaded) is not hammered with redials.
                 with contextlib.suppress(store_errors.StoreClosedError):
-                    await self._reschedule_peer(peer, f"session closed: {reason}", session.written)
+                    await self._reschedule_peer(peer, f"session closed: {reason}", [*session.written, *unsent])
+            elif unsent:  # another session lives: these go out on it once due
+                with contextlib.suppress(store_errors.StoreClosedError):
+                    await self._reschedule_ids(unsent, f"session closed: {reason}")
 
     async def _guarded(self, session: _Session, body: Callable[[_Session], Awaitable[str]]) -> None:
         """Run a session task; turn the ways a session ends into its close reason, then end the whole session."""
@@ -767,6 +793,21 @@ class ChatService:
                 # Recorded before the write: the receipts may come back before send_all returns.
                 session.written.update(dict.fromkeys(ids, trio.current_time()))
                 await self._write(session, session.conn.send_messages(raw for _, raw in batch))
+                premarked = self._premarked
+                if premarked:
+                    # Their outbox rows got the resend time at enqueue: nothing to write.  "sent" lives in memory
+                    # (session.written) until the receipt; after a crash they are due again and sent again.
+                    ahead = [mid for mid in ids if mid in premarked]
+                    if ahead:
+                        premarked.difference_update(ahead)
+                        session.held.difference_update(ahead)
+                        self._inflight.difference_update(ahead)
+                        written = session.written
+                        self._publish_receipt(session.peer, [m for m in ahead if m in written], "sent")
+                        if len(ahead) == len(ids):
+                            continue
+                        done = set(ahead)
+                        ids = [mid for mid in ids if mid not in done]
                 now = self._now()
                 retry_at = min(now + cfg.resend_after_ms, MAX_TIMESTAMP)
                 marked = await self._db.write(
@@ -1104,18 +1145,26 @@ class ChatService:
                     self._enqueue_open = None
                 batch.closed = True
                 items = batch.items
-                rows = [
-                    OutgoingMessage(
-                        message_id=q.sealed.id,
-                        recipient=q.contact.peer_id,
-                        sender=self._own,
-                        text=q.text,
-                        sent_at=q.now,
-                        envelope=q.sealed.raw,
-                    )
-                    for q in items
-                ]
                 now = max(self._now(), items[-1].now)
+                retry_at = min(now + self.config.resend_after_ms, MAX_TIMESTAMP)
+                ready: dict[PeerId, bool] = {}
+                rows = []
+                for q in items:
+                    if (ahead := ready.get(q.peer)) is None:
+                        session = self._best_session(q.peer)
+                        ahead = ready[q.peer] = session is not None and session.in_order
+                    q.ahead = ahead
+                    rows.append(
+                        OutgoingMessage(
+                            message_id=q.sealed.id,
+                            recipient=q.contact.peer_id,
+                            sender=self._own,
+                            text=q.text,
+                            sent_at=q.now,
+                            envelope=q.sealed.raw,
+                            next_attempt_at=retry_at if ahead else None,
+                        )
+                    )
                 try:
                     await self._db.write(functools.partial(repo.enqueue_many, items=rows, now=now))
                 except BaseException as exc:
@@ -1123,17 +1172,26 @@ class ChatService:
                     raise
                 finally:
                     batch.done.set()
-        self._after_enqueue(items)
+            stranded = self._after_enqueue(items)
+            if stranded:  # the session went away during the commit: make them due for the outbox worker
+                await self._db.write(lambda c: [repo.expedite(c, p.to_bytes(), now=now) for p in stranded])
+                self._poke()
 
-    def _after_enqueue(self, items: list[_Queued]) -> None:
-        """Hand a committed round to the sessions (in send order) and publish its ``message`` events."""
+    def _after_enqueue(self, items: list[_Queued]) -> set[PeerId]:
+        """Hand a committed round to the sessions (in send order) and publish its ``message`` events; return the
+        peers of entries enqueued with their resend time ahead that no session could take after all."""
         poke = False
+        stranded: set[PeerId] = set()
         limit = self.config.max_session_queue
         own = self._text(self.identity.peer_id)
         for q in items:
             session = self._best_session(q.peer)
             if session is not None and session.in_order and len(session.pending) < limit:
                 self._hand_over(session, q.sealed.id, q.sealed.raw)  # the fast path: no outbox round needed
+                if q.ahead:
+                    self._premarked.add(q.sealed.id)
+            elif q.ahead:
+                stranded.add(q.peer)
             else:
                 poke = True
             if self._events is not None:
@@ -1150,6 +1208,7 @@ class ChatService:
                 )
         if poke:
             self._poke()
+        return stranded
 
     async def history(self, name: str, limit: int | None = None, before: int | None = None) -> list[dict[str, Any]]:
         """The conversation with ``name``, oldest first: the newest ``limit`` messages (sent before ``before`` ms)."""

@@ -200,6 +200,9 @@ class OutgoingMessage:
     text: str
     sent_at: int
     envelope: bytes
+    next_attempt_at: int | None = None
+    """When the outbox row is first due; ``None``: at once (``now``).  A caller that hands the envelope to a live
+    session itself sets its resend time here, so the write after sending (``mark_sent``) is not needed."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -86,6 +86,7 @@ __all__ = [
     "enqueue",
     "enqueue_many",
     "expedite",
+    "expedite_unattempted",
     "find_contact",
     "get_contact",
     "get_message",
@@ -512,7 +513,7 @@ def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, 
     now = _timestamp("now", now)
     if len(items) > MAX_BATCH_ITEMS:
         raise StoreArgumentError("items", f"at most {MAX_BATCH_ITEMS} per call, got {len(items)}")
-    rows: list[tuple[bytes, bytes, bytes, str, int, bytes]] = []
+    rows: list[tuple[bytes, bytes, bytes, str, int, bytes, int]] = []
     seen: set[bytes] = set()
     for item in items:
         if not isinstance(item, OutgoingMessage):
@@ -529,6 +530,7 @@ def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, 
                 _text(item.text),
                 _timestamp("sent_at", item.sent_at),
                 _bytes("envelope", item.envelope, min_size=1, max_size=MAX_ENVELOPE_SIZE),
+                now if item.next_attempt_at is None else _timestamp("next_attempt_at", item.next_attempt_at),
             )
         )
     base = _max_seq(conn)
@@ -543,7 +545,7 @@ def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, 
     conn.executemany(
         "INSERT INTO outbox (seq, message_id, recipient, envelope, attempts, next_attempt_at, last_error, enqueued_at)"
         " VALUES (?, ?, ?, ?, 0, ?, NULL, ?)",
-        [(base + i + 1, r[0], r[1], r[5], now, now) for i, r in enumerate(rows)],
+        [(base + i + 1, r[0], r[1], r[5], r[6], now) for i, r in enumerate(rows)],
     )
     return [base + i + 1 for i in range(len(rows))]
 
@@ -783,6 +785,18 @@ def expedite(conn: sqlite3.Connection, recipient: bytes, *, now: int) -> int:
     cursor = conn.execute(
         "UPDATE outbox SET next_attempt_at = ? WHERE recipient = ? AND next_attempt_at > ?",
         (_timestamp("now", now), _peer_id("recipient", recipient), now),
+    )
+    return int(cursor.rowcount)
+
+
+def expedite_unattempted(conn: sqlite3.Connection, *, now: int) -> int:
+    """Make every outbox entry that was never attempted (``attempts = 0``) due at *now*; return how many.
+
+    Run at start-up: an entry enqueued with a resend time ahead (handed straight to a session) may not have
+    reached the wire before the node stopped."""
+    now = _timestamp("now", now)
+    cursor = conn.execute(
+        "UPDATE outbox SET next_attempt_at = ? WHERE attempts = 0 AND next_attempt_at > ?", (now, now)
     )
     return int(cursor.rowcount)
 
