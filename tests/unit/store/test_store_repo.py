@@ -3,6 +3,7 @@ transaction; the transactional wrapper is tested in test_store_db.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sqlite3
 from collections.abc import Iterator
@@ -644,3 +645,16 @@ def test_batch_status_updates_match_the_single_ones(ops: list[tuple[str, list[in
     assert single.execute(dump_outbox).fetchall() == batch.execute(dump_outbox).fetchall()
     single.close()
     batch.close()
+
+
+def test_enqueue_many_with_a_resend_time_and_expedite_unattempted(conn: sqlite3.Connection) -> None:
+    ahead = dataclasses.replace(outgoing(1), next_attempt_at=T0 + 30_000)
+    repo.enqueue_many(conn, [outgoing(0), ahead], now=T0)
+    assert [e.message_id for e in repo.due(conn, now=T0)] == [mid(0)]  # the other one waits for its resend time
+    assert repo.get_outbox_entry(conn, mid(1)).next_attempt_at == T0 + 30_000  # type: ignore[union-attr]
+    send(conn, 2)
+    repo.reschedule(conn, mid(2), now=T0, error="dial failed")  # attempted: keeps its backoff
+    assert repo.expedite_unattempted(conn, now=T0 + 5) == 1
+    assert [e.message_id for e in repo.due(conn, now=T0 + 5)] == [mid(0), mid(1)]
+    with pytest.raises(StoreArgumentError):
+        repo.enqueue_many(conn, [dataclasses.replace(outgoing(3), next_attempt_at=-1)], now=T0)
