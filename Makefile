@@ -28,8 +28,11 @@ unit: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
+# Benchmarks print their figures next to the peer they are compared with; docs/benchmarks.md records them.
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_handshake.py
+	$(BIN)/python scripts/bench_messaging.py
+	$(BIN)/python scripts/bench_dht.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
