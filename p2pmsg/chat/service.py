@@ -811,7 +811,8 @@ class ChatService:
                 now = self._now()
                 retry_at = min(now + cfg.resend_after_ms, MAX_TIMESTAMP)
                 marked = await self._db.write(
-                    functools.partial(repo.mark_sent_many, message_ids=ids, now=now, retry_at=retry_at)
+                    functools.partial(repo.mark_sent_many, message_ids=ids, now=now, retry_at=retry_at),
+                    durable=False,  # if lost, the entry is due sooner: a resend the receiver deduplicates
                 )
                 session.held.difference_update(ids)
                 self._inflight.difference_update(ids)
@@ -955,8 +956,10 @@ class ChatService:
     async def _apply_acks(self, session: _Session, ids: list[bytes]) -> None:
         now = self._now()
         raw = session.peer.to_bytes()
+        # Not synced (it survives kill -9, maybe not a power cut): losing a delivered mark only means the message
+        # is sent again and the receiver, which has it, acknowledges it again without storing it twice.
         delivered = await self._db.write(
-            lambda c: [mid for mid in ids if repo.mark_delivered(c, mid, recipient=raw, now=now)]
+            lambda c: [mid for mid in ids if repo.mark_delivered(c, mid, recipient=raw, now=now)], durable=False
         )
         for mid in ids:
             session.written.pop(mid, None)

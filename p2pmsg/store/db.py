@@ -40,7 +40,9 @@ aborts the transaction (disk full, I/O error) every write of the batch that had 
 (not cursors).
 
 Durability: ``synchronous=FULL`` on the writer connection, so a write acknowledged to the user survives ``kill -9``
-and power loss (WAL sync on every commit).  It is set for the whole database rather than per table because SQLite's
+and power loss (WAL sync on every commit).  A batch made only of ``write(fn, durable=False)`` requests is committed
+with ``synchronous=NORMAL`` (no sync; it survives ``kill -9`` but maybe not a power cut); WAL commits are ordered, so
+the next synced commit makes it durable too.  It is set for the whole database rather than per table because SQLite's
 sync level is a property of the connection and there is exactly one writer connection; group commit makes the cost
 one sync per batch.  ``fullfsync`` is on for macOS, where plain ``fsync`` does not flush the drive cache.
 """
@@ -87,6 +89,8 @@ _SAVEPOINT_NAME: Final = "p2pmsg_store_request"
 _SAVEPOINT: Final = f"SAVEPOINT {_SAVEPOINT_NAME}" + _TAG
 _RELEASE: Final = f"RELEASE {_SAVEPOINT_NAME}" + _TAG
 _ROLLBACK_TO: Final = f"ROLLBACK TO {_SAVEPOINT_NAME}" + _TAG
+_SYNC_FULL: Final = "PRAGMA synchronous = FULL" + _TAG
+_SYNC_NORMAL: Final = "PRAGMA synchronous = NORMAL" + _TAG
 
 # Pragmas a write function may run with an argument: they only read the schema.
 _READ_ONLY_PRAGMAS: Final = frozenset(
@@ -134,6 +138,8 @@ class StoreStats:
     """Most write functions committed in one transaction."""
     failed_commits: int
     """Transactions SQLite could not commit (each failed every write of its batch)."""
+    unsynced_commits: int = 0
+    """Transactions committed without a sync because every write in them was ``durable=False``."""
 
 
 class _RequestState(enum.Enum):
@@ -145,12 +151,13 @@ class _RequestState(enum.Enum):
 class _Request:
     """One call waiting for the writer thread.  ``raw`` requests run outside any transaction (open, close)."""
 
-    __slots__ = ("fn", "raw", "state", "task")
+    __slots__ = ("durable", "fn", "raw", "state", "task")
 
-    def __init__(self, fn: Callable[..., Any], task: trio.lowlevel.Task, *, raw: bool) -> None:
+    def __init__(self, fn: Callable[..., Any], task: trio.lowlevel.Task, *, raw: bool, durable: bool = True) -> None:
         self.fn = fn
         self.task = task
         self.raw = raw
+        self.durable = durable
         self.state = _RequestState.PENDING
 
 
@@ -187,12 +194,14 @@ class _Writer:
         self.writes = 0
         self.largest_batch = 0
         self.failed_commits = 0
+        self.unsynced_commits = 0
+        self.synchronous_full = True  # the connection's current PRAGMA synchronous; writer thread only
         self.thread = threading.Thread(target=self._main, name=f"p2pmsg-store-writer:{path.name}", daemon=True)
 
     # ----------------------------------------------------------------------------------------------- trio side
 
-    async def submit(self, fn: Callable[..., T], *, raw: bool = False) -> T:
-        request = _Request(fn, trio.lowlevel.current_task(), raw=raw)
+    async def submit(self, fn: Callable[..., T], *, raw: bool = False, durable: bool = True) -> T:
+        request = _Request(fn, trio.lowlevel.current_task(), raw=raw, durable=durable)
         with self.cv:
             if self.stopped:
                 raise StoreClosedError("the database is closed")
@@ -299,6 +308,17 @@ class _Writer:
         completions: list[_Completion] = []
         uncommitted: list[_Completion] = []  # ran successfully inside the open transaction
         use_savepoints = len(batch) > 1
+        durable = any(r.durable for r in batch)
+        if durable != self.synchronous_full:
+            # Between transactions only.  WAL commits stay ordered: the next synced commit also syncs these frames.
+            try:
+                self._exec(_SYNC_FULL if durable else _SYNC_NORMAL)
+            except sqlite3.Error as exc:
+                if durable:  # never commit a durable write unsynced
+                    error = outcome.Error(StoreWriteError(f"cannot switch to synchronous=FULL: {exc}"))
+                    return [(r.task, error) for r in batch]
+            else:
+                self.synchronous_full = durable
         in_txn = False
         for request in batch:
             if not in_txn:
@@ -363,6 +383,8 @@ class _Writer:
             else:
                 if uncommitted:
                     self.transactions += 1
+                    if not self.synchronous_full:
+                        self.unsynced_commits += 1
                     self.writes += len(uncommitted)
                     self.largest_batch = max(self.largest_batch, len(uncommitted))
                 completions.extend(uncommitted)
@@ -443,6 +465,7 @@ class Database:
             writes=w.writes,
             largest_batch=w.largest_batch,
             failed_commits=w.failed_commits,
+            unsynced_commits=w.unsynced_commits,
         )
 
     @property
@@ -450,8 +473,13 @@ class Database:
         """Whether :meth:`aclose` has been called."""
         return self._closed
 
-    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def write(self, fn: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run ``fn(conn)`` on the writer thread inside a transaction; return its result once committed and synced.
+
+        With ``durable=False`` the result may come back once committed but **not synced** (``synchronous=NORMAL``,
+        only if every write of its batch is non-durable): it survives the process being killed (``kill -9``), not a
+        power cut or an OS crash, which may lose the latest such commits (never a synced one, nor half of one).  For
+        writes whose loss is harmless, e.g. a delivery mark whose loss only causes a resend the receiver ignores.
 
         If ``fn`` raises, its changes are rolled back and the exception propagates.  Raises
         :class:`StoreWriteError` if SQLite could not commit, :class:`TransactionControlError` if ``fn`` tried to
@@ -460,7 +488,7 @@ class Database:
         """
         if self._closed:
             raise StoreClosedError("the database is closed")
-        return await self._writer.submit(fn)
+        return await self._writer.submit(fn, durable=durable)
 
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` on a read-only connection in a worker thread, inside one read transaction.

@@ -437,3 +437,32 @@ async def test_open_arguments_are_checked(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         async with open_database(tmp_path / "missing-dir" / "a.db"):
             pass
+
+
+def _sync_level(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+async def test_non_durable_writes_commit_unsynced_only_when_the_whole_batch_is(db: Database) -> None:
+    full, normal = 2, 1
+    assert await db.write(_sync_level) == full
+    assert await db.write(_sync_level, durable=False) == normal
+    assert db.stats.unsynced_commits == 1
+    assert await db.write(_sync_level) == full  # back to synced for the next durable write
+    # A batch with one durable write is synced as a whole, whatever the others asked for.
+    results: dict[int, int] = {}
+
+    async def level(i: int, durable: bool) -> None:
+        results[i] = await db.write(_sync_level, durable=durable)
+
+    gate = Gate()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.write, gate.fn)
+        await gate.wait_entered()
+        for i in range(6):
+            nursery.start_soon(level, i, i != 3)
+        await trio.testing.wait_all_tasks_blocked()
+        gate.release.set()
+    assert results == dict.fromkeys(range(6), full)
+    await db.write(put("kept"), durable=False)
+    assert "kept" in await keys(db)
