@@ -44,7 +44,7 @@ import trio
 
 from p2pmsg.dht.core.contact import Address, Contact, PlainKey, digest, distance
 from p2pmsg.dht.core.engine import DhtConfig, DhtEngine, ValueMode
-from p2pmsg.dht.core.errors import DhtUsageError
+from p2pmsg.dht.core.errors import DhtUsageError, RecordError
 from p2pmsg.dht.core.events import DhtEvent, LookupDone, PingDone, StoreDone
 from p2pmsg.dht.core.messages import PlainValue, is_plain_value
 from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, peer_record_key, seal_peer_record
@@ -343,9 +343,17 @@ class DhtNode:
         The record goes to the k closest nodes, and additionally to the closest *verified* p2pmsg nodes among the
         next k, one for each stock (unverified) node among the k closest
         (:meth:`~p2pmsg.dht.core.engine.DhtEngine.signed_record_targets`).
+
+        Raises :class:`DhtUsageError` only if the record itself does not verify.  A copy is kept in this node's own
+        store (a record signed by this node always fits there); if the local store still refuses it (e.g. it holds a
+        higher ``seq``), that is logged and the record is published to the remote nodes all the same.
         """
+        try:
+            self.engine.verify_record(key, value)
+        except RecordError as exc:
+            raise DhtUsageError(f"the record does not verify: {exc}") from None
         if not self.engine.store_local(key, value, self._now()):
-            raise DhtUsageError("the record does not verify (wrong key, expired, too large or malformed)")
+            log.info("own store refused the record for %s; publishing it to remote nodes anyway", key.hex())
         k = self.engine.config.k
         done = await self._lookup(lambda now: self.engine.lookup_nodes(key, now, count=2 * k))
         return await self._store_on(key, value, self.engine.signed_record_targets(done))

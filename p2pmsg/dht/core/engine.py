@@ -445,6 +445,12 @@ class DhtEngine:
         """Keep ``value`` in this node's own store, validated like a remote STORE; whether it was accepted."""
         return self._accept_store(key, value, "local", now)
 
+    def verify_record(self, key: bytes, value: object) -> VerifiedRecord:
+        """Check a signed-record value for ``key`` now (every check of :func:`verify_record_value`); raises
+        :class:`~p2pmsg.dht.core.errors.RecordError` naming the first failure."""
+        self._check_key(key)
+        return self._verify_record(key, value, self._wall())
+
     def is_verified(self, contact: Contact) -> bool:
         """Whether ``contact`` proved that its node id belongs to its key, from its current address."""
         peer = self._peers.get(contact.node_id)
@@ -582,7 +588,13 @@ class DhtEngine:
                 record = self._verify_record(key, value, wall)
                 assert isinstance(value, bytes)
                 self.storage.put_signed(
-                    key, value, seq=record.seq, expires_at=now + (record.expires_at - wall), source=source, now=now
+                    key,
+                    value,
+                    seq=record.seq,
+                    expires_at=now + (record.expires_at - wall),
+                    source=source,
+                    now=now,
+                    reserved=record.signer == self.identity.peer_id,  # our own record always fits
                 )
                 self._reserve_signed_key(key)
             else:

@@ -152,12 +152,24 @@ class RecordStore:
         self._admit(stored, existing, now)
         return stored
 
-    def put_signed(self, key: bytes, value: bytes, *, seq: int, expires_at: float, source: str, now: float) -> bool:
+    def put_signed(
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        seq: int,
+        expires_at: float,
+        source: str,
+        now: float,
+        reserved: bool = False,
+    ) -> bool:
         """Store a verified signed record; ``False`` if it is the record already held (a refresh), else ``True``.
 
         Raises :class:`StoreRefusedError` for a stale ``seq``, a different record with the same ``seq``, an expired
         record, or a limit.  ``expires_at`` is on the same monotonic clock as ``now`` and is capped at
-        ``now + max_signed_ttl``.
+        ``now + max_signed_ttl``.  ``reserved`` marks a record of this node's own (the caller guarantees they are
+        few: one per signed namespace): it is exempt from the count, byte and per-source limits, so a store filled
+        by others never keeps this node from holding its own record.
         """
         if expires_at <= now:
             raise StoreRefusedError("signed record has expired")
@@ -185,7 +197,7 @@ class RecordStore:
             expires_at=min(expires_at, now + self.limits.max_signed_ttl),
             seq=seq,
         )
-        self._admit(stored, existing, now)
+        self._admit(stored, existing, now, reserved=reserved)
         return True
 
     def remove(self, key: bytes) -> None:
@@ -231,8 +243,8 @@ class RecordStore:
             return f"source {stored.source} already stores {size} bytes (limit {limits.max_bytes_per_source})"
         return None
 
-    def _admit(self, stored: StoredValue, existing: StoredValue | None, now: float) -> None:
-        reason = self._fits(stored, existing)
+    def _admit(self, stored: StoredValue, existing: StoredValue | None, now: float, *, reserved: bool = False) -> None:
+        reason = None if reserved else self._fits(stored, existing)
         if reason is not None:
             self.purge(now)
             existing = self._values.get(stored.key)
