@@ -182,6 +182,21 @@ def _codec_error(exc: CodecError) -> ChatEnvelopeError:
     return ChatEnvelopeError(exc.field, exc.reason)
 
 
+_PEER_IDS: dict[bytes, PeerId] = {}
+_PEER_ID_CACHE_SIZE: Final = 1024
+
+
+def _peer_id(raw: bytes) -> PeerId:
+    """``PeerId.from_bytes`` with a bounded cache: a session's envelopes carry the same two ids every time."""
+    peer = _PEER_IDS.get(raw)
+    if peer is None:
+        peer = PeerId.from_bytes(raw)  # raises on bad bytes: only valid ids are cached
+        if len(_PEER_IDS) >= _PEER_ID_CACHE_SIZE:
+            _PEER_IDS.clear()
+        _PEER_IDS[raw] = peer
+    return peer
+
+
 def decode_envelope(data: bytes | bytearray | memoryview) -> SealedEnvelope:
     """Validate the outer fields of an encoded envelope (the box stays closed); :class:`ChatEnvelopeError` if bad."""
     raw = bytes(data)
@@ -190,11 +205,11 @@ def decode_envelope(data: bytes | bytearray | memoryview) -> SealedEnvelope:
     except CodecError as exc:
         raise _codec_error(exc) from None
     try:
-        sender = PeerId.from_bytes(fields["from"])
+        sender = _peer_id(fields["from"])
     except InvalidPeerIdError as exc:
         raise ChatEnvelopeError("envelope.from", str(exc)) from None
     try:
-        recipient = PeerId.from_bytes(fields["to"])
+        recipient = _peer_id(fields["to"])
     except InvalidPeerIdError as exc:
         raise ChatEnvelopeError("envelope.to", str(exc)) from None
     return SealedEnvelope(

@@ -119,6 +119,25 @@ def _frame(body: bytes) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
+#: The msgpack of ``{v: 1, t: "msg", env: <bin>}`` up to the bin header, as ``FRAME_SCHEMA.encode`` writes it.
+_MSG_PREFIX: Final = FRAME_SCHEMA.encode({"v": ENVELOPE_VERSION, "t": "msg", "env": b"x"})[:-3]
+
+
+def _msg_frame(raw: bytes) -> bytes:
+    """The framed ``msg`` frame of one encoded envelope: byte-for-byte what the schema would encode, built from a
+    constant prefix (the envelope was validated when it was sealed or received; here only its size is checked)."""
+    size = len(raw)
+    if not 1 <= size <= MAX_ENVELOPE_SIZE:
+        raise LocalProtocolError(f"chat session: msg.env: {size} bytes is outside 1..{MAX_ENVELOPE_SIZE}")
+    if size < 0x100:
+        head = _MSG_PREFIX + b"\xc4" + size.to_bytes(1, "big")
+    elif size < 0x10000:
+        head = _MSG_PREFIX + b"\xc5" + size.to_bytes(2, "big")
+    else:
+        head = _MSG_PREFIX + b"\xc6" + size.to_bytes(4, "big")
+    return _HEADER.pack(len(head) + size) + head + raw
+
+
 class ChatConnection:
     """One chat session, both directions.  Feed received bytes to :meth:`receive_data`; send what the ``send_*``
     methods return, in the order they return it."""
@@ -238,9 +257,7 @@ class ChatConnection:
         out = bytearray()
         for envelope in envelopes:
             self._our_transition(_Input.MSG)
-            raw = envelope.raw if isinstance(envelope, SealedEnvelope) else bytes(envelope)
-            body = FRAME_SCHEMA.encode({"v": ENVELOPE_VERSION, "t": "msg", "env": raw}, max_size=MAX_SESSION_FRAME_SIZE)
-            out += _frame(body)
+            out += _msg_frame(envelope.raw if isinstance(envelope, SealedEnvelope) else bytes(envelope))
         return bytes(out)
 
     def send_ack(self, ids: Iterable[bytes]) -> bytes:

@@ -9,10 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from p2pmsg.chat.envelope import MAX_ACK_IDS, EnvelopeSealer
+from p2pmsg.chat.envelope import MAX_ACK_IDS, MAX_ENVELOPE_SIZE, EnvelopeSealer
 from p2pmsg.chat.events import AckReceived, EnvelopeReceived, HelloReceived, SessionClosed
 from p2pmsg.chat.protocol import (
     CHAT_PROTOCOL,
+    FRAME_SCHEMA,
     MAX_HELLO_SIZE,
     MAX_SESSION_FRAME_SIZE,
     ChatConnection,
@@ -207,3 +208,20 @@ def test_arbitrary_bytes_raise_only_session_errors(data: bytes, chunk: int) -> N
         conn.receive_data(None)
     except SessionProtocolError:
         pass
+
+
+@pytest.mark.parametrize("size", [1, 255, 256, 1268, 65535, 65536, MAX_ENVELOPE_SIZE])
+def test_msg_frames_from_the_constant_prefix_match_the_schema(size: int) -> None:
+    raw = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    body = FRAME_SCHEMA.encode({"v": 1, "t": "msg", "env": raw}, max_size=MAX_SESSION_FRAME_SIZE)
+    conn = ChatConnection()
+    conn.send_hello()
+    assert conn.send_messages([raw]) == len(body).to_bytes(4, "big") + body
+
+
+def test_msg_frame_refuses_an_envelope_of_a_wrong_size() -> None:
+    conn = ChatConnection()
+    conn.send_hello()
+    for size in (0, MAX_ENVELOPE_SIZE + 1):
+        with pytest.raises(LocalProtocolError, match=r"msg\.env"):
+            conn.send_messages([bytes(size)])
