@@ -100,11 +100,10 @@ class NodeOptions:
     """Lifetime of our published peer record; it is republished at half of it."""
     save_interval: float = ROUTING_TABLE_SAVE_INTERVAL
     check_interval: float = REPUBLISH_CHECK_INTERVAL
-    bootstrap_retry: float = 10.0
-    """Seconds before retrying a bootstrap that found nobody."""
+    """Seconds between maintenance rounds (republish if needed, rejoin when the routing table is empty)."""
 
     def __post_init__(self) -> None:
-        for name in ("record_ttl", "save_interval", "check_interval", "bootstrap_retry"):
+        for name in ("record_ttl", "save_interval", "check_interval"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise LocalProtocolError(f"NodeOptions.{name} must be a positive number, got {value}")

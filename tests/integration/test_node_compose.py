@@ -30,7 +30,7 @@ class Cfg:
     dht_port: int | None = None
 
 
-FAST = NodeOptions(check_interval=0.2, bootstrap_retry=0.2)
+FAST = NodeOptions(check_interval=0.2)
 
 
 async def call(home: Path, method: str, **params: Any) -> Any:
