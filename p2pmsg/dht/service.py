@@ -138,6 +138,7 @@ class DhtNode:
             **self.engine.stats,
             "send_errors": self.send_errors,
             "pending": self.engine.pending_requests,
+            "values_evicted": self.engine.storage.evicted,
             "refresh_lookups": self.refresh_lookups,
         }
 

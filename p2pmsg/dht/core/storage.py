@@ -14,10 +14,16 @@ The store maps a 20-byte key to one value of one of two kinds:
   is known to belong to a signed namespace, unsigned STOREs to it are refused.
 
 Everything is bounded: the number of values and their total size (key plus msgpack-encoded value), the same two per
-*source* (the IP address the STORE came from, so one host cannot fill the store), and the size of one value per
-kind.  When a limit would be exceeded, expired values are purged first; if it still does not fit, the STORE is
-refused with :class:`StoreRefusedError` -- existing values are never evicted to make room, so a flood cannot flush
-honest data.  Time is passed in (monotonic seconds); the store never reads a clock.
+*source*, and the size of one value per kind.  A source is the network the STORE came from -- the /24 of an IPv4
+address, the /64 of an IPv6 address (:func:`source_prefix`) -- so one host, or one subnet's many addresses, cannot
+fill the store.  Plain values also have their own sub-budget (``max_plain_values``, ``max_plain_bytes``, half the
+store by default), so whatever plain values anyone floods in, the rest of the store stays open to signed records.
+When a limit would be exceeded, expired values are purged first; then a *signed* record that still does not fit the
+store-wide limits evicts plain values, oldest first (it is accepted only if its source is within its own limits).
+Otherwise the STORE is refused with :class:`StoreRefusedError`: a plain value never evicts anything and signed
+records never evict each other, so a flood of plain values cannot flush honest data.  Records the node itself
+signed (``reserved``) are exempt from the limits.  Time is passed in (monotonic seconds); the store never reads a
+clock.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import heapq
+import ipaddress
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import msgpack
@@ -32,7 +40,7 @@ import msgpack
 from p2pmsg.dht.core.errors import DhtUsageError, StoreRefusedError
 from p2pmsg.dht.core.messages import is_plain_value
 
-__all__ = ["RecordStore", "StorageLimits", "StoredValue", "ValueKind", "value_size"]
+__all__ = ["RecordStore", "StorageLimits", "StoredValue", "ValueKind", "source_prefix", "value_size"]
 
 
 class ValueKind(enum.Enum):
@@ -48,8 +56,12 @@ class StorageLimits:
 
     max_values: int = 10_000
     max_bytes: int = 16 * 1024 * 1024
+    #: Per source network (an IPv4 /24 or an IPv6 /64, see :func:`source_prefix`).
     max_values_per_source: int = 1_000
     max_bytes_per_source: int = 1024 * 1024
+    #: The share of the store plain values may take (signed records evict plain values to get room).
+    max_plain_values: int = 5_000
+    max_plain_bytes: int = 8 * 1024 * 1024
     max_plain_value_size: int = 4096
     max_signed_value_size: int = 2048
     plain_ttl: float = 24 * 3600.0
@@ -75,6 +87,19 @@ class StoredValue:
     seq: int | None = None
 
 
+def source_prefix(source: str) -> str:
+    """The network a source is accounted to: ``"a.b.c.0/24"`` for an IPv4 address (also an IPv4-mapped IPv6 one),
+    ``"x:x:x:x::/64"`` for an IPv6 address; anything that is not an IP literal (``"local"``) is its own source."""
+    try:
+        ip = ipaddress.ip_address(source)
+    except ValueError:
+        return source
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if isinstance(ip, ipaddress.IPv4Address) else 64
+    return str(ipaddress.ip_network((ip, prefix), strict=False))
+
+
 def value_size(key: bytes, value: object) -> int:
     """The bytes a value is charged for: its key plus its msgpack encoding."""
     return len(key) + len(msgpack.packb(value, use_bin_type=True))
@@ -89,6 +114,10 @@ class RecordStore:
         self._total = 0
         self._per_source: dict[str, list[int]] = {}
         self._expiry: list[tuple[float, bytes]] = []
+        #: Plain values, oldest arrival first (the eviction order), and their total size.
+        self._plain: OrderedDict[bytes, None] = OrderedDict()
+        self._plain_bytes = 0
+        self.evicted = 0
 
     # -- queries ---------------------------------------------------------------------------------------------------
 
@@ -101,9 +130,14 @@ class RecordStore:
         return self._total
 
     def usage_of(self, source: str) -> tuple[int, int]:
-        """``(values, bytes)`` charged to ``source``."""
-        count, size = self._per_source.get(source, (0, 0))
+        """``(values, bytes)`` charged to the network of ``source`` (:func:`source_prefix`)."""
+        count, size = self._per_source.get(source_prefix(source), (0, 0))
         return count, size
+
+    @property
+    def plain_usage(self) -> tuple[int, int]:
+        """``(values, bytes)`` of the plain values held."""
+        return len(self._plain), self._plain_bytes
 
     def get(self, key: bytes, now: float) -> StoredValue | None:
         """The live value under ``key``, if any."""
@@ -226,6 +260,13 @@ class RecordStore:
     # -- internals -------------------------------------------------------------------------------------------------
 
     def _fits(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
+        return (
+            self._source_reason(stored, existing)
+            or self._plain_reason(stored, existing)
+            or self._global_reason(stored, existing)
+        )
+
+    def _global_reason(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
         limits = self.limits
         old_size = existing.size if existing is not None else 0
         old_count = 1 if existing is not None else 0
@@ -233,15 +274,46 @@ class RecordStore:
             return f"store is full ({limits.max_values} values)"
         if self._total - old_size + stored.size > limits.max_bytes:
             return f"store is full ({limits.max_bytes} bytes)"
-        count, size = self.usage_of(stored.source)
-        if existing is not None and existing.source == stored.source:
+        return None
+
+    def _plain_reason(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
+        if stored.kind is not ValueKind.PLAIN:
+            return None
+        limits = self.limits
+        count, size = self.plain_usage
+        if existing is not None and existing.kind is ValueKind.PLAIN:
+            count -= 1
+            size -= existing.size
+        if count + 1 > limits.max_plain_values:
+            return f"plain values are full ({limits.max_plain_values} values)"
+        if size + stored.size > limits.max_plain_bytes:
+            return f"plain values are full ({limits.max_plain_bytes} bytes)"
+        return None
+
+    def _source_reason(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
+        limits = self.limits
+        prefix = source_prefix(stored.source)
+        count, size = self.usage_of(prefix)
+        if existing is not None and source_prefix(existing.source) == prefix:
             count -= 1
             size -= existing.size
         if count + 1 > limits.max_values_per_source:
-            return f"source {stored.source} already stores {count} values (limit {limits.max_values_per_source})"
+            return f"source {prefix} already stores {count} values (limit {limits.max_values_per_source})"
         if size + stored.size > limits.max_bytes_per_source:
-            return f"source {stored.source} already stores {size} bytes (limit {limits.max_bytes_per_source})"
+            return f"source {prefix} already stores {size} bytes (limit {limits.max_bytes_per_source})"
         return None
+
+    def _evict_plain_for(self, stored: StoredValue, existing: StoredValue | None) -> None:
+        """Drop the oldest plain values (never ``stored.key``'s) until ``stored`` fits the store-wide limits."""
+        while self._plain and self._global_reason(stored, existing) is not None:
+            victim = next(iter(self._plain))
+            if victim == stored.key:
+                if len(self._plain) == 1:
+                    return
+                self._plain.move_to_end(victim)
+                continue
+            self._remove(victim)
+            self.evicted += 1
 
     def _admit(self, stored: StoredValue, existing: StoredValue | None, now: float, *, reserved: bool = False) -> None:
         reason = None if reserved else self._fits(stored, existing)
@@ -249,22 +321,32 @@ class RecordStore:
             self.purge(now)
             existing = self._values.get(stored.key)
             reason = self._fits(stored, existing)
+            if reason is not None and stored.kind is ValueKind.SIGNED and self._source_reason(stored, existing) is None:
+                self._evict_plain_for(stored, existing)
+                reason = self._global_reason(stored, existing)
             if reason is not None:
                 raise StoreRefusedError(reason)
         if existing is not None:
             self._remove(stored.key)
         self._values[stored.key] = stored
         self._total += stored.size
-        usage = self._per_source.setdefault(stored.source, [0, 0])
+        usage = self._per_source.setdefault(source_prefix(stored.source), [0, 0])
         usage[0] += 1
         usage[1] += stored.size
+        if stored.kind is ValueKind.PLAIN:
+            self._plain[stored.key] = None
+            self._plain_bytes += stored.size
         heapq.heappush(self._expiry, (stored.expires_at, stored.key))
 
     def _remove(self, key: bytes) -> None:
         stored = self._values.pop(key)
         self._total -= stored.size
-        usage = self._per_source[stored.source]
+        prefix = source_prefix(stored.source)
+        usage = self._per_source[prefix]
         usage[0] -= 1
         usage[1] -= stored.size
         if usage[0] == 0:
-            del self._per_source[stored.source]
+            del self._per_source[prefix]
+        if stored.kind is ValueKind.PLAIN:
+            del self._plain[key]
+            self._plain_bytes -= stored.size

@@ -8,10 +8,11 @@ import hashlib
 import pytest
 import trio
 
-from p2pmsg.dht.core.engine import DhtConfig
-from p2pmsg.dht.core.errors import DhtUsageError
+from p2pmsg.dht.core.engine import DhtConfig, DhtEngine
+from p2pmsg.dht.core.errors import DhtUsageError, StoreRefusedError
+from p2pmsg.dht.core.messages import StoreRequest, encode_request, new_message_id
 from p2pmsg.dht.core.records import PeerRecord, peer_record_key, seal_peer_record
-from p2pmsg.dht.core.storage import StorageLimits
+from p2pmsg.dht.core.storage import RecordStore, StorageLimits, source_prefix
 from p2pmsg.dht.service import open_dht_node
 from p2pmsg.identity import Identity
 
@@ -55,3 +56,105 @@ async def test_a_local_refusal_is_not_a_usage_error_but_a_bad_record_is() -> Non
         expired = seal_peer_record(a.identity, PeerRecord(peer_id=a.peer_id, addrs=(), seq=11, expires_at=wall - 1))
         with pytest.raises(DhtUsageError, match=r"does not verify: .*expired"):
             await a.put_signed(peer_record_key(a.peer_id), expired)
+
+
+# -- 2. a full store: eviction of plain values, a plain sub-budget, per-network accounting ---------------------------
+
+
+def skey(i: int) -> bytes:
+    return i.to_bytes(20, "big")
+
+
+def test_per_source_usage_is_per_ipv4_24_and_ipv6_64() -> None:
+    assert source_prefix("203.0.113.77") == "203.0.113.0/24"
+    assert source_prefix("::ffff:203.0.113.77") == "203.0.113.0/24"
+    assert source_prefix("2001:db8:1:2:3:4:5:6") == "2001:db8:1:2::/64"
+    assert source_prefix("local") == "local"
+    store = RecordStore(StorageLimits(max_values_per_source=2))
+    store.put_plain(skey(1), 1, source="203.0.113.1", now=0.0)
+    store.put_plain(skey(2), 2, source="203.0.113.2", now=0.0)
+    with pytest.raises(StoreRefusedError, match=r"source 203\.0\.113\.0/24 already stores 2 values"):
+        store.put_plain(skey(3), 3, source="203.0.113.3", now=0.0)  # another host of the same /24
+    store.put_plain(skey(3), 3, source="203.0.114.3", now=0.0)  # the next /24 is another source
+    assert store.usage_of("203.0.113.200") == store.usage_of("203.0.113.0/24") == (2, 42)
+    store.put_plain(skey(4), 4, source="2001:db8::1", now=0.0)
+    store.put_plain(skey(5), 5, source="2001:db8::ffff:1", now=0.0)
+    with pytest.raises(StoreRefusedError, match="2001:db8::/64 already stores 2"):
+        store.put_plain(skey(6), 6, source="2001:db8::abcd", now=0.0)
+    store.put_plain(skey(6), 6, source="2001:db8:0:1::1", now=0.0)
+
+
+def test_plain_values_have_their_own_budget_and_signed_records_evict_the_oldest() -> None:
+    store = RecordStore(StorageLimits(max_values=6, max_plain_values=4, max_bytes=10_000, max_plain_bytes=5000))
+    for i in range(4):
+        store.put_plain(skey(i), i, source=f"198.51.{i}.1", now=float(i))
+    with pytest.raises(StoreRefusedError, match=r"plain values are full \(4 values\)"):
+        store.put_plain(skey(9), 9, source="198.51.9.1", now=5.0)  # a plain value never evicts anything
+    store.put_signed(skey(10), b"r10", seq=1, expires_at=1e6, source="192.0.2.1", now=6.0)
+    store.put_signed(skey(11), b"r11", seq=1, expires_at=1e6, source="192.0.2.1", now=6.0)
+    assert len(store) == 6
+    assert store.put_signed(skey(12), b"r12", seq=1, expires_at=1e6, source="192.0.3.1", now=7.0)  # full: evicts
+    assert store.get(skey(0), 7.0) is None and store.evicted == 1  # the oldest plain value went
+    assert all(store.get(skey(i), 7.0) is not None for i in (1, 2, 3, 10, 11, 12))
+    assert store.plain_usage == (3, sum(store.get(skey(i), 7.0).size for i in (1, 2, 3)))  # type: ignore[union-attr]
+    # Byte limits evict too, as many plain values as it takes.
+    store = RecordStore(StorageLimits(max_bytes=300, max_plain_bytes=300, max_signed_value_size=300))
+    for i in range(4):
+        store.put_plain(skey(i), b"p" * 40, source=f"198.51.{i}.1", now=float(i))
+    store.put_signed(skey(20), b"s" * 150, seq=1, expires_at=1e6, source="192.0.2.1", now=5.0)
+    assert [store.get(skey(i), 5.0) is None for i in range(4)] == [
+        True,
+        True,
+        False,
+        False,
+    ]  # 4 x 62 + 173 bytes: two must go
+    assert store.total_bytes <= 300
+
+
+def test_signed_records_never_evict_each_other_nor_evict_for_an_over_budget_source() -> None:
+    store = RecordStore(StorageLimits(max_values=3, max_values_per_source=2))
+    store.put_plain(skey(1), 1, source="198.51.100.1", now=0.0)
+    store.put_signed(skey(2), b"a", seq=1, expires_at=1e6, source="192.0.2.1", now=0.0)
+    store.put_signed(skey(3), b"b", seq=1, expires_at=1e6, source="192.0.2.2", now=0.0)
+    with pytest.raises(StoreRefusedError, match=r"192\.0\.2\.0/24 already stores 2"):
+        store.put_signed(skey(4), b"c", seq=1, expires_at=1e6, source="192.0.2.3", now=0.0)
+    assert store.get(skey(1), 0.0) is not None  # nothing was evicted for a refused record
+    store.put_signed(skey(4), b"c", seq=1, expires_at=1e6, source="192.0.9.3", now=0.0)  # evicts the plain value
+    with pytest.raises(StoreRefusedError, match=r"store is full \(3 values\)"):
+        store.put_signed(skey(5), b"d", seq=1, expires_at=1e6, source="192.0.8.3", now=0.0)
+
+
+def test_a_flooded_engine_still_accepts_an_honest_signed_peer_record() -> None:
+    """The reviewer's fill: 20 networks send 4,000-byte plain values at 40/s, then an honest record arrives."""
+    wall = 1_700_000_000.0
+    limits = StorageLimits(max_bytes=2 * 1024 * 1024, max_plain_bytes=1024 * 1024, max_bytes_per_source=128 * 1024)
+    engine = DhtEngine(ident(10), config=DhtConfig(storage=limits), wall_clock=lambda: wall)
+    now = 0.0
+    for net in range(20):
+        for i in range(40):
+            address = (f"203.0.{net}.{1 + i % 3}", 4000)
+            now += 0.025
+            engine.guard.mark_proven(address, now)
+            request = StoreRequest(node_id=bytes([net, i]) * 10, key=bytes([net, i, 1]) * 6 + b"xx", value=b"v" * 4000)
+            engine.datagram_received(encode_request(new_message_id(bytes(12)), request), address, now)
+    for j in range(400):  # top the store up to exactly full, as the reviewer did
+        gap = limits.max_bytes - engine.storage.total_bytes
+        if gap <= 25:
+            break
+        address = (f"203.1.{j}.1", 4000)
+        engine.guard.mark_proven(address, now)
+        request = StoreRequest(node_id=b"\x55" * 20, key=j.to_bytes(20, "big"), value=b"v" * min(4000, gap - 23))
+        engine.datagram_received(encode_request(new_message_id(bytes(12)), request), address, now)
+    engine.take_datagrams()
+    assert engine.storage.plain_usage[1] <= 1024 * 1024 and engine.stats["stores_accepted"] > 0
+    assert all(engine.storage.usage_of(f"203.0.{net}.9")[1] <= 128 * 1024 for net in range(20))
+    honest = ident(11)
+    record = seal_peer_record(
+        honest,
+        PeerRecord(peer_id=honest.peer_id, addrs=("/ip4/198.51.100.7/tcp/4001",), seq=1, expires_at=int(wall) + 3600),
+    )
+    address = ("198.51.100.7", 4001)
+    engine.guard.mark_proven(address, now)
+    request = StoreRequest(node_id=b"\x77" * 20, key=peer_record_key(honest.peer_id), value=record)
+    engine.datagram_received(encode_request(new_message_id(bytes(12)), request), address, now)
+    assert engine.storage.get(peer_record_key(honest.peer_id), now) is not None
