@@ -21,9 +21,12 @@ RPC is unknown (as ``rpcudp`` does).  Otherwise it is answered exactly like ``ka
   for 50).  Any other request makes this node ping the address (50 bytes, paid from the credit the request brought)
   and *holds* the answer -- at most 8 per address -- until the pong proves the address, then sends it in full; if
   the ping times out the held answers are dropped.  A request that can be neither answered within the credit nor
-  held is dropped before it has any effect.  Requests this node starts on its own (lookup queries, publishing) are
-  not charged: they go to contacts learnt from the routing table or from answers, one small request each, and
-  larger STOREs only go to nodes that answered a lookup;
+  held is dropped before it has any effect.  Proving pings in flight are capped in all and per source network
+  (/24, /64), and everything this node sends because of others' requests stays out of a reserved share of the
+  pending-request table, so a flood of requests from fresh ports can never starve this node's own lookups.
+  Requests this node starts on its own (lookup queries, publishing) are not charged: they go to contacts learnt
+  from the routing table or from answers, one small request each, and larger STOREs only go to nodes that answered
+  a lookup;
 * the requester is not trusted on its word: it enters the routing table only from a proven address, and a
   requester whose address is unproven only after answering that ping with its node id -- never straight from a
   request, as in the stock package (whose ``welcome_if_new`` also pushes STOREs to any new sender).
@@ -118,7 +121,7 @@ from p2pmsg.dht.core.records import (
     verify_record_value,
 )
 from p2pmsg.dht.core.routing import ContactAdded, PingNeeded, RoutingEvent, RoutingTable
-from p2pmsg.dht.core.storage import RecordStore, StorageLimits, ValueKind
+from p2pmsg.dht.core.storage import RecordStore, StorageLimits, ValueKind, source_prefix
 from p2pmsg.errors import RemoteProtocolError
 from p2pmsg.identity import Identity, PeerId
 
@@ -146,6 +149,14 @@ class DhtConfig:
     split_depth_modulus: int = 5
     max_failures: int = 3
     max_pending: int = 4096
+    #: Requests this node sends because of what others sent (address proofs, bucket pings, identity checks,
+    #: hand-offs) may take at most ``max_pending - reserved_pending`` slots (default: a quarter is kept for this
+    #: node's own pings, STOREs and lookups).
+    reserved_pending: int | None = None
+    #: Address-proof pings in flight: at most this many in all (default ``max_pending // 4``), and at most
+    #: ``max_verify_per_source`` to the addresses of one source network (an IPv4 /24 or an IPv6 /64).
+    max_verify_pending: int | None = None
+    max_verify_per_source: int = 8
     max_lookups: int = 256
     storage: StorageLimits = dataclasses.field(default_factory=StorageLimits)
     request_rate_per_address: float = 100.0
@@ -179,6 +190,20 @@ class DhtConfig:
             raise DhtUsageError("DhtConfig handoff bounds: max_records >= 0, rate > 0, burst >= 1")
         if not 0 < self.stall_timeout <= self.rpc_timeout:
             raise DhtUsageError("DhtConfig needs 0 < stall_timeout <= rpc_timeout")
+        if self.max_pending < 1 or self.max_verify_per_source < 1:
+            raise DhtUsageError("DhtConfig.max_pending and max_verify_per_source must be positive")
+        if not 0 <= self.pending_reserve < self.max_pending or self.verify_limit < 1:
+            raise DhtUsageError("DhtConfig needs 0 <= reserved_pending < max_pending and max_verify_pending >= 1")
+
+    @property
+    def pending_reserve(self) -> int:
+        """Pending-request slots only this node's own operations may use."""
+        return self.max_pending // 4 if self.reserved_pending is None else self.reserved_pending
+
+    @property
+    def verify_limit(self) -> int:
+        """Address-proof pings allowed in flight at once."""
+        return max(1, self.max_pending // 4) if self.max_verify_pending is None else self.max_verify_pending
 
 
 class ValueMode(enum.Enum):
@@ -233,6 +258,10 @@ class _Purpose(enum.Enum):
     BUCKET = "bucket"  # the routing table asked whether its oldest contact lives
     AUTH = "auth"  # p2pmsg_auth challenge
     HANDOFF = "handoff"  # a signed record handed to a closer newcomer
+
+
+#: Requests sent because of what others sent, not because this node's user asked: they may not use the reserve.
+_BACKGROUND: Final = frozenset({_Purpose.VERIFY, _Purpose.BUCKET, _Purpose.AUTH, _Purpose.HANDOFF})
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -290,6 +319,8 @@ class DhtEngine:
         self._store_limiter: RateLimiter[str] = RateLimiter(rate=cfg.store_rate_per_ip, burst=cfg.store_burst_per_ip)
         self._handoff_limiter: RateLimiter[None] = RateLimiter(rate=cfg.handoff_rate, burst=cfg.handoff_burst)
         self._pending: dict[bytes, _Call] = {}
+        self._background_pending = 0
+        self._verify_by_source: dict[str, int] = {}
         self._timers: list[tuple[float, int, bytes]] = []
         self._timer_seq = 0
         self._verifying: dict[Address, bytes] = {}
@@ -322,6 +353,7 @@ class DhtEngine:
                 "peers_verified",
                 "auth_failed",
                 "pending_full",
+                "verify_capped",
                 "records_expired",
                 "handoffs_sent",
                 "handoffs_stored",
@@ -372,7 +404,7 @@ class DhtEngine:
             _, _, msg_id = heapq.heappop(self._timers)
             call = self._pending.get(msg_id)
             if call is not None and call.deadline <= now:
-                del self._pending[msg_id]
+                self._forget_call(call)
                 self.stats["timeouts"] += 1
                 self._note_silent(call.address, now)
                 self._on_failure(call, now, timed_out=True)
@@ -804,15 +836,33 @@ class DhtEngine:
         challenge: bytes | None = None,
         charge: bool = False,
     ) -> bytes | None:
-        """Queue a request; ``None`` if it cannot be sent (too many pending, or an uncovered ``charge``)."""
-        if len(self._pending) >= self.config.max_pending:
+        """Queue a request; ``None`` if it cannot be sent (too many pending, or an uncovered ``charge``).
+
+        Background requests (:data:`_BACKGROUND`) stay out of the reserved slots, and address-proof pings within
+        their global and per-network caps, so requests from the network can never use up the table that this
+        node's own lookups need."""
+        cfg = self.config
+        if len(self._pending) >= cfg.max_pending or (
+            purpose in _BACKGROUND and self._background_pending >= cfg.max_pending - cfg.pending_reserve
+        ):
             self.stats["pending_full"] += 1
+            return None
+        source = source_prefix(address[0])
+        if purpose is _Purpose.VERIFY and (
+            len(self._verifying) >= cfg.verify_limit
+            or self._verify_by_source.get(source, 0) >= cfg.max_verify_per_source
+        ):
+            self.stats["verify_capped"] += 1
             return None
         msg_id = self._new_msg_id()
         datagram = encode_request(msg_id, request)
         if charge and not self.guard.try_spend(address, len(datagram), now):
             return None
-        deadline = now + self.config.rpc_timeout
+        if purpose in _BACKGROUND:
+            self._background_pending += 1
+        if purpose is _Purpose.VERIFY:
+            self._verify_by_source[source] = self._verify_by_source.get(source, 0) + 1
+        deadline = now + cfg.rpc_timeout
         self._pending[msg_id] = _Call(
             msg_id=msg_id,
             address=address,
@@ -828,6 +878,19 @@ class DhtEngine:
         self._emit(datagram, address)
         return msg_id
 
+    def _forget_call(self, call: _Call) -> None:
+        """Take ``call`` out of the pending table (it was answered or timed out) and release its slots."""
+        del self._pending[call.msg_id]
+        if call.purpose in _BACKGROUND:
+            self._background_pending -= 1
+        if call.purpose is _Purpose.VERIFY:
+            source = source_prefix(call.address[0])
+            left = self._verify_by_source[source] - 1
+            if left:
+                self._verify_by_source[source] = left
+            else:
+                del self._verify_by_source[source]
+
     def _emit(self, datagram: bytes, address: Address) -> None:
         self.stats["datagrams_out"] += 1
         self.stats["bytes_out"] += len(datagram)
@@ -838,7 +901,7 @@ class DhtEngine:
         if call is None or call.address != address:
             self.stats["unexpected_response"] += 1
             return
-        del self._pending[message.msg_id]
+        self._forget_call(call)
         self.guard.mark_proven(address, now)
         self._silent.pop(address, None)
         body = message.body

@@ -8,9 +8,10 @@ import hashlib
 import pytest
 import trio
 
+from p2pmsg.dht.core.contact import Contact
 from p2pmsg.dht.core.engine import DhtConfig, DhtEngine
 from p2pmsg.dht.core.errors import DhtUsageError, StoreRefusedError
-from p2pmsg.dht.core.messages import StoreRequest, encode_request, new_message_id
+from p2pmsg.dht.core.messages import FindNodeRequest, StoreRequest, encode_request, new_message_id
 from p2pmsg.dht.core.records import PeerRecord, peer_record_key, seal_peer_record
 from p2pmsg.dht.core.storage import RecordStore, StorageLimits, source_prefix
 from p2pmsg.dht.service import open_dht_node
@@ -158,3 +159,52 @@ def test_a_flooded_engine_still_accepts_an_honest_signed_peer_record() -> None:
     request = StoreRequest(node_id=b"\x77" * 20, key=peer_record_key(honest.peer_id), value=record)
     engine.datagram_received(encode_request(new_message_id(bytes(12)), request), address, now)
     assert engine.storage.get(peer_record_key(honest.peer_id), now) is not None
+
+
+# -- 3. address-proof pings cannot exhaust the pending-request table ------------------------------------------------
+
+
+def flood_engine(config: DhtConfig, sources: list[str], ports: int) -> tuple[DhtEngine, float]:
+    """An engine with 5 (silent) contacts, sent a ``find_node`` from ``ports`` new ports of every source IP within
+    one request timeout, as the reviewer's probe did."""
+    engine = DhtEngine(ident(20), config=config)
+    for i in range(5):
+        engine.guard.mark_proven((f"192.0.2.{i}", 4001), 0.0)
+        engine.table.observe(Contact(node_id=bytes([i + 1]) * 20, host=f"192.0.2.{i}", port=4001), 0.0)
+    now = 0.0
+    for port in range(10000, 10000 + ports):
+        for ip in sources:
+            now += 1e-5
+            request = FindNodeRequest(node_id=bytes([port % 256]) * 20, key=bytes(20))
+            engine.datagram_received(encode_request(new_message_id(port.to_bytes(12, "big")), request), (ip, port), now)
+    engine.take_datagrams()
+    return engine, now
+
+
+def test_verify_pings_are_capped_per_network_and_own_lookups_still_run() -> None:
+    engine, now = flood_engine(DhtConfig(), ["198.51.100.1", "198.51.100.2", "198.51.100.3"], 1400)
+    assert engine.pending_requests == 8  # one /24: 8 proving pings at most
+    assert engine.stats["verify_capped"] == 3 * 1400 - 8
+    op = engine.lookup_value(bytes(20), now)
+    sent = engine.take_datagrams()
+    assert engine.stats["pending_full"] == 0
+    assert len(sent) == 3 and {a for _, a in sent} < {(f"192.0.2.{i}", 4001) for i in range(5)}  # alpha queries
+    for step in range(1, 40):
+        engine.tick(now + step * 0.25)
+    (done,) = [e for e in engine.take_events() if getattr(e, "op", None) == op]
+    assert done.queries == 5 and engine.pending_requests == 0  # every contact was asked (none answers here)
+
+
+def test_verify_pings_are_capped_in_all_and_the_reserve_stays_for_own_requests() -> None:
+    config = DhtConfig(max_pending=64, max_verify_pending=60, reserved_pending=16, max_verify_per_source=4)
+    sources = [f"203.0.{n}.1" for n in range(40)]  # 40 networks, 4 pings each would be 160
+    engine, now = flood_engine(config, sources, 10)
+    assert engine.pending_requests == 48  # 64 - 16 reserved: the background share is full
+    assert engine.stats["pending_full"] > 0
+    op = engine.lookup_value(bytes(20), now)
+    assert len(engine.take_datagrams()) == 3 and engine.pending_requests == 51
+    for step in range(1, 40):
+        engine.tick(now + step * 0.25)
+    assert engine.pending_requests == 0 and any(getattr(e, "op", None) == op for e in engine.take_events())
+    engine, _ = flood_engine(DhtConfig(max_pending=64, max_verify_pending=20), sources, 10)
+    assert engine.pending_requests == 20
