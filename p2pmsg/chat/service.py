@@ -338,6 +338,8 @@ class ChatService:
         self._enqueue_open: _EnqueueRound | None = None
         self._enqueue_lock = trio.Lock()
         self._premarked: set[bytes] = set()
+        self._outboxed = 0
+        """Counts sends left to the outbox worker: a round that overlapped one must not declare a session in order."""
         """Handed to a session with the resend time written at enqueue: the sender does not mark them sent."""
 
     # ------------------------------------------------------------------------------------------------- lifecycle
@@ -425,6 +427,7 @@ class ChatService:
         """Hand every due entry to a session or a dial; return how long to wait before the next round."""
         cfg = self.config
         settling = [s for v in self._sessions.values() for s in v if s.expedited and not s.in_order]
+        outboxed = self._outboxed  # a send queued after the read below is not in this round: no bypass yet
         now = self._now()
         entries = await self._db.read(functools.partial(repo.due, now=now, limit=cfg.due_batch))
         truncated = busy = len(entries) >= cfg.due_batch
@@ -439,7 +442,7 @@ class ChatService:
             if not await self._dispatch(raw_peer, sorted(items, key=lambda e: e.seq)):
                 busy = True
                 left_over.add(raw_peer)
-        if not truncated:
+        if not truncated and outboxed == self._outboxed:
             for session in settling:
                 if not session.closed and session.peer.to_bytes() not in left_over:
                     session.in_order = True
@@ -1195,8 +1198,10 @@ class ChatService:
                     self._premarked.add(q.sealed.id)
             elif q.ahead:
                 stranded.add(q.peer)
+                self._outboxed += 1
             else:
                 poke = True
+                self._outboxed += 1
             if self._events is not None:
                 self._publish(
                     ev.MessageEvent(
