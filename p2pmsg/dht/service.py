@@ -103,7 +103,9 @@ class DhtNode:
             now = trio.current_time()
         except RuntimeError:  # built outside trio.run
             now = 0.0
-        self.engine = DhtEngine(identity, config=config, now=now, wall_clock=wall_clock)
+        self.engine = DhtEngine(
+            identity, config=config, now=now, wall_clock=wall_clock, own_address=self._own_address_toward
+        )
         self._sock: _socket.socket | None = None
         self._address: Address | None = None
         self._waiters: dict[int, _Waiter] = {}
@@ -165,6 +167,22 @@ class DhtNode:
                 for waiter in self._waiters.values():
                     waiter.event.set()
                 self._waiters.clear()
+
+    def _own_address_toward(self, peer: Address) -> Address | None:
+        """Our address as ``peer`` sees it if no NAT is in between: the bound address, or for a wildcard bind the
+        local address of the route to ``peer`` (what a ``p2pmsg_auth`` proof from ``peer`` must sign)."""
+        bound = self._address
+        if bound is None:
+            return None
+        if not ipaddress.ip_address(bound[0]).is_unspecified:
+            return bound
+        family = _socket.AF_INET6 if ":" in peer[0] else _socket.AF_INET
+        try:
+            with _socket.socket(family, _socket.SOCK_DGRAM) as probe:
+                probe.connect(peer)  # UDP: no packet is sent, the kernel only picks the route and source address
+                return (str(probe.getsockname()[0]), bound[1])
+        except OSError:
+            return None
 
     async def _receiver(self, sock: _socket.socket) -> None:
         """Wait until the socket is readable, hand every queued datagram (at most a batch) to the engine, then flush

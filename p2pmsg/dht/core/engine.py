@@ -32,13 +32,17 @@ RPC is unknown (as ``rpcudp`` does).  Otherwise it is answered exactly like ``ka
   request, as in the stock package (whose ``welcome_if_new`` also pushes STOREs to any new sender).
 
 **Identity binding.**  This node's id is ``sha1(PublicKey protobuf)`` of its Ed25519 key and its message ids carry
-the p2pmsg mark (:func:`~p2pmsg.dht.core.messages.new_message_id`).  When a peer whose request carried the mark has a
-proven address, the engine sends it ``p2pmsg_auth [own id, 32-byte challenge]``; the answer is an envelope
-(:func:`~p2pmsg.crypto.envelope.seal_envelope`, domain ``"p2pmsg-dht-auth"``, payload type
-``/p2pmsg/dht-auth/1``) over ``challenge || requester id || responder id``, and the peer is *verified* when the
-signature holds and ``sha1(PublicKey protobuf of the signer) == its node id``.  Extension RPCs go to marked peers
-only, so a stock node never receives one; peers are tracked per node id with the explicit :class:`AuthState`
-machine below.
+the p2pmsg mark (:func:`~p2pmsg.dht.core.messages.new_message_id`).  When a peer whose request carried the mark
+(version 2 or later) has a proven address, the engine sends it ``p2pmsg_auth [own id, 32-byte challenge]``; the
+answer is an envelope (:func:`~p2pmsg.crypto.envelope.seal_envelope`, domain ``"p2pmsg-dht-auth"``, payload type
+``/p2pmsg/dht-auth/2``) over ``challenge || requester id || responder id || requester address as the responder saw
+it``, and the peer is *verified* when the signature holds, ``sha1(PublicKey protobuf of the signer) == its node id``
+and the signed address is this node's own.  The address is what defeats a relay: a node M claiming H's id that
+forwards our challenge to H gets back H's signature over *M's* address, not ours.  This node's own addresses are
+those the driver declares (``own_address``: the bound address, or the local address of the route to a peer) and
+those that peers in ``own_address_votes`` distinct networks (/24, /64) signed for it (behind a NAT).  Extension
+RPCs go to marked peers only, so a stock node never receives one; peers are tracked per node id with the explicit
+:class:`AuthState` machine below.
 
 **Lookups** (:class:`~p2pmsg.dht.core.lookup.Lookup`) query ``alpha`` nodes at a time, skipping (as failed) an
 address that let a request of ours time out less than ``silent_memory`` seconds ago and was not heard from since --
@@ -86,6 +90,7 @@ from p2pmsg.dht.core.limits import AddressGuard, RateLimiter
 from p2pmsg.dht.core.lookup import Lookup
 from p2pmsg.dht.core.messages import (
     AUTH_CHALLENGE_SIZE,
+    AUTH_VERSION,
     EXTENSION_VERSION,
     HEADER_SIZE,
     AuthRequest,
@@ -99,7 +104,9 @@ from p2pmsg.dht.core.messages import (
     StoreRequest,
     StunRequest,
     UnknownRequest,
+    decode_auth_address,
     decode_datagram,
+    encode_auth_address,
     encode_request,
     encode_response,
     fit_contacts,
@@ -130,10 +137,12 @@ __all__ = ["AUTH_DOMAIN", "AUTH_PAYLOAD_TYPE", "AuthState", "DhtConfig", "DhtEng
 log = logging.getLogger(__name__)
 
 AUTH_DOMAIN: Final = "p2pmsg-dht-auth"
-AUTH_PAYLOAD_TYPE: Final = b"/p2pmsg/dht-auth/1"
+AUTH_PAYLOAD_TYPE: Final = b"/p2pmsg/dht-auth/2"
 MAX_AUTH_RESPONSE: Final = 512
 _MAX_DEFERRED_PER_ADDRESS: Final = 8
 _VERIFIED_CACHE_SIZE: Final = 128
+_MAX_OWN_ADDRESSES: Final = 16
+_MAX_ADDRESS_VOTES: Final = 64
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,6 +176,9 @@ class DhtConfig:
     store_burst_per_ip: float = 200.0
     proven_ttl: float = 1800.0
     auth_retry_interval: float = 600.0
+    #: An address that peers in this many distinct source networks signed as ours (in ``p2pmsg_auth`` proofs) is
+    #: taken as one of our own addresses (how a node behind a NAT learns its public address).
+    own_address_votes: int = 2
     max_peers_tracked: int = 8192
     #: Whether to mark message ids and speak the p2pmsg extension RPCs at all.
     extensions: bool = True
@@ -190,6 +202,8 @@ class DhtConfig:
             raise DhtUsageError("DhtConfig handoff bounds: max_records >= 0, rate > 0, burst >= 1")
         if not 0 < self.stall_timeout <= self.rpc_timeout:
             raise DhtUsageError("DhtConfig needs 0 < stall_timeout <= rpc_timeout")
+        if self.own_address_votes < 1:
+            raise DhtUsageError("DhtConfig.own_address_votes must be positive")
         if self.max_pending < 1 or self.max_verify_per_source < 1:
             raise DhtUsageError("DhtConfig.max_pending and max_verify_per_source must be positive")
         if not 0 <= self.pending_reserve < self.max_pending or self.verify_limit < 1:
@@ -300,7 +314,11 @@ class DhtEngine:
         now: float = 0.0,
         random_bytes: Callable[[int], bytes] = os.urandom,
         wall_clock: Callable[[], float] = time.time,
+        own_address: Callable[[Address], Address | None] | None = None,
     ) -> None:
+        """``own_address(peer)``: this node's address as ``peer`` sees it when no NAT is in between (the bound
+        address, or for a wildcard bind the local address of the route to ``peer``), ``None`` if unknown; it is
+        what a ``p2pmsg_auth`` proof must sign (module docstring)."""
         self.identity = identity
         self.config = config or DhtConfig()
         self.node_id = node_id_from_public_key(identity.public_key)
@@ -327,6 +345,9 @@ class DhtEngine:
         self._deferred: dict[Address, list[bytes]] = {}
         self._peers: OrderedDict[bytes, _Peer] = OrderedDict()
         self._signed_keys: OrderedDict[bytes, None] = OrderedDict()
+        self._own_address = own_address
+        self._own_addresses: OrderedDict[Address, None] = OrderedDict()
+        self._address_votes: OrderedDict[Address, set[str]] = OrderedDict()
         self._verified: OrderedDict[tuple[bytes, bytes], VerifiedRecord] = OrderedDict()
         self._silent: OrderedDict[Address, float] = OrderedDict()
         self._lookups: dict[int, _LookupOp] = {}
@@ -477,6 +498,18 @@ class DhtEngine:
         """Keep ``value`` in this node's own store, validated like a remote STORE; whether it was accepted."""
         return self._accept_store(key, value, "local", now)
 
+    def add_own_address(self, address: Address) -> None:
+        """Declare an address peers reach this node at (``p2pmsg_auth`` proofs signed for it are accepted)."""
+        own = decode_auth_address(encode_auth_address(address))
+        self._own_addresses[own] = None
+        self._own_addresses.move_to_end(own)
+        while len(self._own_addresses) > _MAX_OWN_ADDRESSES:
+            self._own_addresses.popitem(last=False)
+
+    def own_addresses(self) -> list[Address]:
+        """The addresses this node knows it is reached at (declared, or signed for it by enough networks)."""
+        return list(self._own_addresses)
+
     def verify_record(self, key: bytes, value: object) -> VerifiedRecord:
         """Check a signed-record value for ``key`` now (every check of :func:`verify_record_value`); raises
         :class:`~p2pmsg.dht.core.errors.RecordError` naming the first failure."""
@@ -605,7 +638,7 @@ class DhtEngine:
         if isinstance(request, StoreRequest):
             return self._accept_store(request.key, request.value, address[0], now)
         if isinstance(request, AuthRequest):
-            payload = request.challenge + request.node_id + self.node_id
+            payload = request.challenge + request.node_id + self.node_id + encode_auth_address(address)
             return seal_envelope(self.identity, domain=AUTH_DOMAIN, payload_type=AUTH_PAYLOAD_TYPE, payload=payload)
         if isinstance(request, FindValueRequest):
             stored = self.storage.get(request.key, now)
@@ -763,7 +796,7 @@ class DhtEngine:
         if not self.config.extensions:
             return
         peer = self._peers.get(contact.node_id)
-        if peer is None or peer.auth in (AuthState.UNKNOWN, AuthState.IN_PROGRESS):
+        if peer is None or peer.auth in (AuthState.UNKNOWN, AuthState.IN_PROGRESS) or peer.version < AUTH_VERSION:
             return
         if peer.auth is AuthState.VERIFIED and peer.address == contact.address:
             return
@@ -778,6 +811,26 @@ class DhtEngine:
             peer.move(AuthState.IN_PROGRESS)
             peer.last_attempt = now
 
+    def _is_own_address(self, observed: Address, responder: Address) -> bool:
+        """Whether ``observed`` (signed by the responder at ``responder``) is this node's address; also counts it as
+        a vote from the responder's network (:attr:`DhtConfig.own_address_votes`)."""
+        if observed in self._own_addresses:
+            return True
+        if self._own_address is not None:
+            declared = self._own_address(responder)
+            if declared is not None and decode_auth_address(encode_auth_address(declared)) == observed:
+                return True
+        voters = self._address_votes.pop(observed, set())
+        voters.add(source_prefix(responder[0]))
+        if len(voters) >= self.config.own_address_votes:
+            log.info("learned our address %s:%d from %d networks", observed[0], observed[1], len(voters))
+            self.add_own_address(observed)
+            return True
+        self._address_votes[observed] = voters
+        while len(self._address_votes) > _MAX_ADDRESS_VOTES:
+            self._address_votes.popitem(last=False)
+        return False
+
     def _auth_answered(self, call: _Call, body: object, now: float) -> None:
         contact = call.contact
         assert contact is not None and call.challenge is not None
@@ -789,10 +842,17 @@ class DhtEngine:
             signer, payload = open_envelope(
                 proof, domain=AUTH_DOMAIN, payload_type=AUTH_PAYLOAD_TYPE, max_size=MAX_AUTH_RESPONSE
             )
-            if payload != call.challenge + self.node_id + contact.node_id:
+            head = call.challenge + self.node_id + contact.node_id
+            if payload[: len(head)] != head:
                 raise RecordError("p2pmsg_auth proof signs another challenge or other node ids")
+            observed = decode_auth_address(payload[len(head) :])
             if node_id_for_peer(signer) != contact.node_id:
                 raise RecordError("p2pmsg_auth signer's key does not hash to the node id")
+            if not self._is_own_address(observed, contact.address):
+                raise RecordError(
+                    f"p2pmsg_auth proof was made for a request from {observed[0]}:{observed[1]}, not from this node"
+                    " (a relayed challenge, or a public address not known yet)"
+                )
         except (RemoteProtocolError, EnvelopeError) as exc:
             self.stats["auth_failed"] += 1
             log.debug("identity check of %s failed: %s", contact, exc)

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import ipaddress
+import struct
 from collections.abc import Iterable, Sequence
 from typing import Final
 
@@ -45,6 +47,7 @@ from p2pmsg.wire.codec import CodecError, unpackb_limited
 
 __all__ = [
     "AUTH_CHALLENGE_SIZE",
+    "AUTH_VERSION",
     "EXTENSION_VERSION",
     "HEADER_SIZE",
     "MAX_CONTACTS_PER_RESPONSE",
@@ -65,7 +68,9 @@ __all__ = [
     "StoreRequest",
     "StunRequest",
     "UnknownRequest",
+    "decode_auth_address",
     "decode_datagram",
+    "encode_auth_address",
     "encode_request",
     "encode_response",
     "fit_contacts",
@@ -97,7 +102,11 @@ MAX_CONTACTS_PER_RESPONSE: Final = 64
 #: Deepest msgpack nesting accepted (``[name, [args...]]`` is 2; values are scalars, so 8 is ample).
 MAX_DEPTH: Final = 8
 
-EXTENSION_VERSION: Final = 1
+#: Version 2: ``p2pmsg_auth`` proofs also sign the requester's address as the responder saw it (version 1 proofs
+#: could be relayed by a third party).
+EXTENSION_VERSION: Final = 2
+#: The lowest advertised version that gets ``p2pmsg_auth`` challenges (the version whose proofs this node accepts).
+AUTH_VERSION: Final = 2
 _MARK_MAGIC: Final = b"p2p"
 _MARK_NONCE_SIZE: Final = 12
 _MARK_TAG_SIZE: Final = 4
@@ -453,6 +462,33 @@ def parse_auth_response(body: object, *, max_size: int) -> bytes:
     if len(body) > max_size:
         raise MalformedMessageError("p2pmsg_auth.response", f"is {len(body)} bytes, over {max_size}")
     return body
+
+
+def encode_auth_address(address: Address) -> bytes:
+    """The address field of a ``p2pmsg_auth`` proof: ``04 || IPv4 (4) || port (u16)`` or ``06 || IPv6 (16) ||
+    port (u16)``, big-endian; an IPv4-mapped IPv6 address is written as IPv4."""
+    host, port = address
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        raise DhtUsageError(f"auth address must be an IP literal, got {host!r}") from None
+    if not isinstance(port, int) or not 0 <= port < 65536:
+        raise DhtUsageError(f"auth address port must be 0..65535, got {port!r}")
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    tag = b"\x04" if isinstance(ip, ipaddress.IPv4Address) else b"\x06"
+    return tag + ip.packed + struct.pack(">H", port)
+
+
+def decode_auth_address(data: bytes) -> Address:
+    """The ``(ip, port)`` of an :func:`encode_auth_address` field that makes up all of ``data``."""
+    if len(data) == 7 and data[0] == 4:
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(data[1:5])
+    elif len(data) == 19 and data[0] == 6:
+        ip = ipaddress.IPv6Address(data[1:17])
+    else:
+        raise MalformedMessageError("p2pmsg_auth.address", "must be 04 + 4 + 2 or 06 + 16 + 2 bytes")
+    return (str(ip), struct.unpack(">H", data[-2:])[0])
 
 
 def fit_contacts(contacts: Sequence[Contact], budget: int) -> list[Contact]:

@@ -58,6 +58,7 @@ class SimNet:
             now=self.now,
             random_bytes=lambda size: bytes(self._rng.getrandbits(8) for _ in range(size)),
             wall_clock=self.wall,
+            own_address=lambda peer: address,
         )
         self.nodes[address] = engine
         self.events[address] = []

@@ -16,12 +16,14 @@ from p2pmsg.dht.core.contact import Address, Contact, digest, distance, node_id_
 from p2pmsg.dht.core.engine import AUTH_DOMAIN, AUTH_PAYLOAD_TYPE, AuthState, DhtConfig, DhtEngine, ValueMode
 from p2pmsg.dht.core.events import LookupDone, PeerVerified, PingDone, StoreDone
 from p2pmsg.dht.core.messages import (
+    EXTENSION_VERSION,
     AuthRequest,
     FindNodeRequest,
     FindValueRequest,
     PingRequest,
     StoreRequest,
     StunRequest,
+    encode_auth_address,
     encode_request,
     message_id_mark,
     new_message_id,
@@ -200,12 +202,12 @@ def test_a_marked_peer_that_cannot_prove_its_id_is_not_verified(lie: str) -> Non
     claimed = node_id_for_peer(identity(50).peer_id)
     liar = FakeStock(node_id=claimed, marked=True)
     if lie == "wrong-key":  # a valid proof, but by a key whose hash is not the claimed id
-        payload = bytes(32) + target.node_id + claimed
+        payload = bytes(32) + target.node_id + claimed + encode_auth_address(net.address_of(target))
         liar.auth_proof = seal_envelope(
             identity(51), domain=AUTH_DOMAIN, payload_type=AUTH_PAYLOAD_TYPE, payload=payload
         )
     elif lie == "wrong-challenge":  # the right key, replaying a proof for another challenge
-        payload = b"\x01" * 32 + target.node_id + claimed
+        payload = b"\x01" * 32 + target.node_id + claimed + encode_auth_address(net.address_of(target))
         liar.auth_proof = seal_envelope(
             identity(50), domain=AUTH_DOMAIN, payload_type=AUTH_PAYLOAD_TYPE, payload=payload
         )
@@ -232,7 +234,7 @@ def test_message_ids_carry_the_mark_only_with_extensions() -> None:
     plain.ping(("10.0.0.200", 1), 0.0)
     ((datagram_marked, _),) = marked.take_datagrams()
     ((datagram_plain, _),) = plain.take_datagrams()
-    assert message_id_mark(datagram_marked[1:21]) == 1
+    assert message_id_mark(datagram_marked[1:21]) == EXTENSION_VERSION == 2
     assert message_id_mark(datagram_plain[1:21]) is None
 
 
@@ -466,28 +468,31 @@ def test_find_value_and_stun_answers() -> None:
 
 
 def test_auth_proof_worked_example() -> None:
-    """docs/protocol-dht.part.md, section 6: B's answer to A's challenge, byte for byte."""
+    """docs/protocol-dht.part.md, section 6: B's answer to A's challenge (A at 192.0.2.9:40000), byte for byte."""
     from p2pmsg.identity import Identity
 
     node_b = DhtEngine(Identity.from_seed(bytes(range(1, 33))))
     node_a_id = bytes.fromhex("209e328b26b4dfcda8c9b426b152d822d3215035")
+    node_a_addr: Address = ("192.0.2.9", 40000)
     assert node_b.node_id.hex() == "83b2c9f1d3d32ce2ee01211b872e2244f6b46b3b"
     msg_id = new_message_id(bytes(range(12)))
-    node_b.guard.mark_proven(VICTIM, 0.0)
+    node_b.guard.mark_proven(node_a_addr, 0.0)
     node_b.datagram_received(
-        encode_request(msg_id, AuthRequest(node_id=node_a_id, challenge=bytes(range(32)))), VICTIM, 0.0
+        encode_request(msg_id, AuthRequest(node_id=node_a_id, challenge=bytes(range(32)))), node_a_addr, 0.0
     )
     ((answer, to),) = [d for d in node_b.take_datagrams() if d[0][0] == 1]
-    assert to == VICTIM
+    assert to == node_a_addr
     assert answer.hex() == (
-        "0170327001000102030405060708090a0bcb301210c4c6"
+        "0170327002000102030405060708090a0b5b4fee0dc4cd"
         "0a240801122079b5562e8fe654f94078b112e8a98ba7901f853ae695bed7e0e3910bad049664"
-        "12122f7032706d73672f6468742d617574682f31"
-        "1a48000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
+        "12122f7032706d73672f6468742d617574682f32"
+        "1a4f000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f"
         "209e328b26b4dfcda8c9b426b152d822d321503583b2c9f1d3d32ce2ee01211b872e2244f6b46b3b"
-        "2a40c167ff29a761fceaee0935d239ed18b2d1e7930b26256ac81fa369fb55fece692ee04c6c329d708341d4ba3f92a285a14487a7551f"
-        "d35e36a3787ce841e75001"
+        "04c00002099c40"
+        "2a40bfa056686fc00c1658fd53d01b26e8f5d35dc8183452d6c94be101c13e85f28692102bae53a2625ff13d9829c07db0598744"
+        "615eb5dadc4be8a4e1bfb964a60f"
     )
+    assert len(answer) == 228
 
 
 def test_signed_records_go_to_extra_verified_nodes_when_stock_nodes_are_closest() -> None:

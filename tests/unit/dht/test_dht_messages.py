@@ -206,7 +206,7 @@ def test_message_id_mark() -> None:
     for _ in range(50):
         marked = new_message_id(os.urandom(12))
         assert len(marked) == 20
-        assert message_id_mark(marked) == 1
+        assert message_id_mark(marked) == 2
         assert message_id_mark(os.urandom(20)) is None
     tampered = bytearray(new_message_id(bytes(12)))
     tampered[10] ^= 1
@@ -268,8 +268,8 @@ def test_documented_examples() -> None:
     node_a = bytes.fromhex("209e328b26b4dfcda8c9b426b152d822d3215035")
     node_b = bytes.fromhex("83b2c9f1d3d32ce2ee01211b872e2244f6b46b3b")
     msg_id = new_message_id(bytes(range(12)))
-    assert msg_id.hex() == "70327001000102030405060708090a0bcb301210"
-    head = "0070327001000102030405060708090a0bcb301210"
+    assert msg_id.hex() == "70327002000102030405060708090a0b5b4fee0d"
+    head = "0070327002000102030405060708090a0b5b4fee0d"
     assert encode_request(msg_id, PingRequest(node_id=node_a)).hex() == head + "92a470696e6791c414" + node_a.hex()
     assert encode_response(msg_id, node_b).hex() == "01" + head[2:] + "c414" + node_b.hex()
     key = bytes.fromhex("aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d")

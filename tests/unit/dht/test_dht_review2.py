@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 
 import pytest
 import trio
 
-from p2pmsg.dht.core.contact import Contact
-from p2pmsg.dht.core.engine import DhtConfig, DhtEngine
-from p2pmsg.dht.core.errors import DhtUsageError, StoreRefusedError
-from p2pmsg.dht.core.messages import FindNodeRequest, StoreRequest, encode_request, new_message_id
+from p2pmsg.dht.core.contact import Address, Contact
+from p2pmsg.dht.core.engine import AuthState, DhtConfig, DhtEngine
+from p2pmsg.dht.core.errors import DhtUsageError, MalformedMessageError, StoreRefusedError
+from p2pmsg.dht.core.messages import (
+    AuthRequest,
+    FindNodeRequest,
+    IncomingRequest,
+    IncomingResponse,
+    PingRequest,
+    StoreRequest,
+    decode_auth_address,
+    decode_datagram,
+    encode_auth_address,
+    encode_request,
+    encode_response,
+    new_message_id,
+)
 from p2pmsg.dht.core.records import PeerRecord, peer_record_key, seal_peer_record
 from p2pmsg.dht.core.storage import RecordStore, StorageLimits, source_prefix
 from p2pmsg.dht.service import open_dht_node
@@ -208,3 +222,121 @@ def test_verify_pings_are_capped_in_all_and_the_reserve_stays_for_own_requests()
     assert engine.pending_requests == 0 and any(getattr(e, "op", None) == op for e in engine.take_events())
     engine, _ = flood_engine(DhtConfig(max_pending=64, max_verify_pending=20), sources, 10)
     assert engine.pending_requests == 20
+
+
+# -- 4. p2pmsg_auth proofs are bound to the path: a relayed challenge fails ----------------------------------------
+
+
+def pump(engines: dict[Address, DhtEngine], now: float, nat: dict[Address, Address] | None = None) -> None:
+    """Deliver datagrams between engines until all are quiet; ``nat`` maps a private address to the public one its
+    datagrams appear to come from (and answers to the public address reach the private one)."""
+    nat = nat or {}
+    inbound = {public: private for private, public in nat.items()}
+    for _ in range(100):
+        moved = False
+        for address, engine in list(engines.items()):
+            for data, dst in engine.take_datagrams():
+                dst = inbound.get(dst, dst)
+                if dst in engines:
+                    engines[dst].datagram_received(data, nat.get(address, address), now)
+                    moved = True
+        if not moved:
+            return
+    raise AssertionError("the engines never went quiet")
+
+
+def test_a_relayed_auth_challenge_does_not_verify_the_relay() -> None:
+    """The reviewer's probe: M claims H's id to V and hands V's challenge to H; H's proof names M's address."""
+    v_addr, h_addr, m_addr = ("10.0.0.1", 4001), ("10.0.0.2", 4001), ("10.0.0.66", 4001)
+    v = DhtEngine(ident(30), own_address=lambda peer: v_addr)
+    h = DhtEngine(ident(31), own_address=lambda peer: h_addr)
+
+    def mid() -> bytes:
+        return new_message_id(os.urandom(12))
+
+    def to(engine: DhtEngine, datagram: bytes) -> list[object]:
+        engine.datagram_received(datagram, m_addr, 1.0)
+        return [decode_datagram(d) for d, _ in engine.take_datagrams()]
+
+    out = []
+    for _ in range(12):  # M claims H's id to V (a few pings, so V may spend a proving ping on M's address)
+        out += to(v, encode_request(mid(), PingRequest(node_id=h.node_id)))
+    (verify,) = [m for m in out if isinstance(m, IncomingRequest)]
+    out = to(v, encode_response(verify.msg_id, h.node_id))  # and proves its own address
+    (auth,) = [m for m in out if isinstance(m, IncomingRequest) and isinstance(m.request, AuthRequest)]
+    assert isinstance(auth.request, AuthRequest) and v.auth_state(h.node_id) is AuthState.IN_PROGRESS
+    out = []
+    for _ in range(12):  # M makes its address known to H
+        out += to(h, encode_request(mid(), PingRequest(node_id=b"\x66" * 20)))
+    (h_verify,) = [m for m in out if isinstance(m, IncomingRequest)]
+    to(h, encode_response(h_verify.msg_id, b"\x66" * 20))
+    out = to(h, encode_request(mid(), AuthRequest(node_id=v.node_id, challenge=auth.request.challenge)))
+    (proof,) = [m for m in out if isinstance(m, IncomingResponse)]  # H signs -- for M's address
+    to(v, encode_response(auth.msg_id, proof.body))
+    assert v.auth_state(h.node_id) is AuthState.FAILED
+    assert v.verified_peer(h.node_id) is None
+    assert not v.is_verified(Contact(node_id=h.node_id, host=m_addr[0], port=m_addr[1]))
+    assert v.stats["auth_failed"] == 1 and v.stats["peers_verified"] == 0
+
+
+def test_direct_auth_still_verifies_and_a_nat_address_is_learned_from_two_networks() -> None:
+    # No NAT: V knows its address, H verifies at once.
+    v_addr, h_addr = ("10.0.0.1", 4001), ("10.0.0.2", 4001)
+    v = DhtEngine(ident(32), own_address=lambda peer: v_addr)
+    h = DhtEngine(ident(33), own_address=lambda peer: h_addr)
+    h.ping(v_addr, 0.0)
+    pump({v_addr: v, h_addr: h}, 0.0)
+    v.ping(h_addr, 0.0)
+    pump({v_addr: v, h_addr: h}, 0.0)
+    assert v.verified_peer(h.node_id) == h.identity.peer_id and h.verified_peer(v.node_id) == v.identity.peer_id
+    # Behind a NAT, V does not know the address peers see; proofs from two networks that agree teach it.
+    private, public = ("192.168.1.5", 4001), ("198.51.100.10", 61000)
+    nat = DhtEngine(ident(34))  # no own_address: a wildcard bind behind a NAT
+    p1, p2, p3 = ("10.1.0.1", 4001), ("10.2.0.1", 4001), ("10.2.0.2", 4001)
+    peers = {p: DhtEngine(ident(35 + i), own_address=lambda peer, p=p: p) for i, p in enumerate((p1, p2, p3))}
+    engines = {private: nat, **peers}
+    peers[p1].ping(public, 0.0)
+    pump(engines, 0.0, {private: public})
+    nat.ping(p1, 0.0)
+    pump(engines, 0.0, {private: public})
+    assert nat.auth_state(peers[p1].node_id) is AuthState.FAILED  # one network's word is not enough
+    peers[p2].ping(public, 0.0)
+    pump(engines, 0.0, {private: public})
+    nat.ping(p2, 0.0)
+    pump(engines, 0.0, {private: public})
+    assert nat.verified_peer(peers[p2].node_id) == peers[p2].identity.peer_id
+    assert nat.own_addresses() == [public]
+    peers[p3].ping(public, 0.0)
+    pump(engines, 0.0, {private: public})
+    nat.ping(p3, 0.0)
+    pump(engines, 0.0, {private: public})
+    assert nat.verified_peer(peers[p3].node_id) == peers[p3].identity.peer_id  # known now: at once
+
+
+def test_auth_proofs_sign_the_observed_address_and_old_versions_are_not_challenged() -> None:
+    assert encode_auth_address(("192.0.2.9", 40000)).hex() == "04c00002099c40"
+    assert encode_auth_address(("::ffff:192.0.2.9", 40000)).hex() == "04c00002099c40"
+    assert encode_auth_address(("2001:db8::1", 1)).hex() == "06" + "20010db8" + "00" * 11 + "01" + "0001"
+    assert decode_auth_address(bytes.fromhex("04c00002099c40")) == ("192.0.2.9", 40000)
+    with pytest.raises(MalformedMessageError):
+        decode_auth_address(b"\x04\x01\x02")
+    v_addr, old_addr = ("10.0.0.1", 4001), ("10.0.0.7", 4001)
+    v = DhtEngine(ident(40), own_address=lambda peer: v_addr)
+    old_id = b"\x42" * 20
+    v.ping(old_addr, 0.0)
+    ((ping, _),) = v.take_datagrams()
+    v.datagram_received(encode_response(ping[1:21], old_id), old_addr, 0.0)  # the old node is in the table
+    v.datagram_received(encode_request(new_message_id(bytes(12), version=1), PingRequest(node_id=old_id)), old_addr, 0)
+    assert [d[0] for d, _ in v.take_datagrams()] == [1]  # just the pong
+    assert old_id in v.table and v.auth_state(old_id) is AuthState.ADVERTISED
+    v.tick(1.0)
+    assert v.take_datagrams() == []  # a version-1 peer signs relayable proofs: it is never challenged
+
+
+async def test_a_wildcard_bound_node_verifies_through_the_route_address() -> None:
+    async with open_dht_node(ident(41), host="0.0.0.0", config=FAST) as a, open_dht_node(ident(42), config=FAST) as b:
+        await b.ping(("127.0.0.1", a.address[1]))
+        await a.ping(b.address)
+        with trio.fail_after(5):
+            while a.engine.verified_peer(b.node_id) is None or b.engine.verified_peer(a.node_id) is None:
+                await trio.sleep(0.01)
