@@ -37,7 +37,7 @@ import logging
 import math
 import socket as _socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -382,19 +382,40 @@ class DhtNode:
         done = await self._lookup(lambda now: self.engine.lookup_value(key, now, mode=ValueMode.SIGNED))
         return done.record
 
+    def next_record_seq(self, min_seq: int = 0) -> int:
+        """The ``seq`` :meth:`publish_peer_record` would pick now: the highest of ``min_seq``, one more than the last
+        record published by this object or held in our own store, and the current Unix time in seconds."""
+        last = self._record_seq
+        held = self.engine.storage.get(peer_record_key(self.peer_id), self._now())
+        if held is not None and held.seq is not None:
+            last = max(last, held.seq)
+        return max(last + 1, int(self._wall()), min_seq)
+
     async def publish_peer_record(
-        self, addrs: Sequence[Multiaddr | str], *, ttl: float = DEFAULT_RECORD_TTL, seq: int | None = None
+        self,
+        addrs: Sequence[Multiaddr | str],
+        *,
+        ttl: float = DEFAULT_RECORD_TTL,
+        seq: int | None = None,
+        min_seq: int = 0,
+        seq_store: Callable[[int], Awaitable[object]] | None = None,
     ) -> int:
         """Sign and publish this node's peer record; returns how many remote STOREs succeeded.
 
-        ``seq`` defaults to the current Unix time in seconds (or one more than the last published), so a record
-        published after a restart still supersedes the previous one.
+        ``seq`` defaults to :meth:`next_record_seq` (``min_seq``): holders refuse a record whose ``seq`` is not
+        higher than the one they hold, and the last ``seq`` lives only in memory here, so a node that restarts (or
+        whose clock steps back, or that publishes twice within a second of a restart) must pass the last ``seq``
+        it published plus one as ``min_seq``.  ``seq_store``, if given, is awaited with the chosen ``seq`` before
+        the record is signed -- persist it there, so no ``seq`` is ever signed twice (an exception from it aborts
+        the publish).
         """
         texts = tuple(str(a) if isinstance(a, Multiaddr) else str(Multiaddr.parse(a)) for a in addrs)
-        wall = self._wall()
         if seq is None:
-            seq = max(self._record_seq + 1, int(wall))
-        self._record_seq = seq
+            seq = self.next_record_seq(min_seq)
+        if seq_store is not None:
+            await seq_store(seq)
+        wall = self._wall()
+        self._record_seq = max(self._record_seq, seq)
         record = PeerRecord(peer_id=self.peer_id, addrs=texts, seq=seq, expires_at=int(wall + ttl))
         value = seal_peer_record(self.identity, record)
         return await self.put_signed(peer_record_key(self.peer_id), value)

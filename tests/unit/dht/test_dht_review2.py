@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import time
 
 import pytest
 import trio
@@ -340,3 +341,51 @@ async def test_a_wildcard_bound_node_verifies_through_the_route_address() -> Non
         with trio.fail_after(5):
             while a.engine.verified_peer(b.node_id) is None or b.engine.verified_peer(a.node_id) is None:
                 await trio.sleep(0.01)
+
+
+# -- 5. the record seq survives restarts and clock steps ------------------------------------------------------------
+
+
+async def test_a_restarted_node_with_a_clock_stepped_back_publishes_with_min_seq() -> None:
+    base = int(time.time())  # the holders check expiry against the real clock
+    clock = [float(base)]
+
+    def wall() -> float:
+        return clock[0]
+
+    owner = ident(50)
+    async with open_dht_node(ident(51), config=FAST) as b, open_dht_node(ident(52), config=FAST) as c:
+        await c.bootstrap([b.address])
+        saved: list[int] = []
+
+        async def seq_store(seq: int) -> None:
+            saved.append(seq)
+
+        async with open_dht_node(owner, config=FAST, wall_clock=wall) as first:
+            await first.bootstrap([b.address, c.address])
+            assert await first.publish_peer_record(["/ip4/127.0.0.1/tcp/4001"], seq_store=seq_store) == 2
+            assert saved == [base]
+        clock[0] -= 60  # restarted, and the clock stepped back a minute
+        async with open_dht_node(owner, config=FAST, wall_clock=wall) as second:
+            await second.bootstrap([b.address, c.address])
+            # Without the saved seq the new record (seq = the earlier time) is refused everywhere...
+            assert await second.publish_peer_record(["/ip4/127.0.0.1/tcp/4002"]) == 0
+            # ... with it, it supersedes the old one; and a second publish in the same second still goes higher.
+            assert second.next_record_seq(min_seq=saved[-1] + 1) == base + 1
+            assert await second.publish_peer_record(["/ip4/127.0.0.1/tcp/4003"], min_seq=saved[-1] + 1) == 2
+            assert await second.publish_peer_record(["/ip4/127.0.0.1/tcp/4004"], seq_store=seq_store) == 2
+            assert saved == [base, base + 2]
+        record = await b.find_peer(owner.peer_id)
+        assert record is not None and record.seq == base + 2 and record.addrs == ("/ip4/127.0.0.1/tcp/4004",)
+
+
+async def test_a_failing_seq_store_aborts_the_publish() -> None:
+    async with open_dht_node(ident(53), config=FAST) as a, open_dht_node(ident(54), config=FAST) as b:
+        await a.bootstrap([b.address])
+
+        async def broken(seq: int) -> None:
+            raise OSError("disk full")
+
+        with pytest.raises(OSError, match="disk full"):
+            await a.publish_peer_record(["/ip4/127.0.0.1/tcp/4001"], seq_store=broken)
+        assert await b.find_peer(a.peer_id) is None
