@@ -32,11 +32,13 @@ connection lost without FIN or RST looks alive until TCP gives up, many minutes 
 go out again over a new session after the backoff.
 
 **Receiving.**  Envelopes are opened (the envelope's ``from`` must be the channel's peer: relaying is for a later
-version), then one write transaction per received chunk applies the policy (:mod:`p2pmsg.chat.policy`) and stores
+version), then one write transaction per batch applies the policy (:mod:`p2pmsg.chat.policy`) and stores
 the messages (``repo.insert_incoming``: a duplicate id changes nothing).  Stored *and duplicate* ids are
 acknowledged after the commit, so a sender whose receipt was lost gets it again.  Messages that cannot be opened,
 refused ones, and anything else dropped are counted by reason (:meth:`ChatService.status`) and logged; a malformed
-frame closes that peer's session only.
+frame closes that peer's session only.  The session's reader hands each received chunk to a *storer* task and
+goes on reading; the storer puts everything that arrived while its previous transaction committed into the next one
+(bounded), so a busy disk makes larger transactions instead of a slower reader.
 
 **Events** for control API subscribers (``message``, ``receipt``, ``peer_up``, ``peer_down``, ``request``) go to
 an :class:`EventSink` such as ``EventHub.publish``; it must not block.
@@ -106,6 +108,10 @@ __all__ = ["ChatConfig", "ChatService", "DialFunction", "EventSink", "PeerResolv
 log = logging.getLogger("p2pmsg.chat")
 
 _RECEIVE_CHUNK: Final = 65536
+_INBOX_CHUNKS: Final = 16
+"""Received chunks queued for the storer before the reader waits."""
+_INBOX_BATCH: Final = 2048
+"""Most received envelopes stored in one transaction."""
 _HINTS_PREFIX: Final = "chat.hints."
 _CONTACT_CACHE_SIZE: Final = 1024
 _PEER_CACHE_SIZE: Final = 4096
@@ -829,6 +835,45 @@ class ChatService:
         await self._db.write(lambda c: repo.expedite(c, raw, now=now))
         session.expedited = True
         self._poke()
+        # Received envelopes go to a storer task, so reading goes on while a chunk commits; the storer takes all that
+        # piled up meanwhile into its next transaction (bounded: the reader waits when _INBOX_CHUNKS are queued).
+        send, receive = trio.open_memory_channel[list[SealedEnvelope]](_INBOX_CHUNKS)
+        failure: list[Exception] = []
+        reason = ""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._storer, session, receive, failure, nursery.cancel_scope)
+            try:
+                async with send:
+                    reason = await self._read_loop(session, send)
+            except Exception as exc:  # re-raised below, outside the nursery (no exception group)
+                failure.insert(0, exc)
+                nursery.cancel_scope.cancel()
+        if failure:
+            raise failure[0]
+        return reason
+
+    async def _storer(
+        self,
+        session: _Session,
+        receive: trio.MemoryReceiveChannel[list[SealedEnvelope]],
+        failure: list[Exception],
+        scope: trio.CancelScope,
+    ) -> None:
+        try:
+            async with receive:
+                async for chunk in receive:
+                    batch = list(chunk)
+                    while len(batch) < _INBOX_BATCH:
+                        try:
+                            batch.extend(receive.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                    await self._receive_envelopes(session, batch)
+        except Exception as exc:
+            failure.append(exc)
+            scope.cancel()
+
+    async def _read_loop(self, session: _Session, inbox: trio.MemorySendChannel[list[SealedEnvelope]]) -> str:
         while True:
             idle = self.config.stranger_idle_timeout if session.relation is Relation.STRANGER else math.inf
             data = None
@@ -847,7 +892,7 @@ class ChatService:
                 elif isinstance(event, ev.SessionClosed):
                     closed = True
             if envelopes:
-                await self._receive_envelopes(session, envelopes)
+                await inbox.send(envelopes)
             if acks:
                 await self._apply_acks(session, acks)
             if closed:
