@@ -63,6 +63,8 @@ ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
 """Seconds between saves of the DHT routing table (it is also saved at shutdown)."""
 REPUBLISH_CHECK_INTERVAL: Final = 30.0
 """Seconds between checks of whether our advertised addresses changed."""
+RECORD_SEQ_SETTING: Final = "dht.record_seq"
+"""Settings key of the last peer-record ``seq`` this node signed (8 bytes, big-endian)."""
 DHT_DROP_COUNTERS: Final = (
     "malformed",
     "unknown_rpc",
@@ -326,12 +328,22 @@ class Node:
     async def _publish(self) -> bool:
         if not self.addrs:
             return False
-        stored = await self.dht.publish_peer_record(self.addrs, ttl=self.options.record_ttl)
+        last = await self.db.read(lambda conn: repo.get_setting(conn, RECORD_SEQ_SETTING))
+        min_seq = int.from_bytes(last, "big") + 1 if last else 0
+        stored = await self.dht.publish_peer_record(
+            self.addrs, ttl=self.options.record_ttl, min_seq=min_seq, seq_store=self._store_record_seq
+        )
         if stored:
             log.info("dht: published our peer record on %d nodes", stored)
         else:
             log.info("dht: our peer record is stored nowhere yet (no DHT peers); will retry")
         return stored > 0
+
+    async def _store_record_seq(self, seq: int) -> None:
+        """Persist the ``seq`` about to be signed (durably, before signing): holders refuse a record whose ``seq``
+        is not higher than the one they hold, so a restart or a clock stepping back must never reuse one."""
+        now = int(time.time() * 1000)
+        await self.db.write(lambda conn: repo.set_setting(conn, RECORD_SEQ_SETTING, seq.to_bytes(8, "big"), now=now))
 
     async def _save_routing_table(self) -> None:
         now = int(time.time() * 1000)

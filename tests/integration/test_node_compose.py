@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -205,3 +206,27 @@ async def test_failed_publish_is_retried_and_never_stops_the_node(
 
 async def _async_value(value: bool) -> bool:
     return value
+
+
+async def test_record_seq_survives_restarts_and_clock_steps(tmp_path: Path) -> None:
+    """Holders refuse a record whose seq is not higher than the one they hold.  The node persists the last seq it
+    signed: here the database says a seq 1000 s ahead of the clock was signed (the clock has since stepped back),
+    and the new record must still supersede it."""
+    from p2pmsg.node import DATABASE_FILENAME, RECORD_SEQ_SETTING
+    from p2pmsg.store import repo
+    from p2pmsg.store.db import open_database
+
+    ahead = int(time.time()) + 1000
+    bob_home = tmp_path / "bob"
+    bob_home.mkdir(mode=0o700)
+    async with open_database(bob_home / DATABASE_FILENAME) as db:
+        await db.write(lambda c: repo.set_setting(c, RECORD_SEQ_SETTING, ahead.to_bytes(8, "big"), now=0))
+    async with trio.open_nursery() as nursery:
+        alice = await start(nursery, tmp_path / "alice", Cfg(listen=["/ip4/127.0.0.1/tcp/0"]))
+        boot = f"/ip4/127.0.0.1/udp/{alice.dht.address[1]}"
+        bob_id = Identity.generate()
+        cfg = Cfg(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[boot])
+        await nursery.start(lambda task_status: run_node(bob_home, bob_id, cfg, options=FAST, task_status=task_status))
+        record = await wait_for(lambda: alice.dht.find_peer(bob_id.peer_id), "Bob's record")
+        assert record.seq > ahead
+        nursery.cancel_scope.cancel()
