@@ -40,7 +40,8 @@ it``, and the peer is *verified* when the signature holds, ``sha1(PublicKey prot
 and the signed address is this node's own.  The address is what defeats a relay: a node M claiming H's id that
 forwards our challenge to H gets back H's signature over *M's* address, not ours.  This node's own addresses are
 those the driver declares (``own_address``: the bound address, or the local address of the route to a peer) and
-those that peers in ``own_address_votes`` distinct networks (/24, /64) signed for it (behind a NAT).  Extension
+those that peers in ``own_address_votes`` distinct networks (/24, /64) signed for it (behind a NAT: not when
+the declared address is a public one).  Extension
 RPCs go to marked peers only, so a stock node never receives one; peers are tracked per node id with the explicit
 :class:`AuthState` machine below.
 
@@ -75,6 +76,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import heapq
+import ipaddress
 import logging
 import os
 import time
@@ -818,8 +820,12 @@ class DhtEngine:
             return True
         if self._own_address is not None:
             declared = self._own_address(responder)
-            if declared is not None and decode_auth_address(encode_auth_address(declared)) == observed:
-                return True
+            if declared is not None:
+                declared = decode_auth_address(encode_auth_address(declared))
+                if declared == observed:
+                    return True
+                if ipaddress.ip_address(declared[0]).is_global:
+                    return False  # a public address of our own: no NAT to learn about, so no votes either
         voters = self._address_votes.pop(observed, set())
         voters.add(source_prefix(responder[0]))
         if len(voters) >= self.config.own_address_votes:

@@ -314,6 +314,22 @@ def test_direct_auth_still_verifies_and_a_nat_address_is_learned_from_two_networ
     assert nat.verified_peer(peers[p3].node_id) == peers[p3].identity.peer_id  # known now: at once
 
 
+def test_a_node_with_a_public_address_learns_no_other_from_votes() -> None:
+    """Votes are for NAT'd nodes only: relays in two networks cannot teach a public node a second address."""
+    declared, seen_as = ("1.2.3.4", 4001), ("5.6.7.8", 4001)  # e.g. two relays forwarding through 5.6.7.8
+    v = DhtEngine(ident(45), own_address=lambda peer: declared)
+    p1, p2 = ("10.1.0.1", 4001), ("10.2.0.1", 4001)
+    peers = {p: DhtEngine(ident(46 + i), own_address=lambda peer, p=p: p) for i, p in enumerate((p1, p2))}
+    engines = {declared: v, **peers}
+    for address, peer in peers.items():
+        peer.ping(seen_as, 0.0)
+        pump(engines, 0.0, {declared: seen_as})
+        v.ping(address, 0.0)
+        pump(engines, 0.0, {declared: seen_as})
+        assert v.auth_state(peer.node_id) is AuthState.FAILED
+    assert v.own_addresses() == [] and v.stats["auth_failed"] == 2
+
+
 def test_auth_proofs_sign_the_observed_address_and_old_versions_are_not_challenged() -> None:
     assert encode_auth_address(("192.0.2.9", 40000)).hex() == "04c00002099c40"
     assert encode_auth_address(("::ffff:192.0.2.9", 40000)).hex() == "04c00002099c40"
