@@ -1007,7 +1007,12 @@ class ChatService:
         # Not synced (it survives kill -9, maybe not a power cut): losing a delivered mark only means the message
         # is sent again and the receiver, which has it, acknowledges it again without storing it twice.
         delivered = await self._db.write(
-            lambda c: [mid for mid in ids if repo.mark_delivered(c, mid, recipient=raw, now=now)], durable=False
+            lambda c: [
+                mid
+                for start in range(0, len(ids), MAX_BATCH_ITEMS)
+                for mid in repo.mark_delivered_ids(c, ids[start : start + MAX_BATCH_ITEMS], recipient=raw, now=now)
+            ],
+            durable=False,
         )
         for mid in ids:
             session.written.pop(mid, None)

@@ -103,6 +103,7 @@ __all__ = [
     "list_requests",
     "load_dht_nodes",
     "mark_delivered",
+    "mark_delivered_ids",
     "mark_delivered_many",
     "mark_failed",
     "mark_sent",
@@ -896,6 +897,58 @@ def mark_delivered_many(conn: sqlite3.Connection, message_ids: Sequence[bytes], 
         [(m, peer) for m in ids],
     )
     return int(delivered)
+
+
+_IN_SIZES: Final = (1, 8, 64, 512)
+"""``IN (...)`` list lengths used by :func:`mark_delivered_ids` (padded up, so SQLite caches four statements)."""
+
+
+def _outbound_rows(conn: sqlite3.Connection, ids: list[bytes], peer: bytes) -> dict[bytes, tuple[int, str]]:
+    """``message_id -> (seq, status)`` of this conversation's outgoing messages among *ids*."""
+    found: dict[bytes, tuple[int, str]] = {}
+    start = 0
+    while start < len(ids):
+        chunk = ids[start : start + _IN_SIZES[-1]]
+        start += len(chunk)
+        size = next(n for n in _IN_SIZES if n >= len(chunk))
+        padded = chunk + [chunk[-1]] * (size - len(chunk))
+        rows = conn.execute(
+            "SELECT seq, message_id, status FROM messages WHERE message_id IN "
+            f"({', '.join('?' * size)}) AND +conversation = ? AND +direction = 'out'",  # '+': use the id index only
+            (*padded, peer),
+        )
+        for seq, mid, status in rows:
+            found[bytes(mid)] = (seq, status)
+    return found
+
+
+def mark_delivered_ids(
+    conn: sqlite3.Connection, message_ids: Sequence[bytes], *, recipient: bytes, now: int
+) -> list[bytes]:
+    """:func:`mark_delivered` for many receipts from *recipient*; return the ids that became delivered, in the
+    order given (an id repeated counts once).  One lookup per 512 ids, then updates by ``seq``."""
+    peer = _peer_id("recipient", recipient)
+    now = _timestamp("now", now)
+    ids = _id_list(message_ids)
+    if not ids:
+        return []
+    found = _outbound_rows(conn, ids, peer)
+    delivered: list[bytes] = []
+    seqs: list[tuple[int, int]] = []
+    for mid in ids:
+        hit = found.pop(mid, None)
+        if hit is None:
+            continue
+        seq, status = hit
+        old = MessageStatus(status)
+        if old is MessageStatus.DELIVERED or not can_transition(old, MessageStatus.DELIVERED):
+            continue
+        delivered.append(mid)
+        seqs.append((now, seq))
+    if seqs:
+        conn.executemany("UPDATE messages SET status = 'delivered', status_at = ? WHERE seq = ?", seqs)
+        conn.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for _, seq in seqs])
+    return delivered
 
 
 def reschedule(

@@ -658,3 +658,26 @@ def test_enqueue_many_with_a_resend_time_and_expedite_unattempted(conn: sqlite3.
     assert [e.message_id for e in repo.due(conn, now=T0 + 5)] == [mid(0), mid(1)]
     with pytest.raises(StoreArgumentError):
         repo.enqueue_many(conn, [dataclasses.replace(outgoing(3), next_attempt_at=-1)], now=T0)
+
+
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 600])
+def test_mark_delivered_ids_matches_mark_delivered_one_by_one(count: int) -> None:
+    def scenario(conn: sqlite3.Connection) -> None:
+        for n in range(count):
+            send(conn, n)
+        send(conn, 5000, to=CAROL)
+        repo.mark_failed(conn, mid(count - 1), now=T0 + 1)  # a receipt still proves delivery of a failed one
+        if count > 2:
+            repo.mark_delivered(conn, mid(1), recipient=BOB, now=T0 + 1)  # already delivered
+
+    ids = [mid(n) for n in reversed(range(count))] + [mid(0), mid(5000), mid(9999)]  # repeat, other peer, unknown
+    one, many = _connect(":memory:"), _connect(":memory:")
+    scenario(one)
+    scenario(many)
+    expected = [m for m in ids if repo.mark_delivered(one, m, recipient=BOB, now=T0 + 2)]
+    assert repo.mark_delivered_ids(many, ids, recipient=BOB, now=T0 + 2) == expected
+    assert len(expected) == (count - 1 if count > 2 else count)
+    dump = "SELECT message_id, status, status_at FROM messages ORDER BY seq"
+    assert many.execute(dump).fetchall() == one.execute(dump).fetchall()
+    assert repo.outbox_depth(many) == repo.outbox_depth(one) == 1  # carol's
+    assert repo.mark_delivered_ids(many, [], recipient=BOB, now=T0) == []
