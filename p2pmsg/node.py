@@ -75,6 +75,8 @@ DHT_DROP_COUNTERS: Final = (
     "auth_failed",
     "pending_full",
     "unexpected_response",
+    "verify_capped",
+    "values_evicted",
 )
 """DHT counters of input that was dropped or refused; ``status`` reports them as ``dht_<name>``."""
 LISTENER_DROP_COUNTERS: Final = ("handshake_timeouts", "handshake_failures", "rejected_overload")
