@@ -275,6 +275,18 @@ def open_mesh(root: Path) -> Iterator[Mesh]:
         mesh.stop_all()
 
 
+@contextlib.contextmanager
+def alice_and_bob(root: Path) -> Iterator[Mesh]:
+    """The usual scene: a bootstrap node, and alice and bob running, each a contact of the other."""
+    with open_mesh(root) as mesh:
+        mesh.start_bootstrap()
+        for name in ("alice", "bob"):
+            mesh.init(name)
+            mesh.start(name)
+        mesh.introduce("alice", "bob")
+        yield mesh
+
+
 def texts(rows: Sequence[dict[str, Any]], direction: str | None = None) -> list[str]:
     """The texts of history rows (of one direction if given), in history order."""
     return [str(r["text"]) for r in rows if direction is None or r["direction"] == direction]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import Burst, Mesh, Watcher, open_mesh, texts
+from procs import Burst, Mesh, Watcher, alice_and_bob, texts
 
 BURST = 1000
 BATCH = 100
@@ -23,12 +23,7 @@ KILL_AT = 300
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    with open_mesh(tmp_path) as m:
-        m.start_bootstrap()
-        for name in ("alice", "bob"):
-            m.init(name)
-            m.start(name)
-        m.introduce("alice", "bob")
+    with alice_and_bob(tmp_path) as m:
         yield m
 
 

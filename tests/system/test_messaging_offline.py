@@ -8,19 +8,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from procs import Mesh, open_mesh, texts
+from procs import Mesh, alice_and_bob, texts
 
 COUNT = 50
 
 
 @pytest.fixture
 def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    with open_mesh(tmp_path) as m:
-        m.start_bootstrap()
-        for name in ("alice", "bob"):
-            m.init(name)
-            m.start(name)
-        m.introduce("alice", "bob")
+    with alice_and_bob(tmp_path) as m:
         yield m
 
 
