@@ -467,9 +467,22 @@ class Bench:
         remaining = n
         queued_at = 0.0
 
+        batch = self.args.batch
+
         async def producer() -> None:
             nonlocal remaining, queued_at
             while remaining > 0:
+                if batch > 1:  # ChatService.send_many, the coroutine behind the control method of that name
+                    count = min(batch, remaining)
+                    remaining -= count
+                    texts = []
+                    for _ in range(count):
+                        self.counter += 1
+                        texts.append(text_of(self.counter))
+                    result = await self.node.chat.send_many("receiver", texts)
+                    for mid in result["ids"]:
+                        receipts.add_to_group(mid)
+                    continue
                 remaining -= 1
                 receipts.add_to_group(await self.send())
             queued_at = max(queued_at, time.perf_counter())
@@ -729,6 +742,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         n=args.n,
         repeat=args.repeat,
         concurrency=args.concurrency,
+        batch=args.batch,
         window=args.window,
         idle_messages=args.idle,
         load_seconds=args.load_seconds,
@@ -1195,6 +1209,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000, help="messages per bulk run (default 10000)")
     parser.add_argument("--repeat", type=int, default=3, help="bulk runs, median reported (default 3)")
     parser.add_argument("--concurrency", type=int, default=64, help="tasks calling send (default 64)")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="texts per send_many call in the bulk runs (default 1: plain send)"
+    )
     parser.add_argument("--idle", type=int, default=300, help="messages for the idle latency (default 300)")
     parser.add_argument("--load-seconds", type=float, default=10.0, help="duration of the loaded phase (default 10)")
     parser.add_argument("--window", type=int, default=256, help="undelivered messages under load (default 256)")
@@ -1215,7 +1232,7 @@ def main() -> None:
     if args.role == "pipe-sink":
         trio.run(run_pipe_sink, args.count)
         return
-    for name in ("n", "repeat", "concurrency", "idle", "window", "pipe_n"):
+    for name in ("n", "repeat", "concurrency", "batch", "idle", "window", "pipe_n"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.load_seconds <= 0 or args.probe_interval <= 0:

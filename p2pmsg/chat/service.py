@@ -116,6 +116,8 @@ _HINTS_PREFIX: Final = "chat.hints."
 _CONTACT_CACHE_SIZE: Final = 1024
 _PEER_CACHE_SIZE: Final = 4096
 _MAX_HINTS: Final = 16
+MAX_SEND_MANY: Final = 1000
+"""Most texts in one :meth:`ChatService.send_many` call."""
 
 
 class EventSink(Protocol):
@@ -1154,24 +1156,39 @@ class ChatService:
 
     async def send(self, name: str, text: str) -> dict[str, Any]:
         """Queue ``text`` to contact ``name``; returns ``{id, status: "queued"}`` once it is durably stored."""
+        (message_id,) = await self._send_texts(name, [text], "text")
+        return {"id": message_id, "status": "queued"}
+
+    async def send_many(self, name: str, texts: Sequence[str]) -> dict[str, Any]:
+        """Queue several texts to contact ``name`` in this order, in one transaction (all or none); returns
+        ``{ids, status: "queued"}`` once they are durably stored.  The throughput path for a single client."""
+        if not isinstance(texts, list | tuple) or not 1 <= len(texts) <= MAX_SEND_MANY:
+            raise BadRequestError(f"texts: 1 to {MAX_SEND_MANY} texts")
+        ids = await self._send_texts(name, texts, "texts")
+        return {"ids": ids, "status": "queued"}
+
+    async def _send_texts(self, name: str, texts: Sequence[str], field: str) -> list[str]:
         contact = await self._contact_by_name(name, cached=True)
         if contact.state is ContactState.BLOCKED:
             raise BadRequestError(f"{name!r} is blocked; unblock it to send")
-        if not isinstance(text, str) or not text:
-            raise BadRequestError("text: must not be empty")
-        try:
-            size = len(text.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise BadRequestError("text: not valid UTF-8") from None
-        if size > MAX_TEXT_BYTES:
-            raise BadRequestError(f"text: {size} bytes of UTF-8, the limit is {MAX_TEXT_BYTES}")
+        for i, text in enumerate(texts):
+            where = field if field == "text" else f"{field}[{i}]"
+            if not isinstance(text, str) or not text:
+                raise BadRequestError(f"{where}: must not be empty")
+            try:
+                size = len(text.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise BadRequestError(f"{where}: not valid UTF-8") from None
+            if size > MAX_TEXT_BYTES:
+                raise BadRequestError(f"{where}: {size} bytes of UTF-8, the limit is {MAX_TEXT_BYTES}")
         peer = self._peer_of(contact.peer_id)
         now = self._now()
-        sealed = self._sealer.seal(peer, text, ts=now)
-        await self._enqueue(_Queued(peer=peer, contact=contact, sealed=sealed, text=text, now=now))
-        return {"id": sealed.id_hex, "status": "queued"}
+        seal = self._sealer.seal
+        items = [_Queued(peer=peer, contact=contact, sealed=seal(peer, t, ts=now), text=t, now=now) for t in texts]
+        await self._enqueue(items)
+        return [q.sealed.id_hex for q in items]
 
-    async def _enqueue(self, item: _Queued) -> None:
+    async def _enqueue(self, mine: list[_Queued]) -> None:
         """Store ``item`` durably, together with every other ``send`` that arrives while the previous enqueue
         transaction commits: one ``repo.enqueue_many`` and one sync per round, whatever the number of callers.
 
@@ -1181,20 +1198,21 @@ class ChatService:
         normally after the commit (the leader is shielded throughout, as its round carries the others' messages).
         """
         batch = self._enqueue_open
-        if batch is not None and len(batch.items) < MAX_BATCH_ITEMS:
-            batch.items.append(item)
+        if batch is not None and len(batch.items) + len(mine) <= MAX_BATCH_ITEMS:
+            batch.items.extend(mine)
             try:
                 await batch.done.wait()
             except trio.Cancelled:
                 if not batch.closed:
-                    batch.items.remove(item)
+                    withdrawn = {id(q) for q in mine}
+                    batch.items[:] = [q for q in batch.items if id(q) not in withdrawn]
                     raise
                 with trio.CancelScope(shield=True):
                     await batch.done.wait()
             if batch.error is not None:
                 raise batch.error
             return
-        batch = self._enqueue_open = _EnqueueRound(items=[item])
+        batch = self._enqueue_open = _EnqueueRound(items=list(mine))
         with trio.CancelScope(shield=True):
             async with self._enqueue_lock:
                 if self._enqueue_open is batch:
@@ -1425,6 +1443,7 @@ class ChatService:
             "contacts.block": lambda p: self.block(p["name_or_peer"]),
             "contacts.unblock": lambda p: self.unblock(p["name_or_peer"]),
             "send": lambda p: self.send(p["name"], p["text"]),
+            "send_many": lambda p: self.send_many(p["name"], p["texts"]),
             "history": lambda p: self.history(p["name"], p.get("limit"), p.get("before")),
             "inbox": lambda p: self.inbox(),
             "requests.list": lambda p: self.list_requests(),

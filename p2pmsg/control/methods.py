@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from p2pmsg.control.errors import ControlRequestError
-from p2pmsg.wire.codec import CodecError, Int, Schema, Str, Struct
+from p2pmsg.wire.codec import Array, CodecError, Int, Schema, Str, Struct
 
 __all__ = ["EVENT_NAMES", "METHODS", "METHOD_DOCS", "check_params"]
 
@@ -46,6 +46,7 @@ METHODS: Final[Mapping[str, Struct]] = {
     "contacts.block": _params("contacts.block", {"name_or_peer": _PEER_OR_NAME}),
     "contacts.unblock": _params("contacts.unblock", {"name_or_peer": _PEER_OR_NAME}),
     "send": _params("send", {"name": _NAME, "text": _TEXT}),
+    "send_many": _params("send_many", {"name": _NAME, "texts": Array(_TEXT, 1000, min_items=1)}),
     "history": _params("history", {"name": _NAME}, {"limit": Int(1, _INT31), "before": Int(0, _INT63)}),
     "inbox": _params("inbox", {}),
     "requests.list": _params("requests.list", {}),
@@ -67,6 +68,7 @@ METHOD_DOCS: Final[Mapping[str, str]] = {
     "contacts.block": "{}",
     "contacts.unblock": "{}",
     "send": "{id, status}",
+    "send_many": "{ids: [id], status} (texts queued in order, in one transaction)",
     "history": "[{id, from, text, ts, status, direction}] oldest first",
     "inbox": "[{name, peer_id, last_text, last_ts, unread?}]",
     "requests.list": "[{peer_id, count, last_text, last_ts}]",

@@ -15,8 +15,9 @@ import pytest
 import trio
 import trio.testing
 
+from p2pmsg.chat.errors import BadRequestError
 from p2pmsg.chat.service import ChatConfig, ChatService
-from p2pmsg.control import ControlServer, EventHub, control_socket_path
+from p2pmsg.control import ControlRequestError, ControlServer, EventHub, check_params, control_socket_path
 from p2pmsg.identity import Identity
 from p2pmsg.net.listener import Listener
 from p2pmsg.store.db import open_database
@@ -158,3 +159,24 @@ async def test_concurrent_sends_share_transactions_and_a_withdrawn_send_is_not_s
         # Write functions run: the gate, the first send's round, and one round for the 39 that waited behind it.
         assert db.stats.writes - before == 3
         nursery.cancel_scope.cancel()
+
+
+async def test_send_many_queues_texts_in_order_in_one_write(home: Path) -> None:
+    async with open_database(home / "p2pmsg.db") as db:
+        alice = ChatService(ALICE, db, config=ChatConfig())
+        await alice.add_contact(str(BOB.peer_id), "bob")
+        before = db.stats.writes
+        result = await alice.send_many("bob", [f"line {i}" for i in range(300)])
+        assert db.stats.writes - before == 1
+        assert result["status"] == "queued" and len(set(result["ids"])) == 300
+        history = await alice.history("bob", limit=1000)
+        assert [m["id"] for m in history] == result["ids"]
+        assert [m["text"] for m in history] == [f"line {i}" for i in range(300)]
+        with pytest.raises(BadRequestError, match=r"texts\[1\]: must not be empty"):
+            await alice.send_many("bob", ["fine", ""])
+        with pytest.raises(BadRequestError, match="texts: 1 to 1000"):
+            await alice.send_many("bob", [])
+        assert len(await alice.history("bob", limit=1000)) == 300  # nothing of a refused call was stored
+        assert check_params("send_many", {"name": "bob", "texts": ["a", "b"]}) == {"name": "bob", "texts": ["a", "b"]}
+        with pytest.raises(ControlRequestError, match="texts"):
+            check_params("send_many", {"name": "bob", "texts": []})

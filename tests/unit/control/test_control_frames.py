@@ -226,8 +226,8 @@ def test_encoding_refuses_what_msgpack_cannot_carry() -> None:
 def test_every_contract_method_is_declared() -> None:
     contract = {
         "id", "contacts.add", "contacts.list", "contacts.rename", "contacts.remove", "contacts.block",
-        "contacts.unblock", "send", "history", "inbox", "requests.list", "requests.accept", "requests.block",
-        "peers", "status", "export", "subscribe",
+        "contacts.unblock", "send", "send_many", "history", "inbox", "requests.list", "requests.accept",
+        "requests.block", "peers", "status", "export", "subscribe",
     }  # fmt: skip
     assert set(METHODS) == contract
 
