@@ -117,6 +117,7 @@ _WRITER_PRAGMAS: Final = (
     "PRAGMA temp_store = MEMORY",
     "PRAGMA cache_size = -16384",
     "PRAGMA journal_size_limit = 67108864",
+    "PRAGMA wal_autocheckpoint = 8192",
 )
 _READER_PRAGMAS: Final = (
     "PRAGMA query_only = ON",
