@@ -2,7 +2,7 @@
 
 The node runs a :class:`ControlServer` on ``<home>/control.sock`` (mode 0600) and publishes events through an
 :class:`EventHub`; the CLI talks to it with the synchronous :class:`ControlClient`.  Formats:
-``docs/protocol-control.part.md``.
+``docs/protocol.md (section 7)``.
 """
 
 from p2pmsg.control.client import ControlClient, EventStream

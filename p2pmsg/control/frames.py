@@ -16,7 +16,7 @@ The bodies are validated here, with the strict codec of :mod:`p2pmsg.wire.codec`
 * an **event** (node to a subscribed client) ``{"event": str, ...fields}`` -> :class:`Event`.
 
 Anything else raises :class:`~p2pmsg.control.errors.ControlProtocolError` naming the field and the reason; the server
-closes the connection on it, the client gives up the call.  Byte-level details: ``docs/protocol-control.part.md``.
+closes the connection on it, the client gives up the call.  Byte-level details: ``docs/protocol.md (section 7)``.
 """
 
 from __future__ import annotations

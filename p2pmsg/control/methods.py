@@ -10,7 +10,7 @@ handler only ever sees params of the declared types.  A method that is not
 declared (an extension a node registers itself) gets its params unchecked.
 
 Results are not checked here: the node produces them.  Their shapes are documented in
-``docs/protocol-control.part.md`` and in :data:`METHOD_DOCS`.
+``docs/protocol.md (section 7)`` and in :data:`METHOD_DOCS`.
 """
 
 from __future__ import annotations

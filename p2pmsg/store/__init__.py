@@ -2,7 +2,7 @@
 
 ``async with open_database(path) as db:`` gives a :class:`Database`; ``await db.write(fn)`` / ``await db.read(fn)``
 run ``fn(conn)`` in a transaction; :mod:`p2pmsg.store.repo` holds the functions to pass (``repo.enqueue``,
-``repo.history``, ...).  See ``docs/protocol-store.part.md`` for the schema.
+``repo.history``, ...).  See ``docs/protocol.md (section 8)`` for the schema.
 """
 
 from p2pmsg.store import repo

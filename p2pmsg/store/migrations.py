@@ -13,7 +13,7 @@ Before anything is written the file is checked: ``PRAGMA application_id`` must b
 :data:`APPLICATION_ID`; a version-0 file that already has tables is someone else's database; a version above the
 newest step is refused with :class:`SchemaTooNewError` and the file is left untouched (this code does not know what a
 newer one changed).  Steps are only ever appended: a released step is never edited, a change to the schema is a new
-step.  ``docs/protocol-store.part.md`` documents every table of every version.
+step.  ``docs/protocol.md (section 8)`` documents every table of every version.
 """
 
 from __future__ import annotations

@@ -450,7 +450,7 @@ def test_flipped_bits_fail_the_libp2p_handshake(message_index: int) -> None:
 
 # ------------------------------------------------------------------------------------------------ worked example
 
-# The worked example of docs/protocol-noise.part.md (keep the two in step).
+# The worked example of docs/protocol.md (section 3) (keep the two in step).
 EXAMPLE = {
     "payload_bob": "0a2408011220705fbac01f5519899f437bc42e40255ae9ab54bff00de3433af7d687d9e71ad51240"
     "13f84c49d404c1c2c89d56ba34be623be172abcdf959afeb6aaf3bc674b7e0a6"

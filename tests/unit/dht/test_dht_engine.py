@@ -468,7 +468,7 @@ def test_find_value_and_stun_answers() -> None:
 
 
 def test_auth_proof_worked_example() -> None:
-    """docs/protocol-dht.part.md, section 6: B's answer to A's challenge (A at 192.0.2.9:40000), byte for byte."""
+    """docs/protocol.md, section 5.6: B's answer to A's challenge (A at 192.0.2.9:40000), byte for byte."""
     from p2pmsg.identity import Identity
 
     node_b = DhtEngine(Identity.from_seed(bytes(range(1, 33))))

@@ -94,7 +94,7 @@ def test_requests_are_byte_identical_to_rpcudp(request_: object, name: str, args
 
 
 def test_known_sizes_of_the_small_datagrams() -> None:
-    # The figures the anti-amplification rules are built on (see docs/protocol-dht.part.md).
+    # The figures the anti-amplification rules are built on (see docs/protocol.md (section 5)).
     assert len(encode_request(MID, PingRequest(node_id=NID))) == 50
     assert len(encode_response(MID, NID)) == 43
     assert len(encode_request(MID, FindNodeRequest(node_id=NID, key=KEY))) == 77
@@ -264,7 +264,7 @@ def test_fit_contacts_is_the_longest_prefix_that_fits() -> None:
 
 
 def test_documented_examples() -> None:
-    """The byte strings of docs/protocol-dht.part.md, section 4."""
+    """The byte strings of docs/protocol.md, section 5.4."""
     node_a = bytes.fromhex("209e328b26b4dfcda8c9b426b152d822d3215035")
     node_b = bytes.fromhex("83b2c9f1d3d32ce2ee01211b872e2244f6b46b3b")
     msg_id = new_message_id(bytes(range(12)))

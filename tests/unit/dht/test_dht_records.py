@@ -28,7 +28,7 @@ MALLORY = Identity.from_seed(bytes(range(1, 33)))
 NOW = 1_700_000_000
 EXPIRES = 1_700_086_400
 
-# The worked example of docs/protocol-dht.part.md.
+# The worked example of docs/protocol.md (section 5).
 EXAMPLE_VALUE = bytes.fromhex(
     "50325201127032706d73672d706565722d7265636f72640a240801122003a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d"
     "5f1ddc8664125531b812152f7032706d73672f706565722d7265636f72642f311a5000240801122003a107bff3ce10be1d70dd18"

@@ -452,7 +452,7 @@ def test_passphrase_end_of_input() -> None:
         resolve_passphrase(env={}, prompt=Prompts())
 
 
-# --- the worked examples of docs/protocol-identity.part.md ----------------------------------------------------------
+# --- the worked examples of docs/protocol.md (section 1) ----------------------------------------------------------
 
 DOC_ENCRYPTED = (
     "5032504d53474b46010100000001000000000000200000"

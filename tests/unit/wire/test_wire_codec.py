@@ -1,4 +1,4 @@
-"""The strict msgpack codec: every rule of docs/protocol-wire.part.md, one by one, with the error it produces."""
+"""The strict msgpack codec: every rule of docs/protocol.md (section 2), one by one, with the error it produces."""
 
 from __future__ import annotations
 
@@ -434,7 +434,7 @@ def test_describe_uses_the_documented_notation() -> None:
 
 
 def test_worked_example_of_the_protocol_document() -> None:
-    """docs/protocol-wire.part.md, section 2: the example encodes to exactly the bytes shown there."""
+    """docs/protocol.md, section 2.2: the example encodes to exactly the bytes shown there."""
     example = Struct("example", {"v": Int(1, 1), "id": Bytes(4, 4), "text": Str(16)}, {"tags": Array(Str(8), 4)})
     encoded = example.encode({"v": 1, "id": b"\x01\x02\x03\x04", "text": "hé", "tags": ["a"]})
     assert (
