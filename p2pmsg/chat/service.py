@@ -1463,7 +1463,7 @@ def _user_errors() -> Iterator[None]:
         raise NameTakenError(str(exc)) from None
     except (store_errors.UnknownContactError, store_errors.UnknownRequestError) as exc:
         raise UnknownContactError(str(exc)) from None
-    except (store_errors.ContactExistsError, store_errors.StoreArgumentError) as exc:
+    except (store_errors.ContactExistsError, store_errors.PeerBlockedError, store_errors.StoreArgumentError) as exc:
         raise BadRequestError(str(exc)) from None
 
 

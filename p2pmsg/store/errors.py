@@ -16,6 +16,7 @@ __all__ = [
     "ForeignDatabaseError",
     "MigrationError",
     "NameTakenError",
+    "PeerBlockedError",
     "SchemaError",
     "SchemaTooNewError",
     "StoreArgumentError",
@@ -100,3 +101,7 @@ class UnknownContactError(StoreError):
 
 class UnknownRequestError(StoreError):
     """No pending message request from this peer."""
+
+
+class PeerBlockedError(StoreError):
+    """The peer is blocked: its request cannot be accepted (unblock it first)."""

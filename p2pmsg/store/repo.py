@@ -36,6 +36,7 @@ from p2pmsg.store.errors import (
     ContactExistsError,
     DuplicateMessageError,
     NameTakenError,
+    PeerBlockedError,
     StoreArgumentError,
     UnknownContactError,
     UnknownRequestError,
@@ -336,9 +337,15 @@ def remove_contact(conn: sqlite3.Connection, peer_id: bytes) -> bool:
 
 
 def block_peer(conn: sqlite3.Connection, peer_id: bytes, *, now: int) -> Contact:
-    """Block a peer: a contact keeps its name and history; a stranger is recorded as a blocked peer without name."""
+    """Block a peer: a contact keeps its name and history; a stranger is recorded as a blocked peer without name.
+
+    A pending message request of the peer is dropped with its messages (as :func:`reject_request` does), so it
+    neither shows in :func:`list_requests` nor counts toward the request bounds.
+    """
     peer = _peer_id("peer_id", peer_id)
     now = _timestamp("now", now)
+    conn.execute("DELETE FROM messages WHERE conversation = ? AND is_request = 1", (peer,))
+    conn.execute("DELETE FROM message_requests WHERE peer_id = ?", (peer,))
     conn.execute(
         f"INSERT INTO contacts ({_CONTACT_COLUMNS}) VALUES (?, NULL, 'blocked', 0, ?, ?) "
         "ON CONFLICT (peer_id) DO UPDATE SET state = 'blocked', updated_at = excluded.updated_at "
@@ -694,14 +701,17 @@ def accept_request(conn: sqlite3.Connection, peer_id: bytes, *, name: str, now: 
     """Accept a stranger's request: add them as contact *name* and move their messages into the inbox.
 
     If the peer became a contact in the meantime the existing contact is kept (and *name* ignored).  Raises
-    :class:`UnknownRequestError` if there is no pending request, :class:`NameTakenError` if the name is used.
+    :class:`PeerBlockedError` if the peer is blocked (accepting never unblocks), :class:`UnknownRequestError` if
+    there is no pending request, :class:`NameTakenError` if the name is used.
     """
     peer = _peer_id("peer_id", peer_id)
     _name(name)
     now = _timestamp("now", now)
+    existing = get_contact(conn, peer)
+    if existing is not None and existing.state is ContactState.BLOCKED:
+        raise PeerBlockedError(f"peer id {peer.hex()} is blocked: unblock it before accepting a request")
     if get_request(conn, peer) is None:
         raise UnknownRequestError(f"no pending message request from peer id {peer.hex()}")
-    existing = get_contact(conn, peer)
     contact = (
         add_contact(conn, peer_id=peer, name=name, now=now) if existing is None or existing.name is None else existing
     )

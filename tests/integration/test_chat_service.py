@@ -481,3 +481,20 @@ async def test_a_burst_arrives_in_send_order(tmp_path: Path) -> None:
             ids.append((await alice.chat.send("bob", f"burst {i}"))["id"])
         await eventually(lambda: len(bob.seen("message")) == 150, "the whole burst")
         assert [m["id"] for m in bob.seen("message")] == ids
+
+
+async def test_blocking_a_stranger_drops_its_request_and_accept_does_not_unblock(tmp_path: Path) -> None:
+    async with open_database(tmp_path / "db") as db:
+        chat = ChatService(BOB, db, config=FAST)
+        raw = CAROL.peer_id.to_bytes()
+        await db.write(
+            lambda c: repo.insert_incoming(
+                c, message_id=b"\x01" * 16, sender=raw, text="abuse", sent_at=1, now=1, is_request=True
+            )
+        )
+        await chat.block(str(CAROL.peer_id))
+        assert await chat.list_requests() == []
+        assert await db.read(repo.count_requests) == 0
+        with pytest.raises(BadRequestError, match="blocked"):
+            await chat.accept_request(str(CAROL.peer_id), "friend")
+        assert [c["state"] for c in await chat.list_contacts()] == ["blocked"]

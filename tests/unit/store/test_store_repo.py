@@ -18,6 +18,7 @@ from p2pmsg.store.errors import (
     ContactExistsError,
     DuplicateMessageError,
     NameTakenError,
+    PeerBlockedError,
     StoreArgumentError,
     UnknownContactError,
     UnknownRequestError,
@@ -681,3 +682,29 @@ def test_mark_delivered_ids_matches_mark_delivered_one_by_one(count: int) -> Non
     assert many.execute(dump).fetchall() == one.execute(dump).fetchall()
     assert repo.outbox_depth(many) == repo.outbox_depth(one) == 1  # carol's
     assert repo.mark_delivered_ids(many, [], recipient=BOB, now=T0) == []
+
+
+def test_blocking_a_stranger_drops_its_pending_request(conn: sqlite3.Connection) -> None:
+    for n in range(2):
+        repo.insert_incoming(conn, message_id=mid(n), sender=EVE, text="spam", sent_at=T0, now=T0, is_request=True)
+    repo.insert_incoming(conn, message_id=mid(9), sender=CAROL, text="hi", sent_at=T0, now=T0, is_request=True)
+    repo.block_peer(conn, EVE, now=T0 + 1)
+    assert [r.peer_id for r in repo.list_requests(conn)] == [CAROL]
+    assert repo.count_requests(conn) == 1
+    assert repo.history(conn, EVE) == []
+    with pytest.raises(PeerBlockedError, match="blocked"):
+        repo.accept_request(conn, EVE, name="eve", now=T0 + 2)
+    assert repo.is_blocked(conn, EVE)
+
+
+def test_accept_refuses_a_blocked_peer_even_with_a_request_row(conn: sqlite3.Connection) -> None:
+    # A request row left behind by an older version must not let ``accept`` unblock the peer.
+    repo.insert_incoming(conn, message_id=mid(1), sender=EVE, text="x", sent_at=T0, now=T0, is_request=True)
+    conn.execute(
+        "INSERT INTO contacts (peer_id, name, state, verified, added_at, updated_at) "
+        "VALUES (?, 'eve', 'blocked', 0, ?, ?)",
+        (EVE, T0, T0),
+    )
+    with pytest.raises(PeerBlockedError, match="blocked"):
+        repo.accept_request(conn, EVE, name="eve2", now=T0 + 2)
+    assert repo.is_blocked(conn, EVE)
