@@ -6,7 +6,7 @@ Theory of operation
 checks the socket path: a live node answering there stops us (:class:`NodeAlreadyRunningError`); a stale socket file
 left by a dead node is removed.  The socket is bound, ``chmod``-ed to 0600 and only then put in listening state, so
 there is no moment at which another user could connect; the home directory itself must not be open to other users.
-On Linux the peer's uid is also checked (``SO_PEERCRED``) and must be ours.
+On Linux the peer's uid is also checked (``SO_PEERCRED``) and must be ours; if it cannot be read the peer is refused.
 
 Each connection reads frames (:mod:`p2pmsg.control.frames`) one at a time: a request is checked
 (:func:`~p2pmsg.control.methods.check_params`), handed to its handler, and answered before the next one is read.  A
@@ -349,9 +349,9 @@ class ControlServer:
                     await trio.sleep(_ACCEPT_RETRY_DELAY)
                     continue
                 raise
-            if not _same_user(stream):
-                self._count("control_foreign_user")
-                log.warning("control: refused a connection from another user")
+            refusal = _peer_user_refusal(stream)
+            if refusal is not None:
+                self._count(refusal)
                 await trio.aclose_forcefully(stream)
                 continue
             if self._connections >= self._max_connections:
@@ -515,14 +515,26 @@ async def _pump(stream: trio.SocketStream, subscriber: _Subscriber) -> None:
         pass
 
 
-def _same_user(stream: trio.SocketStream) -> bool:
-    """True unless the OS tells us the peer runs as another user (Linux ``SO_PEERCRED``)."""
+def _peer_user_refusal(stream: trio.SocketStream) -> str | None:
+    """Why the connecting peer is refused (a ``dropped`` reason), or ``None`` if it runs as our user.
+
+    Without ``SO_PEERCRED`` (not Linux) the socket's 0600 mode and the 0700 home are the only guard and every peer
+    passes.  Where the option exists but cannot be read the peer is refused: failing open would let anyone in.
+    """
     peercred = getattr(socket, "SO_PEERCRED", None)
     if peercred is None:
-        return True
+        return None
+    size = struct.calcsize("3i")
     try:
-        raw = stream.socket.getsockopt(socket.SOL_SOCKET, peercred, struct.calcsize("3i"))
-    except OSError:
-        return True
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, peercred, size)
+    except OSError as exc:
+        log.warning("control: refused a connection: cannot read the peer's credentials (%s)", exc)
+        return "control_peercred_failed"
+    if not isinstance(raw, bytes) or len(raw) != size:
+        log.warning("control: refused a connection: cannot read the peer's credentials (short answer)")
+        return "control_peercred_failed"
     _pid, uid, _gid = struct.unpack("3i", raw)
-    return bool(uid == os.geteuid())
+    if uid != os.geteuid():
+        log.warning("control: refused a connection from another user")
+        return "control_foreign_user"
+    return None

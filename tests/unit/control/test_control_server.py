@@ -253,6 +253,24 @@ async def test_connection_limit(home: Path) -> None:
         assert (await in_thread(lambda: ControlClient(home).call("id")))["peer_id"] == "12D3KooWtest"
 
 
+async def test_a_failing_peer_credentials_check_refuses_the_connection(
+    home: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A fault we cannot cause for real: the kernel refusing SO_PEERCRED.  An unknown option number makes the real
+    # getsockopt call fail (ENOPROTOOPT) on the accepted socket.
+    if not hasattr(socket, "SO_PEERCRED"):
+        pytest.skip("no SO_PEERCRED on this platform")
+    monkeypatch.setattr(socket, "SO_PEERCRED", 0x7FFF)
+    async with serving(home) as server:
+        stream = await trio.open_unix_socket(str(control_socket_path(home)))
+        with trio.fail_after(5):
+            assert await read_all(stream) == b""  # closed at once (a served connection would wait for a request)
+        await stream.aclose()
+        assert server.dropped == {"control_peercred_failed": 1}
+        assert server.connections == 0
+    assert "cannot read the peer's credentials" in caplog.text
+
+
 # -- events ------------------------------------------------------------------------------------------------------------
 
 
