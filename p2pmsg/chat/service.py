@@ -622,7 +622,16 @@ class ChatService:
         value = getattr(found, "value", None)
         if not isinstance(value, bytes):
             return None
-        record, _ = await self._store_record(peer, value)
+        record, changed = await self._store_record(peer, value)
+        if record is None or changed:
+            return record
+        # The store kept its cached record: never use a DHT answer older than it (a replayed, rolled-back record).
+        cached = await self._db.read(lambda c: repo.get_peer_record(c, peer.to_bytes()))
+        if cached is not None and cached.seq > record.seq:
+            log.info(
+                "chat: DHT gave %s's peer record seq %d, older than cached %d; ignored", peer, record.seq, cached.seq
+            )
+            return await self._cached_record(peer)
         return record
 
     async def peer_record_seen(self, peer_id: PeerId, value: bytes) -> bool:

@@ -20,6 +20,7 @@ from p2pmsg.chat.policy import AcceptFrom, ChatPolicy
 from p2pmsg.chat.protocol import ChatConnection
 from p2pmsg.chat.service import ChatConfig, ChatService
 from p2pmsg.dht.core.engine import DhtConfig
+from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, seal_peer_record, verify_record_value
 from p2pmsg.dht.service import open_dht_node
 from p2pmsg.identity import Identity, PeerId
 from p2pmsg.net.channel import SecureChannel
@@ -498,3 +499,37 @@ async def test_blocking_a_stranger_drops_its_request_and_accept_does_not_unblock
         with pytest.raises(BadRequestError, match="blocked"):
             await chat.accept_request(str(CAROL.peer_id), "friend")
         assert [c["state"] for c in await chat.list_contacts()] == ["blocked"]
+
+
+class _ReplayingResolver:
+    """A DHT answering with an older (validly signed) peer record than the one we cached: a rollback."""
+
+    def __init__(self, value: bytes) -> None:
+        self.value = value
+        self.calls = 0
+
+    async def get_signed(self, key: bytes) -> VerifiedRecord | None:
+        self.calls += 1
+        return verify_record_value(key, self.value, now=time.time())
+
+
+async def test_resolve_keeps_the_cached_record_over_an_older_one_from_the_dht(tmp_path: Path) -> None:
+    def sealed(seq: int, port: int) -> bytes:
+        record = PeerRecord(
+            peer_id=BOB.peer_id, addrs=(f"/ip4/127.0.0.1/tcp/{port}",), seq=seq, expires_at=int(time.time()) + 3600
+        )
+        return seal_peer_record(BOB, record)
+
+    resolver = _ReplayingResolver(sealed(1, 1111))
+    async with open_database(tmp_path / "db") as db:
+        chat = ChatService(ALICE, db, config=FAST, resolver=resolver)
+        assert await chat.peer_record_seen(BOB.peer_id, sealed(2, 2222))
+        record = await chat._resolve(BOB.peer_id)
+        assert resolver.calls == 1
+        assert record is not None and (record.seq, record.addrs) == (2, ("/ip4/127.0.0.1/tcp/2222",))
+        cached = await db.read(lambda c: repo.get_peer_record(c, BOB.peer_id.to_bytes()))
+        assert cached is not None and cached.seq == 2
+        # A newer record from the DHT still wins.
+        resolver.value = sealed(3, 3333)
+        record = await chat._resolve(BOB.peer_id)
+        assert record is not None and record.seq == 3
