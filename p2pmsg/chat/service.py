@@ -164,9 +164,10 @@ class ChatConfig:
     """A session whose ``send_all`` takes longer than this is closed (its messages stay queued)."""
     max_sessions: int = 256
     max_stranger_sessions: int = 64
-    """Sessions with peers that are not contacts, so strangers can never crowd contacts out."""
+    """Sessions with peers that are not contacts, so strangers can never crowd contacts out.  When they are all
+    taken, a new stranger session evicts the one idle longest."""
     stranger_idle_timeout: float = 120.0
-    """A stranger's session that sends nothing for this long is closed."""
+    """A stranger's session that sends no complete message frame for this long is closed."""
     max_sessions_per_peer: int = 4
     batch_size: int = 256
     """Envelopes per ``send_all``."""
@@ -246,6 +247,9 @@ class _Session:
     in_order: bool = False
     """An outbox round after that found nothing left for the peer: new messages may bypass the outbox worker
     without overtaking older ones."""
+    active_at: float = 0.0
+    """When (trio clock) the session opened or last delivered a complete message frame: a stranger's idle time
+    counts from here, and the stranger session with the oldest one is evicted first."""
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -704,11 +708,8 @@ class ChatService:
             if total >= self.config.max_sessions:
                 self._drop("chat_session_limit", f"{total} sessions already open", peer)
                 return
-            if relation is Relation.STRANGER:
-                strangers = sum(1 for v in self._sessions.values() for s in v if s.relation is Relation.STRANGER)
-                if strangers >= self.config.max_stranger_sessions:
-                    self._drop("chat_stranger_session_limit", f"{strangers} stranger sessions already open", peer)
-                    return
+            if relation is Relation.STRANGER and not self._stranger_slot(peer):
+                return
             session = _Session(
                 peer=peer,
                 channel=channel,
@@ -717,6 +718,7 @@ class ChatService:
                 since=self._now(),
                 contact_name=contact.name if contact is not None else None,
                 relation=relation,
+                active_at=trio.current_time(),
             )
             sessions = self._sessions.setdefault(peer, [])
             sessions.append(session)
@@ -773,6 +775,23 @@ class ChatService:
             elif unsent:  # another session lives: these go out on it once due
                 with contextlib.suppress(store_errors.StoreClosedError):
                     await self._reschedule_ids(unsent, f"session closed: {reason}")
+
+    def _stranger_slot(self, peer: PeerId) -> bool:
+        """Make room for a new stranger session: when the stranger slots are full, evict the stranger session that
+        has been idle longest (no complete message frame for the longest time).  Return whether there is room."""
+        strangers = [s for v in self._sessions.values() for s in v if s.relation is Relation.STRANGER and not s.closed]
+        if len(strangers) < self.config.max_stranger_sessions:
+            return True
+        if not strangers:
+            self._drop("chat_stranger_session_limit", "no stranger sessions allowed", peer)
+            return False
+        victim = min(strangers, key=lambda s: s.active_at)
+        idle = trio.current_time() - victim.active_at
+        victim.closed = True
+        victim.close_reason = f"evicted for a new stranger after {idle:.1f} s idle"
+        victim.scope.cancel()
+        self._drop("chat_stranger_session_evicted", f"{len(strangers)} stranger sessions open", victim.peer)
+        return True
 
     async def _guarded(self, session: _Session, body: Callable[[_Session], Awaitable[str]]) -> None:
         """Run a session task; turn the ways a session ends into its close reason, then end the whole session."""
@@ -886,11 +905,16 @@ class ChatService:
 
     async def _read_loop(self, session: _Session, inbox: trio.MemorySendChannel[list[SealedEnvelope]]) -> str:
         while True:
-            idle = self.config.stranger_idle_timeout if session.relation is Relation.STRANGER else math.inf
+            # A stranger's idle time runs from its last complete message frame, not its last byte: dribbling bytes
+            # (or acks, or pings) cannot hold a stranger slot.
+            idle = self.config.stranger_idle_timeout
+            deadline = session.active_at + idle if session.relation is Relation.STRANGER else math.inf
             data = None
-            with trio.move_on_after(idle):
+            with trio.move_on_at(deadline):
                 data = await session.channel.receive_some(_RECEIVE_CHUNK)
             if data is None:
+                if session.relation is not Relation.STRANGER:
+                    continue  # became a contact meanwhile
                 return f"a stranger's session idle for {idle:g} s"
             envelopes: list[SealedEnvelope] = []
             acks: list[bytes] = []
@@ -903,6 +927,7 @@ class ChatService:
                 elif isinstance(event, ev.SessionClosed):
                     closed = True
             if envelopes:
+                session.active_at = trio.current_time()
                 await inbox.send(envelopes)
             if acks:
                 await self._apply_acks(session, acks)

@@ -455,14 +455,20 @@ async def test_strangers_cannot_crowd_out_contacts(tmp_path: Path) -> None:
         carol = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
         await eventually(lambda: bob.chat.connections == 1, "carol's session")
         intruder = await dial(dave, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
-        with trio.fail_after(5):
-            assert await intruder.receive_some() == b""  # closed at once: the one stranger slot is taken
-        assert bob.chat.dropped.get("chat_stranger_session_limit") == 1
+        with trio.fail_after(5):  # the one stranger slot is taken: Carol's idle session makes room for Dave's
+            while await carol.receive_some():
+                pass
+        assert bob.chat.dropped.get("chat_stranger_session_evicted") == 1
+        assert "chat_stranger_session_limit" not in bob.chat.dropped
+        await eventually(
+            lambda: any(d["reason"].startswith("evicted for a new stranger") for d in bob.seen("peer_down")),
+            "carol's session evicted",
+        )
         sent = await alice.chat.send("bob", "contacts always get in")
         await eventually(lambda: _has_receipt(alice, sent["id"], "delivered"), "alice's message")
-        # Carol never says anything: her session is closed when it has been idle too long.
+        # Dave never says anything: his session is closed when it has been idle too long.
         with trio.fail_after(5):
-            while await carol.receive_some():
+            while await intruder.receive_some():
                 pass
         await eventually(
             lambda: any(d["reason"].startswith("a stranger's session idle") for d in bob.seen("peer_down")),
@@ -533,3 +539,34 @@ async def test_resolve_keeps_the_cached_record_over_an_older_one_from_the_dht(tm
         resolver.value = sealed(3, 3333)
         record = await chat._resolve(BOB.peer_id)
         assert record is not None and record.seq == 3
+
+
+async def test_a_stranger_dribbling_bytes_is_still_idle(tmp_path: Path) -> None:
+    """Only complete message frames count as activity: one byte now and then cannot hold a stranger slot."""
+    guarded = dataclasses.replace(FAST, stranger_idle_timeout=0.5)
+    async with running_node(tmp_path / "bob", BOB, config=guarded) as bob, trio.open_nursery() as nursery:
+        channel = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        conn = ChatConnection()
+        sealed = EnvelopeSealer(CAROL).seal(BOB.peer_id, "x" * 200, ts=int(time.time() * 1000))
+        await channel.send_all(conn.send_hello())
+        with trio.fail_after(5):
+            while not any(isinstance(e, HelloReceived) for e in conn.receive_data(await channel.receive_some())):
+                pass
+        frame = conn.send_messages([sealed])
+        closed = False
+        with trio.move_on_after(4):
+            for byte in frame[:-1]:  # never completes the frame
+                try:
+                    await channel.send_all(bytes([byte]))
+                except trio.BrokenResourceError:
+                    closed = True
+                    break
+                with trio.move_on_after(0.1):
+                    if await channel.receive_some() == b"":
+                        closed = True
+                        break
+        assert closed, "the dribbling stranger's session was not closed"
+        down = await eventually(lambda: bob.seen("peer_down"), "peer_down at bob")
+        assert down[0]["reason"].startswith("a stranger's session idle")
+        await channel.aclose()
+        nursery.cancel_scope.cancel()
