@@ -18,8 +18,10 @@ blocked     refused right after the     never stored, never acknowledged
 ==========  ==========================  =======================================================
 
 Requests are bounded: at most :attr:`ChatPolicy.max_request_peers` strangers with pending requests and
-:attr:`ChatPolicy.max_requests_per_peer` messages each.  Over either bound the message is dropped *without* an
-acknowledgement (so an honest sender keeps it queued and retries later) and counted.
+:attr:`ChatPolicy.max_requests_per_peer` messages each, and by size: at most :attr:`ChatPolicy.max_request_bytes`
+of message text (UTF-8) over all pending requests and :attr:`ChatPolicy.max_request_bytes_per_peer` per stranger.
+Over any bound the message is dropped *without* an acknowledgement (so an honest sender keeps it queued and retries
+later) and counted.
 
 The policy is pure data plus decisions; the chat service asks it and does the I/O.
 """
@@ -65,6 +67,10 @@ class ChatPolicy:
     accept_from: AcceptFrom = AcceptFrom.CONTACTS
     max_request_peers: int = 256
     max_requests_per_peer: int = 100
+    max_request_bytes: int = 32 * 1024 * 1024
+    """Text bytes (UTF-8) of all pending requests together."""
+    max_request_bytes_per_peer: int = 256 * 1024
+    """Text bytes (UTF-8) of one stranger's pending requests."""
 
     def __post_init__(self) -> None:
         try:
@@ -74,6 +80,10 @@ class ChatPolicy:
             raise LocalProtocolError(f"accept_from: {self.accept_from!r} is not one of {choices}") from None
         if self.max_request_peers < 1 or self.max_requests_per_peer < 1:
             raise LocalProtocolError("max_request_peers and max_requests_per_peer must be at least 1")
+        if self.max_request_bytes_per_peer < 1 or self.max_request_bytes < self.max_request_bytes_per_peer:
+            raise LocalProtocolError(
+                "max_request_bytes_per_peer must be at least 1 and max_request_bytes at least max_request_bytes_per_peer"
+            )
 
     def admit_channel(self, relation: Relation) -> bool:
         """Whether a channel authenticated as a peer with this relation may stay open."""
@@ -89,12 +99,27 @@ class ChatPolicy:
             return Disposition.ADD_AND_INBOX
         return Disposition.REQUEST
 
-    def request_admissible(self, *, pending_peers: int, pending_from_peer: int, peer_already_pending: bool) -> bool:
+    def request_admissible(
+        self,
+        *,
+        pending_peers: int,
+        pending_from_peer: int,
+        peer_already_pending: bool,
+        pending_bytes: int = 0,
+        pending_bytes_from_peer: int = 0,
+        size: int = 0,
+    ) -> bool:
         """Whether one more request message from a stranger fits the bounds.
 
         ``pending_peers`` is the number of strangers with pending requests now, ``pending_from_peer`` the number of
-        requests pending from this stranger, ``peer_already_pending`` whether this stranger is among them.
+        requests pending from this stranger, ``peer_already_pending`` whether this stranger is among them;
+        ``pending_bytes`` and ``pending_bytes_from_peer`` the text bytes pending in all and from this stranger, and
+        ``size`` the text bytes of the new message.
         """
         if pending_from_peer >= self.max_requests_per_peer:
+            return False
+        if pending_bytes_from_peer + size > self.max_request_bytes_per_peer:
+            return False
+        if pending_bytes + size > self.max_request_bytes:
             return False
         return peer_already_pending or pending_peers < self.max_request_peers

@@ -1014,14 +1014,22 @@ class ChatService:
                 ],
             )
         results: list[_Stored] = []
+        # The byte budget: read once per transaction, then kept up to date here (each read walks the requests).
+        pending_bytes = repo.request_bytes(conn) if disposition is Disposition.REQUEST else 0
+        peer_bytes = repo.request_bytes(conn, raw) if disposition is Disposition.REQUEST else 0
         for message in messages:
             sent_at = min(message.ts, now)  # a clock in the future must not pin a message below newer ones
+            size = 0
             if disposition is Disposition.REQUEST and repo.get_message(conn, message.id) is None:
                 pending = repo.get_request(conn, raw)
+                size = len(message.text.encode("utf-8"))
                 if not policy.request_admissible(
                     pending_peers=repo.count_requests(conn),
                     pending_from_peer=pending.message_count if pending is not None else 0,
                     peer_already_pending=pending is not None,
+                    pending_bytes=pending_bytes,
+                    pending_bytes_from_peer=peer_bytes,
+                    size=size,
                 ):
                     results.append(_Stored(message, "overflow", disposition, sent_at))
                     continue
@@ -1034,6 +1042,9 @@ class ChatService:
                 now=now,
                 is_request=disposition is Disposition.REQUEST,
             )
+            if stored:
+                pending_bytes += size
+                peer_bytes += size
             results.append(_Stored(message, "stored" if stored else "duplicate", disposition, sent_at))
         return _Incoming(relation=relation, contact_name=name, results=results)
 

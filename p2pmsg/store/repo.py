@@ -697,6 +697,24 @@ def count_requests(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT count(*) FROM message_requests").fetchone()[0])
 
 
+def request_bytes(conn: sqlite3.Connection, peer_id: bytes | None = None) -> int:
+    """Return the text bytes (UTF-8) of pending request messages: all of them, or those of *peer_id*.
+
+    Reads only the conversations of pending requests (through the conversation index), never the whole table.
+    """
+    if peer_id is not None:
+        row = conn.execute(
+            "SELECT coalesce(sum(length(CAST(text AS BLOB))), 0) FROM messages WHERE conversation = ? AND is_request = 1",
+            (_peer_id("peer_id", peer_id),),
+        ).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT coalesce(sum(length(CAST(m.text AS BLOB))), 0) FROM message_requests AS r "
+            "JOIN messages AS m ON m.conversation = r.peer_id AND m.is_request = 1"
+        ).fetchone()
+    return int(row[0])
+
+
 def accept_request(conn: sqlite3.Connection, peer_id: bytes, *, name: str, now: int) -> Contact:
     """Accept a stranger's request: add them as contact *name* and move their messages into the inbox.
 

@@ -570,3 +570,20 @@ async def test_a_stranger_dribbling_bytes_is_still_idle(tmp_path: Path) -> None:
         assert down[0]["reason"].startswith("a stranger's session idle")
         await channel.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_request_byte_budget_holds_back_receipts(tmp_path: Path) -> None:
+    strict = dataclasses.replace(FAST, policy=ChatPolicy(max_request_bytes_per_peer=1000))
+    eager = dataclasses.replace(FAST, resend_after_ms=100)
+    async with (
+        running_node(tmp_path / "bob", BOB, config=strict) as bob,
+        running_node(tmp_path / "carol", CAROL, config=eager) as carol,
+    ):
+        await carol.chat.add_contact(bob.invite, "bob")
+        ids = [(await carol.chat.send("bob", f"{i}" * 400))["id"] for i in range(3)]
+        await eventually(lambda: bob.chat.dropped.get("chat_request_overflow", 0) >= 1, "the third is over budget")
+        [request] = await bob.chat.list_requests()
+        assert request["count"] == 2
+        await eventually(lambda: _has_receipt(carol, ids[1], "delivered"), "the first two are acknowledged")
+        assert not _has_receipt(carol, ids[2], "delivered")
+        assert await bob.db.read(repo.request_bytes) == 800

@@ -46,3 +46,18 @@ def test_request_bounds() -> None:
     assert not policy.request_admissible(pending_peers=2, pending_from_peer=0, peer_already_pending=False)
     assert policy.request_admissible(pending_peers=2, pending_from_peer=2, peer_already_pending=True)
     assert not policy.request_admissible(pending_peers=2, pending_from_peer=3, peer_already_pending=True)
+
+
+def test_request_byte_budget() -> None:
+    policy = ChatPolicy(max_request_bytes=1000, max_request_bytes_per_peer=400)
+    fits = dict(pending_peers=1, pending_from_peer=1, peer_already_pending=True)
+    assert policy.request_admissible(**fits, pending_bytes=600, pending_bytes_from_peer=0, size=400)
+    assert not policy.request_admissible(**fits, pending_bytes=0, pending_bytes_from_peer=1, size=400)
+    assert not policy.request_admissible(**fits, pending_bytes=601, pending_bytes_from_peer=0, size=400)
+    with pytest.raises(LocalProtocolError, match="max_request_bytes"):
+        ChatPolicy(max_request_bytes=100, max_request_bytes_per_peer=200)
+
+
+def test_default_request_budget() -> None:
+    policy = ChatPolicy()
+    assert (policy.max_request_bytes, policy.max_request_bytes_per_peer) == (32 * 1024 * 1024, 256 * 1024)

@@ -708,3 +708,14 @@ def test_accept_refuses_a_blocked_peer_even_with_a_request_row(conn: sqlite3.Con
     with pytest.raises(PeerBlockedError, match="blocked"):
         repo.accept_request(conn, EVE, name="eve2", now=T0 + 2)
     assert repo.is_blocked(conn, EVE)
+
+
+def test_request_bytes_count_only_pending_request_texts(conn: sqlite3.Connection) -> None:
+    assert repo.request_bytes(conn) == 0 and repo.request_bytes(conn, EVE) == 0
+    repo.insert_incoming(conn, message_id=mid(1), sender=EVE, text="é" * 10, sent_at=T0, now=T0, is_request=True)
+    repo.insert_incoming(conn, message_id=mid(2), sender=CAROL, text="abc", sent_at=T0, now=T0, is_request=True)
+    repo.insert_incoming(conn, message_id=mid(3), sender=BOB, text="not a request", sent_at=T0, now=T0)
+    assert repo.request_bytes(conn, EVE) == 20  # UTF-8 bytes, not characters
+    assert repo.request_bytes(conn) == 23
+    repo.accept_request(conn, CAROL, name="carol", now=T0)
+    assert repo.request_bytes(conn) == 20 and repo.request_bytes(conn, CAROL) == 0
