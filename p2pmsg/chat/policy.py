@@ -82,7 +82,8 @@ class ChatPolicy:
             raise LocalProtocolError("max_request_peers and max_requests_per_peer must be at least 1")
         if self.max_request_bytes_per_peer < 1 or self.max_request_bytes < self.max_request_bytes_per_peer:
             raise LocalProtocolError(
-                "max_request_bytes_per_peer must be at least 1 and max_request_bytes at least max_request_bytes_per_peer"
+                "max_request_bytes_per_peer must be at least 1, "
+                "and max_request_bytes at least max_request_bytes_per_peer"
             )
 
     def admit_channel(self, relation: Relation) -> bool:

@@ -704,7 +704,8 @@ def request_bytes(conn: sqlite3.Connection, peer_id: bytes | None = None) -> int
     """
     if peer_id is not None:
         row = conn.execute(
-            "SELECT coalesce(sum(length(CAST(text AS BLOB))), 0) FROM messages WHERE conversation = ? AND is_request = 1",
+            "SELECT coalesce(sum(length(CAST(text AS BLOB))), 0) FROM messages "
+            "WHERE conversation = ? AND is_request = 1",
             (_peer_id("peer_id", peer_id),),
         ).fetchone()
     else:
