@@ -12,7 +12,9 @@ contact     admitted                    stored in the conversation (the inbox), 
 stranger    admitted                    ``accept_from = "contacts"`` (default): stored as a *message request*,
                                         kept apart from the inbox until accepted; acknowledged.
                                         ``accept_from = "anyone"``: the stranger is added as a contact
-                                        (named by its peer id) and the message goes to the inbox.
+                                        (named by its peer id, marked *auto-added*) and the message goes to
+                                        the inbox; beyond :attr:`ChatPolicy.max_auto_added` auto-added
+                                        contacts it is stored as a request instead.
 blocked     refused right after the     never stored, never acknowledged
             handshake (channel closed)
 ==========  ==========================  =======================================================
@@ -22,6 +24,9 @@ Requests are bounded: at most :attr:`ChatPolicy.max_request_peers` strangers wit
 of message text (UTF-8) over all pending requests and :attr:`ChatPolicy.max_request_bytes_per_peer` per stranger.
 Over any bound the message is dropped *without* an acknowledgement (so an honest sender keeps it queued and retries
 later) and counted.
+
+An auto-added contact's messages go to the inbox, but its sessions stay under the stranger limits (slots, idle
+timeout) until the user vouches for it by renaming it; blocking or removing it also ends the mark.
 
 The policy is pure data plus decisions; the chat service asks it and does the I/O.
 """
@@ -71,6 +76,9 @@ class ChatPolicy:
     """Text bytes (UTF-8) of all pending requests together."""
     max_request_bytes_per_peer: int = 256 * 1024
     """Text bytes (UTF-8) of one stranger's pending requests."""
+    max_auto_added: int = 256
+    """``accept_from = "anyone"``: most contacts auto-added and not yet renamed by the user; beyond it a stranger's
+    message is stored as a request."""
 
     def __post_init__(self) -> None:
         try:
@@ -80,6 +88,8 @@ class ChatPolicy:
             raise LocalProtocolError(f"accept_from: {self.accept_from!r} is not one of {choices}") from None
         if self.max_request_peers < 1 or self.max_requests_per_peer < 1:
             raise LocalProtocolError("max_request_peers and max_requests_per_peer must be at least 1")
+        if self.max_auto_added < 0:
+            raise LocalProtocolError(f"max_auto_added must be at least 0, got {self.max_auto_added}")
         if self.max_request_bytes_per_peer < 1 or self.max_request_bytes < self.max_request_bytes_per_peer:
             raise LocalProtocolError(
                 "max_request_bytes_per_peer must be at least 1, "
@@ -90,13 +100,14 @@ class ChatPolicy:
         """Whether a channel authenticated as a peer with this relation may stay open."""
         return relation is not Relation.BLOCKED
 
-    def classify(self, relation: Relation) -> Disposition:
-        """Where a (valid, decrypted) message from a peer with this relation goes."""
+    def classify(self, relation: Relation, *, auto_added: int = 0) -> Disposition:
+        """Where a (valid, decrypted) message from a peer with this relation goes; ``auto_added`` is the number of
+        contacts auto-added and not yet vouched for (``accept_from = "anyone"`` adds no more than the cap)."""
         if relation is Relation.CONTACT:
             return Disposition.INBOX
         if relation is Relation.BLOCKED:
             return Disposition.REFUSE
-        if self.accept_from is AcceptFrom.ANYONE:
+        if self.accept_from is AcceptFrom.ANYONE and auto_added < self.max_auto_added:
             return Disposition.ADD_AND_INBOX
         return Disposition.REQUEST
 

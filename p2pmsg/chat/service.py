@@ -113,6 +113,9 @@ _INBOX_CHUNKS: Final = 16
 _INBOX_BATCH: Final = 2048
 """Most received envelopes stored in one transaction."""
 _HINTS_PREFIX: Final = "chat.hints."
+_AUTO_PREFIX: Final = "chat.auto_added."
+"""Settings key prefix (+ peer id hex) marking a contact auto-added by ``accept_from = "anyone"`` and not yet
+vouched for by the user: its sessions stay under the stranger limits."""
 _CONTACT_CACHE_SIZE: Final = 1024
 _PEER_CACHE_SIZE: Final = 4096
 _MAX_HINTS: Final = 16
@@ -699,8 +702,10 @@ class ChatService:
             if peer == self.identity.peer_id:
                 self._drop("chat_self_connection", "a channel to ourselves")
                 return
-            contact = await self._db.read(lambda c: repo.get_contact(c, peer.to_bytes()))
+            contact, auto = await self._db.read(lambda c: _contact_and_mark(c, peer.to_bytes()))
             relation = _relation(contact)
+            if relation is Relation.CONTACT and auto:
+                relation = Relation.STRANGER  # auto-added, not vouched for: stranger limits still apply
             if not self.config.policy.admit_channel(relation):
                 self._drop("chat_blocked_peer", "channel of a blocked peer closed", peer)
                 return
@@ -992,11 +997,13 @@ class ChatService:
         contact = repo.get_contact(conn, raw)
         relation = _relation(contact)
         name = contact.name if contact is not None else None
-        disposition = policy.classify(relation)
+        auto_added = repo.count_settings(conn, _AUTO_PREFIX) if relation is Relation.STRANGER else 0
+        disposition = policy.classify(relation, auto_added=auto_added)
         if disposition is Disposition.REFUSE:
             return _Incoming(relation=relation, contact_name=name, results=[])
         if disposition is Disposition.ADD_AND_INBOX:
             added = _add_stranger(conn, raw, str(peer), now)
+            repo.set_setting(conn, _AUTO_PREFIX + raw.hex(), b"", now=now)
             name = added.name
             relation = Relation.CONTACT
             disposition = Disposition.INBOX
@@ -1155,18 +1162,31 @@ class ChatService:
         """Rename a contact."""
         contact = await self._contact_by_name(name)
         now = self._now()
+
+        def txn(conn: sqlite3.Connection) -> Contact:
+            renamed = repo.rename_contact(conn, contact.peer_id, new_name, now=now)
+            repo.delete_setting(conn, _AUTO_PREFIX + contact.peer_id.hex())  # the user vouches for it
+            return renamed
+
         try:
             with _user_errors():
-                await self._db.write(lambda c: repo.rename_contact(c, contact.peer_id, new_name, now=now))
+                renamed = await self._db.write(txn)
         finally:
             self._contacts_changed()
+        if renamed.state is ContactState.CONTACT:
+            self._now_a_contact(self._peer_of(contact.peer_id), renamed.name)
         return {}
 
     async def remove_contact(self, name: str) -> dict[str, Any]:
         """Forget a contact (its history stays; queued messages to it stay queued)."""
         contact = await self._contact_by_name(name)
+
+        def txn(conn: sqlite3.Connection) -> None:
+            repo.remove_contact(conn, contact.peer_id)
+            repo.delete_setting(conn, _AUTO_PREFIX + contact.peer_id.hex())
+
         try:
-            await self._db.write(lambda c: repo.remove_contact(c, contact.peer_id))
+            await self._db.write(txn)
         finally:
             self._contacts_changed()
         return {}
@@ -1177,8 +1197,13 @@ class ChatService:
         if raw == self._own:
             raise BadRequestError("you cannot block yourself")
         now = self._now()
+
+        def txn(conn: sqlite3.Connection) -> None:
+            repo.block_peer(conn, raw, now=now)
+            repo.delete_setting(conn, _AUTO_PREFIX + raw.hex())
+
         try:
-            await self._db.write(lambda c: repo.block_peer(c, raw, now=now))
+            await self._db.write(txn)
         finally:
             self._contacts_changed()
         self._close_sessions(PeerId.from_bytes(raw))
@@ -1518,6 +1543,13 @@ def _relation(contact: Contact | None) -> Relation:
     if contact.state is ContactState.BLOCKED:
         return Relation.BLOCKED
     return Relation.CONTACT if contact.name is not None else Relation.STRANGER
+
+
+def _contact_and_mark(conn: sqlite3.Connection, raw: bytes) -> tuple[Contact | None, bool]:
+    """The peer's contact row and whether it is an auto-added contact not yet vouched for."""
+    contact = repo.get_contact(conn, raw)
+    auto = contact is not None and repo.get_setting(conn, _AUTO_PREFIX + raw.hex()) is not None
+    return contact, auto
 
 
 def _add_stranger(conn: sqlite3.Connection, raw: bytes, base_name: str, now: int) -> Contact:

@@ -238,6 +238,13 @@ def delete_setting(conn: sqlite3.Connection, key: str) -> bool:
     return conn.execute("DELETE FROM settings WHERE key = ?", (_setting_key(key),)).rowcount > 0
 
 
+def count_settings(conn: sqlite3.Connection, prefix: str) -> int:
+    """Return how many keys start with *prefix* (a key range, so the primary key index answers it)."""
+    start = _setting_key(prefix)
+    end = start[:-1] + chr(ord(start[-1]) + 1)
+    return int(conn.execute("SELECT count(*) FROM settings WHERE key >= ? AND key < ?", (start, end)).fetchone()[0])
+
+
 # --------------------------------------------------------------------------------------------------- contacts
 
 _CONTACT_COLUMNS: Final = "peer_id, name, state, verified, added_at, updated_at"

@@ -587,3 +587,50 @@ async def test_request_byte_budget_holds_back_receipts(tmp_path: Path) -> None:
         await eventually(lambda: _has_receipt(carol, ids[1], "delivered"), "the first two are acknowledged")
         assert not _has_receipt(carol, ids[2], "delivered")
         assert await bob.db.read(repo.request_bytes) == 800
+
+
+async def _raw_session(identity: Identity, node: Node, nursery: trio.Nursery) -> tuple[SecureChannel, ChatConnection]:
+    channel = await dial(identity, node.peer_id, node.addrs, timeout=5, nursery=nursery)
+    conn = ChatConnection()
+    await channel.send_all(conn.send_hello())
+    with trio.fail_after(5):
+        while not any(isinstance(e, HelloReceived) for e in conn.receive_data(await channel.receive_some())):
+            pass
+    return channel, conn
+
+
+async def _closed_within(channel: SecureChannel, seconds: float) -> bool:
+    with trio.move_on_after(seconds):
+        try:
+            while await channel.receive_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+        return True
+    return False
+
+
+async def test_anyone_auto_added_peers_stay_under_stranger_limits(tmp_path: Path) -> None:
+    dave = Identity.from_seed(bytes([0xD1]) * 32)
+    policy = ChatPolicy(accept_from=AcceptFrom.ANYONE, max_auto_added=1)
+    open_policy = dataclasses.replace(FAST, policy=policy, stranger_idle_timeout=0.3)
+    async with running_node(tmp_path / "bob", BOB, config=open_policy) as bob, trio.open_nursery() as nursery:
+        channel, conn = await _raw_session(CAROL, bob, nursery)
+        await channel.send_all(conn.send_messages([EnvelopeSealer(CAROL).seal(BOB.peer_id, "hi", ts=1)]))
+        await eventually(lambda: bob.seen("message"), "carol's message in the inbox")
+        assert await _closed_within(channel, 3)
+        # Auto-added, but not yet vouched for: a new session of Carol's is still a stranger's (idle timeout).
+        channel, conn = await _raw_session(CAROL, bob, nursery)
+        assert await _closed_within(channel, 3), "an auto-added peer escaped the stranger idle timeout"
+        # The cap: a second stranger is not auto-added; its message waits as a request.
+        channel, conn = await _raw_session(dave, bob, nursery)
+        await channel.send_all(conn.send_messages([EnvelopeSealer(dave).seal(BOB.peer_id, "me too", ts=1)]))
+        await eventually(lambda: bob.seen("request"), "dave's message as a request")
+        assert [c["name"] for c in await bob.chat.list_contacts()] == [str(CAROL.peer_id)]
+        await channel.aclose()
+        # Renaming is the user vouching for Carol: her sessions are a contact's from then on.
+        await bob.chat.rename_contact(str(CAROL.peer_id), "carol")
+        channel, conn = await _raw_session(CAROL, bob, nursery)
+        assert not await _closed_within(channel, 1.0)
+        await channel.aclose()
+        nursery.cancel_scope.cancel()

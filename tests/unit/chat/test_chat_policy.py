@@ -61,3 +61,9 @@ def test_request_byte_budget() -> None:
 def test_default_request_budget() -> None:
     policy = ChatPolicy()
     assert (policy.max_request_bytes, policy.max_request_bytes_per_peer) == (32 * 1024 * 1024, 256 * 1024)
+
+
+def test_auto_add_cap() -> None:
+    assert ChatPolicy().max_auto_added == 256
+    with pytest.raises(LocalProtocolError, match="max_auto_added"):
+        ChatPolicy(max_auto_added=-1)

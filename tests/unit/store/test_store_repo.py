@@ -719,3 +719,11 @@ def test_request_bytes_count_only_pending_request_texts(conn: sqlite3.Connection
     assert repo.request_bytes(conn) == 23
     repo.accept_request(conn, CAROL, name="carol", now=T0)
     assert repo.request_bytes(conn) == 20 and repo.request_bytes(conn, CAROL) == 0
+
+
+def test_count_settings_counts_a_key_prefix(conn: sqlite3.Connection) -> None:
+    for key in ("chat.auto_added.aa", "chat.auto_added.bb", "chat.auto_adder", "chat.auto_added", "chat.hints.aa"):
+        repo.set_setting(conn, key, b"", now=T0)
+    assert repo.count_settings(conn, "chat.auto_added.") == 2
+    assert repo.count_settings(conn, "chat.") == 5
+    assert repo.count_settings(conn, "nothing.") == 0
