@@ -45,7 +45,6 @@ from p2pmsg.chat.service import ChatConfig, ChatService
 from p2pmsg.control.errors import NodeAlreadyRunningError
 from p2pmsg.control.server import ControlServer, EventHub
 from p2pmsg.control.socketpath import SocketState, control_socket_path, probe_socket
-from p2pmsg.dht.core.contact import Contact
 from p2pmsg.dht.service import DEFAULT_RECORD_TTL, DhtNode
 from p2pmsg.errors import LocalProtocolError, P2PMsgError
 from p2pmsg.identity import Identity
@@ -229,7 +228,6 @@ class Node:
         self._bootstrap: list[tuple[str, int]] = []
         self._started = time.monotonic()
         self.maintenance_failures: collections.Counter[str] = collections.Counter()
-        self.ready = trio.Event()
 
     # -- control methods -------------------------------------------------------------------------------------------
 
@@ -277,7 +275,6 @@ class Node:
             await nursery.start(self.control.serve)
             nursery.start_soon(self._maintain)
             log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
-            self.ready.set()
             task_status.started(self)
 
     async def _maintain(self) -> None:
@@ -349,16 +346,16 @@ class Node:
 
     async def _save_routing_table(self) -> None:
         now = int(time.time() * 1000)
-        nodes = [SavedDhtNode(node_id=c.node_id, host=c.host, port=c.port, last_seen=now) for c in self._contacts()]
+        nodes = [
+            SavedDhtNode(node_id=c.node_id, host=c.host, port=c.port, last_seen=now)
+            for c in self.dht.routing_table_snapshot()
+        ]
         if not nodes:
             return
         try:
             await self.db.write(lambda conn: repo.save_dht_nodes(conn, nodes))
         except Exception as exc:  # the database may already be closing at shutdown
             log.warning("dht: could not save the routing table: %s", exc)
-
-    def _contacts(self) -> list[Contact]:
-        return self.dht.routing_table_snapshot()
 
 
 @contextlib.asynccontextmanager
