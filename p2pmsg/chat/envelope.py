@@ -1,4 +1,4 @@
-"""Envelope v1: one chat message, end-to-end encrypted from its sender to its recipient, and receipts.
+"""Envelope v1 (inner message v2): one chat message, end-to-end encrypted from sender to recipient; receipts.
 
 Theory of operation
 -------------------
@@ -10,18 +10,27 @@ A message travels as a self-contained *sealed envelope* (a msgpack map)::
 message from the sender's X25519 key to the recipient's (both converted from the Ed25519 identity keys), under the
 random 24-byte ``nonce``::
 
-    Message {v: 1, id: bin[16], ts: int (sender's clock, ms), kind: "text", text: str}
+    Message {v: 2, id: bin[16], from: bin[38], to: bin[38], ts: int (sender's clock, ms), kind: "text", text: str}
 
-The inner map repeats the message ``id``; the recipient checks that it equals the outer one, so nobody on the path
-can re-label a genuine box with another id (which would defeat deduplication and receipts).  Only the sender and the
-recipient can open the box, and only they could have made it, so the envelope needs no signature of its own and is
-authenticated wherever it travels -- carried directly inside the Noise channel today, left on a mailbox peer and
-relayed later in a future version (nothing in it depends on the channel that carried it).
+The inner map repeats the message ``id``, ``from`` and ``to``; the recipient checks that each equals the outer one.
+The id binding stops anyone on the path from re-labelling a genuine box with another id (which would defeat
+deduplication and receipts).  The direction binding is needed because ``crypto_box`` is symmetric per pair: Alice
+and Bob share one key, so a box Alice made for Bob also opens at Alice if the outer ``from`` and ``to`` are swapped;
+without the inner ``from``/``to`` such a reflected envelope would open at Alice as a message "from Bob" carrying her
+own words.  ``crypto_box`` has no associated data, so the outer fields are bound by repeating them in the plaintext.
+With both bindings only the sender and the recipient can open the box, only the sender could have made it for that
+recipient, so the envelope needs no signature of its own and is authenticated wherever it travels -- carried
+directly inside the Noise channel today, left on a mailbox peer and relayed later in a future version (nothing in it
+depends on the channel that carried it).
+
+The inner ``v`` is 2 (:data:`MESSAGE_VERSION`): version 1 had no ``from``/``to`` and is refused (``message.v``).  The
+outer envelope, the receipt and the session frames keep ``v`` 1 (:data:`ENVELOPE_VERSION`): their bytes did not
+change.
 
 Opening an envelope checks, in this order: the outer schema (sizes, types, version), that ``to`` is us, that
-``from`` is a valid Ed25519 peer id, the box (authentication), the inner schema, and that the ids match.  Every
-failure raises a :class:`ChatEnvelopeError` subclass (a :class:`~p2pmsg.errors.RemoteProtocolError`) naming the
-field and the reason.
+``from`` is a valid Ed25519 peer id, the box (authentication), the inner schema, that the ids match, and that the
+inner ``from`` and ``to`` match the outer ones.  Every failure raises a :class:`ChatEnvelopeError` subclass (a
+:class:`~p2pmsg.errors.RemoteProtocolError`) naming the field and the reason.
 
 Computing a ``crypto_box`` shared key costs an X25519 scalar multiplication, about ten times the cost of the
 symmetric part for a 1 KB message; :class:`EnvelopeSealer` keeps the shared keys of recently used peers in a
@@ -54,10 +63,12 @@ __all__ = [
     "MAX_ENVELOPE_SIZE",
     "MAX_TEXT_BYTES",
     "MESSAGE_ID_SIZE",
+    "MESSAGE_VERSION",
     "NONCE_SIZE",
     "ChatEnvelopeError",
     "ChatMessage",
     "DecryptionError",
+    "DirectionMismatchError",
     "EnvelopeSealer",
     "MessageIdMismatchError",
     "SealedEnvelope",
@@ -68,16 +79,21 @@ __all__ = [
     "new_message_id",
 ]
 
+#: Version of the outer envelope, the receipt (and the session frames of :mod:`p2pmsg.chat.protocol`).
 ENVELOPE_VERSION: Final = 1
+#: Version of the inner message (inside the box); 2 added ``from`` and ``to``, version 1 is refused.
+MESSAGE_VERSION: Final = 2
 MESSAGE_ID_SIZE: Final = 16
 NONCE_SIZE: Final = nacl.bindings.crypto_box_NONCEBYTES  # 24
 BOX_OVERHEAD: Final = 16  # the Poly1305 tag
 #: Longest message text, in bytes of UTF-8 (the same limit as the control API's ``send`` and the store).
 MAX_TEXT_BYTES: Final = 65536
-#: Largest ``box``: the inner map (text plus at most 64 bytes of fields and headers) plus the MAC.
-MAX_BOX_SIZE: Final = MAX_TEXT_BYTES + 64 + BOX_OVERHEAD
-#: Largest encoded envelope: the box plus the outer fields and headers (about 150 bytes), rounded up.
-MAX_ENVELOPE_SIZE: Final = MAX_BOX_SIZE + 256
+#: Largest ``box``: the inner map (text plus at most 160 bytes of fields and headers: 145 for the longest text) plus
+#: the MAC.
+MAX_BOX_SIZE: Final = MAX_TEXT_BYTES + 160 + BOX_OVERHEAD
+#: Largest encoded envelope: the box plus the outer fields and headers (at most 154 bytes), rounded up; the same
+#: 65 872 bytes as before the inner message gained ``from`` and ``to``, so the session frame limit is unchanged.
+MAX_ENVELOPE_SIZE: Final = MAX_BOX_SIZE + 160
 #: Most message ids in one receipt.
 MAX_ACK_IDS: Final = 1024
 #: Sender timestamps are non-negative milliseconds that fit a signed 64-bit integer.
@@ -86,14 +102,15 @@ MAX_TIMESTAMP: Final = 2**63 - 1
 DEFAULT_KEY_CACHE_SIZE: Final = 1024
 
 _MESSAGE_ID: Final = Bytes(MESSAGE_ID_SIZE, min_len=MESSAGE_ID_SIZE)
+_PEER_ID_BYTES: Final = Bytes(PEER_ID_SIZE, min_len=PEER_ID_SIZE)
 
 ENVELOPE_SCHEMA: Final = Struct(
     "envelope",
     {
         "v": Literal(ENVELOPE_VERSION),
         "id": _MESSAGE_ID,
-        "from": Bytes(PEER_ID_SIZE, min_len=PEER_ID_SIZE),
-        "to": Bytes(PEER_ID_SIZE, min_len=PEER_ID_SIZE),
+        "from": _PEER_ID_BYTES,
+        "to": _PEER_ID_BYTES,
         "nonce": Bytes(NONCE_SIZE, min_len=NONCE_SIZE),
         "box": Bytes(MAX_BOX_SIZE, min_len=BOX_OVERHEAD),
     },
@@ -102,8 +119,10 @@ ENVELOPE_SCHEMA: Final = Struct(
 MESSAGE_SCHEMA: Final = Struct(
     "message",
     {
-        "v": Literal(ENVELOPE_VERSION),
+        "v": Literal(MESSAGE_VERSION),
         "id": _MESSAGE_ID,
+        "from": _PEER_ID_BYTES,
+        "to": _PEER_ID_BYTES,
         "ts": Int(0, MAX_TIMESTAMP),
         "kind": Literal("text"),
         "text": Str(MAX_TEXT_BYTES),
@@ -139,6 +158,10 @@ class DecryptionError(ChatEnvelopeError):
 
 class MessageIdMismatchError(ChatEnvelopeError):
     """The inner message id differs from the outer one (the envelope was re-labelled)."""
+
+
+class DirectionMismatchError(ChatEnvelopeError):
+    """The inner ``from``/``to`` differ from the outer ones (for example a reflected envelope: from and to swapped)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -195,6 +218,14 @@ def _peer_id(raw: bytes) -> PeerId:
             _PEER_IDS.clear()
         _PEER_IDS[raw] = peer
     return peer
+
+
+def _describe_peer(raw: bytes) -> str:
+    """A peer id from inside a box, for an error message (base58 text if valid, else hex)."""
+    try:
+        return str(_peer_id(raw))
+    except InvalidPeerIdError:
+        return f"invalid peer id {raw.hex()}"
 
 
 def decode_envelope(data: bytes | bytearray | memoryview) -> SealedEnvelope:
@@ -299,7 +330,19 @@ class EnvelopeSealer:
             box_nonce = self._random(NONCE_SIZE) if nonce is None else bytes(nonce)
         if len(box_nonce) != NONCE_SIZE:
             raise LocalProtocolError(f"nonce must be {NONCE_SIZE} bytes, got {len(box_nonce)}")
-        inner = MESSAGE_SCHEMA.encode({"v": ENVELOPE_VERSION, "id": mid, "ts": ts, "kind": "text", "text": text})
+        sender_raw = self._identity.peer_id.to_bytes()
+        recipient_raw = recipient.to_bytes()
+        inner = MESSAGE_SCHEMA.encode(
+            {
+                "v": MESSAGE_VERSION,
+                "id": mid,
+                "from": sender_raw,
+                "to": recipient_raw,
+                "ts": ts,
+                "kind": "text",
+                "text": text,
+            }
+        )
         try:
             key = self._shared_key(recipient, "recipient")
         except ChatEnvelopeError as exc:
@@ -308,8 +351,8 @@ class EnvelopeSealer:
         outer: dict[str, Any] = {
             "v": ENVELOPE_VERSION,
             "id": mid,
-            "from": self._identity.peer_id.to_bytes(),
-            "to": recipient.to_bytes(),
+            "from": sender_raw,
+            "to": recipient_raw,
             "nonce": box_nonce,
             "box": box,
         }
@@ -337,6 +380,16 @@ class EnvelopeSealer:
         if fields["id"] != sealed.id:
             raise MessageIdMismatchError(
                 "message.id", f"inner id {fields['id'].hex()} differs from the envelope id {sealed.id.hex()}"
+            )
+        # crypto_box is symmetric per pair: a box from us to the sender opens here too when the outer from/to are
+        # swapped (a reflection).  The inner from/to say which way the sender sealed it.
+        if fields["from"] != sealed.sender.to_bytes():
+            raise DirectionMismatchError(
+                "message.from", f"the box was sealed by {_describe_peer(fields['from'])}, not by {sealed.sender}"
+            )
+        if fields["to"] != sealed.recipient.to_bytes():
+            raise DirectionMismatchError(
+                "message.to", f"the box was sealed for {_describe_peer(fields['to'])}, not for {sealed.recipient}"
             )
         return ChatMessage(
             id=sealed.id,

@@ -1,4 +1,4 @@
-"""Envelope v1: sealing, opening, every refusal, the shared-key cache, receipts."""
+"""Envelope v1 (inner message v2): sealing, opening, every refusal (reflection included), the key cache, receipts."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ from hypothesis import strategies as st
 
 from p2pmsg.chat.envelope import (
     MAX_ACK_IDS,
+    MAX_BOX_SIZE,
+    MAX_ENVELOPE_SIZE,
     MAX_TEXT_BYTES,
     ChatEnvelopeError,
     DecryptionError,
+    DirectionMismatchError,
     EnvelopeSealer,
     MessageIdMismatchError,
     WrongRecipientError,
@@ -69,7 +72,16 @@ def test_box_is_a_standard_crypto_box() -> None:
     assert sealed.id == bytes(16) and sealed.nonce == bytes(24)  # one 40-byte draw: id, then nonce
     box = nacl.public.Box(BOB.x25519_private_key, nacl.public.PublicKey(ALICE.x25519_public_key))
     inner = msgpack.unpackb(box.decrypt(sealed.box, sealed.nonce), raw=False)
-    assert inner == {"v": 1, "id": bytes(16), "ts": 5, "kind": "text", "text": "kat"}
+    assert inner == {
+        "v": 2,
+        "id": bytes(16),
+        "from": ALICE.peer_id.to_bytes(),
+        "to": BOB.peer_id.to_bytes(),
+        "ts": 5,
+        "kind": "text",
+        "text": "kat",
+    }
+    assert list(inner) == ["v", "id", "from", "to", "ts", "kind", "text"]
     outer = _outer(sealed.raw)
     assert list(outer) == ["v", "id", "from", "to", "nonce", "box"]
     assert outer["from"] == ALICE.peer_id.to_bytes() and outer["to"] == BOB.peer_id.to_bytes()
@@ -119,29 +131,83 @@ def test_relabelled_id_is_refused() -> None:
     assert info.value.field == "message.id"
 
 
-def _raw_envelope(inner: dict[str, object], *, sender: Identity = ALICE, nonce: bytes = bytes(24)) -> bytes:
-    key = nacl.bindings.crypto_box_beforenm(BOB.x25519_public_key, bytes(sender.x25519_private_key))
+def test_reflected_envelope_is_refused() -> None:
+    """The reflection probe: crypto_box has one key per pair, so Alice's box for Bob also opens at Alice.
+
+    With ``from`` and ``to`` swapped, an envelope Alice sealed to Bob would open at Alice as a message "from Bob"
+    carrying her own text, unless the inner message binds the direction.
+    """
+    sealed = EnvelopeSealer(ALICE).seal(BOB.peer_id, "A's own words", ts=1)
+    fields = _outer(sealed.raw)
+    fields["from"], fields["to"] = fields["to"], fields["from"]
+    reflected = decode_envelope(_repack(fields))
+    assert reflected.sender == BOB.peer_id and reflected.recipient == ALICE.peer_id
+    alice = EnvelopeSealer(ALICE)
+    with pytest.raises(DirectionMismatchError) as info:
+        alice.open(reflected)
+    assert info.value.field == "message.from"
+    assert isinstance(info.value, RemoteProtocolError)
+    assert str(ALICE.peer_id) in info.value.reason and str(BOB.peer_id) in info.value.reason
+    # The same box, not reflected, still opens at Bob: only the direction is refused.
+    assert EnvelopeSealer(BOB).open(sealed.raw).text == "A's own words"
+
+
+def _raw_envelope(
+    inner: dict[str, object],
+    *,
+    sender: Identity = ALICE,
+    recipient: Identity = BOB,
+    nonce: bytes = bytes(24),
+) -> bytes:
+    """An envelope from ``sender`` to ``recipient`` around an arbitrary inner map (sealed by hand)."""
+    key = nacl.bindings.crypto_box_beforenm(recipient.x25519_public_key, bytes(sender.x25519_private_key))
     box = nacl.bindings.crypto_box_afternm(msgpack.packb(inner, use_bin_type=True), nonce, key)
     outer = {
         "v": 1,
         "id": inner.get("id", bytes(16)),
         "from": sender.peer_id.to_bytes(),
-        "to": BOB.peer_id.to_bytes(),
+        "to": recipient.peer_id.to_bytes(),
         "nonce": nonce,
         "box": box,
     }
     return _repack(outer)
 
 
+A = ALICE.peer_id.to_bytes()
+B = BOB.peer_id.to_bytes()
+C = CAROL.peer_id.to_bytes()
+
+
+def _inner(**change: object) -> dict[str, object]:
+    """A valid inner message from Alice to Bob, with ``change`` applied (a value of None removes the field)."""
+    inner: dict[str, object] = {"v": 2, "id": bytes(16), "from": A, "to": B, "ts": 1, "kind": "text", "text": "x"}
+    inner.update(change)
+    return {key: value for key, value in inner.items() if value is not None}
+
+
+def test_hand_sealed_inner_message_opens() -> None:
+    """The helper below makes envelopes Bob accepts: the refusals that follow are due to the change alone."""
+    message = EnvelopeSealer(BOB).open(_raw_envelope(_inner(text="by hand")))
+    assert (message.sender, message.recipient, message.text) == (ALICE.peer_id, BOB.peer_id, "by hand")
+
+
 @pytest.mark.parametrize(
     ("inner", "field"),
     [
-        ({"v": 1, "id": bytes(16), "ts": 1, "kind": "file", "text": "x"}, "message.kind"),
-        ({"v": 2, "id": bytes(16), "ts": 1, "kind": "text", "text": "x"}, "message.v"),
-        ({"v": 1, "id": bytes(16), "ts": -1, "kind": "text", "text": "x"}, "message.ts"),
-        ({"v": 1, "id": bytes(16), "ts": 1, "kind": "text", "text": b"x"}, "message.text"),
-        ({"v": 1, "id": bytes(16), "ts": 1, "kind": "text"}, "message.text"),
-        ({"v": 1, "id": bytes(16), "ts": 1, "kind": "text", "text": "x", "extra": 1}, "message.extra"),
+        (_inner(kind="file"), "message.kind"),
+        (_inner(v=1), "message.v"),
+        (_inner(v=3), "message.v"),
+        # A version-1 inner message (no from/to), as sealed before the direction binding: refused by its version.
+        ({"v": 1, "id": bytes(16), "ts": 1, "kind": "text", "text": "x"}, "message.v"),
+        (_inner(ts=-1), "message.ts"),
+        (_inner(text=b"x"), "message.text"),
+        (_inner(text=None), "message.text"),
+        (_inner(extra=1), "message.extra"),
+        (_inner(**{"from": None}), "message.from"),
+        (_inner(to=None), "message.to"),
+        (_inner(**{"from": A[:-1]}), "message.from"),
+        (_inner(to=B + b"\x00"), "message.to"),
+        (_inner(to=str(BOB.peer_id)), "message.to"),
     ],
 )
 def test_bad_inner_message_is_refused_naming_the_field(inner: dict[str, object], field: str) -> None:
@@ -149,6 +215,31 @@ def test_bad_inner_message_is_refused_naming_the_field(inner: dict[str, object],
         EnvelopeSealer(BOB).open(_raw_envelope(inner))
     assert info.value.field == field
     assert isinstance(info.value, RemoteProtocolError)
+    assert not isinstance(info.value, DirectionMismatchError)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"from": B, "to": A}, "message.from"),  # sealed as the reverse direction
+        ({"from": C}, "message.from"),  # claims a third party sealed it
+        ({"to": C}, "message.to"),  # sealed for someone else (a box Alice shares with Bob, inner says Carol)
+        ({"from": A, "to": A}, "message.to"),
+    ],
+)
+def test_inner_direction_must_match_the_envelope(change: dict[str, object], field: str) -> None:
+    with pytest.raises(DirectionMismatchError) as info:
+        EnvelopeSealer(BOB).open(_raw_envelope(_inner(**change)))
+    assert info.value.field == field
+
+
+def test_direction_is_checked_after_the_id() -> None:
+    """The checks run in the documented order: a box wrong in both id and direction is refused by its id."""
+    fields = _inner(**{"id": bytes([1]) * 16, "from": B, "to": A})
+    raw = _outer(_raw_envelope(fields))
+    raw["id"] = bytes(16)
+    with pytest.raises(MessageIdMismatchError):
+        EnvelopeSealer(BOB).open(_repack(raw))
 
 
 def _good_outer() -> dict[str, object]:
@@ -185,8 +276,11 @@ def test_sender_key_without_x25519_equivalent_is_refused() -> None:
 
 def test_text_limits() -> None:
     sealer = EnvelopeSealer(ALICE)
-    longest = sealer.seal(BOB.peer_id, "é" * (MAX_TEXT_BYTES // 2), ts=1)
+    longest = sealer.seal(BOB.peer_id, "é" * (MAX_TEXT_BYTES // 2), ts=2**63 - 1)  # the longest inner map
     assert EnvelopeSealer(BOB).open(longest).text == "é" * (MAX_TEXT_BYTES // 2)
+    # The largest possible envelope fits its limits, and MAX_ENVELOPE_SIZE kept the value of the session limits.
+    assert len(longest.box) == MAX_TEXT_BYTES + 145 + 16 <= MAX_BOX_SIZE
+    assert len(longest.raw) == len(longest.box) + 154 <= MAX_ENVELOPE_SIZE == 65872
     with pytest.raises(LocalProtocolError):
         sealer.seal(BOB.peer_id, "a" * (MAX_TEXT_BYTES + 1), ts=1)
     with pytest.raises(LocalProtocolError):
