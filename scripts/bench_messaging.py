@@ -823,7 +823,15 @@ async def micro_breakdown(directory: Path, write_group: int, ack_group: int, rec
     text = text_of(1)
     now = int(time.time() * 1000)
     sealed = sealer.seal(to, text, ts=now)
-    inner = {"v": env.ENVELOPE_VERSION, "id": sealed.id, "ts": now, "kind": "text", "text": text}
+    inner = {
+        "v": env.MESSAGE_VERSION,
+        "id": sealed.id,
+        "from": frm.to_bytes(),
+        "to": to.to_bytes(),
+        "ts": now,
+        "kind": "text",
+        "text": text,
+    }
     inner_raw = env.MESSAGE_SCHEMA.encode(inner)
     key = nacl.bindings.crypto_box_beforenm(to.x25519_public_key, bytes(SENDER.x25519_private_key))
     outer = {"v": env.ENVELOPE_VERSION, "id": sealed.id, "from": frm.to_bytes(), "to": to.to_bytes()}
