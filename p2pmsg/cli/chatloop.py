@@ -6,26 +6,71 @@ The chat subscribes to the node's events *before* it fetches the history, so no 
 message ids already shown are remembered and never shown twice.  A background thread reads the event stream and
 prints the messages of this contact as they arrive (on a terminal also when the contact comes online or goes away),
 while the main thread reads lines from stdin and sends each non-blank one with the ``send`` method, which returns
-once the message is durably queued.  With piped input each queued line is confirmed on stdout as
-``queued <message id>`` (the same words as ``p2pmsg send``), so a script knows exactly what the node holds.  At end
+once the message is durably queued.  Piped input is read in batches of the lines available at that moment
+(:func:`line_batches`), each queued with one ``send_many`` (one transaction and one disk sync per batch), and each
+queued line is confirmed on stdout as ``queued <message id>`` (the same words as ``p2pmsg send``), so a script
+knows exactly what the node holds.  At end
 of input the event stream is closed (waking the thread) and the command returns: every line has been queued by then.
 """
 
 from __future__ import annotations
 
+import codecs
+import io
+import os
+import select
 import threading
-from collections.abc import Callable
-from typing import Any, Protocol, TextIO
+from collections.abc import Callable, Iterator
+from typing import Any, Final, Protocol, TextIO
 
 from p2pmsg.cli.output import clean
 from p2pmsg.control import ControlClient, ControlRequestError
 from p2pmsg.errors import P2PMsgError
 
-__all__ = ["run_chat"]
+__all__ = ["line_batches", "run_chat"]
+
+MAX_BATCH: Final = 100
+"""Piped lines queued per ``send_many`` call (one transaction, one disk sync for the whole batch)."""
+_READ_SIZE: Final = 65536
 
 
 class _Formatter(Protocol):
     def __call__(self, row: dict[str, Any], *, contact: str) -> str: ...
+
+
+def line_batches(stdin: TextIO, max_batch: int = MAX_BATCH) -> Iterator[list[str]]:
+    """Yield the lines of ``stdin`` in batches: each batch holds the lines available *now* (up to ``max_batch``),
+    so a burst of piped lines is queued together while a script that writes one line and waits for its
+    confirmation is answered at once.  Falls back to one line per batch when ``stdin`` has no file descriptor."""
+    try:
+        fd = stdin.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        for line in stdin:
+            yield [line]
+        return
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    eof = False
+    while not eof or pending:
+        lines: list[str] = []
+        while len(lines) < max_batch:
+            if "\n" in pending:
+                line, pending = pending.split("\n", 1)
+                lines.append(line + "\n")
+                continue
+            if eof or (lines and not select.select([fd], [], [], 0)[0]):
+                break  # nothing more right now: send what we have
+            chunk = os.read(fd, _READ_SIZE)
+            if chunk:
+                pending += decoder.decode(chunk)
+            else:
+                eof = True
+                pending += decoder.decode(b"", final=True)
+        if eof and not lines and pending:
+            lines.append(pending)
+            pending = ""
+        if lines:
+            yield lines
 
 
 def _find_peer(client: ControlClient, name: str) -> str:
@@ -93,15 +138,23 @@ def run_chat(
         thread.start()
         if interactive:
             show(f"-- chatting with {clean(name)}; type a message and press Enter, Ctrl-D to leave --")
-        for line in stdin:
-            text = line.rstrip("\r\n")
-            if not text.strip():
-                continue
-            result = client.call("send", name=name, text=text)
-            sent += 1
-            if not interactive and isinstance(result, dict):
+        if interactive:
+            for line in stdin:
+                text = line.rstrip("\r\n")
+                if text.strip():
+                    client.call("send", name=name, text=text)
+                    sent += 1
+        else:
+            for batch in line_batches(stdin):
+                texts = [t for t in (line.rstrip("\r\n") for line in batch) if t.strip()]
+                if not texts:
+                    continue
+                result = client.call("send_many", name=name, texts=texts)
+                sent += len(texts)
                 # A script needs to know exactly what was durably queued (e.g. before a crash): say it per line.
-                show(f"{result.get('status', 'queued')} {result.get('id', '')}")
+                status = result.get("status", "queued") if isinstance(result, dict) else "queued"
+                ids = result.get("ids", []) if isinstance(result, dict) else []
+                show("\n".join(f"{status} {message_id}" for message_id in ids))
     except KeyboardInterrupt:
         pass
     finally:

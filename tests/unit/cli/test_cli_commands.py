@@ -21,7 +21,7 @@ import pytest
 import trio
 from click.testing import CliRunner, Result
 
-from p2pmsg.cli.chatloop import run_chat
+from p2pmsg.cli.chatloop import line_batches, run_chat
 from p2pmsg.cli.main import EXIT_NOT_RUNNING, cli, format_message
 from p2pmsg.control import (
     ControlClient,
@@ -118,6 +118,14 @@ class ContactNode:
             self.sent.append((p["name"], p["text"]))
             return {"id": f"{len(self.sent):032x}", "status": "queued"}
 
+        async def send_many(p: dict[str, Any]) -> Any:
+            self._contact(p["name"])
+            ids = []
+            for text in p["texts"]:
+                self.sent.append((p["name"], text))
+                ids.append(f"{len(self.sent):032x}")
+            return {"ids": ids, "status": "queued"}
+
         async def history(p: dict[str, Any]) -> Any:
             self._contact(p["name"])
             return self.messages.get(p["name"], [])[-p.get("limit", 50) :]
@@ -157,6 +165,7 @@ class ContactNode:
             "contacts.block": block,
             "contacts.unblock": unblock,
             "send": send,
+            "send_many": send_many,
             "history": history,
             "inbox": inbox,
             "requests.list": requests_list,
@@ -420,3 +429,18 @@ async def test_chat_shows_incoming_messages_live(home: Path) -> None:
     assert [line for line in shown if "live!" in line] == [shown[1]]
     assert shown[1].endswith("] bob: live!")
     assert not any("not for this chat" in line or "from me" in line for line in shown)
+
+
+def test_piped_lines_are_batched_as_they_become_available() -> None:
+    """A burst written at once is one batch; a line written alone is answered alone (no waiting for more)."""
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "r") as stdin:
+        batches = line_batches(stdin, max_batch=3)
+        os.write(write_fd, b"one\n")
+        assert next(batches) == ["one\n"]
+        os.write(write_fd, b"two\nthree\nfour\nfive\xc3\xa9\nsix")
+        assert next(batches) == ["two\n", "three\n", "four\n"]
+        assert next(batches) == ["five\u00e9\n"]
+        os.close(write_fd)
+        assert next(batches) == ["six"]
+        assert list(batches) == []
