@@ -18,12 +18,16 @@ Everything is bounded: the number of values and their total size (key plus msgpa
 address, the /64 of an IPv6 address (:func:`source_prefix`) -- so one host, or one subnet's many addresses, cannot
 fill the store.  Plain values also have their own sub-budget (``max_plain_values``, ``max_plain_bytes``, half the
 store by default), so whatever plain values anyone floods in, the rest of the store stays open to signed records.
-When a limit would be exceeded, expired values are purged first; then a *signed* record that still does not fit the
-store-wide limits evicts plain values, oldest first (it is accepted only if its source is within its own limits).
-Otherwise the STORE is refused with :class:`StoreRefusedError`: a plain value never evicts anything and signed
-records never evict each other, so a flood of plain values cannot flush honest data.  Records the node itself
-signed (``reserved``) are exempt from the limits.  Time is passed in (monotonic seconds); the store never reads a
-clock.
+Signed records have a
+further, lower budget per source network (``max_signed_values_per_source``, ``max_signed_bytes_per_source``), so
+filling the store with signed records takes many networks.  When a limit would be exceeded, expired values are purged
+first; then a *signed* record that is within its own network's budgets but still does not fit the store-wide limits
+evicts plain values, oldest first, and then signed records of the network that holds the most of them (oldest
+first), until it fits.  Otherwise the STORE is refused with :class:`StoreRefusedError`: a plain value never evicts
+anything, so a flood of plain values cannot flush honest data, and a flood of signed records from many throwaway
+networks only ever flushes its own largest networks, never a newcomer's single record.  Records the node itself
+signed (``reserved``) are exempt from the limits and never evicted.  Time is passed in (monotonic seconds); the
+store never reads a clock.
 """
 
 from __future__ import annotations
@@ -59,6 +63,9 @@ class StorageLimits:
     #: Per source network (an IPv4 /24 or an IPv6 /64, see :func:`source_prefix`).
     max_values_per_source: int = 1_000
     max_bytes_per_source: int = 1024 * 1024
+    #: The lower budget of signed records per source network (a full store evicts from the largest network).
+    max_signed_values_per_source: int = 250
+    max_signed_bytes_per_source: int = 256 * 1024
     #: The share of the store plain values may take (signed records evict plain values to get room).
     max_plain_values: int = 5_000
     max_plain_bytes: int = 8 * 1024 * 1024
@@ -117,6 +124,11 @@ class RecordStore:
         #: Plain values, oldest arrival first (the eviction order), and their total size.
         self._plain: OrderedDict[bytes, None] = OrderedDict()
         self._plain_bytes = 0
+        #: Signed records that are not reserved, per source network in arrival order, and their bytes per network.
+        self._signed: dict[str, OrderedDict[bytes, None]] = {}
+        self._signed_bytes: dict[str, int] = {}
+        #: Keys of the records this node signed itself: exempt from the limits, never evicted.
+        self._reserved: set[bytes] = set()
         self.evicted = 0
 
     # -- queries ---------------------------------------------------------------------------------------------------
@@ -133,6 +145,11 @@ class RecordStore:
         """``(values, bytes)`` charged to the network of ``source`` (:func:`source_prefix`)."""
         count, size = self._per_source.get(source_prefix(source), (0, 0))
         return count, size
+
+    def signed_usage_of(self, source: str) -> tuple[int, int]:
+        """``(values, bytes)`` of the signed records (not this node's own) charged to the network of ``source``."""
+        prefix = source_prefix(source)
+        return len(self._signed.get(prefix, ())), self._signed_bytes.get(prefix, 0)
 
     @property
     def plain_usage(self) -> tuple[int, int]:
@@ -262,6 +279,7 @@ class RecordStore:
     def _fits(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
         return (
             self._source_reason(stored, existing)
+            or self._signed_source_reason(stored, existing)
             or self._plain_reason(stored, existing)
             or self._global_reason(stored, existing)
         )
@@ -303,6 +321,58 @@ class RecordStore:
             return f"source {prefix} already stores {size} bytes (limit {limits.max_bytes_per_source})"
         return None
 
+    def _signed_source_reason(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
+        if stored.kind is not ValueKind.SIGNED:
+            return None
+        limits = self.limits
+        prefix = source_prefix(stored.source)
+        count, size = self.signed_usage_of(prefix)
+        if existing is not None and existing.key in self._signed.get(prefix, ()):
+            count -= 1
+            size -= existing.size
+        if count + 1 > limits.max_signed_values_per_source:
+            return (
+                f"source {prefix} already stores {count} signed records (limit {limits.max_signed_values_per_source})"
+            )
+        if size + stored.size > limits.max_signed_bytes_per_source:
+            return (
+                f"source {prefix} already stores {size} bytes of signed records "
+                f"(limit {limits.max_signed_bytes_per_source})"
+            )
+        return None
+
+    def _fits_after_evictions(self, stored: StoredValue, existing: StoredValue | None) -> bool:
+        """Whether evicting every plain value and every signed record that is not reserved (nor ``stored.key``)
+        would make room for ``stored``: if not, nothing is evicted for a record that is refused anyway."""
+        count = len(self._values) + 1
+        size = self._total + stored.size
+        if existing is not None:
+            count -= 1
+            size -= existing.size
+        evictable = self._plain.keys() | {k for keys in self._signed.values() for k in keys}
+        evictable.discard(stored.key)
+        count -= len(evictable)
+        size -= sum(self._values[k].size for k in evictable)
+        return count <= self.limits.max_values and size <= self.limits.max_bytes
+
+    def _evict_signed_for(self, stored: StoredValue, existing: StoredValue | None) -> None:
+        """Drop signed records of the network holding the most (oldest first; never ``stored.key``, never a
+        reserved one) until ``stored`` fits the store-wide limits."""
+        while self._global_reason(stored, existing) is not None:
+            victim: bytes | None = None
+            best: tuple[int, int] | None = None
+            for prefix, keys in self._signed.items():
+                rank = (len(keys), self._signed_bytes.get(prefix, 0))
+                if best is not None and rank <= best:
+                    continue
+                candidate = next((k for k in keys if k != stored.key), None)
+                if candidate is not None:
+                    victim, best = candidate, rank
+            if victim is None:
+                return
+            self._remove(victim)
+            self.evicted += 1
+
     def _evict_plain_for(self, stored: StoredValue, existing: StoredValue | None) -> None:
         """Drop the oldest plain values (never ``stored.key``'s) until ``stored`` fits the store-wide limits."""
         while self._plain and self._global_reason(stored, existing) is not None:
@@ -321,8 +391,15 @@ class RecordStore:
             self.purge(now)
             existing = self._values.get(stored.key)
             reason = self._fits(stored, existing)
-            if reason is not None and stored.kind is ValueKind.SIGNED and self._source_reason(stored, existing) is None:
+            if (
+                reason is not None
+                and stored.kind is ValueKind.SIGNED
+                and self._source_reason(stored, existing) is None
+                and self._signed_source_reason(stored, existing) is None
+                and self._fits_after_evictions(stored, existing)
+            ):
                 self._evict_plain_for(stored, existing)
+                self._evict_signed_for(stored, existing)
                 reason = self._global_reason(stored, existing)
             if reason is not None:
                 raise StoreRefusedError(reason)
@@ -336,6 +413,12 @@ class RecordStore:
         if stored.kind is ValueKind.PLAIN:
             self._plain[stored.key] = None
             self._plain_bytes += stored.size
+        elif reserved:
+            self._reserved.add(stored.key)
+        else:
+            prefix = source_prefix(stored.source)
+            self._signed.setdefault(prefix, OrderedDict())[stored.key] = None
+            self._signed_bytes[prefix] = self._signed_bytes.get(prefix, 0) + stored.size
         heapq.heappush(self._expiry, (stored.expires_at, stored.key))
 
     def _remove(self, key: bytes) -> None:
@@ -350,3 +433,12 @@ class RecordStore:
         if stored.kind is ValueKind.PLAIN:
             del self._plain[key]
             self._plain_bytes -= stored.size
+        elif key in self._reserved:
+            self._reserved.discard(key)
+        else:
+            keys = self._signed[prefix]
+            del keys[key]
+            self._signed_bytes[prefix] -= stored.size
+            if not keys:
+                del self._signed[prefix]
+                del self._signed_bytes[prefix]
