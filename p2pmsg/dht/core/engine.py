@@ -10,7 +10,8 @@ an answer.  Its driver (:mod:`p2pmsg.dht.service` over UDP, or a simulator) feed
 (:meth:`~DhtEngine.take_datagrams`) and completion events (:meth:`~DhtEngine.take_events`).
 
 **Answering requests.**  A request is dropped, unanswered, if it is malformed, if its source exceeds its rate limit
-(token buckets per address and per IP, and a stricter one for STOREs), if it names this node's own id, or if its
+(token buckets per address and per IP, and a stricter one for STOREs per source network, IPv4 /24 or IPv6 /64),
+if it names this node's own id, or if its
 RPC is unknown (as ``rpcudp`` does).  Otherwise it is answered exactly like ``kademlia`` 2.2.3 would, except that:
 
 * a STORE is validated (:mod:`~p2pmsg.dht.core.records`, :mod:`~p2pmsg.dht.core.storage`) and answered ``false``
@@ -174,6 +175,8 @@ class DhtConfig:
     request_burst_per_address: float = 200.0
     request_rate_per_ip: float = 1000.0
     request_burst_per_ip: float = 2000.0
+    #: STOREs per source *network* (an IPv4 /24 or an IPv6 /64, :func:`~p2pmsg.dht.core.storage.source_prefix`),
+    #: despite the names (kept for existing configurations): one /24 must not get 256 times the rate of one host.
     store_rate_per_ip: float = 50.0
     store_burst_per_ip: float = 200.0
     proven_ttl: float = 1800.0
@@ -578,7 +581,7 @@ class DhtEngine:
         if sender == self.node_id:
             self.stats["malformed"] += 1
             return
-        if isinstance(request, StoreRequest) and not self._store_limiter.allow(address[0], now):
+        if isinstance(request, StoreRequest) and not self._store_limiter.allow(source_prefix(address[0]), now):
             self.stats["rate_limited"] += 1
             return
         if sender is not None and self.config.extensions:

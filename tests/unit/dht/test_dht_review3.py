@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
+from p2pmsg.dht.core.engine import DhtConfig, DhtEngine
 from p2pmsg.dht.core.errors import StoreRefusedError
+from p2pmsg.dht.core.messages import PingRequest, StoreRequest, encode_request, new_message_id
 from p2pmsg.dht.core.storage import RecordStore, StorageLimits
+from p2pmsg.identity import Identity
 
 
 def rkey(net: int, i: int) -> bytes:
@@ -81,3 +86,50 @@ def test_eviction_never_takes_the_nodes_own_records() -> None:
     with pytest.raises(StoreRefusedError, match=r"store is full \(3 values\)"):  # evicting cannot make room
         store.put_signed(rkey(3, 0), b"c", seq=1, expires_at=1e6, source="203.0.113.1", now=4.0)
     assert store.get(rkey(2, 0), 4.0) is not None and store.evicted == 1  # nothing evicted for a refused record
+
+
+# -- 2. the STORE rate is limited per source network, not per IP -----------------------------------------------------
+
+
+def send(engine: DhtEngine, request: StoreRequest | PingRequest, address: tuple[str, int], now: float) -> None:
+    engine.guard.mark_proven(address, now)
+    engine.datagram_received(encode_request(new_message_id(bytes(12)), request), address, now)
+
+
+def answers(engine: DhtEngine) -> list[tuple[bytes, tuple[str, int]]]:
+    """The responses (first byte 1) among the datagrams the engine sent (it also sends requests of its own)."""
+    return [(data, address) for data, address in engine.take_datagrams() if data[0] == 1]
+
+
+def test_store_rate_is_per_network_and_request_rate_stays_per_ip() -> None:
+    config = DhtConfig(store_rate_per_ip=1.0, store_burst_per_ip=5.0, request_rate_per_ip=1.0, request_burst_per_ip=3.0)
+    engine = DhtEngine(Identity.from_seed(hashlib.sha256(b"review3-1").digest()), config=config)
+    for i in range(20):  # 20 hosts of one /24, one STORE each, within one second
+        store = StoreRequest(node_id=b"\x21" * 20, key=i.to_bytes(20, "big"), value=i)
+        send(engine, store, (f"203.0.113.{i + 1}", 4000), 0.5)
+    assert engine.stats["stores_accepted"] == 5 and engine.stats["rate_limited"] == 15
+    for i in range(5):  # a host of another /24 has its own budget, and so has a /64
+        send(
+            engine,
+            StoreRequest(node_id=b"\x22" * 20, key=bytes([1, i]) * 10, value=i),
+            (f"198.51.100.{i + 1}", 4000),
+            0.5,
+        )
+        send(
+            engine,
+            StoreRequest(node_id=b"\x23" * 20, key=bytes([2, i]) * 10, value=i),
+            (f"2001:db8::{i + 1}", 4000),
+            0.5,
+        )
+    assert engine.stats["stores_accepted"] == 15 and engine.stats["rate_limited"] == 15
+    send(engine, StoreRequest(node_id=b"\x23" * 20, key=bytes(20), value=0), ("2001:db8::ffff", 4000), 0.5)
+    assert engine.stats["rate_limited"] == 16  # another host of that /64
+    assert len(engine.storage) == 15
+    engine.take_datagrams()
+    # Other requests are still limited per IP: 3 pings from each of 10 hosts of a fresh /24 are all answered ...
+    for i in range(10):
+        for port in range(3):
+            send(engine, PingRequest(node_id=bytes([i + 1]) * 20), (f"192.0.2.{i + 1}", 5000 + port), 0.6)
+    assert engine.stats["rate_limited"] == 16 and len(answers(engine)) == 30
+    send(engine, PingRequest(node_id=b"\x01" * 20), ("192.0.2.1", 5009), 0.6)  # ... and a 4th from one host is not
+    assert engine.stats["rate_limited"] == 17 and answers(engine) == []
