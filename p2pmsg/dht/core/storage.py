@@ -349,10 +349,11 @@ class RecordStore:
         if existing is not None:
             count -= 1
             size -= existing.size
-        evictable = self._plain.keys() | {k for keys in self._signed.values() for k in keys}
-        evictable.discard(stored.key)
-        count -= len(evictable)
-        size -= sum(self._values[k].size for k in evictable)
+        count -= len(self._plain) + sum(len(keys) for keys in self._signed.values())
+        size -= self._plain_bytes + sum(self._signed_bytes.values())
+        if existing is not None and existing.key not in self._reserved:  # it goes anyway: counted once, above
+            count += 1
+            size += existing.size
         return count <= self.limits.max_values and size <= self.limits.max_bytes
 
     def _evict_signed_for(self, stored: StoredValue, existing: StoredValue | None) -> None:
