@@ -228,9 +228,146 @@ def _describe_peer(raw: bytes) -> str:
         return f"invalid peer id {raw.hex()}"
 
 
+# The canonical msgpack of both maps, as the schemas encode them (fields in schema order, shortest headers): the
+# fixed pieces between the variable fields.  Sealing writes these directly; decoding and opening first try to match
+# them at fixed offsets (one pass, no generic decode) and fall back to the schema for anything else, so the fast
+# paths accept exactly a subset of what the schemas accept and return the same values (tests/unit/chat check both).
+_OUTER_HEAD: Final = b"\x86\xa1v\x01\xa2id\xc4\x10"  # {6 fields, "v": 1, "id": bin8[16] ...
+_INNER_HEAD: Final = b"\x87\xa1v\x02\xa2id\xc4\x10"  # {7 fields, "v": 2, "id": bin8[16] ...
+_FROM_KEY: Final = b"\xa4from\xc4\x26"  # "from": bin8[38]
+_TO_KEY: Final = b"\xa2to\xc4\x26"  # "to": bin8[38]
+_NONCE_KEY: Final = b"\xa5nonce\xc4\x18"  # "nonce": bin8[24]
+_BOX_KEY: Final = b"\xa3box"  # "box": then a bin header
+_TS_KEY: Final = b"\xa2ts"  # "ts": then a uint
+_KIND_TEXT: Final = b"\xa4kind\xa4text\xa4text"  # "kind": "text", "text": then a str header
+_ID_AT: Final = len(_OUTER_HEAD)
+_FROM_AT: Final = _ID_AT + MESSAGE_ID_SIZE + len(_FROM_KEY)
+_TO_AT: Final = _FROM_AT + PEER_ID_SIZE + len(_TO_KEY)
+_NONCE_AT: Final = _TO_AT + PEER_ID_SIZE + len(_NONCE_KEY)
+_BOX_HEADER_AT: Final = _NONCE_AT + NONCE_SIZE + len(_BOX_KEY)
+
+
+def _uint(value: int) -> bytes:
+    """The shortest msgpack encoding of 0 <= value < 2**64."""
+    if value < 0x80:
+        return bytes((value,))
+    if value < 0x100:
+        return b"\xcc" + value.to_bytes(1, "big")
+    if value < 0x10000:
+        return b"\xcd" + value.to_bytes(2, "big")
+    if value < 0x100000000:
+        return b"\xce" + value.to_bytes(4, "big")
+    return b"\xcf" + value.to_bytes(8, "big")
+
+
+def _str_header(size: int) -> bytes:
+    if size < 32:
+        return bytes((0xA0 | size,))
+    if size < 0x100:
+        return b"\xd9" + size.to_bytes(1, "big")
+    if size < 0x10000:
+        return b"\xda" + size.to_bytes(2, "big")
+    return b"\xdb" + size.to_bytes(4, "big")
+
+
+def _bin_header(size: int) -> bytes:
+    if size < 0x100:
+        return b"\xc4" + size.to_bytes(1, "big")
+    if size < 0x10000:
+        return b"\xc5" + size.to_bytes(2, "big")
+    return b"\xc6" + size.to_bytes(4, "big")
+
+
+def _read_len(data: bytes, pos: int, short: int, width8: int) -> tuple[int, int] | None:
+    """Read a msgpack length header at *pos*: a fix form (``short`` = its mask base, or -1 for none) or the
+    8/16/32-bit forms starting at byte *width8*; return ``(length, position after the header)`` or ``None``."""
+    if pos >= len(data):
+        return None
+    tag = data[pos]
+    if short >= 0 and short <= tag < short + 32:
+        return tag - short, pos + 1
+    width = {width8: 1, width8 + 1: 2, width8 + 2: 4}.get(tag)
+    if width is None or pos + 1 + width > len(data):
+        return None
+    return int.from_bytes(data[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
+
+
+def _read_uint(data: bytes, pos: int) -> tuple[int, int] | None:
+    if pos >= len(data):
+        return None
+    tag = data[pos]
+    if tag < 0x80:
+        return tag, pos + 1
+    width = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(tag)
+    if width is None or pos + 1 + width > len(data):
+        return None
+    return int.from_bytes(data[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
+
+
+def _fast_envelope(raw: bytes) -> SealedEnvelope | None:
+    """Decode a canonically encoded envelope at fixed offsets; ``None`` if *raw* is not laid out that way."""
+    if (
+        len(raw) > MAX_ENVELOPE_SIZE
+        or not raw.startswith(_OUTER_HEAD)
+        or not raw.startswith(_FROM_KEY, _FROM_AT - len(_FROM_KEY))
+        or not raw.startswith(_TO_KEY, _TO_AT - len(_TO_KEY))
+        or not raw.startswith(_NONCE_KEY, _NONCE_AT - len(_NONCE_KEY))
+        or not raw.startswith(_BOX_KEY, _BOX_HEADER_AT - len(_BOX_KEY))
+    ):
+        return None
+    found = _read_len(raw, _BOX_HEADER_AT, -1, 0xC4)
+    if found is None:
+        return None
+    size, start = found
+    if start + size != len(raw) or not BOX_OVERHEAD <= size <= MAX_BOX_SIZE:
+        return None
+    try:
+        sender = _peer_id(raw[_FROM_AT : _FROM_AT + PEER_ID_SIZE])
+    except InvalidPeerIdError as exc:
+        raise ChatEnvelopeError("envelope.from", str(exc)) from None
+    try:
+        recipient = _peer_id(raw[_TO_AT : _TO_AT + PEER_ID_SIZE])
+    except InvalidPeerIdError as exc:
+        raise ChatEnvelopeError("envelope.to", str(exc)) from None
+    return SealedEnvelope(
+        id=raw[_ID_AT : _ID_AT + MESSAGE_ID_SIZE],
+        sender=sender,
+        recipient=recipient,
+        nonce=raw[_NONCE_AT : _NONCE_AT + NONCE_SIZE],
+        box=raw[start:],
+        raw=raw,
+    )
+
+
+def _fast_inner(inner: bytes, head: bytes) -> tuple[int, str] | None:
+    """``(ts, text)`` of a canonically encoded inner message that starts with *head* (its v, id, from, to and the
+    "ts" key, all as expected); ``None`` if it is laid out any other way."""
+    if not inner.startswith(head):
+        return None
+    found = _read_uint(inner, len(head))
+    if found is None:
+        return None
+    ts, pos = found
+    if ts > MAX_TIMESTAMP or not inner.startswith(_KIND_TEXT, pos):
+        return None
+    found = _read_len(inner, pos + len(_KIND_TEXT), 0xA0, 0xD9)
+    if found is None:
+        return None
+    size, pos = found
+    if pos + size != len(inner) or size > MAX_TEXT_BYTES:
+        return None
+    try:
+        return ts, inner[pos:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def decode_envelope(data: bytes | bytearray | memoryview) -> SealedEnvelope:
     """Validate the outer fields of an encoded envelope (the box stays closed); :class:`ChatEnvelopeError` if bad."""
     raw = bytes(data)
+    fast = _fast_envelope(raw)
+    if fast is not None:
+        return fast
     try:
         fields = ENVELOPE_SCHEMA.decode(raw, max_size=MAX_ENVELOPE_SIZE)
     except CodecError as exc:
@@ -260,6 +397,41 @@ def decode_receipt(data: bytes | bytearray | memoryview) -> tuple[bytes, ...]:
     except CodecError as exc:
         raise _codec_error(exc) from None
     return tuple(fields["ids"])
+
+
+def _fast_seal_inner(mid: bytes, sender_raw: bytes, recipient_raw: bytes, ts: object, text: object) -> bytes | None:
+    """The inner message built from the constant pieces, byte for byte what ``MESSAGE_SCHEMA.encode`` writes; ``None``
+    when a value is outside the schema (the caller then lets the schema raise its precise error)."""
+    if (
+        type(ts) is not int
+        or not 0 <= ts <= MAX_TIMESTAMP
+        or type(text) is not str
+        or len(mid) != MESSAGE_ID_SIZE
+        or len(sender_raw) != PEER_ID_SIZE
+        or len(recipient_raw) != PEER_ID_SIZE
+    ):
+        return None
+    try:
+        body = text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    if len(body) > MAX_TEXT_BYTES:
+        return None
+    return b"".join(
+        (
+            _INNER_HEAD,
+            mid,
+            _FROM_KEY,
+            sender_raw,
+            _TO_KEY,
+            recipient_raw,
+            _TS_KEY,
+            _uint(ts),
+            _KIND_TEXT,
+            _str_header(len(body)),
+            body,
+        )
+    )
 
 
 class EnvelopeSealer:
@@ -332,6 +504,31 @@ class EnvelopeSealer:
             raise LocalProtocolError(f"nonce must be {NONCE_SIZE} bytes, got {len(box_nonce)}")
         sender_raw = self._identity.peer_id.to_bytes()
         recipient_raw = recipient.to_bytes()
+        fast = _fast_seal_inner(mid, sender_raw, recipient_raw, ts, text)
+        if fast is not None:
+            try:
+                key = self._shared_key(recipient, "recipient")
+            except ChatEnvelopeError as exc:
+                raise LocalProtocolError(f"cannot seal to {recipient}: {exc}") from None
+            box = nacl.bindings.crypto_box_afternm(fast, box_nonce, key)
+            raw = b"".join(
+                (
+                    _OUTER_HEAD,
+                    mid,
+                    _FROM_KEY,
+                    sender_raw,
+                    _TO_KEY,
+                    recipient_raw,
+                    _NONCE_KEY,
+                    box_nonce,
+                    _BOX_KEY,
+                    _bin_header(len(box)),
+                    box,
+                )
+            )
+            return SealedEnvelope(
+                id=mid, sender=self._identity.peer_id, recipient=recipient, nonce=box_nonce, box=box, raw=raw
+            )
         inner = MESSAGE_SCHEMA.encode(
             {
                 "v": MESSAGE_VERSION,
@@ -373,6 +570,15 @@ class EnvelopeSealer:
             raise DecryptionError(
                 "envelope.box", f"does not authenticate as a box from {sealed.sender} to us"
             ) from None
+        sender_raw = sealed.sender.to_bytes()
+        recipient_raw = sealed.recipient.to_bytes()
+        fast = _fast_inner(
+            inner, b"".join((_INNER_HEAD, sealed.id, _FROM_KEY, sender_raw, _TO_KEY, recipient_raw, _TS_KEY))
+        )
+        if fast is not None:  # id, from and to are the outer ones: they are part of the matched head
+            return ChatMessage(
+                id=sealed.id, sender=sealed.sender, recipient=sealed.recipient, ts=fast[0], kind="text", text=fast[1]
+            )
         try:
             fields = MESSAGE_SCHEMA.decode(inner, max_size=MAX_BOX_SIZE)
         except CodecError as exc:
@@ -383,11 +589,11 @@ class EnvelopeSealer:
             )
         # crypto_box is symmetric per pair: a box from us to the sender opens here too when the outer from/to are
         # swapped (a reflection).  The inner from/to say which way the sender sealed it.
-        if fields["from"] != sealed.sender.to_bytes():
+        if fields["from"] != sender_raw:
             raise DirectionMismatchError(
                 "message.from", f"the box was sealed by {_describe_peer(fields['from'])}, not by {sealed.sender}"
             )
-        if fields["to"] != sealed.recipient.to_bytes():
+        if fields["to"] != recipient_raw:
             raise DirectionMismatchError(
                 "message.to", f"the box was sealed for {_describe_peer(fields['to'])}, not for {sealed.recipient}"
             )

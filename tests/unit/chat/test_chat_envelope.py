@@ -12,10 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pmsg.chat.envelope import (
+    ENVELOPE_SCHEMA,
     MAX_ACK_IDS,
     MAX_BOX_SIZE,
     MAX_ENVELOPE_SIZE,
     MAX_TEXT_BYTES,
+    MESSAGE_SCHEMA,
     ChatEnvelopeError,
     DecryptionError,
     DirectionMismatchError,
@@ -339,3 +341,104 @@ def test_any_text_round_trips(text: str, ts: int) -> None:
     sealed = EnvelopeSealer(ALICE).seal(BOB.peer_id, text, ts=ts)
     message = EnvelopeSealer(BOB).open(decode_envelope(sealed.raw))
     assert (message.text, message.ts) == (text, ts)
+
+
+# The fast paths (sealing from constant pieces, decoding and opening at fixed offsets) must agree byte for byte with
+# the schemas, and anything laid out differently must still go through the schemas.
+
+_EDGE_SIZES = (0, 1, 31, 32, 255, 256, 1024, 65535, MAX_TEXT_BYTES)
+_EDGE_TS = (0, 127, 128, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**63 - 1)
+
+
+@pytest.mark.parametrize(("size", "ts"), list(zip(_EDGE_SIZES, itertools.cycle(_EDGE_TS))) + [(3, t) for t in _EDGE_TS])
+def test_fast_sealing_matches_the_schemas_byte_for_byte(size: int, ts: int) -> None:
+    text = "y" * size
+    sealed = EnvelopeSealer(ALICE, random=_counter_random()).seal(BOB.peer_id, text, ts=ts)  # type: ignore[arg-type]
+    key = nacl.bindings.crypto_box_beforenm(BOB.x25519_public_key, bytes(ALICE.x25519_private_key))
+    inner = nacl.bindings.crypto_box_open_afternm(sealed.box, sealed.nonce, key)
+    expected_inner = {"v": 2, "id": sealed.id, "from": A, "to": B, "ts": ts, "kind": "text", "text": text}
+    assert inner == MESSAGE_SCHEMA.encode(expected_inner, max_size=MAX_BOX_SIZE)
+    outer = {"v": 1, "id": sealed.id, "from": A, "to": B, "nonce": sealed.nonce, "box": sealed.box}
+    assert sealed.raw == ENVELOPE_SCHEMA.encode(outer, max_size=MAX_ENVELOPE_SIZE)
+    assert EnvelopeSealer(BOB).open(sealed.raw).text == text
+
+
+def test_fast_sealing_leaves_bad_values_to_the_schema() -> None:
+    sealer = EnvelopeSealer(ALICE)
+    with pytest.raises(LocalProtocolError, match="ts"):
+        sealer.seal(BOB.peer_id, "x", ts=-1)
+    with pytest.raises(LocalProtocolError, match="ts"):
+        sealer.seal(BOB.peer_id, "x", ts=True)
+    with pytest.raises(LocalProtocolError, match="surrogate"):
+        sealer.seal(BOB.peer_id, "bad \ud800", ts=1)
+    with pytest.raises(LocalProtocolError, match="text"):
+        sealer.seal(BOB.peer_id, "é" * (MAX_TEXT_BYTES // 2 + 1), ts=1)
+
+
+def _non_canonical_envelope() -> tuple[bytes, bytes]:
+    """(canonical, the same envelope with its box behind a bin32 header and the keys in another order)."""
+    sealed = EnvelopeSealer(ALICE).seal(BOB.peer_id, "same", ts=5)
+    fields = _outer(sealed.raw)
+    reordered = {key: fields[key] for key in ("box", "nonce", "to", "from", "id", "v")}
+    assert _repack(reordered) != sealed.raw
+    bin32 = sealed.raw[: -len(sealed.box) - 2] + b"\xc6" + len(sealed.box).to_bytes(4, "big") + sealed.box
+    assert sealed.raw[-len(sealed.box) - 2] == 0xC4
+    return sealed.raw, bin32 if len(sealed.box) < 256 else _repack(reordered)
+
+
+def test_fast_and_schema_decoding_agree() -> None:
+    canonical, other = _non_canonical_envelope()
+    fast, slow = decode_envelope(canonical), decode_envelope(other)
+    assert (fast.id, fast.sender, fast.recipient, fast.nonce, fast.box) == (
+        slow.id,
+        slow.sender,
+        slow.recipient,
+        slow.nonce,
+        slow.box,
+    )
+    assert EnvelopeSealer(BOB).open(other) == EnvelopeSealer(BOB).open(canonical)
+
+
+@pytest.mark.parametrize(
+    "inner_bytes",
+    [
+        # ts as int64 (not the shortest form) and text as str16: valid msgpack the fast path does not match
+        b"\x87\xa1v\x02\xa2id\xc4\x10"
+        + bytes(16)
+        + b"\xa4from\xc4\x26"
+        + A
+        + b"\xa2to\xc4\x26"
+        + B
+        + b"\xa2ts\xd3"
+        + (7).to_bytes(8, "big")
+        + b"\xa4kind\xa4text\xa4text\xda\x00\x02ok",
+        # the same fields in another order
+        msgpack.packb({"text": "ok", "kind": "text", "ts": 7, "to": B, "from": A, "id": bytes(16), "v": 2}),
+    ],
+)
+def test_non_canonical_inner_messages_open_through_the_schema(inner_bytes: bytes) -> None:
+    key = nacl.bindings.crypto_box_beforenm(BOB.x25519_public_key, bytes(ALICE.x25519_private_key))
+    box = nacl.bindings.crypto_box_afternm(inner_bytes, bytes(24), key)
+    raw = _repack({"v": 1, "id": bytes(16), "from": A, "to": B, "nonce": bytes(24), "box": box})
+    message = EnvelopeSealer(BOB).open(raw)
+    assert (message.ts, message.text, message.sender) == (7, "ok", ALICE.peer_id)
+
+
+def test_fast_path_refusals_name_the_same_fields() -> None:
+    """A canonical layout with an invalid sender id, or a truncated box, is refused as before."""
+    sealed = EnvelopeSealer(ALICE).seal(BOB.peer_id, "x", ts=1)
+    bad_from = sealed.raw.replace(A, b"\xff" * len(A), 1)
+    with pytest.raises(ChatEnvelopeError) as info:
+        decode_envelope(bad_from)
+    assert info.value.field == "envelope.from"
+    with pytest.raises(ChatEnvelopeError):
+        decode_envelope(sealed.raw[:-1])
+    # A canonical inner layout whose text is not UTF-8: the fast path declines, the schema names the field.
+    inner = msgpack.packb(_inner(text="x"), use_bin_type=True)
+    assert inner.endswith(b"\xa4text\xa1x")
+    key = nacl.bindings.crypto_box_beforenm(BOB.x25519_public_key, bytes(ALICE.x25519_private_key))
+    box = nacl.bindings.crypto_box_afternm(inner[:-1] + b"\xff", bytes(24), key)
+    raw = _repack({"v": 1, "id": bytes(16), "from": A, "to": B, "nonce": bytes(24), "box": box})
+    with pytest.raises(ChatEnvelopeError) as info:
+        EnvelopeSealer(BOB).open(raw)
+    assert info.value.field.startswith("message")

@@ -225,3 +225,28 @@ def test_msg_frame_refuses_an_envelope_of_a_wrong_size() -> None:
     for size in (0, MAX_ENVELOPE_SIZE + 1):
         with pytest.raises(LocalProtocolError, match=r"msg\.env"):
             conn.send_messages([bytes(size)])
+
+
+def test_msg_frames_laid_out_otherwise_still_parse_through_the_schema() -> None:
+    """The receiver reads a frame written by send_messages at fixed offsets; a frame with the same content in
+    another valid layout (bin32 header, other key order) gives the same envelope through the schema."""
+    sealed = EnvelopeSealer(ALICE).seal(BOB.peer_id, "layout", ts=3)
+    sender = ChatConnection()
+    sender.send_hello()
+    canonical = sender.send_messages([sealed])
+    other_bodies = [
+        msgpack.packb({"v": 1, "t": "msg", "env": sealed.raw}, use_bin_type=True)[: -len(sealed.raw) - 3]
+        + b"\xc6"
+        + len(sealed.raw).to_bytes(4, "big")
+        + sealed.raw,
+        msgpack.packb({"env": sealed.raw, "t": "msg", "v": 1}, use_bin_type=True),
+    ]
+    assert 256 <= len(sealed.raw) < 65536  # so the first body above replaced a bin16 header
+    for data in [canonical] + [struct.pack(">I", len(b)) + b for b in other_bodies]:
+        (event,) = _open_receiver().receive_data(data)
+        assert isinstance(event, EnvelopeReceived)
+        assert event.envelope == sealed
+    # A canonical prefix whose bin length does not run to the end of the frame is refused by the schema.
+    body = canonical[4:] + b"\x00"
+    with pytest.raises(SessionProtocolError):
+        _open_receiver().receive_data(struct.pack(">I", len(body)) + body)
