@@ -962,7 +962,6 @@ async def micro_breakdown(directory: Path, write_group: int, ack_group: int, rec
             sender=own,
             text=text,
             sent_at=now,
-            envelope=sealed.raw,
             now=now,
         )
 
@@ -989,11 +988,7 @@ async def micro_breakdown(directory: Path, write_group: int, ack_group: int, rec
             for _ in range(write_group):
                 mid = next(counter).to_bytes(16, "big")
                 outbound.append(mid)
-                items.append(
-                    OutgoingMessage(
-                        message_id=mid, recipient=peer, sender=own, text=text, sent_at=now, envelope=sealed.raw
-                    )
-                )
+                items.append(OutgoingMessage(message_id=mid, recipient=peer, sender=own, text=text, sent_at=now))
             return functools.partial(repo.enqueue_many, items=items, now=now)
 
         add(

@@ -491,7 +491,10 @@ class ChatService:
                 return False
             room = self.config.max_session_queue - len(session.pending)
             for entry in items[: max(room, 0)]:
-                self._hand_over(session, entry.message_id, entry.envelope)
+                if entry.message_id not in self._inflight:
+                    # The outbox keeps only the text: seal a fresh envelope (same id and timestamp, new nonce).
+                    sealed = self._sealer.seal(peer, entry.text, ts=entry.sent_at, message_id=entry.message_id)
+                    self._hand_over(session, entry.message_id, sealed.raw)
             return room >= len(items)
         if peer in self._dialing:
             return False
@@ -1305,7 +1308,6 @@ class ChatService:
                             sender=self._own,
                             text=q.text,
                             sent_at=q.now,
-                            envelope=q.sealed.raw,
                             next_attempt_at=retry_at if ahead else None,
                         )
                     )

@@ -134,11 +134,38 @@ _V1_STATEMENTS: Final = (
     "CREATE INDEX dht_nodes_by_last_seen ON dht_nodes (last_seen)",
 )
 
+# v2: the outbox no longer keeps a copy of the sealed envelope (nor the message id): the text is stored once, in
+# `messages`, and the sender seals a fresh envelope (same id, same timestamp, new nonce) whenever it (re)sends.  The
+# outbox row shrinks from ~1.3 KB to ~60 bytes for a 1 KB text, so enqueueing writes and deleting it on delivery
+# touch far fewer pages.  Pending rows keep their schedule; their old envelopes are simply dropped.
+_V2_STATEMENTS: Final = (
+    """CREATE TABLE outbox_v2 (
+        seq             INTEGER PRIMARY KEY REFERENCES messages (seq) ON DELETE CASCADE,
+        recipient       BLOB    NOT NULL
+                                CHECK (typeof(recipient) = 'blob' AND length(recipient) BETWEEN 1 AND 64),
+        attempts        INTEGER NOT NULL DEFAULT 0 CHECK (typeof(attempts) = 'integer' AND attempts >= 0),
+        next_attempt_at INTEGER NOT NULL CHECK (typeof(next_attempt_at) = 'integer'),
+        last_error      TEXT    CHECK (last_error IS NULL OR length(last_error) <= 512),
+        enqueued_at     INTEGER NOT NULL CHECK (typeof(enqueued_at) = 'integer')
+    )""",
+    """INSERT INTO outbox_v2 (seq, recipient, attempts, next_attempt_at, last_error, enqueued_at)
+        SELECT seq, recipient, attempts, next_attempt_at, last_error, enqueued_at FROM outbox ORDER BY seq""",
+    "DROP TABLE outbox",
+    "ALTER TABLE outbox_v2 RENAME TO outbox",
+    "CREATE INDEX outbox_due ON outbox (next_attempt_at)",
+    "CREATE INDEX outbox_by_recipient ON outbox (recipient)",
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(
         version=1,
         description="settings, contacts, message requests, messages, outbox, peer record cache, DHT nodes",
         statements=_V1_STATEMENTS,
+    ),
+    Migration(
+        version=2,
+        description="outbox without the sealed envelope: the text is stored once and sealed again on each send",
+        statements=_V2_STATEMENTS,
     ),
 )
 """Every schema step, oldest first; ``MIGRATIONS[i].version == i + 1``."""

@@ -199,7 +199,6 @@ class OutgoingMessage:
     sender: bytes
     text: str
     sent_at: int
-    envelope: bytes
     next_attempt_at: int | None = None
     """When the outbox row is first due; ``None``: at once (``now``).  A caller that hands the envelope to a live
     session itself sets its resend time here, so the write after sending (``mark_sent``) is not needed."""
@@ -219,12 +218,14 @@ class IncomingMessage:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class OutboxEntry:
-    """A row of ``outbox``: a sealed envelope waiting for its delivery receipt."""
+    """A row of ``outbox`` with its message's text and timestamp: a message waiting for its delivery receipt.  The
+    sender seals ``text`` (with ``message_id`` and ``sent_at``) into a fresh envelope each time it sends it."""
 
     message_id: bytes
     seq: int
     recipient: bytes
-    envelope: bytes
+    text: str
+    sent_at: int
     attempts: int
     next_attempt_at: int
     last_error: str | None

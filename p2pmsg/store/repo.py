@@ -6,7 +6,7 @@ Every function takes an ``sqlite3.Connection`` as its first argument and is mean
 ``Database.write``/``Database.read``, which supply the connection and the transaction::
 
     msg = await db.write(lambda c: repo.enqueue(c, message_id=mid, recipient=bob, sender=me, text="hi",
-                                               sent_at=now, envelope=sealed, now=now))
+                                               sent_at=now, now=now))
     page = await db.read(lambda c: repo.history(c, bob, limit=50))
 
 Several calls in one ``fn`` share one transaction (they all commit or none does); that is how the chat layer makes a
@@ -46,7 +46,6 @@ from p2pmsg.store.models import (
     DHT_NODE_ID_SIZE,
     MAX_BATCH_ITEMS,
     MAX_DHT_NODES,
-    MAX_ENVELOPE_SIZE,
     MAX_ERROR_CHARS,
     MAX_HOST_CHARS,
     MAX_NAME_CHARS,
@@ -423,20 +422,19 @@ def enqueue(
     sender: bytes,
     text: str,
     sent_at: int,
-    envelope: bytes,
     now: int,
 ) -> StoredMessage:
     """Store an outbound message (status ``queued``) and its outbox row, due at *now*, in the caller's transaction.
 
-    *sender* is this node's own peer id; *envelope* the sealed bytes to put on the wire (sent unchanged on every
-    retry).  Raises :class:`DuplicateMessageError` if *message_id* is already stored.
+    *sender* is this node's own peer id.  The text is stored once, in ``messages``: the sender seals it into an
+    envelope whenever it (re)sends it (schema v2).  Raises :class:`DuplicateMessageError` if *message_id* is already
+    stored.
     """
     mid = _message_id(message_id)
     peer = _peer_id("recipient", recipient)
     own = _peer_id("sender", sender)
     body = _text(text)
     sent = _timestamp("sent_at", sent_at)
-    sealed = _bytes("envelope", envelope, min_size=1, max_size=MAX_ENVELOPE_SIZE)
     now = _timestamp("now", now)
     try:
         cursor = conn.execute(
@@ -450,9 +448,9 @@ def enqueue(
     seq = cursor.lastrowid
     assert seq is not None
     conn.execute(
-        "INSERT INTO outbox (seq, message_id, recipient, envelope, attempts, next_attempt_at, last_error, enqueued_at)"
-        " VALUES (?, ?, ?, ?, 0, ?, NULL, ?)",
-        (seq, mid, peer, sealed, now, now),
+        "INSERT INTO outbox (seq, recipient, attempts, next_attempt_at, last_error, enqueued_at)"
+        " VALUES (?, ?, 0, ?, NULL, ?)",
+        (seq, peer, now, now),
     )
     return StoredMessage(
         seq=seq,
@@ -528,7 +526,7 @@ def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, 
     now = _timestamp("now", now)
     if len(items) > MAX_BATCH_ITEMS:
         raise StoreArgumentError("items", f"at most {MAX_BATCH_ITEMS} per call, got {len(items)}")
-    rows: list[tuple[bytes, bytes, bytes, str, int, bytes, int]] = []
+    rows: list[tuple[bytes, bytes, bytes, str, int, int]] = []
     seen: set[bytes] = set()
     for item in items:
         if not isinstance(item, OutgoingMessage):
@@ -544,7 +542,6 @@ def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, 
                 _peer_id("sender", item.sender),
                 _text(item.text),
                 _timestamp("sent_at", item.sent_at),
-                _bytes("envelope", item.envelope, min_size=1, max_size=MAX_ENVELOPE_SIZE),
                 now if item.next_attempt_at is None else _timestamp("next_attempt_at", item.next_attempt_at),
             )
         )
@@ -558,9 +555,9 @@ def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, 
         conn.execute("DELETE FROM messages WHERE seq > ?", (base,))  # undo the part inserted before the failure
         raise DuplicateMessageError(f"a message id of this batch is already stored ({exc})") from None
     conn.executemany(
-        "INSERT INTO outbox (seq, message_id, recipient, envelope, attempts, next_attempt_at, last_error, enqueued_at)"
-        " VALUES (?, ?, ?, ?, 0, ?, NULL, ?)",
-        [(base + i + 1, r[0], r[1], r[5], r[6], now) for i, r in enumerate(rows)],
+        "INSERT INTO outbox (seq, recipient, attempts, next_attempt_at, last_error, enqueued_at)"
+        " VALUES (?, ?, 0, ?, NULL, ?)",
+        [(base + i + 1, r[1], r[5], now) for i, r in enumerate(rows)],
     )
     return [base + i + 1 for i in range(len(rows))]
 
@@ -759,7 +756,11 @@ def reject_request(conn: sqlite3.Connection, peer_id: bytes, *, block: bool, now
 
 # --------------------------------------------------------------------------------------------------- outbox
 
-_OUTBOX_COLUMNS: Final = "message_id, seq, recipient, envelope, attempts, next_attempt_at, last_error, enqueued_at"
+# An outbox row joined with its message (the text and the sender's timestamp live only in ``messages``).
+_OUTBOX_SELECT: Final = (
+    "SELECT m.message_id, o.seq, o.recipient, m.text, m.sent_at, o.attempts, o.next_attempt_at, o.last_error,"
+    " o.enqueued_at FROM outbox AS o JOIN messages AS m ON m.seq = o.seq"
+)
 
 
 def _outbox(row: Any) -> OutboxEntry:
@@ -767,11 +768,12 @@ def _outbox(row: Any) -> OutboxEntry:
         message_id=bytes(row[0]),
         seq=row[1],
         recipient=bytes(row[2]),
-        envelope=bytes(row[3]),
-        attempts=row[4],
-        next_attempt_at=row[5],
-        last_error=row[6],
-        enqueued_at=row[7],
+        text=row[3],
+        sent_at=row[4],
+        attempts=row[5],
+        next_attempt_at=row[6],
+        last_error=row[7],
+        enqueued_at=row[8],
     )
 
 
@@ -792,7 +794,7 @@ def _set_status(conn: sqlite3.Connection, seq: int, old: MessageStatus, new: Mes
 def get_outbox_entry(conn: sqlite3.Connection, message_id: bytes) -> OutboxEntry | None:
     """Return the outbox row of this message, or ``None`` (delivered, failed or unknown)."""
     row = conn.execute(
-        f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE seq = (SELECT seq FROM messages WHERE message_id = ?)",
+        f"{_OUTBOX_SELECT} WHERE o.seq = (SELECT seq FROM messages WHERE message_id = ?)",
         (_message_id(message_id),),
     ).fetchone()
     return None if row is None else _outbox(row)
@@ -801,7 +803,7 @@ def get_outbox_entry(conn: sqlite3.Connection, message_id: bytes) -> OutboxEntry
 def due(conn: sqlite3.Connection, *, now: int, limit: int = 100) -> list[OutboxEntry]:
     """Return up to *limit* outbox entries whose ``next_attempt_at <= now``, earliest first (then in send order)."""
     rows = conn.execute(
-        f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE next_attempt_at <= ? ORDER BY next_attempt_at, seq LIMIT ?",
+        f"{_OUTBOX_SELECT} WHERE o.next_attempt_at <= ? ORDER BY o.next_attempt_at, o.seq LIMIT ?",
         (_timestamp("now", now), _limit(limit)),
     ).fetchall()
     return [_outbox(row) for row in rows]
@@ -811,7 +813,7 @@ def due_for(conn: sqlite3.Connection, recipient: bytes, *, limit: int = 100) -> 
     """Return up to *limit* outbox entries for *recipient* in send order, whatever their schedule (to flush the
     queue when the recipient connects)."""
     rows = conn.execute(
-        f"SELECT {_OUTBOX_COLUMNS} FROM outbox WHERE recipient = ? ORDER BY seq LIMIT ?",
+        f"{_OUTBOX_SELECT} WHERE o.recipient = ? ORDER BY o.seq LIMIT ?",
         (_peer_id("recipient", recipient), _limit(limit)),
     ).fetchall()
     return [_outbox(row) for row in rows]

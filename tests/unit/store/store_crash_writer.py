@@ -19,13 +19,10 @@ from p2pmsg.store import open_database, repo
 ME = b"\x00\x24" + bytes(range(36))
 BOB = b"\x00\x24" + bytes(range(1, 37))
 TEXT = "k" * 1000
-ENVELOPE = b"\xe5" * 1100
 
 
 def enqueue(conn: sqlite3.Connection, message_id: bytes, now: int) -> None:
-    repo.enqueue(
-        conn, message_id=message_id, recipient=BOB, sender=ME, text=TEXT, sent_at=now, envelope=ENVELOPE, now=now
-    )
+    repo.enqueue(conn, message_id=message_id, recipient=BOB, sender=ME, text=TEXT, sent_at=now, now=now)
 
 
 def acknowledge(ids: list[bytes]) -> None:

@@ -15,6 +15,7 @@ import trio.testing
 
 from p2pmsg.store import Database, open_database, repo
 from p2pmsg.store.errors import StoreArgumentError, StoreClosedError, StoreWriteError, TransactionControlError
+from p2pmsg.store.migrations import LATEST_VERSION
 
 T0 = 1_700_000_000_000
 BOB = b"\x00\x24" + bytes(range(1, 37))
@@ -58,7 +59,7 @@ class Gate:
 
 
 async def test_write_returns_result_and_read_sees_it(db: Database) -> None:
-    assert db.schema_version == 1
+    assert db.schema_version == LATEST_VERSION
     assert await db.write(put("a")) == "a"
     assert await keys(db) == {"a"}
 
@@ -306,7 +307,7 @@ async def test_cancelling_a_burst_never_leaves_a_half_enqueue(tmp_path: Path) ->
                     message_id = (worker * 1_000_000 + n).to_bytes(16, "big")
                     await db.write(
                         lambda c, m=message_id: repo.enqueue(
-                            c, message_id=m, recipient=BOB, sender=ME, text="x" * 200, sent_at=T0, envelope=b"e", now=T0
+                            c, message_id=m, recipient=BOB, sender=ME, text="x" * 200, sent_at=T0, now=T0
                         )
                     )
                     returned.append(message_id)

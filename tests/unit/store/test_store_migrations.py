@@ -113,6 +113,9 @@ async def test_refuses_a_file_that_is_not_sqlite(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------- the machinery
 
+# The machinery is exercised with made-up steps on top of the real first one.
+V1 = MIGRATIONS[:1]
+
 V2 = Migration(
     version=2,
     description="add contacts.note",
@@ -138,13 +141,13 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 def test_migrates_step_by_step_from_an_older_version(tmp_path: Path) -> None:
     conn = _connect(tmp_path / "old.db")
-    assert migrate(conn, MIGRATIONS) == 1
+    assert migrate(conn, V1) == 1
     repo.add_contact(conn, peer_id=b"\x01" * 38, name="bob", now=T0)
-    assert migrate(conn, (*MIGRATIONS, V2, V3)) == 3
+    assert migrate(conn, (*V1, V2, V3)) == 3
     assert schema_version(conn) == 3
     assert conn.execute("SELECT name, note FROM contacts").fetchall() == [("bob", None)]
     assert conn.execute("SELECT value FROM settings WHERE key = 'v3-ran'").fetchone() == (b"\x01",)
-    assert migrate(conn, (*MIGRATIONS, V2, V3)) == 3  # nothing left to do
+    assert migrate(conn, (*V1, V2, V3)) == 3  # nothing left to do
     conn.close()
 
 
@@ -156,7 +159,7 @@ def test_failing_step_is_rolled_back_and_earlier_steps_kept(tmp_path: Path) -> N
     )
     conn = _connect(tmp_path / "broken.db")
     with pytest.raises(MigrationError, match=r"version 3 \(broken\)"):
-        migrate(conn, (*MIGRATIONS, V2, broken))
+        migrate(conn, (*V1, V2, broken))
     assert schema_version(conn) == 2
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
     assert not conn.in_transaction
@@ -171,7 +174,7 @@ def test_python_step_exception_rolls_back(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="data migration failed"):
         migrate(
             conn,
-            (*MIGRATIONS, Migration(version=2, description="x", statements=("CREATE TABLE t (x)",), apply=explode)),
+            (*V1, Migration(version=2, description="x", statements=("CREATE TABLE t (x)",), apply=explode)),
         )
     assert schema_version(conn) == 1
     conn.close()
@@ -179,14 +182,14 @@ def test_python_step_exception_rolls_back(tmp_path: Path) -> None:
 
 async def test_open_database_applies_given_migrations(tmp_path: Path) -> None:
     path = tmp_path / "up.db"
-    async with open_database(path) as db:
+    async with open_database(path, migrations=V1) as db:
         assert db.schema_version == 1
-    async with open_database(path, migrations=(*MIGRATIONS, V2)) as db:
+    async with open_database(path, migrations=(*V1, V2)) as db:
         assert db.schema_version == 2
         assert await db.read(lambda c: [r[1] for r in c.execute("PRAGMA table_info(contacts)")][-1]) == "note"
     # The older code now refuses the file.
     with pytest.raises(SchemaTooNewError):
-        async with open_database(path):
+        async with open_database(path, migrations=V1):
             pass
 
 
@@ -195,8 +198,8 @@ async def test_open_database_applies_given_migrations(tmp_path: Path) -> None:
     [
         (),
         (V2,),
-        (*MIGRATIONS, V3),
-        (*MIGRATIONS, V2, V2),
+        (*V1, V3),
+        (*V1, V2, V2),
     ],
     ids=["empty", "starts-at-2", "gap", "duplicate"],
 )
@@ -228,4 +231,50 @@ def test_schema_checks_back_the_repository_limits(tmp_path: Path) -> None:
     for statement in bad_statements:
         with pytest.raises(sqlite3.IntegrityError):
             conn.execute(statement)
+    conn.close()
+
+
+def _v1_database(path: Path) -> None:
+    """A schema-v1 file as the previous release left it: two pending outbound messages (with their envelopes in
+    the outbox, one already attempted) and one delivered."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrate(conn, MIGRATIONS[:1]) == 1
+        bob = b"\x02" * 38
+        for n, status in ((1, "sent"), (2, "queued"), (3, "delivered")):
+            conn.execute(
+                "INSERT INTO messages (seq, message_id, conversation, direction, sender, text, sent_at, stored_at,"
+                " status, status_at, is_request) VALUES (?, ?, ?, 'out', ?, ?, ?, ?, ?, ?, 0)",
+                (n, bytes([n]) * 16, bob, b"\x01" * 38, f"text {n}", T0 + n, T0 + n, status, T0 + n),
+            )
+            if status != "delivered":
+                conn.execute(
+                    "INSERT INTO outbox (seq, message_id, recipient, envelope, attempts, next_attempt_at, last_error,"
+                    " enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (n, bytes([n]) * 16, bob, b"\xee" * 1300, 2 - n, T0 + 100 * n, "refused" if n == 1 else None, T0),
+                )
+    finally:
+        conn.close()
+
+
+async def test_v1_to_v2_keeps_pending_messages_and_drops_the_envelope_copies(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    _v1_database(path)
+    async with open_database(path) as db:
+        assert db.schema_version == 2
+        due = await db.read(lambda c: repo.due(c, now=T0 + 1000))
+        columns = await db.read(lambda c: [r[1] for r in c.execute("PRAGMA table_info(outbox)")])
+        delivered = await db.read(lambda c: repo.get_message(c, b"\x03" * 16))
+    assert columns == ["seq", "recipient", "attempts", "next_attempt_at", "last_error", "enqueued_at"]
+    assert [(e.seq, e.message_id, e.text, e.sent_at, e.attempts, e.next_attempt_at, e.last_error) for e in due] == [
+        (1, b"\x01" * 16, "text 1", T0 + 1, 1, T0 + 100, "refused"),
+        (2, b"\x02" * 16, "text 2", T0 + 2, 0, T0 + 200, None),
+    ]
+    assert delivered is not None and delivered.text == "text 3"
+    assert _schema(path) == (2, APPLICATION_ID, EXPECTED_TABLES, EXPECTED_INDEXES)
+    # The rebuilt outbox still belongs to its messages: deleting a message removes its row.
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("DELETE FROM messages WHERE seq = 1")
+        assert [r[0] for r in conn.execute("SELECT seq FROM outbox")] == [2]
     conn.close()

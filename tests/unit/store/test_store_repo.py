@@ -66,9 +66,7 @@ def conn() -> Iterator[sqlite3.Connection]:
 
 
 def send(conn: sqlite3.Connection, n: int, *, to: bytes = BOB, sent_at: int = T0, text: str = "hi") -> None:
-    repo.enqueue(
-        conn, message_id=mid(n), recipient=to, sender=ME, text=text, sent_at=sent_at, envelope=b"E%d" % n, now=sent_at
-    )
+    repo.enqueue(conn, message_id=mid(n), recipient=to, sender=ME, text=text, sent_at=sent_at, now=sent_at)
 
 
 # --------------------------------------------------------------------------------------------------- settings
@@ -336,9 +334,7 @@ def test_accepting_keeps_an_existing_contact(conn: sqlite3.Connection) -> None:
 
 
 def test_enqueue_creates_message_and_due_outbox_row(conn: sqlite3.Connection) -> None:
-    stored = repo.enqueue(
-        conn, message_id=mid(1), recipient=BOB, sender=ME, text="hi", sent_at=T0, envelope=b"sealed", now=T0 + 1
-    )
+    stored = repo.enqueue(conn, message_id=mid(1), recipient=BOB, sender=ME, text="hi", sent_at=T0, now=T0 + 1)
     assert (stored.status, stored.direction, stored.conversation, stored.sender) == (
         MessageStatus.QUEUED,
         Direction.OUT,
@@ -348,10 +344,11 @@ def test_enqueue_creates_message_and_due_outbox_row(conn: sqlite3.Connection) ->
     assert repo.get_message(conn, mid(1)) == stored
     assert repo.due(conn, now=T0) == []
     (entry,) = repo.due(conn, now=T0 + 1)
-    assert (entry.message_id, entry.recipient, entry.envelope, entry.attempts, entry.seq) == (
+    assert (entry.message_id, entry.recipient, entry.text, entry.sent_at, entry.attempts, entry.seq) == (
         mid(1),
         BOB,
-        b"sealed",
+        "hi",
+        T0,
         0,
         stored.seq,
     )
@@ -555,7 +552,7 @@ def test_limits_are_validated(conn: sqlite3.Connection) -> None:
 
 
 def outgoing(n: int, *, to: bytes = BOB) -> OutgoingMessage:
-    return OutgoingMessage(message_id=mid(n), recipient=to, sender=ME, text=f"t{n}", sent_at=T0 + n, envelope=b"E")
+    return OutgoingMessage(message_id=mid(n), recipient=to, sender=ME, text=f"t{n}", sent_at=T0 + n)
 
 
 def test_enqueue_many_stores_messages_and_outbox_rows_in_order(conn: sqlite3.Connection) -> None:
@@ -625,7 +622,7 @@ def test_batch_status_updates_match_the_single_ones(ops: list[tuple[str, list[in
     # enqueue_many used its own texts/timestamps; align the rows that the comparison looks at.
     batch.execute("UPDATE messages SET text = 'hi', sent_at = ?, stored_at = ?, status_at = ?", (T0, T0, T0))
     single.execute("UPDATE messages SET sent_at = ?, stored_at = ?, status_at = ?", (T0, T0, T0))
-    single.execute("UPDATE outbox SET next_attempt_at = ?, enqueued_at = ?, envelope = x'45'", (T0, T0))
+    single.execute("UPDATE outbox SET next_attempt_at = ?, enqueued_at = ?", (T0, T0))
     for step, (op, numbers) in enumerate(ops):
         now = T0 + 10 * (step + 1)
         ids = [mid(n) for n in numbers]
