@@ -490,9 +490,11 @@ class EnvelopeSealer:
     ) -> SealedEnvelope:
         """Seal a text message to ``recipient`` with sender timestamp ``ts`` (ms).
 
-        ``message_id`` and ``nonce`` default to fresh random values; pass them only for known-answer tests (a nonce
-        must never be reused with the same pair of keys).  Raises :class:`LocalProtocolError` (for example
-        :class:`~p2pmsg.wire.codec.CodecEncodeError` for a text over :data:`MAX_TEXT_BYTES`).
+        ``message_id`` and ``nonce`` default to fresh random values.  The chat service passes ``message_id`` when it
+        seals a stored message again for another attempt (the store keeps the text, not the envelope); pass
+        ``nonce`` only for known-answer tests (a nonce must never be reused with the same pair of keys).  Raises
+        :class:`LocalProtocolError` (for example :class:`~p2pmsg.wire.codec.CodecEncodeError` for a text over
+        :data:`MAX_TEXT_BYTES`).
         """
         if message_id is None and nonce is None:  # one call to the system's RNG for both
             fresh = self._random(MESSAGE_ID_SIZE + NONCE_SIZE)
