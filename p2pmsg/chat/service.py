@@ -15,7 +15,11 @@ and removes them from the outbox.  A failed dial reschedules the recipient's due
 and jitter (``repo.reschedule``, capped).  When a session with a peer opens (either direction), or its peer record
 changes, all of that peer's entries are made due at once (``repo.expedite``) and the worker is woken: the backlog is
 flushed in send order.  Once a round has handed a session's whole backlog over, new messages to that peer go straight
-to the session (no worker round, no overtaking).  Delivery is at-least-once on the wire and exactly once in the store.
+to the session (no worker round, no overtaking), and they go *while* their enqueue transaction commits: the network
+and the recipient's commit overlap ours.  That is safe because the store's writer is FIFO (every write the wire
+causes, such as the ``delivered`` mark, commits after the enqueue), receipts for such messages are held back until
+the commit has been published, and ``send`` still returns only after the sync.  Delivery is at-least-once on the
+wire and exactly once in the store.
 
 **Reaching a peer.**  Addresses come from the peer's signed record cached in the store (verified again on every
 use), the address hints of the invite it was added with, and the DHT (:class:`PeerResolver`), asked when nothing
@@ -267,6 +271,8 @@ class _Queued:
     now: int
     ahead: bool = False
     """Enqueued with its resend time already set (a session was ready to take it): no ``mark_sent`` write."""
+    early: bool = False
+    """Handed to its session before the enqueue transaction committed (see :meth:`ChatService._enqueue`)."""
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -354,9 +360,13 @@ class ChatService:
         self._enqueue_open: _EnqueueRound | None = None
         self._enqueue_lock = trio.Lock()
         self._premarked: set[bytes] = set()
+        """Handed to a session with the resend time written at enqueue: the sender does not mark them sent."""
         self._outboxed = 0
         """Counts sends left to the outbox worker: a round that overlapped one must not declare a session in order."""
-        """Handed to a session with the resend time written at enqueue: the sender does not mark them sent."""
+        self._uncommitted: set[bytes] = set()
+        """Handed to a session while their enqueue transaction commits: their receipts wait for that commit."""
+        self._deferred_receipts: list[tuple[PeerId, bytes, str]] = []
+        """``(peer, id, status)`` of receipts that arrived for uncommitted ids, in arrival order."""
 
     # ------------------------------------------------------------------------------------------------- lifecycle
 
@@ -417,9 +427,19 @@ class ChatService:
             log.exception("chat: the event sink failed on a %s event", event.name)
 
     def _publish_receipt(self, peer: PeerId, ids: Sequence[bytes], status: str) -> None:
-        """One ``receipt`` event for a whole batch (nothing at all when nobody listens)."""
+        """One ``receipt`` event for a whole batch (nothing at all when nobody listens).
+
+        A receipt for a message whose enqueue transaction has not committed yet (it went to the wire during the
+        commit, see :meth:`_enqueue`) is held back until the ``message`` event of that commit has been published,
+        so subscribers always see ``message``, then ``sent``, then ``delivered``."""
         if self._events is None:
             return
+        uncommitted = self._uncommitted
+        if uncommitted and not uncommitted.isdisjoint(ids):
+            self._deferred_receipts.extend((peer, mid, status) for mid in ids if mid in uncommitted)
+            ids = [mid for mid in ids if mid not in uncommitted]
+            if not ids:
+                return
         self._publish(ev.ReceiptEvent(ids=tuple(mid.hex() for mid in ids), peer_id=self._text(peer), status=status))
 
     # ------------------------------------------------------------------------------------------------- outbox
@@ -1312,10 +1332,12 @@ class ChatService:
                             next_attempt_at=retry_at if ahead else None,
                         )
                     )
+                early = self._hand_over_early(items)
                 try:
                     await self._db.write(functools.partial(repo.enqueue_many, items=rows, now=now))
                 except BaseException as exc:
                     batch.error = exc
+                    self._withdraw_early(early)
                     raise
                 finally:
                     batch.done.set()
@@ -1324,16 +1346,79 @@ class ChatService:
                 await self._db.write(lambda c: [repo.expedite(c, p.to_bytes(), now=now) for p in stranded])
                 self._poke()
 
+    def _hand_over_early(self, items: list[_Queued]) -> list[_Queued]:
+        """Hand the round's entries whose session is ready to it *before* their enqueue transaction commits, so the
+        network and the recipient's commit overlap our own (about one sync less of latency); return them.
+
+        Safe because the store's writer is FIFO: every write caused by the wire (a ``delivered`` mark, a reschedule
+        when the session dies) is submitted after the enqueue and commits after it; receipts for them are held
+        back until the commit (:meth:`_publish_receipt`); the caller is still answered only after the sync.  If
+        the transaction fails the caller gets the error, and an envelope already written may still reach the
+        recipient (who then has a message this node did not keep)."""
+        early: list[_Queued] = []
+        limit = self.config.max_session_queue
+        for q in items:
+            if not q.ahead:
+                continue
+            session = self._best_session(q.peer)
+            if session is None or not session.in_order or len(session.pending) >= limit:
+                continue  # after the commit: stranded, made due for the outbox worker
+            mid = q.sealed.id
+            self._hand_over(session, mid, q.sealed.raw)
+            self._premarked.add(mid)
+            self._uncommitted.add(mid)
+            q.early = True
+            early.append(q)
+        return early
+
+    def _withdraw_early(self, early: list[_Queued]) -> None:
+        """The enqueue of ``early`` failed: take back what its sessions have not written yet, forget the rest."""
+        if not early:
+            return
+        ids = {q.sealed.id for q in early}
+        for q in early:
+            for session in self._sessions.get(q.peer, ()):
+                if session.pending.pop(q.sealed.id, None) is not None:
+                    session.held.discard(q.sealed.id)
+        self._premarked.difference_update(ids)
+        self._inflight.difference_update(ids)
+        self._uncommitted.difference_update(ids)
+        self._deferred_receipts = [r for r in self._deferred_receipts if r[1] not in ids]
+
+    def _release_receipts(self) -> None:
+        """Publish the receipts held back for ids that are committed now, in arrival order."""
+        held: list[tuple[PeerId, bytes, str]] = []
+        run: list[bytes] = []
+        key: tuple[PeerId, str] | None = None
+        for peer, mid, status in self._deferred_receipts:
+            if mid in self._uncommitted:
+                held.append((peer, mid, status))
+                continue
+            if key != (peer, status):
+                if run and key is not None:
+                    self._publish_receipt(key[0], run, key[1])
+                key, run = (peer, status), []
+            run.append(mid)
+        if run and key is not None:
+            self._publish_receipt(key[0], run, key[1])
+        self._deferred_receipts = held
+
     def _after_enqueue(self, items: list[_Queued]) -> set[PeerId]:
-        """Hand a committed round to the sessions (in send order) and publish its ``message`` events; return the
-        peers of entries enqueued with their resend time ahead that no session could take after all."""
+        """Hand a committed round to the sessions (in send order) and publish its ``message`` events, then the
+        receipts held back for it; return the peers of entries enqueued with their resend time ahead that no
+        session could take after all."""
         poke = False
         stranded: set[PeerId] = set()
         limit = self.config.max_session_queue
         own = self._text(self.identity.peer_id)
         for q in items:
-            session = self._best_session(q.peer)
-            if session is not None and session.in_order and len(session.pending) < limit:
+            if q.early:
+                self._uncommitted.discard(q.sealed.id)  # on the wire already, or in its session's queue
+            elif (
+                (session := self._best_session(q.peer)) is not None
+                and session.in_order
+                and len(session.pending) < limit
+            ):
                 self._hand_over(session, q.sealed.id, q.sealed.raw)  # the fast path: no outbox round needed
                 if q.ahead:
                     self._premarked.add(q.sealed.id)
@@ -1355,6 +1440,8 @@ class ChatService:
                         direction="out",
                     )
                 )
+        if self._deferred_receipts:
+            self._release_receipts()
         if poke:
             self._poke()
         return stranded

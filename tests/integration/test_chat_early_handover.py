@@ -1,0 +1,164 @@
+"""A message goes to the wire while its enqueue transaction commits (real sockets, real SQLite, two services).
+
+The sender's SQLite writer is held busy by a write that waits on a ``threading.Event``, so the enqueue of the next
+``send`` cannot commit: the recipient must still receive the message, ``send`` must not return before the commit,
+and the sender's subscribers must see ``message`` before ``sent`` before ``delivered``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+import p2pmsg.chat.service as chat_service
+from p2pmsg.chat.service import ChatConfig, ChatService
+from p2pmsg.identity import Identity
+from p2pmsg.net.listener import Listener
+from p2pmsg.store import repo
+from p2pmsg.store.db import Database, open_database
+from p2pmsg.store.errors import StoreWriteError
+from p2pmsg.wire.multiaddr import Multiaddr
+
+ALICE = Identity.from_seed(bytes([0xE1]) * 32)
+BOB = Identity.from_seed(bytes([0xE2]) * 32)
+LOCAL_TCP = Multiaddr.parse("/ip4/127.0.0.1/tcp/0")
+
+
+@pytest.fixture
+def home() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="p2pe-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class _Events:
+    """Records (event, fields) published by a service, and lets a test wait for a condition on them."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, dict[str, Any]]] = []
+        self.changed = trio.Event()
+
+    def __call__(self, event: str, /, **fields: Any) -> None:
+        self.seen.append((event, fields))
+        self.changed.set()
+
+    async def wait_for(self, condition: Callable[[], bool]) -> None:
+        with trio.fail_after(10):
+            while not condition():
+                self.changed = trio.Event()
+                await self.changed.wait()
+
+    def statuses(self, mid: str) -> list[str]:
+        """The order in which ``mid`` appeared: ``message`` then its receipt statuses."""
+        out = []
+        for event, fields in self.seen:
+            if event == "message" and fields["id"] == mid:
+                out.append("message")
+            elif event == "receipt" and mid in fields["ids"]:
+                out.append(fields["status"])
+        return out
+
+
+async def _ready_pair(
+    nursery: trio.Nursery, alice_db: Database, bob_db: Database, alice_events: _Events, bob_events: _Events
+) -> tuple[ChatService, ChatService]:
+    """Alice and Bob, contacts of each other, with a session from Alice to Bob that is in order."""
+    alice = ChatService(ALICE, alice_db, config=ChatConfig(), events=alice_events)
+    bob = ChatService(BOB, bob_db, config=ChatConfig(), events=bob_events)
+    bob_addrs = await nursery.start(Listener(BOB, bob.handle_inbound).run, [LOCAL_TCP])
+    await nursery.start(alice.run)
+    await nursery.start(bob.run)
+    await alice.add_contact(bob.invite(bob_addrs), "bob")
+    await bob.add_contact(str(ALICE.peer_id), "alice")
+    # The first message opens the session; the second one goes the fast path (session in order).
+    for text in ("hello", "again"):
+        mid = (await alice.send("bob", text))["id"]
+        await alice_events.wait_for(lambda m=mid: "delivered" in alice_events.statuses(m))  # type: ignore[misc]
+    return alice, bob
+
+
+async def _hold_writer(db: Database, release: threading.Event, holding: threading.Event) -> None:
+    def block(_: object) -> None:
+        holding.set()
+        release.wait(10)
+
+    await db.write(block)
+
+
+async def test_the_envelope_reaches_the_recipient_while_the_enqueue_commits(home: Path) -> None:
+    alice_events, bob_events = _Events(), _Events()
+    async with (
+        open_database(home / "alice.db") as alice_db,
+        open_database(home / "bob.db") as bob_db,
+        trio.open_nursery() as nursery,
+    ):
+        alice, _ = await _ready_pair(nursery, alice_db, bob_db, alice_events, bob_events)
+        release, holding = threading.Event(), threading.Event()
+        nursery.start_soon(_hold_writer, alice_db, release, holding)
+        with trio.fail_after(10):
+            while not holding.is_set():
+                await trio.sleep(0.001)
+        result: dict[str, Any] = {}
+
+        async def send() -> None:
+            result.update(await alice.send("bob", "while the writer is busy"))
+
+        before = len(alice_events.seen)
+        nursery.start_soon(send)
+        # Bob stores it although Alice's enqueue is still queued behind the held write.
+        await bob_events.wait_for(
+            lambda: any(e == "message" and f["text"] == "while the writer is busy" for e, f in bob_events.seen)
+        )
+        await trio.sleep(0.05)  # Bob's receipt comes back meanwhile: it must wait for Alice's commit
+        assert result == {}, "send returned before its enqueue transaction committed"
+        assert alice_events.seen[before:] == [], "an event was published before the enqueue committed"
+        release.set()
+        with trio.fail_after(10):
+            while not result:
+                await trio.sleep(0.001)
+        mid = result["id"]
+        await alice_events.wait_for(lambda: "delivered" in alice_events.statuses(mid))
+        assert alice_events.statuses(mid) == ["message", "sent", "delivered"]
+        stored = await alice_db.read(lambda c: repo.get_message(c, bytes.fromhex(mid)))
+        assert stored is not None and stored.status.value == "delivered"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_enqueue_withdraws_what_was_not_written_and_publishes_nothing(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that fails (a full disk, here a fault injected into the enqueue function, which no test can cause
+    for real on demand) answers the caller with the error, and no event or receipt of that message is published."""
+    alice_events, bob_events = _Events(), _Events()
+    async with (
+        open_database(home / "alice.db") as alice_db,
+        open_database(home / "bob.db") as bob_db,
+        trio.open_nursery() as nursery,
+    ):
+        alice, _ = await _ready_pair(nursery, alice_db, bob_db, alice_events, bob_events)
+
+        def failing_enqueue(*_: object, **__: object) -> list[int]:
+            raise StoreWriteError("database or disk is full")
+
+        monkeypatch.setattr(chat_service.repo, "enqueue_many", failing_enqueue)
+        before = len(alice_events.seen)
+        with pytest.raises(StoreWriteError):
+            await alice.send("bob", "never stored")
+        monkeypatch.undo()
+        await trio.sleep(0.1)  # any receipt from Bob for the written envelope arrives meanwhile
+        assert alice_events.seen[before:] == []
+        assert not alice._uncommitted and not alice._deferred_receipts and not alice._premarked
+        # The session still works and nothing is stuck in flight.
+        mid = (await alice.send("bob", "after the failure"))["id"]
+        await alice_events.wait_for(lambda: "delivered" in alice_events.statuses(mid))
+        assert not alice._inflight
+        nursery.cancel_scope.cancel()
