@@ -156,6 +156,19 @@ _V2_STATEMENTS: Final = (
     "CREATE INDEX outbox_by_recipient ON outbox (recipient)",
 )
 
+# v3: the status of an outgoing message is derived.  Delivery only deletes the outbox row; it no longer rewrites the
+# message row (whose page holds the whole text) with status 'delivered'.  An outgoing row whose stored status is
+# 'queued' or 'sent' and that has no outbox row reads as 'delivered'; 'failed' and a v2 'delivered' stay stored.  The
+# DDL does not change: the step is a version bump, so that code knowing only v2 (which would show such a row as
+# queued forever) refuses the file.  Its one statement guards the new rule: a v2 file never holds a queued or sent row
+# without an outbox row (v2 deleted the row only together with writing 'delivered' or 'failed'), but if one exists it
+# never got a receipt, so it becomes 'failed' (status_at unchanged) rather than suddenly reading as delivered.
+_V3_STATEMENTS: Final = (
+    """UPDATE messages SET status = 'failed'
+        WHERE direction = 'out' AND status IN ('queued', 'sent')
+        AND NOT EXISTS (SELECT 1 FROM outbox WHERE outbox.seq = messages.seq)""",
+)
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(
         version=1,
@@ -166,6 +179,11 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         version=2,
         description="outbox without the sealed envelope: the text is stored once and sealed again on each send",
         statements=_V2_STATEMENTS,
+    ),
+    Migration(
+        version=3,
+        description="derived delivery: a queued or sent message without an outbox row is delivered",
+        statements=_V3_STATEMENTS,
     ),
 )
 """Every schema step, oldest first; ``MIGRATIONS[i].version == i + 1``."""

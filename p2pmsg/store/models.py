@@ -24,8 +24,9 @@ An outbound message moves through :class:`MessageStatus` as allowed by the one t
        `----> failed -----'        (a receipt for a message we gave up on still proves delivery)
 
 ``delivered`` and ``failed`` remove the outbox row (a failed message is not retried; the user sends it again as a
-new message).  Incoming messages are always ``received``.  A transition that is not in the table is refused by the
-repository.
+new message).  Since schema v3 ``delivered`` is usually not stored: a message whose stored status is ``queued`` or
+``sent`` and that has no outbox row reads as ``delivered`` (see :mod:`p2pmsg.store.repo`).  Incoming messages are
+always ``received``.  A transition that is not in the table is refused by the repository.
 """
 
 from __future__ import annotations
@@ -179,8 +180,10 @@ class StoredMessage:
     stored_at: int
     """When this node stored the message (ms)."""
     status: MessageStatus
+    """The derived status (schema v3): ``delivered`` for an outgoing message without an outbox row."""
     status_at: int
-    """When ``status`` last changed (ms)."""
+    """When the stored status last changed (ms); for a message delivered by deleting its outbox row, when it was
+    queued or marked sent (the delivery time is not kept)."""
     is_request: bool
     """True while the message belongs to a message request from a stranger (kept out of the inbox)."""
 

@@ -20,6 +20,13 @@ dataclasses.  Outbound status changes follow :data:`~p2pmsg.store.models.STATUS_
 does not allow is a no-op that returns ``False`` (receipts may be duplicated, reordered or forged, so a refused change
 is not an error).
 
+Derived delivery (schema v3): delivering a message deletes its outbox row and leaves its ``messages`` row alone, so
+an outgoing row whose stored ``status`` is ``queued`` or ``sent`` and that has no outbox row *is* ``delivered``.
+Every function here that returns or checks a status uses that derived value (:data:`_STATUS`, a ``LEFT JOIN
+outbox`` on ``seq``); ``failed`` (and a ``delivered`` written by schema v2 or by a receipt for a failed message) is
+stored as such.  For a derived-delivered message ``status_at`` stays the time of its last stored status (when it was
+queued or marked sent): the delivery time is not kept.
+
 Exactly once in the store: ``messages.message_id`` is unique.  :func:`insert_incoming` returns ``False`` for an id
 already stored (the sender retried because our receipt was lost: acknowledge it again, do not show it twice).
 """
@@ -397,6 +404,15 @@ _MESSAGE_COLUMNS: Final = (
     "seq, message_id, conversation, direction, sender, text, sent_at, stored_at, status, status_at, is_request"
 )
 
+_STATUS: Final = "CASE WHEN m.status IN ('queued', 'sent') AND o.seq IS NULL THEN 'delivered' ELSE m.status END"
+"""The derived status of the row ``m`` of ``messages`` joined with ``LEFT JOIN outbox AS o ON o.seq = m.seq``."""
+
+_MESSAGE_SELECT: Final = (
+    "SELECT m.seq, m.message_id, m.conversation, m.direction, m.sender, m.text, m.sent_at, m.stored_at, "
+    f"{_STATUS}, m.status_at, m.is_request FROM messages AS m LEFT JOIN outbox AS o ON o.seq = m.seq"
+)
+"""Every column of :class:`StoredMessage`, with the derived status; the conditions must name ``m.`` columns."""
+
 
 def _message(row: Any) -> StoredMessage:
     return StoredMessage(
@@ -614,9 +630,7 @@ def insert_incoming_many(conn: sqlite3.Connection, items: Sequence[IncomingMessa
 
 def get_message(conn: sqlite3.Connection, message_id: bytes) -> StoredMessage | None:
     """Return the message with this id, or ``None``."""
-    row = conn.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE message_id = ?", (_message_id(message_id),)
-    ).fetchone()
+    row = conn.execute(f"{_MESSAGE_SELECT} WHERE m.message_id = ?", (_message_id(message_id),)).fetchone()
     return None if row is None else _message(row)
 
 
@@ -632,7 +646,7 @@ def history(
     count = _limit(limit)
     if before is None:
         rows = conn.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation = ? ORDER BY sent_at DESC, seq DESC LIMIT ?",
+            f"{_MESSAGE_SELECT} WHERE m.conversation = ? ORDER BY m.sent_at DESC, m.seq DESC LIMIT ?",
             (conv, count),
         ).fetchall()
     else:
@@ -641,8 +655,8 @@ def history(
         sent = _timestamp("before.sent_at", before.sent_at)
         seq = _int("before.seq", before.seq, low=0, high=MAX_TIMESTAMP)
         rows = conn.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE conversation = ? AND (sent_at, seq) < (?, ?) "
-            "ORDER BY sent_at DESC, seq DESC LIMIT ?",
+            f"{_MESSAGE_SELECT} WHERE m.conversation = ? AND (m.sent_at, m.seq) < (?, ?) "
+            "ORDER BY m.sent_at DESC, m.seq DESC LIMIT ?",
             (conv, sent, seq, count),
         ).fetchall()
     rows.reverse()
@@ -657,15 +671,14 @@ def inbox(conn: sqlite3.Connection, *, limit: int = 50, before_seq: int | None =
     count = _limit(limit)
     if before_seq is None:
         rows = conn.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE direction = 'in' AND is_request = 0 "
-            "ORDER BY seq DESC LIMIT ?",
+            f"{_MESSAGE_SELECT} WHERE m.direction = 'in' AND m.is_request = 0 ORDER BY m.seq DESC LIMIT ?",
             (count,),
         ).fetchall()
     else:
         seq = _int("before_seq", before_seq, low=0, high=MAX_TIMESTAMP)
         rows = conn.execute(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE direction = 'in' AND is_request = 0 AND seq < ? "
-            "ORDER BY seq DESC LIMIT ?",
+            f"{_MESSAGE_SELECT} WHERE m.direction = 'in' AND m.is_request = 0 AND m.seq < ? "
+            "ORDER BY m.seq DESC LIMIT ?",
             (seq, count),
         ).fetchall()
     return [_message(row) for row in rows]
@@ -778,16 +791,33 @@ def _outbox(row: Any) -> OutboxEntry:
 
 
 def _outbound_status(conn: sqlite3.Connection, mid: bytes) -> tuple[int, bytes, MessageStatus] | None:
+    """``(seq, conversation, derived status)`` of the outgoing message *mid*, or ``None``."""
     row = conn.execute(
-        "SELECT seq, conversation, status FROM messages WHERE message_id = ? AND direction = 'out'", (mid,)
+        f"SELECT m.seq, m.conversation, {_STATUS} FROM messages AS m LEFT JOIN outbox AS o ON o.seq = m.seq "
+        "WHERE m.message_id = ? AND m.direction = 'out'",
+        (mid,),
     ).fetchone()
     return None if row is None else (row[0], bytes(row[1]), MessageStatus(row[2]))
 
 
 def _set_status(conn: sqlite3.Connection, seq: int, old: MessageStatus, new: MessageStatus, now: int) -> bool:
+    """Store *new* as the status of message *seq* whose (derived) status is *old*, if the table allows it."""
     if old is new or not can_transition(old, new):
         return False
     conn.execute("UPDATE messages SET status = ?, status_at = ? WHERE seq = ?", (new.value, now, seq))
+    return True
+
+
+def _deliver(conn: sqlite3.Connection, seq: int, old: MessageStatus, now: int) -> bool:
+    """Apply a receipt to message *seq* whose derived status is *old*; return whether it became delivered.
+
+    ``queued``/``sent`` (the outbox row exists): delete the outbox row and nothing else, the status is derived from
+    its absence.  ``failed`` (no outbox row): store ``delivered``.  Anything else: no change."""
+    if old is MessageStatus.DELIVERED or not can_transition(old, MessageStatus.DELIVERED):
+        return False
+    if old is MessageStatus.FAILED:
+        return _set_status(conn, seq, old, MessageStatus.DELIVERED, now)
+    conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
     return True
 
 
@@ -867,7 +897,8 @@ def mark_sent(conn: sqlite3.Connection, message_id: bytes, *, now: int, retry_at
 
 
 def mark_delivered(conn: sqlite3.Connection, message_id: bytes, *, recipient: bytes, now: int) -> bool:
-    """Apply a delivery receipt from *recipient*: status ``delivered`` and the outbox row removed.
+    """Apply a delivery receipt from *recipient*: the outbox row is removed, which makes the status ``delivered``
+    (the message row is not rewritten; a ``failed`` message gets ``delivered`` stored).
 
     Return ``False`` (changing nothing) for a duplicate receipt, an unknown id, or a receipt from a peer that is not
     the message's recipient (a peer cannot acknowledge messages sent to someone else).
@@ -879,10 +910,7 @@ def mark_delivered(conn: sqlite3.Connection, message_id: bytes, *, recipient: by
     if found is None or found[1] != peer:
         return False
     seq, _, status = found
-    changed = _set_status(conn, seq, status, MessageStatus.DELIVERED, now)
-    if changed:
-        conn.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
-    return changed
+    return _deliver(conn, seq, status, now)
 
 
 def _sources(new: MessageStatus) -> str:
@@ -922,19 +950,19 @@ def mark_delivered_many(conn: sqlite3.Connection, message_ids: Sequence[bytes], 
     peer = _peer_id("recipient", recipient)
     now = _timestamp("now", now)
     ids = _id_list(message_ids)
-    cursor = conn.executemany(
-        "UPDATE messages SET status = 'delivered', status_at = ? "
-        "WHERE message_id = ? AND conversation = ? AND direction = 'out' "
-        f"AND status IN {_sources(MessageStatus.DELIVERED)}",
-        [(now, m, peer) for m in ids],
-    )
-    delivered = cursor.rowcount
-    conn.executemany(
+    # Pending (derived queued/sent): deleting the outbox row is the delivery.
+    pending = conn.executemany(
         "DELETE FROM outbox WHERE seq = "
-        "(SELECT seq FROM messages WHERE message_id = ? AND conversation = ? AND status = 'delivered')",
+        "(SELECT seq FROM messages WHERE message_id = ? AND conversation = ? AND direction = 'out')",
         [(m, peer) for m in ids],
-    )
-    return int(delivered)
+    ).rowcount
+    # Failed (stored, no outbox row): a late receipt stores 'delivered'.
+    failed = conn.executemany(
+        "UPDATE messages SET status = 'delivered', status_at = ? "
+        "WHERE message_id = ? AND conversation = ? AND direction = 'out' AND status = 'failed'",
+        [(now, m, peer) for m in ids],
+    ).rowcount
+    return int(pending) + int(failed)
 
 
 _IN_SIZES: Final = (1, 8, 64, 512)
@@ -942,7 +970,7 @@ _IN_SIZES: Final = (1, 8, 64, 512)
 
 
 def _outbound_rows(conn: sqlite3.Connection, ids: list[bytes], peer: bytes) -> dict[bytes, tuple[int, str]]:
-    """``message_id -> (seq, status)`` of this conversation's outgoing messages among *ids*."""
+    """``message_id -> (seq, derived status)`` of this conversation's outgoing messages among *ids*."""
     found: dict[bytes, tuple[int, str]] = {}
     start = 0
     while start < len(ids):
@@ -951,8 +979,9 @@ def _outbound_rows(conn: sqlite3.Connection, ids: list[bytes], peer: bytes) -> d
         size = next(n for n in _IN_SIZES if n >= len(chunk))
         padded = chunk + [chunk[-1]] * (size - len(chunk))
         rows = conn.execute(
-            "SELECT seq, message_id, status FROM messages WHERE message_id IN "
-            f"({', '.join('?' * size)}) AND +conversation = ? AND +direction = 'out'",  # '+': use the id index only
+            f"SELECT m.seq, m.message_id, {_STATUS} FROM messages AS m LEFT JOIN outbox AS o ON o.seq = m.seq "
+            f"WHERE m.message_id IN ({', '.join('?' * size)}) AND +m.conversation = ? AND +m.direction = 'out'",
+            # '+': use the id index only
             (*padded, peer),
         )
         for seq, mid, status in rows:
@@ -964,7 +993,8 @@ def mark_delivered_ids(
     conn: sqlite3.Connection, message_ids: Sequence[bytes], *, recipient: bytes, now: int
 ) -> list[bytes]:
     """:func:`mark_delivered` for many receipts from *recipient*; return the ids that became delivered, in the
-    order given (an id repeated counts once).  One lookup per 512 ids, then updates by ``seq``."""
+    order given (an id repeated counts once).  One lookup per 512 ids, then outbox deletes by ``seq`` (and, for
+    failed messages only, a status update)."""
     peer = _peer_id("recipient", recipient)
     now = _timestamp("now", now)
     ids = _id_list(message_ids)
@@ -972,7 +1002,8 @@ def mark_delivered_ids(
         return []
     found = _outbound_rows(conn, ids, peer)
     delivered: list[bytes] = []
-    seqs: list[tuple[int, int]] = []
+    pending: list[tuple[int]] = []
+    failed: list[tuple[int, int]] = []
     for mid in ids:
         hit = found.pop(mid, None)
         if hit is None:
@@ -982,10 +1013,14 @@ def mark_delivered_ids(
         if old is MessageStatus.DELIVERED or not can_transition(old, MessageStatus.DELIVERED):
             continue
         delivered.append(mid)
-        seqs.append((now, seq))
-    if seqs:
-        conn.executemany("UPDATE messages SET status = 'delivered', status_at = ? WHERE seq = ?", seqs)
-        conn.executemany("DELETE FROM outbox WHERE seq = ?", [(seq,) for _, seq in seqs])
+        if old is MessageStatus.FAILED:
+            failed.append((now, seq))
+        else:
+            pending.append((seq,))
+    if pending:
+        conn.executemany("DELETE FROM outbox WHERE seq = ?", pending)
+    if failed:
+        conn.executemany("UPDATE messages SET status = 'delivered', status_at = ? WHERE seq = ?", failed)
     return delivered
 
 

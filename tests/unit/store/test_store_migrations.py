@@ -260,7 +260,7 @@ def _v1_database(path: Path) -> None:
 async def test_v1_to_v2_keeps_pending_messages_and_drops_the_envelope_copies(tmp_path: Path) -> None:
     path = tmp_path / "v1.db"
     _v1_database(path)
-    async with open_database(path) as db:
+    async with open_database(path, migrations=MIGRATIONS[:2]) as db:
         assert db.schema_version == 2
         due = await db.read(lambda c: repo.due(c, now=T0 + 1000))
         columns = await db.read(lambda c: [r[1] for r in c.execute("PRAGMA table_info(outbox)")])
@@ -278,3 +278,82 @@ async def test_v1_to_v2_keeps_pending_messages_and_drops_the_envelope_copies(tmp
         conn.execute("DELETE FROM messages WHERE seq = 1")
         assert [r[0] for r in conn.execute("SELECT seq FROM outbox")] == [2]
     conn.close()
+
+
+def _v2_database(path: Path) -> None:
+    """A schema-v2 file as the previous release left it (4096-byte pages, WAL): outgoing messages pending (queued,
+    sent), delivered and failed, incoming ones (one a request), and one queued row without an outbox row (which v2
+    never wrote)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA page_size = 4096")
+        assert conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal"
+        assert migrate(conn, MIGRATIONS[:2]) == 2
+        bob = b"\x02" * 38
+        rows = ((1, "out", "sent", 0), (2, "out", "queued", 0), (3, "out", "delivered", 0), (4, "out", "failed", 0))
+        rows += ((5, "in", "received", 0), (6, "in", "received", 1), (7, "out", "queued", 0))
+        for n, direction, status, request in rows:
+            conn.execute(
+                "INSERT INTO messages (seq, message_id, conversation, direction, sender, text, sent_at, stored_at,"
+                " status, status_at, is_request) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (n, bytes([n]) * 16, bob, direction, bob if direction == "in" else b"\x01" * 38, f"text {n}",
+                 T0 + n, T0 + n, status, T0 + 10 * n, request),
+            )  # fmt: skip
+            if n in (1, 2):
+                conn.execute(
+                    "INSERT INTO outbox (seq, recipient, attempts, next_attempt_at, last_error, enqueued_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (n, bob, 2 - n, T0 + 100 * n, "refused" if n == 1 else None, T0),
+                )
+        conn.execute("INSERT INTO message_requests VALUES (?, ?, ?, 1)", (bob, T0, T0))
+    finally:
+        conn.close()
+
+
+async def test_v2_to_v3_keeps_every_row_status_and_page_size(tmp_path: Path) -> None:
+    path = tmp_path / "v2.db"
+    _v2_database(path)
+    with sqlite3.connect(path) as conn:
+        before = conn.execute("SELECT * FROM messages ORDER BY seq").fetchall()
+        outbox = conn.execute("SELECT * FROM outbox ORDER BY seq").fetchall()
+    conn.close()
+    async with open_database(path) as db:
+        assert db.schema_version == 3
+        messages = await db.read(lambda c: [repo.get_message(c, bytes([n]) * 16) for n in range(1, 8)])
+        history = await db.read(lambda c: repo.history(c, b"\x02" * 38))
+        due = await db.read(lambda c: repo.due(c, now=T0 + 1000))
+        page_size = await db.read(lambda c: c.execute("PRAGMA page_size").fetchone()[0])
+    assert page_size == 4096  # a WAL file keeps its page size
+    statuses = ["sent", "queued", "delivered", "failed", "received", "received", "failed"]
+    assert [(m.status.value, m.status_at) for m in messages if m is not None] == [
+        (s, T0 + 10 * n) for n, s in enumerate(statuses, 1)
+    ]
+    assert [m.seq for m in history] == [1, 2, 3, 4, 5, 6, 7]
+    assert [(e.seq, e.attempts, e.next_attempt_at, e.last_error) for e in due] == [
+        (1, 1, T0 + 100, "refused"),
+        (2, 0, T0 + 200, None),
+    ]
+    with sqlite3.connect(path) as conn:
+        after = conn.execute("SELECT * FROM messages ORDER BY seq").fetchall()
+        assert conn.execute("SELECT * FROM outbox ORDER BY seq").fetchall() == outbox
+    conn.close()
+    # Every row is kept unchanged except the queued one without an outbox row: it never got a receipt.
+    assert after[:6] == before[:6]
+    assert after[6] == (*before[6][:8], "failed", *before[6][9:])
+    assert _schema(path) == (3, APPLICATION_ID, EXPECTED_TABLES, EXPECTED_INDEXES)
+    # The previous release refuses the file rather than show delivered messages as queued.
+    with pytest.raises(SchemaTooNewError):
+        async with open_database(path, migrations=MIGRATIONS[:2]):
+            pass
+
+
+async def test_new_database_files_get_16_kib_pages(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    async with open_database(path) as db:
+        await db.write(lambda c: repo.add_contact(c, peer_id=b"\x01" * 38, name="bob", now=T0))
+        assert await db.read(lambda c: c.execute("PRAGMA page_size").fetchone()[0]) == 16384
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    assert int.from_bytes(path.read_bytes()[16:18], "big") == 16384  # the header field itself
