@@ -52,6 +52,7 @@ from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 
 __all__ = [
     "PASSPHRASE_ENV",
+    "PASSPHRASE_FILE_ENV",
     "CorruptKeyFileError",
     "Identity",
     "InvalidPeerIdError",
@@ -72,6 +73,7 @@ __all__ = [
     "encode_uvarint",
     "load_identity",
     "parse_public_key_protobuf",
+    "passphrase_from_environment",
     "public_key_protobuf",
     "read_uvarint",
     "resolve_passphrase",
@@ -524,6 +526,9 @@ class Identity:
 # the SecretBox tag) before the version is even looked at.
 
 PASSPHRASE_ENV: Final = "P2PMSG_PASSPHRASE"
+PASSPHRASE_FILE_ENV: Final = "P2PMSG_PASSPHRASE_FILE"
+"""Names a file holding the passphrase (e.g. a systemd credential), so it need not sit in the node's environment."""
+MAX_PASSPHRASE_FILE_SIZE: Final = 4096
 
 KEY_FILE_MAGIC: Final = b"P2PMSGKF"
 KEY_FILE_VERSION: Final = 1
@@ -759,19 +764,47 @@ def load_identity(path: StrPath, passphrase: str | None, *, allow_unencrypted: b
     return decode_key_file(data, passphrase, allow_unencrypted=allow_unencrypted, source=f"key file {name}")
 
 
+def passphrase_from_environment(env: Mapping[str, str] | None = None) -> str | None:
+    """The passphrase the environment supplies, or ``None``: ``$P2PMSG_PASSPHRASE`` if set (even empty), else the
+    contents of the file named by ``$P2PMSG_PASSPHRASE_FILE`` (one trailing newline removed; empty means "no
+    passphrase", like an empty ``$P2PMSG_PASSPHRASE``).  ``env`` defaults to ``os.environ``.
+
+    Raises :class:`PassphraseRequiredError` when the named file cannot be read, is larger than 4 KiB or is not
+    UTF-8, saying which file and why."""
+    environment = os.environ if env is None else env
+    value = environment.get(PASSPHRASE_ENV)
+    if value is not None:
+        return value
+    path = environment.get(PASSPHRASE_FILE_ENV)
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PASSPHRASE_FILE_SIZE + 1)
+    except OSError as exc:
+        raise PassphraseRequiredError(f"{PASSPHRASE_FILE_ENV}={path}: cannot read it ({exc.strerror})") from None
+    if len(data) > MAX_PASSPHRASE_FILE_SIZE:
+        raise PassphraseRequiredError(f"{PASSPHRASE_FILE_ENV}={path}: larger than {MAX_PASSPHRASE_FILE_SIZE} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PassphraseRequiredError(f"{PASSPHRASE_FILE_ENV}={path}: not UTF-8 text") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
 def resolve_passphrase(
     *,
     confirm: bool = False,
     env: Mapping[str, str] | None = None,
     prompt: Callable[[str], str] = getpass.getpass,
 ) -> str:
-    """The key-file passphrase: ``$P2PMSG_PASSPHRASE`` if set (even empty), else asked with ``prompt`` (getpass).
+    """The key-file passphrase: from the environment (:func:`passphrase_from_environment`) if it supplies one,
+    else asked with ``prompt`` (getpass).
 
     With ``confirm`` the prompt asks twice and :class:`PassphraseMismatchError` is raised if the answers differ.
     ``env`` defaults to ``os.environ``.  End of input at the prompt raises :class:`PassphraseRequiredError`.
     """
-    environment = os.environ if env is None else env
-    value = environment.get(PASSPHRASE_ENV)
+    value = passphrase_from_environment(env)
     if value is not None:
         return value
     try:
@@ -779,7 +812,9 @@ def resolve_passphrase(
         if confirm and prompt("Repeat passphrase: ") != first:
             raise PassphraseMismatchError("the two passphrases differ")
     except EOFError as exc:
-        raise PassphraseRequiredError(f"no passphrase: {PASSPHRASE_ENV} is not set and the input ended") from exc
+        raise PassphraseRequiredError(
+            f"no passphrase: neither {PASSPHRASE_ENV} nor {PASSPHRASE_FILE_ENV} is set and the input ended"
+        ) from exc
     return first
 
 

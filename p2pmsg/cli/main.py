@@ -55,13 +55,13 @@ from p2pmsg.control import (
 )
 from p2pmsg.errors import P2PMsgError
 from p2pmsg.identity import (
-    PASSPHRASE_ENV,
     Identity,
     KeyFileError,
     PassphraseRequiredError,
     UnencryptedKeyFileError,
     WrongPassphraseError,
     load_identity,
+    passphrase_from_environment,
     resolve_passphrase,
     save_identity,
 )
@@ -143,7 +143,7 @@ def human_error(exc: BaseException, *, home: Path) -> CliError | None:
     if isinstance(exc, WrongPassphraseError):
         return CliError(f"wrong passphrase for {home / IDENTITY_FILENAME}")
     if isinstance(exc, PassphraseRequiredError):
-        return CliError(f"{exc} (set $P2PMSG_PASSPHRASE or run in a terminal)")
+        return CliError(f"{exc} (set $P2PMSG_PASSPHRASE or $P2PMSG_PASSPHRASE_FILE, or run in a terminal)")
     if isinstance(exc, UnencryptedKeyFileError):
         return CliError(
             f"{home / IDENTITY_FILENAME} is not encrypted, so it is only loaded on request: if you made it with "
@@ -281,7 +281,8 @@ def init(
 ) -> None:
     """Create a home: a new identity (encrypted key file) and config.toml.
 
-    The passphrase is read from $P2PMSG_PASSPHRASE if set, else asked twice.  An existing identity is never
+    The passphrase is read from $P2PMSG_PASSPHRASE or the file named by $P2PMSG_PASSPHRASE_FILE if set, else asked
+    twice.  An existing identity is never
     overwritten.
     """
     home = state.home
@@ -324,10 +325,10 @@ def _prompt(text: str) -> str:
 
 
 def _load_identity(key_path: Path, *, no_passphrase: bool) -> Identity:
-    """Load the key file: unencrypted only if the user says so (``--no-passphrase`` or an empty
-    ``$P2PMSG_PASSPHRASE``: intent from outside the home, where a planted key file could not supply it); encrypted
-    with the passphrase from the environment or the prompt."""
-    allow_unencrypted = no_passphrase or os.environ.get(PASSPHRASE_ENV) == ""
+    """Load the key file: unencrypted only if the user says so (``--no-passphrase``, an empty
+    ``$P2PMSG_PASSPHRASE`` or an empty passphrase file: intent from outside the home, where a planted key file could
+    not supply it); encrypted with the passphrase from the environment or the prompt."""
+    allow_unencrypted = no_passphrase or passphrase_from_environment() == ""
     try:
         return load_identity(key_path, None, allow_unencrypted=allow_unencrypted)
     except PassphraseRequiredError:

@@ -134,6 +134,26 @@ def test_run_loads_an_unencrypted_key_only_on_request(home: Path, monkeypatch: p
     )
 
 
+def test_run_takes_the_passphrase_from_a_file(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Identity] = []
+    node = types.ModuleType("p2pmsg.node")
+    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    assert run_cli(home, "init", passphrase="from a file").exit_code == 0
+    secret = home.parent / "passphrase"
+    secret.write_text("from a file\n")
+    env: dict[str, str | None] = {"P2PMSG_PASSPHRASE": None, "P2PMSG_PASSPHRASE_FILE": str(secret)}
+    result = CliRunner().invoke(cli, ["--home", str(home), "run"], env=env, input="")
+    assert result.exit_code == 0, result.output
+    assert calls == [load_identity(home / IDENTITY_FILENAME, "from a file")]
+    secret.write_text("wrong\n")
+    wrong = CliRunner().invoke(cli, ["--home", str(home), "run"], env=env, input="")
+    assert wrong.exit_code == 1 and "wrong passphrase" in wrong.output
+    env["P2PMSG_PASSPHRASE_FILE"] = str(home.parent / "missing")
+    missing = CliRunner().invoke(cli, ["--home", str(home), "run"], env=env, input="")
+    assert missing.exit_code == 1 and "P2PMSG_PASSPHRASE_FILE" in missing.output and "cannot read" in missing.output
+
+
 def test_run_with_a_wrong_passphrase(home: Path) -> None:
     assert run_cli(home, "init", passphrase="right").exit_code == 0
     result = run_cli(home, "run", passphrase="wrong")

@@ -18,6 +18,7 @@ from p2pmsg.identity import (
     MAX_MEMLIMIT,
     MAX_OPSLIMIT,
     PASSPHRASE_ENV,
+    PASSPHRASE_FILE_ENV,
     CorruptKeyFileError,
     Identity,
     KeyFileError,
@@ -29,6 +30,7 @@ from p2pmsg.identity import (
     decode_key_file,
     encode_key_file,
     load_identity,
+    passphrase_from_environment,
     resolve_passphrase,
     save_identity,
 )
@@ -450,6 +452,35 @@ def test_passphrase_confirmation_mismatch() -> None:
 def test_passphrase_end_of_input() -> None:
     with pytest.raises(PassphraseRequiredError, match=PASSPHRASE_ENV):
         resolve_passphrase(env={}, prompt=Prompts())
+
+
+def test_passphrase_from_a_file(tmp_path: Path) -> None:
+    """``$P2PMSG_PASSPHRASE_FILE`` (e.g. a systemd credential) keeps the passphrase out of the node's environment."""
+    secret = tmp_path / "passphrase"
+    secret.write_bytes("s\u00e9cret with spaces \n".encode())
+    prompts = Prompts()
+    env = {PASSPHRASE_FILE_ENV: str(secret)}
+    assert resolve_passphrase(env=env, prompt=prompts) == "s\u00e9cret with spaces "  # one trailing newline removed
+    assert prompts.asked == []
+    # $P2PMSG_PASSPHRASE wins over the file; an empty file means "no passphrase" like an empty variable.
+    assert passphrase_from_environment({**env, PASSPHRASE_ENV: "direct"}) == "direct"
+    secret.write_bytes(b"")
+    assert passphrase_from_environment(env) == ""
+    assert passphrase_from_environment({}) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(None, "cannot read it"), (b"x" * 4097, "larger than 4096 bytes"), (b"\xff\xfe", "not UTF-8")],
+    ids=["missing", "too-large", "not-utf8"],
+)
+def test_passphrase_file_that_cannot_be_used(tmp_path: Path, content: bytes | None, reason: str) -> None:
+    secret = tmp_path / "passphrase"
+    if content is not None:
+        secret.write_bytes(content)
+    with pytest.raises(PassphraseRequiredError, match=reason) as caught:
+        resolve_passphrase(env={PASSPHRASE_FILE_ENV: str(secret)}, prompt=Prompts("never asked"))
+    assert str(secret) in str(caught.value)
 
 
 # --- the worked examples of docs/protocol.md (section 1) ----------------------------------------------------------
