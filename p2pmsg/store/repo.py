@@ -182,6 +182,23 @@ def _text(value: object) -> str:
     return value
 
 
+_SHORT_TEXT_CHARS: Final = MAX_TEXT_BYTES // 4
+"""A ``str`` of at most this many code points is at most :data:`MAX_TEXT_BYTES` bytes of UTF-8 (4 bytes per code
+point at most), so the batch functions skip encoding it; the one thing the encoding would still catch, a lone
+surrogate, SQLite's binding refuses (``UnicodeEncodeError``), which :func:`_unbindable_text` turns into the store's
+error."""
+
+
+def _unbindable_text(texts: Iterable[object]) -> StoreArgumentError:
+    """The :class:`StoreArgumentError` of the first text that :func:`_text` refuses (SQLite's binding refused one)."""
+    for text in texts:
+        try:
+            _text(text)
+        except StoreArgumentError as exc:
+            return exc
+    return StoreArgumentError("text", "not encodable as UTF-8")  # pragma: no cover - the binding refused one
+
+
 def _name(value: object) -> str:
     _utf8("name", value)
     assert isinstance(value, str)
@@ -536,52 +553,76 @@ def _max_seq(conn: sqlite3.Connection) -> int:
 def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, now: int) -> list[int]:
     """:func:`enqueue` for many messages at once (two ``executemany`` calls); return their ``seq`` in order.
 
-    All or nothing: on a duplicate id (stored already or twice in *items*) nothing of this call is kept and
-    :class:`DuplicateMessageError` is raised.  The throughput path for bursts of sends.
+    All or nothing: on a duplicate id (stored already or twice in *items*) or an invalid item nothing of this call is
+    kept and :class:`DuplicateMessageError` (or :class:`StoreArgumentError`) is raised.  The throughput path for
+    bursts of sends: each field is checked inline with exact type tests, and only a value that fails them goes
+    through the general validators (which convert or raise).
     """
     now = _timestamp("now", now)
     if len(items) > MAX_BATCH_ITEMS:
         raise StoreArgumentError("items", f"at most {MAX_BATCH_ITEMS} per call, got {len(items)}")
-    rows: list[tuple[bytes, bytes, bytes, str, int, int]] = []
-    seen: set[bytes] = set()
+    base = _max_seq(conn)
+    messages: list[tuple[int, bytes, bytes, bytes, str, int, int, int]] = []
+    outbox: list[tuple[int, bytes, int, int]] = []
+    seq = base
     for item in items:
         if not isinstance(item, OutgoingMessage):
             raise StoreArgumentError("items", f"expected OutgoingMessage items, got {type(item).__name__}")
-        mid = _message_id(item.message_id)
-        if mid in seen:
-            raise DuplicateMessageError(f"message id {mid.hex()} appears twice in one enqueue_many call")
-        seen.add(mid)
-        rows.append(
-            (
-                mid,
-                _peer_id("recipient", item.recipient),
-                _peer_id("sender", item.sender),
-                _text(item.text),
-                _timestamp("sent_at", item.sent_at),
-                now if item.next_attempt_at is None else _timestamp("next_attempt_at", item.next_attempt_at),
-            )
+        mid, peer, own, text, sent, due = (
+            item.message_id,
+            item.recipient,
+            item.sender,
+            item.text,
+            item.sent_at,
+            item.next_attempt_at,
         )
-    base = _max_seq(conn)
+        if type(mid) is not bytes or len(mid) != MESSAGE_ID_SIZE:
+            mid = _message_id(mid)
+        if type(peer) is not bytes or not 0 < len(peer) <= MAX_PEER_ID_SIZE:
+            peer = _peer_id("recipient", peer)
+        if type(own) is not bytes or not 0 < len(own) <= MAX_PEER_ID_SIZE:
+            own = _peer_id("sender", own)
+        if type(text) is not str or len(text) > _SHORT_TEXT_CHARS:
+            text = _text(text)
+        if type(sent) is not int or not 0 <= sent <= MAX_TIMESTAMP:
+            sent = _timestamp("sent_at", sent)
+        if due is None:
+            due = now
+        elif type(due) is not int or not 0 <= due <= MAX_TIMESTAMP:
+            due = _timestamp("next_attempt_at", due)
+        seq += 1
+        messages.append((seq, mid, peer, own, text, sent, now, now))
+        outbox.append((seq, peer, due, now))
     try:
         conn.executemany(
-            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, 'out', ?, ?, ?, ?, 'queued', ?, 0)",
-            [(base + i + 1, r[0], r[1], r[2], r[3], r[4], now, now) for i, r in enumerate(rows)],
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, 'out', ?, ?, ?, ?, 'queued', ?, 0)", messages
         )
-    except sqlite3.IntegrityError as exc:
+    except (sqlite3.IntegrityError, UnicodeEncodeError) as exc:
         conn.execute("DELETE FROM messages WHERE seq > ?", (base,))  # undo the part inserted before the failure
+        if isinstance(exc, UnicodeEncodeError):
+            raise _unbindable_text(row[4] for row in messages) from None
+        seen: set[bytes] = set()
+        for row in messages:
+            if row[1] in seen:
+                raise DuplicateMessageError(
+                    f"message id {row[1].hex()} appears twice in one enqueue_many call"
+                ) from None
+            seen.add(row[1])
         raise DuplicateMessageError(f"a message id of this batch is already stored ({exc})") from None
     conn.executemany(
         "INSERT INTO outbox (seq, recipient, attempts, next_attempt_at, last_error, enqueued_at)"
         " VALUES (?, ?, 0, ?, NULL, ?)",
-        [(base + i + 1, r[1], r[5], now) for i, r in enumerate(rows)],
+        outbox,
     )
-    return [base + i + 1 for i in range(len(rows))]
+    return list(range(base + 1, seq + 1))
 
 
 def insert_incoming_many(conn: sqlite3.Connection, items: Sequence[IncomingMessage], *, now: int) -> list[bool]:
     """:func:`insert_incoming` for many messages at once; return, per item, whether it was new.
 
-    An id already stored, or repeated within *items*, gives ``False`` (the first occurrence wins).
+    An id already stored, or repeated within *items*, gives ``False`` (the first occurrence wins).  An invalid item
+    raises :class:`StoreArgumentError` and nothing of this call is kept.  Fields are checked inline as in
+    :func:`enqueue_many`; when every row was inserted (the usual case) the result needs no read back.
     """
     now = _timestamp("now", now)
     if len(items) > MAX_BATCH_ITEMS:
@@ -590,41 +631,52 @@ def insert_incoming_many(conn: sqlite3.Connection, items: Sequence[IncomingMessa
     for item in items:
         if not isinstance(item, IncomingMessage):
             raise StoreArgumentError("items", f"expected IncomingMessage items, got {type(item).__name__}")
-        peer = _peer_id("sender", item.sender)
-        conv = peer if item.conversation is None else _peer_id("conversation", item.conversation)
-        rows.append(
-            (
-                _message_id(item.message_id),
-                conv,
-                peer,
-                _text(item.text),
-                _timestamp("sent_at", item.sent_at),
-                now,
-                now,
-                int(bool(item.is_request)),
-            )
-        )
+        mid, peer, conv, text, sent = item.message_id, item.sender, item.conversation, item.text, item.sent_at
+        if type(mid) is not bytes or len(mid) != MESSAGE_ID_SIZE:
+            mid = _message_id(mid)
+        if type(peer) is not bytes or not 0 < len(peer) <= MAX_PEER_ID_SIZE:
+            peer = _peer_id("sender", peer)
+        if conv is None:
+            conv = peer
+        elif type(conv) is not bytes or not 0 < len(conv) <= MAX_PEER_ID_SIZE:
+            conv = _peer_id("conversation", conv)
+        if type(text) is not str or len(text) > _SHORT_TEXT_CHARS:
+            text = _text(text)
+        if type(sent) is not int or not 0 <= sent <= MAX_TIMESTAMP:
+            sent = _timestamp("sent_at", sent)
+        rows.append((mid, conv, peer, text, sent, now, now, 1 if item.is_request else 0))
     base = _max_seq(conn)
-    conn.executemany(
-        f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (NULL, ?, ?, 'in', ?, ?, ?, ?, 'received', ?, ?) "
-        "ON CONFLICT (message_id) DO NOTHING",
-        rows,
-    )
-    # Single writer: the rows above base are exactly the ones this call inserted.
-    inserted = {bytes(r[0]) for r in conn.execute("SELECT message_id FROM messages WHERE seq > ?", (base,))}
-    result: list[bool] = []
-    for row in rows:
-        new = row[0] in inserted
-        if new:
-            inserted.discard(row[0])  # a repeat later in the batch is a duplicate
-            if row[7]:
-                conn.execute(
-                    "INSERT INTO message_requests (peer_id, first_at, last_at, message_count) VALUES (?, ?, ?, 1) "
-                    "ON CONFLICT (peer_id) DO UPDATE SET last_at = max(last_at, excluded.last_at), "
-                    "message_count = message_count + 1",
-                    (row[1], now, now),
-                )
-        result.append(new)
+    try:
+        inserted = conn.executemany(
+            f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (NULL, ?, ?, 'in', ?, ?, ?, ?, 'received', ?, ?) "
+            "ON CONFLICT (message_id) DO NOTHING",
+            rows,
+        ).rowcount
+    except UnicodeEncodeError:
+        conn.execute("DELETE FROM messages WHERE seq > ?", (base,))  # undo the part inserted before the failure
+        raise _unbindable_text(row[3] for row in rows) from None
+    if inserted == len(rows):  # no id was stored already or repeated: every item is new
+        result = [True] * len(rows)
+    else:
+        # Single writer: the rows above base are exactly the ones this call inserted.
+        fresh = {bytes(r[0]) for r in conn.execute("SELECT message_id FROM messages WHERE seq > ?", (base,))}
+        result = []
+        for row in rows:
+            new = row[0] in fresh
+            if new:
+                fresh.discard(row[0])  # a repeat later in the batch is a duplicate
+            result.append(new)
+    requests: dict[bytes, int] = {}
+    for row, new in zip(rows, result, strict=True):
+        if new and row[7]:
+            requests[row[1]] = requests.get(row[1], 0) + 1
+    for conv, count in requests.items():
+        conn.execute(
+            "INSERT INTO message_requests (peer_id, first_at, last_at, message_count) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (peer_id) DO UPDATE SET last_at = max(last_at, excluded.last_at), "
+            "message_count = message_count + excluded.message_count",
+            (conv, now, now, count),
+        )
     return result
 
 
