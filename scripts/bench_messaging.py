@@ -2,8 +2,9 @@
 """Benchmark: chat messaging between two real nodes (two processes, loopback, SQLite in temporary homes).
 
 Usage: ``python scripts/bench_messaging.py [--json] [--n N] [--repeat R] [--batch B] [--concurrency C]
-[--single-concurrency C1 | --no-single-send] [--idle M] [--load-seconds S] [--breakdown | --profile DIR]``
-(the homes go to ``$TMPDIR``, default ``/tmp``)
+[--single-concurrency C1 | --no-single-send] [--idle M] [--load-seconds S] [--pipe-n P] [--floor-n F]
+[--breakdown | --profile DIR]`` (the homes and the durable floor's database files go to ``$TMPDIR``, default
+``/tmp``)
 
 Both nodes are :func:`p2pmsg.node.run_node` with a real database in a temporary home.  This process runs the
 *sender* node and drives it in-process through :meth:`ChatService.send_many` and :meth:`ChatService.send` (the
@@ -47,6 +48,18 @@ the status ``delivered``.  Every latency below ends at that event (never at "sto
   SecretBox (random nonce) of msgpack ``{"id": 16 bytes, "body": 1 KiB}``, written in batches of 256 per
   ``send_all`` (``ceiling_unbatched_msgs_per_s``: one ``send_all`` per message); the child decrypts and unpacks
   each.  No database, no receipts: what two Python processes can move at all.  Run alternately with the node runs.
+* ``durable_floor_msgs_per_s`` (a *reference*, not a target): the ceiling pipe plus the durable work both nodes
+  must do per message, in straight-line code with one thread per process, F messages per run (``--floor-n``,
+  default half of ``--pipe-n``: 50,000).  The sender seals a batch of 256, inserts it into its own SQLite file
+  (``messages(seq, id UNIQUE, body)`` row + a ``pending(seq)`` row each, one transaction, committed and synced)
+  and only then writes it; the child, per batch of complete frames one read gave (at most 256), opens and unpacks
+  each, inserts them (``ON CONFLICT(id) DO NOTHING``, one synced transaction) and answers an ack frame (4-byte
+  length + the 16-byte ids); a second trio task of the sender deletes the acknowledged ``pending`` rows, one
+  unsynced (``synchronous=NORMAL``) transaction per ack frame.  Both files are new per run, set up like a new
+  node database (WAL, ``synchronous=FULL``, 16 KiB pages).  Wall time until every pending row is deleted; one run
+  right after each ceiling run (``durable_floor_msgs_per_s_runs``); ``durable_floor_sender_cpu_us`` /
+  ``durable_floor_receiver_cpu_us`` per message, ``durable_floor_cpu_bound_msgs_per_s`` as above.  What the
+  durable part costs by itself on this machine, next to the bare ceiling.
 
 ``--breakdown`` runs one bulk transfer (in the ``--batch`` / ``--concurrency`` mode), counting the store calls the
 sender's writer makes (items per ``enqueue_many``, ``mark_sent_many`` and ``mark_delivered_ids`` call), then times
@@ -71,6 +84,7 @@ import os
 import platform
 import pstats
 import signal
+import sqlite3
 import statistics
 import struct
 import subprocess
@@ -89,6 +103,7 @@ import trio
 from p2pmsg.cli.config import Config
 from p2pmsg.identity import Identity
 from p2pmsg.node import Node, run_node
+from p2pmsg.store.db import NEW_FILE_PAGE_SIZE
 
 SENDER = Identity.from_seed(bytes([0x5E]) * 32)
 RECEIVER = Identity.from_seed(bytes([0x4E]) * 32)
@@ -107,6 +122,7 @@ TARGETS = {
     "msgs_per_s_single_send": "",
     "ceiling_msgs_per_s": "(ceiling)",
     "ceiling_fraction": ">= 40 %",
+    "durable_floor_msgs_per_s": "(reference)",
     "latency_ms_p50": "<= 2 ms",
     "latency_ms_p99": "",
     "latency_ms_p99_loaded": "",
@@ -672,13 +688,191 @@ async def measure_pipe(total: int, batch: int) -> tuple[float, float, float]:
     return total / elapsed, sender_cpu / total * 1e6, sink_cpu / total * 1e6
 
 
+# ------------------------------------------------------------------------------------------------ the durable floor
+
+FLOOR_SCHEMA = "CREATE TABLE messages (seq INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE, body BLOB NOT NULL)"
+FLOOR_ID_SIZE = 16
+
+
+def open_floor_db(path: Path, *, pending: bool) -> sqlite3.Connection:
+    """A new SQLite file set up like a new node database (WAL, ``synchronous=FULL``, 16 KiB pages, the writer's cache
+    and checkpoint size) with the durable floor's ``messages`` table, and ``pending`` when ``pending``."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(f"PRAGMA page_size = {NEW_FILE_PAGE_SIZE}")  # before the first page is written
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise SystemExit(f"durable floor: SQLite refused WAL mode for {path} (got {mode})")
+    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute("PRAGMA cache_size = -16384")
+    conn.execute(f"PRAGMA wal_autocheckpoint = {32 * 1024 * 1024 // NEW_FILE_PAGE_SIZE}")
+    conn.execute(FLOOR_SCHEMA)
+    if pending:
+        conn.execute("CREATE TABLE pending (seq INTEGER PRIMARY KEY)")
+    return conn
+
+
+def _take_frames(buffer: bytearray, limit: int) -> tuple[list[bytes], int]:
+    """Up to ``limit`` complete length-prefixed frames from the start of ``buffer``, and the bytes they span."""
+    frames: list[bytes] = []
+    offset = 0
+    size = len(buffer)
+    while len(frames) < limit and size - offset >= 4:
+        (length,) = _LEN.unpack_from(buffer, offset)
+        end = offset + 4 + length
+        if end > size:
+            break
+        frames.append(bytes(buffer[offset + 4 : end]))
+        offset = end
+    return frames, offset
+
+
+async def run_floor_sink(total: int, home: Path) -> None:
+    """Child process of the durable floor: accept one connection; per batch of received frames (what one read gave,
+    at most 256), open and unpack each, insert them into ``home/sink.db`` in one synced transaction, then answer an
+    ack frame (4-byte length + the concatenated 16-byte ids).  Prints the port, and at the end the stored row count.
+    One thread."""
+    box = nacl.secret.SecretBox(PIPE_KEY)
+    conn = open_floor_db(home / "sink.db", pending=False)
+    insert = "INSERT INTO messages (id, body) VALUES (?, ?) ON CONFLICT(id) DO NOTHING"
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(listener.socket.getsockname()[1], flush=True)
+    stream = await listener.accept()
+    await listener.aclose()
+    buffer = bytearray()
+    count = 0
+    while count < total:
+        chunk = await stream.receive_some(256 * 1024)
+        if not chunk:
+            raise SystemExit(f"floor sink: stream ended after {count} of {total} messages")
+        buffer += chunk
+        while True:
+            frames, used = _take_frames(buffer, PIPE_BATCH)
+            if not frames:
+                break
+            del buffer[:used]
+            rows = []
+            for frame in frames:
+                message = msgpack.unpackb(box.decrypt(frame), raw=False)
+                if len(message["body"]) != TEXT_SIZE or len(message["id"]) != FLOOR_ID_SIZE:
+                    raise SystemExit("floor sink: bad message")
+                rows.append((message["id"], message["body"]))
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(insert, rows)
+            conn.execute("COMMIT")  # synchronous=FULL: synced before the ack leaves
+            ids = b"".join(mid for mid, _ in rows)
+            await stream.send_all(_LEN.pack(len(ids)) + ids)
+            count += len(rows)
+    stored = conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+    conn.close()
+    await stream.aclose()
+    print(stored, flush=True)
+
+
+async def measure_floor(total: int) -> tuple[float, float, float]:
+    """(messages/s, sender CPU us/msg, sink CPU us/msg) of the durable floor: the ceiling pipe's frames, plus what
+    every message must cost on disk at both ends, in one thread per process.
+
+    The sender seals a batch of 256, inserts it into its own database (``messages`` row + ``pending`` row each, one
+    synced transaction), then writes it; a second task on the same thread reads the sink's ack frames and deletes
+    the acknowledged ``pending`` rows, one unsynced (``synchronous=NORMAL``) transaction per ack frame.  Wall time
+    until every pending row is deleted.  Both database files live in a temporary directory next to the node homes.
+    """
+    with tempfile.TemporaryDirectory(prefix="p2pmsg-bench-floor-") as name:
+        home = Path(name)
+        child = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--role", "floor-sink", "--count", str(total), "--home", name],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        conn = open_floor_db(home / "sender.db", pending=True)
+        try:
+            assert child.stdout is not None
+            line = child.stdout.readline()
+            if not line.strip().isdigit():
+                raise SystemExit(f"floor sink did not report its port (got {line!r})")
+            stream = await trio.open_tcp_stream("127.0.0.1", int(line))
+            box = nacl.secret.SecretBox(PIPE_KEY)
+            body = b"x" * TEXT_SIZE
+            synchronous_full = True
+            deleted = 0
+            delete = "DELETE FROM pending WHERE seq = (SELECT seq FROM messages WHERE id = ?)"
+
+            def sync(full: bool) -> None:
+                nonlocal synchronous_full
+                if synchronous_full != full:
+                    conn.execute(f"PRAGMA synchronous = {'FULL' if full else 'NORMAL'}")
+                    synchronous_full = full
+
+            async def send() -> None:
+                seq = 0
+                while seq < total:
+                    frames = []
+                    rows = []
+                    for _ in range(min(PIPE_BATCH, total - seq)):
+                        seq += 1
+                        mid = os.urandom(FLOOR_ID_SIZE)
+                        sealed = box.encrypt(msgpack.packb({"id": mid, "body": body}, use_bin_type=True))
+                        frames.append(_LEN.pack(len(sealed)))
+                        frames.append(sealed)
+                        rows.append((seq, mid, body))
+                    sync(True)
+                    conn.execute("BEGIN IMMEDIATE")
+                    conn.executemany("INSERT INTO messages (seq, id, body) VALUES (?, ?, ?)", rows)
+                    conn.executemany("INSERT INTO pending (seq) VALUES (?)", [(row[0],) for row in rows])
+                    conn.execute("COMMIT")  # synced before the batch is written
+                    await stream.send_all(b"".join(frames))
+
+            async def read_acks() -> None:
+                nonlocal deleted
+                buffer = bytearray()
+                while deleted < total:
+                    chunk = await stream.receive_some(64 * 1024)
+                    if not chunk:
+                        raise SystemExit(f"floor sink closed after {deleted} of {total} acknowledgements")
+                    buffer += chunk
+                    while True:
+                        acks, used = _take_frames(buffer, 1)
+                        if not acks:
+                            break
+                        del buffer[:used]
+                        ids = acks[0]
+                        sync(False)
+                        conn.execute("BEGIN IMMEDIATE")
+                        cursor = conn.executemany(
+                            delete, [(ids[i : i + FLOOR_ID_SIZE],) for i in range(0, len(ids), FLOOR_ID_SIZE)]
+                        )
+                        conn.execute("COMMIT")
+                        deleted += cursor.rowcount
+
+            sink_before = _stat_cpu(f"/proc/{child.pid}/stat")
+            cpu_start = time.process_time()
+            start = time.perf_counter()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_acks)
+                nursery.start_soon(send)
+            elapsed = time.perf_counter() - start
+            sender_cpu = time.process_time() - cpu_start
+            sink_cpu = _stat_cpu(f"/proc/{child.pid}/stat") - sink_before
+            await stream.aclose()
+            left = conn.execute("SELECT count(*) FROM pending").fetchone()[0]
+            stored = child.stdout.readline().strip()
+            if deleted != total or left or stored != str(total):
+                raise SystemExit(f"durable floor: {deleted} acknowledged, {left} pending, sink stored {stored!r}")
+        finally:
+            conn.close()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+    return total / elapsed, sender_cpu / total * 1e6, sink_cpu / total * 1e6
+
+
 # ------------------------------------------------------------------------------------------------ the runs
 
 
 def sqlite_commit_latency(directory: Path, count: int) -> list[float]:
     """Seconds per commit of one 1 KiB row in a WAL database with ``synchronous=FULL`` (the disk's floor)."""
-    import sqlite3
-
     conn = sqlite3.connect(directory / "floor.db", isolation_level=None)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
@@ -733,11 +927,13 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 bulk_runs: list[dict[str, float]] = []
                 single_runs: list[dict[str, float]] = []
                 pipe_runs: list[tuple[float, float, float]] = []
+                floor_runs: list[tuple[float, float, float]] = []
                 unbatched_runs: list[float] = []
                 # Interleaved, so that every mode sees the same machine load.
                 for _ in range(args.repeat):
                     bulk_runs.append(await bench.bulk(args.n, args.batch, args.concurrency))
                     pipe_runs.append(await measure_pipe(args.pipe_n, PIPE_BATCH))
+                    floor_runs.append(await measure_floor(args.floor_n))
                     if separate_single:
                         single_runs.append(await bench.bulk(args.n, 1, args.single_concurrency))
                     unbatched_runs.append((await measure_pipe(args.pipe_n // 2, 1))[0])
@@ -770,10 +966,17 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     results["ceiling_receiver_cpu_us"] = statistics.median(run[2] for run in pipe_runs)
     results["ceiling_unbatched_msgs_per_s"] = statistics.median(unbatched_runs)
     results["ceiling_fraction"] = results["msgs_per_s"] / results["ceiling_msgs_per_s"]
+    results["durable_floor_msgs_per_s"] = statistics.median(run[0] for run in floor_runs)
+    results["durable_floor_msgs_per_s_runs"] = [round(run[0]) for run in floor_runs]
+    results["durable_floor_sender_cpu_us"] = statistics.median(run[1] for run in floor_runs)
+    results["durable_floor_receiver_cpu_us"] = statistics.median(run[2] for run in floor_runs)
     # What each side could sustain with a core of its own (its CPU per message): load-independent.
     results["cpu_bound_msgs_per_s"] = 1e6 / max(results["sender_cpu_us"], results["receiver_cpu_us"])
     results["ceiling_cpu_bound_msgs_per_s"] = 1e6 / max(
         results["ceiling_sender_cpu_us"], results["ceiling_receiver_cpu_us"]
+    )
+    results["durable_floor_cpu_bound_msgs_per_s"] = 1e6 / max(
+        results["durable_floor_sender_cpu_us"], results["durable_floor_receiver_cpu_us"]
     )
     with contextlib.suppress(OSError):
         results["loadavg_1min"] = os.getloadavg()[0]
@@ -789,6 +992,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         load_seconds=args.load_seconds,
         text_bytes=TEXT_SIZE,
         pipe_n=args.pipe_n,
+        floor_n=args.floor_n,
         python=platform.python_version(),
         cpus=os.cpu_count(),
     )
@@ -1272,6 +1476,7 @@ def print_table(results: dict[str, Any]) -> None:
         "msgs_per_s": bulk_mode(results["batch"], results["concurrency"]),
         "msgs_per_s_single_send": bulk_mode(1, results["single_send_concurrency"]),
         "latency_ms_p99_loaded": bulk_mode(1, results["single_send_concurrency"]) + ", probes by send",
+        "durable_floor_msgs_per_s": f"not a target: the bare pipe + SQLite at both ends, n={results['floor_n']}",
     }
     print(f"{'metric':<26}{'measured':>14}  {'target':<18}mode")
     for key, target in TARGETS.items():
@@ -1287,7 +1492,10 @@ def print_table(results: dict[str, Any]) -> None:
         else:
             shown = f"{value:.2f} ms"
         print(f"{key:<26}{shown:>14}  {target:<18}{modes.get(key, '')}".rstrip())
-    print(f"bulk runs (msg/s): {results['msgs_per_s_runs']}; ceiling runs: {results['ceiling_msgs_per_s_runs']}")
+    print(
+        f"bulk runs (msg/s): {results['msgs_per_s_runs']}; ceiling runs: {results['ceiling_msgs_per_s_runs']}; "
+        f"durable floor runs: {results['durable_floor_msgs_per_s_runs']}"
+    )
     print(
         f"CPU per message ({results['bulk_mode']}): sender {results['sender_cpu_us']:.0f} us "
         f"(trio {results['sender_main_cpu_us']:.0f}, "
@@ -1298,7 +1506,9 @@ def print_table(results: dict[str, Any]) -> None:
     print(
         f"  -> {results['cpu_bound_msgs_per_s']:,.0f} msg/s if each node had a core to itself; the bare pipe: "
         f"{results['ceiling_sender_cpu_us']:.1f} / {results['ceiling_receiver_cpu_us']:.1f} us -> "
-        f"{results['ceiling_cpu_bound_msgs_per_s']:,.0f} msg/s"
+        f"{results['ceiling_cpu_bound_msgs_per_s']:,.0f} msg/s; the durable floor: "
+        f"{results['durable_floor_sender_cpu_us']:.1f} / {results['durable_floor_receiver_cpu_us']:.1f} us -> "
+        f"{results['durable_floor_cpu_bound_msgs_per_s']:,.0f} msg/s"
     )
     if "sender_cpu_us_single_send" in results:
         print(
@@ -1370,10 +1580,11 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=256, help="undelivered messages under load (default 256)")
     parser.add_argument("--probe-interval", type=float, default=20.0, help="ms between probes (default 20)")
     parser.add_argument("--pipe-n", type=int, default=100_000, help="messages per ceiling run (default 100000)")
+    parser.add_argument("--floor-n", type=int, help="messages per durable floor run (default half of --pipe-n, 50000)")
     parser.add_argument("--profile", metavar="DIR", help="profile one bulk run instead; .prof files go to DIR")
     parser.add_argument("--breakdown", action="store_true", help="CPU per message of each piece of the hot path")
     parser.add_argument("--top", type=int, default=40, help="rows per profile listing (default 40)")
-    parser.add_argument("--role", choices=["receiver", "pipe-sink"], help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=["receiver", "pipe-sink", "floor-sink"], help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
     parser.add_argument("--contact", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
@@ -1385,7 +1596,12 @@ def main() -> None:
     if args.role == "pipe-sink":
         trio.run(run_pipe_sink, args.count)
         return
-    for name in ("n", "repeat", "concurrency", "single_concurrency", "batch", "idle", "window", "pipe_n"):
+    if args.role == "floor-sink":
+        trio.run(run_floor_sink, args.count, Path(args.home))
+        return
+    if args.floor_n is None:
+        args.floor_n = max(1, args.pipe_n // 2)
+    for name in ("n", "repeat", "concurrency", "single_concurrency", "batch", "idle", "window", "pipe_n", "floor_n"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be positive")
     if args.load_seconds <= 0 or args.probe_interval <= 0:
