@@ -1017,27 +1017,47 @@ def mark_delivered_many(conn: sqlite3.Connection, message_ids: Sequence[bytes], 
     return int(pending) + int(failed)
 
 
-_IN_SIZES: Final = (1, 8, 64, 512)
-"""``IN (...)`` list lengths used by :func:`mark_delivered_ids` (padded up, so SQLite caches four statements)."""
+_IN_SIZES: Final = (1, 8, 32, 128, 512)
+"""``IN (...)`` list lengths used by :func:`mark_delivered_ids` (padded up, so SQLite caches five statements)."""
+
+_DELIVER_BY_DELETE: Final = tuple(
+    old.value
+    for old in MessageStatus
+    if old is not MessageStatus.FAILED
+    and old is not MessageStatus.DELIVERED
+    and can_transition(old, MessageStatus.DELIVERED)
+)
+"""Derived statuses a receipt turns into ``delivered`` by deleting the outbox row (``queued``, ``sent``); a
+``failed`` message gets ``delivered`` stored (see :func:`_deliver`)."""
+
+_DELIVERABLE_SQL: Final = (
+    "(" + ", ".join(f"'{value}'" for value in (*_DELIVER_BY_DELETE, MessageStatus.FAILED.value)) + ")"
+)
 
 
-def _outbound_rows(conn: sqlite3.Connection, ids: list[bytes], peer: bytes) -> dict[bytes, tuple[int, str]]:
-    """``message_id -> (seq, derived status)`` of this conversation's outgoing messages among *ids*."""
-    found: dict[bytes, tuple[int, str]] = {}
-    start = 0
-    while start < len(ids):
-        chunk = ids[start : start + _IN_SIZES[-1]]
-        start += len(chunk)
-        size = next(n for n in _IN_SIZES if n >= len(chunk))
-        padded = chunk + [chunk[-1]] * (size - len(chunk))
+def _padded(chunk: list[Any]) -> tuple[int, list[Any]]:
+    """*chunk* (at most ``_IN_SIZES[-1]`` long) padded with its last item up to the next of :data:`_IN_SIZES`."""
+    size = next(n for n in _IN_SIZES if n >= len(chunk))
+    return size, chunk + [chunk[-1]] * (size - len(chunk))
+
+
+def _deliverable_rows(conn: sqlite3.Connection, ids: list[bytes], peer: bytes) -> dict[bytes, tuple[int, bool]]:
+    """``message_id -> (seq, failed)`` of this conversation's outgoing messages among *ids* that a receipt turns
+    into ``delivered`` (derived ``queued``/``sent``, or stored ``failed``)."""
+    found: dict[bytes, tuple[int, bool]] = {}
+    last = _IN_SIZES[-1]
+    for start in range(0, len(ids), last):
+        size, padded = _padded(ids[start : start + last])
+        padded.append(peer)
         rows = conn.execute(
-            f"SELECT m.seq, m.message_id, {_STATUS} FROM messages AS m LEFT JOIN outbox AS o ON o.seq = m.seq "
-            f"WHERE m.message_id IN ({', '.join('?' * size)}) AND +m.conversation = ? AND +m.direction = 'out'",
-            # '+': use the id index only
-            (*padded, peer),
+            "SELECT m.message_id, m.seq, m.status = 'failed' "
+            "FROM messages AS m LEFT JOIN outbox AS o ON o.seq = m.seq "
+            f"WHERE m.message_id IN ({', '.join('?' * size)}) AND +m.conversation = ? AND +m.direction = 'out' "
+            f"AND {_STATUS} IN {_DELIVERABLE_SQL}",  # '+': use the id index only
+            padded,
         )
-        for seq, mid, status in rows:
-            found[bytes(mid)] = (seq, status)
+        for mid, seq, failed in rows:
+            found[mid] = (seq, bool(failed))
     return found
 
 
@@ -1049,10 +1069,15 @@ def mark_delivered_ids(
     failed messages only, a status update)."""
     peer = _peer_id("recipient", recipient)
     now = _timestamp("now", now)
-    ids = _id_list(message_ids)
+    if len(message_ids) > MAX_BATCH_ITEMS:
+        raise StoreArgumentError("message_ids", f"at most {MAX_BATCH_ITEMS} per call, got {len(message_ids)}")
+    ids = list(message_ids)
+    for index, mid in enumerate(ids):
+        if type(mid) is not bytes or len(mid) != MESSAGE_ID_SIZE:
+            ids[index] = _message_id(mid)
     if not ids:
         return []
-    found = _outbound_rows(conn, ids, peer)
+    found = _deliverable_rows(conn, ids, peer)
     delivered: list[bytes] = []
     pending: list[tuple[int]] = []
     failed: list[tuple[int, int]] = []
@@ -1060,17 +1085,15 @@ def mark_delivered_ids(
         hit = found.pop(mid, None)
         if hit is None:
             continue
-        seq, status = hit
-        old = MessageStatus(status)
-        if old is MessageStatus.DELIVERED or not can_transition(old, MessageStatus.DELIVERED):
-            continue
         delivered.append(mid)
-        if old is MessageStatus.FAILED:
-            failed.append((now, seq))
+        if hit[1]:
+            failed.append((now, hit[0]))
         else:
-            pending.append((seq,))
-    if pending:
-        conn.executemany("DELETE FROM outbox WHERE seq = ?", pending)
+            pending.append((hit[0],))
+    last = _IN_SIZES[-1]
+    for start in range(0, len(pending), last):
+        size, padded = _padded([p[0] for p in pending[start : start + last]])
+        conn.execute(f"DELETE FROM outbox WHERE seq IN ({', '.join('?' * size)})", padded)
     if failed:
         conn.executemany("UPDATE messages SET status = 'delivered', status_at = ? WHERE seq = ?", failed)
     return delivered

@@ -659,17 +659,19 @@ def test_enqueue_many_with_a_resend_time_and_expedite_unattempted(conn: sqlite3.
         repo.enqueue_many(conn, [dataclasses.replace(outgoing(3), next_attempt_at=-1)], now=T0)
 
 
-@pytest.mark.parametrize("count", [1, 7, 8, 9, 600])
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 29, 30, 125, 126, 509, 510, 600, 1100])  # IN-list size boundaries
 def test_mark_delivered_ids_matches_mark_delivered_one_by_one(count: int) -> None:
     def scenario(conn: sqlite3.Connection) -> None:
         for n in range(count):
             send(conn, n)
         send(conn, 5000, to=CAROL)
+        repo.insert_incoming(conn, message_id=mid(7000), sender=BOB, text="in", sent_at=T0, now=T0)  # not outgoing
         repo.mark_failed(conn, mid(count - 1), now=T0 + 1)  # a receipt still proves delivery of a failed one
         if count > 2:
             repo.mark_delivered(conn, mid(1), recipient=BOB, now=T0 + 1)  # already delivered
 
-    ids = [mid(n) for n in reversed(range(count))] + [mid(0), mid(5000), mid(9999)]  # repeat, other peer, unknown
+    # repeat, other peer, unknown, incoming
+    ids = [mid(n) for n in reversed(range(count))] + [mid(0), mid(5000), mid(9999), mid(7000)]
     one, many = _connect(":memory:"), _connect(":memory:")
     scenario(one)
     scenario(many)
