@@ -779,8 +779,9 @@ def request_bytes(conn: sqlite3.Connection, peer_id: bytes | None = None) -> int
         ).fetchone()
     else:
         row = conn.execute(
+            # CROSS JOIN fixes the loop order: without statistics (no ANALYZE) SQLite would scan all of messages.
             "SELECT coalesce(sum(length(CAST(m.text AS BLOB))), 0) FROM message_requests AS r "
-            "JOIN messages AS m ON m.conversation = r.peer_id AND m.is_request = 1"
+            "CROSS JOIN messages AS m ON m.conversation = r.peer_id AND m.is_request = 1"
         ).fetchone()
     return int(row[0])
 

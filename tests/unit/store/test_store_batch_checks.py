@@ -225,3 +225,29 @@ def test_mark_delivered_ids_checks_its_arguments(conn: sqlite3.Connection) -> No
     assert repo.outbox_depth(conn) == 1
     assert repo.mark_delivered_ids(conn, [bytearray(mid(1))], recipient=BOB, now=T0) == [mid(1)]  # type: ignore[list-item]
     assert repo.get_message(conn, mid(1)).status is MessageStatus.DELIVERED  # type: ignore[union-attr]
+
+
+def _vm_steps(conn: sqlite3.Connection, fn: Callable[[], object]) -> int:
+    steps = 0
+
+    def tick() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    conn.set_progress_handler(tick, 100)
+    try:
+        fn()
+    finally:
+        conn.set_progress_handler(None, 0)
+    return steps
+
+
+def test_request_bytes_does_not_read_the_history(conn: sqlite3.Connection) -> None:
+    repo.insert_incoming(conn, message_id=mid(1), sender=EVE, text="é" * 10, sent_at=T0, now=T0, is_request=True)
+    small = _vm_steps(conn, lambda: repo.request_bytes(conn))
+    for start in range(0, 20_000, 1000):  # a long history with contacts, no statistics (no ANALYZE)
+        repo.insert_incoming_many(conn, [incoming(10 + start + n) for n in range(1000)], now=T0)
+    assert repo.request_bytes(conn) == 20
+    large = _vm_steps(conn, lambda: repo.request_bytes(conn))
+    assert large <= small + 2, (small, large)  # independent of the number of other messages
