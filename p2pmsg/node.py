@@ -9,6 +9,9 @@ second node on the same home is refused before anything else binds), then starts
 * the listener (:class:`p2pmsg.net.listener.Listener`) on the configured TCP / WebSocket multiaddrs, handing each
   authenticated channel to the chat service;
 * the chat service (:class:`p2pmsg.chat.service.ChatService`): contacts, outbox, sessions, receipts;
+* the *record relay*: every signed peer record our DHT store takes in with a higher ``seq`` than it held is handed
+  (from the DHT's task, without waiting: a bounded queue, overflow counted as ``node_record_queue_full``) to a task
+  that passes it to the chat service, which flushes that contact's outbox if messages wait for it;
 * the control server (:class:`p2pmsg.control.server.ControlServer`) on ``<home>/control.sock``;
 * the *maintenance* task: bootstrap the DHT (saved routing table first, then the configured bootstrap peers,
   DNS names resolved here), publish our signed peer record, republish it before it expires or whenever our
@@ -45,9 +48,10 @@ from p2pmsg.chat.service import ChatConfig, ChatService
 from p2pmsg.control.errors import NodeAlreadyRunningError
 from p2pmsg.control.server import ControlServer, EventHub
 from p2pmsg.control.socketpath import SocketState, control_socket_path, probe_socket
+from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord
 from p2pmsg.dht.service import DEFAULT_RECORD_TTL, DhtNode
 from p2pmsg.errors import LocalProtocolError, P2PMsgError
-from p2pmsg.identity import Identity
+from p2pmsg.identity import Identity, PeerId
 from p2pmsg.net.listener import Listener
 from p2pmsg.store import repo
 from p2pmsg.store.db import Database, open_database
@@ -64,6 +68,9 @@ REPUBLISH_CHECK_INTERVAL: Final = 30.0
 """Seconds between checks of whether our advertised addresses changed."""
 RECORD_SEQ_SETTING: Final = "dht.record_seq"
 """Settings key of the last peer-record ``seq`` this node signed (8 bytes, big-endian)."""
+RECORD_QUEUE_SIZE: Final = 64
+"""Peer records taken in by our DHT store and not yet passed to the chat service; beyond it they are dropped (the
+chat service's record watcher finds a contact's record again)."""
 DHT_DROP_COUNTERS: Final = (
     "malformed",
     "unknown_rpc",
@@ -104,6 +111,9 @@ class NodeOptions:
     save_interval: float = ROUTING_TABLE_SAVE_INTERVAL
     check_interval: float = REPUBLISH_CHECK_INTERVAL
     """Seconds between maintenance rounds (republish if needed, rejoin when the routing table is empty)."""
+    chat: ChatConfig | None = None
+    """Tunables of the chat service (default :class:`ChatConfig`); its ``policy`` comes from the node config's
+    ``accept_from``."""
 
     def __post_init__(self) -> None:
         for name in ("record_ttl", "save_interval", "check_interval"):
@@ -210,15 +220,14 @@ class Node:
         self.db = db
         self.options = options if options is not None else NodeOptions()
         self.events = EventHub()
+        self._records_in, self._records_out = trio.open_memory_channel[tuple[PeerId, bytes]](RECORD_QUEUE_SIZE)
+        self.records_dropped = 0
+        """Peer records our DHT store took in that the full relay queue could not take."""
         dht_host, dht_port = dht_endpoint(config.listen, config.dht_port)
-        self.dht = DhtNode(identity, host=dht_host, port=dht_port)
-        self.chat = ChatService(
-            identity,
-            db,
-            resolver=self.dht,
-            config=ChatConfig(policy=ChatPolicy(accept_from=config.accept_from)),  # type: ignore[arg-type]
-            events=self.events.publish,
-        )
+        self.dht = DhtNode(identity, host=dht_host, port=dht_port, on_record=self._record_stored)
+        policy = ChatPolicy(accept_from=config.accept_from)  # type: ignore[arg-type]
+        chat_config = dataclasses.replace(self.options.chat or ChatConfig(), policy=policy)
+        self.chat = ChatService(identity, db, resolver=self.dht, config=chat_config, events=self.events.publish)
         self.listener = Listener(identity, self.chat.handle_inbound)
         handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = self.chat.control_handlers()
         handlers["id"] = self._id
@@ -247,6 +256,7 @@ class Node:
         dropped.update({f"dht_{name}": dht_stats.get(name, 0) for name in DHT_DROP_COUNTERS})
         listener = self.listener.stats
         dropped.update({f"net_{name}": getattr(listener, name) for name in LISTENER_DROP_COUNTERS})
+        dropped["node_record_queue_full"] += self.records_dropped
         return {
             "peer_id": str(self.identity.peer_id),
             "uptime_s": int(time.monotonic() - self._started),
@@ -274,8 +284,32 @@ class Node:
             await nursery.start(self.chat.run)
             await nursery.start(self.control.serve)
             nursery.start_soon(self._maintain)
+            nursery.start_soon(self._relay_records)
             log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
             task_status.started(self)
+
+    def _record_stored(self, record: VerifiedRecord) -> None:
+        """The DHT's record listener: queue another peer's newer record for :meth:`_relay_records` (never blocks)."""
+        content = record.content
+        if not isinstance(content, PeerRecord) or content.peer_id == self.identity.peer_id:
+            return
+        try:
+            self._records_in.send_nowait((content.peer_id, record.value))
+        except trio.WouldBlock:
+            self.records_dropped += 1
+        except trio.ClosedResourceError:  # the node stopped
+            pass
+
+    async def _relay_records(self) -> None:
+        """Pass each queued peer record to the chat service (it flushes the outbox of a contact whose messages wait
+        and whose record is newer than the one it cached)."""
+        async for peer, value in self._records_out:
+            try:
+                await self.chat.peer_record_seen(peer, value, waiting_only=True)
+            except P2PMsgError as exc:  # e.g. the store is closing
+                log.info("record of %s not passed to the chat service: %s", peer, exc)
+            except Exception:  # a bug: lose this record (the record watcher finds it again), never the node
+                log.exception("record of %s not passed to the chat service", peer)
 
     async def _maintain(self) -> None:
         """Bootstrap, publish and republish our peer record, save the routing table (module docstring).

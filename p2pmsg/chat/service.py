@@ -25,7 +25,13 @@ wire and exactly once in the store.
 use), the address hints of the invite it was added with, and the DHT (:class:`PeerResolver`), asked when nothing
 usable is cached and again when dialling the cached addresses fails ("refresh on failure").  Dialling races the
 addresses (:func:`p2pmsg.net.dialer.dial`); the Noise handshake proves the peer id, so a stale address cannot
-reach somebody else.
+reach somebody else.  A contact that moved is noticed before its backoff runs out in two ways, both ending in
+:meth:`ChatService.peer_record_seen` (a newer ``seq`` is cached and makes the contact's entries due at once): the
+node reports each newer record its own DHT store takes in, and, because we are rarely among the nodes that hold a
+given record, the *record watcher* looks up, every :attr:`ChatConfig.record_watch` seconds, the records of up to
+:attr:`ChatConfig.record_watch_peers` contacts whose entries all wait for a retry (no session, no dial running),
+least recently watched first.  A newer record that arrives while a dial to the old addresses runs makes the
+entries due again as soon as that dial fails.
 
 **Sessions.**  Each authenticated channel, inbound (from the listener, :meth:`ChatService.handle_inbound`) or
 outbound (our dial), runs one :class:`~p2pmsg.chat.protocol.ChatConnection`: a reader (this task) and a sender
@@ -126,6 +132,8 @@ _PEER_CACHE_SIZE: Final = 4096
 _MAX_HINTS: Final = 16
 MAX_SEND_MANY: Final = 1000
 """Most texts in one :meth:`ChatService.send_many` call."""
+_WATCH_CANDIDATES: Final = 1024
+"""Most waiting contacts one record watcher round reads from the store (it looks up far fewer)."""
 
 
 class EventSink(Protocol):
@@ -185,9 +193,22 @@ class ChatConfig:
     """Envelopes handed to one session and not yet written; beyond it the worker leaves them in the outbox."""
     min_poll: float = 0.2
     max_poll: float = 5.0
+    record_watch: float = 30.0
+    """Seconds between rounds of the record watcher: while a contact's outbox entries all wait for a retry after a
+    failed attempt, its peer record is looked up in the DHT once per round (a newer one makes them due at once)."""
+    record_watch_peers: int = 8
+    """Most contacts whose records one watcher round looks up (the least recently watched first)."""
 
     def __post_init__(self) -> None:
-        positive = ("dial_timeout", "resolve_timeout", "send_timeout", "min_poll", "max_poll", "stranger_idle_timeout")
+        positive = (
+            "dial_timeout",
+            "resolve_timeout",
+            "send_timeout",
+            "min_poll",
+            "max_poll",
+            "stranger_idle_timeout",
+            "record_watch",
+        )
         for name in positive:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
@@ -199,6 +220,7 @@ class ChatConfig:
             "max_sessions_per_peer",
             "batch_size",
             "due_batch",
+            "record_watch_peers",
         ):
             if getattr(self, name) < 1:
                 raise LocalProtocolError(f"ChatConfig.{name} must be at least 1")
@@ -367,6 +389,12 @@ class ChatService:
         """Handed to a session while their enqueue transaction commits: their receipts wait for that commit."""
         self._deferred_receipts: list[tuple[PeerId, bytes, str]] = []
         """``(peer, id, status)`` of receipts that arrived for uncommitted ids, in arrival order."""
+        self._redial: set[PeerId] = set()
+        """Peers whose record changed while a dial to them ran: if that dial fails, their entries are due at once."""
+        self._watched: dict[PeerId, float] = {}
+        """When (trio clock) the record watcher last looked up each waiting contact."""
+        self.record_lookups = 0
+        """Peer-record lookups the record watcher made."""
 
     # ------------------------------------------------------------------------------------------------- lifecycle
 
@@ -386,6 +414,8 @@ class ChatService:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._outbox_worker)
+                if self._resolver is not None:
+                    nursery.start_soon(self._record_watcher)
                 task_status.started()
         finally:
             self._nursery = None
@@ -587,6 +617,9 @@ class ChatService:
                 channel, addr = await self._connect(peer)
             except _ConnectFailed as exc:
                 await self._reschedule_peer(peer, str(exc))
+                if peer in self._redial:  # a newer record came during the dial: try its addresses now
+                    self._redial.discard(peer)
+                    await self._expedite(peer)
                 return
             if self._nursery is None:
                 await trio.aclose_forcefully(channel)
@@ -599,6 +632,7 @@ class ChatService:
             self._dropped["chat_internal_error"] += 1
             log.exception("chat: dialling %s failed", peer)
         finally:
+            self._redial.discard(peer)
             if not handed_over:
                 self._dialing.discard(peer)
 
@@ -641,7 +675,8 @@ class ChatService:
         )
         return record, changed
 
-    async def _resolve(self, peer: PeerId) -> PeerRecord | None:
+    async def _lookup_record(self, peer: PeerId) -> bytes | None:
+        """The bytes of ``peer``'s freshest record in the DHT (not verified yet), or ``None``."""
         if self._resolver is None:
             return None
         found: VerifiedRecord | None = None
@@ -651,7 +686,11 @@ class ChatService:
             except (P2PMsgError, OSError) as exc:
                 log.info("chat: DHT lookup of %s failed: %s", peer, exc)
         value = getattr(found, "value", None)
-        if not isinstance(value, bytes):
+        return value if isinstance(value, bytes) else None
+
+    async def _resolve(self, peer: PeerId) -> PeerRecord | None:
+        value = await self._lookup_record(peer)
+        if value is None:
             return None
         record, changed = await self._store_record(peer, value)
         if record is None or changed:
@@ -665,13 +704,66 @@ class ChatService:
             return await self._cached_record(peer)
         return record
 
-    async def peer_record_seen(self, peer_id: PeerId, value: bytes) -> bool:
-        """A peer record of ``peer_id`` was seen (e.g. by the DHT): cache it if newer, and if so flush that
-        peer's outbox at once.  Return whether it was newer."""
+    async def peer_record_seen(self, peer_id: PeerId, value: bytes, *, waiting_only: bool = False) -> bool:
+        """A peer record of ``peer_id`` was seen (e.g. by the DHT): cache it if newer, and if so (and no session
+        with the peer is open) make that peer's outbox entries due at once.  Return whether it was newer (and cached).
+
+        With ``waiting_only`` the record is only considered if ``peer_id`` is a contact (not blocked) with messages
+        in the outbox: the node passes every newer record its DHT store takes in, most of them strangers'."""
+        if waiting_only and not await self._db.read(functools.partial(_is_waiting_contact, peer=peer_id.to_bytes())):
+            return False
         _, changed = await self._store_record(peer_id, value)
-        if changed:
+        if changed and self._best_session(peer_id) is None:  # a live session needs no new address
+            log.info("chat: newer peer record of %s seen; its outbox is due now", peer_id)
+            if peer_id in self._dialing:
+                self._redial.add(peer_id)
             await self._expedite(peer_id)
         return changed
+
+    async def _record_watcher(self) -> None:
+        """Every :attr:`ChatConfig.record_watch` seconds, run one :meth:`_watch_round` (module docstring)."""
+        while True:
+            await trio.sleep(self.config.record_watch)
+            try:
+                await self._watch_round()
+            except store_errors.StoreClosedError:
+                log.info("chat: the store is closed; the record watcher stops")
+                return
+            except Exception:  # a bug or a store failure: keep the node up, try again next round
+                self._dropped["chat_internal_error"] += 1
+                log.exception("chat: record watch round failed")
+
+    async def _watch_round(self) -> list[PeerId]:
+        """Look up the records of the least recently watched contacts whose outbox entries all wait for a retry
+        (at most :attr:`ChatConfig.record_watch_peers`, concurrently) and pass what is found to
+        :meth:`peer_record_seen`.  Return the peers looked up."""
+        now = self._now()
+        raws = await self._db.read(functools.partial(_waiting_contacts, now=now, limit=_WATCH_CANDIDATES))
+        waiting: list[PeerId] = []
+        for raw in raws:
+            try:
+                peer = self._peer_of(raw)
+            except InvalidPeerIdError:
+                continue
+            if peer not in self._dialing and self._best_session(peer) is None:
+                waiting.append(peer)
+        keep = set(waiting)
+        self._watched = {p: t for p, t in self._watched.items() if p in keep}
+        waiting.sort(key=lambda p: self._watched.get(p, -math.inf))
+        chosen = waiting[: self.config.record_watch_peers]
+        started = trio.current_time()
+
+        async def watch(peer: PeerId) -> None:
+            self._watched[peer] = started
+            self.record_lookups += 1
+            value = await self._lookup_record(peer)
+            if value is not None:
+                await self.peer_record_seen(peer, value)
+
+        async with trio.open_nursery() as nursery:
+            for peer in chosen:
+                nursery.start_soon(watch, peer)
+        return chosen
 
     async def _connect(self, peer: PeerId) -> tuple[SecureChannel, str]:
         hints = await self._hints(peer)
@@ -1633,6 +1725,27 @@ def _relation(contact: Contact | None) -> Relation:
     if contact.state is ContactState.BLOCKED:
         return Relation.BLOCKED
     return Relation.CONTACT if contact.name is not None else Relation.STRANGER
+
+
+def _waiting_contacts(conn: sqlite3.Connection, *, now: int, limit: int) -> list[bytes]:
+    """Contacts (not blocked) with outbox entries of which none is due at ``now`` (they wait for a retry, or for a
+    receipt on a session), the latest next attempt first; at most ``limit``.
+
+    A read of the store's tables (``outbox``, ``contacts``, protocol.md section 8) made here: ``repo`` has no
+    per-recipient summary of the outbox."""
+    rows = conn.execute(
+        "SELECT o.recipient FROM outbox AS o JOIN contacts AS c ON c.peer_id = o.recipient"
+        " WHERE c.state = 'contact' GROUP BY o.recipient HAVING min(o.next_attempt_at) > ?"
+        " ORDER BY min(o.next_attempt_at) DESC LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    return [bytes(row[0]) for row in rows]
+
+
+def _is_waiting_contact(conn: sqlite3.Connection, *, peer: bytes) -> bool:
+    """Whether ``peer`` is a contact (not blocked) with at least one message in the outbox."""
+    contact = repo.get_contact(conn, peer)
+    return contact is not None and contact.state is ContactState.CONTACT and bool(repo.due_for(conn, peer, limit=1))
 
 
 def _contact_and_mark(conn: sqlite3.Connection, raw: bytes) -> tuple[Contact | None, bool]:

@@ -17,6 +17,11 @@ What this node never does is re-publish the values it holds: only an owner repub
 (:meth:`DhtNode.publish_peer_record`, called by the node at half the record's lifetime and when its addresses
 change), so a record whose owner is gone expires everywhere at the expiry its owner signed.
 
+Whoever runs the node may listen to the records it takes in: ``on_record`` is called with every signed record
+the store accepts that it did not hold (a new key, or a higher ``seq`` than the one held; a refresh of the same
+record does not count), once the engine call that stored it has returned.  The chat layer uses it to notice that a
+contact published new addresses.
+
 The public operations are coroutines that start an engine operation, register a waiter for its id and wait for the
 matching event; if the caller is cancelled, the operation is cancelled in the engine too.  Bounded by construction:
 the engine caps pending requests and concurrent lookups, and every request times out after ``rpc_timeout``.
@@ -48,10 +53,11 @@ from p2pmsg.dht.core.errors import DhtUsageError, RecordError
 from p2pmsg.dht.core.events import DhtEvent, LookupDone, PingDone, StoreDone
 from p2pmsg.dht.core.messages import PlainValue, is_plain_value
 from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, peer_record_key, seal_peer_record
+from p2pmsg.dht.core.storage import RecordStore, StorageLimits
 from p2pmsg.identity import Identity, PeerId
 from p2pmsg.wire.multiaddr import Multiaddr
 
-__all__ = ["DhtNode", "open_dht_node"]
+__all__ = ["DhtNode", "RecordListener", "open_dht_node"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,36 @@ DEFAULT_RECORD_TTL = 3600.0
 #: Bucket refresh: at most this many refresh lookups per pass, and at least this many seconds between passes.
 _MAX_REFRESH_LOOKUPS = 160
 _MIN_REFRESH_GAP = 1.0
+
+
+RecordListener = Callable[[VerifiedRecord], None]
+"""Called with a signed record the node's store just accepted as new to it; it runs in the DHT's own task, so it
+must return at once (hand any work to another task) and should not raise (an exception is logged and ignored)."""
+
+
+class _NotingRecordStore(RecordStore):
+    """The engine's record store, also noting ``(key, value)`` of each signed record it accepts that it did not
+    hold (:meth:`RecordStore.put_signed` returned ``True``), for :class:`DhtNode` to report after the engine call."""
+
+    def __init__(self, limits: StorageLimits, fresh: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(limits)
+        self._fresh = fresh
+
+    def put_signed(
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        seq: int,
+        expires_at: float,
+        source: str,
+        now: float,
+        reserved: bool = False,
+    ) -> bool:
+        new = super().put_signed(key, value, seq=seq, expires_at=expires_at, source=source, now=now, reserved=reserved)
+        if new:
+            self._fresh.append((key, value))
+        return new
 
 
 @dataclasses.dataclass(slots=True)
@@ -94,7 +130,9 @@ class DhtNode:
         port: int = 0,
         config: DhtConfig | None = None,
         wall_clock: Callable[[], float] = time.time,
+        on_record: RecordListener | None = None,
     ) -> None:
+        """``on_record`` hears of every signed record the store takes in as new (:data:`RecordListener`)."""
         self.identity = identity
         self._host = host
         self._port = port
@@ -106,6 +144,10 @@ class DhtNode:
         self.engine = DhtEngine(
             identity, config=config, now=now, wall_clock=wall_clock, own_address=self._own_address_toward
         )
+        self._on_record = on_record
+        self._fresh_records: list[tuple[bytes, bytes]] = []
+        if on_record is not None:
+            self.engine.storage = _NotingRecordStore(self.engine.config.storage, self._fresh_records)
         self._sock: _socket.socket | None = None
         self._address: Address | None = None
         self._waiters: dict[int, _Waiter] = {}
@@ -237,6 +279,8 @@ class DhtNode:
             if waiter is not None:
                 waiter.result = event
                 waiter.event.set()
+        if self._fresh_records:
+            self._report_records()
         datagrams = self.engine.take_datagrams()
         scope = self._timer_scope
         if wake and scope is not None:  # an earlier deadline (a new request): move the sleeping timer's alarm
@@ -260,6 +304,23 @@ class DhtNode:
                     self.send_errors += 1
                     log.debug("sendto %s failed: %s", address, exc)
                 break
+
+    def _report_records(self) -> None:
+        """Hand the signed records the store took in since the last flush to ``on_record``."""
+        fresh = list(self._fresh_records)
+        self._fresh_records.clear()
+        listener = self._on_record
+        if listener is None:
+            return
+        for key, value in fresh:
+            try:
+                record = self.engine.verify_record(key, value)  # verified on STORE a moment ago: a cache hit
+            except RecordError:  # expired meanwhile
+                continue
+            try:
+                listener(record)
+            except Exception:  # a broken listener must not cost the DHT its receiver
+                log.exception("the record listener failed on %s", key.hex())
 
     # -- operations ------------------------------------------------------------------------------------------------
 
@@ -444,9 +505,10 @@ async def open_dht_node(
     port: int = 0,
     config: DhtConfig | None = None,
     wall_clock: Callable[[], float] = time.time,
+    on_record: RecordListener | None = None,
 ) -> AsyncIterator[DhtNode]:
     """Run a :class:`DhtNode` for the duration of the ``async with`` block."""
-    node = DhtNode(identity, host=host, port=port, config=config, wall_clock=wall_clock)
+    node = DhtNode(identity, host=host, port=port, config=config, wall_clock=wall_clock, on_record=on_record)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         try:
