@@ -71,6 +71,9 @@ RECORD_SEQ_SETTING: Final = "dht.record_seq"
 RECORD_QUEUE_SIZE: Final = 64
 """Peer records taken in by our DHT store and not yet passed to the chat service; beyond it they are dropped (the
 chat service's record watcher finds a contact's record again)."""
+PRIMARY_ADDRESS_PROBES: Final = {4: "192.0.2.1", 6: "2001:db8::1"}
+"""Per IP version, a documentation address (RFC 5737, RFC 3849) that a UDP socket is connected to, sending nothing,
+to learn the source address of the default route: the host's primary address on its network."""
 DHT_DROP_COUNTERS: Final = (
     "malformed",
     "unknown_rpc",
@@ -162,9 +165,19 @@ async def resolve_bootstrap(addrs: Iterable[str]) -> list[tuple[str, int]]:
     return list(dict.fromkeys(out))
 
 
-def advertised_addrs(bound: Sequence[Multiaddr], bootstrap: Sequence[tuple[str, int]]) -> list[Multiaddr]:
+def advertised_addrs(
+    bound: Sequence[Multiaddr],
+    bootstrap: Sequence[tuple[str, int]],
+    *,
+    primary: Callable[[int], str | None] | None = None,
+) -> list[Multiaddr]:
     """The addresses we put in our peer record and invite: the bound ones, with a wildcard host (0.0.0.0 / ::)
-    replaced by the local address the OS would use to reach each bootstrap peer (and loopback)."""
+    replaced by loopback and the local address the OS would use to reach each bootstrap peer.
+
+    With no bootstrap peers (the first node of a LAN), the host's primary address of that IP version is added
+    instead: the source address of its default route (``primary(version)``, default :func:`primary_address`), so
+    an invite made there reaches other machines of the network."""
+    find_primary = primary_address if primary is None else primary
     out: list[Multiaddr] = []
     for addr in bound:
         kind, host, port = addr.transport()
@@ -181,6 +194,10 @@ def advertised_addrs(bound: Sequence[Multiaddr], bootstrap: Sequence[tuple[str, 
             local = _local_address_towards(peer_host, peer_port, ip.version)
             if local is not None:
                 hosts.append(local)
+        if not bootstrap:
+            local = find_primary(ip.version)
+            if local is not None:
+                hosts.append(local)
         for local in dict.fromkeys(hosts):
             out.append(_with_host(addr, kind, local, port))
     return list(dict.fromkeys(out))
@@ -188,6 +205,23 @@ def advertised_addrs(bound: Sequence[Multiaddr], bootstrap: Sequence[tuple[str, 
 
 def _with_host(addr: Multiaddr, kind: str, host: str, port: int) -> Multiaddr:
     return Multiaddr.from_transport(kind, host, port, peer_id=addr.peer_id)
+
+
+def primary_address(version: int) -> str | None:
+    """The host's primary IPv4 (``version`` 4) or IPv6 (6) address: the source address of the route to a
+    documentation address (:data:`PRIMARY_ADDRESS_PROBES`), or ``None`` without such a route or when it is a
+    loopback, link-local or unspecified address."""
+    probe = PRIMARY_ADDRESS_PROBES.get(version)
+    local = None if probe is None else _local_address_towards(probe, 9, version)
+    if local is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(local.split("%", 1)[0])
+    except ValueError:
+        return None
+    if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
+        return None
+    return str(ip)
 
 
 def _local_address_towards(host: str, port: int, version: int) -> str | None:
