@@ -738,7 +738,7 @@ class ChatService:
         (at most :attr:`ChatConfig.record_watch_peers`, concurrently) and pass what is found to
         :meth:`peer_record_seen`.  Return the peers looked up."""
         now = self._now()
-        raws = await self._db.read(functools.partial(_waiting_contacts, now=now, limit=_WATCH_CANDIDATES))
+        raws = await self._db.read(functools.partial(repo.waiting_recipients, now=now, limit=_WATCH_CANDIDATES))
         waiting: list[PeerId] = []
         for raw in raws:
             try:
@@ -1725,21 +1725,6 @@ def _relation(contact: Contact | None) -> Relation:
     if contact.state is ContactState.BLOCKED:
         return Relation.BLOCKED
     return Relation.CONTACT if contact.name is not None else Relation.STRANGER
-
-
-def _waiting_contacts(conn: sqlite3.Connection, *, now: int, limit: int) -> list[bytes]:
-    """Contacts (not blocked) with outbox entries of which none is due at ``now`` (they wait for a retry, or for a
-    receipt on a session), the latest next attempt first; at most ``limit``.
-
-    A read of the store's tables (``outbox``, ``contacts``, protocol.md section 8) made here: ``repo`` has no
-    per-recipient summary of the outbox."""
-    rows = conn.execute(
-        "SELECT o.recipient FROM outbox AS o JOIN contacts AS c ON c.peer_id = o.recipient"
-        " WHERE c.state = 'contact' GROUP BY o.recipient HAVING min(o.next_attempt_at) > ?"
-        " ORDER BY min(o.next_attempt_at) DESC LIMIT ?",
-        (now, limit),
-    ).fetchall()
-    return [bytes(row[0]) for row in rows]
 
 
 def _is_waiting_contact(conn: sqlite3.Connection, *, peer: bytes) -> bool:

@@ -141,13 +141,17 @@ class DhtNode:
             now = trio.current_time()
         except RuntimeError:  # built outside trio.run
             now = 0.0
-        self.engine = DhtEngine(
-            identity, config=config, now=now, wall_clock=wall_clock, own_address=self._own_address_toward
-        )
         self._on_record = on_record
         self._fresh_records: list[tuple[bytes, bytes]] = []
-        if on_record is not None:
-            self.engine.storage = _NotingRecordStore(self.engine.config.storage, self._fresh_records)
+        storage_limits = (config or DhtConfig()).storage
+        self.engine = DhtEngine(
+            identity,
+            config=config,
+            now=now,
+            wall_clock=wall_clock,
+            own_address=self._own_address_toward,
+            storage=None if on_record is None else _NotingRecordStore(storage_limits, self._fresh_records),
+        )
         self._sock: _socket.socket | None = None
         self._address: Address | None = None
         self._waiters: dict[int, _Waiter] = {}

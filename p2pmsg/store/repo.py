@@ -923,6 +923,19 @@ def expedite_unattempted(conn: sqlite3.Connection, *, now: int) -> int:
     return int(cursor.rowcount)
 
 
+def waiting_recipients(conn: sqlite3.Connection, *, now: int, limit: int = 100) -> list[bytes]:
+    """Peer ids of contacts (not blocked) with outbox entries of which none is due at *now* (they all wait for a
+    retry after a backoff, or for a receipt), the latest next attempt first; at most *limit*.  One pass over the
+    outbox (a grouped scan; the outbox holds only undelivered messages)."""
+    rows = conn.execute(
+        "SELECT o.recipient FROM outbox AS o JOIN contacts AS c ON c.peer_id = o.recipient"
+        " WHERE c.state = 'contact' GROUP BY o.recipient HAVING min(o.next_attempt_at) > ?"
+        " ORDER BY min(o.next_attempt_at) DESC LIMIT ?",
+        (_timestamp("now", now), _limit(limit)),
+    ).fetchall()
+    return [bytes(row[0]) for row in rows]
+
+
 def outbox_depth(conn: sqlite3.Connection) -> int:
     """Return the number of messages waiting for a delivery receipt."""
     return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])

@@ -320,10 +320,12 @@ class DhtEngine:
         random_bytes: Callable[[int], bytes] = os.urandom,
         wall_clock: Callable[[], float] = time.time,
         own_address: Callable[[Address], Address | None] | None = None,
+        storage: RecordStore | None = None,
     ) -> None:
         """``own_address(peer)``: this node's address as ``peer`` sees it when no NAT is in between (the bound
         address, or for a wildcard bind the local address of the route to ``peer``), ``None`` if unknown; it is
-        what a ``p2pmsg_auth`` proof must sign (module docstring)."""
+        what a ``p2pmsg_auth`` proof must sign (module docstring).  ``storage``: the record store to use (default
+        a new :class:`RecordStore` with ``config.storage``), e.g. one that also notes what it takes in."""
         self.identity = identity
         self.config = config or DhtConfig()
         self.node_id = node_id_from_public_key(identity.public_key)
@@ -333,7 +335,7 @@ class DhtEngine:
         self.table = RoutingTable(
             self.node_id, k=cfg.k, split_depth_modulus=cfg.split_depth_modulus, max_failures=cfg.max_failures, now=now
         )
-        self.storage = RecordStore(cfg.storage)
+        self.storage = storage if storage is not None else RecordStore(cfg.storage)
         self.guard = AddressGuard(proven_ttl=cfg.proven_ttl, max_entries=cfg.max_peers_tracked)
         self._addr_limiter: RateLimiter[Address] = RateLimiter(
             rate=cfg.request_rate_per_address, burst=cfg.request_burst_per_address
