@@ -1515,6 +1515,10 @@ class ChatService:
                 if q.ahead:
                     self._premarked.add(q.sealed.id)
             elif q.ahead:
+                # No room on the session: this entry waits for the outbox worker (after the expedite below), so
+                # nothing queued later may bypass the worker until one of its rounds has handed the backlog over.
+                for other in self._sessions.get(q.peer, ()):
+                    other.in_order = False
                 stranded.add(q.peer)
                 self._outboxed += 1
             else:

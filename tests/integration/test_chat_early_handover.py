@@ -7,6 +7,7 @@ and the sender's subscribers must see ``message`` before ``sent`` before ``deliv
 
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 import threading
@@ -57,6 +58,10 @@ class _Events:
                 self.changed = trio.Event()
                 await self.changed.wait()
 
+    def texts_in(self) -> list[str]:
+        """The texts of the incoming ``message`` events, in the order they were published."""
+        return [f["text"] for e, f in self.seen if e == "message" and f["direction"] == "in"]
+
     def statuses(self, mid: str) -> list[str]:
         """The order in which ``mid`` appeared: ``message`` then its receipt statuses."""
         out = []
@@ -68,11 +73,20 @@ class _Events:
         return out
 
 
+def _at_least(events: _Events, count: int) -> bool:
+    return len(events.texts_in()) >= count
+
+
 async def _ready_pair(
-    nursery: trio.Nursery, alice_db: Database, bob_db: Database, alice_events: _Events, bob_events: _Events
+    nursery: trio.Nursery,
+    alice_db: Database,
+    bob_db: Database,
+    alice_events: _Events,
+    bob_events: _Events,
+    config: ChatConfig | None = None,
 ) -> tuple[ChatService, ChatService]:
     """Alice and Bob, contacts of each other, with a session from Alice to Bob that is in order."""
-    alice = ChatService(ALICE, alice_db, config=ChatConfig(), events=alice_events)
+    alice = ChatService(ALICE, alice_db, config=config or ChatConfig(), events=alice_events)
     bob = ChatService(BOB, bob_db, config=ChatConfig(), events=bob_events)
     bob_addrs = await nursery.start(Listener(BOB, bob.handle_inbound).run, [LOCAL_TCP])
     await nursery.start(alice.run)
@@ -162,3 +176,30 @@ async def test_a_failed_enqueue_withdraws_what_was_not_written_and_publishes_not
         await alice_events.wait_for(lambda: "delivered" in alice_events.statuses(mid))
         assert not alice._inflight
         nursery.cancel_scope.cancel()
+
+
+async def test_entries_left_over_by_a_full_session_are_not_overtaken(home: Path) -> None:
+    """A session queue of one: the first round (three texts, queued while the writer is busy) leaves entries for the
+    outbox worker; a send of the next round must not go straight to the session ahead of them."""
+    for trial in range(3):
+        alice_events, bob_events = _Events(), _Events()
+        async with (
+            open_database(home / f"alice{trial}.db") as alice_db,
+            open_database(home / f"bob{trial}.db") as bob_db,
+            trio.open_nursery() as nursery,
+        ):
+            config = ChatConfig(batch_size=1, max_session_queue=1)
+            alice, _ = await _ready_pair(nursery, alice_db, bob_db, alice_events, bob_events, config)
+            release, holding = threading.Event(), threading.Event()
+            nursery.start_soon(_hold_writer, alice_db, release, holding)
+            with trio.fail_after(10):
+                while not holding.is_set():
+                    await trio.sleep(0.001)
+            nursery.start_soon(alice.send_many, "bob", ["x1", "x2", "x3"])
+            await trio.sleep(0.05)
+            nursery.start_soon(alice.send, "bob", "y1")
+            await trio.sleep(0.05)
+            release.set()
+            await bob_events.wait_for(functools.partial(_at_least, bob_events, 6))
+            assert bob_events.texts_in() == ["hello", "again", "x1", "x2", "x3", "y1"], f"trial {trial}"
+            nursery.cancel_scope.cancel()
