@@ -51,6 +51,7 @@ import nacl.utils
 from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 
 __all__ = [
+    "PASSPHRASE_CREDENTIAL",
     "PASSPHRASE_ENV",
     "PASSPHRASE_FILE_ENV",
     "CorruptKeyFileError",
@@ -529,6 +530,8 @@ PASSPHRASE_ENV: Final = "P2PMSG_PASSPHRASE"
 PASSPHRASE_FILE_ENV: Final = "P2PMSG_PASSPHRASE_FILE"
 """Names a file holding the passphrase (e.g. a systemd credential), so it need not sit in the node's environment."""
 MAX_PASSPHRASE_FILE_SIZE: Final = 4096
+PASSPHRASE_CREDENTIAL: Final = "p2pmsg-passphrase"
+"""Name of the systemd credential (``LoadCredential=``) read when neither variable is set."""
 
 KEY_FILE_MAGIC: Final = b"P2PMSGKF"
 KEY_FILE_VERSION: Final = 1
@@ -765,31 +768,49 @@ def load_identity(path: StrPath, passphrase: str | None, *, allow_unencrypted: b
 
 
 def passphrase_from_environment(env: Mapping[str, str] | None = None) -> str | None:
-    """The passphrase the environment supplies, or ``None``: ``$P2PMSG_PASSPHRASE`` if set (even empty), else the
-    contents of the file named by ``$P2PMSG_PASSPHRASE_FILE`` (one trailing newline removed; empty means "no
-    passphrase", like an empty ``$P2PMSG_PASSPHRASE``).  ``env`` defaults to ``os.environ``.
+    """The passphrase the environment supplies, or ``None``.  In this order: ``$P2PMSG_PASSPHRASE`` if set (even
+    empty: an empty one says "the key file is not encrypted"); the contents of the file named by
+    ``$P2PMSG_PASSPHRASE_FILE``; the systemd credential ``p2pmsg-passphrase`` (the file of that name in
+    ``$CREDENTIALS_DIRECTORY``, see ``scripts/systemd/p2pmsg.service``).  ``env`` defaults to ``os.environ``.
 
-    Raises :class:`PassphraseRequiredError` when the named file cannot be read, is larger than 4 KiB or is not
-    UTF-8, saying which file and why."""
+    A passphrase file holds the passphrase as UTF-8 text, at most 4 KiB; one trailing line end (``\\n`` or
+    ``\\r\\n``) is removed.  Raises :class:`PassphraseRequiredError`, naming the file, when it cannot be read, is
+    larger than 4 KiB, is not UTF-8, or holds nothing: an empty file is never taken to mean "no passphrase" (a file
+    created but not yet filled in must not let an unencrypted key file be loaded)."""
     environment = os.environ if env is None else env
     value = environment.get(PASSPHRASE_ENV)
     if value is not None:
         return value
     path = environment.get(PASSPHRASE_FILE_ENV)
     if path is None:
-        return None
+        credentials = environment.get("CREDENTIALS_DIRECTORY")
+        if not credentials:
+            return None
+        path = os.path.join(credentials, PASSPHRASE_CREDENTIAL)
+        if not os.path.exists(path):
+            return None
+    return _read_passphrase_file(path)
+
+
+def _read_passphrase_file(path: str) -> str:
     try:
         with open(path, "rb") as handle:
             data = handle.read(MAX_PASSPHRASE_FILE_SIZE + 1)
     except OSError as exc:
-        raise PassphraseRequiredError(f"{PASSPHRASE_FILE_ENV}={path}: cannot read it ({exc.strerror})") from None
+        raise PassphraseRequiredError(f"passphrase file {path}: cannot read it ({exc.strerror})") from None
     if len(data) > MAX_PASSPHRASE_FILE_SIZE:
-        raise PassphraseRequiredError(f"{PASSPHRASE_FILE_ENV}={path}: larger than {MAX_PASSPHRASE_FILE_SIZE} bytes")
+        raise PassphraseRequiredError(f"passphrase file {path}: larger than {MAX_PASSPHRASE_FILE_SIZE} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise PassphraseRequiredError(f"{PASSPHRASE_FILE_ENV}={path}: not UTF-8 text") from None
-    return text[:-1] if text.endswith("\n") else text
+        raise PassphraseRequiredError(f"passphrase file {path}: not UTF-8 text") from None
+    for ending in ("\r\n", "\n"):
+        if text.endswith(ending):
+            text = text[: -len(ending)]
+            break
+    if not text:
+        raise PassphraseRequiredError(f"passphrase file {path}: empty (write the key file's passphrase into it)")
+    return text
 
 
 def resolve_passphrase(

@@ -17,6 +17,7 @@ from p2pmsg.errors import P2PMsgError
 from p2pmsg.identity import (
     MAX_MEMLIMIT,
     MAX_OPSLIMIT,
+    PASSPHRASE_CREDENTIAL,
     PASSPHRASE_ENV,
     PASSPHRASE_FILE_ENV,
     CorruptKeyFileError,
@@ -462,19 +463,41 @@ def test_passphrase_from_a_file(tmp_path: Path) -> None:
     env = {PASSPHRASE_FILE_ENV: str(secret)}
     assert resolve_passphrase(env=env, prompt=prompts) == "s\u00e9cret with spaces "  # one trailing newline removed
     assert prompts.asked == []
-    # $P2PMSG_PASSPHRASE wins over the file; an empty file means "no passphrase" like an empty variable.
+    secret.write_bytes(b"windows\r\n")
+    assert passphrase_from_environment(env) == "windows"
+    secret.write_bytes(b"two\n\n")
+    assert passphrase_from_environment(env) == "two\n"  # only one line end is removed
+    # $P2PMSG_PASSPHRASE wins over the file.
     assert passphrase_from_environment({**env, PASSPHRASE_ENV: "direct"}) == "direct"
-    secret.write_bytes(b"")
-    assert passphrase_from_environment(env) == ""
     assert passphrase_from_environment({}) is None
+
+
+def test_passphrase_from_a_systemd_credential(tmp_path: Path) -> None:
+    """``LoadCredential=p2pmsg-passphrase:...`` puts the file in ``$CREDENTIALS_DIRECTORY``."""
+    (tmp_path / PASSPHRASE_CREDENTIAL).write_text("from systemd\n")
+    env = {"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    assert passphrase_from_environment(env) == "from systemd"
+    other = tmp_path / "other"
+    other.write_text("named file\n")
+    assert passphrase_from_environment({**env, PASSPHRASE_FILE_ENV: str(other)}) == "named file"
+    # A credentials directory without our credential (another service's) supplies nothing.
+    assert passphrase_from_environment({"CREDENTIALS_DIRECTORY": str(tmp_path / "missing")}) is None
 
 
 @pytest.mark.parametrize(
     ("content", "reason"),
-    [(None, "cannot read it"), (b"x" * 4097, "larger than 4096 bytes"), (b"\xff\xfe", "not UTF-8")],
-    ids=["missing", "too-large", "not-utf8"],
+    [
+        (None, "cannot read it"),
+        (b"x" * 4097, "larger than 4096 bytes"),
+        (b"\xff\xfe", "not UTF-8"),
+        (b"", "empty"),
+        (b"\n", "empty"),
+    ],
+    ids=["missing", "too-large", "not-utf8", "empty", "only-a-newline"],
 )
 def test_passphrase_file_that_cannot_be_used(tmp_path: Path, content: bytes | None, reason: str) -> None:
+    """Never a fallback to the prompt, and an empty file never means "no passphrase" (an unencrypted key file may
+    only be loaded on an explicit request: ``--no-passphrase`` or an empty ``$P2PMSG_PASSPHRASE``)."""
     secret = tmp_path / "passphrase"
     if content is not None:
         secret.write_bytes(content)
