@@ -327,6 +327,8 @@ class Node:
         content = record.content
         if not isinstance(content, PeerRecord) or content.peer_id == self.identity.peer_id:
             return
+        if self.chat.is_contact_cached(content.peer_id) is False:
+            return  # not a contact: a flood of strangers' records must not crowd a contact's record out of the queue
         try:
             self._records_in.send_nowait((content.peer_id, record.value))
         except trio.WouldBlock:
@@ -337,8 +339,11 @@ class Node:
     async def _relay_records(self) -> None:
         """Pass each queued peer record to the chat service (it flushes the outbox of a contact whose messages wait
         and whose record is newer than the one it cached)."""
+        with contextlib.suppress(P2PMsgError):
+            await self.chat.contact_peers()  # load the cache that _record_stored filters with
         async for peer, value in self._records_out:
             try:
+                await self.chat.contact_peers()  # reloaded here after a change of the contacts
                 await self.chat.peer_record_seen(peer, value, waiting_only=True)
             except P2PMsgError as exc:  # e.g. the store is closing
                 log.info("record of %s not passed to the chat service: %s", peer, exc)

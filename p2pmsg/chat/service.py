@@ -321,6 +321,8 @@ class _Incoming:
     relation: Relation
     contact_name: str | None
     results: list[_Stored]
+    auto_added: bool = False
+    """The sender was added as a contact by this transaction (``accept_from = "anyone"``)."""
 
 
 def _peer_text(peer: bytes) -> str:
@@ -379,6 +381,7 @@ class ChatService:
         self._peer_texts: dict[PeerId, str] = {}
         self._peer_ids: dict[bytes, PeerId] = {}
         self._contact_generation = 0
+        self._contact_peers: frozenset[PeerId] | None = None
         self._enqueue_open: _EnqueueRound | None = None
         self._enqueue_lock = trio.Lock()
         self._premarked: set[bytes] = set()
@@ -729,6 +732,12 @@ class ChatService:
             except store_errors.StoreClosedError:
                 log.info("chat: the store is closed; the record watcher stops")
                 return
+            except ExceptionGroup as group:  # from the round's lookup tasks
+                if group.subgroup(store_errors.StoreClosedError) is not None:
+                    log.info("chat: the store is closed; the record watcher stops")
+                    return
+                self._dropped["chat_internal_error"] += 1
+                log.exception("chat: record watch round failed")
             except Exception:  # a bug or a store failure: keep the node up, try again next round
                 self._dropped["chat_internal_error"] += 1
                 log.exception("chat: record watch round failed")
@@ -1074,6 +1083,8 @@ class ChatService:
             return
         now = self._now()
         incoming = await self._db.write(lambda c: self._store_incoming(c, peer, opened, now))
+        if incoming.auto_added:
+            self._contacts_changed()
         if incoming.relation is Relation.BLOCKED:
             self._dropped["chat_blocked_peer"] += len(opened)
             raise _SessionRefused("the peer is blocked")
@@ -1117,18 +1128,21 @@ class ChatService:
         disposition = policy.classify(relation, auto_added=auto_added)
         if disposition is Disposition.REFUSE:
             return _Incoming(relation=relation, contact_name=name, results=[])
+        added_now = False
         if disposition is Disposition.ADD_AND_INBOX:
             added = _add_stranger(conn, raw, str(peer), now)
             repo.set_setting(conn, _AUTO_PREFIX + raw.hex(), b"", now=now)
             name = added.name
             relation = Relation.CONTACT
             disposition = Disposition.INBOX
+            added_now = True
         if disposition is Disposition.INBOX:  # the hot path: one batch insert
             items = [
                 IncomingMessage(message_id=m.id, sender=raw, text=m.text, sent_at=min(m.ts, now)) for m in messages
             ]
             fresh = repo.insert_incoming_many(conn, items, now=now)
             return _Incoming(
+                auto_added=added_now,
                 relation=relation,
                 contact_name=name,
                 results=[
@@ -1206,6 +1220,28 @@ class ChatService:
         """Forget the cached name lookups (called around every change of the contacts table)."""
         self._contact_generation += 1
         self._contacts_by_name.clear()
+        self._contact_peers = None
+
+    async def contact_peers(self) -> frozenset[PeerId]:
+        """The peer ids of the contacts (blocked ones excluded), read once and cached until the contacts change."""
+        cached = self._contact_peers
+        if cached is not None:
+            return cached
+        generation = self._contact_generation
+        rows = await self._db.read(functools.partial(repo.list_contacts, state=ContactState.CONTACT))
+        peers: set[PeerId] = set()
+        for row in rows:
+            with contextlib.suppress(InvalidPeerIdError):
+                peers.add(self._peer_of(row.peer_id))
+        result = frozenset(peers)
+        if generation == self._contact_generation:
+            self._contact_peers = result
+        return result
+
+    def is_contact_cached(self, peer: PeerId) -> bool | None:
+        """Whether ``peer`` is a contact, from the cache of :meth:`contact_peers`; ``None`` if it is not loaded."""
+        cached = self._contact_peers
+        return None if cached is None else peer in cached
 
     async def _contact_by_name(self, name: str, *, cached: bool = False) -> Contact:
         if cached and (hit := self._contacts_by_name.get(name)) is not None:

@@ -295,10 +295,13 @@ async def test_anyone_policy_adds_the_stranger(tmp_path: Path) -> None:
         running_node(tmp_path / "carol", CAROL) as carol,
     ):
         await carol.chat.add_contact(bob.invite, "bob")
+        assert CAROL.peer_id not in await bob.chat.contact_peers()  # cached now: the auto-add must refresh it
         await carol.chat.send("bob", "hello anyone")
         await eventually(lambda: bob.seen("message"), "message at bob")
         assert await bob.chat.list_requests() == []
         assert [m["text"] for m in await bob.chat.history(str(CAROL.peer_id))] == ["hello anyone"]
+        assert bob.chat.is_contact_cached(CAROL.peer_id) is not False
+        assert CAROL.peer_id in await bob.chat.contact_peers()
 
 
 async def test_blocked_peer_is_refused_at_the_channel(tmp_path: Path) -> None:
