@@ -1464,8 +1464,16 @@ class ChatService:
                 try:
                     await self._db.write(functools.partial(repo.enqueue_many, items=rows, now=now))
                 except BaseException as exc:
+                    written = self._withdraw_early(early)
+                    if written and isinstance(exc, store_errors.StoreError):
+                        # Not stored, yet maybe delivered: say so, or a retry shows the recipient a second copy.
+                        failure = store_errors.StoreWriteError(
+                            f"{exc}; {written} of {len(items)} message(s) of this send had already been written"
+                            " to the recipient's session and may still arrive"
+                        )
+                        batch.error = failure
+                        raise failure from exc
                     batch.error = exc
-                    self._withdraw_early(early)
                     raise
                 finally:
                     batch.done.set()
@@ -1499,19 +1507,25 @@ class ChatService:
             early.append(q)
         return early
 
-    def _withdraw_early(self, early: list[_Queued]) -> None:
-        """The enqueue of ``early`` failed: take back what its sessions have not written yet, forget the rest."""
+    def _withdraw_early(self, early: list[_Queued]) -> int:
+        """The enqueue of ``early`` failed: take back what its sessions have not written yet, forget the rest;
+        return how many were already written (they may still reach their recipient)."""
         if not early:
-            return
+            return 0
         ids = {q.sealed.id for q in early}
+        written = 0
         for q in early:
+            taken_back = False
             for session in self._sessions.get(q.peer, ()):
                 if session.pending.pop(q.sealed.id, None) is not None:
                     session.held.discard(q.sealed.id)
+                    taken_back = True
+            written += not taken_back
         self._premarked.difference_update(ids)
         self._inflight.difference_update(ids)
         self._uncommitted.difference_update(ids)
         self._deferred_receipts = [r for r in self._deferred_receipts if r[1] not in ids]
+        return written
 
     def _release_receipts(self) -> None:
         """Publish the receipts held back for ids that are committed now, in arrival order."""

@@ -11,6 +11,7 @@ import functools
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,29 @@ async def test_entries_left_over_by_a_full_session_are_not_overtaken(home: Path)
             await bob_events.wait_for(functools.partial(_at_least, bob_events, 6))
             assert bob_events.texts_in() == ["hello", "again", "x1", "x2", "x3", "y1"], f"trial {trial}"
             nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_enqueue_says_when_the_message_may_still_arrive(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit fails only after the envelope went out (a slow disk that then reports an error): the recipient
+    may store it, so the error says so (a user retrying would otherwise not expect a second copy)."""
+    alice_events, bob_events = _Events(), _Events()
+    async with (
+        open_database(home / "alice.db") as alice_db,
+        open_database(home / "bob.db") as bob_db,
+        trio.open_nursery() as nursery,
+    ):
+        alice, _ = await _ready_pair(nursery, alice_db, bob_db, alice_events, bob_events)
+
+        def slow_failing_enqueue(*_: object, **__: object) -> list[int]:
+            time.sleep(0.3)  # on the writer thread: the session writes the envelope meanwhile
+            raise StoreWriteError("disk I/O error")
+
+        monkeypatch.setattr(chat_service.repo, "enqueue_many", slow_failing_enqueue)
+        with pytest.raises(StoreWriteError, match=r"1 of 1 message.*may still arrive"):
+            await alice.send("bob", "on the wire before the failure")
+        monkeypatch.undo()
+        await bob_events.wait_for(lambda: "on the wire before the failure" in bob_events.texts_in())
+        assert not alice._uncommitted and not alice._deferred_receipts and not alice._inflight
+        nursery.cancel_scope.cancel()
