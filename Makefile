@@ -32,6 +32,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python scripts/bench_handshake.py
 	$(BIN)/python scripts/bench_messaging.py
+	$(BIN)/python scripts/bench_chat_pipe.py
 	$(BIN)/python scripts/bench_dht.py
 
 clean:

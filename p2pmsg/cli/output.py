@@ -14,8 +14,6 @@ import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
-import segno
-
 __all__ = ["clean", "format_duration", "format_ts", "render_qr", "table", "to_json", "truncate"]
 
 #: Bidirectional-text controls: they can make a line display in an order different from its bytes.
@@ -108,6 +106,8 @@ def to_json(value: Any) -> str:
 
 def render_qr(text: str) -> str:
     """``text`` as a QR code drawn with Unicode half blocks (two modules per character cell, for dark terminals)."""
+    import segno  # only `p2pmsg id` draws a QR code: not imported by every command
+
     code = segno.make_qr(text)
     buffer = io.StringIO()
     code.terminal(out=buffer, compact=True)

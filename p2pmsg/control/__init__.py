@@ -5,6 +5,8 @@ The node runs a :class:`ControlServer` on ``<home>/control.sock`` (mode 0600) an
 ``docs/protocol.md (section 7)``.
 """
 
+from typing import TYPE_CHECKING, Any, Final
+
 from p2pmsg.control.client import ControlClient, EventStream
 from p2pmsg.control.errors import (
     ERROR_CODES,
@@ -18,8 +20,22 @@ from p2pmsg.control.errors import (
     NodeNotRunningError,
 )
 from p2pmsg.control.methods import EVENT_NAMES, METHODS, check_params
-from p2pmsg.control.server import ControlServer, EventHub, Handler
 from p2pmsg.control.socketpath import SOCKET_NAME, SocketState, control_socket_path, probe_socket
+
+if TYPE_CHECKING:
+    from p2pmsg.control.server import ControlServer, EventHub, Handler
+
+_SERVER_NAMES: Final = frozenset({"ControlServer", "EventHub", "Handler"})
+
+
+def __getattr__(name: str) -> Any:
+    """The server side (trio) is imported on first use, so a CLI command that only talks to a node starts faster."""
+    if name in _SERVER_NAMES:
+        from p2pmsg.control import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ERROR_CODES",

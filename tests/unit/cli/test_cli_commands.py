@@ -444,3 +444,14 @@ def test_piped_lines_are_batched_as_they_become_available() -> None:
         os.close(write_fd)
         assert next(batches) == ["six"]
         assert list(batches) == []
+
+
+def test_piped_batches_stay_under_the_request_size_limit() -> None:
+    """Batches are cut by bytes too (the control API takes requests of up to 1 MiB); an oversize line goes alone."""
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(read_fd, "r") as stdin:
+        batches = line_batches(stdin, max_batch=1000, max_bytes=10)
+        os.write(write_fd, "aaaa\nbbbb\n\u00e9\u00e9\u00e9\nccccccccccccccc\nd\n".encode())
+        os.close(write_fd)
+        # "aaaa\n" + "bbbb\n" = 10 bytes; "\u00e9\u00e9\u00e9\n" is 7 bytes of UTF-8 (4 characters).
+        assert list(batches) == [["aaaa\n", "bbbb\n"], ["\u00e9\u00e9\u00e9\n"], ["ccccccccccccccc\n"], ["d\n"]]
