@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,3 +92,11 @@ def test_human_errors() -> None:
     denied = human_error(PermissionError(13, "Permission denied", "/h/identity.key"), home=home)
     assert denied is not None and denied.message == "/h/identity.key: Permission denied"
     assert human_error(ValueError("a bug"), home=home) is None
+
+
+def test_the_cli_starts_without_the_node_side_or_the_qr_encoder() -> None:
+    """Every `p2pmsg` command pays its imports (a shell loop of `p2pmsg send` pays them per message): the control
+    server (trio) and the QR encoder load only when a command needs them."""
+    probe = "import sys, p2pmsg.cli.main; print(sorted(m for m in ('trio', 'segno') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.strip() == "[]"
