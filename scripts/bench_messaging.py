@@ -353,11 +353,7 @@ class Receiver:
     def close(self) -> None:
         assert self.child.stdin is not None
         self.child.stdin.close()
-        try:
-            self.child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.child.kill()
-            self.child.wait()
+        _reap(self.child)
         self.home.cleanup()
 
 
@@ -614,13 +610,40 @@ def sender_home() -> Iterator[Path]:
 # ------------------------------------------------------------------------------------------------ the ceiling pipe
 
 
-async def run_pipe_sink(total: int) -> None:
-    """Child process: accept one connection, open and unpack ``total`` framed SecretBox messages, answer one byte."""
-    box = nacl.secret.SecretBox(PIPE_KEY)
+async def _accept_one() -> trio.SocketStream:
+    """A sink's one connection: listen on 127.0.0.1, print the port for the parent, accept, stop listening."""
     (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
     print(listener.socket.getsockname()[1], flush=True)
     stream = await listener.accept()
     await listener.aclose()
+    return stream
+
+
+async def _start_sink(role: str, *args: str) -> tuple[subprocess.Popen[str], trio.SocketStream]:
+    """Run this script as a ``--role`` child and connect to the port it prints."""
+    child = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--role", role, *args], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if not line.strip().isdigit():
+        _reap(child)
+        raise SystemExit(f"{role} did not report its port (got {line!r})")
+    return child, await trio.open_tcp_stream("127.0.0.1", int(line))
+
+
+def _reap(child: subprocess.Popen[str]) -> None:
+    try:
+        child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+async def run_pipe_sink(total: int) -> None:
+    """Child process: accept one connection, open and unpack ``total`` framed SecretBox messages, answer one byte."""
+    box = nacl.secret.SecretBox(PIPE_KEY)
+    stream = await _accept_one()
     buffer = bytearray()
     count = 0
     while count < total:
@@ -647,17 +670,8 @@ async def run_pipe_sink(total: int) -> None:
 
 async def measure_pipe(total: int, batch: int) -> tuple[float, float, float]:
     """(messages/s, sender CPU us/msg, sink CPU us/msg) for ``total`` framed SecretBox messages to a sink process."""
-    child = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--role", "pipe-sink", "--count", str(total)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    child, stream = await _start_sink("pipe-sink", "--count", str(total))
     try:
-        assert child.stdout is not None
-        line = child.stdout.readline()
-        if not line.strip().isdigit():
-            raise SystemExit(f"pipe sink did not report its port (got {line!r})")
-        stream = await trio.open_tcp_stream("127.0.0.1", int(line))
         box = nacl.secret.SecretBox(PIPE_KEY)
         body = b"x" * TEXT_SIZE
         sink_before = _stat_cpu(f"/proc/{child.pid}/stat")
@@ -680,11 +694,7 @@ async def measure_pipe(total: int, batch: int) -> tuple[float, float, float]:
             raise SystemExit(f"pipe sink did not acknowledge (got {ack!r})")
         await stream.aclose()
     finally:
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
+        _reap(child)
     return total / elapsed, sender_cpu / total * 1e6, sink_cpu / total * 1e6
 
 
@@ -734,10 +744,7 @@ async def run_floor_sink(total: int, home: Path) -> None:
     box = nacl.secret.SecretBox(PIPE_KEY)
     conn = open_floor_db(home / "sink.db", pending=False)
     insert = "INSERT INTO messages (id, body) VALUES (?, ?) ON CONFLICT(id) DO NOTHING"
-    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    print(listener.socket.getsockname()[1], flush=True)
-    stream = await listener.accept()
-    await listener.aclose()
+    stream = await _accept_one()
     buffer = bytearray()
     count = 0
     while count < total:
@@ -779,18 +786,10 @@ async def measure_floor(total: int) -> tuple[float, float, float]:
     """
     with tempfile.TemporaryDirectory(prefix="p2pmsg-bench-floor-") as name:
         home = Path(name)
-        child = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--role", "floor-sink", "--count", str(total), "--home", name],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        child, stream = await _start_sink("floor-sink", "--count", str(total), "--home", name)
         conn = open_floor_db(home / "sender.db", pending=True)
         try:
             assert child.stdout is not None
-            line = child.stdout.readline()
-            if not line.strip().isdigit():
-                raise SystemExit(f"floor sink did not report its port (got {line!r})")
-            stream = await trio.open_tcp_stream("127.0.0.1", int(line))
             box = nacl.secret.SecretBox(PIPE_KEY)
             body = b"x" * TEXT_SIZE
             synchronous_full = True
@@ -860,11 +859,7 @@ async def measure_floor(total: int) -> tuple[float, float, float]:
                 raise SystemExit(f"durable floor: {deleted} acknowledged, {left} pending, sink stored {stored!r}")
         finally:
             conn.close()
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            _reap(child)
     return total / elapsed, sender_cpu / total * 1e6, sink_cpu / total * 1e6
 
 
