@@ -7,12 +7,14 @@ and the sender's subscribers must see ``message`` before ``sent`` before ``deliv
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,27 +80,42 @@ def _at_least(events: _Events, count: int) -> bool:
     return len(events.texts_in()) >= count
 
 
-async def _ready_pair(
-    nursery: trio.Nursery,
-    alice_db: Database,
-    bob_db: Database,
-    alice_events: _Events,
-    bob_events: _Events,
-    config: ChatConfig | None = None,
-) -> tuple[ChatService, ChatService]:
-    """Alice and Bob, contacts of each other, with a session from Alice to Bob that is in order."""
-    alice = ChatService(ALICE, alice_db, config=config or ChatConfig(), events=alice_events)
-    bob = ChatService(BOB, bob_db, config=ChatConfig(), events=bob_events)
-    bob_addrs = await nursery.start(Listener(BOB, bob.handle_inbound).run, [LOCAL_TCP])
-    await nursery.start(alice.run)
-    await nursery.start(bob.run)
-    await alice.add_contact(bob.invite(bob_addrs), "bob")
-    await bob.add_contact(str(ALICE.peer_id), "alice")
-    # The first message opens the session; the second one goes the fast path (session in order).
-    for text in ("hello", "again"):
-        mid = (await alice.send("bob", text))["id"]
-        await alice_events.wait_for(lambda m=mid: "delivered" in alice_events.statuses(m))  # type: ignore[misc]
-    return alice, bob
+@dataclasses.dataclass
+class _Pair:
+    alice: ChatService
+    alice_db: Database
+    alice_events: _Events
+    bob_events: _Events
+    nursery: trio.Nursery
+
+
+@contextlib.asynccontextmanager
+async def _pair(home: Path, config: ChatConfig | None = None, tag: str = "") -> AsyncIterator[_Pair]:
+    """Alice and Bob (real databases, a real TCP session on loopback), contacts of each other, with a session from
+    Alice to Bob that is in order; everything stops when the block ends."""
+    alice_events, bob_events = _Events(), _Events()
+    async with (
+        open_database(home / f"alice{tag}.db") as alice_db,
+        open_database(home / f"bob{tag}.db") as bob_db,
+        trio.open_nursery() as nursery,
+    ):
+        alice = ChatService(ALICE, alice_db, config=config or ChatConfig(), events=alice_events)
+        bob = ChatService(BOB, bob_db, config=ChatConfig(), events=bob_events)
+        bob_addrs = await nursery.start(Listener(BOB, bob.handle_inbound).run, [LOCAL_TCP])
+        await nursery.start(alice.run)
+        await nursery.start(bob.run)
+        await alice.add_contact(bob.invite(bob_addrs), "bob")
+        await bob.add_contact(str(ALICE.peer_id), "alice")
+        # The first message opens the session; the second one goes the fast path (session in order).
+        for text in ("hello", "again"):
+            mid = (await alice.send("bob", text))["id"]
+            await alice_events.wait_for(functools.partial(_has_status, alice_events, mid, "delivered"))
+        yield _Pair(alice, alice_db, alice_events, bob_events, nursery)
+        nursery.cancel_scope.cancel()
+
+
+def _has_status(events: _Events, mid: str, status: str) -> bool:
+    return status in events.statuses(mid)
 
 
 async def _hold_writer(db: Database, release: threading.Event, holding: threading.Event) -> None:
@@ -109,30 +126,29 @@ async def _hold_writer(db: Database, release: threading.Event, holding: threadin
     await db.write(block)
 
 
+async def _writer_held(pair: _Pair) -> threading.Event:
+    """Make Alice's store writer busy with a write that waits until the returned event is set."""
+    release, holding = threading.Event(), threading.Event()
+    pair.nursery.start_soon(_hold_writer, pair.alice_db, release, holding)
+    with trio.fail_after(10):
+        while not holding.is_set():
+            await trio.sleep(0.001)
+    return release
+
+
 async def test_the_envelope_reaches_the_recipient_while_the_enqueue_commits(home: Path) -> None:
-    alice_events, bob_events = _Events(), _Events()
-    async with (
-        open_database(home / "alice.db") as alice_db,
-        open_database(home / "bob.db") as bob_db,
-        trio.open_nursery() as nursery,
-    ):
-        alice, _ = await _ready_pair(nursery, alice_db, bob_db, alice_events, bob_events)
-        release, holding = threading.Event(), threading.Event()
-        nursery.start_soon(_hold_writer, alice_db, release, holding)
-        with trio.fail_after(10):
-            while not holding.is_set():
-                await trio.sleep(0.001)
+    async with _pair(home) as pair:
+        alice, alice_events, bob_events = pair.alice, pair.alice_events, pair.bob_events
+        release = await _writer_held(pair)
         result: dict[str, Any] = {}
 
         async def send() -> None:
             result.update(await alice.send("bob", "while the writer is busy"))
 
         before = len(alice_events.seen)
-        nursery.start_soon(send)
+        pair.nursery.start_soon(send)
         # Bob stores it although Alice's enqueue is still queued behind the held write.
-        await bob_events.wait_for(
-            lambda: any(e == "message" and f["text"] == "while the writer is busy" for e, f in bob_events.seen)
-        )
+        await bob_events.wait_for(lambda: "while the writer is busy" in bob_events.texts_in())
         await trio.sleep(0.05)  # Bob's receipt comes back meanwhile: it must wait for Alice's commit
         assert result == {}, "send returned before its enqueue transaction committed"
         assert alice_events.seen[before:] == [], "an event was published before the enqueue committed"
@@ -141,11 +157,10 @@ async def test_the_envelope_reaches_the_recipient_while_the_enqueue_commits(home
             while not result:
                 await trio.sleep(0.001)
         mid = result["id"]
-        await alice_events.wait_for(lambda: "delivered" in alice_events.statuses(mid))
+        await alice_events.wait_for(functools.partial(_has_status, alice_events, mid, "delivered"))
         assert alice_events.statuses(mid) == ["message", "sent", "delivered"]
-        stored = await alice_db.read(lambda c: repo.get_message(c, bytes.fromhex(mid)))
+        stored = await pair.alice_db.read(lambda c: repo.get_message(c, bytes.fromhex(mid)))
         assert stored is not None and stored.status.value == "delivered"
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_failed_enqueue_withdraws_what_was_not_written_and_publishes_nothing(
@@ -153,13 +168,8 @@ async def test_a_failed_enqueue_withdraws_what_was_not_written_and_publishes_not
 ) -> None:
     """A commit that fails (a full disk, here a fault injected into the enqueue function, which no test can cause
     for real on demand) answers the caller with the error, and no event or receipt of that message is published."""
-    alice_events, bob_events = _Events(), _Events()
-    async with (
-        open_database(home / "alice.db") as alice_db,
-        open_database(home / "bob.db") as bob_db,
-        trio.open_nursery() as nursery,
-    ):
-        alice, _ = await _ready_pair(nursery, alice_db, bob_db, alice_events, bob_events)
+    async with _pair(home) as pair:
+        alice, alice_events = pair.alice, pair.alice_events
 
         def failing_enqueue(*_: object, **__: object) -> list[int]:
             raise StoreWriteError("database or disk is full")
@@ -174,36 +184,23 @@ async def test_a_failed_enqueue_withdraws_what_was_not_written_and_publishes_not
         assert not alice._uncommitted and not alice._deferred_receipts and not alice._premarked
         # The session still works and nothing is stuck in flight.
         mid = (await alice.send("bob", "after the failure"))["id"]
-        await alice_events.wait_for(lambda: "delivered" in alice_events.statuses(mid))
+        await alice_events.wait_for(functools.partial(_has_status, alice_events, mid, "delivered"))
         assert not alice._inflight
-        nursery.cancel_scope.cancel()
 
 
 async def test_entries_left_over_by_a_full_session_are_not_overtaken(home: Path) -> None:
     """A session queue of one: the first round (three texts, queued while the writer is busy) leaves entries for the
     outbox worker; a send of the next round must not go straight to the session ahead of them."""
     for trial in range(3):
-        alice_events, bob_events = _Events(), _Events()
-        async with (
-            open_database(home / f"alice{trial}.db") as alice_db,
-            open_database(home / f"bob{trial}.db") as bob_db,
-            trio.open_nursery() as nursery,
-        ):
-            config = ChatConfig(batch_size=1, max_session_queue=1)
-            alice, _ = await _ready_pair(nursery, alice_db, bob_db, alice_events, bob_events, config)
-            release, holding = threading.Event(), threading.Event()
-            nursery.start_soon(_hold_writer, alice_db, release, holding)
-            with trio.fail_after(10):
-                while not holding.is_set():
-                    await trio.sleep(0.001)
-            nursery.start_soon(alice.send_many, "bob", ["x1", "x2", "x3"])
+        async with _pair(home, ChatConfig(batch_size=1, max_session_queue=1), tag=str(trial)) as pair:
+            release = await _writer_held(pair)
+            pair.nursery.start_soon(pair.alice.send_many, "bob", ["x1", "x2", "x3"])
             await trio.sleep(0.05)
-            nursery.start_soon(alice.send, "bob", "y1")
+            pair.nursery.start_soon(pair.alice.send, "bob", "y1")
             await trio.sleep(0.05)
             release.set()
-            await bob_events.wait_for(functools.partial(_at_least, bob_events, 6))
-            assert bob_events.texts_in() == ["hello", "again", "x1", "x2", "x3", "y1"], f"trial {trial}"
-            nursery.cancel_scope.cancel()
+            await pair.bob_events.wait_for(functools.partial(_at_least, pair.bob_events, 6))
+            assert pair.bob_events.texts_in() == ["hello", "again", "x1", "x2", "x3", "y1"], f"trial {trial}"
 
 
 async def test_a_failed_enqueue_says_when_the_message_may_still_arrive(
@@ -211,13 +208,7 @@ async def test_a_failed_enqueue_says_when_the_message_may_still_arrive(
 ) -> None:
     """The commit fails only after the envelope went out (a slow disk that then reports an error): the recipient
     may store it, so the error says so (a user retrying would otherwise not expect a second copy)."""
-    alice_events, bob_events = _Events(), _Events()
-    async with (
-        open_database(home / "alice.db") as alice_db,
-        open_database(home / "bob.db") as bob_db,
-        trio.open_nursery() as nursery,
-    ):
-        alice, _ = await _ready_pair(nursery, alice_db, bob_db, alice_events, bob_events)
+    async with _pair(home) as pair:
 
         def slow_failing_enqueue(*_: object, **__: object) -> list[int]:
             time.sleep(0.3)  # on the writer thread: the session writes the envelope meanwhile
@@ -225,8 +216,8 @@ async def test_a_failed_enqueue_says_when_the_message_may_still_arrive(
 
         monkeypatch.setattr(chat_service.repo, "enqueue_many", slow_failing_enqueue)
         with pytest.raises(StoreWriteError, match=r"1 of 1 message.*may still arrive"):
-            await alice.send("bob", "on the wire before the failure")
+            await pair.alice.send("bob", "on the wire before the failure")
         monkeypatch.undo()
-        await bob_events.wait_for(lambda: "on the wire before the failure" in bob_events.texts_in())
+        await pair.bob_events.wait_for(lambda: "on the wire before the failure" in pair.bob_events.texts_in())
+        alice = pair.alice
         assert not alice._uncommitted and not alice._deferred_receipts and not alice._inflight
-        nursery.cancel_scope.cancel()
