@@ -10,7 +10,8 @@ an answer.  Its driver (:mod:`p2pmsg.dht.service` over UDP, or a simulator) feed
 (:meth:`~DhtEngine.take_datagrams`) and completion events (:meth:`~DhtEngine.take_events`).
 
 **Answering requests.**  A request is dropped, unanswered, if it is malformed, if its source exceeds its rate limit
-(token buckets per address and per IP, and a stricter one for STOREs per source network, IPv4 /24 or IPv6 /64),
+(token buckets per address and per IP, and stricter ones for STOREs per source network, IPv4 /24 or IPv6 /64, and
+per source provider, IPv4 /16 or IPv6 /32),
 if it names this node's own id, or if its
 RPC is unknown (as ``rpcudp`` does).  Otherwise it is answered exactly like ``kademlia`` 2.2.3 would, except that:
 
@@ -131,7 +132,7 @@ from p2pmsg.dht.core.records import (
     verify_record_value,
 )
 from p2pmsg.dht.core.routing import ContactAdded, PingNeeded, RoutingEvent, RoutingTable
-from p2pmsg.dht.core.storage import RecordStore, StorageLimits, ValueKind, source_prefix
+from p2pmsg.dht.core.storage import RecordStore, StorageLimits, ValueKind, provider_prefix, source_prefix
 from p2pmsg.errors import RemoteProtocolError
 from p2pmsg.identity import Identity, PeerId
 
@@ -179,6 +180,11 @@ class DhtConfig:
     #: despite the names (kept for existing configurations): one /24 must not get 256 times the rate of one host.
     store_rate_per_ip: float = 50.0
     store_burst_per_ip: float = 200.0
+    #: STOREs per source *provider* (an IPv4 /16 or an IPv6 /32, :func:`~p2pmsg.dht.core.storage.provider_prefix`):
+    #: this factor times the network's rate and burst (default 4: four networks of one provider at their full rate,
+    #: where 256 /24s of a /16 would otherwise get 256 times it).  A STORE is charged to its provider only once its
+    #: network's bucket let it through, so one network over its own rate never drains its provider's.
+    store_provider_factor: float = 4.0
     proven_ttl: float = 1800.0
     auth_retry_interval: float = 600.0
     #: An address that peers in this many distinct source networks signed as ours (in ``p2pmsg_auth`` proofs) is
@@ -207,6 +213,8 @@ class DhtConfig:
             raise DhtUsageError("DhtConfig handoff bounds: max_records >= 0, rate > 0, burst >= 1")
         if not 0 < self.stall_timeout <= self.rpc_timeout:
             raise DhtUsageError("DhtConfig needs 0 < stall_timeout <= rpc_timeout")
+        if not self.store_provider_factor > 0 or self.store_provider_factor * self.store_burst_per_ip < 1:
+            raise DhtUsageError("DhtConfig.store_provider_factor must be positive, with a provider burst >= 1")
         if self.own_address_votes < 1:
             raise DhtUsageError("DhtConfig.own_address_votes must be positive")
         if self.max_pending < 1 or self.max_verify_per_source < 1:
@@ -342,6 +350,10 @@ class DhtEngine:
         )
         self._ip_limiter: RateLimiter[str] = RateLimiter(rate=cfg.request_rate_per_ip, burst=cfg.request_burst_per_ip)
         self._store_limiter: RateLimiter[str] = RateLimiter(rate=cfg.store_rate_per_ip, burst=cfg.store_burst_per_ip)
+        self._store_provider_limiter: RateLimiter[str] = RateLimiter(
+            rate=cfg.store_provider_factor * cfg.store_rate_per_ip,
+            burst=cfg.store_provider_factor * cfg.store_burst_per_ip,
+        )
         self._handoff_limiter: RateLimiter[None] = RateLimiter(rate=cfg.handoff_rate, burst=cfg.handoff_burst)
         self._pending: dict[bytes, _Call] = {}
         self._background_pending = 0
@@ -583,7 +595,10 @@ class DhtEngine:
         if sender == self.node_id:
             self.stats["malformed"] += 1
             return
-        if isinstance(request, StoreRequest) and not self._store_limiter.allow(source_prefix(address[0]), now):
+        if isinstance(request, StoreRequest) and not (
+            self._store_limiter.allow(source_prefix(address[0]), now)
+            and self._store_provider_limiter.allow(provider_prefix(address[0]), now)
+        ):
             self.stats["rate_limited"] += 1
             return
         if sender is not None and self.config.extensions:

@@ -14,26 +14,39 @@ The store maps a 20-byte key to one value of one of two kinds:
   is known to belong to a signed namespace, unsigned STOREs to it are refused.
 
 Everything is bounded: the number of values and their total size (key plus msgpack-encoded value), the same two per
-*source*, and the size of one value per kind.  A source is the network the STORE came from -- the /24 of an IPv4
-address, the /64 of an IPv6 address (:func:`source_prefix`) -- so one host, or one subnet's many addresses, cannot
-fill the store.  Plain values also have their own sub-budget (``max_plain_values``, ``max_plain_bytes``, half the
-store by default), so whatever plain values anyone floods in, the rest of the store stays open to signed records.
-Signed records have a
-further, lower budget per source network (``max_signed_values_per_source``, ``max_signed_bytes_per_source``), so
-filling the store with signed records takes many networks.  When a limit would be exceeded, expired values are purged
-first; then a *signed* record that is within its own network's budgets but still does not fit the store-wide limits
-evicts plain values, oldest first, and then signed records of the network that holds the most of them (oldest
-first), until it fits.  Otherwise the STORE is refused with :class:`StoreRefusedError`: a plain value never evicts
-anything, so a flood of plain values cannot flush honest data, and a flood of signed records from many throwaway
-networks only ever flushes its own largest networks, never a newcomer's single record.  Records the node itself
-signed (``reserved``) are exempt from the limits and never evicted.  Time is passed in (monotonic seconds); the
-store never reads a clock.
+*source*, and the size of one value per kind.  A source is accounted at two levels: its *network* -- the /24 of an
+IPv4 address, the /64 of an IPv6 address (:func:`source_prefix`) -- so one host, or one subnet's many addresses,
+cannot fill the store; and its *provider* -- the /16 of an IPv4 address, the /32 of an IPv6 address
+(:func:`provider_prefix`) -- so an attacker holding many networks of one allocation (all of a /16, a cloud region)
+gets no more than ``provider_factor`` networks' worth.  Plain values also have their own sub-budget
+(``max_plain_values``, ``max_plain_bytes``, half the store by default), so whatever plain values anyone floods in, the
+rest of the store stays open to signed records.  Signed records have a further, lower budget per network
+(``max_signed_values_per_source``, ``max_signed_bytes_per_source``) and per provider, so filling the store with
+signed records takes many networks in many providers.
+
+Every provider budget is ``provider_factor`` (default 4) times the matching network budget.  Why 4: a provider-sized
+block of addresses (a /16 of a home ISP or a university, an IPv6 /32 of an ISP) legitimately holds honest nodes in
+several networks, and four of them can use their full network budgets at once; while one provider can take at most
+1,000 of the 10,000 values as signed records by default (4,000 values and 4 MiB in all), so filling the store with
+signed records takes at least ten providers, where the network level alone let 40 networks of a single /16 do it.  A
+larger factor lets one /16 crowd out more; a factor of 1 would let a single honest network use up its provider.
+
+When a limit would be exceeded, expired values are purged first; then a *signed* record that is within its own
+network's and provider's budgets but still does not fit the store-wide limits evicts plain values, oldest first, and
+then signed records of the provider that holds the most of them, of that provider's network that holds the most
+(oldest first), until it fits.  Otherwise the STORE is refused with :class:`StoreRefusedError`: a plain value never
+evicts anything, so a flood of plain values cannot flush honest data, and a flood of signed records from many
+throwaway networks only ever flushes its own largest providers, never a newcomer's single record -- nor honest
+networks that hold a few more records each than an attacker spread thin over many networks of one provider.
+Records the node itself signed (``reserved``) are exempt from the limits and never evicted.  Time is passed in
+(monotonic seconds); the store never reads a clock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import heapq
 import ipaddress
 from collections import OrderedDict
@@ -44,7 +57,15 @@ import msgpack
 from p2pmsg.dht.core.errors import DhtUsageError, StoreRefusedError
 from p2pmsg.dht.core.messages import is_plain_value
 
-__all__ = ["RecordStore", "StorageLimits", "StoredValue", "ValueKind", "source_prefix", "value_size"]
+__all__ = [
+    "RecordStore",
+    "StorageLimits",
+    "StoredValue",
+    "ValueKind",
+    "provider_prefix",
+    "source_prefix",
+    "value_size",
+]
 
 
 class ValueKind(enum.Enum):
@@ -66,6 +87,9 @@ class StorageLimits:
     #: The lower budget of signed records per source network (a full store evicts from the largest network).
     max_signed_values_per_source: int = 250
     max_signed_bytes_per_source: int = 256 * 1024
+    #: Per source provider (an IPv4 /16 or an IPv6 /32, see :func:`provider_prefix`), each of the four budgets above
+    #: times this factor (module docstring: why 4).
+    provider_factor: int = 4
     #: The share of the store plain values may take (signed records evict plain values to get room).
     max_plain_values: int = 5_000
     max_plain_bytes: int = 8 * 1024 * 1024
@@ -78,6 +102,26 @@ class StorageLimits:
         for field in dataclasses.fields(self):
             if getattr(self, field.name) <= 0:
                 raise DhtUsageError(f"StorageLimits.{field.name} must be positive")
+
+    @property
+    def max_values_per_provider(self) -> int:
+        """Values charged to one provider at most: ``provider_factor * max_values_per_source``."""
+        return self.provider_factor * self.max_values_per_source
+
+    @property
+    def max_bytes_per_provider(self) -> int:
+        """Bytes charged to one provider at most: ``provider_factor * max_bytes_per_source``."""
+        return self.provider_factor * self.max_bytes_per_source
+
+    @property
+    def max_signed_values_per_provider(self) -> int:
+        """Signed records charged to one provider at most: ``provider_factor * max_signed_values_per_source``."""
+        return self.provider_factor * self.max_signed_values_per_source
+
+    @property
+    def max_signed_bytes_per_provider(self) -> int:
+        """Signed bytes charged to one provider at most: ``provider_factor * max_signed_bytes_per_source``."""
+        return self.provider_factor * self.max_signed_bytes_per_source
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,17 +138,29 @@ class StoredValue:
     seq: int | None = None
 
 
-def source_prefix(source: str) -> str:
-    """The network a source is accounted to: ``"a.b.c.0/24"`` for an IPv4 address (also an IPv4-mapped IPv6 one),
-    ``"x:x:x:x::/64"`` for an IPv6 address; anything that is not an IP literal (``"local"``) is its own source."""
+@functools.lru_cache(maxsize=4096)
+def _prefix(source: str, v4: int, v6: int) -> str:
+    # Cached (bounded): every STORE asks for its source's network and provider several times.
     try:
         ip = ipaddress.ip_address(source)
     except ValueError:
         return source
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    prefix = 24 if isinstance(ip, ipaddress.IPv4Address) else 64
+    prefix = v4 if isinstance(ip, ipaddress.IPv4Address) else v6
     return str(ipaddress.ip_network((ip, prefix), strict=False))
+
+
+def source_prefix(source: str) -> str:
+    """The network a source is accounted to: ``"a.b.c.0/24"`` for an IPv4 address (also an IPv4-mapped IPv6 one),
+    ``"x:x:x:x::/64"`` for an IPv6 address; anything that is not an IP literal (``"local"``) is its own source."""
+    return _prefix(source, 24, 64)
+
+
+def provider_prefix(source: str) -> str:
+    """The provider a source is accounted to: ``"a.b.0.0/16"`` for an IPv4 address (also an IPv4-mapped IPv6 one),
+    ``"x:x::/32"`` for an IPv6 address; anything that is not an IP literal (``"local"``) is its own provider."""
+    return _prefix(source, 16, 32)
 
 
 def value_size(key: bytes, value: object) -> int:
@@ -120,6 +176,7 @@ class RecordStore:
         self._values: dict[bytes, StoredValue] = {}
         self._total = 0
         self._per_source: dict[str, list[int]] = {}
+        self._per_provider: dict[str, list[int]] = {}
         self._expiry: list[tuple[float, bytes]] = []
         #: Plain values, oldest arrival first (the eviction order), and their total size.
         self._plain: OrderedDict[bytes, None] = OrderedDict()
@@ -127,6 +184,9 @@ class RecordStore:
         #: Signed records that are not reserved, per source network in arrival order, and their bytes per network.
         self._signed: dict[str, OrderedDict[bytes, None]] = {}
         self._signed_bytes: dict[str, int] = {}
+        #: ``[records, bytes]`` of those signed records per provider, and the provider of each network in ``_signed``.
+        self._signed_provider: dict[str, list[int]] = {}
+        self._provider_of: dict[str, str] = {}
         #: Keys of the records this node signed itself: exempt from the limits, never evicted.
         self._reserved: set[bytes] = set()
         self.evicted = 0
@@ -150,6 +210,16 @@ class RecordStore:
         """``(values, bytes)`` of the signed records (not this node's own) charged to the network of ``source``."""
         prefix = source_prefix(source)
         return len(self._signed.get(prefix, ())), self._signed_bytes.get(prefix, 0)
+
+    def provider_usage_of(self, source: str) -> tuple[int, int]:
+        """``(values, bytes)`` charged to the provider of ``source`` (:func:`provider_prefix`)."""
+        count, size = self._per_provider.get(provider_prefix(source), (0, 0))
+        return count, size
+
+    def signed_provider_usage_of(self, source: str) -> tuple[int, int]:
+        """``(values, bytes)`` of the signed records (not this node's own) charged to the provider of ``source``."""
+        count, size = self._signed_provider.get(provider_prefix(source), (0, 0))
+        return count, size
 
     @property
     def plain_usage(self) -> tuple[int, int]:
@@ -279,7 +349,9 @@ class RecordStore:
     def _fits(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
         return (
             self._source_reason(stored, existing)
+            or self._provider_reason(stored, existing)
             or self._signed_source_reason(stored, existing)
+            or self._signed_provider_reason(stored, existing)
             or self._plain_reason(stored, existing)
             or self._global_reason(stored, existing)
         )
@@ -321,6 +393,44 @@ class RecordStore:
             return f"source {prefix} already stores {size} bytes (limit {limits.max_bytes_per_source})"
         return None
 
+    def _provider_reason(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
+        limits = self.limits
+        provider = provider_prefix(stored.source)
+        count, size = self._per_provider.get(provider, (0, 0))
+        if existing is not None and provider_prefix(existing.source) == provider:
+            count -= 1
+            size -= existing.size
+        if count + 1 > limits.max_values_per_provider:
+            return f"provider {provider} already stores {count} values (limit {limits.max_values_per_provider})"
+        if size + stored.size > limits.max_bytes_per_provider:
+            return f"provider {provider} already stores {size} bytes (limit {limits.max_bytes_per_provider})"
+        return None
+
+    def _signed_provider_reason(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
+        if stored.kind is not ValueKind.SIGNED:
+            return None
+        limits = self.limits
+        provider = provider_prefix(stored.source)
+        count, size = self._signed_provider.get(provider, (0, 0))
+        if (
+            existing is not None
+            and provider_prefix(existing.source) == provider
+            and existing.key in self._signed.get(source_prefix(existing.source), ())
+        ):
+            count -= 1
+            size -= existing.size
+        if count + 1 > limits.max_signed_values_per_provider:
+            return (
+                f"provider {provider} already stores {count} signed records "
+                f"(limit {limits.max_signed_values_per_provider})"
+            )
+        if size + stored.size > limits.max_signed_bytes_per_provider:
+            return (
+                f"provider {provider} already stores {size} bytes of signed records "
+                f"(limit {limits.max_signed_bytes_per_provider})"
+            )
+        return None
+
     def _signed_source_reason(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
         if stored.kind is not ValueKind.SIGNED:
             return None
@@ -357,13 +467,14 @@ class RecordStore:
         return count <= self.limits.max_values and size <= self.limits.max_bytes
 
     def _evict_signed_for(self, stored: StoredValue, existing: StoredValue | None) -> None:
-        """Drop signed records of the network holding the most (oldest first; never ``stored.key``, never a
-        reserved one) until ``stored`` fits the store-wide limits."""
+        """Drop signed records of the provider holding the most, of its network holding the most (oldest first;
+        never ``stored.key``, never a reserved one) until ``stored`` fits the store-wide limits."""
         while self._global_reason(stored, existing) is not None:
             victim: bytes | None = None
-            best: tuple[int, int] | None = None
+            best: tuple[int, int, int, int] | None = None
             for prefix, keys in self._signed.items():
-                rank = (len(keys), self._signed_bytes.get(prefix, 0))
+                provider = self._signed_provider[self._provider_of[prefix]]
+                rank = (provider[0], provider[1], len(keys), self._signed_bytes.get(prefix, 0))
                 if best is not None and rank <= best:
                     continue
                 candidate = next((k for k in keys if k != stored.key), None)
@@ -396,7 +507,9 @@ class RecordStore:
                 reason is not None
                 and stored.kind is ValueKind.SIGNED
                 and self._source_reason(stored, existing) is None
+                and self._provider_reason(stored, existing) is None
                 and self._signed_source_reason(stored, existing) is None
+                and self._signed_provider_reason(stored, existing) is None
                 and self._fits_after_evictions(stored, existing)
             ):
                 self._evict_plain_for(stored, existing)
@@ -408,29 +521,36 @@ class RecordStore:
             self._remove(stored.key)
         self._values[stored.key] = stored
         self._total += stored.size
-        usage = self._per_source.setdefault(source_prefix(stored.source), [0, 0])
-        usage[0] += 1
-        usage[1] += stored.size
+        prefix = source_prefix(stored.source)
+        provider = provider_prefix(stored.source)
+        for usage in (self._per_source.setdefault(prefix, [0, 0]), self._per_provider.setdefault(provider, [0, 0])):
+            usage[0] += 1
+            usage[1] += stored.size
         if stored.kind is ValueKind.PLAIN:
             self._plain[stored.key] = None
             self._plain_bytes += stored.size
         elif reserved:
             self._reserved.add(stored.key)
         else:
-            prefix = source_prefix(stored.source)
             self._signed.setdefault(prefix, OrderedDict())[stored.key] = None
             self._signed_bytes[prefix] = self._signed_bytes.get(prefix, 0) + stored.size
+            self._provider_of[prefix] = provider
+            usage = self._signed_provider.setdefault(provider, [0, 0])
+            usage[0] += 1
+            usage[1] += stored.size
         heapq.heappush(self._expiry, (stored.expires_at, stored.key))
 
     def _remove(self, key: bytes) -> None:
         stored = self._values.pop(key)
         self._total -= stored.size
         prefix = source_prefix(stored.source)
-        usage = self._per_source[prefix]
-        usage[0] -= 1
-        usage[1] -= stored.size
-        if usage[0] == 0:
-            del self._per_source[prefix]
+        provider = provider_prefix(stored.source)
+        for table, name in ((self._per_source, prefix), (self._per_provider, provider)):
+            usage = table[name]
+            usage[0] -= 1
+            usage[1] -= stored.size
+            if usage[0] == 0:
+                del table[name]
         if stored.kind is ValueKind.PLAIN:
             del self._plain[key]
             self._plain_bytes -= stored.size
@@ -440,6 +560,12 @@ class RecordStore:
             keys = self._signed[prefix]
             del keys[key]
             self._signed_bytes[prefix] -= stored.size
+            usage = self._signed_provider[provider]
+            usage[0] -= 1
+            usage[1] -= stored.size
             if not keys:
                 del self._signed[prefix]
                 del self._signed_bytes[prefix]
+                del self._provider_of[prefix]
+            if usage[0] == 0:
+                del self._signed_provider[provider]
