@@ -11,8 +11,8 @@ sent to it, echoing the request's random 20-byte message id, which an off-path f
 after ``proven_ttl`` seconds; both tables are bounded LRU maps (forgetting an entry only makes the guard stricter).
 
 :class:`RateLimiter` is a token bucket per source (``rate`` tokens per second, at most ``burst``) in a bounded LRU
-map; the engine applies one per address and one per IP to every request, and one per source network (IPv4 /24,
-IPv6 /64) to STOREs.  Time is passed in; nothing here reads a clock.
+map; the engine applies one per address and one per IP to every request, and to STOREs one per source network
+(IPv4 /24, IPv6 /64) and then one per provider (IPv4 /16, IPv6 /32).  Time is passed in; nothing here reads a clock.
 """
 
 from __future__ import annotations

@@ -147,7 +147,7 @@ def test_a_flooded_engine_still_accepts_an_honest_signed_peer_record() -> None:
     now = 0.0
     for net in range(20):
         for i in range(40):
-            address = (f"203.0.{net}.{1 + i % 3}", 4000)
+            address = (f"203.{net}.{net}.{1 + i % 3}", 4000)  # 20 providers (/16), so only the store limits bind
             now += 0.025
             engine.guard.mark_proven(address, now)
             request = StoreRequest(node_id=bytes([net, i]) * 10, key=bytes([net, i, 1]) * 6 + b"xx", value=b"v" * 4000)
@@ -156,13 +156,14 @@ def test_a_flooded_engine_still_accepts_an_honest_signed_peer_record() -> None:
         gap = limits.max_bytes - engine.storage.total_bytes
         if gap <= 25:
             break
-        address = (f"203.1.{j}.1", 4000)
+        address = (f"100.{64 + j % 60}.{j // 60}.1", 4000)
         engine.guard.mark_proven(address, now)
         request = StoreRequest(node_id=b"\x55" * 20, key=j.to_bytes(20, "big"), value=b"v" * min(4000, gap - 23))
         engine.datagram_received(encode_request(new_message_id(bytes(12)), request), address, now)
     engine.take_datagrams()
     assert engine.storage.plain_usage[1] <= 1024 * 1024 and engine.stats["stores_accepted"] > 0
-    assert all(engine.storage.usage_of(f"203.0.{net}.9")[1] <= 128 * 1024 for net in range(20))
+    assert all(engine.storage.usage_of(f"203.{net}.{net}.9")[1] <= 128 * 1024 for net in range(20))
+    assert engine.storage.plain_usage[1] > 1024 * 1024 - 4096  # the flood did fill the plain budget
     honest = ident(11)
     record = seal_peer_record(
         honest,
