@@ -168,6 +168,19 @@ def value_size(key: bytes, value: object) -> int:
     return len(key) + len(msgpack.packb(value, use_bin_type=True))
 
 
+def _budget_reason(
+    holder: str, count: int, size: int, added: int, max_count: int, max_bytes: int, *, signed: bool = False
+) -> str | None:
+    """Why one more value of ``added`` bytes does not fit a budget that already holds ``count`` values and ``size``
+    bytes (``None`` if it fits); ``holder`` names the network or provider in the message."""
+    items = "signed records" if signed else "values"
+    if count + 1 > max_count:
+        return f"{holder} already stores {count} {items} (limit {max_count})"
+    if size + added > max_bytes:
+        return f"{holder} already stores {size} bytes{' of signed records' if signed else ''} (limit {max_bytes})"
+    return None
+
+
 class RecordStore:
     """Bounded key/value storage (see the module docstring)."""
 
@@ -385,26 +398,21 @@ class RecordStore:
         prefix = source_prefix(stored.source)
         count, size = self.usage_of(prefix)
         if existing is not None and source_prefix(existing.source) == prefix:
-            count -= 1
-            size -= existing.size
-        if count + 1 > limits.max_values_per_source:
-            return f"source {prefix} already stores {count} values (limit {limits.max_values_per_source})"
-        if size + stored.size > limits.max_bytes_per_source:
-            return f"source {prefix} already stores {size} bytes (limit {limits.max_bytes_per_source})"
-        return None
+            count, size = count - 1, size - existing.size
+        return _budget_reason(
+            f"source {prefix}", count, size, stored.size, limits.max_values_per_source, limits.max_bytes_per_source
+        )
 
     def _provider_reason(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
         limits = self.limits
         provider = provider_prefix(stored.source)
         count, size = self._per_provider.get(provider, (0, 0))
         if existing is not None and provider_prefix(existing.source) == provider:
-            count -= 1
-            size -= existing.size
-        if count + 1 > limits.max_values_per_provider:
-            return f"provider {provider} already stores {count} values (limit {limits.max_values_per_provider})"
-        if size + stored.size > limits.max_bytes_per_provider:
-            return f"provider {provider} already stores {size} bytes (limit {limits.max_bytes_per_provider})"
-        return None
+            count, size = count - 1, size - existing.size
+        return _budget_reason(
+            f"provider {provider}", count, size, stored.size, limits.max_values_per_provider,
+            limits.max_bytes_per_provider,
+        )  # fmt: skip
 
     def _signed_provider_reason(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
         if stored.kind is not ValueKind.SIGNED:
@@ -417,19 +425,11 @@ class RecordStore:
             and provider_prefix(existing.source) == provider
             and existing.key in self._signed.get(source_prefix(existing.source), ())
         ):
-            count -= 1
-            size -= existing.size
-        if count + 1 > limits.max_signed_values_per_provider:
-            return (
-                f"provider {provider} already stores {count} signed records "
-                f"(limit {limits.max_signed_values_per_provider})"
-            )
-        if size + stored.size > limits.max_signed_bytes_per_provider:
-            return (
-                f"provider {provider} already stores {size} bytes of signed records "
-                f"(limit {limits.max_signed_bytes_per_provider})"
-            )
-        return None
+            count, size = count - 1, size - existing.size
+        return _budget_reason(
+            f"provider {provider}", count, size, stored.size, limits.max_signed_values_per_provider,
+            limits.max_signed_bytes_per_provider, signed=True,
+        )  # fmt: skip
 
     def _signed_source_reason(self, stored: StoredValue, existing: StoredValue | None) -> str | None:
         if stored.kind is not ValueKind.SIGNED:
@@ -438,18 +438,11 @@ class RecordStore:
         prefix = source_prefix(stored.source)
         count, size = self.signed_usage_of(prefix)
         if existing is not None and existing.key in self._signed.get(prefix, ()):
-            count -= 1
-            size -= existing.size
-        if count + 1 > limits.max_signed_values_per_source:
-            return (
-                f"source {prefix} already stores {count} signed records (limit {limits.max_signed_values_per_source})"
-            )
-        if size + stored.size > limits.max_signed_bytes_per_source:
-            return (
-                f"source {prefix} already stores {size} bytes of signed records "
-                f"(limit {limits.max_signed_bytes_per_source})"
-            )
-        return None
+            count, size = count - 1, size - existing.size
+        return _budget_reason(
+            f"source {prefix}", count, size, stored.size, limits.max_signed_values_per_source,
+            limits.max_signed_bytes_per_source, signed=True,
+        )  # fmt: skip
 
     def _fits_after_evictions(self, stored: StoredValue, existing: StoredValue | None) -> bool:
         """Whether evicting every plain value and every signed record that is not reserved (nor ``stored.key``)
