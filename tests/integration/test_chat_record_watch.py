@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
+from test_node_record_flush import wait_for  # polls an async predicate until DEADLINE
 
 from p2pmsg.chat.service import ChatConfig, ChatService
 from p2pmsg.dht.core.engine import DhtConfig
@@ -73,16 +73,6 @@ class CountingResolver:
     async def get_signed(self, key: bytes) -> VerifiedRecord | None:
         self.keys.append(key)
         return await self.dht.get_signed(key)
-
-
-async def wait_for(predicate: Callable[[], Awaitable[Any]], what: str, timeout: float = DEADLINE) -> Any:
-    with trio.move_on_after(timeout):
-        while True:
-            value = await predicate()
-            if value:
-                return value
-            await trio.sleep(0.02)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 async def waiting(peer: Peer, who: PeerId) -> list[OutboxEntry]:
