@@ -21,8 +21,10 @@ RPC is unknown (as ``rpcudp`` does).  Otherwise it is answered exactly like ``ka
   its random message id), the bytes sent to it never exceed the bytes received from it
   (:class:`~p2pmsg.dht.core.limits.AddressGuard`).  A ``ping`` from such an address is answered at once (43 bytes
   for 50).  Any other request makes this node ping the address (50 bytes, paid from the credit the request brought)
-  and *holds* the answer -- at most 8 per address -- until the pong proves the address, then sends it in full; if
-  the ping times out the held answers are dropped.  A request that can be neither answered within the credit nor
+  and *holds* the request -- at most 8 per address -- until the pong proves the address, then carries it out and
+  sends the answer in full; if the ping times out the held requests are dropped.  So a request from a forged
+  source address has no effect at all: a STORE is neither stored nor charged to the STORE rate limits of the network
+  and provider it claims (those are charged when a STORE is carried out).  A request that can be neither answered within the credit nor
   held is dropped before it has any effect.  Proving pings in flight are capped in all and per source network
   (/24, /64), and everything this node sends because of others' requests stays out of a reserved share of the
   pending-request table, so a flood of requests from fresh ports can never starve this node's own lookups.
@@ -361,7 +363,7 @@ class DhtEngine:
         self._timers: list[tuple[float, int, bytes]] = []
         self._timer_seq = 0
         self._verifying: dict[Address, bytes] = {}
-        self._deferred: dict[Address, list[bytes]] = {}
+        self._deferred: dict[Address, list[tuple[bytes, Request]]] = {}
         self._peers: OrderedDict[bytes, _Peer] = OrderedDict()
         self._signed_keys: OrderedDict[bytes, None] = OrderedDict()
         self._own_address = own_address
@@ -595,17 +597,13 @@ class DhtEngine:
         if sender == self.node_id:
             self.stats["malformed"] += 1
             return
-        if isinstance(request, StoreRequest) and not (
-            self._store_limiter.allow(source_prefix(address[0]), now)
-            and self._store_provider_limiter.allow(provider_prefix(address[0]), now)
-        ):
-            self.stats["rate_limited"] += 1
-            return
         if sender is not None and self.config.extensions:
             version = message_id_mark(message.msg_id)
             if version is not None:
                 self._advertised(sender, version)
         if self.guard.is_proven(address, now):
+            if isinstance(request, StoreRequest) and not self._store_allowed(address, now):
+                return
             self._emit(encode_response(message.msg_id, self._answer(request, address, now)), address)
             if sender is not None:
                 self._observe(Contact(node_id=sender, host=address[0], port=address[1]), now)
@@ -625,7 +623,9 @@ class DhtEngine:
             if len(held) >= _MAX_DEFERRED_PER_ADDRESS:
                 self.stats["amplification_dropped"] += 1
                 return
-            held.append(encode_response(message.msg_id, self._answer(request, address, now)))
+            # The request itself waits, not only its answer: a STORE from an address that never proves itself (a
+            # forged source) is never carried out and never charged to the network or provider it claims.
+            held.append((message.msg_id, request))
             self.stats["answers_deferred"] += 1
             return
         # Not even a ping is covered: answer only what the credit covers, cutting a contact list if need be.
@@ -646,6 +646,17 @@ class DhtEngine:
                 self._emit(datagram, address)
                 return
         self.stats["amplification_dropped"] += 1
+
+    def _store_allowed(self, address: Address, now: float) -> bool:
+        """Take a token from the STORE buckets of ``address``'s network, then of its provider (a STORE refused by
+        its network costs its provider nothing); count a refusal.  Only for proven addresses: a forged source cannot
+        drain the buckets of the networks it claims."""
+        if self._store_limiter.allow(source_prefix(address[0]), now) and self._store_provider_limiter.allow(
+            provider_prefix(address[0]), now
+        ):
+            return True
+        self.stats["rate_limited"] += 1
+        return False
 
     def _closest_for(self, request: FindNodeRequest | FindValueRequest, address: Address) -> list[Contact]:
         return self.table.closest(
@@ -1007,8 +1018,10 @@ class DhtEngine:
             self._observe(Contact(node_id=node_id, host=call.address[0], port=call.address[1]), now)
         elif purpose is _Purpose.VERIFY:
             self._verifying.pop(call.address, None)
-            for datagram in self._deferred.pop(call.address, ()):
-                self._emit(datagram, call.address)
+            for msg_id, request in self._deferred.pop(call.address, ()):
+                if isinstance(request, StoreRequest) and not self._store_allowed(call.address, now):
+                    continue
+                self._emit(encode_response(msg_id, self._answer(request, call.address, now)), call.address)
             node_id = parse_ping_response(body)
             self._observe(Contact(node_id=node_id, host=call.address[0], port=call.address[1]), now)
         elif purpose is _Purpose.BUCKET:

@@ -283,6 +283,7 @@ def test_store_rate_limit() -> None:
     net = SimNet()
     target = net.add(1, config=config)
     for i in range(20):
+        target.guard.mark_proven(("10.9.0.5", 6000 + i), net.now)  # 20 proven ports of one host
         net.inject(
             ("10.9.0.5", 6000 + i),
             net.address_of(target),
@@ -290,6 +291,35 @@ def test_store_rate_limit() -> None:
         )
     net.run()
     assert len(target.storage) == 5
+    assert target.stats["rate_limited"] == 15
+
+
+def test_a_store_from_an_address_that_never_proves_itself_has_no_effect() -> None:
+    """A forged source address never answers the proving ping: its STOREs are held, then dropped -- neither stored
+    nor charged to the STORE buckets of the network and provider it claims (found in review: 300 forged STOREs were
+    all kept, and 800 forged ones claiming a /16 rate-limited an honest, proven node of that /16)."""
+    config = DhtConfig(store_rate_per_ip=1.0, store_burst_per_ip=5.0)
+    net = SimNet()
+    target = net.add(1, config=config)
+    for i in range(40):
+        net.inject(
+            (f"198.51.{i % 4}.{1 + i}", 6000),
+            net.address_of(target),
+            encode_request(bytes([i]) * 20, StoreRequest(node_id=b"\x13" * 20, key=digest(i), value=i)),
+        )
+    net.run(until=net.now + 60)  # the proving pings time out: nobody lives at the forged addresses
+    assert len(target.storage) == 0
+    assert target.stats["answers_deferred"] == 32  # 8 proving pings per /24 in flight; the rest are dropped
+    assert target.stats["rate_limited"] == 0
+    honest = ("198.51.200.9", 6000)
+    target.guard.mark_proven(honest, net.now)
+    net.inject(
+        honest,
+        net.address_of(target),
+        encode_request(b"\x77" * 20, StoreRequest(node_id=b"\x14" * 20, key=digest(99), value=99)),
+    )
+    net.run()
+    assert target.storage.get(digest(99), net.now) is not None
 
 
 @settings(max_examples=200, deadline=None)
