@@ -325,14 +325,14 @@ def _prompt(text: str) -> str:
 
 
 def _load_identity(key_path: Path, *, no_passphrase: bool) -> Identity:
-    """Load the key file: unencrypted only if the user says so (``--no-passphrase``, an empty
-    ``$P2PMSG_PASSPHRASE`` or an empty passphrase file: intent from outside the home, where a planted key file could
-    not supply it); encrypted with the passphrase from the environment or the prompt."""
-    allow_unencrypted = no_passphrase or passphrase_from_environment() == ""
+    """Load the key file: unencrypted only if the user says so (``--no-passphrase`` or an empty
+    ``$P2PMSG_PASSPHRASE``: intent from outside the home, where a planted key file could not supply it); encrypted
+    with the passphrase from the environment (read once: a passphrase file may be a pipe) or the prompt."""
+    supplied = passphrase_from_environment()
     try:
-        return load_identity(key_path, None, allow_unencrypted=allow_unencrypted)
+        return load_identity(key_path, None, allow_unencrypted=no_passphrase or supplied == "")
     except PassphraseRequiredError:
-        return load_identity(key_path, resolve_passphrase(prompt=_prompt))
+        return load_identity(key_path, supplied if supplied is not None else resolve_passphrase(prompt=_prompt))
 
 
 _NO_PASSPHRASE_HELP: Final = 'The key file was made with `init --no-passphrase` (same as P2PMSG_PASSPHRASE="").'

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import stat
 import sys
@@ -152,6 +153,26 @@ def test_run_takes_the_passphrase_from_a_file(home: Path, monkeypatch: pytest.Mo
     env["P2PMSG_PASSPHRASE_FILE"] = str(home.parent / "missing")
     missing = CliRunner().invoke(cli, ["--home", str(home), "run"], env=env, input="")
     assert missing.exit_code == 1 and "P2PMSG_PASSPHRASE_FILE" in missing.output and "cannot read" in missing.output
+
+
+def test_run_reads_a_passphrase_pipe_once(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``P2PMSG_PASSPHRASE_FILE=<(pass show p2pmsg) p2pmsg run``: the file is a pipe that can be read only once (found
+    in review: the first read, for the unencrypted-key check, emptied it and the second said "empty")."""
+    calls: list[Identity] = []
+    node = types.ModuleType("p2pmsg.node")
+    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    assert run_cli(home, "init", passphrase="piped").exit_code == 0
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, b"piped\n")
+        os.close(write_fd)
+        env: dict[str, str | None] = {"P2PMSG_PASSPHRASE": None, "P2PMSG_PASSPHRASE_FILE": f"/proc/self/fd/{read_fd}"}
+        result = CliRunner().invoke(cli, ["--home", str(home), "run"], env=env, input="")
+    finally:
+        os.close(read_fd)
+    assert result.exit_code == 0, result.output
+    assert calls == [load_identity(home / IDENTITY_FILENAME, "piped")]
 
 
 def test_run_with_a_wrong_passphrase(home: Path) -> None:
