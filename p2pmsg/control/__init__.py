@@ -5,7 +5,7 @@ The node runs a :class:`ControlServer` on ``<home>/control.sock`` (mode 0600) an
 ``docs/protocol.md (section 7)``.
 """
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING
 
 from p2pmsg.control.client import ControlClient, EventStream
 from p2pmsg.control.errors import (
@@ -24,17 +24,17 @@ from p2pmsg.control.socketpath import SOCKET_NAME, SocketState, control_socket_p
 
 if TYPE_CHECKING:
     from p2pmsg.control.server import ControlServer, EventHub, Handler
+else:
+    _SERVER_NAMES = frozenset({"ControlServer", "EventHub", "Handler"})
 
-_SERVER_NAMES: Final = frozenset({"ControlServer", "EventHub", "Handler"})
+    def __getattr__(name: str) -> object:
+        """The server side (trio) is imported on first use, so a CLI command that only talks to a node starts
+        faster.  Type checkers see the plain imports above instead, so they still check these names."""
+        if name in _SERVER_NAMES:
+            from p2pmsg.control import server
 
-
-def __getattr__(name: str) -> Any:
-    """The server side (trio) is imported on first use, so a CLI command that only talks to a node starts faster."""
-    if name in _SERVER_NAMES:
-        from p2pmsg.control import server
-
-        return getattr(server, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+            return getattr(server, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
