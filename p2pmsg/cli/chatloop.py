@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, Final, Protocol, TextIO
 
+from p2pmsg.chat.envelope import MAX_TEXT_BYTES
 from p2pmsg.cli.output import clean
 from p2pmsg.control import ControlClient, ControlRequestError
 from p2pmsg.errors import P2PMsgError
@@ -33,8 +34,8 @@ MAX_BATCH: Final = 1000
 """Piped lines queued per ``send_many`` call (one transaction, one disk sync for the whole batch; the node takes up
 to 1,000 texts per call)."""
 MAX_BATCH_BYTES: Final = 768 * 1024
-"""UTF-8 bytes of text per ``send_many`` call, so a request stays under the control API's 1 MiB limit (a single
-longer line still goes alone, and the node says why it refuses it)."""
+"""UTF-8 bytes of text per ``send_many`` call, so a request stays under the control API's 1 MiB limit (a line over
+the 64 KiB text limit is never sent: it gets a ``refused`` line in the output instead)."""
 _READ_SIZE: Final = 65536
 
 
@@ -166,12 +167,23 @@ def run_chat(
                 texts = [t for t in (line.rstrip("\r\n") for line in batch) if t.strip()]
                 if not texts:
                     continue
-                result = client.call("send_many", name=name, texts=texts)
-                sent += len(texts)
+                # A line the node would refuse must not sink the batch (send_many is all or nothing): it gets its own
+                # "refused" line in the output, in its place, and the others go.
+                refused = {i: size for i, t in enumerate(texts) if (size := len(t.encode("utf-8"))) > MAX_TEXT_BYTES}
+                good = [t for i, t in enumerate(texts) if i not in refused]
+                result = client.call("send_many", name=name, texts=good) if good else {}
+                sent += len(good)
                 # A script needs to know exactly what was durably queued (e.g. before a crash): say it per line.
                 status = result.get("status", "queued") if isinstance(result, dict) else "queued"
-                ids = result.get("ids", []) if isinstance(result, dict) else []
-                show("\n".join(f"{status} {message_id}" for message_id in ids))
+                ids = iter(result.get("ids", []) if isinstance(result, dict) else [])
+                show(
+                    "\n".join(
+                        f"refused: {refused[i]} bytes of UTF-8, the limit is {MAX_TEXT_BYTES}"
+                        if i in refused
+                        else f"{status} {next(ids, '?')}"
+                        for i in range(len(texts))
+                    )
+                )
     except KeyboardInterrupt:
         pass
     finally:

@@ -383,6 +383,19 @@ async def test_chat_with_piped_input_sends_each_line_and_exits(home: Path) -> No
     assert len(confirmations) == 2 and all(len(line.split()[1]) == 32 for line in confirmations)
 
 
+async def test_piped_chat_refuses_an_overlong_line_alone(home: Path) -> None:
+    """send_many is all or nothing: a line over the 64 KiB text limit must not sink the lines around it (found in
+    review).  It gets its own "refused" line in the output, in its place, and the others are sent."""
+    long_line = "x" * 65537
+    async with node_on(home) as node:
+        result = await invoke(home, "chat", "bob", input=f"before\n{long_line}\nafter\n")
+        assert node.sent == [("bob", "before"), ("bob", "after")]
+    assert result.exit_code == 0, result.output
+    replies = [line for line in result.output.splitlines() if line.startswith(("queued ", "refused"))]
+    assert [line.split()[0] for line in replies] == ["queued", "refused:", "queued"]
+    assert "65537 bytes of UTF-8, the limit is 65536" in replies[1]
+
+
 async def test_chat_with_an_unknown_contact(home: Path) -> None:
     async with node_on(home) as node:
         result = await invoke(home, "chat", "zed", input="hello\n")
