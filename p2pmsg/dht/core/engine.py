@@ -24,10 +24,11 @@ RPC is unknown (as ``rpcudp`` does).  Otherwise it is answered exactly like ``ka
   and *holds* the request -- at most 8 per address -- until the pong proves the address, then carries it out and
   sends the answer in full; if the ping times out the held requests are dropped.  So a request from a forged
   source address has no effect at all: a STORE is neither stored nor charged to the STORE rate limits of the network
-  and provider it claims (those are charged when a STORE is carried out).  A request that can be neither answered within the credit nor
-  held is dropped before it has any effect.  Proving pings in flight are capped in all and per source network
-  (/24, /64), and everything this node sends because of others' requests stays out of a reserved share of the
-  pending-request table, so a flood of requests from fresh ports can never starve this node's own lookups.
+  and provider it claims (those are charged when a STORE is carried out).  A request that can be neither answered
+  within the credit nor held is dropped before it has any effect.  Proving pings in flight are capped in all and
+  per source network (/24, /64), and everything this node sends because of others' requests stays out of a reserved
+  share of the pending-request table, so a flood of requests from fresh ports can never starve this node's own
+  lookups.
   Requests this node starts on its own (lookup queries, publishing) are not charged: they go to contacts learnt
   from the routing table or from answers, one small request each, and larger STOREs only go to nodes that answered
   a lookup;
