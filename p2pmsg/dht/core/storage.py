@@ -40,6 +40,14 @@ throwaway networks only ever flushes its own largest providers, never a newcomer
 networks that hold a few more records each than an attacker spread thin over many networks of one provider.
 Records the node itself signed (``reserved``) are exempt from the limits and never evicted.  Time is passed in
 (monotonic seconds); the store never reads a clock.
+
+Choosing the signed victim is indexed, not a scan of every network: each provider keeps a heap of its networks
+keyed by ``(records, bytes, since)`` (``since`` numbers a network when it last started holding signed records, so the
+lowest is the one that has held them longest without a break), and one heap holds the providers keyed by ``(records,
+bytes, best network's key)``.  Every change to a network pushes a fresh entry for it and for its provider instead of
+updating the old ones in place; an entry is checked against the current counts when it reaches the top and dropped if
+it no longer matches, and both levels are rebuilt from the live counts once stale entries outnumber live ones, so
+an eviction costs O(log n) amortised and the heaps stay within twice the live networks and providers.
 """
 
 from __future__ import annotations
@@ -202,6 +210,19 @@ class RecordStore:
         self._provider_of: dict[str, str] = {}
         #: Keys of the records this node signed itself: exempt from the limits, never evicted.
         self._reserved: set[bytes] = set()
+        #: The count and bytes of every signed record that is not reserved (what evicting all of them would free).
+        self._signed_count = 0
+        self._signed_total = 0
+        #: The eviction index (module docstring): each network's ``since`` serial, per provider a heap of
+        #: ``(-records, -bytes, since, network)`` entries, and a heap of ``(-records, -bytes, *best network's entry,
+        #: provider)`` entries; entries are stale once they no longer match the counts.
+        self._since: dict[str, int] = {}
+        self._serial = 0
+        self._net_heaps: dict[str, list[tuple[int, int, int, str]]] = {}
+        self._net_entries = 0
+        self._provider_heap: list[tuple[int, int, int, int, int, str, str]] = []
+        #: A network left out of the index while a victim is chosen (it holds only the key being stored).
+        self._hidden: str | None = None
         self.evicted = 0
 
     # -- queries ---------------------------------------------------------------------------------------------------
@@ -452,8 +473,8 @@ class RecordStore:
         if existing is not None:
             count -= 1
             size -= existing.size
-        count -= len(self._plain) + sum(len(keys) for keys in self._signed.values())
-        size -= self._plain_bytes + sum(self._signed_bytes.values())
+        count -= len(self._plain) + self._signed_count
+        size -= self._plain_bytes + self._signed_total
         if existing is not None and existing.key not in self._reserved:  # it goes anyway: counted once, above
             count += 1
             size += existing.size
@@ -463,20 +484,105 @@ class RecordStore:
         """Drop signed records of the provider holding the most, of its network holding the most (oldest first;
         never ``stored.key``, never a reserved one) until ``stored`` fits the store-wide limits."""
         while self._global_reason(stored, existing) is not None:
-            victim: bytes | None = None
-            best: tuple[int, int, int, int] | None = None
-            for prefix, keys in self._signed.items():
-                provider = self._signed_provider[self._provider_of[prefix]]
-                rank = (provider[0], provider[1], len(keys), self._signed_bytes.get(prefix, 0))
-                if best is not None and rank <= best:
-                    continue
-                candidate = next((k for k in keys if k != stored.key), None)
-                if candidate is not None:
-                    victim, best = candidate, rank
+            victim = self._signed_victim(stored.key)
             if victim is None:
                 return
             self._remove(victim)
             self.evicted += 1
+
+    def _signed_victim(self, exclude: bytes) -> bytes | None:
+        """The oldest signed record other than ``exclude`` of the network that ranks highest by ``(provider records,
+        provider bytes, network records, network bytes)``, ties to the lowest ``since``; ``None`` if there is none."""
+        hidden: str | None = None
+        held = self._values.get(exclude)
+        if held is not None and held.kind is ValueKind.SIGNED and exclude not in self._reserved:
+            prefix = source_prefix(held.source)
+            if len(self._signed[prefix]) == 1:  # its only record is the excluded one: it has no candidate
+                hidden = prefix
+                self._hidden = prefix
+                self._push_provider(self._provider_of[prefix])
+        try:
+            heap = self._provider_heap
+            while heap and not self._provider_entry_valid(heap[0]):
+                heapq.heappop(heap)
+            if not heap:
+                return None
+            return next(key for key in self._signed[heap[0][5]] if key != exclude)
+        finally:
+            if hidden is not None:
+                self._hidden = None
+                self._reindex(hidden, self._provider_of[hidden])
+
+    def _net_entry_valid(self, entry: tuple[int, int, int, str]) -> bool:
+        neg_count, neg_bytes, since, prefix = entry
+        keys = self._signed.get(prefix)
+        return (
+            keys is not None
+            and prefix != self._hidden
+            and self._since[prefix] == since
+            and len(keys) == -neg_count
+            and self._signed_bytes[prefix] == -neg_bytes
+        )
+
+    def _best_network(self, provider: str) -> tuple[int, int, int, str] | None:
+        """The live index entry of ``provider``'s highest-ranking network (dropping stale entries above it)."""
+        heap = self._net_heaps.get(provider)
+        if heap is None:
+            return None
+        while heap and not self._net_entry_valid(heap[0]):
+            heapq.heappop(heap)
+            self._net_entries -= 1
+        return heap[0] if heap else None
+
+    def _provider_entry_valid(self, entry: tuple[int, int, int, int, int, str, str]) -> bool:
+        usage = self._signed_provider.get(entry[6])
+        return (
+            usage is not None
+            and usage[0] == -entry[0]
+            and usage[1] == -entry[1]
+            and self._best_network(entry[6]) == entry[2:6]
+        )
+
+    def _push_provider(self, provider: str) -> None:
+        """Index ``provider`` as it is now (or forget its network heap if it holds no signed record)."""
+        usage = self._signed_provider.get(provider)
+        if usage is None:
+            self._net_entries -= len(self._net_heaps.pop(provider, ()))
+            return
+        best = self._best_network(provider)
+        if best is not None:
+            heapq.heappush(self._provider_heap, (-usage[0], -usage[1], *best, provider))
+
+    def _reindex(self, prefix: str, provider: str) -> None:
+        """Index network ``prefix`` of ``provider`` and the provider itself after either changed."""
+        keys = self._signed.get(prefix)
+        if keys is not None and prefix != self._hidden:
+            entry = (-len(keys), -self._signed_bytes[prefix], self._since[prefix], prefix)
+            heapq.heappush(self._net_heaps.setdefault(provider, []), entry)
+            self._net_entries += 1
+        self._push_provider(provider)
+        if (
+            self._net_entries > 2 * len(self._signed) + 64
+            or len(self._provider_heap) > 2 * len(self._signed_provider) + 64
+        ):
+            self._rebuild_index()
+
+    def _rebuild_index(self) -> None:
+        """Rebuild both heaps from the live counts (drops every stale entry)."""
+        heaps: dict[str, list[tuple[int, int, int, str]]] = {}
+        for prefix, keys in self._signed.items():
+            if prefix != self._hidden:
+                entry = (-len(keys), -self._signed_bytes[prefix], self._since[prefix], prefix)
+                heaps.setdefault(self._provider_of[prefix], []).append(entry)
+        self._provider_heap = []
+        self._net_entries = 0
+        for provider, heap in heaps.items():
+            heapq.heapify(heap)
+            self._net_entries += len(heap)
+            usage = self._signed_provider[provider]
+            self._provider_heap.append((-usage[0], -usage[1], *heap[0], provider))
+        heapq.heapify(self._provider_heap)
+        self._net_heaps = heaps
 
     def _evict_plain_for(self, stored: StoredValue, existing: StoredValue | None) -> None:
         """Drop the oldest plain values (never ``stored.key``'s) until ``stored`` fits the store-wide limits."""
@@ -525,12 +631,18 @@ class RecordStore:
         elif reserved:
             self._reserved.add(stored.key)
         else:
+            if prefix not in self._signed:
+                self._since[prefix] = self._serial
+                self._serial += 1
             self._signed.setdefault(prefix, OrderedDict())[stored.key] = None
             self._signed_bytes[prefix] = self._signed_bytes.get(prefix, 0) + stored.size
             self._provider_of[prefix] = provider
             usage = self._signed_provider.setdefault(provider, [0, 0])
             usage[0] += 1
             usage[1] += stored.size
+            self._signed_count += 1
+            self._signed_total += stored.size
+            self._reindex(prefix, provider)
         heapq.heappush(self._expiry, (stored.expires_at, stored.key))
 
     def _remove(self, key: bytes) -> None:
@@ -556,9 +668,13 @@ class RecordStore:
             usage = self._signed_provider[provider]
             usage[0] -= 1
             usage[1] -= stored.size
+            self._signed_count -= 1
+            self._signed_total -= stored.size
             if not keys:
                 del self._signed[prefix]
                 del self._signed_bytes[prefix]
                 del self._provider_of[prefix]
+                del self._since[prefix]
             if usage[0] == 0:
                 del self._signed_provider[provider]
+            self._reindex(prefix, provider)
