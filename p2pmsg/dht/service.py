@@ -53,7 +53,7 @@ from p2pmsg.dht.core.errors import DhtUsageError, RecordError
 from p2pmsg.dht.core.events import DhtEvent, LookupDone, PingDone, StoreDone
 from p2pmsg.dht.core.messages import PlainValue, is_plain_value
 from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, peer_record_key, seal_peer_record
-from p2pmsg.dht.core.storage import RecordStore, StorageLimits
+from p2pmsg.dht.core.storage import RecordStore
 from p2pmsg.identity import Identity, PeerId
 from p2pmsg.wire.multiaddr import Multiaddr
 
@@ -75,31 +75,6 @@ _MIN_REFRESH_GAP = 1.0
 RecordListener = Callable[[VerifiedRecord], None]
 """Called with a signed record the node's store just accepted as new to it; it runs in the DHT's own task, so it
 must return at once (hand any work to another task) and should not raise (an exception is logged and ignored)."""
-
-
-class _NotingRecordStore(RecordStore):
-    """The engine's record store, also noting ``(key, value)`` of each signed record it accepts that it did not
-    hold (:meth:`RecordStore.put_signed` returned ``True``), for :class:`DhtNode` to report after the engine call."""
-
-    def __init__(self, limits: StorageLimits, fresh: list[tuple[bytes, bytes]]) -> None:
-        super().__init__(limits)
-        self._fresh = fresh
-
-    def put_signed(
-        self,
-        key: bytes,
-        value: bytes,
-        *,
-        seq: int,
-        expires_at: float,
-        source: str,
-        now: float,
-        reserved: bool = False,
-    ) -> bool:
-        new = super().put_signed(key, value, seq=seq, expires_at=expires_at, source=source, now=now, reserved=reserved)
-        if new:
-            self._fresh.append((key, value))
-        return new
 
 
 @dataclasses.dataclass(slots=True)
@@ -150,7 +125,7 @@ class DhtNode:
             now=now,
             wall_clock=wall_clock,
             own_address=self._own_address_toward,
-            storage=None if on_record is None else _NotingRecordStore(storage_limits, self._fresh_records),
+            storage=None if on_record is None else RecordStore(storage_limits, on_new_signed=self._note_record),
         )
         self._sock: _socket.socket | None = None
         self._address: Address | None = None
@@ -308,6 +283,10 @@ class DhtNode:
                     self.send_errors += 1
                     log.debug("sendto %s failed: %s", address, exc)
                 break
+
+    def _note_record(self, key: bytes, value: bytes) -> None:
+        """The store took in a signed record: reported to ``on_record`` after the engine call (:meth:`_flush`)."""
+        self._fresh_records.append((key, value))
 
     def _report_records(self) -> None:
         """Hand the signed records the store took in since the last flush to ``on_record``."""

@@ -58,7 +58,7 @@ import functools
 import heapq
 import ipaddress
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import msgpack
 
@@ -192,8 +192,13 @@ def _budget_reason(
 class RecordStore:
     """Bounded key/value storage (see the module docstring)."""
 
-    def __init__(self, limits: StorageLimits | None = None) -> None:
+    def __init__(
+        self, limits: StorageLimits | None = None, *, on_new_signed: Callable[[bytes, bytes], None] | None = None
+    ) -> None:
+        """``on_new_signed(key, value)`` is called with each signed record :meth:`put_signed` takes in that it did not
+        hold (a new key or a higher ``seq``; not a refresh), after it is stored."""
         self.limits = limits or StorageLimits()
+        self._on_new_signed = on_new_signed
         self._values: dict[bytes, StoredValue] = {}
         self._total = 0
         self._per_source: dict[str, list[int]] = {}
@@ -353,6 +358,8 @@ class RecordStore:
             seq=seq,
         )
         self._admit(stored, existing, now, reserved=reserved)
+        if self._on_new_signed is not None:
+            self._on_new_signed(key, value)
         return True
 
     def remove(self, key: bytes) -> None:
