@@ -729,16 +729,11 @@ class ChatService:
             await trio.sleep(self.config.record_watch)
             try:
                 await self._watch_round()
-            except store_errors.StoreClosedError:
-                log.info("chat: the store is closed; the record watcher stops")
-                return
-            except ExceptionGroup as group:  # from the round's lookup tasks
-                if group.subgroup(store_errors.StoreClosedError) is not None:
-                    log.info("chat: the store is closed; the record watcher stops")
+            except Exception as exc:  # a bug or a store failure: keep the node up, try again next round
+                closed = store_errors.StoreClosedError
+                if isinstance(exc, closed) or (isinstance(exc, ExceptionGroup) and exc.subgroup(closed) is not None):
+                    log.info("chat: the store is closed; the record watcher stops")  # (the lookups are a nursery)
                     return
-                self._dropped["chat_internal_error"] += 1
-                log.exception("chat: record watch round failed")
-            except Exception:  # a bug or a store failure: keep the node up, try again next round
                 self._dropped["chat_internal_error"] += 1
                 log.exception("chat: record watch round failed")
 
