@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_messaging.py
 	$(BIN)/python scripts/bench_chat_pipe.py
 	$(BIN)/python scripts/bench_dht.py
+	$(BIN)/python scripts/bench_store.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

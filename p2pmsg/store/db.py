@@ -73,7 +73,7 @@ from p2pmsg.store.errors import (
 )
 from p2pmsg.store.migrations import MIGRATIONS, Migration, check_database, migrate
 
-__all__ = ["MIN_SQLITE_VERSION", "NEW_FILE_PAGE_SIZE", "Database", "StoreStats", "open_database"]
+__all__ = ["MIN_SQLITE_VERSION", "NEW_FILE_PAGE_SIZE", "Database", "StoreStats", "configure_writer", "open_database"]
 
 T = TypeVar("T")
 
@@ -180,6 +180,23 @@ def _wake_all(completions: list[_Completion]) -> None:
 
 def _file_uri(path: Path, mode: str) -> str:
     return f"{path.absolute().as_uri()}?mode={mode}"
+
+
+def configure_writer(conn: sqlite3.Connection, path: Path | str) -> None:
+    """Set up the writer's connection to the database file at ``path``: :data:`NEW_FILE_PAGE_SIZE` if the file has
+    no page yet, WAL mode (:class:`StoreError` if SQLite refuses it), the writer's pragmas (``synchronous=FULL``,
+    cache, ...) and the checkpoint size.  What the writer thread does on opening, before it migrates."""
+    if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
+        # Only a file without any page yet can take a page size; switching to WAL writes the first page.
+        conn.execute(f"PRAGMA page_size = {NEW_FILE_PAGE_SIZE}")
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise StoreError(f"{path}: SQLite refused WAL mode (journal_mode is {mode}); use a local disk")
+    for pragma in _WRITER_PRAGMAS:
+        conn.execute(pragma)
+    page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, _WAL_CHECKPOINT_BYTES // page_size)}")
+    conn.execute("PRAGMA busy_timeout = 5000")
 
 
 class _Writer:
@@ -422,17 +439,7 @@ class _Writer:
         )
         try:
             check_database(conn, self.migrations)  # refuse foreign/newer files before writing anything
-            if conn.execute("PRAGMA page_count").fetchone()[0] == 0:
-                # Only a file without any page yet can take a page size; switching to WAL writes the first page.
-                conn.execute(f"PRAGMA page_size = {NEW_FILE_PAGE_SIZE}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreError(f"{self.path}: SQLite refused WAL mode (journal_mode is {mode}); use a local disk")
-            for pragma in _WRITER_PRAGMAS:
-                conn.execute(pragma)
-            page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
-            conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, _WAL_CHECKPOINT_BYTES // page_size)}")
-            conn.execute("PRAGMA busy_timeout = 5000")
+            configure_writer(conn, self.path)
             self.version = migrate(conn, self.migrations)
             conn.set_authorizer(self._authorize)
         except sqlite3.DatabaseError as exc:

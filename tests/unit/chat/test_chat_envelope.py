@@ -27,6 +27,8 @@ from p2pmsg.chat.envelope import (
     decode_envelope,
     decode_receipt,
     encode_receipt,
+    message_id_time_prefix,
+    new_message_id,
 )
 from p2pmsg.errors import LocalProtocolError, RemoteProtocolError
 from p2pmsg.identity import Identity, PeerId
@@ -71,7 +73,8 @@ def test_box_is_a_standard_crypto_box() -> None:
     """An independent opener (PyNaCl's Box with the converted keys) reads the inner message."""
     random = _counter_random()
     sealed = EnvelopeSealer(ALICE, random=random).seal(BOB.peer_id, "kat", ts=5)  # type: ignore[arg-type]
-    assert sealed.id == bytes(16) and sealed.nonce == bytes(24)  # one 40-byte draw: id, then nonce
+    # ts 5 is minute 0; one 36-byte draw: the id's 12 random bytes, then the nonce
+    assert sealed.id == bytes(16) and sealed.nonce == bytes(24)
     box = nacl.public.Box(BOB.x25519_private_key, nacl.public.PublicKey(ALICE.x25519_public_key))
     inner = msgpack.unpackb(box.decrypt(sealed.box, sealed.nonce), raw=False)
     assert inner == {
@@ -95,6 +98,21 @@ def test_sealing_is_deterministic_with_injected_randomness() -> None:
     c = EnvelopeSealer(ALICE).seal(BOB.peer_id, "x", ts=1)
     assert a.raw == b.raw
     assert c.raw != a.raw and c.id != a.id
+
+
+def test_a_fresh_id_starts_with_the_minute_it_was_written() -> None:
+    ts = 1_700_000_000_123  # minute 28_333_333 = 0x01b05515
+    sealed = EnvelopeSealer(ALICE, random=_counter_random()).seal(BOB.peer_id, "x", ts=ts)  # type: ignore[arg-type]
+    assert sealed.id == (ts // 60_000).to_bytes(4, "big") + bytes(12)
+    assert sealed.nonce == bytes(24)
+    assert new_message_id(ts, lambda n: b"\xab" * n) == bytes.fromhex("01b05515") + b"\xab" * 12
+    # Later minutes sort after earlier ones whatever the random part; the minute wraps modulo 2^32.
+    ids = [EnvelopeSealer(ALICE).seal(BOB.peer_id, "x", ts=t).id for t in (0, 59_999, 60_000, 3_600_000)]
+    assert [i[:4] for i in ids] == [bytes(4), bytes(4), bytes.fromhex("00000001"), bytes.fromhex("0000003c")]
+    assert message_id_time_prefix(2**32 * 60_000 + 60_000) == bytes.fromhex("00000001")
+    assert message_id_time_prefix(-1) == bytes(4)  # sealing refuses such a ts itself
+    # Ids of one minute still differ: 96 random bits.
+    assert len({EnvelopeSealer(ALICE).seal(BOB.peer_id, "x", ts=ts).id for _ in range(50)}) == 50
 
 
 def test_wrong_recipient_is_refused() -> None:
