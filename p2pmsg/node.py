@@ -261,7 +261,15 @@ class Node:
         self.dht = DhtNode(identity, host=dht_host, port=dht_port, on_record=self._record_stored)
         policy = ChatPolicy(accept_from=config.accept_from)  # type: ignore[arg-type]
         chat_config = dataclasses.replace(self.options.chat or ChatConfig(), policy=policy)
-        self.chat = ChatService(identity, db, resolver=self.dht, config=chat_config, events=self.events.publish)
+        hub = self.events
+        self.chat = ChatService(
+            identity,
+            db,
+            resolver=self.dht,
+            config=chat_config,
+            events=hub.publish,
+            listening=lambda: hub.subscribers > 0,  # no subscriber: the hot paths build no events at all
+        )
         self.listener = Listener(identity, self.chat.handle_inbound)
         handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = self.chat.control_handlers()
         handlers["id"] = self._id

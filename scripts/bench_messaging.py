@@ -245,12 +245,15 @@ TeeT = TypeVar("TeeT")
 
 def tee_events(node: Node, make: Callable[[Callable[..., None] | None], TeeT]) -> TeeT:
     """Put ``make(original sink)`` in front of the chat service's event sink (a private attribute: the only place
-    that sees every event without a control-API subscriber, which a burst would disconnect)."""
+    that sees every event without a control-API subscriber, which a burst would disconnect).  The service builds
+    its hot-path events only while ``listening()`` says someone listens: the tee's ``listening()`` answers instead
+    (it asks for exactly the events the benchmark reads, as a control-API subscriber would get them all)."""
     chat: Any = node.chat
-    if not hasattr(chat, "_events"):
-        raise SystemExit("ChatService has no _events sink any more: update tee_events() in this benchmark")
+    if not hasattr(chat, "_events") or not hasattr(chat, "_listening"):
+        raise SystemExit("ChatService has no _events/_listening any more: update tee_events() in this benchmark")
     tee = make(chat._events)
     chat._events = tee
+    chat._listening = tee.listening
     return tee
 
 
@@ -260,6 +263,10 @@ class StoredStamps:
     def __init__(self, inner: Callable[..., None] | None) -> None:
         self.inner = inner
         self.stamps: dict[str, float] | None = None
+
+    def listening(self) -> bool:
+        """Message events are wanted while stamps are taken (the receiver node has no control subscriber)."""
+        return self.stamps is not None
 
     def __call__(self, event: str, /, **fields: Any) -> None:
         if self.stamps is not None and event == "message" and fields.get("direction") == "in":
@@ -373,6 +380,11 @@ class Receipts:
         self.group_done = trio.Event()
         self.window: trio.Semaphore | None = None
         self.window_ids: set[str] = set()
+
+    def listening(self) -> bool:
+        """Always: the benchmark reads every ``delivered`` receipt, as a control-API subscriber (who gets every
+        event, ``message`` events included) would."""
+        return True
 
     def __call__(self, event: str, /, **fields: Any) -> None:
         if event == "receipt" and fields.get("status") == "delivered":

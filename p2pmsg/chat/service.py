@@ -107,9 +107,7 @@ from p2pmsg.store.models import (
     Contact,
     ContactState,
     HistoryCursor,
-    IncomingMessage,
     OutboxEntry,
-    OutgoingMessage,
     StoredMessage,
 )
 from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
@@ -309,18 +307,17 @@ class _EnqueueRound:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Stored:
-    message: ChatMessage
-    outcome: str  # "stored" | "duplicate" | "overflow"
-    disposition: Disposition
-    sent_at: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class _Incoming:
+    """What storing one received batch did, in columns (no object per message): ``outcomes[i]`` and ``sent_at[i]``
+    belong to the batch's ``i``-th message; empty when the batch was refused."""
+
     relation: Relation
     contact_name: str | None
-    results: list[_Stored]
+    disposition: Disposition
+    outcomes: list[str]
+    """Per message: ``"stored"``, ``"duplicate"`` (already stored) or ``"overflow"`` (a request over the limits)."""
+    sent_at: list[int]
+    """Per message: the timestamp stored (the sender's, but never later than our clock)."""
     auto_added: bool = False
     """The sender was added as a contact by this transaction (``accept_from = "anyone"``)."""
 
@@ -354,17 +351,22 @@ class ChatService:
         resolver: PeerResolver | None = None,
         config: ChatConfig | None = None,
         events: EventSink | None = None,
+        listening: Callable[[], bool] | None = None,
         dial: DialFunction = net_dial,
         clock_ms: Callable[[], int] = _wall_ms,
         rng: random.Random | None = None,
     ) -> None:
         """``resolver`` finds peer records in the DHT (``None``: only cached records and invite hints are used);
-        ``events`` receives service events; ``dial``, ``clock_ms`` (wall clock, ms) and ``rng`` are for tests."""
+        ``events`` receives service events; ``listening()``, if given, says whether anyone would receive them now
+        (for example whether the node's event hub has subscribers): while it is false the service does not even
+        build its ``message`` and ``receipt`` events, one per message and one per batch on the hot paths.
+        ``dial``, ``clock_ms`` (wall clock, ms) and ``rng`` are for tests."""
         self.identity = identity
         self._db = db
         self._resolver = resolver
         self.config = config if config is not None else ChatConfig()
         self._events = events
+        self._listening = listening
         self._dial = dial
         self._now = clock_ms
         self._rng = rng if rng is not None else random.Random()
@@ -459,13 +461,17 @@ class ChatService:
             self._dropped["chat_event_unpublishable"] += 1
             log.exception("chat: the event sink failed on a %s event", event.name)
 
+    def _listened(self) -> bool:
+        """Whether the hot paths should build their events: a sink exists and (if it can tell) someone listens."""
+        return self._events is not None and (self._listening is None or self._listening())
+
     def _publish_receipt(self, peer: PeerId, ids: Sequence[bytes], status: str) -> None:
         """One ``receipt`` event for a whole batch (nothing at all when nobody listens).
 
         A receipt for a message whose enqueue transaction has not committed yet (it went to the wire during the
         commit, see :meth:`_enqueue`) is held back until the ``message`` event of that commit has been published,
         so subscribers always see ``message``, then ``sent``, then ``delivered``."""
-        if self._events is None:
+        if not self._listened():
             return
         uncommitted = self._uncommitted
         if uncommitted and not uncommitted.isdisjoint(ids):
@@ -1083,29 +1089,32 @@ class ChatService:
         if incoming.relation is Relation.BLOCKED:
             self._dropped["chat_blocked_peer"] += len(opened)
             raise _SessionRefused("the peer is blocked")
-        ack_ids = [r.message.id for r in incoming.results if r.outcome != "overflow"]
-        overflow = len(incoming.results) - len(ack_ids)
-        if overflow:
+        outcomes = incoming.outcomes
+        if "overflow" in outcomes:
+            ack_ids = [m.id for m, outcome in zip(opened, outcomes, strict=True) if outcome != "overflow"]
+            overflow = len(outcomes) - len(ack_ids)
             self._dropped["chat_request_overflow"] += overflow
             log.info("chat: %d message request(s) from %s over the limits, not acknowledged", overflow, peer)
+        else:
+            ack_ids = [m.id for m in opened[: len(outcomes)]]
         await self._write(session, session.conn.send_ack(ack_ids))
-        for result in incoming.results:
-            if result.outcome != "stored":
+        if not self._listened():
+            return
+        text = self._text(peer)
+        for message, outcome, sent_at in zip(opened, outcomes, incoming.sent_at, strict=False):
+            if outcome != "stored":
                 continue
-            message = result.message
-            if result.disposition is Disposition.REQUEST:
-                self._publish(
-                    ev.RequestEvent(id=message.id.hex(), peer_id=self._text(peer), text=message.text, ts=result.sent_at)
-                )
+            if incoming.disposition is Disposition.REQUEST:
+                self._publish(ev.RequestEvent(id=message.id.hex(), peer_id=text, text=message.text, ts=sent_at))
             else:
                 self._publish(
                     ev.MessageEvent(
                         id=message.id.hex(),
-                        peer_id=self._text(peer),
+                        peer_id=text,
                         contact=incoming.contact_name,
-                        sender=self._text(peer),
+                        sender=text,
                         text=message.text,
-                        ts=result.sent_at,
+                        ts=sent_at,
                         direction="in",
                     )
                 )
@@ -1122,7 +1131,7 @@ class ChatService:
         auto_added = repo.count_settings(conn, _AUTO_PREFIX) if relation is Relation.STRANGER else 0
         disposition = policy.classify(relation, auto_added=auto_added)
         if disposition is Disposition.REFUSE:
-            return _Incoming(relation=relation, contact_name=name, results=[])
+            return _Incoming(relation=relation, contact_name=name, disposition=disposition, outcomes=[], sent_at=[])
         added_now = False
         if disposition is Disposition.ADD_AND_INBOX:
             added = _add_stranger(conn, raw, str(peer), now)
@@ -1131,21 +1140,23 @@ class ChatService:
             relation = Relation.CONTACT
             disposition = Disposition.INBOX
             added_now = True
-        if disposition is Disposition.INBOX:  # the hot path: one batch insert
-            items = [
-                IncomingMessage(message_id=m.id, sender=raw, text=m.text, sent_at=min(m.ts, now)) for m in messages
+        if disposition is Disposition.INBOX:  # the hot path: one batch insert, rows rather than objects
+            # A clock in the future must not pin a message below newer ones: never later than ours.
+            sent = [m.ts if m.ts < now else now for m in messages]
+            rows: list[repo.IncomingRow] = [
+                (m.id, raw, None, m.text, at, False) for m, at in zip(messages, sent, strict=True)
             ]
-            fresh = repo.insert_incoming_many(conn, items, now=now)
+            fresh = repo.insert_incoming_rows(conn, rows, now=now)
             return _Incoming(
                 auto_added=added_now,
                 relation=relation,
                 contact_name=name,
-                results=[
-                    _Stored(m, "stored" if new else "duplicate", disposition, item.sent_at)
-                    for m, item, new in zip(messages, items, fresh, strict=True)
-                ],
+                disposition=disposition,
+                outcomes=["stored" if new else "duplicate" for new in fresh],
+                sent_at=sent,
             )
-        results: list[_Stored] = []
+        outcomes: list[str] = []
+        sent_ats: list[int] = []
         # The byte budget: read once per transaction, then kept up to date here (each read walks the requests).
         pending_bytes = repo.request_bytes(conn) if disposition is Disposition.REQUEST else 0
         peer_bytes = repo.request_bytes(conn, raw) if disposition is Disposition.REQUEST else 0
@@ -1163,7 +1174,8 @@ class ChatService:
                     pending_bytes_from_peer=peer_bytes,
                     size=size,
                 ):
-                    results.append(_Stored(message, "overflow", disposition, sent_at))
+                    outcomes.append("overflow")
+                    sent_ats.append(sent_at)
                     continue
             stored = repo.insert_incoming(
                 conn,
@@ -1177,8 +1189,11 @@ class ChatService:
             if stored:
                 pending_bytes += size
                 peer_bytes += size
-            results.append(_Stored(message, "stored" if stored else "duplicate", disposition, sent_at))
-        return _Incoming(relation=relation, contact_name=name, results=results)
+            outcomes.append("stored" if stored else "duplicate")
+            sent_ats.append(sent_at)
+        return _Incoming(
+            relation=relation, contact_name=name, disposition=disposition, outcomes=outcomes, sent_at=sent_ats
+        )
 
     async def _apply_acks(self, session: _Session, ids: list[bytes]) -> None:
         now = self._now()
@@ -1439,25 +1454,17 @@ class ChatService:
                 now = max(self._now(), items[-1].now)
                 retry_at = min(now + self.config.resend_after_ms, MAX_TIMESTAMP)
                 ready: dict[PeerId, bool] = {}
-                rows = []
+                own = self._own
+                rows: list[repo.OutgoingRow] = []
                 for q in items:
                     if (ahead := ready.get(q.peer)) is None:
                         session = self._best_session(q.peer)
                         ahead = ready[q.peer] = session is not None and session.in_order
                     q.ahead = ahead
-                    rows.append(
-                        OutgoingMessage(
-                            message_id=q.sealed.id,
-                            recipient=q.contact.peer_id,
-                            sender=self._own,
-                            text=q.text,
-                            sent_at=q.now,
-                            next_attempt_at=retry_at if ahead else None,
-                        )
-                    )
+                    rows.append((q.sealed.id, q.contact.peer_id, own, q.text, q.now, retry_at if ahead else None))
                 early = self._hand_over_early(items)
                 try:
-                    await self._db.write(functools.partial(repo.enqueue_many, items=rows, now=now))
+                    await self._db.write(functools.partial(repo.enqueue_rows, rows=rows, now=now))
                 except BaseException as exc:
                     written = self._withdraw_early(early)
                     if written and isinstance(exc, store_errors.StoreError):
@@ -1548,6 +1555,7 @@ class ChatService:
         stranded: set[PeerId] = set()
         limit = self.config.max_session_queue
         own = self._text(self.identity.peer_id)
+        publish = self._listened()
         for q in items:
             if q.early:
                 self._uncommitted.discard(q.sealed.id)  # on the wire already, or in its session's queue
@@ -1569,7 +1577,7 @@ class ChatService:
             else:
                 poke = True
                 self._outboxed += 1
-            if self._events is not None:
+            if publish:
                 self._publish(
                     ev.MessageEvent(
                         id=q.sealed.id_hex,

@@ -82,6 +82,8 @@ from p2pmsg.store.models import (
 )
 
 __all__ = [
+    "IncomingRow",
+    "OutgoingRow",
     "accept_request",
     "add_contact",
     "block_peer",
@@ -92,6 +94,7 @@ __all__ = [
     "due_for",
     "enqueue",
     "enqueue_many",
+    "enqueue_rows",
     "expedite",
     "expedite_unattempted",
     "find_contact",
@@ -105,6 +108,7 @@ __all__ = [
     "inbox",
     "insert_incoming",
     "insert_incoming_many",
+    "insert_incoming_rows",
     "is_blocked",
     "list_contacts",
     "list_requests",
@@ -550,32 +554,44 @@ def _max_seq(conn: sqlite3.Connection) -> int:
     return int(row[0])
 
 
+OutgoingRow = tuple[bytes, bytes, bytes, str, int, int | None]
+"""One message for :func:`enqueue_rows`: the fields of :class:`OutgoingMessage` in order, ``(message_id, recipient,
+sender, text, sent_at, next_attempt_at)``."""
+
+IncomingRow = tuple[bytes, bytes, bytes | None, str, int, bool]
+"""One message for :func:`insert_incoming_rows`: ``(message_id, sender, conversation, text, sent_at, is_request)``,
+the fields of :class:`IncomingMessage` (``conversation`` ``None``: the sender's one-to-one chat)."""
+
+
 def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, now: int) -> list[int]:
     """:func:`enqueue` for many messages at once (two ``executemany`` calls); return their ``seq`` in order.
 
     All or nothing: on a duplicate id (stored already or twice in *items*) or an invalid item nothing of this call is
-    kept and :class:`DuplicateMessageError` (or :class:`StoreArgumentError`) is raised.  The throughput path for
-    bursts of sends: each field is checked inline with exact type tests, and only a value that fails them goes
-    through the general validators (which convert or raise).
+    kept and :class:`DuplicateMessageError` (or :class:`StoreArgumentError`) is raised.  See :func:`enqueue_rows`.
     """
+    rows: list[OutgoingRow] = []
+    for item in items:
+        if not isinstance(item, OutgoingMessage):
+            raise StoreArgumentError("items", f"expected OutgoingMessage items, got {type(item).__name__}")
+        rows.append((item.message_id, item.recipient, item.sender, item.text, item.sent_at, item.next_attempt_at))
+    return enqueue_rows(conn, rows, now=now)
+
+
+def enqueue_rows(conn: sqlite3.Connection, rows: Sequence[OutgoingRow], *, now: int) -> list[int]:
+    """:func:`enqueue_many` for messages given as :data:`OutgoingRow` tuples: the throughput path for bursts of
+    sends, with no object per message.  Each field is checked inline with exact type tests, and only a value that
+    fails them goes through the general validators (which convert or raise)."""
     now = _timestamp("now", now)
-    if len(items) > MAX_BATCH_ITEMS:
-        raise StoreArgumentError("items", f"at most {MAX_BATCH_ITEMS} per call, got {len(items)}")
+    if len(rows) > MAX_BATCH_ITEMS:
+        raise StoreArgumentError("items", f"at most {MAX_BATCH_ITEMS} per call, got {len(rows)}")
     base = _max_seq(conn)
     messages: list[tuple[int, bytes, bytes, bytes, str, int, int, int]] = []
     outbox: list[tuple[int, bytes, int, int]] = []
     seq = base
-    for item in items:
-        if not isinstance(item, OutgoingMessage):
-            raise StoreArgumentError("items", f"expected OutgoingMessage items, got {type(item).__name__}")
-        mid, peer, own, text, sent, due = (
-            item.message_id,
-            item.recipient,
-            item.sender,
-            item.text,
-            item.sent_at,
-            item.next_attempt_at,
-        )
+    for row in rows:
+        if type(row) is not tuple or len(row) != 6:
+            raise StoreArgumentError("items", f"expected 6-tuples (OutgoingRow), got {type(row).__name__}")
+        mid, peer, own, text, sent, due = row
         if type(mid) is not bytes or len(mid) != MESSAGE_ID_SIZE:
             mid = _message_id(mid)
         if type(peer) is not bytes or not 0 < len(peer) <= MAX_PEER_ID_SIZE:
@@ -600,14 +616,14 @@ def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, 
     except (sqlite3.IntegrityError, UnicodeEncodeError) as exc:
         conn.execute("DELETE FROM messages WHERE seq > ?", (base,))  # undo the part inserted before the failure
         if isinstance(exc, UnicodeEncodeError):
-            raise _unbindable_text(row[4] for row in messages) from None
+            raise _unbindable_text(message[4] for message in messages) from None
         seen: set[bytes] = set()
-        for row in messages:
-            if row[1] in seen:
+        for message in messages:
+            if message[1] in seen:
                 raise DuplicateMessageError(
-                    f"message id {row[1].hex()} appears twice in one enqueue_many call"
+                    f"message id {message[1].hex()} appears twice in one enqueue_many call"
                 ) from None
-            seen.add(row[1])
+            seen.add(message[1])
         raise DuplicateMessageError(f"a message id of this batch is already stored ({exc})") from None
     conn.executemany(
         "INSERT INTO outbox (seq, recipient, attempts, next_attempt_at, last_error, enqueued_at)"
@@ -624,14 +640,25 @@ def insert_incoming_many(conn: sqlite3.Connection, items: Sequence[IncomingMessa
     raises :class:`StoreArgumentError` and nothing of this call is kept.  Fields are checked inline as in
     :func:`enqueue_many`; when every row was inserted (the usual case) the result needs no read back.
     """
+    given: list[IncomingRow] = []
+    for item in items:
+        if not isinstance(item, IncomingMessage):
+            raise StoreArgumentError("items", f"expected IncomingMessage items, got {type(item).__name__}")
+        given.append((item.message_id, item.sender, item.conversation, item.text, item.sent_at, item.is_request))
+    return insert_incoming_rows(conn, given, now=now)
+
+
+def insert_incoming_rows(conn: sqlite3.Connection, items: Sequence[IncomingRow], *, now: int) -> list[bool]:
+    """:func:`insert_incoming_many` for messages given as :data:`IncomingRow` tuples: the throughput path for a
+    received batch, with no object per message."""
     now = _timestamp("now", now)
     if len(items) > MAX_BATCH_ITEMS:
         raise StoreArgumentError("items", f"at most {MAX_BATCH_ITEMS} per call, got {len(items)}")
     rows: list[tuple[bytes, bytes, bytes, str, int, int, int, int]] = []
     for item in items:
-        if not isinstance(item, IncomingMessage):
-            raise StoreArgumentError("items", f"expected IncomingMessage items, got {type(item).__name__}")
-        mid, peer, conv, text, sent = item.message_id, item.sender, item.conversation, item.text, item.sent_at
+        if type(item) is not tuple or len(item) != 6:
+            raise StoreArgumentError("items", f"expected 6-tuples (IncomingRow), got {type(item).__name__}")
+        mid, peer, conv, text, sent, request = item
         if type(mid) is not bytes or len(mid) != MESSAGE_ID_SIZE:
             mid = _message_id(mid)
         if type(peer) is not bytes or not 0 < len(peer) <= MAX_PEER_ID_SIZE:
@@ -644,7 +671,7 @@ def insert_incoming_many(conn: sqlite3.Connection, items: Sequence[IncomingMessa
             text = _text(text)
         if type(sent) is not int or not 0 <= sent <= MAX_TIMESTAMP:
             sent = _timestamp("sent_at", sent)
-        rows.append((mid, conv, peer, text, sent, now, now, 1 if item.is_request else 0))
+        rows.append((mid, conv, peer, text, sent, now, now, 1 if request else 0))
     base = _max_seq(conn)
     try:
         inserted = conn.executemany(

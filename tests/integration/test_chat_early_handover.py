@@ -174,7 +174,7 @@ async def test_a_failed_enqueue_withdraws_what_was_not_written_and_publishes_not
         def failing_enqueue(*_: object, **__: object) -> list[int]:
             raise StoreWriteError("database or disk is full")
 
-        monkeypatch.setattr(chat_service.repo, "enqueue_many", failing_enqueue)
+        monkeypatch.setattr(chat_service.repo, "enqueue_rows", failing_enqueue)
         before = len(alice_events.seen)
         with pytest.raises(StoreWriteError):
             await alice.send("bob", "never stored")
@@ -214,7 +214,7 @@ async def test_a_failed_enqueue_says_when_the_message_may_still_arrive(
             time.sleep(0.3)  # on the writer thread: the session writes the envelope meanwhile
             raise StoreWriteError("disk I/O error")
 
-        monkeypatch.setattr(chat_service.repo, "enqueue_many", slow_failing_enqueue)
+        monkeypatch.setattr(chat_service.repo, "enqueue_rows", slow_failing_enqueue)
         with pytest.raises(StoreWriteError, match=r"1 of 1 message.*may still arrive"):
             await pair.alice.send("bob", "on the wire before the failure")
         monkeypatch.undo()

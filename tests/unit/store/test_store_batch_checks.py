@@ -251,3 +251,52 @@ def test_request_bytes_does_not_read_the_history(conn: sqlite3.Connection) -> No
     assert repo.request_bytes(conn) == 20
     large = _vm_steps(conn, lambda: repo.request_bytes(conn))
     assert large <= small + 2, (small, large)  # independent of the number of other messages
+
+
+# The row paths (enqueue_rows, insert_incoming_rows) take the same fields as tuples: the chat service's hot path.
+
+
+def _outgoing_row(item: OutgoingMessage) -> repo.OutgoingRow:
+    return (item.message_id, item.recipient, item.sender, item.text, item.sent_at, item.next_attempt_at)
+
+
+def _incoming_row(item: IncomingMessage) -> repo.IncomingRow:
+    return (item.message_id, item.sender, item.conversation, item.text, item.sent_at, item.is_request)
+
+
+def test_row_paths_store_what_the_object_paths_store(conn: sqlite3.Connection) -> None:
+    other = sqlite3.connect(":memory:", isolation_level=None)
+    migrate(other)
+    sent = [outgoing(1), dataclasses.replace(outgoing(2), next_attempt_at=T0 + 5)]
+    got = [incoming(3), dataclasses.replace(incoming(4), is_request=True, conversation=CAROL), incoming(3)]
+    assert repo.enqueue_rows(conn, [_outgoing_row(i) for i in sent], now=T0) == repo.enqueue_many(other, sent, now=T0)
+    assert repo.insert_incoming_rows(conn, [_incoming_row(i) for i in got], now=T0) == [True, True, False]
+    assert repo.insert_incoming_many(other, got, now=T0) == [True, True, False]
+    for table in ("messages", "outbox", "message_requests"):
+        query = f"SELECT * FROM {table} ORDER BY 1"
+        assert conn.execute(query).fetchall() == other.execute(query).fetchall(), table
+    other.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"message_id": b"x" * 15}, "message_id"), ({"recipient": b""}, "recipient"), ({"sent_at": -1}, "sent_at")],
+)
+def test_enqueue_rows_checks_every_field_and_keeps_nothing(
+    conn: sqlite3.Connection, change: dict[str, object], field: str
+) -> None:
+    bad = _outgoing_row(dataclasses.replace(outgoing(3), **change))  # type: ignore[arg-type]
+    rows = [_outgoing_row(outgoing(1)), bad]
+    with pytest.raises(StoreArgumentError) as info:
+        repo.enqueue_rows(conn, rows, now=T0)
+    assert info.value.field == field
+    assert counts(conn) == (0, 0)
+
+
+@pytest.mark.parametrize("bad", [[mid(1), BOB], "not a tuple", None])
+def test_row_paths_refuse_anything_but_six_tuples(conn: sqlite3.Connection, bad: object) -> None:
+    with pytest.raises(StoreArgumentError, match="6-tuples"):
+        repo.enqueue_rows(conn, [_outgoing_row(outgoing(1)), bad], now=T0)  # type: ignore[list-item]
+    with pytest.raises(StoreArgumentError, match="6-tuples"):
+        repo.insert_incoming_rows(conn, [_incoming_row(incoming(2)), bad], now=T0)  # type: ignore[list-item]
+    assert counts(conn) == (0, 0)
