@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import msgpack
 import nacl.bindings
@@ -460,3 +461,43 @@ def test_fast_path_refusals_name_the_same_fields() -> None:
     with pytest.raises(ChatEnvelopeError) as info:
         EnvelopeSealer(BOB).open(raw)
     assert info.value.field.startswith("message")
+
+
+def _stream_random(seed: int = 7) -> Callable[[int], bytes]:
+    """A deterministic random source that hands out one byte stream, however the draws are split."""
+    stream = bytes((seed + 31 * i) % 256 for i in range(1 << 16))
+    position = 0
+
+    def random(n: int) -> bytes:
+        nonlocal position
+        position += n
+        return stream[position - n : position]
+
+    return random
+
+
+def test_seal_many_is_seal_byte_for_byte_from_one_draw() -> None:
+    texts = ["a", "é" * 300, "y" * 1024, "z" * MAX_TEXT_BYTES]
+    ts = 1_700_000_123_456
+    many = EnvelopeSealer(ALICE, random=_stream_random()).seal_many(BOB.peer_id, texts, ts=ts)
+    single = EnvelopeSealer(ALICE, random=_stream_random())
+    expected = [single.seal(BOB.peer_id, text, ts=ts) for text in texts]
+    assert many == [(sealed.id, sealed.raw) for sealed in expected]
+    opener = EnvelopeSealer(BOB)
+    assert [opener.open(raw).text for _, raw in many] == texts
+    assert all(mid[:4] == (ts // 60_000).to_bytes(4, "big") for mid, _ in many)
+    draws: list[int] = []
+    counting = _stream_random()
+    EnvelopeSealer(ALICE, random=lambda n: (draws.append(n), counting(n))[1]).seal_many(BOB.peer_id, texts, ts=ts)
+    assert draws == [36 * len(texts)]  # one draw of 12 id bytes + 24 nonce bytes per text
+
+
+def test_seal_many_refuses_what_seal_refuses() -> None:
+    sealer = EnvelopeSealer(ALICE)
+    with pytest.raises(LocalProtocolError):
+        sealer.seal_many(BOB.peer_id, ["fine", "x" * (MAX_TEXT_BYTES + 1)], ts=1)
+    with pytest.raises(LocalProtocolError, match="ts"):
+        sealer.seal_many(BOB.peer_id, ["fine"], ts=-1)
+    with pytest.raises(LocalProtocolError, match="random source"):
+        EnvelopeSealer(ALICE, random=lambda n: bytes(n - 1)).seal_many(BOB.peer_id, ["x"], ts=1)
+    assert sealer.seal_many(BOB.peer_id, [], ts=1) == []
