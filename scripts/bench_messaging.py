@@ -62,7 +62,7 @@ the status ``delivered``.  Every latency below ends at that event (never at "sto
   durable part costs by itself on this machine, next to the bare ceiling.
 
 ``--breakdown`` runs one bulk transfer (in the ``--batch`` / ``--concurrency`` mode), counting the store calls the
-sender's writer makes (items per ``enqueue_many``, ``mark_sent_many`` and ``mark_delivered_ids`` call), then times
+sender's writer makes (items per ``enqueue_rows``, ``mark_sent_many`` and ``mark_delivered_ids`` call), then times
 each piece of the hot path alone with the product's own code (sealing, framing, events, the store's group commit on
 a real file in calls of the sizes just counted, the trio <-> writer-thread hand-off) and compares the sum with the
 CPU per thread measured in the bulk run.  ``--profile DIR`` runs one bulk transfer with
@@ -94,7 +94,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import nacl.secret
@@ -137,10 +137,12 @@ def percentile(samples: list[float], fraction: float) -> float:
     return ordered[index]
 
 
+_TEXT_TAIL = "x" * (TEXT_SIZE - len(f"bench message {0:>10} "))
+
+
 def text_of(index: int) -> str:
-    """1024 bytes of ASCII text, distinct per message."""
-    head = f"bench message {index:>10} "
-    return head + "x" * (TEXT_SIZE - len(head))
+    """1024 bytes of ASCII text, distinct per message (for indexes below 10^10)."""
+    return f"bench message {index:>10} {_TEXT_TAIL}"
 
 
 # ------------------------------------------------------------------------------------------------ /proc readings
@@ -240,7 +242,15 @@ class ThreadProfiles:
 # ------------------------------------------------------------------------------------------------ receiver child
 
 
-TeeT = TypeVar("TeeT")
+class EventTee(Protocol):
+    """An event sink placed in front of the chat service's own (see :func:`tee_events`)."""
+
+    def __call__(self, event: str, /, **fields: Any) -> None: ...
+
+    def listening(self) -> bool: ...
+
+
+TeeT = TypeVar("TeeT", bound=EventTee)
 
 
 def tee_events(node: Node, make: Callable[[Callable[..., None] | None], TeeT]) -> TeeT:
@@ -1063,7 +1073,7 @@ class WriteCounts:
     """Counts the calls of the store functions the chat service writes each message with, and their items, by
     wrapping them in :mod:`p2pmsg.store.repo` (the service looks them up there at each call) in this process."""
 
-    NAMES = ("enqueue_many", "mark_sent_many", "mark_delivered_ids")
+    NAMES = ("enqueue_rows", "mark_sent_many", "mark_delivered_ids")
 
     def __init__(self) -> None:
         self.calls = dict.fromkeys(self.NAMES, 0)
@@ -1086,7 +1096,7 @@ class WriteCounts:
     def _counting(self, name: str, original: Callable[..., Any]) -> Callable[..., Any]:
         def counted(conn: Any, *args: Any, **kwargs: Any) -> Any:
             result = original(conn, *args, **kwargs)
-            items = kwargs.get("items", kwargs.get("message_ids", args[0] if args else ()))
+            items = kwargs.get("rows", kwargs.get("message_ids", args[0] if args else ()))
             self.calls[name] += 1
             self.items[name] += len(items)
             return result
@@ -1099,7 +1109,7 @@ class WriteCounts:
 
         return SenderWrites(
             write_group=write_group,
-            enqueue_per_call=max(1, per_call("enqueue_many")),
+            enqueue_per_call=max(1, per_call("enqueue_rows")),
             sent_per_call=per_call("mark_sent_many"),
             sent_share=self.items["mark_sent_many"] / messages,
             delivered_per_call=max(1, per_call("mark_delivered_ids")),
@@ -1128,7 +1138,6 @@ async def micro_breakdown(directory: Path, shape: SenderWrites, receive_group: i
     from p2pmsg.store import db as store_db
     from p2pmsg.store import repo
     from p2pmsg.store.migrations import MIGRATIONS
-    from p2pmsg.store.models import IncomingMessage, OutgoingMessage
 
     rows: list[Row] = []
 
@@ -1240,7 +1249,7 @@ async def micro_breakdown(directory: Path, shape: SenderWrites, receive_group: i
     )
     add(
         "receiver trio",
-        "1 event published (no subscriber)",
+        "  for comparison: 1 event published (not built: nobody listens to the receiver)",
         _per_call(
             lambda: hub.publish(
                 "message", id=mid_hex, peer_id=frm_text, contact="s", sender=frm_text, text=text, ts=now, direction="in"
@@ -1270,13 +1279,13 @@ async def micro_breakdown(directory: Path, shape: SenderWrites, receive_group: i
                 result.unwrap()
         return total / (groups * per_group)
 
-    def enqueue_many_fn(count: int) -> WriteFn:
-        items = []
+    def enqueue_rows_fn(count: int) -> WriteFn:
+        rows: list[repo.OutgoingRow] = []
         for _ in range(count):
             mid = next(counter).to_bytes(16, "big")
             outbound.append(mid)
-            items.append(OutgoingMessage(message_id=mid, recipient=peer, sender=own, text=text, sent_at=now))
-        return functools.partial(repo.enqueue_many, items=items, now=now)
+            rows.append((mid, peer, own, text, now, None))
+        return functools.partial(repo.enqueue_rows, rows=rows, now=now)
 
     def take(count: int) -> list[bytes]:
         taken = outbound[:count]
@@ -1284,11 +1293,10 @@ async def micro_breakdown(directory: Path, shape: SenderWrites, receive_group: i
         return taken
 
     def incoming_fn() -> WriteFn:
-        items = [
-            IncomingMessage(message_id=next(counter).to_bytes(16, "big"), sender=own, text=text, sent_at=now)
-            for _ in range(receive_group)
+        rows: list[repo.IncomingRow] = [
+            (next(counter).to_bytes(16, "big"), own, None, text, now, False) for _ in range(receive_group)
         ]
-        return functools.partial(repo.insert_incoming_many, items=items, now=now)
+        return functools.partial(repo.insert_incoming_rows, rows=rows, now=now)
 
     # The sender writer's pieces, each in calls of the size the bulk run made (``shape``, counted there), one call
     # per commit, with the durability the chat service asks for; a piece that only some messages needed is scaled
@@ -1297,13 +1305,13 @@ async def micro_breakdown(directory: Path, shape: SenderWrites, receive_group: i
     try:
         add(
             "sender writer",
-            f"enqueue_many, {per_enqueue} texts per call and commit (synced)",
-            timed(lambda: [enqueue_many_fn(per_enqueue)], max(20, 10_000 // per_enqueue), per_enqueue),
+            f"enqueue_rows, {per_enqueue} texts per call and commit (synced)",
+            timed(lambda: [enqueue_rows_fn(per_enqueue)], max(20, 10_000 // per_enqueue), per_enqueue),
         )
         add(
             "sender writer",
-            "  for comparison: enqueue_many, 1 text per commit (a lone send)",
-            timed(lambda: [enqueue_many_fn(1)], 300, 1),
+            "  for comparison: enqueue_rows, 1 text per commit (a lone send)",
+            timed(lambda: [enqueue_rows_fn(1)], 300, 1),
         )
         if shape.sent_per_call:
             per_sent = shape.sent_per_call
@@ -1338,7 +1346,7 @@ async def micro_breakdown(directory: Path, shape: SenderWrites, receive_group: i
         )
         add(
             "receiver writer",
-            f"insert_incoming_many ({receive_group} per commit, synced)",
+            f"insert_incoming_rows ({receive_group} per commit, synced)",
             timed(lambda: [incoming_fn()], 100, receive_group),
         )
         add("both writers", "an empty write transaction (BEGIN + COMMIT)", timed(lambda: [lambda c: None], 2000, 1))
@@ -1439,7 +1447,7 @@ def print_breakdown(result: dict[str, Any]) -> None:
     writes = result["sender_writes"]
     print(
         f"bulk run ({result['bulk_mode']}): {measured['msgs_per_s']:,.0f} msg/s; sender: "
-        f"requests per transaction {result['write_group']}, enqueue_many {writes['enqueue_per_call']} texts per call, "
+        f"requests per transaction {result['write_group']}, enqueue_rows {writes['enqueue_per_call']} texts per call, "
         f"mark_sent_many {writes['sent_per_call']} ids per call for {writes['sent_share']:.0%} of the messages, "
         f"mark_delivered_ids {writes['delivered_per_call']} ids per call for {writes['delivered_share']:.0%}; "
         f"receiver: {result['receive_group']} messages per transaction"

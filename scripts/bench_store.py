@@ -7,9 +7,9 @@ Usage: ``python scripts/bench_store.py [--json] [--n N] [--history H] [--repeat 
 What a node's SQLite writer does for every message of a burst, with the product's own code
 (:mod:`p2pmsg.store.repo` on a database made by :mod:`p2pmsg.store.migrations`, set up with the writer's pragmas):
 
-* *sender*: ``enqueue_many`` of 300 messages per transaction, committed with a sync (as ``send_many`` does), then
+* *sender*: ``enqueue_rows`` of 300 messages per transaction, committed with a sync (as ``send_many`` does), then
   ``mark_delivered_ids`` of 150 receipts per transaction, committed without one (as the receipts path does);
-* *receiver*: ``insert_incoming_many`` of 150 messages per transaction, committed with a sync.
+* *receiver*: ``insert_incoming_rows`` of 150 messages per transaction, committed with a sync.
 
 Each is measured in a new database file, empty or already holding ``--history`` messages (default 300,000: a node
 that has been in use for a while; the history's ids follow the same scheme), for two ways of making message ids:
@@ -44,7 +44,6 @@ from p2pmsg.identity import Identity
 from p2pmsg.store import repo
 from p2pmsg.store.db import NEW_FILE_PAGE_SIZE, configure_writer
 from p2pmsg.store.migrations import migrate
-from p2pmsg.store.models import IncomingMessage, OutgoingMessage
 
 OWN = Identity.from_seed(bytes([0x51]) * 32).peer_id.to_bytes()
 PEER = Identity.from_seed(bytes([0x52]) * 32).peer_id.to_bytes()
@@ -97,20 +96,18 @@ def fill(conn: sqlite3.Connection, count: int, make_id: Callable[[int], bytes], 
     now = next(clock)
     for start in range(0, count, FILL_BATCH):
         size = min(FILL_BATCH, count - start)
-        incoming = [
-            IncomingMessage(message_id=make_id(ts), sender=PEER, text=TEXT, sent_at=ts)
-            for ts in (next(clock) for _ in range(size // 2))
+        incoming: list[repo.IncomingRow] = [
+            (make_id(ts), PEER, None, TEXT, ts, False) for ts in (next(clock) for _ in range(size // 2))
         ]
-        outgoing = [
-            OutgoingMessage(message_id=make_id(ts), recipient=PEER, sender=OWN, text=TEXT, sent_at=ts)
-            for ts in (next(clock) for _ in range(size - size // 2))
+        outgoing: list[repo.OutgoingRow] = [
+            (make_id(ts), PEER, OWN, TEXT, ts, None) for ts in (next(clock) for _ in range(size - size // 2))
         ]
 
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("BEGIN IMMEDIATE")
-        repo.insert_incoming_many(conn, incoming, now=now)
-        repo.enqueue_many(conn, outgoing, now=now)
-        repo.mark_delivered_ids(conn, [m.message_id for m in outgoing], recipient=PEER, now=now)
+        repo.insert_incoming_rows(conn, incoming, now=now)
+        repo.enqueue_rows(conn, outgoing, now=now)
+        repo.mark_delivered_ids(conn, [row[0] for row in outgoing], recipient=PEER, now=now)
         conn.execute("COMMIT")
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
@@ -123,14 +120,12 @@ def measure_sender(
     wrote = written_bytes()
     cpu = time.process_time()
     for start in range(0, n, SEND_BATCH):
-        items = [
-            OutgoingMessage(
-                message_id=make_id(ts), recipient=PEER, sender=OWN, text=TEXT, sent_at=ts, next_attempt_at=ts + 30_000
-            )
+        rows: list[repo.OutgoingRow] = [
+            (make_id(ts), PEER, OWN, TEXT, ts, ts + 30_000)
             for ts in (next(clock) for _ in range(min(SEND_BATCH, n - start)))
         ]
-        transaction(conn, functools.partial(repo.enqueue_many, items=items, now=now), synced=True)
-        pending.extend(item.message_id for item in items)
+        transaction(conn, functools.partial(repo.enqueue_rows, rows=rows, now=now), synced=True)
+        pending.extend(row[0] for row in rows)
         while len(pending) >= RECEIPT_BATCH or (pending and start + SEND_BATCH >= n):
             batch, pending = pending[:RECEIPT_BATCH], pending[RECEIPT_BATCH:]
             deliver = functools.partial(repo.mark_delivered_ids, message_ids=batch, recipient=PEER, now=now)
@@ -148,11 +143,11 @@ def measure_receiver(
     wrote = written_bytes()
     cpu = time.process_time()
     for start in range(0, n, RECEIVE_BATCH):
-        items = [
-            IncomingMessage(message_id=make_id(ts), sender=PEER, text=TEXT, sent_at=ts)
+        rows: list[repo.IncomingRow] = [
+            (make_id(ts), PEER, None, TEXT, ts, False)
             for ts in (next(clock) for _ in range(min(RECEIVE_BATCH, n - start)))
         ]
-        new = transaction(conn, functools.partial(repo.insert_incoming_many, items=items, now=now), synced=True)
+        new = transaction(conn, functools.partial(repo.insert_incoming_rows, rows=rows, now=now), synced=True)
         if not all(new):
             raise SystemExit("receiver: a fresh message id was already stored")
     cpu = time.process_time() - cpu

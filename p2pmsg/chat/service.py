@@ -5,7 +5,7 @@ Theory of operation
 **Sending.**  :meth:`ChatService.send` seals the text into an envelope (:mod:`p2pmsg.chat.envelope`) and stores the
 message and its outbox row in one SQLite transaction; it returns once that transaction is committed and synced, so a
 message reported ``queued`` survives a crash.  Concurrent sends share that transaction: every ``send`` that arrives
-while one enqueue commits joins the next (``repo.enqueue_many``, one sync per round), which is handed to the sessions
+while one enqueue commits joins the next (``repo.enqueue_rows``, one sync per round), which is handed to the sessions
 in send order.  Nothing else is ever needed to deliver it: the
 *outbox worker* repeatedly reads the entries that are due (``repo.due``) and, per recipient, seals each text again
 (the store keeps the text, not the envelope: same message id and timestamp, a fresh nonce) and hands them to a live
@@ -286,7 +286,10 @@ class _Queued:
 
     peer: PeerId
     contact: Contact
-    sealed: SealedEnvelope
+    mid: bytes
+    """The message id."""
+    raw: bytes
+    """The sealed envelope, encoded."""
     text: str
     now: int
     ahead: bool = False
@@ -297,7 +300,7 @@ class _Queued:
 
 @dataclasses.dataclass(eq=False, slots=True)
 class _EnqueueRound:
-    """The sends that share one ``repo.enqueue_many`` transaction (group commit at the service level)."""
+    """The sends that share one ``repo.enqueue_rows`` transaction (group commit at the service level)."""
 
     items: list[_Queued] = dataclasses.field(default_factory=list)
     closed: bool = False
@@ -359,7 +362,8 @@ class ChatService:
         """``resolver`` finds peer records in the DHT (``None``: only cached records and invite hints are used);
         ``events`` receives service events; ``listening()``, if given, says whether anyone would receive them now
         (for example whether the node's event hub has subscribers): while it is false the service does not even
-        build its ``message`` and ``receipt`` events, one per message and one per batch on the hot paths.
+        build its ``message``, ``request`` and ``receipt`` events (one per message, one per batch on the hot
+        paths).
         ``dial``, ``clock_ms`` (wall clock, ms) and ``rng`` are for tests."""
         self.identity = identity
         self._db = db
@@ -470,8 +474,9 @@ class ChatService:
 
         A receipt for a message whose enqueue transaction has not committed yet (it went to the wire during the
         commit, see :meth:`_enqueue`) is held back until the ``message`` event of that commit has been published,
-        so subscribers always see ``message``, then ``sent``, then ``delivered``."""
-        if not self._listened():
+        so subscribers always see ``message``, then ``sent``, then ``delivered``.  They are held back even while
+        nobody listens: a subscriber may arrive before that commit ends and then gets the ``message`` event."""
+        if self._events is None:
             return
         uncommitted = self._uncommitted
         if uncommitted and not uncommitted.isdisjoint(ids):
@@ -479,6 +484,8 @@ class ChatService:
             ids = [mid for mid in ids if mid not in uncommitted]
             if not ids:
                 return
+        if not self._listened():
+            return
         self._publish(ev.ReceiptEvent(ids=tuple(mid.hex() for mid in ids), peer_id=self._text(peer), status=status))
 
     # ------------------------------------------------------------------------------------------------- outbox
@@ -1090,18 +1097,20 @@ class ChatService:
             self._dropped["chat_blocked_peer"] += len(opened)
             raise _SessionRefused("the peer is blocked")
         outcomes = incoming.outcomes
+        if not outcomes:  # refused by the policy: nothing stored, nothing acknowledged
+            return
         if "overflow" in outcomes:
             ack_ids = [m.id for m, outcome in zip(opened, outcomes, strict=True) if outcome != "overflow"]
             overflow = len(outcomes) - len(ack_ids)
             self._dropped["chat_request_overflow"] += overflow
             log.info("chat: %d message request(s) from %s over the limits, not acknowledged", overflow, peer)
         else:
-            ack_ids = [m.id for m in opened[: len(outcomes)]]
+            ack_ids = [m.id for m, _ in zip(opened, outcomes, strict=True)]
         await self._write(session, session.conn.send_ack(ack_ids))
         if not self._listened():
             return
         text = self._text(peer)
-        for message, outcome, sent_at in zip(opened, outcomes, incoming.sent_at, strict=False):
+        for message, outcome, sent_at in zip(opened, outcomes, incoming.sent_at, strict=True):
             if outcome != "stored":
                 continue
             if incoming.disposition is Disposition.REQUEST:
@@ -1404,6 +1413,8 @@ class ChatService:
         if contact.state is ContactState.BLOCKED:
             raise BadRequestError(f"{name!r} is blocked; unblock it to send")
         for i, text in enumerate(texts):
+            if type(text) is str and text.isascii() and 0 < len(text) <= MAX_TEXT_BYTES:
+                continue  # ASCII: one byte of UTF-8 per character
             where = field if field == "text" else f"{field}[{i}]"
             if not isinstance(text, str) or not text:
                 raise BadRequestError(f"{where}: must not be empty")
@@ -1415,14 +1426,16 @@ class ChatService:
                 raise BadRequestError(f"{where}: {size} bytes of UTF-8, the limit is {MAX_TEXT_BYTES}")
         peer = self._peer_of(contact.peer_id)
         now = self._now()
-        seal = self._sealer.seal
-        items = [_Queued(peer=peer, contact=contact, sealed=seal(peer, t, ts=now), text=t, now=now) for t in texts]
+        items = [
+            _Queued(peer, contact, mid, raw, text, now)
+            for (mid, raw), text in zip(self._sealer.seal_many(peer, texts, ts=now), texts, strict=True)
+        ]
         await self._enqueue(items)
-        return [q.sealed.id_hex for q in items]
+        return [q.mid.hex() for q in items]
 
     async def _enqueue(self, mine: list[_Queued]) -> None:
         """Store ``item`` durably, together with every other ``send`` that arrives while the previous enqueue
-        transaction commits: one ``repo.enqueue_many`` and one sync per round, whatever the number of callers.
+        transaction commits: one ``repo.enqueue_rows`` and one sync per round, whatever the number of callers.
 
         The first caller of a round (its *leader*) waits for the previous round, then writes the whole round and
         hands it over in send order; the others wait for it.  Cancellation keeps ``db.write``'s contract: a caller
@@ -1461,7 +1474,7 @@ class ChatService:
                         session = self._best_session(q.peer)
                         ahead = ready[q.peer] = session is not None and session.in_order
                     q.ahead = ahead
-                    rows.append((q.sealed.id, q.contact.peer_id, own, q.text, q.now, retry_at if ahead else None))
+                    rows.append((q.mid, q.contact.peer_id, own, q.text, q.now, retry_at if ahead else None))
                 early = self._hand_over_early(items)
                 try:
                     await self._db.write(functools.partial(repo.enqueue_rows, rows=rows, now=now))
@@ -1501,8 +1514,8 @@ class ChatService:
             session = self._best_session(q.peer)
             if session is None or not session.in_order or len(session.pending) >= limit:
                 continue  # after the commit: stranded, made due for the outbox worker
-            mid = q.sealed.id
-            self._hand_over(session, mid, q.sealed.raw)
+            mid = q.mid
+            self._hand_over(session, mid, q.raw)
             self._premarked.add(mid)
             self._uncommitted.add(mid)
             q.early = True
@@ -1514,13 +1527,13 @@ class ChatService:
         return how many were already written (they may still reach their recipient)."""
         if not early:
             return 0
-        ids = {q.sealed.id for q in early}
+        ids = {q.mid for q in early}
         written = 0
         for q in early:
             taken_back = False
             for session in self._sessions.get(q.peer, ()):
-                if session.pending.pop(q.sealed.id, None) is not None:
-                    session.held.discard(q.sealed.id)
+                if session.pending.pop(q.mid, None) is not None:
+                    session.held.discard(q.mid)
                     taken_back = True
             written += not taken_back
         self._premarked.difference_update(ids)
@@ -1558,15 +1571,15 @@ class ChatService:
         publish = self._listened()
         for q in items:
             if q.early:
-                self._uncommitted.discard(q.sealed.id)  # on the wire already, or in its session's queue
+                self._uncommitted.discard(q.mid)  # on the wire already, or in its session's queue
             elif (
                 (session := self._best_session(q.peer)) is not None
                 and session.in_order
                 and len(session.pending) < limit
             ):
-                self._hand_over(session, q.sealed.id, q.sealed.raw)  # the fast path: no outbox round needed
+                self._hand_over(session, q.mid, q.raw)  # the fast path: no outbox round needed
                 if q.ahead:
-                    self._premarked.add(q.sealed.id)
+                    self._premarked.add(q.mid)
             elif q.ahead:
                 # No room on the session: this entry waits for the outbox worker (after the expedite below), so
                 # nothing queued later may bypass the worker until one of its rounds has handed the backlog over.
@@ -1580,7 +1593,7 @@ class ChatService:
             if publish:
                 self._publish(
                     ev.MessageEvent(
-                        id=q.sealed.id_hex,
+                        id=q.mid.hex(),
                         peer_id=self._text(q.peer),
                         contact=q.contact.name,
                         sender=own,

@@ -138,8 +138,9 @@ class EventHub:
     def publish(self, event: str, /, **fields: Any) -> None:
         """Send ``{"event": event, **fields}`` to every subscriber.
 
-        With no subscriber it only counts the event (nothing is encoded: the hot paths publish per batch whether or
-        not anyone listens).  Raises :class:`LocalProtocolError` (the caller's bug) if the event cannot be encoded or
+        With no subscriber it only counts the event (nothing is encoded).  The chat service asks :attr:`subscribers`
+        first and does not build its per-message and per-batch events at all while there is none, so those are not
+        counted.  Raises :class:`LocalProtocolError` (the caller's bug) if the event cannot be encoded or
         is too large.
         """
         self._published += 1

@@ -560,7 +560,7 @@ sender, text, sent_at, next_attempt_at)``."""
 
 IncomingRow = tuple[bytes, bytes, bytes | None, str, int, bool]
 """One message for :func:`insert_incoming_rows`: ``(message_id, sender, conversation, text, sent_at, is_request)``,
-the fields of :class:`IncomingMessage` (``conversation`` ``None``: the sender's one-to-one chat)."""
+the fields of :class:`IncomingMessage` in this order (``conversation`` ``None``: the sender's one-to-one chat)."""
 
 
 def enqueue_many(conn: sqlite3.Connection, items: Sequence[OutgoingMessage], *, now: int) -> list[int]:
@@ -583,14 +583,14 @@ def enqueue_rows(conn: sqlite3.Connection, rows: Sequence[OutgoingRow], *, now: 
     fails them goes through the general validators (which convert or raise)."""
     now = _timestamp("now", now)
     if len(rows) > MAX_BATCH_ITEMS:
-        raise StoreArgumentError("items", f"at most {MAX_BATCH_ITEMS} per call, got {len(rows)}")
+        raise StoreArgumentError("rows", f"at most {MAX_BATCH_ITEMS} per call, got {len(rows)}")
     base = _max_seq(conn)
     messages: list[tuple[int, bytes, bytes, bytes, str, int, int, int]] = []
     outbox: list[tuple[int, bytes, int, int]] = []
     seq = base
     for row in rows:
         if type(row) is not tuple or len(row) != 6:
-            raise StoreArgumentError("items", f"expected 6-tuples (OutgoingRow), got {type(row).__name__}")
+            raise StoreArgumentError("rows", f"expected 6-tuples (OutgoingRow), got {type(row).__name__}")
         mid, peer, own, text, sent, due = row
         if type(mid) is not bytes or len(mid) != MESSAGE_ID_SIZE:
             mid = _message_id(mid)
@@ -621,7 +621,7 @@ def enqueue_rows(conn: sqlite3.Connection, rows: Sequence[OutgoingRow], *, now: 
         for message in messages:
             if message[1] in seen:
                 raise DuplicateMessageError(
-                    f"message id {message[1].hex()} appears twice in one enqueue_many call"
+                    f"message id {message[1].hex()} appears twice in one enqueue batch"
                 ) from None
             seen.add(message[1])
         raise DuplicateMessageError(f"a message id of this batch is already stored ({exc})") from None
@@ -648,16 +648,16 @@ def insert_incoming_many(conn: sqlite3.Connection, items: Sequence[IncomingMessa
     return insert_incoming_rows(conn, given, now=now)
 
 
-def insert_incoming_rows(conn: sqlite3.Connection, items: Sequence[IncomingRow], *, now: int) -> list[bool]:
+def insert_incoming_rows(conn: sqlite3.Connection, rows: Sequence[IncomingRow], *, now: int) -> list[bool]:
     """:func:`insert_incoming_many` for messages given as :data:`IncomingRow` tuples: the throughput path for a
     received batch, with no object per message."""
     now = _timestamp("now", now)
-    if len(items) > MAX_BATCH_ITEMS:
-        raise StoreArgumentError("items", f"at most {MAX_BATCH_ITEMS} per call, got {len(items)}")
-    rows: list[tuple[bytes, bytes, bytes, str, int, int, int, int]] = []
-    for item in items:
+    if len(rows) > MAX_BATCH_ITEMS:
+        raise StoreArgumentError("rows", f"at most {MAX_BATCH_ITEMS} per call, got {len(rows)}")
+    values: list[tuple[bytes, bytes, bytes, str, int, int, int, int]] = []
+    for item in rows:
         if type(item) is not tuple or len(item) != 6:
-            raise StoreArgumentError("items", f"expected 6-tuples (IncomingRow), got {type(item).__name__}")
+            raise StoreArgumentError("rows", f"expected 6-tuples (IncomingRow), got {type(item).__name__}")
         mid, peer, conv, text, sent, request = item
         if type(mid) is not bytes or len(mid) != MESSAGE_ID_SIZE:
             mid = _message_id(mid)
@@ -671,32 +671,32 @@ def insert_incoming_rows(conn: sqlite3.Connection, items: Sequence[IncomingRow],
             text = _text(text)
         if type(sent) is not int or not 0 <= sent <= MAX_TIMESTAMP:
             sent = _timestamp("sent_at", sent)
-        rows.append((mid, conv, peer, text, sent, now, now, 1 if request else 0))
+        values.append((mid, conv, peer, text, sent, now, now, 1 if request else 0))
     base = _max_seq(conn)
     try:
         inserted = conn.executemany(
             f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (NULL, ?, ?, 'in', ?, ?, ?, ?, 'received', ?, ?) "
             "ON CONFLICT (message_id) DO NOTHING",
-            rows,
+            values,
         ).rowcount
     except UnicodeEncodeError:
         conn.execute("DELETE FROM messages WHERE seq > ?", (base,))  # undo the part inserted before the failure
-        raise _unbindable_text(row[3] for row in rows) from None
-    if inserted == len(rows):  # no id was stored already or repeated: every item is new
-        result = [True] * len(rows)
+        raise _unbindable_text(value[3] for value in values) from None
+    if inserted == len(values):  # no id was stored already or repeated: every item is new
+        result = [True] * len(values)
     else:
         # Single writer: the rows above base are exactly the ones this call inserted.
         fresh = {bytes(r[0]) for r in conn.execute("SELECT message_id FROM messages WHERE seq > ?", (base,))}
         result = []
-        for row in rows:
-            new = row[0] in fresh
+        for value in values:
+            new = value[0] in fresh
             if new:
-                fresh.discard(row[0])  # a repeat later in the batch is a duplicate
+                fresh.discard(value[0])  # a repeat later in the batch is a duplicate
             result.append(new)
     requests: dict[bytes, int] = {}
-    for row, new in zip(rows, result, strict=True):
-        if new and row[7]:
-            requests[row[1]] = requests.get(row[1], 0) + 1
+    for value, new in zip(values, result, strict=True):
+        if new and value[7]:
+            requests[value[1]] = requests.get(value[1], 0) + 1
     for conv, count in requests.items():
         conn.execute(
             "INSERT INTO message_requests (peer_id, first_at, last_at, message_count) VALUES (?, ?, ?, ?) "

@@ -221,3 +221,30 @@ async def test_a_failed_enqueue_says_when_the_message_may_still_arrive(
         await pair.bob_events.wait_for(lambda: "on the wire before the failure" in pair.bob_events.texts_in())
         alice = pair.alice
         assert not alice._uncommitted and not alice._deferred_receipts and not alice._inflight
+
+
+async def test_a_subscriber_arriving_during_the_commit_gets_every_receipt(home: Path) -> None:
+    """Nobody listens when the envelope goes out and its ``sent`` receipt happens (before the commit); a subscriber
+    arrives before the commit ends: it still sees ``message``, then ``sent``, then ``delivered`` (receipts of
+    uncommitted ids are held back even while nobody listens)."""
+    async with _pair(home) as pair:
+        alice, alice_events, bob_events = pair.alice, pair.alice_events, pair.bob_events
+        listening = [False]
+        alice._listening = lambda: listening[0]  # what the node passes: its event hub has subscribers
+        release = await _writer_held(pair)
+        result: dict[str, Any] = {}
+
+        async def send() -> None:
+            result.update(await alice.send("bob", "mid-burst"))
+
+        pair.nursery.start_soon(send)
+        await bob_events.wait_for(lambda: "mid-burst" in bob_events.texts_in())
+        await trio.sleep(0.05)  # the 'sent' receipt happens meanwhile, before the commit
+        listening[0] = True  # a control client subscribes before the message event
+        release.set()
+        with trio.fail_after(10):
+            while not result:
+                await trio.sleep(0.001)
+        mid = result["id"]
+        await alice_events.wait_for(functools.partial(_has_status, alice_events, mid, "delivered"))
+        assert alice_events.statuses(mid) == ["message", "sent", "delivered"]
