@@ -306,15 +306,21 @@ def _bin_header(size: int) -> bytes:
     return b"\xc6" + size.to_bytes(4, "big")
 
 
+_LENGTH_WIDTHS: Final = {base: {base: 1, base + 1: 2, base + 2: 4} for base in (0xC4, 0xD9)}
+"""Bytes of length after the tag of msgpack's bin 8/16/32 (tags from 0xC4) and str 8/16/32 (from 0xD9) forms."""
+_UINT_WIDTHS: Final = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
+
+
 def _read_len(data: bytes, pos: int, short: int, width8: int) -> tuple[int, int] | None:
     """Read a msgpack length header at *pos*: a fix form (``short`` = its mask base, or -1 for none) or the
-    8/16/32-bit forms starting at byte *width8*; return ``(length, position after the header)`` or ``None``."""
+    8/16/32-bit forms starting at byte *width8* (0xC4 or 0xD9); return ``(length, position after the header)`` or
+    ``None``."""
     if pos >= len(data):
         return None
     tag = data[pos]
     if short >= 0 and short <= tag < short + 32:
         return tag - short, pos + 1
-    width = {width8: 1, width8 + 1: 2, width8 + 2: 4}.get(tag)
+    width = _LENGTH_WIDTHS[width8].get(tag)
     if width is None or pos + 1 + width > len(data):
         return None
     return int.from_bytes(data[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
@@ -326,7 +332,7 @@ def _read_uint(data: bytes, pos: int) -> tuple[int, int] | None:
     tag = data[pos]
     if tag < 0x80:
         return tag, pos + 1
-    width = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(tag)
+    width = _UINT_WIDTHS.get(tag)
     if width is None or pos + 1 + width > len(data):
         return None
     return int.from_bytes(data[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
