@@ -3,7 +3,7 @@
 
 Usage: ``python scripts/bench_messaging.py [--json] [--n N] [--repeat R] [--batch B] [--concurrency C]
 [--single-concurrency C1 | --no-single-send] [--idle M] [--load-seconds S] [--pipe-n P] [--floor-n F]
-[--breakdown | --profile DIR]`` (the homes and the durable floor's database files go to ``$TMPDIR``, default
+[--subscribed] [--breakdown | --profile DIR]`` (the homes and the durable floor's database files go to ``$TMPDIR``, default
 ``/tmp``)
 
 Both nodes are :func:`p2pmsg.node.run_node` with a real database in a temporary home.  This process runs the
@@ -60,6 +60,11 @@ the status ``delivered``.  Every latency below ends at that event (never at "sto
   right after each ceiling run (``durable_floor_msgs_per_s_runs``); ``durable_floor_sender_cpu_us`` /
   ``durable_floor_receiver_cpu_us`` per message, ``durable_floor_cpu_bound_msgs_per_s`` as above.  What the
   durable part costs by itself on this machine, next to the bare ceiling.
+
+Neither node has a control-API subscriber; the sender's tee reads every ``delivered`` receipt, so the sender builds
+its events as it would for a subscriber, while the receiver builds none (``ChatService(listening=...)``).
+``--subscribed`` makes the receiver build its ``message`` events too, as a node with an open ``p2pmsg chat`` would
+(``receiver_subscribed`` in the JSON).
 
 ``--breakdown`` runs one bulk transfer (in the ``--batch`` / ``--concurrency`` mode), counting the store calls the
 sender's writer makes (items per ``enqueue_rows``, ``mark_sent_many`` and ``mark_delivered_ids`` call), then times
@@ -270,13 +275,15 @@ def tee_events(node: Node, make: Callable[[Callable[..., None] | None], TeeT]) -
 class StoredStamps:
     """Tees the receiver node's event sink: when each incoming ``message`` event (published after the commit) came."""
 
-    def __init__(self, inner: Callable[..., None] | None) -> None:
+    def __init__(self, inner: Callable[..., None] | None, *, subscribed: bool = False) -> None:
         self.inner = inner
+        self.subscribed = subscribed
         self.stamps: dict[str, float] | None = None
 
     def listening(self) -> bool:
-        """Message events are wanted while stamps are taken (the receiver node has no control subscriber)."""
-        return self.stamps is not None
+        """Message events are wanted while stamps are taken, and always with ``--subscribed`` (as if a control
+        client, e.g. an open ``p2pmsg chat``, were subscribed to the receiver node)."""
+        return self.subscribed or self.stamps is not None
 
     def __call__(self, event: str, /, **fields: Any) -> None:
         if self.stamps is not None and event == "message" and fields.get("direction") == "in":
@@ -285,7 +292,7 @@ class StoredStamps:
             self.inner(event, **fields)
 
 
-async def run_receiver(home: Path, contact: str, profile_dir: str | None) -> None:
+async def run_receiver(home: Path, contact: str, profile_dir: str | None, subscribed: bool) -> None:
     """Child process: a node that has the sender as a contact; commands on stdin, one JSON answer per line."""
     profiles = ThreadProfiles(Path(profile_dir), "receiver") if profile_dir else None
     if profiles is not None:
@@ -294,7 +301,7 @@ async def run_receiver(home: Path, contact: str, profile_dir: str | None) -> Non
     async with trio.open_nursery() as nursery:
         node: Node = await nursery.start(functools.partial(run_node, home, RECEIVER, config))
         await node.chat.add_contact(contact, "sender")
-        stored = tee_events(node, StoredStamps)
+        stored = tee_events(node, functools.partial(StoredStamps, subscribed=subscribed))
         answer = {"invite": node.chat.invite(node.addrs), "pid": os.getpid(), "writer_tid": writer_thread_id()}
         print(json.dumps(answer), flush=True)
         stdin = trio.lowlevel.FdStream(os.dup(0))
@@ -337,12 +344,14 @@ async def run_receiver(home: Path, contact: str, profile_dir: str | None) -> Non
 class Receiver:
     """The receiver node process, seen from the benchmark."""
 
-    def __init__(self, profile_dir: str | None = None) -> None:
+    def __init__(self, profile_dir: str | None = None, *, subscribed: bool = False) -> None:
         self.home = tempfile.TemporaryDirectory(prefix="p2pmsg-bench-recv-")
         command = [sys.executable, os.path.abspath(__file__), "--role", "receiver", "--home", self.home.name]
         command += ["--contact", str(SENDER.peer_id)]
         if profile_dir:
             command += ["--profile", profile_dir]
+        if subscribed:
+            command.append("--subscribed")
         self.child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         hello = self._line()
         self.invite: str = hello["invite"]
@@ -936,7 +945,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     # The single-send comparison, unless the headline mode is that very mode.
     separate_single = args.single_send and not (args.batch == 1 and args.concurrency == args.single_concurrency)
-    receiver = Receiver()
+    receiver = Receiver(subscribed=args.subscribed)
     try:
         await trio.sleep(1.0)
         results["rss_mb_idle"] = rss_mb(receiver.pid)
@@ -1014,6 +1023,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
         concurrency=args.concurrency,
         batch=args.batch,
         bulk_mode=bulk_mode(args.batch, args.concurrency),
+        receiver_subscribed=args.subscribed,
         single_send_concurrency=args.single_concurrency,
         window=args.window,
         idle_messages=args.idle,
@@ -1033,7 +1043,7 @@ async def run_profile(args: argparse.Namespace) -> dict[str, float | str]:
     directory.mkdir(parents=True, exist_ok=True)
     profiles = ThreadProfiles(directory, "sender")
     profiles.install()
-    receiver = Receiver(profile_dir=str(directory))
+    receiver = Receiver(profile_dir=str(directory), subscribed=args.subscribed)
     try:
         with sender_home() as home:
             async with trio.open_nursery() as nursery:
@@ -1422,7 +1432,7 @@ async def micro_breakdown(directory: Path, shape: SenderWrites, receive_group: i
 
 async def run_breakdown(args: argparse.Namespace) -> dict[str, Any]:
     """One bulk run for the measured CPU per thread, then :func:`micro_breakdown` with the group sizes it saw."""
-    receiver = Receiver()
+    receiver = Receiver(subscribed=args.subscribed)
     try:
         with sender_home() as home:
             async with trio.open_nursery() as nursery:
@@ -1610,6 +1620,12 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR", help="profile one bulk run instead; .prof files go to DIR")
     parser.add_argument("--breakdown", action="store_true", help="CPU per message of each piece of the hot path")
     parser.add_argument("--top", type=int, default=40, help="rows per profile listing (default 40)")
+    parser.add_argument(
+        "--subscribed",
+        action="store_true",
+        help="the receiver node builds its message events as if a control client were subscribed (default: nobody"
+        " listens to the receiver, so it builds none)",
+    )
     parser.add_argument("--role", choices=["receiver", "pipe-sink", "floor-sink"], help=argparse.SUPPRESS)
     parser.add_argument("--home", help=argparse.SUPPRESS)
     parser.add_argument("--contact", help=argparse.SUPPRESS)
@@ -1617,7 +1633,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.role == "receiver":
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent's Ctrl-C; it closes our stdin instead
-        trio.run(run_receiver, Path(args.home), args.contact, args.profile)
+        trio.run(run_receiver, Path(args.home), args.contact, args.profile, args.subscribed)
         return
     if args.role == "pipe-sink":
         trio.run(run_pipe_sink, args.count)
