@@ -3,8 +3,8 @@
 
 Usage: ``python scripts/bench_messaging.py [--json] [--n N] [--repeat R] [--batch B] [--concurrency C]
 [--single-concurrency C1 | --no-single-send] [--idle M] [--load-seconds S] [--pipe-n P] [--floor-n F]
-[--subscribed] [--breakdown | --profile DIR]`` (the homes and the durable floor's database files go to ``$TMPDIR``, default
-``/tmp``)
+[--subscribed] [--breakdown | --profile DIR]`` (the homes and the durable floor's database files go to
+``$TMPDIR``, default ``/tmp``)
 
 Both nodes are :func:`p2pmsg.node.run_node` with a real database in a temporary home.  This process runs the
 *sender* node and drives it in-process through :meth:`ChatService.send_many` and :meth:`ChatService.send` (the
