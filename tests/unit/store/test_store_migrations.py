@@ -317,7 +317,7 @@ async def test_v2_to_v3_keeps_every_row_status_and_page_size(tmp_path: Path) -> 
         before = conn.execute("SELECT * FROM messages ORDER BY seq").fetchall()
         outbox = conn.execute("SELECT * FROM outbox ORDER BY seq").fetchall()
     conn.close()
-    async with open_database(path) as db:
+    async with open_database(path, migrations=MIGRATIONS[:3]) as db:
         assert db.schema_version == 3
         messages = await db.read(lambda c: [repo.get_message(c, bytes([n]) * 16) for n in range(1, 8)])
         history = await db.read(lambda c: repo.history(c, b"\x02" * 38))
@@ -357,3 +357,52 @@ async def test_new_database_files_get_16_kib_pages(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
     assert int.from_bytes(path.read_bytes()[16:18], "big") == 16384  # the header field itself
+
+
+async def test_v3_to_v4_rebuilds_messages_and_outbox_keeping_rows_links_and_the_counter(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    _v2_database(path)
+    async with open_database(path, migrations=MIGRATIONS[:3]) as db:
+        assert db.schema_version == 3
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        # A message that was stored and deleted again: AUTOINCREMENT must not hand its seq out a second time.
+        conn.execute(
+            "INSERT INTO messages (seq, message_id, conversation, direction, sender, text, sent_at, stored_at, status,"
+            " status_at) VALUES (9, ?, ?, 'in', ?, 'gone', 1, 1, 'received', 1)",
+            (b"\x09" * 16, b"\x02" * 38, b"\x02" * 38),
+        )
+        conn.execute("DELETE FROM messages WHERE seq = 9")
+        messages = conn.execute("SELECT * FROM messages ORDER BY seq").fetchall()
+        outbox = conn.execute("SELECT * FROM outbox ORDER BY seq").fetchall()
+        assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone() == (9,)
+    conn.close()
+    async with open_database(path) as db:
+        assert db.schema_version == 4 == LATEST_VERSION
+        seqs = await db.write(
+            lambda c: repo.enqueue_rows(c, [(b"\x0a" * 16, b"\x02" * 38, b"\x01" * 38, "new", T0, None)], now=T0)
+        )
+    assert seqs == [10]
+    with sqlite3.connect(path, isolation_level=None) as conn:
+        assert conn.execute("SELECT * FROM messages WHERE seq < 10 ORDER BY seq").fetchall() == messages
+        assert conn.execute("SELECT * FROM outbox WHERE seq < 10 ORDER BY seq").fetchall() == outbox
+        assert conn.execute("SELECT name, seq FROM sqlite_sequence").fetchall() == [("messages", 10)]
+        table_sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'messages'").fetchone()[0]
+        assert "status IN" not in table_sql and "messages_v4" not in table_sql
+        assert [r[2] for r in conn.execute("PRAGMA foreign_key_list(outbox)")] == ["messages"]
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("DELETE FROM messages WHERE seq = 1")  # the outbox row goes with its message
+        assert [r[0] for r in conn.execute("SELECT seq FROM outbox ORDER BY seq")] == [2, 10]
+        for direction, status in (("out", "received"), ("out", "bogus"), ("in", "queued")):
+            with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
+                conn.execute(
+                    "INSERT INTO messages (message_id, conversation, direction, sender, text, sent_at, stored_at,"
+                    " status, status_at) VALUES (?, ?, ?, ?, 'x', 1, 1, ?, 1)",
+                    (b"\x0b" * 16, b"\x02" * 38, direction, b"\x02" * 38, status),
+                )
+    conn.close()
+    assert _schema(path) == (4, APPLICATION_ID, EXPECTED_TABLES, EXPECTED_INDEXES)
+    with pytest.raises(SchemaTooNewError):
+        async with open_database(path, migrations=MIGRATIONS[:3]):
+            pass
