@@ -554,6 +554,19 @@ def _max_seq(conn: sqlite3.Connection) -> int:
     return int(row[0])
 
 
+def _blob(value: bytes, cache: dict[bytes, bytearray]) -> bytearray:
+    """*value* as the parameter to bind for a BLOB column on a batch path (one conversion per distinct value).
+
+    Python's sqlite3 module binds ``bytes`` only after looking for an adapter (``need_adapt`` exempts ``int``,
+    ``float``, ``str`` and ``bytearray`` but not ``bytes``), and that lookup raises and discards an AttributeError on
+    every call: about 0.7 µs per parameter, measured, against 0.1 µs for the copy into a ``bytearray``, which binds
+    the same BLOB."""
+    blob = cache.get(value)
+    if blob is None:
+        blob = cache[value] = bytearray(value)
+    return blob
+
+
 OutgoingRow = tuple[bytes, bytes, bytes, str, int, int | None]
 """One message for :func:`enqueue_rows`: the fields of :class:`OutgoingMessage` in order, ``(message_id, recipient,
 sender, text, sent_at, next_attempt_at)``."""
@@ -585,8 +598,9 @@ def enqueue_rows(conn: sqlite3.Connection, rows: Sequence[OutgoingRow], *, now: 
     if len(rows) > MAX_BATCH_ITEMS:
         raise StoreArgumentError("rows", f"at most {MAX_BATCH_ITEMS} per call, got {len(rows)}")
     base = _max_seq(conn)
-    messages: list[tuple[int, bytes, bytes, bytes, str, int, int, int]] = []
-    outbox: list[tuple[int, bytes, int, int]] = []
+    messages: list[tuple[int, bytearray, bytearray, bytearray, str, int, int, int]] = []
+    outbox: list[tuple[int, bytearray, int, int]] = []
+    peers: dict[bytes, bytearray] = {}  # the few distinct recipients and senders of a batch, converted once each
     seq = base
     for row in rows:
         if type(row) is not tuple or len(row) != 6:
@@ -607,8 +621,9 @@ def enqueue_rows(conn: sqlite3.Connection, rows: Sequence[OutgoingRow], *, now: 
         elif type(due) is not int or not 0 <= due <= MAX_TIMESTAMP:
             due = _timestamp("next_attempt_at", due)
         seq += 1
-        messages.append((seq, mid, peer, own, text, sent, now, now))
-        outbox.append((seq, peer, due, now))
+        recipient = _blob(peer, peers)
+        messages.append((seq, bytearray(mid), recipient, _blob(own, peers), text, sent, now, now))
+        outbox.append((seq, recipient, due, now))
     try:
         conn.executemany(
             f"INSERT INTO messages ({_MESSAGE_COLUMNS}) VALUES (?, ?, ?, 'out', ?, ?, ?, ?, 'queued', ?, 0)", messages
@@ -619,11 +634,10 @@ def enqueue_rows(conn: sqlite3.Connection, rows: Sequence[OutgoingRow], *, now: 
             raise _unbindable_text(message[4] for message in messages) from None
         seen: set[bytes] = set()
         for message in messages:
-            if message[1] in seen:
-                raise DuplicateMessageError(
-                    f"message id {message[1].hex()} appears twice in one enqueue batch"
-                ) from None
-            seen.add(message[1])
+            mid = bytes(message[1])
+            if mid in seen:
+                raise DuplicateMessageError(f"message id {mid.hex()} appears twice in one enqueue batch") from None
+            seen.add(mid)
         raise DuplicateMessageError(f"a message id of this batch is already stored ({exc})") from None
     conn.executemany(
         "INSERT INTO outbox (seq, recipient, attempts, next_attempt_at, last_error, enqueued_at)"
@@ -654,7 +668,10 @@ def insert_incoming_rows(conn: sqlite3.Connection, rows: Sequence[IncomingRow], 
     now = _timestamp("now", now)
     if len(rows) > MAX_BATCH_ITEMS:
         raise StoreArgumentError("rows", f"at most {MAX_BATCH_ITEMS} per call, got {len(rows)}")
-    values: list[tuple[bytes, bytes, bytes, str, int, int, int, int]] = []
+    values: list[tuple[bytearray, bytearray, bytearray, str, int, int, int, int]] = []
+    mids: list[bytes] = []
+    convs: list[bytes] = []
+    peers: dict[bytes, bytearray] = {}
     for item in rows:
         if type(item) is not tuple or len(item) != 6:
             raise StoreArgumentError("rows", f"expected 6-tuples (IncomingRow), got {type(item).__name__}")
@@ -671,7 +688,11 @@ def insert_incoming_rows(conn: sqlite3.Connection, rows: Sequence[IncomingRow], 
             text = _text(text)
         if type(sent) is not int or not 0 <= sent <= MAX_TIMESTAMP:
             sent = _timestamp("sent_at", sent)
-        values.append((mid, conv, peer, text, sent, now, now, 1 if request else 0))
+        mids.append(mid)
+        convs.append(conv)
+        values.append(
+            (bytearray(mid), _blob(conv, peers), _blob(peer, peers), text, sent, now, now, 1 if request else 0)
+        )
     base = _max_seq(conn)
     try:
         inserted = conn.executemany(
@@ -688,15 +709,15 @@ def insert_incoming_rows(conn: sqlite3.Connection, rows: Sequence[IncomingRow], 
         # Single writer: the rows above base are exactly the ones this call inserted.
         fresh = {bytes(r[0]) for r in conn.execute("SELECT message_id FROM messages WHERE seq > ?", (base,))}
         result = []
-        for value in values:
-            new = value[0] in fresh
+        for mid in mids:
+            new = mid in fresh
             if new:
-                fresh.discard(value[0])  # a repeat later in the batch is a duplicate
+                fresh.discard(mid)  # a repeat later in the batch is a duplicate
             result.append(new)
     requests: dict[bytes, int] = {}
-    for value, new in zip(values, result, strict=True):
+    for value, conv, new in zip(values, convs, result, strict=True):
         if new and value[7]:
-            requests[value[1]] = requests.get(value[1], 0) + 1
+            requests[conv] = requests.get(conv, 0) + 1
     for conv, count in requests.items():
         conn.execute(
             "INSERT INTO message_requests (peer_id, first_at, last_at, message_count) VALUES (?, ?, ?, ?) "
@@ -1088,8 +1109,8 @@ def _deliverable_rows(conn: sqlite3.Connection, ids: list[bytes], peer: bytes) -
     found: dict[bytes, tuple[int, bool]] = {}
     last = _IN_SIZES[-1]
     for start in range(0, len(ids), last):
-        size, padded = _padded(ids[start : start + last])
-        padded.append(peer)
+        size, padded = _padded([bytearray(mid) for mid in ids[start : start + last]])  # see _blob
+        padded.append(bytearray(peer))
         rows = conn.execute(
             "SELECT m.message_id, m.seq, m.status = 'failed' "
             "FROM messages AS m LEFT JOIN outbox AS o ON o.seq = m.seq "
