@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_chat_pipe.py
 	$(BIN)/python scripts/bench_dht.py
 	$(BIN)/python scripts/bench_store.py
+	$(BIN)/python scripts/bench_instructions.py --baseline HEAD~1
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
