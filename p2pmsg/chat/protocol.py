@@ -123,26 +123,33 @@ def _frame(body: bytes) -> bytes:
 _MSG_PREFIX: Final = FRAME_SCHEMA.encode({"v": ENVELOPE_VERSION, "t": "msg", "env": b"x"})[:-3]
 
 
-def _msg_frame(raw: bytes) -> bytes:
-    """The framed ``msg`` frame of one encoded envelope: byte-for-byte what the schema would encode, built from a
-    constant prefix (the envelope was validated when it was sealed or received; here only its size is checked)."""
+_MSG_HEAD_16: Final = _MSG_PREFIX + b"\xc5"
+_HEADER_16: Final = struct.Struct(">I" + str(len(_MSG_HEAD_16)) + "sH")
+"""Length prefix, constant prefix and bin 16 header of a ``msg`` frame in one pack (256..65535-byte envelopes: every
+text message but the shortest)."""
+
+
+def _msg_frame_head(raw: bytes) -> bytes:
+    """Everything of the framed ``msg`` frame of one encoded envelope that comes before the envelope itself: the
+    frame is this plus ``raw``, byte-for-byte what the schema would encode, built from a constant prefix (the envelope
+    was validated when it was sealed or received; here only its size is checked)."""
     size = len(raw)
+    if 0x100 <= size < 0x10000:
+        return _HEADER_16.pack(len(_MSG_HEAD_16) + 2 + size, _MSG_HEAD_16, size)
     if not 1 <= size <= MAX_ENVELOPE_SIZE:
         raise LocalProtocolError(f"chat session: msg.env: {size} bytes is outside 1..{MAX_ENVELOPE_SIZE}")
     if size < 0x100:
         head = _MSG_PREFIX + b"\xc4" + size.to_bytes(1, "big")
-    elif size < 0x10000:
-        head = _MSG_PREFIX + b"\xc5" + size.to_bytes(2, "big")
     else:
         head = _MSG_PREFIX + b"\xc6" + size.to_bytes(4, "big")
-    return _HEADER.pack(len(head) + size) + head + raw
+    return _HEADER.pack(len(head) + size) + head
 
 
 _BIN_WIDTHS: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 
 
 def _msg_envelope_at(body: bytes) -> int:
-    """Where the envelope starts in *body* if it is a ``msg`` frame encoded as :func:`_msg_frame` writes it (the
+    """Where the envelope starts in *body* if it is a ``msg`` frame encoded as :func:`_msg_frame_head` writes it (the
     constant prefix, a bin header whose length runs exactly to the end, 1..MAX_ENVELOPE_SIZE bytes); else 0, and
     the frame goes through the schema.  Both paths accept such a frame and yield the same envelope bytes."""
     at = len(_MSG_PREFIX)
@@ -242,7 +249,7 @@ class ChatConnection:
             self._their_transition(_Input.HELLO, "hello")
             return HelloReceived(proto=hello["proto"])
         envelope_at = _msg_envelope_at(body)
-        if envelope_at:  # a msg frame laid out as _msg_frame writes it: skip the generic decode of the frame
+        if envelope_at:  # a msg frame laid out as _msg_frame_head writes it: skip the generic decode of the frame
             self._their_transition(_Input.MSG, "msg")
             try:
                 envelope = decode_envelope(body[envelope_at:])
@@ -282,11 +289,13 @@ class ChatConnection:
 
     def send_messages(self, envelopes: Iterable[SealedEnvelope | bytes]) -> bytes:
         """One ``msg`` frame per envelope, concatenated (``b""`` for none)."""
-        out = bytearray()
+        parts: list[bytes] = []
         for envelope in envelopes:
-            self._our_transition(_Input.MSG)
-            out += _msg_frame(envelope.raw if isinstance(envelope, SealedEnvelope) else bytes(envelope))
-        return bytes(out)
+            raw = envelope.raw if isinstance(envelope, SealedEnvelope) else bytes(envelope)
+            parts += (_msg_frame_head(raw), raw)
+        if parts:
+            self._our_transition(_Input.MSG)  # OPEN --msg--> OPEN: one check stands for the whole batch
+        return b"".join(parts)
 
     def send_ack(self, ids: Iterable[bytes]) -> bytes:
         """``ack`` frames for these message ids (up to :data:`MAX_ACK_IDS` per frame; ``b""`` for none)."""
