@@ -50,7 +50,7 @@ import collections
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import nacl.bindings
 import nacl.exceptions
@@ -76,6 +76,7 @@ __all__ = [
     "DirectionMismatchError",
     "EnvelopeSealer",
     "MessageIdMismatchError",
+    "OpenedText",
     "SealedEnvelope",
     "WrongRecipientError",
     "decode_envelope",
@@ -204,6 +205,15 @@ class ChatMessage:
     recipient: PeerId
     ts: int
     kind: str
+    text: str
+
+
+class OpenedText(NamedTuple):
+    """A text message opened by :meth:`EnvelopeSealer.open_many`: the fields of :class:`ChatMessage` that the
+    batch does not share (sender and recipient are the envelope's; the kind is always ``"text"``)."""
+
+    id: bytes
+    ts: int
     text: str
 
 
@@ -637,9 +647,42 @@ class EnvelopeSealer:
     def open(self, envelope: SealedEnvelope | bytes) -> ChatMessage:
         """Open an envelope addressed to us; raise a :class:`ChatEnvelopeError` subclass saying why it is refused."""
         sealed = decode_envelope(envelope) if isinstance(envelope, bytes | bytearray | memoryview) else envelope
-        if sealed.recipient != self._identity.peer_id:
+        self._check_recipient(sealed)
+        ts, kind, text = self._open(sealed, self._shared_key(sealed.sender, "envelope.from"))
+        return ChatMessage(id=sealed.id, sender=sealed.sender, recipient=sealed.recipient, ts=ts, kind=kind, text=text)
+
+    def open_many(
+        self, envelopes: Iterable[SealedEnvelope]
+    ) -> tuple[list[OpenedText], list[tuple[SealedEnvelope, ChatEnvelopeError]]]:
+        """Open several envelopes: what :meth:`open` does for each, without an object per message beyond a tuple
+        (the path of a received batch).  Return the messages that opened, as :class:`OpenedText`, in order, and the
+        refused envelopes with the error :meth:`open` would have raised."""
+        opened: list[OpenedText] = []
+        refused: list[tuple[SealedEnvelope, ChatEnvelopeError]] = []
+        sender: PeerId | None = None
+        key = b""
+        for sealed in envelopes:
+            try:
+                self._check_recipient(sealed)
+                if sealed.sender is not sender:  # a batch comes from one peer: its key is looked up once
+                    key = self._shared_key(sealed.sender, "envelope.from")
+                    sender = sealed.sender
+                ts, _, text = self._open(sealed, key)
+            except ChatEnvelopeError as exc:
+                sender = None
+                refused.append((sealed, exc))
+            else:
+                opened.append(OpenedText(sealed.id, ts, text))
+        return opened, refused
+
+    def _check_recipient(self, sealed: SealedEnvelope) -> None:
+        own = self._identity.peer_id
+        if sealed.recipient is not own and sealed.recipient != own:
             raise WrongRecipientError("envelope.to", f"addressed to {sealed.recipient}, not to us")
-        key = self._shared_key(sealed.sender, "envelope.from")
+
+    def _open(self, sealed: SealedEnvelope, key: bytes) -> tuple[int, str, str]:
+        """``(ts, kind, text)`` of an envelope addressed to us (:meth:`_check_recipient` passed), opened with the
+        shared key of its sender: the remaining checks of :meth:`open`, in its order."""
         try:
             inner = nacl.bindings.crypto_box_open_afternm(sealed.box, sealed.nonce, key)
         except nacl.exceptions.CryptoError:
@@ -652,9 +695,7 @@ class EnvelopeSealer:
             inner, b"".join((_INNER_HEAD, sealed.id, _FROM_KEY, sender_raw, _TO_KEY, recipient_raw, _TS_KEY))
         )
         if fast is not None:  # id, from and to are the outer ones: they are part of the matched head
-            return ChatMessage(
-                id=sealed.id, sender=sealed.sender, recipient=sealed.recipient, ts=fast[0], kind="text", text=fast[1]
-            )
+            return fast[0], "text", fast[1]
         try:
             fields = MESSAGE_SCHEMA.decode(inner, max_size=MAX_BOX_SIZE)
         except CodecError as exc:
@@ -673,11 +714,4 @@ class EnvelopeSealer:
             raise DirectionMismatchError(
                 "message.to", f"the box was sealed for {_describe_peer(fields['to'])}, not for {sealed.recipient}"
             )
-        return ChatMessage(
-            id=sealed.id,
-            sender=sealed.sender,
-            recipient=sealed.recipient,
-            ts=fields["ts"],
-            kind=fields["kind"],
-            text=fields["text"],
-        )
+        return fields["ts"], fields["kind"], fields["text"]

@@ -77,10 +77,9 @@ import trio
 from p2pmsg.chat import events as ev
 from p2pmsg.chat.envelope import (
     MAX_TEXT_BYTES,
-    ChatEnvelopeError,
-    ChatMessage,
     DecryptionError,
     EnvelopeSealer,
+    OpenedText,
     SealedEnvelope,
     WrongRecipientError,
 )
@@ -1074,18 +1073,18 @@ class ChatService:
 
     async def _receive_envelopes(self, session: _Session, envelopes: list[SealedEnvelope]) -> None:
         peer = session.peer
-        opened: list[ChatMessage] = []
-        for envelope in envelopes:
-            if envelope.sender != peer:
-                self._drop("chat_relayed_envelope", f"envelope {envelope.id_hex} from {envelope.sender}", peer)
-                continue
-            try:
-                opened.append(self._sealer.open(envelope))
-            except WrongRecipientError as exc:
+        direct = [envelope for envelope in envelopes if envelope.sender is peer or envelope.sender == peer]
+        if len(direct) != len(envelopes):
+            for envelope in envelopes:
+                if envelope.sender != peer:
+                    self._drop("chat_relayed_envelope", f"envelope {envelope.id_hex} from {envelope.sender}", peer)
+        opened, refused = self._sealer.open_many(direct)
+        for _, exc in refused:
+            if isinstance(exc, WrongRecipientError):
                 self._drop("chat_wrong_recipient", str(exc), peer)
-            except DecryptionError as exc:
+            elif isinstance(exc, DecryptionError):
                 self._drop("chat_undecryptable", str(exc), peer)
-            except ChatEnvelopeError as exc:
+            else:
                 self._drop("chat_invalid_message", str(exc), peer)
         if not opened:
             return
@@ -1129,7 +1128,7 @@ class ChatService:
                 )
 
     def _store_incoming(
-        self, conn: sqlite3.Connection, peer: PeerId, messages: list[ChatMessage], now: int
+        self, conn: sqlite3.Connection, peer: PeerId, messages: list[OpenedText], now: int
     ) -> _Incoming:
         """Runs on the store's writer thread: apply the policy and store (one transaction)."""
         policy = self.config.policy

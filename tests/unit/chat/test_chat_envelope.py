@@ -501,3 +501,36 @@ def test_seal_many_refuses_what_seal_refuses() -> None:
     with pytest.raises(LocalProtocolError, match="random source"):
         EnvelopeSealer(ALICE, random=lambda n: bytes(n - 1)).seal_many(BOB.peer_id, ["x"], ts=1)
     assert sealer.seal_many(BOB.peer_id, [], ts=1) == []
+
+
+def test_open_many_is_open_for_each_envelope() -> None:
+    """A batch mixing good envelopes from two senders with every kind of refusal: open_many gives, in order, what
+    open gives (the opened fields) or raises (the same error type, field and reason)."""
+    good = [EnvelopeSealer(ALICE).seal(BOB.peer_id, f"from alice {i}", ts=10 + i) for i in range(3)]
+    from_carol = EnvelopeSealer(CAROL).seal(BOB.peer_id, "from carol", ts=20)
+    not_for_bob = EnvelopeSealer(ALICE).seal(CAROL.peer_id, "for carol", ts=30)
+    fields = _outer(good[0].raw)
+    box = bytearray(fields["box"])  # type: ignore[arg-type]
+    box[0] ^= 1
+    fields["box"] = bytes(box)
+    tampered = decode_envelope(_repack(fields))
+    reflected_fields = _outer(EnvelopeSealer(BOB).seal(ALICE.peer_id, "bob's own words", ts=40).raw)
+    reflected_fields["from"], reflected_fields["to"] = reflected_fields["to"], reflected_fields["from"]
+    reflected = decode_envelope(_repack(reflected_fields))  # opens under the pair's key, refused by direction
+    batch = [good[0], tampered, good[1], from_carol, not_for_bob, reflected, good[2]]
+    bob = EnvelopeSealer(BOB)
+    opened, refused = bob.open_many(batch)
+    expected_opened = []
+    expected_refused = []
+    for sealed in batch:
+        try:
+            message = EnvelopeSealer(BOB).open(sealed)
+        except ChatEnvelopeError as exc:
+            expected_refused.append((sealed, type(exc), exc.field, exc.reason))
+        else:
+            expected_opened.append((message.id, message.ts, message.text))
+    assert [tuple(m) for m in opened] == expected_opened
+    assert [(s, type(e), e.field, e.reason) for s, e in refused] == expected_refused
+    assert [m.text for m in opened] == ["from alice 0", "from alice 1", "from carol", "from alice 2"]
+    assert [type(e) for _, e in refused] == [DecryptionError, WrongRecipientError, DirectionMismatchError]
+    assert bob.key_computations == 2  # one shared key per sender, whatever the order of the batch
