@@ -23,6 +23,7 @@ __all__ = [
     "RequestEvent",
     "SessionClosed",
     "SessionEvent",
+    "message_fields",
 ]
 
 
@@ -80,15 +81,29 @@ class MessageEvent:
 
     def fields(self) -> dict[str, Any]:
         """The event's fields for the control API."""
-        return {
-            "id": self.id,
-            "peer_id": self.peer_id,
-            "name": self.contact,
-            "from": self.sender,
-            "text": self.text,
-            "ts": self.ts,
-            "direction": self.direction,
-        }
+        return message_fields(self.id, self.peer_id, self.contact, self.sender, self.text, self.ts, self.direction)
+
+
+def message_fields(
+    id: str,
+    peer_id: str,
+    contact: str | None,
+    sender: str,
+    text: str,
+    ts: int,
+    direction: str,
+) -> dict[str, Any]:
+    """The control-API fields of a ``message`` event (:class:`MessageEvent`), built straight from its values: the
+    hot paths publish one per message and skip the event object."""
+    return {
+        "id": id,
+        "peer_id": peer_id,
+        "name": contact,
+        "from": sender,
+        "text": text,
+        "ts": ts,
+        "direction": direction,
+    }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -454,15 +454,18 @@ class ChatService:
         log.info("chat: dropped (%s) %s%s", reason, detail, f" from {peer}" if peer is not None else "")
 
     def _publish(self, event: ev.ChatServiceEvent) -> None:
+        self._publish_fields(event.name, event.fields())
+
+    def _publish_fields(self, name: str, fields: dict[str, Any]) -> None:
         if self._events is None:
             return
         try:
-            self._events(event.name, **event.fields())
+            self._events(name, **fields)
         except P2PMsgError as exc:
-            self._drop("chat_event_unpublishable", f"{event.name} event: {exc}")
+            self._drop("chat_event_unpublishable", f"{name} event: {exc}")
         except Exception:  # a broken sink must not cost the session that produced the event
             self._dropped["chat_event_unpublishable"] += 1
-            log.exception("chat: the event sink failed on a %s event", event.name)
+            log.exception("chat: the event sink failed on a %s event", name)
 
     def _listened(self) -> bool:
         """Whether the hot paths should build their events: a sink exists and (if it can tell) someone listens."""
@@ -1115,17 +1118,10 @@ class ChatService:
             if incoming.disposition is Disposition.REQUEST:
                 self._publish(ev.RequestEvent(id=message.id.hex(), peer_id=text, text=message.text, ts=sent_at))
             else:
-                self._publish(
-                    ev.MessageEvent(
-                        id=message.id.hex(),
-                        peer_id=text,
-                        contact=incoming.contact_name,
-                        sender=text,
-                        text=message.text,
-                        ts=sent_at,
-                        direction="in",
-                    )
+                fields = ev.message_fields(
+                    message.id.hex(), text, incoming.contact_name, text, message.text, sent_at, "in"
                 )
+                self._publish_fields("message", fields)
 
     def _store_incoming(
         self, conn: sqlite3.Connection, peer: PeerId, messages: list[OpenedText], now: int
@@ -1590,17 +1586,8 @@ class ChatService:
                 poke = True
                 self._outboxed += 1
             if publish:
-                self._publish(
-                    ev.MessageEvent(
-                        id=q.mid.hex(),
-                        peer_id=self._text(q.peer),
-                        contact=q.contact.name,
-                        sender=own,
-                        text=q.text,
-                        ts=q.now,
-                        direction="out",
-                    )
-                )
+                fields = ev.message_fields(q.mid.hex(), self._text(q.peer), q.contact.name, own, q.text, q.now, "out")
+                self._publish_fields("message", fields)
         if self._deferred_receipts:
             self._release_receipts()
         if poke:
