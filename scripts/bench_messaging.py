@@ -1212,8 +1212,14 @@ async def micro_breakdown(directory: Path, shape: SenderWrites, receive_group: i
         hub.publish("receipt", id=mid_hex, peer_id=to_text, status="delivered")
 
     # -- sender, trio thread
-    add("sender trio", "seal (EnvelopeSealer.seal)", _per_call(lambda: sealer.seal(to, text, ts=now), 5000))
-    add("sender trio", "  os.urandom(40): id + nonce", _per_call(lambda: os.urandom(40), 20000))
+    texts = [text] * 100
+    add(
+        "sender trio",
+        "seal (EnvelopeSealer.seal_many, 100 per call)",
+        _per_call(lambda: sealer.seal_many(to, texts, ts=now), 50) / len(texts),
+    )
+    add("sender trio", "  for comparison: EnvelopeSealer.seal", _per_call(lambda: sealer.seal(to, text, ts=now), 5000))
+    add("sender trio", "  os.urandom(36): id + nonce", _per_call(lambda: os.urandom(36), 20000))
     add("sender trio", "  inner MESSAGE_SCHEMA.encode", _per_call(lambda: env.MESSAGE_SCHEMA.encode(inner), 5000))
     add("sender trio", "    of which msgpack.packb", _per_call(lambda: msgpack.packb(inner, use_bin_type=True), 20000))
     add(
@@ -1251,7 +1257,13 @@ async def micro_breakdown(directory: Path, shape: SenderWrites, receive_group: i
         "    of which 2 x PeerId.from_bytes",
         2 * _per_call(lambda: PeerId.from_bytes(frm_bytes), 10000),
     )
-    add("receiver trio", "open (EnvelopeSealer.open)", _per_call(lambda: opener.open(sealed), 5000))
+    batch = [sealed] * 100
+    add(
+        "receiver trio",
+        "open (EnvelopeSealer.open_many, 100 per call)",
+        _per_call(lambda: opener.open_many(batch), 50) / len(batch),
+    )
+    add("receiver trio", "  for comparison: EnvelopeSealer.open", _per_call(lambda: opener.open(sealed), 5000))
     add(
         "receiver trio",
         "  Box: crypto_box_open_afternm",
