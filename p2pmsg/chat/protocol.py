@@ -148,21 +148,32 @@ def _msg_frame_head(raw: bytes) -> bytes:
 _BIN_WIDTHS: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 
 
-def _msg_envelope_at(body: bytes) -> int:
-    """Where the envelope starts in *body* if it is a ``msg`` frame encoded as :func:`_msg_frame_head` writes it (the
-    constant prefix, a bin header whose length runs exactly to the end, 1..MAX_ENVELOPE_SIZE bytes); else 0, and
-    the frame goes through the schema.  Both paths accept such a frame and yield the same envelope bytes."""
-    at = len(_MSG_PREFIX)
-    if len(body) <= at or not body.startswith(_MSG_PREFIX):
+def _msg_envelope_at(body: bytes | bytearray, begin: int = 0, end: int | None = None) -> int:
+    """Where the envelope starts in *body* if ``body[begin:end]`` is a ``msg`` frame encoded as
+    :func:`_msg_frame_head` writes it (the constant prefix, a bin header whose length runs exactly to the end,
+    1..MAX_ENVELOPE_SIZE bytes); else 0, and the frame goes through the schema.  Both paths accept such a frame and
+    yield the same envelope bytes."""
+    if end is None:
+        end = len(body)
+    at = begin + len(_MSG_PREFIX)
+    if end <= at or not body.startswith(_MSG_PREFIX, begin):
         return 0
     width = _BIN_WIDTHS.get(body[at])
     if width is None:
         return 0
     start = at + 1 + width
     size = int.from_bytes(body[at + 1 : start], "big")
-    if start + size != len(body) or not 1 <= size <= MAX_ENVELOPE_SIZE:
+    if start + size != end or not 1 <= size <= MAX_ENVELOPE_SIZE:
         return 0
     return start
+
+
+def _decode_msg_envelope(raw: bytes) -> SealedEnvelope:
+    """The envelope of a ``msg`` frame, validated; a bad one is a protocol error of the session (``msg.env.*``)."""
+    try:
+        return decode_envelope(raw)
+    except ChatEnvelopeError as exc:
+        raise SessionProtocolError(f"msg.env.{exc.field}", exc.reason) from None
 
 
 class ChatConnection:
@@ -226,7 +237,13 @@ class ChatConnection:
                 end = pos + _HEADER.size + length
                 if len(buffer) < end:
                     break
-                events.append(self._parse(bytes(buffer[pos + _HEADER.size : end])))
+                envelope_at = _msg_envelope_at(buffer, pos + _HEADER.size, end)
+                if envelope_at and self.their_state is SessionState.OPEN:
+                    # A msg frame laid out as _msg_frame_head writes it, in the state that takes it (OPEN --msg-->
+                    # OPEN): the envelope is copied out of the buffer once, without the frame around it.
+                    events.append(EnvelopeReceived(envelope=_decode_msg_envelope(bytes(buffer[envelope_at:end]))))
+                else:
+                    events.append(self._parse(bytes(buffer[pos + _HEADER.size : end])))
                 pos = end
         finally:
             if pos:
@@ -251,11 +268,7 @@ class ChatConnection:
         envelope_at = _msg_envelope_at(body)
         if envelope_at:  # a msg frame laid out as _msg_frame_head writes it: skip the generic decode of the frame
             self._their_transition(_Input.MSG, "msg")
-            try:
-                envelope = decode_envelope(body[envelope_at:])
-            except ChatEnvelopeError as exc:
-                raise SessionProtocolError(f"msg.env.{exc.field}", exc.reason) from None
-            return EnvelopeReceived(envelope=envelope)
+            return EnvelopeReceived(envelope=_decode_msg_envelope(body[envelope_at:]))
         try:
             frame: dict[str, Any] = FRAME_SCHEMA.decode(body, max_size=self._max_frame_size)
         except CodecError as exc:
@@ -266,11 +279,7 @@ class ChatConnection:
             raise SessionProtocolError(f"frame.{wanted}", f"a {kind} frame carries exactly v, t and {wanted}")
         if kind == "msg":
             self._their_transition(_Input.MSG, "msg")
-            try:
-                envelope = decode_envelope(frame["env"])
-            except ChatEnvelopeError as exc:
-                raise SessionProtocolError(f"msg.env.{exc.field}", exc.reason) from None
-            return EnvelopeReceived(envelope=envelope)
+            return EnvelopeReceived(envelope=_decode_msg_envelope(frame["env"]))
         self._their_transition(_Input.ACK, "ack")
         return AckReceived(ids=tuple(frame["ids"]))
 
