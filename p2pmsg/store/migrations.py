@@ -221,6 +221,14 @@ _V4_STATEMENTS: Final = (
     "CREATE INDEX outbox_by_recipient ON outbox (recipient)",
 )
 
+
+def _check_outbox_parent(conn: sqlite3.Connection) -> None:
+    """Step 4's last check: the rebuilt outbox references ``messages`` (the rename carried the reference over)."""
+    parents = {str(row[2]) for row in conn.execute("PRAGMA foreign_key_list(outbox)" + _TAG)}
+    if parents != {"messages"}:
+        raise sqlite3.DatabaseError(f"the rebuilt outbox references {sorted(parents)}, not messages")
+
+
 MIGRATIONS: Final[tuple[Migration, ...]] = (
     Migration(
         version=1,
@@ -241,6 +249,7 @@ MIGRATIONS: Final[tuple[Migration, ...]] = (
         version=4,
         description="the messages CHECK without an IN list (no temporary b-tree per outgoing row)",
         statements=_V4_STATEMENTS,
+        apply=_check_outbox_parent,
     ),
 )
 """Every schema step, oldest first; ``MIGRATIONS[i].version == i + 1``."""
@@ -311,12 +320,32 @@ def migrate(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIO
     """Apply the missing steps of *migrations* to *conn*, each in its own transaction; return the final version.
 
     *conn* must be in autocommit mode (``isolation_level=None``) and not inside a transaction.  A failing step is
-    rolled back and raises :class:`MigrationError` (the version stays at the last step that succeeded).
+    rolled back and raises :class:`MigrationError` (the version stays at the last step that succeeded).  The steps
+    run with ``foreign_keys`` on and ``legacy_alter_table`` off, whatever *conn* had; both are restored after.
     """
     latest = _check_list(migrations)
     if conn.in_transaction:
         raise StoreArgumentError("conn", "migrate() needs a connection that is not inside a transaction")
     check_database(conn, migrations)
+    # Step 4 renames a parent table and relies on SQLite rewriting the child's REFERENCES with it: that needs
+    # foreign keys on (SQLite 3.24 and 3.25) and the modern ALTER TABLE (legacy_alter_table off, 3.26 and later).
+    # Neither can change inside a transaction.  Both are given back as the caller had them (SQLite before 3.25 has
+    # no legacy_alter_table: nothing to set or give back).
+    foreign_keys = conn.execute("PRAGMA foreign_keys" + _TAG).fetchone()
+    legacy_alter = conn.execute("PRAGMA legacy_alter_table" + _TAG).fetchone()
+    conn.execute("PRAGMA foreign_keys = ON" + _TAG)
+    conn.execute("PRAGMA legacy_alter_table = OFF" + _TAG)
+    try:
+        return _migrate_steps(conn, migrations, latest)
+    finally:
+        for name, before in (("foreign_keys", foreign_keys), ("legacy_alter_table", legacy_alter)):
+            if before is not None and before[0]:
+                conn.execute(f"PRAGMA {name} = ON" + _TAG)
+            elif before is not None:
+                conn.execute(f"PRAGMA {name} = OFF" + _TAG)
+
+
+def _migrate_steps(conn: sqlite3.Connection, migrations: Sequence[Migration], latest: int) -> int:
     while True:
         conn.execute("BEGIN IMMEDIATE" + _TAG)
         try:

@@ -406,3 +406,45 @@ async def test_v3_to_v4_rebuilds_messages_and_outbox_keeping_rows_links_and_the_
     with pytest.raises(SchemaTooNewError):
         async with open_database(path, migrations=MIGRATIONS[:3]):
             pass
+
+
+@pytest.mark.parametrize(("foreign_keys", "legacy_alter_table"), [(0, 0), (0, 1), (1, 1), (1, 0)])
+def test_step_4_keeps_the_outbox_linked_whatever_the_connection_settings(
+    tmp_path: Path, foreign_keys: int, legacy_alter_table: int
+) -> None:
+    """Step 4 renames the parent of ``outbox``; SQLite carries the child's REFERENCES over only with foreign keys on
+    (3.24, 3.25) or the modern ALTER TABLE.  migrate() runs its steps that way and gives the caller's settings back."""
+    conn = sqlite3.connect(tmp_path / "v3.db", isolation_level=None)
+    migrate(conn, MIGRATIONS[:3])
+    conn.execute(f"PRAGMA foreign_keys = {foreign_keys}")
+    conn.execute(f"PRAGMA legacy_alter_table = {legacy_alter_table}")
+    assert migrate(conn) == LATEST_VERSION
+    assert [r[2] for r in conn.execute("PRAGMA foreign_key_list(outbox)")] == ["messages"]
+    assert conn.execute("PRAGMA foreign_keys").fetchone() == (foreign_keys,)
+    assert conn.execute("PRAGMA legacy_alter_table").fetchone() == (legacy_alter_table,)
+    conn.execute("PRAGMA foreign_keys = ON")
+    repo.enqueue_rows(conn, [(b"\x01" * 16, b"\x02" * 38, b"\x03" * 38, "x", T0, None)], now=T0)
+    assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (1,)
+    conn.close()
+
+
+def test_step_4_refuses_to_commit_an_outbox_that_lost_its_parent(tmp_path: Path) -> None:
+    """The step's own last check: if a rename ever left the rebuilt outbox pointing elsewhere, the step rolls back."""
+    conn = sqlite3.connect(tmp_path / "v3.db", isolation_level=None)
+    migrate(conn, MIGRATIONS[:3])
+    elsewhere = (
+        "CREATE TABLE other (seq INTEGER PRIMARY KEY)",
+        "CREATE TABLE outbox_x (seq INTEGER PRIMARY KEY REFERENCES other (seq), recipient BLOB)",
+        "DROP TABLE outbox",
+        "ALTER TABLE outbox_x RENAME TO outbox",
+    )
+    broken = Migration(
+        version=4,
+        description="step 4 with the outbox pointing elsewhere at the end",
+        statements=(*MIGRATIONS[3].statements, *elsewhere),
+        apply=MIGRATIONS[3].apply,
+    )
+    with pytest.raises(MigrationError, match="references"):
+        migrate(conn, (*MIGRATIONS[:3], broken))
+    assert schema_version(conn) == 3
+    conn.close()
