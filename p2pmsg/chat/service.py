@@ -454,7 +454,8 @@ class ChatService:
         log.info("chat: dropped (%s) %s%s", reason, detail, f" from {peer}" if peer is not None else "")
 
     def _publish(self, event: ev.ChatServiceEvent) -> None:
-        self._publish_fields(event.name, event.fields())
+        if self._events is not None:
+            self._publish_fields(event.name, event.fields())
 
     def _publish_fields(self, name: str, fields: dict[str, Any]) -> None:
         if self._events is None:
