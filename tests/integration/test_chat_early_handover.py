@@ -136,6 +136,19 @@ async def _writer_held(pair: _Pair) -> threading.Event:
     return release
 
 
+async def _release_and_check_order(pair: _Pair, release: threading.Event, result: dict[str, Any]) -> str:
+    """Let the held writer go, wait for the ``send`` that fills ``result`` and for its ``delivered`` receipt, check
+    that Alice's subscribers saw ``message``, then ``sent``, then ``delivered``; return the message id."""
+    release.set()
+    with trio.fail_after(10):
+        while not result:
+            await trio.sleep(0.001)
+    mid: str = result["id"]
+    await pair.alice_events.wait_for(functools.partial(_has_status, pair.alice_events, mid, "delivered"))
+    assert pair.alice_events.statuses(mid) == ["message", "sent", "delivered"]
+    return mid
+
+
 async def test_the_envelope_reaches_the_recipient_while_the_enqueue_commits(home: Path) -> None:
     async with _pair(home) as pair:
         alice, alice_events, bob_events = pair.alice, pair.alice_events, pair.bob_events
@@ -152,13 +165,7 @@ async def test_the_envelope_reaches_the_recipient_while_the_enqueue_commits(home
         await trio.sleep(0.05)  # Bob's receipt comes back meanwhile: it must wait for Alice's commit
         assert result == {}, "send returned before its enqueue transaction committed"
         assert alice_events.seen[before:] == [], "an event was published before the enqueue committed"
-        release.set()
-        with trio.fail_after(10):
-            while not result:
-                await trio.sleep(0.001)
-        mid = result["id"]
-        await alice_events.wait_for(functools.partial(_has_status, alice_events, mid, "delivered"))
-        assert alice_events.statuses(mid) == ["message", "sent", "delivered"]
+        mid = await _release_and_check_order(pair, release, result)
         stored = await pair.alice_db.read(lambda c: repo.get_message(c, bytes.fromhex(mid)))
         assert stored is not None and stored.status.value == "delivered"
 
@@ -228,7 +235,7 @@ async def test_a_subscriber_arriving_during_the_commit_gets_every_receipt(home: 
     arrives before the commit ends: it still sees ``message``, then ``sent``, then ``delivered`` (receipts of
     uncommitted ids are held back even while nobody listens)."""
     async with _pair(home) as pair:
-        alice, alice_events, bob_events = pair.alice, pair.alice_events, pair.bob_events
+        alice, bob_events = pair.alice, pair.bob_events
         listening = [False]
         alice._listening = lambda: listening[0]  # what the node passes: its event hub has subscribers
         release = await _writer_held(pair)
@@ -241,10 +248,4 @@ async def test_a_subscriber_arriving_during_the_commit_gets_every_receipt(home: 
         await bob_events.wait_for(lambda: "mid-burst" in bob_events.texts_in())
         await trio.sleep(0.05)  # the 'sent' receipt happens meanwhile, before the commit
         listening[0] = True  # a control client subscribes before the message event
-        release.set()
-        with trio.fail_after(10):
-            while not result:
-                await trio.sleep(0.001)
-        mid = result["id"]
-        await alice_events.wait_for(functools.partial(_has_status, alice_events, mid, "delivered"))
-        assert alice_events.statuses(mid) == ["message", "sent", "delivered"]
+        await _release_and_check_order(pair, release, result)
