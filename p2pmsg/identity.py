@@ -794,10 +794,18 @@ def passphrase_from_environment(env: Mapping[str, str] | None = None) -> str | N
 
 def _read_passphrase_file(path: str) -> str:
     try:
-        with open(path, "rb") as handle:
+        # Opened without blocking: opening a named pipe that no process writes to would otherwise wait forever.
+        # Reads block again (a pipe being written, as from ``<(pass show ...)``, is waited for); a pipe with no
+        # writer reads as empty at once.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        os.set_blocking(fd, True)
+        with open(fd, "rb") as handle:
+            pipe = stat.S_ISFIFO(os.fstat(handle.fileno()).st_mode)
             data = handle.read(MAX_PASSPHRASE_FILE_SIZE + 1)
     except OSError as exc:
         raise PassphraseRequiredError(f"passphrase file {path}: cannot read it ({exc.strerror})") from None
+    if pipe and not data:
+        raise PassphraseRequiredError(f"passphrase file {path}: a pipe that no process writes to (nothing to read)")
     if len(data) > MAX_PASSPHRASE_FILE_SIZE:
         raise PassphraseRequiredError(f"passphrase file {path}: larger than {MAX_PASSPHRASE_FILE_SIZE} bytes")
     try:

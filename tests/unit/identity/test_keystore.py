@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
+import time
 from pathlib import Path
 
 import nacl.encoding
@@ -504,6 +506,49 @@ def test_passphrase_file_that_cannot_be_used(tmp_path: Path, content: bytes | No
     with pytest.raises(PassphraseRequiredError, match=reason) as caught:
         resolve_passphrase(env={PASSPHRASE_FILE_ENV: str(secret)}, prompt=Prompts("never asked"))
     assert str(secret) in str(caught.value)
+
+
+def test_passphrase_from_a_named_pipe_nobody_writes_to_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO with no writer used to make open() wait forever (p2pmsg run hung with no message)."""
+    fifo = tmp_path / "passphrase.fifo"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | str] = []
+
+    def read() -> None:
+        try:
+            outcome.append(passphrase_from_environment({PASSPHRASE_FILE_ENV: str(fifo)}) or "")
+        except BaseException as exc:  # handed to the test thread below
+            outcome.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    if reader.is_alive():  # free the blocked open() before failing: one writer that writes nothing
+        os.close(os.open(fifo, os.O_WRONLY))
+        reader.join(timeout=10)
+        pytest.fail("reading a FIFO with no writer blocked")
+    [result] = outcome
+    assert isinstance(result, PassphraseRequiredError)
+    assert "a pipe that no process writes to" in str(result) and str(fifo) in str(result)
+
+
+def test_passphrase_from_a_pipe_that_is_being_written() -> None:
+    """A pipe with a writer (as ``<(pass show ...)`` gives) is waited for and read to its end."""
+    read_end, write_end = os.pipe()
+    path = f"/proc/self/fd/{read_end}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{read_end}"
+
+    def write() -> None:
+        time.sleep(0.2)  # the reader is already waiting
+        os.write(write_end, b"from a pipe\n")
+        os.close(write_end)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert passphrase_from_environment({PASSPHRASE_FILE_ENV: path}) == "from a pipe"
+    finally:
+        writer.join()
+        os.close(read_end)
 
 
 # --- the worked examples of docs/protocol.md (section 1) ----------------------------------------------------------
