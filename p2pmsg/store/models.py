@@ -195,7 +195,8 @@ class StoredMessage:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class OutgoingMessage:
-    """One item of :func:`~p2pmsg.store.repo.enqueue_many` (the arguments of :func:`~p2pmsg.store.repo.enqueue`)."""
+    """One item of :func:`~p2pmsg.store.repo.enqueue_many` (the arguments of :func:`~p2pmsg.store.repo.enqueue`);
+    :func:`~p2pmsg.store.repo.enqueue_rows` takes the same fields as a tuple."""
 
     message_id: bytes
     recipient: bytes
@@ -209,7 +210,8 @@ class OutgoingMessage:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class IncomingMessage:
-    """One item of :func:`~p2pmsg.store.repo.insert_incoming_many` (see :func:`~p2pmsg.store.repo.insert_incoming`)."""
+    """One item of :func:`~p2pmsg.store.repo.insert_incoming_many` (see :func:`~p2pmsg.store.repo.insert_incoming`);
+    :func:`~p2pmsg.store.repo.insert_incoming_rows` takes the same fields as a tuple."""
 
     message_id: bytes
     sender: bytes
