@@ -1,0 +1,83 @@
+"""Every benchmark script runs end to end on a tiny workload and prints the figures it promises.
+
+Tests do not time anything (speed is measured by the scripts themselves, see ``docs/benchmarks.md``); this only
+keeps the scripts working as the code they drive changes (a benchmark that silently measures a function the product
+no longer calls, as ``--breakdown`` once did, is worse than none).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+CASES = {
+    "handshake": (
+        ["bench_handshake.py", "--json", "--n", "10", "--mib", "2", "--repeat", "1"],
+        ["handshake_wall_ms_p50", "channel_mb_s", "raw_tcp_mb_s"],
+    ),
+    "messaging": (
+        [
+            "bench_messaging.py",
+            "--json",
+            "--n",
+            "300",
+            "--repeat",
+            "1",
+            "--no-single-send",
+            "--idle",
+            "10",
+            "--load-seconds",
+            "0.5",
+            "--pipe-n",
+            "600",
+        ],
+        ["msgs_per_s", "ceiling_msgs_per_s", "durable_floor_msgs_per_s", "latency_ms_p50", "rss_mb_idle"],
+    ),
+    "messaging-breakdown": (
+        ["bench_messaging.py", "--breakdown", "--json", "--n", "300"],
+        ["rows", "measured", "sender_writes"],
+    ),
+    "chat-pipe": (
+        ["bench_chat_pipe.py", "--json", "--n", "200", "--sends", "2"],
+        ["pipe_msgs_per_s", "send_msgs_per_s"],
+    ),
+    "store": (
+        ["bench_store.py", "--json", "--n", "300", "--history", "300", "--repeat", "1"],
+        ["time_prefixed_history300_sender_cpu_us", "random_history0_receiver_written_kb"],
+    ),
+    "dht": (["bench_dht.py", "--json", "--sizes", "20", "--lookups", "20"], ["20"]),
+}
+
+
+def _run(args: list[str], timeout: float = 240) -> str:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / args[0]), *args[1:]], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, f"{args[0]} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_benchmark_script_runs_and_prints_its_figures(case: str) -> None:
+    args, keys = CASES[case]
+    figures = json.loads(_run(args))
+    missing = [key for key in keys if key not in figures]
+    assert not missing, f"{args[0]} printed no {missing}"
+    for key in keys:
+        value = figures[key]
+        if isinstance(value, int | float):
+            assert value > 0, f"{args[0]}: {key} = {value}"
+    if case == "messaging-breakdown":  # every piece of the hot path was measured, none is zero by accident
+        assert figures["sender_writes"]["enqueue_per_call"] > 1, "the breakdown did not see the enqueue calls"
+
+
+@pytest.mark.parametrize("role", ["pair", "ceiling"])
+def test_instruction_benchmark_workloads_run(role: str) -> None:
+    """bench_instructions.py runs these under valgrind; here they run bare (the counting itself needs valgrind)."""
+    _run(["bench_instructions.py", "--role", role, "--n", "50"])
