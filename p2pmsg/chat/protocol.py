@@ -148,13 +148,11 @@ def _msg_frame_head(raw: bytes) -> bytes:
 _BIN_WIDTHS: Final = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 
 
-def _msg_envelope_at(body: bytes | bytearray, begin: int = 0, end: int | None = None) -> int:
+def _msg_envelope_at(body: bytes | bytearray, begin: int, end: int) -> int:
     """Where the envelope starts in *body* if ``body[begin:end]`` is a ``msg`` frame encoded as
     :func:`_msg_frame_head` writes it (the constant prefix, a bin header whose length runs exactly to the end,
     1..MAX_ENVELOPE_SIZE bytes); else 0, and the frame goes through the schema.  Both paths accept such a frame and
     yield the same envelope bytes."""
-    if end is None:
-        end = len(body)
     at = begin + len(_MSG_PREFIX)
     if end <= at or not body.startswith(_MSG_PREFIX, begin):
         return 0
@@ -265,10 +263,7 @@ class ChatConnection:
                 raise SessionProtocolError("hello.proto", f"{hello['proto']!r} is not {CHAT_PROTOCOL!r}")
             self._their_transition(_Input.HELLO, "hello")
             return HelloReceived(proto=hello["proto"])
-        envelope_at = _msg_envelope_at(body)
-        if envelope_at:  # a msg frame laid out as _msg_frame_head writes it: skip the generic decode of the frame
-            self._their_transition(_Input.MSG, "msg")
-            return EnvelopeReceived(envelope=_decode_msg_envelope(body[envelope_at:]))
+        # A canonical msg frame in the OPEN state never gets here: _receive decodes it from the buffer.
         try:
             frame: dict[str, Any] = FRAME_SCHEMA.decode(body, max_size=self._max_frame_size)
         except CodecError as exc:
