@@ -420,11 +420,11 @@ class Receipts:
                 self._hit(len(self.group.intersection(ids)))
             if self.window_ids:
                 released = self.window_ids.intersection(ids)
-                self.window_ids.difference_update(released)
-                assert self.window is not None or not released
-                for _ in released:
+                if released:
                     assert self.window is not None
-                    self.window.release()
+                    self.window_ids.difference_update(released)
+                    for _ in released:
+                        self.window.release()
         if self.inner is not None:
             self.inner(event, **fields)
 
