@@ -339,6 +339,7 @@ def _message_dict(message: StoredMessage) -> dict[str, Any]:
         "ts": message.sent_at,
         "status": message.status.value,
         "direction": message.direction.value,
+        "seq": message.seq,
     }
 
 
@@ -1595,11 +1596,21 @@ class ChatService:
             self._poke()
         return stranded
 
-    async def history(self, name: str, limit: int | None = None, before: int | None = None) -> list[dict[str, Any]]:
-        """The conversation with ``name``, oldest first: the newest ``limit`` messages (sent before ``before`` ms)."""
+    async def history(
+        self, name: str, limit: int | None = None, before: int | None = None, before_seq: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The conversation with ``name``, oldest first, in ``(ts, seq)`` order: the newest ``limit`` messages (default
+        50, at most :data:`MAX_QUERY_LIMIT`); with ``before``, those sent before ``before`` ms; with ``before`` and
+        ``before_seq`` too, those strictly before the position ``(before, before_seq)``: pass the first row's ``ts``
+        and ``seq`` to page back (messages sent in one ``send_many`` share one ``ts``)."""
+        if before_seq is not None and before is None:
+            raise BadRequestError("before_seq: only together with before (the ts of the same row)")
         contact = await self._contact_by_name(name)
         count = max(1, min(limit if limit is not None else 50, MAX_QUERY_LIMIT))
-        cursor = HistoryCursor(sent_at=min(max(before, 0), MAX_TIMESTAMP), seq=0) if before is not None else None
+        cursor = None
+        if before is not None:
+            seq = min(max(before_seq, 0), MAX_TIMESTAMP) if before_seq is not None else 0
+            cursor = HistoryCursor(sent_at=min(max(before, 0), MAX_TIMESTAMP), seq=seq)
         rows = await self._db.read(lambda c: repo.history(c, contact.peer_id, limit=count, before=cursor))
         return [_message_dict(m) for m in rows]
 
@@ -1753,7 +1764,7 @@ class ChatService:
             "contacts.unblock": lambda p: self.unblock(p["name_or_peer"]),
             "send": lambda p: self.send(p["name"], p["text"]),
             "send_many": lambda p: self.send_many(p["name"], p["texts"]),
-            "history": lambda p: self.history(p["name"], p.get("limit"), p.get("before")),
+            "history": lambda p: self.history(p["name"], p.get("limit"), p.get("before"), p.get("before_seq")),
             "inbox": lambda p: self.inbox(),
             "requests.list": lambda p: self.list_requests(),
             "requests.accept": lambda p: self.accept_request(p["peer_id"], p["name"]),

@@ -581,13 +581,23 @@ def format_message(row: dict[str, Any], *, contact: str) -> str:
 @click.argument("name")
 @click.option("--limit", type=click.IntRange(1, None), default=50, show_default=True, help="How many messages.")
 @click.option("--before", type=click.IntRange(0, None), default=None, help="Only messages before this time (ms).")
+@click.option(
+    "--before-seq",
+    type=click.IntRange(0, None),
+    default=None,
+    help="With --before: only messages before the one with this ts and seq (page back from the first row of --json).",
+)
 @json_option
 @pass_state
-def history(state: State, name: str, limit: int, before: int | None, as_json: bool) -> None:
+def history(state: State, name: str, limit: int, before: int | None, before_seq: int | None, as_json: bool) -> None:
     """Show the conversation with NAME, oldest first."""
+    if before_seq is not None and before is None:
+        raise click.UsageError("--before-seq needs --before (the ts of the same message)")
     params: dict[str, Any] = {"name": name, "limit": limit}
     if before is not None:
         params["before"] = before
+    if before_seq is not None:
+        params["before_seq"] = before_seq
     rows = _rows(state.call("history", **params), "history")
     if as_json:
         _echo_json(rows)
@@ -633,12 +643,11 @@ def inbox(state: State, as_json: bool) -> None:
         return
     click.echo(
         table(
-            ["NAME", "LAST", "UNREAD", "MESSAGE"],
+            ["NAME", "LAST", "MESSAGE"],
             [
                 [
                     r.get("name", ""),
                     format_ts(r.get("last_ts")),
-                    r.get("unread", ""),
                     truncate(str(r.get("last_text", "")), 60),
                 ]
                 for r in rows

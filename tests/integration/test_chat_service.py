@@ -73,6 +73,7 @@ async def running_node(
     config: ChatConfig = FAST,
     listen: Multiaddr = LOCAL_TCP,
     resolver: Any = None,
+    clock_ms: Callable[[], int] | None = None,
 ) -> AsyncIterator[Node]:
     home.mkdir(exist_ok=True)
     events: list[tuple[str, dict[str, Any]]] = []
@@ -81,7 +82,8 @@ async def running_node(
         events.append((event, fields))
 
     async with open_database(home / "p2pmsg.db") as db, trio.open_nursery() as nursery:
-        chat = ChatService(identity, db, config=config, events=sink, resolver=resolver)
+        clock = {} if clock_ms is None else {"clock_ms": clock_ms}
+        chat = ChatService(identity, db, config=config, events=sink, resolver=resolver, **clock)
         listener = Listener(identity, chat.handle_inbound)
         addrs = await nursery.start(listener.run, [listen])
         await nursery.start(chat.run)
@@ -637,3 +639,34 @@ async def test_anyone_auto_added_peers_stay_under_stranger_limits(tmp_path: Path
         assert not await _closed_within(channel, 1.0)
         await channel.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_history_pages_back_through_messages_that_share_one_ts(tmp_path: Path) -> None:
+    """One ``send_many`` stamps its texts with one ``ts``: paging by ``ts`` alone would skip the rest of a page's
+    oldest ``ts``; ``before`` + ``before_seq`` (the first row's ``ts`` and ``seq``) reaches every message once."""
+    now = [1_700_000_000_000]
+    async with running_node(tmp_path / "alice", ALICE, clock_ms=lambda: now[0]) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [Multiaddr.parse("/ip4/127.0.0.1/tcp/9")]), "bob")
+        await alice.chat.send("bob", "first")
+        now[0] += 1000
+        ids = (await alice.chat.send_many("bob", [f"burst {i}" for i in range(5)]))["ids"]
+        history = alice.chat.control_handlers()["history"]
+        everything = await history({"name": "bob"})
+        assert [m["text"] for m in everything] == ["first"] + [f"burst {i}" for i in range(5)]
+        assert len({m["ts"] for m in everything[1:]}) == 1
+        seqs = [m["seq"] for m in everything]
+        assert seqs == sorted(seqs) and len(set(seqs)) == 6
+
+        pages = []
+        page = await history({"name": "bob", "limit": 2})
+        while page:
+            pages.append([m["text"] for m in page])
+            page = await history({"name": "bob", "limit": 2, "before": page[0]["ts"], "before_seq": page[0]["seq"]})
+        assert pages == [["burst 3", "burst 4"], ["burst 1", "burst 2"], ["first", "burst 0"]]
+
+        newest = await history({"name": "bob", "limit": 2})
+        by_ts_only = await history({"name": "bob", "limit": 2, "before": newest[0]["ts"]})
+        assert [m["text"] for m in by_ts_only] == ["first"]  # ts alone: strictly earlier times only
+        assert [m["id"] for m in newest] == ids[3:]
+        with pytest.raises(BadRequestError, match="before_seq: only together with before"):
+            await history({"name": "bob", "before_seq": newest[0]["seq"]})

@@ -71,6 +71,7 @@ class ContactNode:
         self.requests = [{"peer_id": STRANGER, "count": 2, "last_text": "let me in", "last_ts": T0 + 5000}]
         self.sent: list[tuple[str, str]] = []
         self.blocked: list[str] = []
+        self.history_params: list[dict[str, Any]] = []
 
     def _contact(self, name: str) -> dict[str, Any]:
         if name not in self.contacts:
@@ -128,10 +129,11 @@ class ContactNode:
 
         async def history(p: dict[str, Any]) -> Any:
             self._contact(p["name"])
+            self.history_params.append(p)
             return self.messages.get(p["name"], [])[-p.get("limit", 50) :]
 
         async def inbox(p: dict[str, Any]) -> Any:
-            return [{"name": "bob", "peer_id": BOB, "last_text": "hello bob", "last_ts": T0 + 2000, "unread": 1}]
+            return [{"name": "bob", "peer_id": BOB, "last_text": "hello bob", "last_ts": T0 + 2000}]
 
         async def requests_list(p: dict[str, Any]) -> Any:
             return self.requests
@@ -141,7 +143,9 @@ class ContactNode:
             return {}
 
         async def peers(p: dict[str, Any]) -> Any:
-            return [{"peer_id": BOB, "name": "bob", "addr": "/ip4/10.0.0.2/tcp/4001", "direction": "out", "since": T0}]
+            return [
+                {"peer_id": BOB, "name": "bob", "addr": "/ip4/10.0.0.2/tcp/4001", "direction": "outbound", "since": T0}
+            ]
 
         async def status(p: dict[str, Any]) -> Any:
             return {
@@ -312,7 +316,7 @@ async def test_inbox_requests_peers_status(home: Path) -> None:
         status_json = await invoke(home, "status", "--json")
         assert node.contacts["dave"]["peer_id"] == STRANGER
         assert node.blocked == [CAROL]
-    assert inbox.output.splitlines()[0].split() == ["NAME", "LAST", "UNREAD", "MESSAGE"]
+    assert inbox.output.splitlines()[0].split() == ["NAME", "LAST", "MESSAGE"]
     assert inbox.output.splitlines()[1].startswith("bob ") and inbox.output.splitlines()[1].endswith("hello bob")
     assert STRANGER in requests.output and "let me in" in requests.output
     assert json.loads(requests_json.output)[0]["count"] == 2
@@ -468,3 +472,12 @@ def test_piped_batches_stay_under_the_request_size_limit() -> None:
         os.close(write_fd)
         # "aaaa\n" + "bbbb\n" = 10 bytes; "\u00e9\u00e9\u00e9\n" is 7 bytes of UTF-8 (4 characters).
         assert list(batches) == [["aaaa\n", "bbbb\n"], ["\u00e9\u00e9\u00e9\n"], ["ccccccccccccccc\n"], ["d\n"]]
+
+
+async def test_history_pages_back_with_before_and_before_seq(home: Path) -> None:
+    async with node_on(home) as node:
+        paged = await invoke(home, "history", "bob", "--limit", "2", "--before", str(T0 + 2000), "--before-seq", "7")
+        alone = await invoke(home, "history", "bob", "--before-seq", "7")
+    assert paged.exit_code == 0
+    assert node.history_params == [{"name": "bob", "limit": 2, "before": T0 + 2000, "before_seq": 7}]
+    assert alone.exit_code == 2 and "--before-seq needs --before" in alone.output
