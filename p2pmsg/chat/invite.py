@@ -19,7 +19,7 @@ Unknown query parameters are ignored so later versions can add some without brea
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from p2pmsg.errors import LocalProtocolError, RemoteProtocolError
 from p2pmsg.identity import PeerId
@@ -111,10 +111,7 @@ def parse_invite(text: str) -> Invite:
         peer_id = PeerId.from_string(path[1:])
     except RemoteProtocolError as exc:
         raise InviteError("peer_id", str(exc)) from None
-    try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query), errors="strict")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InviteError("query", f"malformed ({exc})") from None
+    pairs = _query_pairs(parts.query)
     addrs: list[Multiaddr] = []
     for key, value in pairs:
         if key != "addr":
@@ -132,6 +129,23 @@ def parse_invite(text: str) -> Invite:
         if addr not in addrs:
             addrs.append(addr)
     return Invite(peer_id=peer_id, addrs=tuple(addrs))
+
+
+def _query_pairs(query: str) -> list[tuple[str, str]]:
+    """The ``name=value`` pairs of a link's query, percent-decoded as UTF-8 (RFC 3986: ``+`` is a plus sign, not the
+    space of HTML form encoding); :class:`InviteError` for a pair without ``=`` or a name, or a bad escape."""
+    pairs: list[tuple[str, str]] = []
+    if not query:
+        return pairs
+    for part in query.split("&"):
+        name, equals, value = part.partition("=")
+        if not equals or not name:
+            raise InviteError("query", f"malformed parameter {part[:64]!r} (expected name=value)")
+        try:
+            pairs.append((unquote(name, errors="strict"), unquote(value, errors="strict")))
+        except UnicodeDecodeError as exc:
+            raise InviteError("query", f"malformed percent-encoding ({exc})") from None
+    return pairs
 
 
 def parse_target(text: str) -> Invite:

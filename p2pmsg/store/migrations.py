@@ -209,8 +209,11 @@ _V4_STATEMENTS: Final = (
         last_error      TEXT    CHECK (last_error IS NULL OR length(last_error) <= 512),
         enqueued_at     INTEGER NOT NULL CHECK (typeof(enqueued_at) = 'integer')
     )""",
+    # Only rows whose message exists: p2pmsg writes with foreign keys on, so it never leaves others, but a file written
+    # by another program with SQLite's default (off) can hold some; they have nothing to send and would fail the copy.
     """INSERT INTO outbox_v4 (seq, recipient, attempts, next_attempt_at, last_error, enqueued_at)
-        SELECT seq, recipient, attempts, next_attempt_at, last_error, enqueued_at FROM outbox ORDER BY seq""",
+        SELECT seq, recipient, attempts, next_attempt_at, last_error, enqueued_at FROM outbox
+        WHERE seq IN (SELECT seq FROM messages_v4) ORDER BY seq""",
     "DROP TABLE outbox",
     "DROP TABLE messages",
     "ALTER TABLE messages_v4 RENAME TO messages",

@@ -73,6 +73,16 @@ def test_unknown_parameters_are_ignored() -> None:
     assert parse_invite(format_invite(PEER, [TCP]) + "&name=bob&v=2").addrs == (TCP,)
 
 
+def test_plus_is_a_plus_sign_not_a_space() -> None:
+    """Percent-encoding as RFC 3986 (section 6.6), not HTML form encoding: ``+`` stays ``+``."""
+    with pytest.raises(InviteError, match=r"'/dns4/a\+b/tcp/1'"):
+        parse_invite(f"{INVITE_PREFIX}{PEER.to_base58()}?addr=%2Fdns4%2Fa+b%2Ftcp%2F1")
+
+
+def test_white_space_around_a_pasted_link_is_ignored() -> None:
+    assert parse_invite(f"  {format_invite(PEER, [TCP])}\n").addrs == (TCP,)
+
+
 @pytest.mark.parametrize(
     ("text", "field"),
     [
@@ -84,6 +94,9 @@ def test_unknown_parameters_are_ignored() -> None:
         ("p2pmsg://invite/PEER?addr=%2Fip4%2F999.1.1.1%2Ftcp%2F1", "addr"),
         ("p2pmsg://invite/PEER?addr=", "addr"),
         ("p2pmsg://invite/PEER?addr=%ff", "query"),
+        ("p2pmsg://invite/PEER?addr", "query"),
+        ("p2pmsg://invite/PEER?=x", "query"),
+        ("p2pmsg://invite/PEER?addr=%2Fip4%2F192.0.2.7%2Ftcp%2F1&&v=2", "query"),
         ("p2pmsg://invite/PEER#frag", "invite"),
         ("p2pmsg://invite/PEER ?addr=x", "invite"),
         ("p2pmsg://invite/PEER?" + "x" * 5000, "invite"),

@@ -428,6 +428,24 @@ def test_step_4_keeps_the_outbox_linked_whatever_the_connection_settings(
     conn.close()
 
 
+def test_step_4_drops_outbox_rows_without_a_message(tmp_path: Path) -> None:
+    """Another program writing with foreign keys off (SQLite's default) can leave an outbox row whose message is
+    gone; step 4 copies only rows with a message, instead of failing and leaving the node unable to open its file."""
+    conn = sqlite3.connect(tmp_path / "v3.db", isolation_level=None)
+    migrate(conn, MIGRATIONS[:3])
+    conn.execute("PRAGMA foreign_keys = ON")
+    repo.enqueue_rows(conn, [(b"\x01" * 16, b"\x02" * 38, b"\x03" * 38, "kept", T0, None)], now=T0)
+    repo.enqueue_rows(conn, [(b"\x04" * 16, b"\x02" * 38, b"\x03" * 38, "orphaned", T0, None)], now=T0)
+    conn.execute("PRAGMA foreign_keys = OFF")
+    conn.execute("DELETE FROM messages WHERE text = 'orphaned'")
+    assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (2,)
+    assert migrate(conn) == LATEST_VERSION
+    assert conn.execute("SELECT m.text FROM outbox JOIN messages AS m USING (seq)").fetchall() == [("kept",)]
+    assert conn.execute("SELECT count(*) FROM outbox").fetchone() == (1,)
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    conn.close()
+
+
 def test_step_4_refuses_to_commit_an_outbox_that_lost_its_parent(tmp_path: Path) -> None:
     """The step's own last check: if a rename ever left the rebuilt outbox pointing elsewhere, the step rolls back."""
     conn = sqlite3.connect(tmp_path / "v3.db", isolation_level=None)
