@@ -1002,11 +1002,6 @@ class ChatService:
 
     async def _reader(self, session: _Session) -> str:
         await self._write(session, session.conn.send_hello())
-        now = self._now()
-        raw = session.peer.to_bytes()
-        await self._db.write(lambda c: repo.expedite(c, raw, now=now))
-        session.expedited = True
-        self._poke()
         # Received envelopes go to a storer task, so reading goes on while a chunk commits; the storer takes all that
         # piled up meanwhile into its next transaction (bounded: the reader waits when _INBOX_CHUNKS are queued).
         send, receive = trio.open_memory_channel[list[SealedEnvelope]](_INBOX_CHUNKS)
@@ -1060,14 +1055,18 @@ class ChatService:
                 return f"a stranger's session idle for {idle:g} s"
             envelopes: list[SealedEnvelope] = []
             acks: list[bytes] = []
-            closed = False
+            closed = hello = False
             for event in session.conn.receive_data(data):
                 if isinstance(event, ev.EnvelopeReceived):
                     envelopes.append(event.envelope)
                 elif isinstance(event, ev.AckReceived):
                     acks.extend(event.ids)
+                elif isinstance(event, ev.HelloReceived):
+                    hello = True
                 elif isinstance(event, ev.SessionClosed):
                     closed = True
+            if hello:
+                await self._peer_ready(session)
             if envelopes:
                 session.active_at = trio.current_time()
                 await inbox.send(envelopes)
@@ -1075,6 +1074,18 @@ class ChatService:
                 await self._apply_acks(session, acks)
             if closed:
                 return "the peer closed the session"
+
+    async def _peer_ready(self, session: _Session) -> None:
+        """The peer's hello arrived: make its outbox entries due now, whatever their backoff, and wake the outbox.
+
+        Not when the channel merely opened: a node that refuses us (it blocked us, or has no session slot) completes
+        the handshake and then closes without a hello.  Expediting then would reset the backoff on every redial, and
+        the outbox would redial such a peer in a tight loop, each time counting an attempt."""
+        now = self._now()
+        raw = session.peer.to_bytes()
+        await self._db.write(lambda c: repo.expedite(c, raw, now=now))
+        session.expedited = True
+        self._poke()
 
     async def _receive_envelopes(self, session: _Session, envelopes: list[SealedEnvelope]) -> None:
         peer = session.peer

@@ -322,6 +322,28 @@ async def test_blocked_peer_is_refused_at_the_channel(tmp_path: Path) -> None:
         await eventually(lambda: bob.seen("request"), "carol's message after unblock", timeout=8)
 
 
+async def test_a_peer_that_refuses_every_channel_gets_redials_only_after_the_backoff(tmp_path: Path) -> None:
+    """A completed handshake is not a sign of life: a node that blocked us closes the channel before its hello, so our
+    outbox must keep its backoff (no expedite), not redial at once in a loop, each redial counting as an attempt."""
+    slow = dataclasses.replace(FAST, backoff=Backoff(base_ms=200, cap_ms=400, jitter=0.5))
+    async with (
+        running_node(tmp_path / "bob", BOB) as bob,
+        running_node(tmp_path / "carol", CAROL, config=slow) as carol,
+    ):
+        await bob.chat.block(str(CAROL.peer_id))
+        await carol.chat.add_contact(bob.invite, "bob")
+        await carol.chat.send("bob", "let me in")
+        await eventually(lambda: bob.chat.dropped.get("chat_blocked_peer", 0) >= 1, "bob refuses carol")
+        await trio.sleep(1.0)
+        # At least 100 ms between attempts (200 ms, jitter subtracts up to half): at most ~11 in this second.
+        refused = bob.chat.dropped.get("chat_blocked_peer", 0)
+        assert 1 <= refused <= 12, f"{refused} channels refused in about a second"
+        [entry] = await carol.db.read(lambda c: repo.due(c, now=2**62, limit=10))
+        assert 1 <= entry.attempts <= 12
+        await bob.chat.unblock(str(CAROL.peer_id))
+        await eventually(lambda: bob.seen("request"), "carol's message after unblock", timeout=8)
+
+
 async def test_blocking_a_connected_contact_closes_the_session(tmp_path: Path) -> None:
     async with running_node(tmp_path / "alice", ALICE) as alice, running_node(tmp_path / "bob", BOB) as bob:
         await alice.chat.add_contact(bob.invite, "bob")
