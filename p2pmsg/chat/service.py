@@ -1285,21 +1285,25 @@ class ChatService:
         return contact
 
     async def _peer_by_name_or_id(self, text: str) -> tuple[bytes, Contact | None]:
+        """The peer ``text`` names: a peer id is that peer, whatever any contact is called; otherwise a contact name."""
+        try:
+            peer = PeerId.from_string(text.strip())
+        except InvalidPeerIdError:
+            pass
+        else:
+            raw = peer.to_bytes()
+            return raw, await self._db.read(lambda c: repo.get_contact(c, raw))
         try:
             contact = await self._db.read(lambda c: repo.find_contact(c, text))
         except store_errors.StoreArgumentError:
             contact = None
-        if contact is not None:
-            return contact.peer_id, contact
-        try:
-            peer = PeerId.from_string(text.strip())
-        except InvalidPeerIdError:
-            raise UnknownContactError(f"no contact named {text!r}, and it is not a peer id") from None
-        raw = peer.to_bytes()
-        return raw, await self._db.read(lambda c: repo.get_contact(c, raw))
+        if contact is None:
+            raise UnknownContactError(f"no contact named {text!r}, and it is not a peer id")
+        return contact.peer_id, contact
 
     async def add_contact(self, target: str, name: str) -> dict[str, Any]:
         """Add the peer of an invite link (or bare peer id) as contact ``name``; accepts its pending request."""
+        _check_new_name(name)
         invite = parse_target(target)
         peer = invite.peer_id
         if peer == self.identity.peer_id:
@@ -1339,6 +1343,7 @@ class ChatService:
 
     async def rename_contact(self, name: str, new_name: str) -> dict[str, Any]:
         """Rename a contact."""
+        _check_new_name(new_name)
         contact = await self._contact_by_name(name)
         now = self._now()
 
@@ -1670,11 +1675,19 @@ class ChatService:
 
     async def accept_request(self, peer_id: str, name: str) -> dict[str, Any]:
         """Accept a stranger's request: it becomes contact ``name`` and its messages move to the inbox."""
+        _check_new_name(name)
         peer = self._parse_peer(peer_id)
         now = self._now()
         try:
             with _user_errors():
-                contact = await self._db.write(lambda c: repo.accept_request(c, peer.to_bytes(), name=name, now=now))
+                try:
+                    contact = await self._db.write(
+                        lambda c: repo.accept_request(c, peer.to_bytes(), name=name, now=now)
+                    )
+                except store_errors.UnknownRequestError:
+                    raise UnknownContactError(f"no pending message request from {peer}") from None
+                except store_errors.PeerBlockedError:
+                    raise BadRequestError(f"{peer} is blocked: unblock it before accepting its request") from None
         finally:
             self._contacts_changed()
         self._now_a_contact(peer, contact.name)
@@ -1796,6 +1809,16 @@ def _user_errors() -> Iterator[None]:
         raise UnknownContactError(str(exc)) from None
     except (store_errors.ContactExistsError, store_errors.PeerBlockedError, store_errors.StoreArgumentError) as exc:
         raise BadRequestError(str(exc)) from None
+
+
+def _check_new_name(name: str) -> None:
+    """Refuse a contact name that is itself a peer id: ``block``/``unblock`` take a name or a peer id, and such a name
+    would stand for another peer than the one it spells (a peer id always means that peer)."""
+    try:
+        PeerId.from_string(name.strip())
+    except InvalidPeerIdError:
+        return
+    raise BadRequestError("name: a contact name must not be a peer id (it would read as that peer's id)")
 
 
 def _relation(contact: Contact | None) -> Relation:

@@ -97,6 +97,17 @@ _CODE_HINT: Final = {
     "unknown_contact": "see `p2pmsg contacts list`",
     "invalid_invite": "an invite looks like p2pmsg://invite/12D3KooW...; a bare peer id works too",
 }
+#: A hint of its own for an error code of one method.
+_METHOD_HINT: Final = {
+    ("requests.accept", "unknown_contact"): "see `p2pmsg requests`",
+}
+
+
+def _request_error(exc: ControlRequestError, method: str | None = None) -> CliError:
+    """The error the node answered, introduced by its code, with the hint for that code (and method)."""
+    text = f"{_CODE_TEXT.get(exc.code, exc.code)}: {clean(exc.message)}"
+    hint = _METHOD_HINT.get((method or "", exc.code)) or _CODE_HINT.get(exc.code)
+    return CliError(f"{text} ({hint})" if hint else text)
 
 
 def default_home() -> Path:
@@ -135,9 +146,7 @@ def human_error(exc: BaseException, *, home: Path) -> CliError | None:
     if isinstance(exc, NodeAlreadyRunningError):
         return CliError(str(exc))
     if isinstance(exc, ControlRequestError):
-        text = f"{_CODE_TEXT.get(exc.code, exc.code)}: {clean(exc.message)}"
-        hint = _CODE_HINT.get(exc.code)
-        return CliError(f"{text} ({hint})" if hint else text)
+        return _request_error(exc)
     if isinstance(exc, ControlProtocolError):
         return CliError(f"the node sent something this p2pmsg does not understand ({exc}); are both the same version?")
     if isinstance(exc, WrongPassphraseError):
@@ -196,8 +205,11 @@ class State:
         return self._client
 
     def call(self, method: str, /, **params: Any) -> Any:
-        """Call a control method of the running node."""
-        return self.client.call(method, **params)
+        """Call a control method of the running node; an error it answers becomes a :class:`CliError`."""
+        try:
+            return self.client.call(method, **params)
+        except ControlRequestError as exc:
+            raise _request_error(exc, method) from None
 
     def close(self) -> None:
         if self._client is not None:

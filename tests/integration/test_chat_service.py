@@ -692,3 +692,25 @@ async def test_history_pages_back_through_messages_that_share_one_ts(tmp_path: P
         assert [m["id"] for m in newest] == ids[3:]
         with pytest.raises(BadRequestError, match="before_seq: only together with before"):
             await history({"name": "bob", "before_seq": newest[0]["seq"]})
+
+
+async def test_a_peer_id_always_means_that_peer_never_a_contact_named_like_it(tmp_path: Path) -> None:
+    """``block``/``unblock`` take a name or a peer id: a name spelling another peer's id must not capture it."""
+    async with running_node(tmp_path / "alice", ALICE) as alice:
+        bob_id, carol_id = str(BOB.peer_id), str(CAROL.peer_id)
+        with pytest.raises(UnknownContactError, match=f"no pending message request from {bob_id}$"):
+            await alice.chat.accept_request(bob_id, "bob")
+        with pytest.raises(BadRequestError, match="must not be a peer id"):
+            await alice.chat.accept_request(bob_id, carol_id)
+        with pytest.raises(BadRequestError, match="must not be a peer id"):
+            await alice.chat.add_contact(carol_id, bob_id)
+        await alice.chat.add_contact(carol_id, "carol")
+        with pytest.raises(BadRequestError, match="must not be a peer id"):
+            await alice.chat.rename_contact("carol", f" {bob_id}")
+        # A file written before names were checked can still hold such a name: the peer id wins.
+        await alice.db.write(lambda c: repo.rename_contact(c, CAROL.peer_id.to_bytes(), bob_id, now=1))
+        await alice.chat.block(bob_id)
+        states = {c["peer_id"]: (c["name"], c["state"]) for c in await alice.chat.list_contacts()}
+        assert states == {carol_id: (bob_id, "contact"), bob_id: (None, "blocked")}
+        await alice.chat.unblock(bob_id)
+        assert [c["peer_id"] for c in await alice.chat.list_contacts()] == [carol_id]

@@ -139,6 +139,8 @@ class ContactNode:
             return self.requests
 
         async def accept(p: dict[str, Any]) -> Any:
+            if p["peer_id"] not in [r["peer_id"] for r in self.requests]:
+                raise ControlRequestError("unknown_contact", f"no pending message request from {p['peer_id']}")
             self.contacts[p["name"]] = {"peer_id": p["peer_id"], "name": p["name"], "state": "contact", "added": T0}
             return {}
 
@@ -481,3 +483,14 @@ async def test_history_pages_back_with_before_and_before_seq(home: Path) -> None
     assert paged.exit_code == 0
     assert node.history_params == [{"name": "bob", "limit": 2, "before": T0 + 2000, "before_seq": 7}]
     assert alone.exit_code == 2 and "--before-seq needs --before" in alone.output
+
+
+async def test_an_unknown_request_points_to_the_requests_not_the_contacts(home: Path) -> None:
+    async with node_on(home):
+        unknown = await invoke(home, "requests", "accept", CAROL, "carol")
+        contact = await invoke(home, "send", "nobody", "hi")
+    assert unknown.exit_code == 1
+    assert unknown.output == (
+        f"error: unknown contact: no pending message request from {CAROL} (see `p2pmsg requests`)\n"
+    )
+    assert contact.output.endswith("(see `p2pmsg contacts list`)\n")
