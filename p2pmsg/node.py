@@ -279,6 +279,7 @@ class Node:
         self._bootstrap: list[tuple[str, int]] = []
         self._started = time.monotonic()
         self.maintenance_failures: collections.Counter[str] = collections.Counter()
+        self._join_warned = False  # said that no bootstrap peer answered, and none has since
 
     # -- control methods -------------------------------------------------------------------------------------------
 
@@ -403,7 +404,18 @@ class Node:
             log.info("dht: no bootstrap peers configured and none saved; waiting for others to join us")
             return
         size = await self.dht.bootstrap(targets)
-        log.info("dht: bootstrapped through %d addresses, %d contacts in the routing table", len(targets), size)
+        if size:
+            log.info("dht: joined through %d address(es): %d peers in the routing table", len(targets), size)
+            self._join_warned = False
+        elif not self._join_warned:  # once per streak: the node retries every check_interval while alone
+            self._join_warned = True
+            where = ", ".join(f"{host}:{port}" for host, port in targets[:4]) + (", ..." if len(targets) > 4 else "")
+            log.warning(
+                "dht: no bootstrap peer answered (UDP %s); retrying every %g s. Check the addresses in config.toml "
+                "(a /tcp/ bootstrap address means the same port on UDP) and that the bootstrap node runs",
+                where,
+                self.options.check_interval,
+            )
 
     async def _publish(self) -> bool:
         if not self.addrs:

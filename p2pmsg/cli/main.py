@@ -304,12 +304,15 @@ def init(
             f"{home} already has an identity ({key_path}); refusing to overwrite it. "
             "Use another --home for a second identity."
         )
-    config = Config(
-        listen=list(listen) or list(DEFAULT_LISTEN),
-        bootstrap=list(bootstrap),
-        accept_from=accept_from,
-        dht_port=dht_port,
-    )
+    try:
+        config = Config(
+            listen=list(listen) or list(DEFAULT_LISTEN),
+            bootstrap=list(bootstrap),
+            accept_from=accept_from,
+            dht_port=dht_port,
+        )
+    except ConfigError as exc:  # an option's value: nothing was written yet
+        raise CliError(f"{exc} (check --listen and --bootstrap; nothing was created)") from None
     passphrase = None if no_passphrase else resolve_passphrase(confirm=True, prompt=_prompt)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(home, 0o700)
@@ -325,8 +328,18 @@ def init(
     click.echo(f"start the node with: p2pmsg --home {shlex.quote(str(home))} run")
 
 
+def _interactive() -> bool:
+    """Whether stdin is a terminal (a person types, so a passphrase can be asked without echo, and asked again)."""
+    return sys.stdin.isatty()
+
+
 def _prompt(text: str) -> str:
     """Ask for a passphrase without echo (through click, so the prompt goes where click's output goes)."""
+    if not _interactive():  # piped: read a line as getpass would, without its "can not control echo" warning
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line.removesuffix("\n")
     try:
         value: str = click.prompt(
             text.removesuffix(": "), hide_input=True, default="", show_default=False, prompt_suffix=": "
@@ -344,10 +357,31 @@ def _load_identity(key_path: Path, *, no_passphrase: bool) -> Identity:
     try:
         return load_identity(key_path, None, allow_unencrypted=no_passphrase or supplied == "")
     except PassphraseRequiredError:
-        return load_identity(key_path, supplied if supplied is not None else resolve_passphrase(prompt=_prompt))
+        if no_passphrase:
+            raise CliError(
+                f"{key_path} is encrypted: start without --no-passphrase and give its passphrase (prompt, "
+                "$P2PMSG_PASSPHRASE or $P2PMSG_PASSPHRASE_FILE)"
+            ) from None
+        if supplied is not None:
+            return load_identity(key_path, supplied)
+    tries = _PASSPHRASE_TRIES if _interactive() else 1
+    for attempt in range(1, tries + 1):
+        try:
+            return load_identity(key_path, resolve_passphrase(prompt=_prompt))
+        except WrongPassphraseError:
+            if attempt == tries:
+                raise
+            click.echo("wrong passphrase, try again", err=True)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
-_NO_PASSPHRASE_HELP: Final = 'The key file was made with `init --no-passphrase` (same as P2PMSG_PASSPHRASE="").'
+_PASSPHRASE_TRIES: Final = 3
+"""Passphrases asked at a terminal before giving up (each try costs an Argon2id derivation, ~1 s on a Pi)."""
+
+
+_NO_PASSPHRASE_HELP: Final = (
+    'The key file was made with `init --no-passphrase` (P2PMSG_PASSPHRASE="" also allows an unencrypted file).'
+)
 
 
 @cli.command()
@@ -514,7 +548,7 @@ def contacts_list(state: State, as_json: bool) -> None:
     click.echo(
         table(
             ["NAME", "STATE", "ADDED", "PEER ID"],
-            [[r.get("name", ""), r.get("state", ""), format_ts(r.get("added")), r.get("peer_id", "")] for r in rows],
+            [[r.get("name") or "-", r.get("state", ""), format_ts(r.get("added")), r.get("peer_id", "")] for r in rows],
         )
     )
 
@@ -525,6 +559,8 @@ def contacts_list(state: State, as_json: bool) -> None:
 @pass_state
 def contacts_rename(state: State, name: str, new_name: str) -> None:
     """Rename the contact NAME to NEW_NAME."""
+    if not new_name.strip():
+        raise click.UsageError("NEW_NAME must not be empty")
     state.call("contacts.rename", name=name, new_name=new_name)
     click.echo(f"renamed {clean(name)} to {clean(new_name)}")
 
@@ -571,13 +607,26 @@ def send(state: State, name: str, text: tuple[str, ...], as_json: bool) -> None:
     Returns once the message is safely queued; it is delivered when the contact is reachable.
     """
     message = " ".join(text) if text else sys.stdin.read().rstrip("\n")
-    if not message:
-        raise click.UsageError("nothing to send: give TEXT or pipe the message on stdin")
+    if not message.strip():
+        raise click.UsageError("nothing to send: give TEXT or pipe the message on stdin (not only white space)")
+    if len(message) > _MAX_CHARS_SURELY_SHORT:
+        from p2pmsg.chat.envelope import MAX_TEXT_BYTES  # here: every other send skips the import
+
+        size = len(message.encode("utf-8", "surrogatepass"))
+        if size > MAX_TEXT_BYTES:
+            raise CliError(f"the message is {size} bytes of UTF-8; the limit is {MAX_TEXT_BYTES} (64 KiB)")
     result = _record(state.call("send", name=name, text=message), "send")
     if as_json:
         _echo_json(result)
         return
     click.echo(f"{clean(result.get('status', 'queued'))} {clean(result.get('id', ''))}")
+
+
+_MAX_CHARS_SURELY_SHORT: Final = 16 * 1024
+"""A text of at most this many characters is within the 64 KiB limit whatever they are (UTF-8: <= 4 bytes each)."""
+
+_LIMIT_RANGE: Final = click.IntRange(1, (1 << 31) - 1)
+"""--limit values the node accepts (it serves at most 10,000 rows whatever the limit)."""
 
 
 def format_message(row: dict[str, Any], *, contact: str) -> str:
@@ -591,11 +640,13 @@ def format_message(row: dict[str, Any], *, contact: str) -> str:
 
 @cli.command()
 @click.argument("name")
-@click.option("--limit", type=click.IntRange(1, None), default=50, show_default=True, help="How many messages.")
-@click.option("--before", type=click.IntRange(0, None), default=None, help="Only messages before this time (ms).")
+@click.option("--limit", type=_LIMIT_RANGE, default=50, show_default=True, help="How many messages.")
+@click.option(
+    "--before", type=click.IntRange(0, (1 << 63) - 1), default=None, help="Only messages before this time (ms)."
+)
 @click.option(
     "--before-seq",
-    type=click.IntRange(0, None),
+    type=click.IntRange(0, (1 << 63) - 1),
     default=None,
     help="With --before: only messages before the one with this ts and seq (page back from the first row of --json).",
 )
@@ -622,7 +673,7 @@ def history(state: State, name: str, limit: int, before: int | None, before_seq:
 
 @cli.command()
 @click.argument("name")
-@click.option("--limit", type=click.IntRange(1, None), default=20, show_default=True, help="History shown first.")
+@click.option("--limit", type=_LIMIT_RANGE, default=20, show_default=True, help="History shown first.")
 @pass_state
 def chat(state: State, name: str, limit: int) -> None:
     """Chat with NAME: show recent history and incoming messages; each line typed (or piped) is sent.
@@ -788,8 +839,9 @@ def status(state: State, as_json: bool) -> None:
     default=None,
     help="Write to this new file (mode 0600) instead of stdout.",
 )
+@click.option("--json", "as_json", is_flag=True, help="Accepted like every read command's; the export is always JSON.")
 @pass_state
-def export(state: State, name: str, output: Path | None) -> None:
+def export(state: State, name: str, output: Path | None, as_json: bool) -> None:
     """Export the contact NAME and the whole conversation as JSON."""
     text = to_json(_record(state.call("export", name=name), "export")) + "\n"
     if output is None:

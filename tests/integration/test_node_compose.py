@@ -7,6 +7,7 @@ only if Bob's signed peer record was published and Alice's DHT lookup found it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -230,3 +231,31 @@ async def test_record_seq_survives_restarts_and_clock_steps(tmp_path: Path) -> N
         record = await wait_for(lambda: alice.dht.find_peer(bob_id.peer_id), "Bob's record")
         assert record.seq > ahead
         nursery.cancel_scope.cancel()
+
+
+async def test_a_bootstrap_peer_that_never_answers_is_reported_once_per_streak(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The node says (once, not every round) that nobody answered, names the address, and keeps retrying."""
+    silent = trio.socket.socket(type=trio.socket.SOCK_DGRAM)  # bound, never read: requests to it just time out
+    await silent.bind(("127.0.0.1", 0))
+    port = silent.getsockname()[1]
+    caplog.set_level(logging.INFO, logger="p2pmsg")
+    with silent:
+        async with trio.open_nursery() as nursery:
+            node = await start(nursery, tmp_path / "alone", Cfg(listen=["/ip4/127.0.0.1/tcp/0"],
+                                                                bootstrap=[f"/ip4/127.0.0.1/tcp/{port}"]))  # fmt: skip
+            joins = 0
+            real = node.dht.bootstrap
+
+            async def counted(*args: Any, **kwargs: Any) -> int:
+                nonlocal joins
+                joins += 1
+                return await real(*args, **kwargs)
+
+            node.dht.bootstrap = counted  # type: ignore[method-assign]
+            await wait_for(lambda: _async_value(joins >= 2), "two more joins", timeout=60)
+            nursery.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records if "no bootstrap peer answered" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"127.0.0.1:{port}" in warnings[0]

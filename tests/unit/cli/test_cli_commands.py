@@ -494,3 +494,32 @@ async def test_an_unknown_request_points_to_the_requests_not_the_contacts(home: 
         f"error: unknown contact: no pending message request from {CAROL} (see `p2pmsg requests`)\n"
     )
     assert contact.output.endswith("(see `p2pmsg contacts list`)\n")
+
+
+async def test_input_the_node_would_refuse_gets_a_plain_answer_first(home: Path) -> None:
+    async with node_on(home) as node:
+        blank = await invoke(home, "send", "bob", "   ")
+        piped_blank = await invoke(home, "send", "bob", input=" \n\t\n")
+        too_long = await invoke(home, "send", "bob", input="é" * 40_000)  # 80,000 bytes of UTF-8
+        at_limit = await invoke(home, "send", "bob", input="x" * 65_536)
+        huge_limit = await invoke(home, "history", "bob", "--limit", "99999999999999999999")
+        empty_name = await invoke(home, "contacts", "rename", "bob", "")
+        assert node.sent == [("bob", "x" * 65_536)]
+    assert blank.exit_code == 2 and "nothing to send" in blank.output and "white space" in blank.output
+    assert piped_blank.exit_code == 2 and "nothing to send" in piped_blank.output
+    assert too_long.exit_code == 1
+    assert too_long.output == "error: the message is 80000 bytes of UTF-8; the limit is 65536 (64 KiB)\n"
+    assert at_limit.exit_code == 0
+    assert huge_limit.exit_code == 2 and "2147483647" in huge_limit.output and "msgpack" not in huge_limit.output
+    assert empty_name.exit_code == 2 and "NEW_NAME must not be empty" in empty_name.output
+
+
+async def test_a_peer_blocked_by_id_is_listed_without_a_name_and_export_takes_json(home: Path) -> None:
+    async with node_on(home) as node:
+        node.contacts["#blocked"] = {"peer_id": CAROL, "name": None, "state": "blocked", "added": T0}
+        listed = await invoke(home, "contacts", "list")
+        exported = await invoke(home, "export", "bob", "--json")
+    assert listed.exit_code == 0 and "None" not in listed.output
+    [row] = [line for line in listed.output.splitlines() if CAROL in line]
+    assert row.split()[:2] == ["-", "blocked"]
+    assert exported.exit_code == 0 and json.loads(exported.output)["contact"]["name"] == "bob"

@@ -94,6 +94,7 @@ def test_init_with_a_bad_address_creates_nothing(home: Path) -> None:
     result = run_cli(home, "init", "--no-passphrase", "--listen", "/ip4/1.2.3.4/udp/1")
     assert result.exit_code == 1
     assert result.output.startswith("error: ") and "can only listen on tcp or ws" in result.output
+    assert "nothing was created" in result.output and "config.toml" not in result.output  # it was never written
     assert not home.exists()
 
 
@@ -265,3 +266,37 @@ def test_bootstrap_creates_then_reuses_its_identity(home: Path, monkeypatch: pyt
     assert (listen, peers, no_peers) == ("/ip4/127.0.0.1/udp/4999", [peer], [])
     assert f"bootstrap node listening on /ip4/127.0.0.1/udp/4999/p2p/{one.peer_id}" in first.output
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+def test_run_with_no_passphrase_on_an_encrypted_key_says_so(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Identity] = []
+    node = types.ModuleType("p2pmsg.node")
+    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    assert run_cli(home, "init", passphrase="secret").exit_code == 0
+    refused = run_cli(home, "run", "--no-passphrase", input="secret\n")
+    assert refused.exit_code == 1 and "is encrypted: start without --no-passphrase" in refused.output
+    assert "Warning" not in refused.output and calls == []
+    # Piped on stdin (no terminal): one line is read, without getpass's "can not control echo" warning.
+    piped = run_cli(home, "run", input="secret\n")
+    assert piped.exit_code == 0 and "Warning" not in piped.output
+    wrong = run_cli(home, "run", input="typo\nsecret\n")  # no terminal: no second try
+    assert wrong.exit_code == 1 and "wrong passphrase" in wrong.output
+    ended = run_cli(home, "run", input="")
+    assert ended.exit_code == 1 and "no passphrase" in ended.output
+    assert calls == [load_identity(home / IDENTITY_FILENAME, "secret")]
+
+
+def test_a_mistyped_passphrase_at_a_terminal_may_be_typed_again(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[Identity] = []
+    node = types.ModuleType("p2pmsg.node")
+    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    assert run_cli(home, "init", passphrase="secret").exit_code == 0
+    typed = iter(["typo", "tpyo", "secret", "never asked"])
+    monkeypatch.setattr("p2pmsg.cli.main._prompt", lambda text: next(typed))
+    monkeypatch.setattr("p2pmsg.cli.main._interactive", lambda: True)
+    result = run_cli(home, "run")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("wrong passphrase, try again") == 2
+    assert calls == [load_identity(home / IDENTITY_FILENAME, "secret")] and next(typed) == "never asked"
