@@ -77,16 +77,28 @@ def format_duration(seconds: object) -> str:
     return f"{secs}s"
 
 
+def display_width(text: str) -> int:
+    """Terminal columns ``text`` takes: 2 for a wide or full-width character (CJK, most emoji), 0 for a combining
+    mark, 1 for any other (what terminals do for text that :func:`clean` let through)."""
+    width = 0
+    for char in text:
+        if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me"):
+            continue
+        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    return width
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """Columns aligned with two spaces between them; the last column is not padded.  Cells are :func:`clean`-ed."""
+    """Columns aligned (by :func:`display_width`) with two spaces between them; the last column is not padded.  Cells
+    are :func:`clean`-ed."""
     cells = [[clean(cell) for cell in row] for row in rows]
-    widths = [len(h) for h in headers]
+    widths = [display_width(h) for h in headers]
     for row in cells:
         for index, cell in enumerate(row):
-            widths[index] = max(widths[index], len(cell))
+            widths[index] = max(widths[index], display_width(cell))
     lines = []
     for row in [list(headers), *cells]:
-        padded = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])] + [row[-1]]
+        padded = [cell + " " * (widths[i] - display_width(cell)) for i, cell in enumerate(row[:-1])] + [row[-1]]
         lines.append("  ".join(padded).rstrip())
     return "\n".join(lines)
 

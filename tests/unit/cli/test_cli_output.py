@@ -12,7 +12,7 @@ import pytest
 
 from p2pmsg.cli.config import ConfigError
 from p2pmsg.cli.main import EXIT_NOT_RUNNING, human_error
-from p2pmsg.cli.output import clean, format_duration, format_ts, render_qr, table, to_json, truncate
+from p2pmsg.cli.output import clean, display_width, format_duration, format_ts, render_qr, table, to_json, truncate
 from p2pmsg.control import ControlRequestError, NodeAlreadyRunningError, NodeNotRunningError
 from p2pmsg.identity import WrongPassphraseError
 
@@ -55,6 +55,13 @@ def test_format_ts_and_duration() -> None:
 def test_table_aligns_columns_and_cleans_cells() -> None:
     text = table(["A", "LONGER"], [["xxxx", "1"], ["y", "evil\x1b"]])
     assert text.splitlines() == ["A     LONGER", "xxxx  1", "y     evil\\x1b"]
+
+
+def test_table_aligns_wide_characters_by_the_columns_they_take() -> None:
+    """Emoji and CJK take two terminal columns, a combining accent none: the next column still lines up."""
+    text = table(["NAME", "STATE"], [["bob", "contact"], ["👋 ann", "blocked"], ["日本", "x"], ["e\u0301ve", "y"]])
+    assert text.splitlines() == ["NAME    STATE", "bob     contact", "👋 ann  blocked", "日本    x", "e\u0301ve     y"]
+    assert [display_width(t) for t in ("bob", "👋 ann", "日本", "e\u0301ve")] == [3, 6, 4, 3]
 
 
 def test_to_json_is_ascii_and_handles_bytes() -> None:
