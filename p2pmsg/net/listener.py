@@ -220,10 +220,14 @@ class Listener:
                         stats.handler_errors += 1
                         logger.exception("handler for %s (%s) failed", channel.remote_peer, where)
                 finally:
-                    # Closing raises Cancelled when we are being cancelled, so stop the connection's own tasks
-                    # first, and update the counters in a finally of their own.
-                    connection_nursery.cancel_scope.cancel()
-                    await _close(stream)
+                    # Close while the connection's own tasks still run: a WebSocket's reader must be alive to see
+                    # the peer's Close reply (cancelling it first meant no Close frame at all; the peer saw 1006).
+                    # The close is bounded (the WebSocket waits at most its close timeout); if we are being
+                    # cancelled it ends at once, and the tasks are stopped either way.
+                    try:
+                        await _close(stream)
+                    finally:
+                        connection_nursery.cancel_scope.cancel()
         finally:
             try:
                 await trio.aclose_forcefully(raw)

@@ -89,6 +89,22 @@ async def test_tcp_and_ws_hand_off_channels_and_count(nursery: trio.Nursery) -> 
     assert listener.stats.accepted == 2
 
 
+async def test_a_handler_that_returns_ends_the_stream_cleanly_on_tcp_and_websocket(nursery: trio.Nursery) -> None:
+    """The dialer reads what the handler wrote, then a clean end of stream: over WebSocket the listener sends its
+    Close frame (1000) while the connection's reader still runs, so the dialer does not see an abnormal 1006."""
+
+    async def say_bye(channel: SecureChannel, remote: Multiaddr | None) -> None:
+        await channel.send_all(b"bye")
+
+    listener = Listener(BOB, say_bye, ListenerConfig(handshake_timeout=5))
+    for addr in await nursery.start(listener.run, [LOCAL_TCP, LOCAL_WS]):
+        channel = await dial(ALICE, BOB.peer_id, [addr], timeout=5, nursery=nursery)
+        with trio.fail_after(5):
+            assert await read_exactly(channel, 3) == b"bye"
+            assert await channel.receive_some() == b"", f"no clean end of stream over {addr}"
+        await channel.aclose()
+
+
 async def test_handler_error_is_logged_counted_and_closes_only_that_channel(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
