@@ -103,7 +103,7 @@ _CID_VERSION: Final = 1
 _CID_CODEC_LIBP2P_KEY: Final = 0x72
 _CID_PREFIX: Final = bytes([_CID_VERSION, _CID_CODEC_LIBP2P_KEY])
 
-#: Longest peer-ID text accepted before decoding (the real forms are 52 and 62 characters).
+#: Longest peer-ID text accepted before decoding (the real forms are 52 and 65 characters).
 MAX_PEER_ID_TEXT: Final = 128
 
 #: Longest unsigned varint accepted (multiformats caps varints at 9 bytes / 63 bits).

@@ -461,7 +461,14 @@ class DhtEngine:
         """Handle one datagram from ``address``; bad input is counted and dropped, never raised."""
         self.stats["datagrams_in"] += 1
         self.stats["bytes_in"] += len(data)
-        if not self._addr_limiter.allow(address, now) or not self._ip_limiter.allow(address[0], now):
+        # The answer to a request of ours from the address it went to is not charged to the sender's rate limit (a
+        # node we query a lot must not lose its own requests to us, nor we its answers); anything else is, before it
+        # is decoded.  Only the header is looked at here: decoding still checks every byte.
+        call = self._pending.get(bytes(data[1:HEADER_SIZE])) if data[:1] == b"\x01" else None
+        solicited = call is not None and call.address == address
+        if not solicited and (
+            not self._addr_limiter.allow(address, now) or not self._ip_limiter.allow(address[0], now)
+        ):
             self.stats["rate_limited"] += 1
             return
         try:

@@ -334,9 +334,11 @@ class RecordStore:
         if expires_at <= now:
             raise StoreRefusedError("signed record has expired")
         size = value_size(key, value)
-        if size - len(key) > self.limits.max_signed_value_size:
+        # The record's own bytes, as verify_record_value measures them (its msgpack header is charged to the budget
+        # below, not to this limit: a record the owner could seal must be storable).
+        if len(value) > self.limits.max_signed_value_size:
             raise StoreRefusedError(
-                f"signed record is {size - len(key)} bytes, over the {self.limits.max_signed_value_size}-byte limit"
+                f"signed record is {len(value)} bytes, over the {self.limits.max_signed_value_size}-byte limit"
             )
         existing = self.get(key, now)
         if existing is not None and existing.kind is ValueKind.SIGNED:

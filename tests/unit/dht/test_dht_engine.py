@@ -256,6 +256,28 @@ def test_request_floods_are_rate_limited() -> None:
     assert target.stats["rate_limited"] >= 280
 
 
+def test_answers_to_our_own_requests_are_not_charged_to_the_answering_node() -> None:
+    """A node we query a lot answers a lot: its answers must neither be dropped nor use up its rate limit, or its
+    own requests to us (and our lookups through it) would fail.  Unsolicited 'answers' are still charged."""
+    config = DhtConfig(request_rate_per_address=10.0, request_burst_per_address=20.0, max_pending=256)
+    net = SimNet()
+    asker = net.add(1, config=config)
+    busy = net.add(2)
+    ops = [asker.ping(net.address_of(busy), net.now) for _ in range(60)]
+    net.run()
+    done = [e for e in net.events[net.address_of(asker)] if isinstance(e, PingDone) and e.op in ops]
+    assert len(done) == 60 and all(e.node_id == busy.node_id for e in done)
+    assert asker.stats["rate_limited"] == 0
+    answer = net.wait(busy, busy.ping(net.address_of(asker), net.now))
+    assert isinstance(answer, PingDone) and answer.node_id == asker.node_id
+    # The same answers again are no longer awaited: charged like any datagram, so a flood of them is cut off.
+    replayed = [s.data for s in net.sent if s.src == net.address_of(busy) and s.data[0] == 1]
+    for data in replayed * 2:
+        net.inject(net.address_of(busy), net.address_of(asker), data)
+    net.run()
+    assert asker.stats["rate_limited"] >= 80
+
+
 def test_store_floods_are_bounded_per_source() -> None:
     config = DhtConfig(
         storage=StorageLimits(max_values_per_source=10),

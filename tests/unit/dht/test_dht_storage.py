@@ -38,6 +38,11 @@ def test_value_size_limits() -> None:
         store.put_plain(key(2), b"x" * 99, source="s", now=0.0)
     with pytest.raises(StoreRefusedError, match="over the 50-byte limit"):
         store.put_signed(key(3), b"x" * 60, seq=1, expires_at=10.0, source="s", now=0.0)
+    # A signed record's limit counts its own bytes, as verify_record_value does (not its msgpack header): one of
+    # exactly the limit is stored, so a record its owner could seal can be held.
+    store.put_signed(key(4), b"x" * 50, seq=1, expires_at=10.0, source="s", now=0.0)
+    with pytest.raises(StoreRefusedError, match="signed record is 51 bytes, over the 50-byte limit"):
+        store.put_signed(key(5), b"x" * 51, seq=1, expires_at=10.0, source="s", now=0.0)
 
 
 def test_a_full_store_refuses_rather_than_evicts_until_values_expire() -> None:
