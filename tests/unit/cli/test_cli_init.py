@@ -38,6 +38,15 @@ def run_cli(home: Path, *args: str, passphrase: str | None = None, input: str | 
     return CliRunner().invoke(cli, ["--home", str(home), *args], env=env, input=input)
 
 
+def started_nodes(monkeypatch: pytest.MonkeyPatch) -> list[Identity]:
+    """Stand in for ``p2pmsg.node``: ``run`` hands its identity to this list instead of starting a node."""
+    calls: list[Identity] = []
+    node = types.ModuleType("p2pmsg.node")
+    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    return calls
+
+
 def peer_id_in(output: str) -> str:
     (line,) = [line for line in output.splitlines() if line.startswith("peer id")]
     return line.split()[-1]
@@ -121,10 +130,7 @@ def test_init_asks_for_the_passphrase_twice(home: Path) -> None:
 
 
 def test_run_loads_an_unencrypted_key_only_on_request(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[Identity] = []
-    node = types.ModuleType("p2pmsg.node")
-    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    calls = started_nodes(monkeypatch)
     assert run_cli(home, "init", "--no-passphrase").exit_code == 0
     refused = run_cli(home, "run")
     assert refused.exit_code == 1 and "is not encrypted" in refused.output and "run --no-passphrase" in refused.output
@@ -137,10 +143,7 @@ def test_run_loads_an_unencrypted_key_only_on_request(home: Path, monkeypatch: p
 
 
 def test_run_takes_the_passphrase_from_a_file(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[Identity] = []
-    node = types.ModuleType("p2pmsg.node")
-    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    calls = started_nodes(monkeypatch)
     assert run_cli(home, "init", passphrase="from a file").exit_code == 0
     secret = home.parent / "passphrase"
     secret.write_text("from a file\n")
@@ -159,10 +162,7 @@ def test_run_takes_the_passphrase_from_a_file(home: Path, monkeypatch: pytest.Mo
 def test_run_reads_a_passphrase_pipe_once(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``P2PMSG_PASSPHRASE_FILE=<(pass show p2pmsg) p2pmsg run``: the file is a pipe that can be read only once (found
     in review: the first read, for the unencrypted-key check, emptied it and the second said "empty")."""
-    calls: list[Identity] = []
-    node = types.ModuleType("p2pmsg.node")
-    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    calls = started_nodes(monkeypatch)
     assert run_cli(home, "init", passphrase="piped").exit_code == 0
     read_fd, write_fd = os.pipe()
     try:
@@ -269,10 +269,7 @@ def test_bootstrap_creates_then_reuses_its_identity(home: Path, monkeypatch: pyt
 
 
 def test_run_with_no_passphrase_on_an_encrypted_key_says_so(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[Identity] = []
-    node = types.ModuleType("p2pmsg.node")
-    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    calls = started_nodes(monkeypatch)
     assert run_cli(home, "init", passphrase="secret").exit_code == 0
     refused = run_cli(home, "run", "--no-passphrase", input="secret\n")
     assert refused.exit_code == 1 and "is encrypted: start without --no-passphrase" in refused.output
@@ -288,10 +285,7 @@ def test_run_with_no_passphrase_on_an_encrypted_key_says_so(home: Path, monkeypa
 
 
 def test_a_mistyped_passphrase_at_a_terminal_may_be_typed_again(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[Identity] = []
-    node = types.ModuleType("p2pmsg.node")
-    node.run_node = lambda home, identity, config: calls.append(identity)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    calls = started_nodes(monkeypatch)
     assert run_cli(home, "init", passphrase="secret").exit_code == 0
     typed = iter(["typo", "tpyo", "secret", "never asked"])
     monkeypatch.setattr("p2pmsg.cli.main._prompt", lambda text: next(typed))
