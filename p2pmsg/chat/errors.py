@@ -11,6 +11,7 @@ from typing import ClassVar, Final
 
 from p2pmsg.chat.invite import InviteError
 from p2pmsg.errors import P2PMsgError
+from p2pmsg.store.errors import StoreWriteError
 
 __all__ = ["ERROR_CODES", "BadRequestError", "ChatError", "NameTakenError", "UnknownContactError"]
 
@@ -44,10 +45,13 @@ class BadRequestError(ChatError):
     code = "bad_request"
 
 
-#: Exception type -> control API error code, for ``ControlServer(error_codes=...)``.
+#: Exception type -> control API error code, for ``ControlServer(error_codes=...)``.  A write the store could not
+#: commit (disk full, I/O error) is ``not_stored``: nothing of the request was stored, and its message says so (and,
+#: for a send, whether the text had already left for the recipient).
 ERROR_CODES: Final[dict[type[BaseException], str]] = {
     UnknownContactError: UnknownContactError.code,
     NameTakenError: NameTakenError.code,
     BadRequestError: BadRequestError.code,
     InviteError: "invalid_invite",
+    StoreWriteError: "not_stored",
 }

@@ -131,6 +131,8 @@ MAX_SEND_MANY: Final = 1000
 """Most texts in one :meth:`ChatService.send_many` call."""
 _WATCH_CANDIDATES: Final = 1024
 """Most waiting contacts one record watcher round reads from the store (it looks up far fewer)."""
+_STORE_WARNING_INTERVAL: Final = 60.0
+"""Seconds between two warnings that received messages could not be stored (a full disk fails every batch)."""
 
 
 class EventSink(Protocol):
@@ -277,6 +279,9 @@ class _Session:
     active_at: float = 0.0
     """When (trio clock) the session opened or last delivered a complete message frame: a stranger's idle time
     counts from here, and the stranger session with the oldest one is evicted first."""
+    store_failed: bool = False
+    """Received messages could not be stored: everything after them on this session is dropped unacknowledged too,
+    so what is stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -382,6 +387,7 @@ class ChatService:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._dropped: collections.Counter[str] = collections.Counter()
+        self._store_warned_until = -math.inf  # trio clock: no "cannot store" warning before this
         self._started_at = self._now()
         self._contacts_by_name: dict[str, Contact] = {}
         self._peer_texts: dict[PeerId, str] = {}
@@ -1104,8 +1110,30 @@ class ChatService:
                 self._drop("chat_invalid_message", str(exc), peer)
         if not opened:
             return
+        if session.store_failed:
+            self._dropped["chat_store_failed"] += len(opened)
+            return
         now = self._now()
-        incoming = await self._db.write(lambda c: self._store_incoming(c, peer, opened, now))
+        try:
+            incoming = await self._db.write(lambda c: self._store_incoming(c, peer, opened, now))
+        except store_errors.StoreWriteError as exc:
+            # Disk full, I/O error: nothing of the batch was stored, so nothing is acknowledged, and the sender sends
+            # it again after its timeout (it then ends this session, and resends on a new one in send order).  The
+            # session stays until then: closing it at once made the sender redial (and resend all) many times a
+            # second, and logged a traceback each time.  Nothing later on it is stored either (store_failed): a
+            # smaller batch after this one might fit, and would then sit before it in the history.
+            session.store_failed = True
+            self._dropped["chat_store_failed"] += len(opened)
+            if trio.current_time() >= self._store_warned_until:
+                self._store_warned_until = trio.current_time() + _STORE_WARNING_INTERVAL
+                log.warning(
+                    "chat: cannot store %d received message(s) from %s, not acknowledging them (the sender will "
+                    "send them again): %s",
+                    len(opened),
+                    peer,
+                    exc,
+                )
+            return
         if incoming.auto_added:
             self._contacts_changed()
         if incoming.relation is Relation.BLOCKED:
@@ -1493,6 +1521,13 @@ class ChatService:
                     await self._db.write(functools.partial(repo.enqueue_rows, rows=rows, now=now))
                 except BaseException as exc:
                     written = self._withdraw_early(early)
+                    if isinstance(exc, store_errors.StoreError):
+                        log.warning(
+                            "chat: %d message(s) not queued (%d already written to a session): %s",
+                            len(items),
+                            written,
+                            exc,
+                        )
                     if written and isinstance(exc, store_errors.StoreError):
                         # Not stored, yet maybe delivered: say so, or a retry shows the recipient a second copy.
                         failure = store_errors.StoreWriteError(

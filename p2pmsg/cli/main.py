@@ -91,11 +91,13 @@ _CODE_TEXT: Final = {
     "invalid_invite": "malformed invite",
     "name_taken": "name already taken",
     "bad_request": "bad request",
+    "not_stored": "not stored",
     "internal": "the node failed",
 }
 _CODE_HINT: Final = {
     "unknown_contact": "see `p2pmsg contacts list`",
     "invalid_invite": "an invite looks like p2pmsg://invite/12D3KooW...; a bare peer id works too",
+    "not_stored": "the node's database could not be written: is its disk full? see the node's log",
 }
 #: A hint of its own for an error code of one method.
 _METHOD_HINT: Final = {

@@ -19,7 +19,9 @@ __all__ = [
 ]
 
 #: The error codes a response may carry (``{"error": {"code": ..., "message": ...}}``).
-ERROR_CODES: Final = frozenset({"unknown_contact", "bad_request", "name_taken", "invalid_invite", "internal"})
+ERROR_CODES: Final = frozenset(
+    {"unknown_contact", "bad_request", "name_taken", "invalid_invite", "not_stored", "internal"}
+)
 
 
 class ControlError(P2PMsgError):

@@ -178,6 +178,35 @@ def _wake_all(completions: list[_Completion]) -> None:
         trio.lowlevel.reschedule(task, result)
 
 
+_ENVIRONMENT_CODES: Final = frozenset(
+    {
+        sqlite3.SQLITE_NOMEM,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_CORRUPT,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_NOTADB,
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    }
+)
+"""SQLite primary result codes that come from the machine (disk full, I/O error, a damaged file, a lock held
+elsewhere), not from what the write function asked for."""
+
+
+def _environment_failure(result: outcome.Error) -> outcome.Error:
+    """A write function that failed because of the machine (:data:`_ENVIRONMENT_CODES`, e.g. disk full in the middle
+    of an insert) fails with :class:`StoreWriteError`, as a failed commit does; any other error is kept as it is."""
+    error = result.error
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(error, sqlite3.Error) and isinstance(code, int) and code & 0xFF in _ENVIRONMENT_CODES:
+        wrapped = StoreWriteError(f"the write failed: {error}")
+        wrapped.__cause__ = error
+        return outcome.Error(wrapped)
+    return result
+
+
 def _file_uri(path: Path, mode: str) -> str:
     return f"{path.absolute().as_uri()}?mode={mode}"
 
@@ -363,6 +392,8 @@ class _Writer:
                     result = outcome.capture(request.fn, conn)
                 finally:
                     self.internal = True
+                if isinstance(result, outcome.Error):
+                    result = _environment_failure(result)
                 if not conn.in_transaction:
                     # SQLite rolled the whole transaction back (SQLITE_FULL, SQLITE_IOERR, ...): everything of this
                     # batch that had not committed is lost, so none of it may be reported as written.

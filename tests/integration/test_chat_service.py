@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from p2pmsg.chat.envelope import EnvelopeSealer
+from p2pmsg.chat.errors import ERROR_CODES as CHAT_ERROR_CODES
 from p2pmsg.chat.errors import BadRequestError, NameTakenError, UnknownContactError
 from p2pmsg.chat.events import AckReceived, HelloReceived
 from p2pmsg.chat.invite import InviteError, format_invite
@@ -26,6 +27,7 @@ from p2pmsg.identity import Identity, PeerId
 from p2pmsg.net.channel import SecureChannel
 from p2pmsg.net.dialer import dial
 from p2pmsg.net.listener import Listener
+from p2pmsg.store import errors as store_errors
 from p2pmsg.store import repo
 from p2pmsg.store.db import Database, open_database
 from p2pmsg.store.models import Backoff
@@ -714,3 +716,60 @@ async def test_a_peer_id_always_means_that_peer_never_a_contact_named_like_it(tm
         assert states == {carol_id: (bob_id, "contact"), bob_id: (None, "blocked")}
         await alice.chat.unblock(bob_id)
         assert [c["peer_id"] for c in await alice.chat.list_contacts()] == [carol_id]
+
+
+async def _cap_database(node: Node, extra_pages: int | None) -> None:
+    """Make ``node``'s store full for real: SQLite's max_page_count on the writer connection (``None``: no cap)."""
+
+    def cap(conn: Any) -> None:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + extra_pages if extra_pages is not None else 2**31 - 2}")
+
+    await node.db._writer.submit(cap, raw=True)
+
+
+async def test_a_receiver_whose_disk_is_full_acknowledges_nothing_and_is_not_redialled_in_a_loop(
+    tmp_path: Path,
+) -> None:
+    """A full disk at the receiver fails every batch it tries to store: it must not acknowledge them (nothing is
+    stored), nor close the session each time (the sender then redialled and resent everything many times a second);
+    once there is room again, the sender's resend lands, exactly once."""
+    eager = dataclasses.replace(FAST, resend_after_ms=400)
+    async with (
+        running_node(tmp_path / "alice", ALICE, config=eager) as alice,
+        running_node(tmp_path / "bob", BOB) as bob,
+    ):
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        await alice.chat.send("bob", "before")
+        await eventually(lambda: _all_delivered(alice, "bob", 1), "the first message")
+        await _cap_database(bob, 0)
+        ids = (await alice.chat.send_many("bob", [f"{i:03d} " + "x" * 2000 for i in range(40)]))["ids"]
+        await eventually(lambda: bob.chat.dropped.get("chat_store_failed", 0) >= 1, "bob fails to store")
+        sessions_before = len(alice.seen("peer_up"))
+        await trio.sleep(1.0)
+        assert len(alice.seen("peer_up")) - sessions_before <= 3  # one per resend timeout at most, not a storm
+        assert bob.chat.dropped.get("chat_internal_error", 0) == 0
+        # (a first chunk may still fit in the free room of the file's last pages; the rest cannot)
+        assert [r["status"] for r in await alice.chat.history("bob")].count("delivered") < 41
+        await _cap_database(bob, None)
+        await eventually(lambda: _all_delivered(alice, "bob", 41), "delivery once there is room", timeout=15)
+        assert [m["id"] for m in await bob.chat.history("alice", limit=100)][1:] == ids
+
+
+async def test_a_sender_whose_disk_is_full_is_told_not_stored_and_whether_it_may_still_arrive(tmp_path: Path) -> None:
+    async with running_node(tmp_path / "alice", ALICE) as alice, running_node(tmp_path / "bob", BOB) as bob:
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        await alice.chat.send("bob", "warm")
+        await eventually(lambda: _all_delivered(alice, "bob", 1), "the first message")
+        await _cap_database(alice, 0)
+        with pytest.raises(store_errors.StoreWriteError, match="database or disk is full") as info:
+            await alice.chat.send_many("bob", ["x" * 3000] * 40)
+        assert CHAT_ERROR_CODES[type(info.value)] == "not_stored"  # what the control API answers
+        await _cap_database(alice, None)
+        await trio.sleep(0.3)
+        arrived = len(await bob.chat.history("alice")) - 1
+        # Handed to the session before the commit failed: they may have arrived, and then the error says so.
+        assert arrived == 0 or "of 40 message(s) of this send had already been written" in str(info.value)
+        assert await statuses(alice, "bob") == ["delivered"]  # nothing of the failed send is in Alice's store

@@ -9,6 +9,7 @@ from p2pmsg.chat.errors import ERROR_CODES, BadRequestError, NameTakenError, Unk
 from p2pmsg.chat.invite import InviteError
 from p2pmsg.chat.service import ChatConfig
 from p2pmsg.errors import LocalProtocolError
+from p2pmsg.store.errors import StoreWriteError
 
 
 @pytest.mark.parametrize(
@@ -69,5 +70,6 @@ def test_error_codes() -> None:
         NameTakenError: "name_taken",
         BadRequestError: "bad_request",
         InviteError: "invalid_invite",
+        StoreWriteError: "not_stored",
     } == ERROR_CODES
     assert BadRequestError("why").message == "why"

@@ -116,6 +116,8 @@ class ContactNode:
 
         async def send(p: dict[str, Any]) -> Any:
             self._contact(p["name"])
+            if p["text"] == "disk full":
+                raise ControlRequestError("not_stored", "the write failed: database or disk is full")
             self.sent.append((p["name"], p["text"]))
             return {"id": f"{len(self.sent):032x}", "status": "queued"}
 
@@ -523,3 +525,11 @@ async def test_a_peer_blocked_by_id_is_listed_without_a_name_and_export_takes_js
     [row] = [line for line in listed.output.splitlines() if CAROL in line]
     assert row.split()[:2] == ["-", "blocked"]
     assert exported.exit_code == 0 and json.loads(exported.output)["contact"]["name"] == "bob"
+
+
+async def test_a_send_the_node_could_not_store_says_so_and_why(home: Path) -> None:
+    async with node_on(home):
+        full = await invoke(home, "send", "bob", "disk full")
+    assert full.exit_code == 1
+    assert full.output.startswith("error: not stored: the write failed: database or disk is full (")
+    assert "is its disk full?" in full.output

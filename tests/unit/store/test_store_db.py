@@ -361,10 +361,22 @@ async def test_sqlite_aborting_the_transaction_fails_every_uncommitted_write(db:
         gate.release.set()
     assert results["gate"] == "gate"  # committed alone, before the batch
     assert isinstance(results["early"], StoreWriteError)
-    assert isinstance(results["huge"], sqlite3.OperationalError)
+    # The function itself hit SQLITE_FULL: a failure of the machine, reported like a failed commit, cause kept.
+    assert isinstance(results["huge"], StoreWriteError) and "database or disk is full" in str(results["huge"])
+    assert isinstance(results["huge"].__cause__, sqlite3.OperationalError)
     assert results["late"] == "late"
     assert await keys(db) == {"late"}
     assert db.stats.failed_commits == 1
+
+
+async def test_a_write_function_s_own_sqlite_errors_stay_what_they_are(db: Database) -> None:
+    """Only failures of the machine become StoreWriteError; a constraint the function broke is the caller's error."""
+    await db.write(put("a"))
+    with pytest.raises(sqlite3.IntegrityError):
+        await db.write(lambda c: c.execute("INSERT INTO settings VALUES ('a', x'00', 1)"))
+    with pytest.raises(sqlite3.OperationalError, match="no such table"):
+        await db.write(lambda c: c.execute("INSERT INTO nowhere VALUES (1)"))
+    assert await keys(db) == {"a"}
 
 
 # --------------------------------------------------------------------------------------------------- lifecycle
