@@ -519,6 +519,16 @@ def contacts() -> None:
     """Manage contacts: add, list, rename, remove, block, unblock."""
 
 
+def _one_name(name: str | None, name_option: str | None, usage: str) -> str:
+    """The contact name given as the NAME argument or as --name (the same one if both)."""
+    if name is not None and name_option is not None and name != name_option:
+        raise click.UsageError(f"two different names given: {name!r} and --name {name_option!r}")
+    chosen = name if name is not None else name_option
+    if not chosen:
+        raise click.UsageError(f"give the contact a name: {usage}")
+    return chosen
+
+
 @contacts.command("add")
 @click.argument("target")
 @click.argument("name", required=False)
@@ -526,11 +536,7 @@ def contacts() -> None:
 @pass_state
 def contacts_add(state: State, target: str, name: str | None, name_option: str | None) -> None:
     """Add a contact from an invite link (or a bare peer id) under NAME (or --name NAME)."""
-    if name is not None and name_option is not None and name != name_option:
-        raise click.UsageError(f"two different names given: {name!r} and --name {name_option!r}")
-    name = name if name is not None else name_option
-    if not name:
-        raise click.UsageError("give the contact a name: p2pmsg contacts add INVITE NAME")
+    name = _one_name(name, name_option, "p2pmsg contacts add INVITE NAME")
     result = _record(state.call("contacts.add", target=target, name=name), "contacts.add")
     click.echo(f"added {clean(result.get('name', name))} ({clean(result.get('peer_id', '?'))})")
 
@@ -755,10 +761,12 @@ def requests(ctx: click.Context, as_json: bool) -> None:
 
 @requests.command("accept")
 @click.argument("peer_id")
-@click.argument("name")
+@click.argument("name", required=False)
+@click.option("--name", "name_option", metavar="NAME", help="The contact's name (instead of the NAME argument).")
 @pass_state
-def requests_accept(state: State, peer_id: str, name: str) -> None:
-    """Accept the request from PEER_ID as a contact called NAME."""
+def requests_accept(state: State, peer_id: str, name: str | None, name_option: str | None) -> None:
+    """Accept the request from PEER_ID as a contact called NAME (or --name NAME)."""
+    name = _one_name(name, name_option, "p2pmsg requests accept PEER_ID NAME")
     state.call("requests.accept", peer_id=peer_id, name=name)
     click.echo(f"accepted {clean(peer_id)} as {clean(name)}")
 

@@ -533,3 +533,12 @@ async def test_a_send_the_node_could_not_store_says_so_and_why(home: Path) -> No
     assert full.exit_code == 1
     assert full.output.startswith("error: not stored: the write failed: database or disk is full (")
     assert "is its disk full?" in full.output
+
+
+async def test_requests_accept_takes_the_name_like_contacts_add(home: Path) -> None:
+    async with node_on(home) as node:
+        by_option = await invoke(home, "requests", "accept", STRANGER, "--name", "dave")
+        nameless = await invoke(home, "requests", "accept", STRANGER)
+        assert node.contacts["dave"]["peer_id"] == STRANGER
+    assert by_option.output == f"accepted {STRANGER} as dave\n"
+    assert nameless.exit_code == 2 and "give the contact a name: p2pmsg requests accept PEER_ID NAME" in nameless.output
