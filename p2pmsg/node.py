@@ -54,14 +54,13 @@ from p2pmsg.errors import LocalProtocolError, P2PMsgError
 from p2pmsg.identity import Identity, PeerId
 from p2pmsg.net.listener import Listener
 from p2pmsg.store import repo
-from p2pmsg.store.db import Database, open_database
+from p2pmsg.store.db import DATABASE_FILENAME, Database, open_database
 from p2pmsg.store.models import DhtNode as SavedDhtNode
 from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DATABASE_FILENAME: Final = "p2pmsg.db"
 ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
 """Seconds between saves of the DHT routing table (it is also saved at shutdown)."""
 REPUBLISH_CHECK_INTERVAL: Final = 30.0
@@ -280,6 +279,8 @@ class Node:
         self._started = time.monotonic()
         self.maintenance_failures: collections.Counter[str] = collections.Counter()
         self._join_warned = False  # said that no bootstrap peer answered, and none has since
+        self.database_state = "not checked"
+        """The background check of the database file: "not checked", "checking", "ok" or "damaged" (in status)."""
 
     # -- control methods -------------------------------------------------------------------------------------------
 
@@ -306,6 +307,7 @@ class Node:
             "addrs": [str(a) for a in self.addrs],
             "dht_size": len(self.dht.routing_table_snapshot()),
             "dht_address": f"{self.dht.address[0]}:{self.dht.address[1]}",
+            "database": self.database_state,
             **chat,
             "listener": listener.as_dict(),
             "dht": dht_stats,
@@ -328,8 +330,29 @@ class Node:
             await nursery.start(self.control.serve)
             nursery.start_soon(self._maintain)
             nursery.start_soon(self._relay_records)
+            nursery.start_soon(self._check_database)
             log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
             task_status.started(self)
+
+    async def _check_database(self) -> None:
+        """Check the whole database file once, in the background, after start: a file damaged while the node was
+        stopped (a disk fault, a bad copy) is otherwise noticed only when a read hits the damaged part."""
+        self.database_state = "checking"
+        try:
+            problems = await self.db.quick_check()
+        except P2PMsgError as exc:  # the store is closing
+            log.info("database check not done: %s", exc)
+            return
+        if not problems:
+            self.database_state = "ok"
+            return
+        self.database_state = "damaged"
+        log.error(
+            "database %s is damaged (%s): messages and contacts in the damaged part may be unreadable, and writes "
+            "may fail. Stop the node and keep a copy of the file (with its -wal file) before anything else",
+            self.db.path,
+            "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""),
+        )
 
     def _record_stored(self, record: VerifiedRecord) -> None:
         """The DHT's record listener: queue another peer's newer record for :meth:`_relay_records` (never blocks)."""
@@ -486,7 +509,14 @@ async def run_node(
     home = Path(home)
     if probe_socket(control_socket_path(home)) is SocketState.RUNNING:  # before touching its database
         raise NodeAlreadyRunningError(f"another node is already running on {home}; stop it first or use another --home")
-    async with open_database(home / DATABASE_FILENAME) as db:
+    path = home / DATABASE_FILENAME
+    if not path.exists() or path.stat().st_size == 0:
+        log.warning(
+            "no database at %s (or an empty file): starting with a new one, without contacts or history. `p2pmsg "
+            "init` creates it, so if this home had one, it was moved or deleted",
+            path,
+        )
+    async with open_database(path) as db:
         node = Node(home, identity, config, db, options=options)
         await node.control.bind()  # the authoritative check: it owns the socket from here on
         with trio.CancelScope() as scope:

@@ -325,9 +325,24 @@ def init(
         click.echo(f"kept the existing {config_path}")
     else:
         write_config(config_path, config)
+    _create_database(home)
     click.echo(f"created {key_path}" + (" (UNENCRYPTED)" if no_passphrase else ""))
     click.echo(f"peer id  {identity.peer_id}")
     click.echo(f"start the node with: p2pmsg --home {shlex.quote(str(home))} run")
+
+
+def _create_database(home: Path) -> None:
+    """Create the node's database with its schema (or migrate one already there), so that ``run`` can tell a home
+    whose database went missing from a new one."""
+    import trio  # only init and run need it: other commands start without it
+
+    from p2pmsg.store.db import DATABASE_FILENAME, open_database
+
+    async def create() -> None:
+        async with open_database(home / DATABASE_FILENAME):
+            pass
+
+    trio.run(create)
 
 
 def _interactive() -> bool:
@@ -834,6 +849,7 @@ def status(state: State, as_json: bool) -> None:
         ("connections", info.get("connections", "-")),
         ("dht size", info.get("dht_size", "-")),
         ("outbox depth", info.get("outbox_depth", "-")),
+        ("database", info.get("database", "-")),
         ("dropped", dropped_text),
     ]
     for label, value in lines:

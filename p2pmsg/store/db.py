@@ -73,7 +73,15 @@ from p2pmsg.store.errors import (
 )
 from p2pmsg.store.migrations import MIGRATIONS, Migration, check_database, migrate
 
-__all__ = ["MIN_SQLITE_VERSION", "NEW_FILE_PAGE_SIZE", "Database", "StoreStats", "configure_writer", "open_database"]
+__all__ = [
+    "DATABASE_FILENAME",
+    "MIN_SQLITE_VERSION",
+    "NEW_FILE_PAGE_SIZE",
+    "Database",
+    "StoreStats",
+    "configure_writer",
+    "open_database",
+]
 
 T = TypeVar("T")
 
@@ -118,6 +126,9 @@ _WRITER_PRAGMAS: Final = (
     "PRAGMA cache_size = -16384",
     "PRAGMA journal_size_limit = 67108864",
 )
+DATABASE_FILENAME: Final = "p2pmsg.db"
+"""The database's file name in a node's home directory (``p2pmsg init`` creates it, ``p2pmsg run`` opens it)."""
+
 NEW_FILE_PAGE_SIZE: Final = 16384
 """``PRAGMA page_size`` given to a new database file (an existing file keeps the page size it was created with).
 
@@ -558,6 +569,21 @@ class Database:
                 return await trio.to_thread.run_sync(_run_read, conn, fn)
             finally:
                 self._readers.append(conn)
+
+    async def quick_check(self, *, max_problems: int = 20) -> list[str]:
+        """SQLite's ``PRAGMA quick_check`` of the whole file on a read connection (writes go on meanwhile): the
+        problems found (at most ``max_problems``), or ``[]`` if the file is sound.  A file too damaged to be checked
+        gives SQLite's error as the one problem.  It reads every page: seconds for a large file on a slow disk."""
+
+        def check(conn: sqlite3.Connection) -> list[str]:
+            try:
+                rows = conn.execute(f"PRAGMA quick_check({int(max_problems)})").fetchall()
+            except sqlite3.DatabaseError as exc:
+                return [str(exc)]
+            problems = [str(row[0]) for row in rows]
+            return [] if problems == ["ok"] else problems
+
+        return await self.read(check)
 
     async def _open(self) -> None:
         self._writer.thread.start()

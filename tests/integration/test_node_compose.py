@@ -21,6 +21,8 @@ from p2pmsg.control.client import ControlClient
 from p2pmsg.control.errors import NodeAlreadyRunningError
 from p2pmsg.identity import Identity
 from p2pmsg.node import Node, NodeOptions, advertised_addrs, dht_endpoint, resolve_bootstrap, run_node
+from p2pmsg.store import repo
+from p2pmsg.store.db import DATABASE_FILENAME
 from p2pmsg.wire.multiaddr import Multiaddr
 
 
@@ -259,3 +261,40 @@ async def test_a_bootstrap_peer_that_never_answers_is_reported_once_per_streak(
     warnings = [r.getMessage() for r in caplog.records if "no bootstrap peer answered" in r.getMessage()]
     assert len(warnings) == 1
     assert f"127.0.0.1:{port}" in warnings[0]
+
+
+async def test_a_missing_or_damaged_database_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A home whose database is gone starts anew, with a warning; one damaged while stopped is found by the check
+    the node runs in the background after start, logged, and shown in status."""
+    home = tmp_path / "carol"
+    home.mkdir(mode=0o700)
+    carol_id = Identity.generate()
+    cfg = Cfg(listen=["/ip4/127.0.0.1/tcp/0"])
+    caplog.set_level(logging.INFO, logger="p2pmsg")
+
+    async def run_once(check: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            node: Node = await nursery.start(lambda task_status: run_node(home, carol_id, cfg, options=FAST,
+                                                                          task_status=task_status))  # fmt: skip
+            await wait_for(lambda: _async_value(node.database_state not in ("not checked", "checking")), "the check")
+            await check(node)
+            nursery.cancel_scope.cancel()
+
+    async def sound(node: Node) -> None:
+        assert (await call(home, "status"))["database"] == "ok"
+        await node.db.write(lambda c: [repo.set_setting(c, f"filler.{i}", bytes(4000), now=1) for i in range(400)])
+
+    async def damaged(node: Node) -> None:
+        assert (await call(home, "status"))["database"] == "damaged"
+
+    await run_once(sound)
+    assert sum("no database at" in r.getMessage() for r in caplog.records) == 1
+    path = home / DATABASE_FILENAME
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.seek((size // 16384 // 2) * 16384)
+        fh.write(bytes(2 * 16384))
+    caplog.clear()
+    await run_once(damaged)
+    assert not any("no database at" in r.getMessage() for r in caplog.records)
+    assert any(r.levelno == logging.ERROR and "is damaged" in r.getMessage() for r in caplog.records)

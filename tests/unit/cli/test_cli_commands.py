@@ -158,6 +158,7 @@ class ContactNode:
                 "connections": 1,
                 "dht_size": 12,
                 "outbox_depth": 0,
+                "database": "damaged",
                 "dropped": {"control_slow_subscriber": 2},
             }
 
@@ -329,6 +330,7 @@ async def test_inbox_requests_peers_status(home: Path) -> None:
     assert "/ip4/10.0.0.2/tcp/4001" in peers.output and peers.output.splitlines()[1].startswith("bob ")
     assert "uptime        1h 02m 05s" in status.output
     assert "dropped       control_slow_subscriber=2" in status.output
+    assert "database      damaged" in status.output
     assert json.loads(status_json.output)["dht_size"] == 12
 
 

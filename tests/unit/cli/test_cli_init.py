@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sqlite3
 import stat
 import sys
 import tempfile
@@ -20,6 +22,8 @@ from p2pmsg.cli.config import CONFIG_FILENAME, Config, load_config
 from p2pmsg.cli.main import IDENTITY_FILENAME, cli
 from p2pmsg.control import ControlServer, control_socket_path
 from p2pmsg.identity import Identity, load_identity
+from p2pmsg.store.db import DATABASE_FILENAME
+from p2pmsg.store.migrations import LATEST_VERSION
 
 
 @pytest.fixture
@@ -61,6 +65,10 @@ def test_init_creates_a_private_home_key_and_config(home: Path) -> None:
     config = home / CONFIG_FILENAME
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    database = home / DATABASE_FILENAME  # created with its schema, so `run` can tell when it went missing
+    assert stat.S_IMODE(database.stat().st_mode) == 0o600
+    with contextlib.closing(sqlite3.connect(database)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (LATEST_VERSION,)
     assert load_config(config) == Config(
         listen=["/ip4/127.0.0.1/tcp/4100"], bootstrap=["/ip4/192.0.2.1/tcp/4001"], accept_from="anyone", dht_port=4101
     )
@@ -201,7 +209,8 @@ def test_run_with_an_encrypted_key_and_no_passphrase_source(home: Path) -> None:
 
 
 async def test_run_refuses_when_a_node_already_runs_there(home: Path) -> None:
-    assert run_cli(home, "init", "--no-passphrase").exit_code == 0
+    initialised = await trio.to_thread.run_sync(run_cli, home, "init", "--no-passphrase")  # init runs trio itself
+    assert initialised.exit_code == 0
     server = ControlServer(control_socket_path(home), {})
     async with trio.open_nursery() as nursery:
         await nursery.start(server.serve)

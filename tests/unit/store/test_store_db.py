@@ -479,3 +479,23 @@ async def test_non_durable_writes_commit_unsynced_only_when_the_whole_batch_is(d
     assert results == dict.fromkeys(range(6), full)
     await db.write(put("kept"), durable=False)
     assert "kept" in await keys(db)
+
+
+async def test_quick_check_finds_a_file_damaged_while_closed(tmp_path: Path) -> None:
+    path = tmp_path / "damaged.db"
+    async with open_database(path) as db:
+        assert await db.quick_check() == []
+        for batch in range(4):
+            await db.write(
+                lambda c, b=batch: [
+                    repo.set_setting(c, f"k{b}.{i}", bytes([i % 256]) * 4000, now=T0) for i in range(100)
+                ]
+            )
+    size = path.stat().st_size
+    assert size > 40 * 16384
+    with open(path, "r+b") as fh:  # zero two pages in the middle, as a bad disk block or a torn copy would
+        fh.seek((size // 16384 // 2) * 16384)
+        fh.write(bytes(2 * 16384))
+    async with open_database(path) as db:
+        problems = await db.quick_check()
+    assert problems and all(isinstance(p, str) and p for p in problems)
