@@ -33,6 +33,7 @@ import dataclasses
 import ipaddress
 import logging
 import math
+import os
 import signal
 import socket as _socket
 import time
@@ -64,6 +65,9 @@ T = TypeVar("T")
 ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
 """Seconds between saves of the DHT routing table (it is also saved at shutdown)."""
 REPUBLISH_CHECK_INTERVAL: Final = 30.0
+LOW_DISK_BYTES: Final = 64 * 1024 * 1024
+"""Free space on the home's file system below which the node warns: messages and receipts stop being stored when
+it runs out (senders then resend later, nothing is lost, but nothing new arrives either)."""
 """Seconds between checks of whether our advertised addresses changed."""
 RECORD_SEQ_SETTING: Final = "dht.record_seq"
 """Settings key of the last peer-record ``seq`` this node signed (8 bytes, big-endian)."""
@@ -116,6 +120,8 @@ class NodeOptions:
     chat: ChatConfig | None = None
     """Tunables of the chat service (default :class:`ChatConfig`); its ``policy`` comes from the node config's
     ``accept_from``."""
+    low_disk_bytes: int = LOW_DISK_BYTES
+    """Below this much free space on the home's file system the node warns (each round it is low, once)."""
 
     def __post_init__(self) -> None:
         for name in ("record_ttl", "save_interval", "check_interval"):
@@ -279,6 +285,7 @@ class Node:
         self._started = time.monotonic()
         self.maintenance_failures: collections.Counter[str] = collections.Counter()
         self._join_warned = False  # said that no bootstrap peer answered, and none has since
+        self._disk_low = False  # warned that the home's disk is low on space, and it still is
         self.database_state = "not checked"
         """The background check of the database file: "not checked", "checking", "ok" or "damaged" (in status)."""
 
@@ -333,6 +340,26 @@ class Node:
             nursery.start_soon(self._check_database)
             log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
             task_status.started(self)
+
+    def _check_free_space(self) -> None:
+        """Warn once when the home's file system runs low on space (again after it recovered and ran low again)."""
+        try:
+            stats = os.statvfs(self.home)
+        except OSError as exc:
+            log.debug("free space of %s unknown: %s", self.home, exc)
+            return
+        free = stats.f_bavail * stats.f_frsize
+        low = free < self.options.low_disk_bytes
+        if low and not self._disk_low:
+            log.warning(
+                "only %.1f MB free on the disk of %s: when it is full, received messages are not stored (their "
+                "senders resend them later) and sends fail with 'not stored'",
+                free / 1e6,
+                self.home,
+            )
+        elif self._disk_low and not low:
+            log.info("%.1f MB free on the disk of %s again", free / 1e6, self.home)
+        self._disk_low = low
 
     async def _check_database(self) -> None:
         """Check the whole database file once, in the background, after start: a file damaged while the node was
@@ -403,6 +430,7 @@ class Node:
                     last_save = now
                 if len(self.dht.routing_table_snapshot()) == 0 and self._bootstrap:
                     await self._attempt("join", self._join())
+                self._check_free_space()
                 await trio.sleep(self.options.check_interval)
         finally:
             with trio.CancelScope(shield=True):

@@ -298,3 +298,21 @@ async def test_a_missing_or_damaged_database_is_reported(tmp_path: Path, caplog:
     await run_once(damaged)
     assert not any("no database at" in r.getMessage() for r in caplog.records)
     assert any(r.levelno == logging.ERROR and "is damaged" in r.getMessage() for r in caplog.records)
+
+
+async def test_low_free_space_on_the_home_s_disk_is_warned_about_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The real free space of the test's disk, against a threshold above any disk: low, said once, not every round."""
+    home = tmp_path / "dora"
+    home.mkdir(mode=0o700)
+    options = dataclasses.replace(FAST, low_disk_bytes=2**62)
+    cfg = Cfg(listen=["/ip4/127.0.0.1/tcp/0"])
+    caplog.set_level(logging.INFO, logger="p2pmsg")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(lambda task_status: run_node(home, Identity.generate(), cfg, options=options,
+                                                         task_status=task_status))  # fmt: skip
+        await trio.sleep(5 * FAST.check_interval)  # several maintenance rounds
+        nursery.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records if "MB free on the disk of" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("only ") and str(home) in warnings[0]
