@@ -131,6 +131,10 @@ MAX_SEND_MANY: Final = 1000
 """Most texts in one :meth:`ChatService.send_many` call."""
 _WATCH_CANDIDATES: Final = 1024
 """Most waiting contacts one record watcher round reads from the store (it looks up far fewer)."""
+_SKEW_WARNING_MS: Final = 5 * 60 * 1000
+"""A received message stamped this much (ms) after our clock is worth a warning about the clocks."""
+_SKEW_WARNING_INTERVAL: Final = 3600.0
+"""Seconds between two such warnings."""
 _STORE_WARNING_INTERVAL: Final = 60.0
 """Seconds between two warnings that received messages could not be stored (a full disk fails every batch)."""
 
@@ -388,6 +392,7 @@ class ChatService:
         self._nursery: trio.Nursery | None = None
         self._dropped: collections.Counter[str] = collections.Counter()
         self._store_warned_until = -math.inf  # trio clock: no "cannot store" warning before this
+        self._skew_warned_until = -math.inf  # trio clock: no clock-skew warning before this
         self._started_at = self._now()
         self._contacts_by_name: dict[str, Contact] = {}
         self._peer_texts: dict[PeerId, str] = {}
@@ -1081,6 +1086,20 @@ class ChatService:
             if closed:
                 return "the peer closed the session"
 
+    def _note_clock_skew(self, peer: PeerId, ahead_ms: int) -> None:
+        """A message stamped well after our clock says one of the two clocks is wrong: its ``ts`` is lowered to our
+        clock (so it cannot pin itself below newer messages), and a clock far off also makes signed peer records look
+        expired or not yet valid.  Say so in the log, at most once per :data:`_SKEW_WARNING_INTERVAL`."""
+        if ahead_ms < _SKEW_WARNING_MS or trio.current_time() < self._skew_warned_until:
+            return
+        self._skew_warned_until = trio.current_time() + _SKEW_WARNING_INTERVAL
+        log.warning(
+            "chat: a message from %s is stamped %.0f minute(s) after this node's clock: its clock or ours is wrong "
+            "(history orders by the sender's time, so messages from a wrong clock sort in the wrong place)",
+            peer,
+            ahead_ms / 60000,
+        )
+
     async def _peer_ready(self, session: _Session) -> None:
         """The peer's hello arrived: make its outbox entries due now, whatever their backoff, and wake the outbox.
 
@@ -1134,6 +1153,7 @@ class ChatService:
                     exc,
                 )
             return
+        self._note_clock_skew(peer, opened[-1].ts - now)
         if incoming.auto_added:
             self._contacts_changed()
         if incoming.relation is Relation.BLOCKED:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -773,3 +774,23 @@ async def test_a_sender_whose_disk_is_full_is_told_not_stored_and_whether_it_may
         # Handed to the session before the commit failed: they may have arrived, and then the error says so.
         assert arrived == 0 or "of 40 message(s) of this send had already been written" in str(info.value)
         assert await statuses(alice, "bob") == ["delivered"]  # nothing of the failed send is in Alice's store
+
+
+async def test_a_sender_clock_far_ahead_is_logged_once_and_its_ts_lowered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    day = 24 * 3600 * 1000
+    async with (
+        running_node(tmp_path / "alice", ALICE, clock_ms=lambda: int(time.time() * 1000) + day) as alice,
+        running_node(tmp_path / "bob", BOB) as bob,
+    ):
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        caplog.set_level(logging.WARNING, logger="p2pmsg.chat")
+        for text in ("from tomorrow", "again"):
+            await alice.chat.send("bob", text)
+        await eventually(lambda: len(bob.seen("message")) == 2, "both messages")
+        [row, _] = await bob.chat.history("alice")
+        assert row["ts"] <= int(time.time() * 1000)  # lowered to Bob's clock
+    warnings = [r.getMessage() for r in caplog.records if "after this node's clock" in r.getMessage()]
+    assert len(warnings) == 1 and str(ALICE.peer_id) in warnings[0] and "1440 minute(s)" in warnings[0]
