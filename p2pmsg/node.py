@@ -65,10 +65,10 @@ T = TypeVar("T")
 ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
 """Seconds between saves of the DHT routing table (it is also saved at shutdown)."""
 REPUBLISH_CHECK_INTERVAL: Final = 30.0
+"""Seconds between checks of whether our advertised addresses changed."""
 LOW_DISK_BYTES: Final = 64 * 1024 * 1024
 """Free space on the home's file system below which the node warns: messages and receipts stop being stored when
 it runs out (senders then resend later, nothing is lost, but nothing new arrives either)."""
-"""Seconds between checks of whether our advertised addresses changed."""
 RECORD_SEQ_SETTING: Final = "dht.record_seq"
 """Settings key of the last peer-record ``seq`` this node signed (8 bytes, big-endian)."""
 RECORD_QUEUE_SIZE: Final = 64

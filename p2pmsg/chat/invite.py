@@ -18,7 +18,9 @@ Unknown query parameters are ignored so later versions can add some without brea
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import quote, unquote, urlsplit
 
 from p2pmsg.errors import LocalProtocolError, RemoteProtocolError
@@ -131,6 +133,10 @@ def parse_invite(text: str) -> Invite:
     return Invite(peer_id=peer_id, addrs=tuple(addrs))
 
 
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+"""A ``%`` not followed by two hex digits (``unquote`` would keep it as it is)."""
+
+
 def _query_pairs(query: str) -> list[tuple[str, str]]:
     """The ``name=value`` pairs of a link's query, percent-decoded as UTF-8 (RFC 3986: ``+`` is a plus sign, not the
     space of HTML form encoding); :class:`InviteError` for a pair without ``=`` or a name, or a bad escape."""
@@ -141,6 +147,8 @@ def _query_pairs(query: str) -> list[tuple[str, str]]:
         name, equals, value = part.partition("=")
         if not equals or not name:
             raise InviteError("query", f"malformed parameter {part[:64]!r} (expected name=value)")
+        if _BAD_ESCAPE.search(part):
+            raise InviteError("query", f"malformed percent-encoding in {part[:64]!r} (% must start %XX)")
         try:
             pairs.append((unquote(name, errors="strict"), unquote(value, errors="strict")))
         except UnicodeDecodeError as exc:

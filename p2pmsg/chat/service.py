@@ -135,6 +135,11 @@ _SKEW_WARNING_MS: Final = 5 * 60 * 1000
 """A received message stamped this much (ms) after our clock is worth a warning about the clocks."""
 _SKEW_WARNING_INTERVAL: Final = 3600.0
 """Seconds between two such warnings."""
+_CLOSE_TIMEOUT: Final = 2.0
+"""Seconds a session's channel may take to close gracefully (a WebSocket waits for the peer's Close frame)."""
+_STORE_FAILED_LINGER: Final = 10.0
+"""Seconds a session whose received messages could not be stored stays open (storing nothing) before it is closed:
+long enough that the sender is not made to redial in a loop, short enough that it resends soon."""
 _STORE_WARNING_INTERVAL: Final = 60.0
 """Seconds between two warnings that received messages could not be stored (a full disk fails every batch)."""
 
@@ -283,6 +288,8 @@ class _Session:
     active_at: float = 0.0
     """When (trio clock) the session opened or last delivered a complete message frame: a stranger's idle time
     counts from here, and the stranger session with the oldest one is evicted first."""
+    opened_at: float = 0.0
+    """When (trio clock) the session registered."""
     store_failed: bool = False
     """Received messages could not be stored: everything after them on this session is dropped unacknowledged too,
     so what is stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
@@ -560,6 +567,16 @@ class ChatService:
             await self._db.write(lambda c: [repo.mark_failed(c, e.message_id, now=now) for e in items])
             return True
         session = self._best_session(peer)
+        if session is not None and not session.expedited:
+            # The peer's hello has not arrived, so its backlog is not due yet: whatever is due now (a new send) waits
+            # for it too, or it would overtake older messages still in their backoff.  A peer that never says hello
+            # is given up after resend_after_ms.
+            patience = self.config.resend_after_ms / 1000
+            if trio.current_time() - session.opened_at >= patience:
+                session.close_reason = f"no hello within {patience:g} s"
+                session.closed = True
+                session.scope.cancel()
+            return False
         if session is not None:
             # A receipt normally follows within milliseconds.  Entries written on this very session long ago and
             # still unacknowledged mean a dead connection (no FIN, no RST) or a peer that does not accept them: end
@@ -833,10 +850,15 @@ class ChatService:
     # ------------------------------------------------------------------------------------------------- sessions
 
     def _best_session(self, peer: PeerId) -> _Session | None:
+        """The newest open session with ``peer`` whose hello arrived (its backlog was made due), else the newest open
+        one."""
+        newest = None
         for session in reversed(self._sessions.get(peer, [])):
             if not session.closed:
-                return session
-        return None
+                if session.expedited:
+                    return session
+                newest = newest or session
+        return newest
 
     async def handle_inbound(self, channel: SecureChannel, remote_addr: Multiaddr | None = None) -> None:
         """Serve an authenticated inbound channel until it closes (the listener's handler)."""
@@ -872,6 +894,7 @@ class ChatService:
                 contact_name=contact.name if contact is not None else None,
                 relation=relation,
                 active_at=trio.current_time(),
+                opened_at=trio.current_time(),
             )
             sessions = self._sessions.setdefault(peer, [])
             sessions.append(session)
@@ -915,7 +938,7 @@ class ChatService:
                 session.held.clear()
                 session.pending.clear()
                 self._poke()
-            await trio.aclose_forcefully(channel)
+            await _close_channel(channel)
         if session is not None:
             reason = session.close_reason or "closed"
             log.info("chat: session with %s closed: %s", peer, reason)
@@ -923,11 +946,24 @@ class ChatService:
                 self._publish(ev.PeerDownEvent(peer_id=self._text(peer), contact=session.contact_name, reason=reason))
                 # What was written but not acknowledged, and what is due, waits for the backoff: a peer that closes
                 # every session at once (it blocked us, it is overloaded) is not hammered with redials.
-                with contextlib.suppress(store_errors.StoreClosedError):
+                with self._store_failure_logged(f"rescheduling the messages to {peer}"):
                     await self._reschedule_peer(peer, f"session closed: {reason}", [*session.written, *unsent])
             elif unsent:  # another session lives: these go out on it once due
-                with contextlib.suppress(store_errors.StoreClosedError):
+                with self._store_failure_logged(f"rescheduling the messages to {peer}"):
                     await self._reschedule_ids(unsent, f"session closed: {reason}")
+
+    @contextlib.contextmanager
+    def _store_failure_logged(self, what: str) -> Iterator[None]:
+        """For bookkeeping writes after the fact (a reschedule, a flush): a store that is closing or cannot write
+        (disk full) costs only that write, logged and counted; it never escapes into the service's nursery, where it
+        would stop the node.  The outbox rows stay as they were, so the messages are tried again later anyway."""
+        try:
+            yield
+        except store_errors.StoreClosedError:
+            pass
+        except store_errors.StoreError as exc:
+            self._dropped["chat_store_failed"] += 1
+            log.warning("chat: %s failed: %s", what, exc)
 
     def _stranger_slot(self, peer: PeerId) -> bool:
         """Make room for a new stranger session: when the stranger slots are full, evict the stranger session that
@@ -961,6 +997,9 @@ class ChatService:
             self._drop("chat_send_timeout", f"no progress for {self.config.send_timeout:g} s", peer)
         except _SessionRefused as exc:
             reason = str(exc)
+        except store_errors.StoreWriteError as exc:  # disk full, I/O error: the session bookkeeping was not saved
+            reason = f"the store failed: {exc}"
+            self._drop("chat_store_failed", reason, peer)
         if session.close_reason is None:
             session.close_reason = reason
         session.scope.cancel()
@@ -1137,11 +1176,16 @@ class ChatService:
             incoming = await self._db.write(lambda c: self._store_incoming(c, peer, opened, now))
         except store_errors.StoreWriteError as exc:
             # Disk full, I/O error: nothing of the batch was stored, so nothing is acknowledged, and the sender sends
-            # it again after its timeout (it then ends this session, and resends on a new one in send order).  The
-            # session stays until then: closing it at once made the sender redial (and resend all) many times a
-            # second, and logged a traceback each time.  Nothing later on it is stored either (store_failed): a
-            # smaller batch after this one might fit, and would then sit before it in the history.
-            session.store_failed = True
+            # it again on a new session, in send order.  This session stays a while (_STORE_FAILED_LINGER, or until
+            # the sender ends it): closing it at once made the sender redial (and resend all) many times a second,
+            # and logged a traceback each time.  Nothing later on it is stored either (store_failed): a smaller
+            # batch after this one might fit, and would then sit before it in the history.
+            if not session.store_failed:
+                session.store_failed = True
+                # Ended after a while even if the sender does not end it (it ends only its newest session, and
+                # this one may not be): a session that stores nothing must not linger and swallow later messages.
+                session.close_reason = session.close_reason or "received messages could not be stored"
+                session.scope.deadline = min(session.scope.deadline, trio.current_time() + _STORE_FAILED_LINGER)
             self._dropped["chat_store_failed"] += len(opened)
             if trio.current_time() >= self._store_warned_until:
                 self._store_warned_until = trio.current_time() + _STORE_WARNING_INTERVAL
@@ -1153,7 +1197,7 @@ class ChatService:
                     exc,
                 )
             return
-        self._note_clock_skew(peer, opened[-1].ts - now)
+        self._note_clock_skew(peer, max(m.ts for m in opened) - now)
         if incoming.auto_added:
             self._contacts_changed()
         if incoming.relation is Relation.BLOCKED:
@@ -1378,7 +1422,8 @@ class ChatService:
         finally:
             self._contacts_changed()
         self._now_a_contact(peer, contact.name)
-        await self._expedite(peer)
+        with self._store_failure_logged(f"flushing the messages to {peer}"):  # the contact itself is stored
+            await self._expedite(peer)
         return {"peer_id": str(peer), "name": contact.name}
 
     async def list_contacts(self) -> list[dict[str, Any]]:
@@ -1451,7 +1496,8 @@ class ChatService:
             await self._db.write(lambda c: repo.unblock_peer(c, raw, now=now))
         finally:
             self._contacts_changed()
-        await self._expedite(PeerId.from_bytes(raw))
+        with self._store_failure_logged(f"flushing the messages to {name_or_peer}"):  # the unblock is stored
+            await self._expedite(PeerId.from_bytes(raw))
         return {}
 
     # ------------------------------------------------------------------------------------------------- messages
@@ -1864,6 +1910,18 @@ def _user_errors() -> Iterator[None]:
         raise UnknownContactError(str(exc)) from None
     except (store_errors.ContactExistsError, store_errors.PeerBlockedError, store_errors.StoreArgumentError) as exc:
         raise BadRequestError(str(exc)) from None
+
+
+async def _close_channel(channel: SecureChannel) -> None:
+    """Close a session's channel gracefully (over WebSocket: a Close frame, so the peer sees the end of the stream
+    rather than an abnormal 1006), within :data:`_CLOSE_TIMEOUT`; forcefully if that fails or we are cancelled."""
+    try:
+        with trio.move_on_after(_CLOSE_TIMEOUT):
+            await channel.aclose()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, P2PMsgError):
+        pass
+    finally:
+        await trio.aclose_forcefully(channel)  # nothing left to do if the graceful close finished
 
 
 def _check_new_name(name: str) -> None:

@@ -513,6 +513,7 @@ class Database:
         self._read_limiter = trio.CapacityLimiter(readers)
         self._closed = False
         self._close_done = trio.Event()
+        self._checking: sqlite3.Connection | None = None  # the reader running quick_check, if one is
 
     @property
     def schema_version(self) -> int:
@@ -576,10 +577,19 @@ class Database:
         gives SQLite's error as the one problem.  It reads every page: seconds for a large file on a slow disk."""
 
         def check(conn: sqlite3.Connection) -> list[str]:
+            # aclose() interrupts the check (it waits for reads in flight, and this one can take long): it sets
+            # _closed, then interrupts _checking; here _checking is set before _closed is looked at.
+            self._checking = conn
             try:
+                if self._closed:
+                    raise StoreClosedError("the database was closed")
                 rows = conn.execute(f"PRAGMA quick_check({int(max_problems)})").fetchall()
             except sqlite3.DatabaseError as exc:
+                if self._closed:
+                    raise StoreClosedError("the database was closed during the check") from None
                 return [str(exc)]
+            finally:
+                self._checking = None
             problems = [str(row[0]) for row in rows]
             return [] if problems == ["ok"] else problems
 
@@ -601,6 +611,9 @@ class Database:
             await self._close_done.wait()
             return
         self._closed = True
+        checking = self._checking
+        if checking is not None:
+            checking.interrupt()  # a quick_check in flight; thread-safe by SQLite's design
         with trio.CancelScope(shield=True):
             try:
                 borrowers = [object() for _ in range(self._reader_count)]

@@ -476,6 +476,13 @@ class DhtEngine:
         except MalformedMessageError as exc:
             self.stats["malformed"] += 1
             log.debug("dropping datagram from %s: %s", address, exc)
+            if solicited and call is not None:
+                # It named a request of ours but is no answer: charged after all, and that request fails now, so a
+                # pending id buys at most one datagram past the limits.
+                self._addr_limiter.allow(address, now)
+                self._ip_limiter.allow(address[0], now)
+                self._forget_call(call)
+                self._on_failure(call, now, timed_out=False)
             return
         if isinstance(message, IncomingRequest):
             self.guard.received(address, len(data), now)

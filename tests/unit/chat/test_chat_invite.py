@@ -94,6 +94,8 @@ def test_white_space_around_a_pasted_link_is_ignored() -> None:
         ("p2pmsg://invite/PEER?addr=%2Fip4%2F999.1.1.1%2Ftcp%2F1", "addr"),
         ("p2pmsg://invite/PEER?addr=", "addr"),
         ("p2pmsg://invite/PEER?addr=%ff", "query"),
+        ("p2pmsg://invite/PEER?addr=%zz", "query"),
+        ("p2pmsg://invite/PEER?addr=%2", "query"),
         ("p2pmsg://invite/PEER?addr", "query"),
         ("p2pmsg://invite/PEER?=x", "query"),
         ("p2pmsg://invite/PEER?addr=%2Fip4%2F192.0.2.7%2Ftcp%2F1&&v=2", "query"),

@@ -278,6 +278,24 @@ def test_answers_to_our_own_requests_are_not_charged_to_the_answering_node() -> 
     assert asker.stats["rate_limited"] >= 80
 
 
+def test_a_pending_request_id_buys_at_most_one_malformed_datagram_past_the_limits() -> None:
+    """Found in review: malformed 'answers' carrying the id of a request of ours skipped the buckets and, never
+    decoded, never ended that request, so a node we queried could flood us unlimited."""
+    config = DhtConfig(request_rate_per_address=10.0, request_burst_per_address=20.0, max_pending=256)
+    net = SimNet()
+    asker = net.add(1, config=config)
+    queried: Address = ("10.0.0.99", 4099)
+    asker.ping(queried, net.now)
+    [(data, _)] = asker.take_datagrams()
+    msg_id = data[1:21]
+    for i in range(500):
+        asker.datagram_received(b"\x01" + msg_id + b"\xc1" + bytes(100), queried, net.now + i * 1e-4)
+    assert asker.stats["malformed"] <= 21  # the free one, then the burst of 20
+    assert asker.stats["rate_limited"] >= 479
+    assert msg_id not in asker._pending
+    assert [type(e).__name__ for e in asker.take_events()] == ["PingDone"]  # failed at once, not after a timeout
+
+
 def test_store_floods_are_bounded_per_source() -> None:
     config = DhtConfig(
         storage=StorageLimits(max_values_per_source=10),

@@ -499,3 +499,33 @@ async def test_quick_check_finds_a_file_damaged_while_closed(tmp_path: Path) -> 
     async with open_database(path) as db:
         problems = await db.quick_check()
     assert problems and all(isinstance(p, str) and p for p in problems)
+
+
+async def test_closing_the_database_interrupts_a_quick_check_in_flight(tmp_path: Path) -> None:
+    """The close waits for reads in flight; a check of a large file must not hold it up."""
+    path = tmp_path / "large.db"
+    async with open_database(path) as db:
+        for batch in range(8):
+            await db.write(
+                lambda c, b=batch: [
+                    c.execute("INSERT INTO settings VALUES (?, randomblob(60000), 1)", (f"k{b}.{i}",))
+                    for i in range(100)
+                ]
+            )
+    db_cm = open_database(path)
+    db = await db_cm.__aenter__()
+    outcome: list[object] = []
+
+    async def check() -> None:
+        try:
+            outcome.append(await db.quick_check())
+        except StoreClosedError as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(check)
+        while db._checking is None and not outcome:
+            await trio.sleep(0)
+        await db_cm.__aexit__(None, None, None)
+    [result] = outcome
+    assert isinstance(result, StoreClosedError), f"the check was not interrupted: {result!r}"
