@@ -6,7 +6,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -460,16 +460,25 @@ async def test_a_session_without_receipts_is_replaced(tmp_path: Path) -> None:
         while await channel.receive_some():
             pass
 
+    async with alice_writing_to_a_fake_bob(tmp_path, swallow, patient) as alice:
+        await eventually(lambda: len(connections) >= 2, "a second session after the silence")
+        [down, *_] = alice.seen("peer_down")
+        assert down["reason"] == "no receipt within 0.2 s"
+        assert await statuses(alice, "bob") == ["sent"]
+
+
+@contextlib.asynccontextmanager
+async def alice_writing_to_a_fake_bob(
+    tmp_path: Path, handler: Callable[[SecureChannel, Multiaddr | None], Awaitable[None]], config: ChatConfig
+) -> AsyncIterator[Node]:
+    """Alice's node, with a contact "bob" whose address is a bare listener running ``handler`` (not a chat node),
+    and one message to him queued."""
     async with trio.open_nursery() as nursery:
-        silent_bob = Listener(BOB, swallow)
-        addrs = await nursery.start(silent_bob.run, [LOCAL_TCP])
-        async with running_node(tmp_path / "alice", ALICE, config=patient) as alice:
+        addrs = await nursery.start(Listener(BOB, handler).run, [LOCAL_TCP])
+        async with running_node(tmp_path / "alice", ALICE, config=config) as alice:
             await alice.chat.add_contact(format_invite(BOB.peer_id, addrs), "bob")
             await alice.chat.send("bob", "anyone there?")
-            await eventually(lambda: len(connections) >= 2, "a second session after the silence")
-            [down, *_] = alice.seen("peer_down")
-            assert down["reason"] == "no receipt within 0.2 s"
-            assert await statuses(alice, "bob") == ["sent"]
+            yield alice
         nursery.cancel_scope.cancel()
 
 
@@ -485,16 +494,10 @@ async def test_a_peer_that_never_says_hello_gets_no_messages_and_is_given_up(tmp
         while data := await channel.receive_some():
             received[-1].extend(conn.receive_data(data))
 
-    async with trio.open_nursery() as nursery:
-        mute_bob = Listener(BOB, mute)
-        addrs = await nursery.start(mute_bob.run, [LOCAL_TCP])
-        async with running_node(tmp_path / "alice", ALICE, config=patient) as alice:
-            await alice.chat.add_contact(format_invite(BOB.peer_id, addrs), "bob")
-            await alice.chat.send("bob", "anyone there?")
-            await eventually(lambda: alice.seen("peer_down"), "alice gives the session up")
-            assert alice.seen("peer_down")[0]["reason"] == "no hello within 0.2 s"
-            assert await statuses(alice, "bob") == ["queued"]
-        nursery.cancel_scope.cancel()
+    async with alice_writing_to_a_fake_bob(tmp_path, mute, patient) as alice:
+        await eventually(lambda: alice.seen("peer_down"), "alice gives the session up")
+        assert alice.seen("peer_down")[0]["reason"] == "no hello within 0.2 s"
+        assert await statuses(alice, "bob") == ["queued"]
     assert received and all([type(e).__name__ for e in events] == ["HelloReceived"] for events in received)
 
 
@@ -745,6 +748,20 @@ async def test_a_peer_id_always_means_that_peer_never_a_contact_named_like_it(tm
         assert [c["peer_id"] for c in await alice.chat.list_contacts()] == [carol_id]
 
 
+@contextlib.asynccontextmanager
+async def connected_pair(tmp_path: Path, alice_config: ChatConfig = FAST) -> AsyncIterator[tuple[Node, Node]]:
+    """Alice and Bob, contacts of each other, with one message from Alice already delivered (their session is up)."""
+    async with (
+        running_node(tmp_path / "alice", ALICE, config=alice_config) as alice,
+        running_node(tmp_path / "bob", BOB) as bob,
+    ):
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        await alice.chat.send("bob", "before")
+        await eventually(lambda: _all_delivered(alice, "bob", 1), "the first message")
+        yield alice, bob
+
+
 async def _cap_database(node: Node, extra_pages: int | None) -> None:
     """Make ``node``'s store full for real: SQLite's max_page_count on the writer connection (``None``: no cap)."""
 
@@ -762,14 +779,7 @@ async def test_a_receiver_whose_disk_is_full_acknowledges_nothing_and_is_not_red
     stored), nor close the session each time (the sender then redialled and resent everything many times a second);
     once there is room again, the sender's resend lands, exactly once."""
     eager = dataclasses.replace(FAST, resend_after_ms=400)
-    async with (
-        running_node(tmp_path / "alice", ALICE, config=eager) as alice,
-        running_node(tmp_path / "bob", BOB) as bob,
-    ):
-        await alice.chat.add_contact(bob.invite, "bob")
-        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
-        await alice.chat.send("bob", "before")
-        await eventually(lambda: _all_delivered(alice, "bob", 1), "the first message")
+    async with connected_pair(tmp_path, eager) as (alice, bob):
         await _cap_database(bob, 0)
         ids = (await alice.chat.send_many("bob", [f"{i:03d} " + "x" * 2000 for i in range(40)]))["ids"]
         await eventually(lambda: bob.chat.dropped.get("chat_store_failed", 0) >= 1, "bob fails to store")
@@ -785,11 +795,7 @@ async def test_a_receiver_whose_disk_is_full_acknowledges_nothing_and_is_not_red
 
 
 async def test_a_sender_whose_disk_is_full_is_told_not_stored_and_whether_it_may_still_arrive(tmp_path: Path) -> None:
-    async with running_node(tmp_path / "alice", ALICE) as alice, running_node(tmp_path / "bob", BOB) as bob:
-        await alice.chat.add_contact(bob.invite, "bob")
-        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
-        await alice.chat.send("bob", "warm")
-        await eventually(lambda: _all_delivered(alice, "bob", 1), "the first message")
+    async with connected_pair(tmp_path) as (alice, bob):
         await _cap_database(alice, 0)
         with pytest.raises(store_errors.StoreWriteError, match="database or disk is full") as info:
             await alice.chat.send_many("bob", ["x" * 3000] * 40)
@@ -882,14 +888,7 @@ async def test_a_session_that_could_not_store_is_closed_by_the_receiver_itself(
     session that stores nothing could linger and swallow later messages (found in review)."""
     monkeypatch.setattr("p2pmsg.chat.service._STORE_FAILED_LINGER", 0.5)
     patient = dataclasses.replace(FAST, resend_after_ms=60_000)  # Alice would wait a minute
-    async with (
-        running_node(tmp_path / "alice", ALICE, config=patient) as alice,
-        running_node(tmp_path / "bob", BOB) as bob,
-    ):
-        await alice.chat.add_contact(bob.invite, "bob")
-        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
-        await alice.chat.send("bob", "before")
-        await eventually(lambda: _all_delivered(alice, "bob", 1), "the first message")
+    async with connected_pair(tmp_path, patient) as (alice, bob):
         await _cap_database(bob, 0)
         await alice.chat.send_many("bob", ["y" * 3000] * 40)
         await eventually(lambda: bob.seen("peer_down"), "bob closes the failing session", timeout=5)
