@@ -44,9 +44,19 @@ def clean(value: object, *, multiline: bool = False, indent: str = "  ") -> str:
 
 
 def truncate(text: str, width: int) -> str:
-    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    """``text`` on one line, cut to ``width`` terminal columns (:func:`display_width`) with an ellipsis."""
     one_line = " ".join(text.split())
-    return one_line if len(one_line) <= width else one_line[: max(width - 1, 0)] + "…"
+    if display_width(one_line) <= width:
+        return one_line
+    kept = []
+    used = 0
+    for char in one_line:
+        char_width = display_width(char)
+        if used + char_width > width - 1:
+            break
+        kept.append(char)
+        used += char_width
+    return "".join(kept) + "…"
 
 
 def format_ts(ts: object) -> str:

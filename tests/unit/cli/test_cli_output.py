@@ -41,6 +41,8 @@ def test_truncate() -> None:
     assert truncate("short", 10) == "short"
     assert truncate("a  b\nc", 10) == "a b c"
     assert truncate("x" * 20, 10) == "x" * 9 + "…"
+    assert truncate("日本語のテキストです", 10) == "日本語の…"  # two columns each: 8 columns + the ellipsis
+    assert display_width(truncate("👋" * 30, 10)) <= 10
 
 
 def test_format_ts_and_duration() -> None:
