@@ -90,6 +90,7 @@ from p2pmsg.chat.protocol import ChatConnection, SessionProtocolError
 from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, peer_record_key, verify_record_value
 from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 from p2pmsg.identity import Identity, InvalidPeerIdError, PeerId
+from p2pmsg.logthrottle import LogThrottle
 from p2pmsg.net.channel import SecureChannel
 from p2pmsg.net.dialer import DialError
 from p2pmsg.net.dialer import dial as net_dial
@@ -137,6 +138,9 @@ _SKEW_WARNING_INTERVAL: Final = 3600.0
 """Seconds between two such warnings."""
 _CLOSE_TIMEOUT: Final = 2.0
 """Seconds a session's channel may take to close gracefully (a WebSocket waits for the peer's Close frame)."""
+_INBOX_BUDGET: Final = 16 * 1024 * 1024
+"""Bytes received on all sessions together and not yet stored: beyond it readers wait (TCP pushes back on the
+senders), so many sessions sending big envelopes at once cannot grow the node's memory without bound."""
 _STORE_FAILED_LINGER: Final = 10.0
 """Seconds a session whose received messages could not be stored stays open (storing nothing) before it is closed:
 long enough that the sender is not made to redial in a loop, short enough that it resends soon."""
@@ -290,9 +294,30 @@ class _Session:
     counts from here, and the stranger session with the oldest one is evicted first."""
     opened_at: float = 0.0
     """When (trio clock) the session registered."""
+    inbox_bytes: int = 0
+    """Bytes this session took from the inbox budget and has not given back (given back when stored, or at close)."""
     store_failed: bool = False
     """Received messages could not be stored: everything after them on this session is dropped unacknowledged too,
     so what is stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
+
+
+class _ByteBudget:
+    """A count of bytes shared by tasks: :meth:`take` waits while taking would pass the limit (unless nothing is
+    taken: one item larger than the limit still gets through alone); :meth:`give_back` returns bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiting = trio.lowlevel.ParkingLot()
+
+    async def take(self, size: int) -> None:
+        while self.used > 0 and self.used + size > self.limit:
+            await self._waiting.park()
+        self.used += size
+
+    def give_back(self, size: int) -> None:
+        self.used -= size
+        self._waiting.unpark_all()
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -398,6 +423,8 @@ class ChatService:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._dropped: collections.Counter[str] = collections.Counter()
+        self._drop_log = LogThrottle(log)  # a peer repeating bad input must not fill the disk with log lines
+        self._inbox_budget = _ByteBudget(_INBOX_BUDGET)
         self._store_warned_until = -math.inf  # trio clock: no "cannot store" warning before this
         self._skew_warned_until = -math.inf  # trio clock: no clock-skew warning before this
         self._started_at = self._now()
@@ -470,7 +497,8 @@ class ChatService:
 
     def _drop(self, reason: str, detail: str, peer: PeerId | None = None) -> None:
         self._dropped[reason] += 1
-        log.info("chat: dropped (%s) %s%s", reason, detail, f" from {peer}" if peer is not None else "")
+        where = f" from {peer}" if peer is not None else ""
+        self._drop_log.log(logging.INFO, reason, "chat: dropped (%s) %s%s", reason, detail, where)
 
     def _publish(self, event: ev.ChatServiceEvent) -> None:
         if self._events is not None:
@@ -937,6 +965,9 @@ class ChatService:
                 self._inflight.difference_update(session.held)
                 session.held.clear()
                 session.pending.clear()
+                if session.inbox_bytes:  # chunks read but never stored (the session ended first)
+                    self._inbox_budget.give_back(session.inbox_bytes)
+                    session.inbox_bytes = 0
                 self._poke()
             await _close_channel(channel)
         if session is not None:
@@ -1054,7 +1085,7 @@ class ChatService:
         await self._write(session, session.conn.send_hello())
         # Received envelopes go to a storer task, so reading goes on while a chunk commits; the storer takes all that
         # piled up meanwhile into its next transaction (bounded: the reader waits when _INBOX_CHUNKS are queued).
-        send, receive = trio.open_memory_channel[list[SealedEnvelope]](_INBOX_CHUNKS)
+        send, receive = trio.open_memory_channel[tuple[list[SealedEnvelope], int]](_INBOX_CHUNKS)
         failure: list[Exception] = []
         reason = ""
         async with trio.open_nursery() as nursery:
@@ -1072,25 +1103,33 @@ class ChatService:
     async def _storer(
         self,
         session: _Session,
-        receive: trio.MemoryReceiveChannel[list[SealedEnvelope]],
+        receive: trio.MemoryReceiveChannel[tuple[list[SealedEnvelope], int]],
         failure: list[Exception],
         scope: trio.CancelScope,
     ) -> None:
         try:
             async with receive:
-                async for chunk in receive:
+                async for chunk, charged in receive:
                     batch = list(chunk)
                     while len(batch) < _INBOX_BATCH:
                         try:
-                            batch.extend(receive.receive_nowait())
+                            more, size = receive.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    await self._receive_envelopes(session, batch)
+                        batch.extend(more)
+                        charged += size
+                    try:
+                        await self._receive_envelopes(session, batch)
+                    finally:
+                        session.inbox_bytes -= charged
+                        self._inbox_budget.give_back(charged)
         except Exception as exc:
             failure.append(exc)
             scope.cancel()
 
-    async def _read_loop(self, session: _Session, inbox: trio.MemorySendChannel[list[SealedEnvelope]]) -> str:
+    async def _read_loop(
+        self, session: _Session, inbox: trio.MemorySendChannel[tuple[list[SealedEnvelope], int]]
+    ) -> str:
         while True:
             # A stranger's idle time runs from its last complete message frame, not its last byte: dribbling bytes
             # (or acks, or pings) cannot hold a stranger slot.
@@ -1119,7 +1158,9 @@ class ChatService:
                 await self._peer_ready(session)
             if envelopes:
                 session.active_at = trio.current_time()
-                await inbox.send(envelopes)
+                await self._inbox_budget.take(len(data))
+                session.inbox_bytes += len(data)
+                await inbox.send((envelopes, len(data)))
             if acks:
                 await self._apply_acks(session, acks)
             if closed:

@@ -66,7 +66,10 @@ log = logging.getLogger("p2pmsg.control")
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
 
 DEFAULT_MAX_CONNECTIONS: Final = 32
-DEFAULT_SUBSCRIBER_QUEUE: Final = 256
+#: Events queued per subscriber: more than one transaction publishes at once (a send_many of 1,000 texts, a received
+#: batch of 2,048 messages, one event each), so a subscriber that keeps up is never dropped for a burst; memory is
+#: bounded by DEFAULT_SUBSCRIBER_BYTES.  (256 dropped `p2pmsg chat` piping 300 lines: its own send_many's events.)
+DEFAULT_SUBSCRIBER_QUEUE: Final = 8192
 DEFAULT_SUBSCRIBER_BYTES: Final = 8 * 1024 * 1024
 #: Largest event frame (a chat message event is a few KiB at most).
 DEFAULT_MAX_EVENT_SIZE: Final = 1024 * 1024

@@ -26,6 +26,7 @@ that raises at ERROR with its traceback.  A failure never affects other connecti
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -38,6 +39,7 @@ import trio
 
 from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 from p2pmsg.identity import Identity
+from p2pmsg.logthrottle import LogThrottle
 from p2pmsg.net.channel import SecureChannel, secure_inbound
 from p2pmsg.net.transport import TransportKind, open_listeners, remote_multiaddr
 from p2pmsg.net.websocket import WS_PATH, accept_websocket_stream
@@ -47,6 +49,7 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_MAX_CONCURRENT_HANDSHAKES",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_CONNECTIONS_PER_IP",
     "Handler",
     "Listener",
     "ListenerConfig",
@@ -58,6 +61,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 DEFAULT_MAX_CONCURRENT_HANDSHAKES: Final = 64
 DEFAULT_MAX_CONNECTIONS: Final = 1024
+DEFAULT_MAX_CONNECTIONS_PER_IP: Final = 256
+"""Inbound connections from one IP address at once: one host cannot take every slot (a NAT'd office still fits)."""
 # secure_inbound gets this much more time than our own deadline, so that our deadline is the one that fires and
 # the failure is classified as a timeout.
 _CHANNEL_TIMEOUT_MARGIN: Final = 1.0
@@ -76,6 +81,8 @@ class ListenerConfig:
     """Handshakes running at once; more connections wait (within their deadline) for a slot."""
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     """Open inbound connections (handshaking or handed to the handler); beyond it new ones are closed at once."""
+    max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
+    """Open inbound connections from one IP address; beyond it that address's new ones are closed at once."""
 
     def __post_init__(self) -> None:
         if not (self.handshake_timeout > 0 and math.isfinite(self.handshake_timeout)):
@@ -84,6 +91,8 @@ class ListenerConfig:
             raise LocalProtocolError(f"max_concurrent_handshakes must be >= 1, got {self.max_concurrent_handshakes}")
         if self.max_connections < 1:
             raise LocalProtocolError(f"max_connections must be >= 1, got {self.max_connections}")
+        if self.max_connections_per_ip < 1:
+            raise LocalProtocolError(f"max_connections_per_ip must be >= 1, got {self.max_connections_per_ip}")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -103,7 +112,8 @@ class ListenerStats:
     handshake_failures: int = 0
     """Connections dropped for a protocol violation, a failed WebSocket upgrade or a hang-up during the handshake."""
     rejected_overload: int = 0
-    """Connections closed at once because :attr:`ListenerConfig.max_connections` were open."""
+    """Connections closed at once because :attr:`ListenerConfig.max_connections` were open, or
+    :attr:`ListenerConfig.max_connections_per_ip` from the same address."""
     handler_errors: int = 0
     """Handler calls that raised an exception."""
 
@@ -121,6 +131,8 @@ class Listener:
         self._config = config if config is not None else ListenerConfig()
         self._stats = ListenerStats()
         self._slots = trio.CapacityLimiter(self._config.max_concurrent_handshakes)
+        self._per_ip: collections.Counter[str] = collections.Counter()  # open inbound connections by remote IP
+        self._log = LogThrottle(logger)  # connections a remote peer makes us drop: a few lines per minute per kind
         self._listen_addrs: tuple[Multiaddr, ...] = ()
         self._run_scope: trio.CancelScope | None = None
 
@@ -194,11 +206,25 @@ class Listener:
         stats.accepted += 1
         remote = remote_multiaddr(raw, kind)
         where = str(remote) if remote is not None else f"unknown {kind} peer"
+        ip = _peer_ip(raw)
         if stats.active >= self._config.max_connections:
             stats.rejected_overload += 1
-            logger.warning("inbound %s dropped: %d connections already open", where, stats.active)
+            self._log.log(logging.WARNING, "overload", "inbound %s dropped: %d connections open", where, stats.active)
             await trio.aclose_forcefully(raw)
             return
+        if self._per_ip[ip] >= self._config.max_connections_per_ip:
+            stats.rejected_overload += 1
+            self._log.log(
+                logging.WARNING,
+                "per-ip",
+                "inbound %s dropped: %d connections open from %s",
+                where,
+                self._per_ip[ip],
+                ip,
+            )
+            await trio.aclose_forcefully(raw)
+            return
+        self._per_ip[ip] += 1
         stats.active += 1
         stats.handshaking += 1
         handshaking = True
@@ -235,6 +261,9 @@ class Listener:
                 if handshaking:
                     stats.handshaking -= 1
                 stats.active -= 1
+                self._per_ip[ip] -= 1
+                if not self._per_ip[ip]:
+                    del self._per_ip[ip]
 
     async def _authenticate(
         self, nursery: trio.Nursery, raw: trio.SocketStream, kind: TransportKind, where: str
@@ -251,16 +280,34 @@ class Listener:
                     return await secure_inbound(stream, self._identity, timeout=timeout + _CHANNEL_TIMEOUT_MARGIN)
             except RemoteProtocolError as exc:
                 stats.handshake_failures += 1
-                logger.warning("inbound %s dropped during handshake: %s", where, exc)
+                fault = "handshake: " + str(exc).split(":", 1)[0][:60]  # the field at fault, without details
+                self._log.log(logging.WARNING, fault, "inbound %s dropped during handshake: %s", where, exc)
                 return None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, P2PMsgError) as exc:
                 stats.handshake_failures += 1
-                logger.info("inbound %s dropped during handshake: %s: %s", where, type(exc).__name__, exc)
+                self._log.log(
+                    logging.INFO,
+                    "hang-up",
+                    "inbound %s dropped during handshake: %s: %s",
+                    where,
+                    type(exc).__name__,
+                    exc,
+                )
                 return None
         if deadline.cancelled_caught:
             stats.handshake_timeouts += 1
-            logger.info("inbound %s dropped: no authenticated channel within %g s", where, timeout)
+            self._log.log(
+                logging.INFO, "timeout", "inbound %s dropped: no authenticated channel within %g s", where, timeout
+            )
         return None
+
+
+def _peer_ip(raw: trio.SocketStream) -> str:
+    """The remote IP address of an accepted connection ("" if the socket no longer knows it)."""
+    try:
+        return str(raw.socket.getpeername()[0])
+    except (OSError, IndexError):
+        return ""
 
 
 async def _close(stream: trio.abc.Stream) -> None:

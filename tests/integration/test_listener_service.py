@@ -232,3 +232,22 @@ async def test_bad_configuration_and_addresses(nursery: trio.Nursery) -> None:
     with pytest.raises(LocalProtocolError, match="at least one"):
         await listener.run([])
     assert isinstance(listener.stats, ListenerStats)
+
+
+async def test_one_ip_address_cannot_take_every_connection_slot(nursery: trio.Nursery) -> None:
+    """Connections from one address beyond max_connections_per_ip are closed at once; the others' slots stay free."""
+    recorder = Recorder()
+    listener = Listener(BOB, recorder.hold, ListenerConfig(handshake_timeout=5, max_connections_per_ip=3))
+    [addr] = await nursery.start(listener.run, [LOCAL_TCP])
+    _, host, port = addr.transport()
+    stalled = [await trio.open_tcp_stream(host, port) for _ in range(5)]  # never start a handshake
+    await wait_for(lambda: listener.stats.accepted == 5, "five accepted")
+    assert listener.stats.rejected_overload == 2 and listener.stats.active == 3
+    for stream in stalled:  # the two refused ones were closed by the listener at once
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.aclose()
+    await wait_for(lambda: listener.stats.active == 0, "the stalled ones closed")
+    channel = await dial(ALICE, BOB.peer_id, [addr], timeout=5, nursery=nursery)  # room again
+    await wait_for(lambda: len(recorder.seen) == 1, "a handshake after the others left")
+    await channel.aclose()
+    recorder.release.set()

@@ -13,6 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "p2pmsg"
 LAYER_RANK = {
     "__init__": 0,
     "errors": 0,
+    "logthrottle": 0,
     "identity": 1,
     "store": 1,
     "wire": 2,

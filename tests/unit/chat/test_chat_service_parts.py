@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+import trio
+import trio.testing
 
 from p2pmsg.chat import events as ev
 from p2pmsg.chat.errors import ERROR_CODES, BadRequestError, NameTakenError, UnknownContactError
@@ -73,3 +75,28 @@ def test_error_codes() -> None:
         StoreWriteError: "not_stored",
     } == ERROR_CODES
     assert BadRequestError("why").message == "why"
+
+
+async def test_the_inbox_byte_budget_makes_readers_wait_and_lets_one_oversized_chunk_through_alone() -> None:
+    from p2pmsg.chat.service import _ByteBudget
+
+    budget = _ByteBudget(100)
+    await budget.take(60)
+    order: list[str] = []
+
+    async def reader(name: str, size: int) -> None:
+        await budget.take(size)
+        order.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader, "fits", 40)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(reader, "waits", 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["fits"] and budget.used == 100
+        budget.give_back(100)
+        await trio.testing.wait_all_tasks_blocked()
+        assert order == ["fits", "waits"] and budget.used == 10
+        budget.give_back(10)
+    await budget.take(500)  # larger than the limit: allowed when nothing else is taken
+    assert budget.used == 500

@@ -110,6 +110,11 @@ async def read_all(stream: trio.abc.ReceiveStream) -> bytes:
 
 def decode_frames(data: bytes) -> list[Any]:
     """The complete frames in ``data`` (a trailing partial frame is ignored)."""
+    return split_frames(data)[0]
+
+
+def split_frames(data: bytes) -> tuple[list[Any], bytes]:
+    """The complete frames in ``data`` and the bytes of a trailing partial frame."""
     out = []
     while len(data) >= 4:
         (n,) = struct.unpack(">I", data[:4])
@@ -117,7 +122,7 @@ def decode_frames(data: bytes) -> list[Any]:
             break
         out.append(msgpack.unpackb(data[4 : 4 + n]))
         data = data[4 + n :]
-    return out
+    return out, data
 
 
 # -- request / response ------------------------------------------------------------------------------------------------
@@ -348,6 +353,30 @@ async def test_slow_subscriber_is_dropped_and_never_blocks_publish(home: Path, l
         frames = decode_frames(data)
         assert 0 < len(frames) < published
         assert [f["n"] for f in frames] == list(range(len(frames)))
+
+
+async def test_a_burst_of_one_transaction_s_events_does_not_drop_a_subscriber(home: Path) -> None:
+    """publish() is synchronous: a send_many of 1,000 texts publishes 1,000 message events before the pump writes
+    any.  A subscriber that keeps reading must get them all (found in QA: the former 256-event queue dropped the
+    event feed of a `p2pmsg chat` that piped 300 lines)."""
+    hub = EventHub()
+    async with serving(home, hub=hub) as server:
+        reader = await trio.open_unix_socket(str(control_socket_path(home)))
+        await reader.send_all(raw_frame({"id": 1, "method": "subscribe", "params": {}}))
+        (answer,) = decode_frames(await reader.receive_some())
+        assert answer == {"id": 1, "result": {}}
+        for n in range(1000):  # one burst, as one transaction's events are published
+            hub.publish("message", text="x" * 100, n=n)
+        received: list[dict[str, Any]] = []
+        data = b""
+        with trio.fail_after(10):
+            while len(received) < 1000:
+                data += await reader.receive_some()
+                frames, data = split_frames(data)
+                received.extend(frames)
+        assert [f["n"] for f in received] == list(range(1000))
+        assert server.dropped == {} and hub.subscribers == 1
+        await reader.aclose()
 
 
 async def test_subscriber_that_sends_frames_is_disconnected(home: Path) -> None:

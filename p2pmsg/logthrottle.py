@@ -1,0 +1,64 @@
+"""Log lines that a remote peer can cause, bounded per kind so a flood cannot fill the disk with them.
+
+Theory of operation
+-------------------
+Every input a node drops is counted (``p2pmsg status``) and, for the first few of a kind, logged with the reason.  A
+peer that sends the same bad input a million times would otherwise write a million log lines (a session of forged
+envelopes wrote 212 MB in 20 s).  :class:`LogThrottle` logs at most ``burst`` lines per key in each ``interval``;
+when a later line of that key opens the next interval, it first says how many were left out.  The counters are kept
+in full either way: the log is for reading, the counters for totals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+__all__ = ["LogThrottle"]
+
+_MAX_KEYS = 256
+
+
+@dataclasses.dataclass(slots=True)
+class _Window:
+    start: float
+    logged: int = 0
+    left_out: int = 0
+
+
+class LogThrottle:
+    """At most ``burst`` log lines per key in each ``interval`` seconds (``clock``: monotonic seconds)."""
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        burst: int = 10,
+        interval: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._interval = interval
+        self._clock = clock
+        self._windows: dict[str, _Window] = {}
+
+    def log(self, level: int, key: str, message: str, *args: object) -> None:
+        """Log ``message % args`` at ``level`` unless ``burst`` lines of ``key`` were logged in this interval."""
+        now = self._clock()
+        if key not in self._windows and len(self._windows) >= _MAX_KEYS:
+            key = "(other kinds)"  # keys may come from remote input: their number stays bounded
+        window = self._windows.get(key)
+        if window is None or now - window.start >= self._interval:
+            if window is not None and window.left_out:
+                self._logger.log(
+                    level, "%d more of '%s' left out of the log in %g s", window.left_out, key, self._interval
+                )
+            window = self._windows[key] = _Window(start=now)
+        if window.logged < self._burst:
+            window.logged += 1
+            self._logger.log(level, message, *args)
+        else:
+            window.left_out += 1

@@ -1,0 +1,36 @@
+"""LogThrottle: a flood of one kind of log line is cut to a burst per interval, with a count of what was left out."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from p2pmsg.logthrottle import LogThrottle
+
+
+def test_a_burst_per_key_and_interval_then_a_count_of_the_rest(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    throttle = LogThrottle(logging.getLogger("p2pmsg.test"), burst=3, interval=60.0, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="p2pmsg.test")
+    for i in range(1000):
+        throttle.log(logging.INFO, "forged", "dropped %d", i)
+    throttle.log(logging.INFO, "other", "another kind")
+    now[0] = 61.0
+    throttle.log(logging.INFO, "forged", "dropped %d", 1000)
+    assert [r.getMessage() for r in caplog.records] == [
+        "dropped 0",
+        "dropped 1",
+        "dropped 2",
+        "another kind",
+        "997 more of 'forged' left out of the log in 60 s",
+        "dropped 1000",
+    ]
+
+
+def test_the_number_of_keys_is_bounded(caplog: pytest.LogCaptureFixture) -> None:
+    throttle = LogThrottle(logging.getLogger("p2pmsg.test"), burst=1, interval=60.0, clock=lambda: 0.0)
+    caplog.set_level(logging.INFO, logger="p2pmsg.test")
+    for i in range(1000):  # keys made from remote input: one per distinct bad value
+        throttle.log(logging.INFO, f"kind {i}", "line %d", i)
+    assert len(caplog.records) == 257  # 256 keys, then every other kind shares one
