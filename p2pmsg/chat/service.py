@@ -845,10 +845,6 @@ class ChatService:
     async def _connect(self, peer: PeerId) -> tuple[SecureChannel, str]:
         hints = await self._hints(peer)
         record = await self._cached_record(peer)
-        fresh = False
-        if record is None:
-            record = await self._resolve(peer)
-            fresh = True
         tried: list[Multiaddr] = []
         reasons: list[str] = []
 
@@ -866,6 +862,14 @@ class ChatService:
                 return None
             return channel, _channel_addr(channel, candidates)
 
+        fresh = False
+        if record is None:
+            # Nothing cached: the invite's addresses first, since a DHT lookup can take seconds (a lookup with no
+            # live peer in the table times out); the Noise handshake proves whom they reach either way.
+            if hints and (result := await attempt(hints)) is not None:
+                return result
+            record = await self._resolve(peer)
+            fresh = True
         record_addrs = _record_addrs(record)
         result = await attempt(record_addrs + hints)
         if result is None and not fresh:

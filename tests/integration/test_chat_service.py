@@ -911,3 +911,23 @@ async def test_a_refused_dialer_sees_a_clean_end_of_stream_over_websocket(tmp_pa
                 pass
         await channel.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_invite_s_addresses_are_tried_before_a_dht_lookup_when_nothing_is_cached(tmp_path: Path) -> None:
+    """A lookup can take seconds (found in a mesh QA pass: 2.6 s for the first message when the DHT had no live
+    peer); the invite's addresses are tried first, and while they work the DHT is not asked at all."""
+    lookups: list[bytes] = []
+
+    class SlowDht:
+        async def get_signed(self, key: bytes) -> None:
+            lookups.append(key)
+            await trio.sleep(30)
+
+    async with (
+        running_node(tmp_path / "alice", ALICE, resolver=SlowDht()) as alice,
+        running_node(tmp_path / "bob", BOB) as bob,
+    ):
+        await alice.chat.add_contact(bob.invite, "bob")
+        await alice.chat.send("bob", "straight to the invite's address")
+        await eventually(lambda: _all_delivered(alice, "bob", 1), "delivery", timeout=8)
+        assert lookups == []
