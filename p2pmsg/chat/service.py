@@ -290,8 +290,8 @@ class _Session:
     """An outbox round after that found nothing left for the peer: new messages may bypass the outbox worker
     without overtaking older ones."""
     active_at: float = 0.0
-    """When (trio clock) the session opened or last delivered a complete message frame: a stranger's idle time
-    counts from here, and the stranger session with the oldest one is evicted first."""
+    """When (trio clock) the session opened or last delivered a message that opened (from the peer, to us): a
+    stranger's idle time counts from here, and the stranger session with the oldest one is evicted first."""
     opened_at: float = 0.0
     """When (trio clock) the session registered."""
     inbox_bytes: int = 0
@@ -1135,8 +1135,8 @@ class ChatService:
         self, session: _Session, inbox: trio.MemorySendChannel[tuple[list[SealedEnvelope], int]]
     ) -> str:
         while True:
-            # A stranger's idle time runs from its last complete message frame, not its last byte: dribbling bytes
-            # (or acks, or pings) cannot hold a stranger slot.
+            # A stranger's idle time runs from its last message that opened, not its last byte: dribbling bytes
+            # (or acks, or forged envelopes) cannot hold a stranger slot.
             idle = self.config.stranger_idle_timeout
             deadline = session.active_at + idle if session.relation is Relation.STRANGER else math.inf
             data = None
@@ -1161,7 +1161,6 @@ class ChatService:
             if hello:
                 await self._peer_ready(session)
             if envelopes:
-                session.active_at = trio.current_time()
                 await self._inbox_budget.take(len(data))
                 session.inbox_bytes += len(data)
                 await inbox.send((envelopes, len(data)))
@@ -1213,6 +1212,9 @@ class ChatService:
                 self._drop("chat_invalid_message", str(exc), peer)
         if not opened:
             return
+        # Activity is a message that opened (from the peer, to us): a stranger sending only forged or undecryptable
+        # envelopes does not keep its session slot.
+        session.active_at = trio.current_time()
         if session.store_failed:
             self._dropped["chat_store_failed"] += len(opened)
             return

@@ -631,6 +631,36 @@ async def test_a_stranger_dribbling_bytes_is_still_idle(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_a_stranger_sending_only_forged_envelopes_is_still_idle(tmp_path: Path) -> None:
+    """Envelopes that do not open as the peer's (here: signed by another identity) are dropped and are no activity:
+    a stream of them cannot hold a stranger slot (found in adversarial tests)."""
+    guarded = dataclasses.replace(FAST, stranger_idle_timeout=0.5)
+    dave = Identity.from_seed(bytes([0xD2]) * 32)
+    async with running_node(tmp_path / "bob", BOB, config=guarded) as bob, trio.open_nursery() as nursery:
+        channel = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        conn = ChatConnection()
+        forged = EnvelopeSealer(dave).seal(BOB.peer_id, "not from carol", ts=int(time.time() * 1000))
+        await channel.send_all(conn.send_hello())
+        closed = False
+        with trio.move_on_after(4):
+            while not closed:
+                try:
+                    await channel.send_all(conn.send_messages([forged]))
+                except trio.BrokenResourceError:
+                    closed = True
+                    break
+                with trio.move_on_after(0.1):
+                    while data := await channel.receive_some():
+                        conn.receive_data(data)
+                    closed = True
+        assert closed, "the session of forged envelopes was not closed"
+        down = await eventually(lambda: bob.seen("peer_down"), "peer_down at bob")
+        assert down[0]["reason"].startswith("a stranger's session idle")
+        assert bob.chat.dropped.get("chat_relayed_envelope", 0) >= 2
+        await channel.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_request_byte_budget_holds_back_receipts(tmp_path: Path) -> None:
     strict = dataclasses.replace(FAST, policy=ChatPolicy(max_request_bytes_per_peer=1000))
     eager = dataclasses.replace(FAST, resend_after_ms=100)
