@@ -579,3 +579,4 @@ async def run_bootstrap_node(
                     on_ready(full)
             if peers:
                 await dht.bootstrap(peers)
+    log.info("bootstrap node stopped")
