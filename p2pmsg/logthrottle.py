@@ -49,7 +49,9 @@ class LogThrottle:
         """Log ``message % args`` at ``level`` unless ``burst`` lines of ``key`` were logged in this interval."""
         now = self._clock()
         if key not in self._windows and len(self._windows) >= _MAX_KEYS:
-            key = "(other kinds)"  # keys may come from remote input: their number stays bounded
+            self._expire(level, now)
+            if len(self._windows) >= _MAX_KEYS:
+                key = "(other kinds)"  # keys may come from remote input: their number stays bounded
         window = self._windows.get(key)
         if window is None or now - window.start >= self._interval:
             if window is not None and window.left_out:
@@ -62,3 +64,13 @@ class LogThrottle:
             self._logger.log(level, message, *args)
         else:
             window.left_out += 1
+
+    def _expire(self, level: int, now: float) -> None:
+        """Forget the keys whose interval is over, saying first how many lines of each were left out."""
+        for key, window in list(self._windows.items()):
+            if now - window.start >= self._interval:
+                if window.left_out:
+                    self._logger.log(
+                        level, "%d more of '%s' left out of the log in %g s", window.left_out, key, self._interval
+                    )
+                del self._windows[key]

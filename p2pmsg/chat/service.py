@@ -862,17 +862,34 @@ class ChatService:
                 return None
             return channel, _channel_addr(channel, candidates)
 
-        fresh = False
         if record is None:
-            # Nothing cached: the invite's addresses first, since a DHT lookup can take seconds (a lookup with no
-            # live peer in the table times out); the Noise handshake proves whom they reach either way.
-            if hints and (result := await attempt(hints)) is not None:
-                return result
-            record = await self._resolve(peer)
-            fresh = True
-        record_addrs = _record_addrs(record)
-        result = await attempt(record_addrs + hints)
-        if result is None and not fresh:
+            # Nothing cached: the invite's addresses and a DHT lookup at once, since either may be slow (a lookup
+            # with no live peer in the table times out; an invite's address may be stale and only time out); the
+            # first channel wins and the other attempt is cancelled.  The Noise handshake proves whom they reach.
+            won: list[tuple[SecureChannel, str]] = []
+
+            async def race(addrs: Callable[[], Awaitable[list[Multiaddr]]], scope: trio.CancelScope) -> None:
+                result = await attempt(await addrs())
+                if result is not None:
+                    won.append(result)
+                    scope.cancel()
+
+            async def hinted() -> list[Multiaddr]:
+                return hints
+
+            async def looked_up() -> list[Multiaddr]:
+                return _record_addrs(await self._resolve(peer))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(race, hinted, nursery.cancel_scope)
+                nursery.start_soon(race, looked_up, nursery.cancel_scope)
+            for channel, _ in won[1:]:  # both got through before the cancellation: keep one
+                await trio.aclose_forcefully(channel)
+            if won:
+                return won[0]
+            raise _ConnectFailed("; ".join(reasons) if reasons else f"no known address for {peer}")
+        result = await attempt(_record_addrs(record) + hints)
+        if result is None:
             # The cached record may be stale: ask the DHT again and try what is new.
             result = await attempt(_record_addrs(await self._resolve(peer)))
         if result is None:
@@ -1145,6 +1162,8 @@ class ChatService:
             if data is None:
                 if session.relation is not Relation.STRANGER:
                     continue  # became a contact meanwhile
+                if trio.current_time() < session.active_at + idle:
+                    continue  # the storer saw a message meanwhile (it sets active_at)
                 return f"a stranger's session idle for {idle:g} s"
             envelopes: list[SealedEnvelope] = []
             acks: list[bytes] = []
@@ -1161,9 +1180,12 @@ class ChatService:
             if hello:
                 await self._peer_ready(session)
             if envelopes:
-                await self._inbox_budget.take(len(data))
-                session.inbox_bytes += len(data)
-                await inbox.send((envelopes, len(data)))
+                # The envelopes' own size: what the storer holds until they are stored (the read that completed them
+                # may be much shorter).
+                size = sum(len(envelope.raw) for envelope in envelopes)
+                await self._inbox_budget.take(size)
+                session.inbox_bytes += size
+                await inbox.send((envelopes, size))
             if acks:
                 await self._apply_acks(session, acks)
             if closed:

@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -280,7 +281,9 @@ class Listener:
                     return await secure_inbound(stream, self._identity, timeout=timeout + _CHANNEL_TIMEOUT_MARGIN)
             except RemoteProtocolError as exc:
                 stats.handshake_failures += 1
-                fault = "handshake: " + str(exc).split(":", 1)[0][:60]  # the field at fault, without details
+                # The kind of fault, without what the peer chose (quoted values such as a WebSocket path): the
+                # throttle's kinds must come from our code, or a peer could use them all up.
+                fault = "handshake: " + _QUOTED.sub("", str(exc).split(":", 1)[0])[:60]
                 self._log.log(logging.WARNING, fault, "inbound %s dropped during handshake: %s", where, exc)
                 return None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, P2PMsgError) as exc:
@@ -300,6 +303,10 @@ class Listener:
                 logging.INFO, "timeout", "inbound %s dropped: no authenticated channel within %g s", where, timeout
             )
         return None
+
+
+_QUOTED: Final = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
+"""Quoted values in an error message (what a remote peer sent, e.g. a path)."""
 
 
 def _peer_ip(raw: trio.SocketStream) -> str:

@@ -34,3 +34,16 @@ def test_the_number_of_keys_is_bounded(caplog: pytest.LogCaptureFixture) -> None
     for i in range(1000):  # keys made from remote input: one per distinct bad value
         throttle.log(logging.INFO, f"kind {i}", "line %d", i)
     assert len(caplog.records) == 257  # 256 keys, then every other kind shares one
+
+
+def test_keys_whose_interval_is_over_make_room_and_report_what_was_left_out(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    throttle = LogThrottle(logging.getLogger("p2pmsg.test"), burst=1, interval=60.0, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="p2pmsg.test")
+    for i in range(256):
+        throttle.log(logging.INFO, f"kind {i}", "line %d", i)
+    throttle.log(logging.INFO, "kind 0", "again")  # left out: its burst is used
+    now[0] = 61.0
+    caplog.clear()
+    throttle.log(logging.INFO, "a new kind", "new")  # the expired kinds make room: it gets its own line
+    assert [r.getMessage() for r in caplog.records] == ["1 more of 'kind 0' left out of the log in 60 s", "new"]
