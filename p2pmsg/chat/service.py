@@ -91,7 +91,7 @@ from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, peer_record_key,
 from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 from p2pmsg.identity import Identity, InvalidPeerIdError, PeerId
 from p2pmsg.logthrottle import LogThrottle
-from p2pmsg.net.channel import SecureChannel
+from p2pmsg.net.channel import SecureChannel, close_gracefully
 from p2pmsg.net.dialer import DialError
 from p2pmsg.net.dialer import dial as net_dial
 from p2pmsg.net.transport import remote_multiaddr
@@ -136,8 +136,6 @@ _SKEW_WARNING_MS: Final = 5 * 60 * 1000
 """A received message stamped this much (ms) after our clock is worth a warning about the clocks."""
 _SKEW_WARNING_INTERVAL: Final = 3600.0
 """Seconds between two such warnings."""
-_CLOSE_TIMEOUT: Final = 2.0
-"""Seconds a session's channel may take to close gracefully (a WebSocket waits for the peer's Close frame)."""
 _INBOX_BUDGET: Final = 16 * 1024 * 1024
 """Bytes received on all sessions together and not yet stored: beyond it readers wait (TCP pushes back on the
 senders), so many sessions sending big envelopes at once cannot grow the node's memory without bound."""
@@ -990,7 +988,7 @@ class ChatService:
                     self._inbox_budget.give_back(session.inbox_bytes)
                     session.inbox_bytes = 0
                 self._poke()
-            await _close_channel(channel)
+            await close_gracefully(channel)
         if session is not None:
             reason = session.close_reason or "closed"
             log.info("chat: session with %s closed: %s", peer, reason)
@@ -1979,18 +1977,6 @@ def _user_errors() -> Iterator[None]:
         raise UnknownContactError(str(exc)) from None
     except (store_errors.ContactExistsError, store_errors.PeerBlockedError, store_errors.StoreArgumentError) as exc:
         raise BadRequestError(str(exc)) from None
-
-
-async def _close_channel(channel: SecureChannel) -> None:
-    """Close a session's channel gracefully (over WebSocket: a Close frame, so the peer sees the end of the stream
-    rather than an abnormal 1006), within :data:`_CLOSE_TIMEOUT`; forcefully if that fails or we are cancelled."""
-    try:
-        with trio.move_on_after(_CLOSE_TIMEOUT):
-            await channel.aclose()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, P2PMsgError):
-        pass
-    finally:
-        await trio.aclose_forcefully(channel)  # nothing left to do if the graceful close finished
 
 
 def _check_new_name(name: str) -> None:

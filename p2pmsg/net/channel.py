@@ -43,7 +43,7 @@ from p2pmsg.crypto.libp2p_noise import (
     encode_frame,
 )
 from p2pmsg.crypto.noise import MAX_PLAINTEXT_LEN, NoiseRemoteError, NonceExhaustedError
-from p2pmsg.errors import RemoteProtocolError
+from p2pmsg.errors import P2PMsgError, RemoteProtocolError
 from p2pmsg.identity import Identity, PeerId
 from p2pmsg.net.conflict import ConflictGuard
 
@@ -55,6 +55,7 @@ __all__ = [
     "HandshakeError",
     "PeerIdMismatchError",
     "SecureChannel",
+    "close_gracefully",
     "secure_inbound",
     "secure_outbound",
 ]
@@ -303,3 +304,13 @@ async def secure_inbound(
     """
     handshake = NoiseHandshake(identity, initiator=False)
     return await _handshake(stream, identity, handshake, timeout)
+
+
+async def close_gracefully(stream: trio.abc.Stream) -> None:
+    """Close ``stream`` gracefully (over WebSocket a Close frame, waited for at most the WebSocket's close timeout,
+    so the peer sees the end of the stream rather than an abnormal 1006); forcefully if that fails or we are
+    cancelled.  Never raises a stream error."""
+    try:
+        await stream.aclose()
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, P2PMsgError):
+        await trio.aclose_forcefully(stream)

@@ -41,7 +41,7 @@ import trio
 from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 from p2pmsg.identity import Identity
 from p2pmsg.logthrottle import LogThrottle
-from p2pmsg.net.channel import SecureChannel, secure_inbound
+from p2pmsg.net.channel import SecureChannel, close_gracefully, secure_inbound
 from p2pmsg.net.transport import TransportKind, open_listeners, remote_multiaddr
 from p2pmsg.net.websocket import WS_PATH, accept_websocket_stream
 from p2pmsg.wire.multiaddr import Multiaddr
@@ -252,7 +252,7 @@ class Listener:
                     # The close is bounded (the WebSocket waits at most its close timeout); if we are being
                     # cancelled it ends at once, and the tasks are stopped either way.
                     try:
-                        await _close(stream)
+                        await close_gracefully(stream)
                     finally:
                         connection_nursery.cancel_scope.cancel()
         finally:
@@ -315,11 +315,3 @@ def _peer_ip(raw: trio.SocketStream) -> str:
         return str(raw.socket.getpeername()[0])
     except (OSError, IndexError):
         return ""
-
-
-async def _close(stream: trio.abc.Stream) -> None:
-    """Close gracefully (a WebSocket sends its Close frame); forcefully if cancelled; never raise a stream error."""
-    try:
-        await stream.aclose()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, P2PMsgError):
-        await trio.aclose_forcefully(stream)
