@@ -135,7 +135,7 @@ _WATCH_CANDIDATES: Final = 1024
 _SKEW_WARNING_MS: Final = 5 * 60 * 1000
 """A received message stamped this much (ms) after our clock is worth a warning about the clocks."""
 _SKEW_WARNING_INTERVAL: Final = 3600.0
-"""Seconds between two such warnings."""
+"""Seconds between two such warnings (the count of those left out is logged with the next one)."""
 _INBOX_BUDGET: Final = 16 * 1024 * 1024
 """Bytes received on all sessions together and not yet stored: beyond it readers wait (TCP pushes back on the
 senders), so many sessions sending big envelopes at once cannot grow the node's memory without bound."""
@@ -423,8 +423,10 @@ class ChatService:
         self._dropped: collections.Counter[str] = collections.Counter()
         self._drop_log = LogThrottle(log)  # a peer repeating bad input must not fill the disk with log lines
         self._inbox_budget = _ByteBudget(_INBOX_BUDGET)
-        self._store_warned_until = -math.inf  # trio clock: no "cannot store" warning before this
-        self._skew_warned_until = -math.inf  # trio clock: no clock-skew warning before this
+        self._store_warning = LogThrottle(
+            log, burst=1, interval=_STORE_WARNING_INTERVAL
+        )  # a full disk fails each batch
+        self._skew_warning = LogThrottle(log, burst=1, interval=_SKEW_WARNING_INTERVAL)
         self._started_at = self._now()
         self._contacts_by_name: dict[str, Contact] = {}
         self._peer_texts: dict[PeerId, str] = {}
@@ -1193,10 +1195,11 @@ class ChatService:
         """A message stamped well after our clock says one of the two clocks is wrong: its ``ts`` is lowered to our
         clock (so it cannot pin itself below newer messages), and a clock far off also makes signed peer records look
         expired or not yet valid.  Say so in the log, at most once per :data:`_SKEW_WARNING_INTERVAL`."""
-        if ahead_ms < _SKEW_WARNING_MS or trio.current_time() < self._skew_warned_until:
+        if ahead_ms < _SKEW_WARNING_MS:
             return
-        self._skew_warned_until = trio.current_time() + _SKEW_WARNING_INTERVAL
-        log.warning(
+        self._skew_warning.log(
+            logging.WARNING,
+            "clock skew",
             "chat: a message from %s is stamped %.0f minute(s) after this node's clock: its clock or ours is wrong "
             "(history orders by the sender's time, so messages from a wrong clock sort in the wrong place)",
             peer,
@@ -1247,22 +1250,21 @@ class ChatService:
             # the sender ends it): closing it at once made the sender redial (and resend all) many times a second,
             # and logged a traceback each time.  Nothing later on it is stored either (store_failed): a smaller
             # batch after this one might fit, and would then sit before it in the history.
-            if not session.store_failed:
-                session.store_failed = True
-                # Ended after a while even if the sender does not end it (it ends only its newest session, and
-                # this one may not be): a session that stores nothing must not linger and swallow later messages.
-                session.close_reason = session.close_reason or "received messages could not be stored"
-                session.scope.deadline = min(session.scope.deadline, trio.current_time() + _STORE_FAILED_LINGER)
+            session.store_failed = True  # (it was not: a failed session returns above)
+            # Ended after a while even if the sender does not end it (it ends only its newest session, and this one
+            # may not be): a session that stores nothing must not linger and swallow later messages.
+            session.close_reason = session.close_reason or "received messages could not be stored"
+            session.scope.deadline = min(session.scope.deadline, trio.current_time() + _STORE_FAILED_LINGER)
             self._dropped["chat_store_failed"] += len(opened)
-            if trio.current_time() >= self._store_warned_until:
-                self._store_warned_until = trio.current_time() + _STORE_WARNING_INTERVAL
-                log.warning(
-                    "chat: cannot store %d received message(s) from %s, not acknowledging them (the sender will "
-                    "send them again): %s",
-                    len(opened),
-                    peer,
-                    exc,
-                )
+            self._store_warning.log(
+                logging.WARNING,
+                "cannot store",
+                "chat: cannot store %d received message(s) from %s, not acknowledging them (the sender will send "
+                "them again): %s",
+                len(opened),
+                peer,
+                exc,
+            )
             return
         self._note_clock_skew(peer, max(m.ts for m in opened) - now)
         if incoming.auto_added:
