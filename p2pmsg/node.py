@@ -91,7 +91,7 @@ DHT_DROP_COUNTERS: Final = (
     "values_evicted",
 )
 """DHT counters of input that was dropped or refused; ``status`` reports them as ``dht_<name>``."""
-LISTENER_DROP_COUNTERS: Final = ("handshake_timeouts", "handshake_failures", "rejected_overload")
+LISTENER_DROP_COUNTERS: Final = ("handshake_timeouts", "handshake_failures", "rejected_overload", "rejected_rate")
 """Listener counters of dropped connections; ``status`` reports them as ``net_<name>``."""
 
 

@@ -8,8 +8,16 @@ nursery owned by ``run``; when it ends, every connection is closed and every tas
 
 Each accepted connection gets one task, which owns everything the connection needs:
 
-1. Admission: if :attr:`ListenerConfig.max_connections` connections are already open, the new one is closed at
-   once (counted as ``rejected_overload``).
+1. Admission, before any work for the peer: the new connection is closed at once if
+   :attr:`ListenerConfig.max_connections` connections are already open, or
+   :attr:`ListenerConfig.max_connections_per_ip` from its source (counted as ``rejected_overload``), or if its
+   source has used up its handshake bucket (:attr:`ListenerConfig.handshake_rate_per_ip` a second, at most
+   :attr:`ListenerConfig.handshake_burst_per_ip` at once; counted as ``rejected_rate``).  A handshake costs us
+   public-key operations (about 0.6 ms here), so without the bucket one host could keep a core busy with them.
+   A *source* is an IPv4 address or an IPv6 /64 (:func:`~p2pmsg.ratelimit.network_of`): one IPv6 host commonly
+   holds a whole /64.  Loopback sources are not charged (unless :attr:`ListenerConfig.limit_loopback`), here or
+   for WebSocket frames: several nodes of one machine talk over loopback, and a local process can take a core
+   without our help.
 2. Handshake, under one deadline of :attr:`ListenerConfig.handshake_timeout` seconds that starts at accept: wait for
    one of :attr:`ListenerConfig.max_concurrent_handshakes` slots, for ``/ws`` run the WebSocket upgrade, then run
    :func:`~p2pmsg.net.channel.secure_inbound`.  Waiting for a slot counts against the same deadline, so a flood of
@@ -29,6 +37,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import ipaddress
 import logging
 import math
 import re
@@ -43,10 +52,19 @@ from p2pmsg.identity import Identity
 from p2pmsg.logthrottle import LogThrottle
 from p2pmsg.net.channel import SecureChannel, close_gracefully, secure_inbound
 from p2pmsg.net.transport import TransportKind, open_listeners, remote_multiaddr
-from p2pmsg.net.websocket import WS_PATH, accept_websocket_stream
+from p2pmsg.net.websocket import (
+    WS_PATH,
+    WS_SMALL_FRAME_BURST,
+    WS_SMALL_FRAME_RATE,
+    FrameBudget,
+    accept_websocket_stream,
+)
+from p2pmsg.ratelimit import RateLimiter, network_of
 from p2pmsg.wire.multiaddr import Multiaddr
 
 __all__ = [
+    "DEFAULT_HANDSHAKE_BURST_PER_IP",
+    "DEFAULT_HANDSHAKE_RATE_PER_IP",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_MAX_CONCURRENT_HANDSHAKES",
     "DEFAULT_MAX_CONNECTIONS",
@@ -63,7 +81,12 @@ DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 DEFAULT_MAX_CONCURRENT_HANDSHAKES: Final = 64
 DEFAULT_MAX_CONNECTIONS: Final = 1024
 DEFAULT_MAX_CONNECTIONS_PER_IP: Final = 256
-"""Inbound connections from one IP address at once: one host cannot take every slot (a NAT'd office still fits)."""
+"""Inbound connections from one source (IPv4 address, IPv6 /64) at once: one host cannot take every slot (a NAT'd
+office still fits)."""
+DEFAULT_HANDSHAKE_RATE_PER_IP: Final = 4.0
+"""Inbound connections a second that one source (IPv4 address, IPv6 /64) may start, after its burst."""
+DEFAULT_HANDSHAKE_BURST_PER_IP: Final = 32
+"""Inbound connections one source may start at once: a NAT'd office reconnecting after an outage fits."""
 # secure_inbound gets this much more time than our own deadline, so that our deadline is the one that fires and
 # the failure is classified as a timeout.
 _CHANNEL_TIMEOUT_MARGIN: Final = 1.0
@@ -83,7 +106,15 @@ class ListenerConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     """Open inbound connections (handshaking or handed to the handler); beyond it new ones are closed at once."""
     max_connections_per_ip: int = DEFAULT_MAX_CONNECTIONS_PER_IP
-    """Open inbound connections from one IP address; beyond it that address's new ones are closed at once."""
+    """Open inbound connections from one source (an IPv4 address, an IPv6 /64); beyond it that source's new ones are
+    closed at once."""
+    handshake_rate_per_ip: float = DEFAULT_HANDSHAKE_RATE_PER_IP
+    """Inbound connections a second one source may start, once its burst is spent; beyond it they are closed at
+    once."""
+    handshake_burst_per_ip: int = DEFAULT_HANDSHAKE_BURST_PER_IP
+    """Inbound connections one source may start at once (the size of its token bucket)."""
+    limit_loopback: bool = False
+    """Charge loopback sources (127.0.0.0/8, ::1) to the handshake and WebSocket frame buckets too."""
 
     def __post_init__(self) -> None:
         if not (self.handshake_timeout > 0 and math.isfinite(self.handshake_timeout)):
@@ -94,6 +125,12 @@ class ListenerConfig:
             raise LocalProtocolError(f"max_connections must be >= 1, got {self.max_connections}")
         if self.max_connections_per_ip < 1:
             raise LocalProtocolError(f"max_connections_per_ip must be >= 1, got {self.max_connections_per_ip}")
+        if not (self.handshake_rate_per_ip > 0 and math.isfinite(self.handshake_rate_per_ip)):
+            raise LocalProtocolError(
+                f"handshake_rate_per_ip must be a positive number, got {self.handshake_rate_per_ip}"
+            )
+        if self.handshake_burst_per_ip < 1:
+            raise LocalProtocolError(f"handshake_burst_per_ip must be >= 1, got {self.handshake_burst_per_ip}")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -114,7 +151,9 @@ class ListenerStats:
     """Connections dropped for a protocol violation, a failed WebSocket upgrade or a hang-up during the handshake."""
     rejected_overload: int = 0
     """Connections closed at once because :attr:`ListenerConfig.max_connections` were open, or
-    :attr:`ListenerConfig.max_connections_per_ip` from the same address."""
+    :attr:`ListenerConfig.max_connections_per_ip` from the same source."""
+    rejected_rate: int = 0
+    """Connections closed at once because their source started more than its handshake bucket allows."""
     handler_errors: int = 0
     """Handler calls that raised an exception."""
 
@@ -132,7 +171,12 @@ class Listener:
         self._config = config if config is not None else ListenerConfig()
         self._stats = ListenerStats()
         self._slots = trio.CapacityLimiter(self._config.max_concurrent_handshakes)
-        self._per_ip: collections.Counter[str] = collections.Counter()  # open inbound connections by remote IP
+        self._per_ip: collections.Counter[str] = collections.Counter()  # open inbound connections by source
+        self._handshake_rate: RateLimiter[str] = RateLimiter(
+            rate=self._config.handshake_rate_per_ip, burst=self._config.handshake_burst_per_ip
+        )
+        # Small WebSocket frames by source, shared by all of its connections (p2pmsg.net.websocket: frame budget).
+        self._small_frames: RateLimiter[str] = RateLimiter(rate=WS_SMALL_FRAME_RATE, burst=WS_SMALL_FRAME_BURST)
         self._log = LogThrottle(logger)  # connections a remote peer makes us drop: a few lines per minute per kind
         self._listen_addrs: tuple[Multiaddr, ...] = ()
         self._run_scope: trio.CancelScope | None = None
@@ -207,7 +251,9 @@ class Listener:
         stats.accepted += 1
         remote = remote_multiaddr(raw, kind)
         where = str(remote) if remote is not None else f"unknown {kind} peer"
-        ip = _peer_ip(raw)
+        address = _peer_ip(raw)
+        ip = network_of(address)
+        charged = self._config.limit_loopback or not _is_loopback(address)
         if stats.active >= self._config.max_connections:
             stats.rejected_overload += 1
             self._log.log(logging.WARNING, "overload", "inbound %s dropped: %d connections open", where, stats.active)
@@ -225,6 +271,11 @@ class Listener:
             )
             await trio.aclose_forcefully(raw)
             return
+        if charged and not self._handshake_rate.allow(ip, trio.current_time()):
+            stats.rejected_rate += 1
+            self._log.log(logging.WARNING, "rate", "inbound %s dropped: %s starts connections too fast", where, ip)
+            await trio.aclose_forcefully(raw)
+            return
         self._per_ip[ip] += 1
         stats.active += 1
         stats.handshaking += 1
@@ -233,7 +284,8 @@ class Listener:
         try:
             async with trio.open_nursery() as connection_nursery:  # hosts the WebSocket reader, if any
                 try:
-                    channel = await self._authenticate(connection_nursery, raw, kind, where)
+                    budget = self._frame_budget(ip) if charged else _unlimited
+                    channel = await self._authenticate(connection_nursery, raw, kind, where, budget)
                     if channel is None:
                         return
                     stream = channel
@@ -266,8 +318,12 @@ class Listener:
                 if not self._per_ip[ip]:
                     del self._per_ip[ip]
 
+    def _frame_budget(self, source: str) -> FrameBudget:
+        """The small-frame budget of ``source``'s WebSocket connections."""
+        return lambda count: self._small_frames.allow(source, trio.current_time(), count)
+
     async def _authenticate(
-        self, nursery: trio.Nursery, raw: trio.SocketStream, kind: TransportKind, where: str
+        self, nursery: trio.Nursery, raw: trio.SocketStream, kind: TransportKind, where: str, budget: FrameBudget
     ) -> SecureChannel | None:
         """Upgrade and authenticate ``raw`` within the handshake deadline; None (logged, counted) on failure."""
         timeout = self._config.handshake_timeout
@@ -277,7 +333,7 @@ class Listener:
                 async with self._slots:
                     stream: trio.abc.Stream = raw
                     if kind == "ws":
-                        stream = await accept_websocket_stream(nursery, raw, path=WS_PATH)
+                        stream = await accept_websocket_stream(nursery, raw, path=WS_PATH, frame_budget=budget)
                     return await secure_inbound(stream, self._identity, timeout=timeout + _CHANNEL_TIMEOUT_MARGIN)
             except RemoteProtocolError as exc:
                 stats.handshake_failures += 1
@@ -307,6 +363,21 @@ class Listener:
 
 _QUOTED: Final = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
 """Quoted values in an error message (what a remote peer sent, e.g. a path)."""
+
+
+def _unlimited(count: int) -> bool:
+    """The frame budget of an uncharged (loopback) source: it always pays."""
+    return True
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
 
 
 def _peer_ip(raw: trio.SocketStream) -> str:

@@ -22,6 +22,18 @@ oversized message), sends a Close frame with code 1009 (Message Too Big) and sto
 can make us hold at most about three messages (~200 KB) per connection.  trio-websocket does *not* close the TCP
 socket after a 1009 close or after the client side of a close handshake; :meth:`WebSocketStream.aclose` always does.
 
+Frame budget: parsing a frame costs trio-websocket the same Python work whatever it carries, so a peer sending
+empty continuation frames or pings at line rate (170,000 a second over one connection) keeps a core busy while
+delivering nothing.  :class:`FrameMeter` walks the frame headers in the raw bytes before trio-websocket sees them
+(RFC 6455 section 5.2: it skips payloads, it never unmasks) and charges every *small* frame -- payload under
+:data:`WS_SMALL_FRAME` bytes, whatever its opcode -- one token from a budget of :data:`WS_SMALL_FRAME_RATE` a second,
+at most :data:`WS_SMALL_FRAME_BURST` at once.  A larger frame is free: its cost is in bytes, which the network
+bounds.  Our own peers send one frame per message, each a whole Noise frame (an ack is about 60 bytes), so only
+a peer sending thousands of tiny frames a second runs out.  When the budget is spent, the transport is reported
+broken before trio-websocket parses those bytes, and the stream's next ``receive_some`` raises
+:class:`trio.BrokenResourceError` with the reason.  The listener passes one budget per source (IPv4 address, IPv6
+/64), shared by all of that source's connections; an outbound connection gets its own.
+
 Close mapping to trio's conventions: a Close frame with code 1000 or 1001 is end of stream (``b""``); any other
 close, a dropped TCP connection, or a protocol error is :class:`trio.BrokenResourceError`; any use after our own
 ``aclose`` is :class:`trio.ClosedResourceError`.  ``aclose`` sends a Close frame and waits at most
@@ -41,11 +53,17 @@ import trio_websocket
 
 from p2pmsg.errors import RemoteProtocolError
 from p2pmsg.net.conflict import ConflictGuard
+from p2pmsg.ratelimit import RateLimiter
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
     "WS_MAX_MESSAGE_SIZE",
     "WS_PATH",
+    "WS_SMALL_FRAME",
+    "WS_SMALL_FRAME_BURST",
+    "WS_SMALL_FRAME_RATE",
+    "FrameBudget",
+    "FrameMeter",
     "WebSocketStream",
     "WebSocketUpgradeError",
     "accept_websocket_stream",
@@ -58,6 +76,12 @@ logger = logging.getLogger(__name__)
 WS_MAX_MESSAGE_SIZE: Final = 65537
 #: The only HTTP path a p2pmsg WebSocket listener accepts.
 WS_PATH: Final = "/"
+#: Frames with a payload under this many bytes are *small*: each is charged to the peer's frame budget.
+WS_SMALL_FRAME: Final = 1024
+#: Small frames a second one peer may send (after its burst); beyond it the connection is closed.
+WS_SMALL_FRAME_RATE: Final = 4096.0
+#: Small frames one peer may send at once (the size of its token bucket).
+WS_SMALL_FRAME_BURST: Final = 8192
 #: Seconds :meth:`WebSocketStream.aclose` waits for the peer's Close frame before dropping the TCP connection.
 DEFAULT_CLOSE_TIMEOUT: Final = 2.0
 
@@ -75,18 +99,93 @@ class WebSocketUpgradeError(RemoteProtocolError):
     """The HTTP upgrade to WebSocket failed (rejected, wrong path, garbage, or the peer hung up)."""
 
 
-class _WatchedStream(trio.abc.Stream):
-    """Pass-through stream that calls ``on_dead`` once the transport reaches EOF, breaks or is closed.
+FrameBudget = Callable[[int], bool]
+"""``budget(count)``: take ``count`` small frames from the peer's budget; ``False`` once it cannot pay."""
 
-    trio-websocket waits forever for the upgrade response if the TCP connection ends before it arrives; the host
-    task uses this hook to abort the upgrade at once instead of waiting for the caller's timeout.
+
+def own_frame_budget() -> FrameBudget:
+    """A budget of :data:`WS_SMALL_FRAME_RATE` small frames a second (burst :data:`WS_SMALL_FRAME_BURST`) for one
+    connection alone."""
+    limiter: RateLimiter[None] = RateLimiter(rate=WS_SMALL_FRAME_RATE, burst=WS_SMALL_FRAME_BURST, max_sources=1)
+    return lambda count: limiter.allow(None, trio.current_time(), count)
+
+
+class FrameMeter:
+    """Counts the small WebSocket frames in the bytes a peer sends (module docstring: frame budget).
+
+    Feed it every received chunk in order, starting with the first byte of the connection: it skips the HTTP
+    upgrade (everything up to the first empty line), then walks the frame headers.  Sans-IO: it only counts.
     """
 
-    __slots__ = ("_inner", "on_dead")
+    __slots__ = ("_header", "_http_tail", "_in_http", "_skip", "small_frames")
 
-    def __init__(self, inner: trio.abc.Stream) -> None:
+    def __init__(self) -> None:
+        self._in_http = True
+        self._http_tail = b""  # the last bytes of the HTTP part seen so far (an empty line may span two chunks)
+        self._header = bytearray()  # the frame header read so far
+        self._skip = 0  # payload bytes of the current frame still to skip
+        self.small_frames = 0
+        """Small frames seen so far (a frame counts once its whole header has arrived)."""
+
+    def feed(self, data: bytes | bytearray | memoryview) -> int:
+        """Walk ``data``; return how many small frames began in it."""
+        view = memoryview(data).cast("B")
+        offset = 0
+        if self._in_http:
+            seen = self._http_tail + bytes(view)
+            end = seen.find(b"\r\n\r\n")
+            if end < 0:
+                self._http_tail = seen[-3:]
+                return 0
+            offset = end + 4 - len(self._http_tail)  # the empty line ends inside ``view``: the tail is 3 bytes at most
+            self._in_http = False
+            self._http_tail = b""
+        found = 0
+        size = len(view)
+        while offset < size:
+            if self._skip:
+                step = min(self._skip, size - offset)
+                self._skip -= step
+                offset += step
+                continue
+            header = self._header
+            header.append(view[offset])
+            offset += 1
+            if len(header) < 2:
+                continue
+            length = header[1] & 0x7F
+            extended = 2 if length == 126 else 8 if length == 127 else 0
+            mask = 4 if header[1] & 0x80 else 0
+            if len(header) < 2 + extended + mask:
+                continue
+            if extended:
+                length = int.from_bytes(header[2 : 2 + extended], "big")
+            header.clear()
+            self._skip = length
+            if length < WS_SMALL_FRAME:
+                found += 1
+        self.small_frames += found
+        return found
+
+
+class _WatchedStream(trio.abc.Stream):
+    """Pass-through stream that calls ``on_dead`` once the transport reaches EOF, breaks or is closed, and charges
+    the small frames it receives to a :data:`FrameBudget`.
+
+    trio-websocket waits forever for the upgrade response if the TCP connection ends before it arrives; the host
+    task uses this hook to abort the upgrade at once instead of waiting for the caller's timeout.  When the budget
+    cannot pay, ``receive_some`` says the transport broke (``over_budget`` holds the reason) before trio-websocket
+    parses those bytes.
+    """
+
+    __slots__ = ("_budget", "_inner", "_meter", "on_dead", "over_budget")
+
+    def __init__(self, inner: trio.abc.Stream, budget: FrameBudget) -> None:
         self._inner = inner
+        self._budget = budget
+        self._meter = FrameMeter()
         self.on_dead: Callable[[], object] | None = None
+        self.over_budget: str | None = None
 
     def _dead(self) -> None:
         callback, self.on_dead = self.on_dead, None
@@ -104,6 +203,8 @@ class _WatchedStream(trio.abc.Stream):
         await self._inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.over_budget is not None:
+            raise trio.BrokenResourceError(self.over_budget)
         try:
             data = await self._inner.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -111,6 +212,15 @@ class _WatchedStream(trio.abc.Stream):
             raise
         if not data:
             self._dead()
+            return data
+        small = self._meter.feed(data)
+        if small and not self._budget(small):
+            self.over_budget = (
+                f"peer sent more than {WS_SMALL_FRAME_RATE:g} small WebSocket frames a second "
+                f"(under {WS_SMALL_FRAME} bytes each; {self._meter.small_frames} on this connection)"
+            )
+            self._dead()
+            raise trio.BrokenResourceError(self.over_budget)
         return data
 
     async def aclose(self) -> None:
@@ -232,7 +342,10 @@ class WebSocketStream(trio.abc.Stream):
                             self._eof = True
                             await trio.lowlevel.cancel_shielded_checkpoint()
                             return b""
-                        self._receive_broken = self._describe_close(exc)
+                        over_budget = (
+                            self._transport.over_budget if isinstance(self._transport, _WatchedStream) else None
+                        )
+                        self._receive_broken = over_budget or self._describe_close(exc)
                         raise trio.BrokenResourceError(self._receive_broken) from None
                     finally:
                         self._receive_scope = None
@@ -298,10 +411,11 @@ async def _host_connection(
     host_header: str,
     path: str,
     close_timeout: float,
+    frame_budget: FrameBudget | None,
     task_status: trio.TaskStatus[WebSocketStream] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one WebSocket connection's reader for as long as the connection lives (see the module docstring)."""
-    watched = _WatchedStream(transport)
+    watched = _WatchedStream(transport, frame_budget if frame_budget is not None else own_frame_budget())
     started = False
     stream: WebSocketStream | None = None
     try:
@@ -393,16 +507,24 @@ async def connect_websocket_stream(
     host_header: str,
     path: str = WS_PATH,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    frame_budget: FrameBudget | None = None,
 ) -> WebSocketStream:
     """Run the client side of the WebSocket upgrade over ``transport`` and return the stream.
 
     The connection's reader task is started in ``nursery`` and ends when the stream is closed.  Takes ownership
     of ``transport``: it is closed if the upgrade fails.  Apply a timeout around this call (for example
-    ``trio.fail_after``); raises :class:`WebSocketUpgradeError` when the server refuses or hangs up.
+    ``trio.fail_after``); raises :class:`WebSocketUpgradeError` when the server refuses or hangs up.  The server's
+    small frames are charged to ``frame_budget``, by default one of the connection's own (module docstring).
     """
     stream: WebSocketStream = await nursery.start(
         functools.partial(
-            _host_connection, transport, client=True, host_header=host_header, path=path, close_timeout=close_timeout
+            _host_connection,
+            transport,
+            client=True,
+            host_header=host_header,
+            path=path,
+            close_timeout=close_timeout,
+            frame_budget=frame_budget,
         )
     )
     return stream
@@ -414,15 +536,23 @@ async def accept_websocket_stream(
     *,
     path: str = WS_PATH,
     close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
+    frame_budget: FrameBudget | None = None,
 ) -> WebSocketStream:
     """Run the server side of the WebSocket upgrade over an accepted ``transport`` and return the stream.
 
     Requests for a path other than ``path`` are answered with HTTP 404 and raise :class:`WebSocketUpgradeError`.
-    Same ownership and timeout rules as :func:`connect_websocket_stream`.
+    Same ownership and timeout rules as :func:`connect_websocket_stream`.  ``frame_budget`` pays for the small
+    frames the peer sends (module docstring); by default the connection gets a budget of its own.
     """
     stream: WebSocketStream = await nursery.start(
         functools.partial(
-            _host_connection, transport, client=False, host_header="", path=path, close_timeout=close_timeout
+            _host_connection,
+            transport,
+            client=False,
+            host_header="",
+            path=path,
+            close_timeout=close_timeout,
+            frame_budget=frame_budget,
         )
     )
     return stream

@@ -251,3 +251,87 @@ async def test_one_ip_address_cannot_take_every_connection_slot(nursery: trio.Nu
     await wait_for(lambda: len(recorder.seen) == 1, "a handshake after the others left")
     await channel.aclose()
     recorder.release.set()
+
+
+async def test_one_source_cannot_start_handshakes_faster_than_its_bucket(nursery: trio.Nursery) -> None:
+    """A source that starts more connections than handshake_burst_per_ip gets the rest closed at once, before any
+    handshake work, and counted as rejected_rate; the bucket refills at handshake_rate_per_ip."""
+    recorder = Recorder()
+    config = ListenerConfig(
+        handshake_timeout=5, handshake_burst_per_ip=3, handshake_rate_per_ip=0.5, limit_loopback=True
+    )
+    listener = Listener(BOB, recorder.echo, config)
+    [addr] = await nursery.start(listener.run, [LOCAL_TCP])
+    _, host, port = addr.transport()
+    opened = [await trio.open_tcp_stream(host, port) for _ in range(5)]  # never start a handshake
+    await wait_for(lambda: listener.stats.accepted == 5, "five accepted")
+    assert listener.stats.rejected_rate == 2 and listener.stats.active == 3
+    with trio.fail_after(5):  # a refused one was closed by the listener: end of stream, not a stall
+        assert await opened[-1].receive_some() == b""
+    for stream in opened:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.aclose()
+    await wait_for(lambda: listener.stats.active == 0, "the opened ones closed")
+    with pytest.raises(DialError):  # the bucket is still empty: no handshake, even for a good client
+        await dial(ALICE, BOB.peer_id, [addr], timeout=5, nursery=nursery)
+    assert listener.stats.rejected_rate == 3 and listener.stats.authenticated == 0
+    await trio.sleep(2.2)  # 0.5 a second: one token back
+    channel = await dial(ALICE, BOB.peer_id, [addr], timeout=5, nursery=nursery)
+    await channel.send_all(b"ping")
+    assert await read_exactly(channel, 4) == b"ping"
+    await channel.aclose()
+
+
+def test_handshake_bucket_parameters_are_checked() -> None:
+    with pytest.raises(LocalProtocolError):
+        ListenerConfig(handshake_rate_per_ip=0)
+    with pytest.raises(LocalProtocolError):
+        ListenerConfig(handshake_rate_per_ip=float("inf"))
+    with pytest.raises(LocalProtocolError):
+        ListenerConfig(handshake_burst_per_ip=0)
+
+
+async def test_loopback_sources_are_not_charged_unless_asked(nursery: trio.Nursery) -> None:
+    """Nodes of one machine talk over loopback: by default it is not rate limited (the connection cap still holds)."""
+    recorder = Recorder()
+    config = ListenerConfig(handshake_timeout=5, handshake_burst_per_ip=2, handshake_rate_per_ip=0.01)
+    listener = Listener(BOB, recorder.echo, config)
+    [addr] = await nursery.start(listener.run, [LOCAL_TCP])
+    for _ in range(4):
+        channel = await dial(ALICE, BOB.peer_id, [addr], timeout=5, nursery=nursery)
+        await channel.aclose()
+    assert listener.stats.rejected_rate == 0 and listener.stats.authenticated == 4
+
+
+async def test_a_websocket_frame_flood_is_cut_off_and_the_budget_is_the_sources(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Empty continuation frames beyond the source's small-frame budget break the connection before trio-websocket
+    parses them.  The budget is the source's, shared by its connections: two floods that each fit a budget of
+    their own (5,000 frames against a burst of 8,192) cannot both pass."""
+    caplog.set_level(logging.INFO, logger="p2pmsg.net.listener")
+    listener = Listener(BOB, Recorder().echo, ListenerConfig(handshake_timeout=5, limit_loopback=True))
+    [addr] = await nursery.start(listener.run, [LOCAL_WS])
+    _, host, port = addr.transport()
+    upgrade = (
+        f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+    flood = b"\x02\x80\x01\x02\x03\x04" + b"\x00\x80\x01\x02\x03\x04" * 4999  # masked, empty, not final: 30 KB
+    streams = []
+    with trio.fail_after(5):
+        for _ in range(2):
+            stream = await trio.open_tcp_stream(host, port)
+            await stream.send_all(upgrade)
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += await stream.receive_some()
+            assert answer.startswith(b"HTTP/1.1 101")
+            streams.append(stream)
+        for stream in streams:
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(flood)
+    await wait_for(lambda: listener.stats.handshake_failures == 1, "one of the two dropped")
+    assert sum("small WebSocket frames" in record.getMessage() for record in caplog.records) == 1
+    for stream in streams:
+        await stream.aclose()

@@ -14,6 +14,7 @@ LAYER_RANK = {
     "__init__": 0,
     "errors": 0,
     "logthrottle": 0,
+    "ratelimit": 0,
     "identity": 1,
     "store": 1,
     "wire": 2,

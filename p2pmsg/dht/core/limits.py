@@ -10,56 +10,20 @@ is sent that the credit cannot pay for.  An address is proven by a round trip --
 sent to it, echoing the request's random 20-byte message id, which an off-path forger cannot know.  Proofs expire
 after ``proven_ttl`` seconds; both tables are bounded LRU maps (forgetting an entry only makes the guard stricter).
 
-:class:`RateLimiter` is a token bucket per source (``rate`` tokens per second, at most ``burst``) in a bounded LRU
-map; the engine applies one per address and one per IP to every request, and to STOREs one per source network
+:class:`~p2pmsg.ratelimit.RateLimiter` (shared with the listener) is a token bucket per source in a bounded LRU map;
+the engine applies one per address and one per IP to every request, and to STOREs one per source network
 (IPv4 /24, IPv6 /64) and then one per provider (IPv4 /16, IPv6 /32).  Time is passed in; nothing here reads a clock.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import Generic, TypeVar
 
 from p2pmsg.dht.core.contact import Address
 from p2pmsg.dht.core.errors import DhtUsageError
+from p2pmsg.ratelimit import RateLimiter
 
 __all__ = ["AddressGuard", "RateLimiter"]
-
-S = TypeVar("S", bound=Hashable)
-
-
-class RateLimiter(Generic[S]):
-    """Token buckets keyed by source."""
-
-    def __init__(self, *, rate: float, burst: float, max_sources: int = 4096) -> None:
-        if rate <= 0 or burst < 1 or max_sources < 1:
-            raise DhtUsageError("rate must be > 0, burst >= 1 and max_sources >= 1")
-        self.rate = rate
-        self.burst = burst
-        self.max_sources = max_sources
-        self._buckets: OrderedDict[S, list[float]] = OrderedDict()
-
-    def allow(self, source: S, now: float, cost: float = 1.0) -> bool:
-        """Take ``cost`` tokens from ``source``'s bucket; ``False`` (and nothing taken) if it has too few."""
-        bucket = self._buckets.get(source)
-        if bucket is None:
-            bucket = [self.burst, now]
-            self._buckets[source] = bucket
-            while len(self._buckets) > self.max_sources:
-                self._buckets.popitem(last=False)
-        else:
-            self._buckets.move_to_end(source)
-            elapsed = max(0.0, now - bucket[1])
-            bucket[0] = min(self.burst, bucket[0] + elapsed * self.rate)
-            bucket[1] = now
-        if bucket[0] < cost:
-            return False
-        bucket[0] -= cost
-        return True
-
-    def __len__(self) -> int:
-        return len(self._buckets)
 
 
 class AddressGuard:

@@ -54,9 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import heapq
-import ipaddress
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -64,6 +62,7 @@ import msgpack
 
 from p2pmsg.dht.core.errors import DhtUsageError, StoreRefusedError
 from p2pmsg.dht.core.messages import is_plain_value
+from p2pmsg.ratelimit import network_of
 
 __all__ = [
     "RecordStore",
@@ -146,29 +145,16 @@ class StoredValue:
     seq: int | None = None
 
 
-@functools.lru_cache(maxsize=4096)
-def _prefix(source: str, v4: int, v6: int) -> str:
-    # Cached (bounded): every STORE asks for its source's network and provider several times.
-    try:
-        ip = ipaddress.ip_address(source)
-    except ValueError:
-        return source
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    prefix = v4 if isinstance(ip, ipaddress.IPv4Address) else v6
-    return str(ipaddress.ip_network((ip, prefix), strict=False))
-
-
 def source_prefix(source: str) -> str:
     """The network a source is accounted to: ``"a.b.c.0/24"`` for an IPv4 address (also an IPv4-mapped IPv6 one),
     ``"x:x:x:x::/64"`` for an IPv6 address; anything that is not an IP literal (``"local"``) is its own source."""
-    return _prefix(source, 24, 64)
+    return network_of(source, 24, 64)
 
 
 def provider_prefix(source: str) -> str:
     """The provider a source is accounted to: ``"a.b.0.0/16"`` for an IPv4 address (also an IPv4-mapped IPv6 one),
     ``"x:x::/32"`` for an IPv6 address; anything that is not an IP literal (``"local"``) is its own provider."""
-    return _prefix(source, 16, 32)
+    return network_of(source, 16, 32)
 
 
 def value_size(key: bytes, value: object) -> int:

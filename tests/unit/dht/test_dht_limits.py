@@ -6,6 +6,7 @@ import pytest
 
 from p2pmsg.dht.core.errors import DhtUsageError
 from p2pmsg.dht.core.limits import AddressGuard, RateLimiter
+from p2pmsg.errors import LocalProtocolError
 
 A = ("192.0.2.1", 4000)
 B = ("192.0.2.2", 4000)
@@ -59,7 +60,7 @@ def test_guard_is_bounded_and_caps_credit() -> None:
 
 
 def test_bad_parameters() -> None:
-    with pytest.raises(DhtUsageError):
+    with pytest.raises(LocalProtocolError):
         RateLimiter(rate=0.0, burst=1.0)
     with pytest.raises(DhtUsageError):
         AddressGuard(proven_ttl=0.0)

@@ -1,0 +1,147 @@
+"""The small-frame budget of WebSocket connections: FrameMeter's header walk, and a flood cut off for real."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from p2pmsg.net.websocket import (
+    WS_SMALL_FRAME,
+    FrameMeter,
+    accept_websocket_stream,
+    connect_websocket_stream,
+)
+from p2pmsg.ratelimit import RateLimiter
+
+UPGRADE = (
+    b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True) -> bytes:
+    """One RFC 6455 frame (the mask is random; FrameMeter never unmasks)."""
+    head = bytes([(0x80 if fin else 0) | opcode])
+    mask_bit = 0x80 if masked else 0
+    size = len(payload)
+    if size < 126:
+        head += bytes([mask_bit | size])
+    elif size < 65536:
+        head += bytes([mask_bit | 126]) + struct.pack(">H", size)
+    else:
+        head += bytes([mask_bit | 127]) + struct.pack(">Q", size)
+    return head + (os.urandom(4) if masked else b"") + payload
+
+
+def test_meter_skips_the_http_part_and_counts_only_small_frames() -> None:
+    stream = (
+        UPGRADE
+        + frame(0x2, b"x" * 60)  # small: an ack-sized message
+        + frame(0x2, b"y" * WS_SMALL_FRAME)  # not small
+        + frame(0x2, b"z" * 70000, masked=False)  # 8-byte length, not small
+        + frame(0x9, b"")  # a ping is small
+        + frame(0x2, b"", fin=False)
+        + frame(0x0, b"", fin=False)
+        + frame(0x0, b"w" * 300)  # the 2-byte length form, still small
+    )
+    whole = FrameMeter()
+    assert whole.feed(stream) == 5
+    for cut in (1, 2, 3, 7, 64):  # any split of the same bytes gives the same count
+        meter = FrameMeter()
+        total = sum(meter.feed(stream[i : i + cut]) for i in range(0, len(stream), cut))
+        assert total == meter.small_frames == 5, cut
+
+
+def test_meter_counts_nothing_until_the_http_part_ends() -> None:
+    meter = FrameMeter()
+    assert meter.feed(UPGRADE[:-2]) == 0
+    assert meter.feed(b"\r") == 0  # one byte short of the empty line
+    assert meter.feed(b"\n" + frame(0x2, b"a") * 3) == 3
+
+
+def test_meter_handles_the_126_length_form_and_payloads_spanning_chunks() -> None:
+    meter = FrameMeter()
+    meter.feed(UPGRADE)
+    big = frame(0x2, b"q" * 5000)
+    assert big[1] & 0x7F == 126
+    assert meter.feed(big[:100]) == 0 and meter.feed(big[100:]) == 0
+    assert meter.feed(frame(0x2, b"q" * 200)) == 1
+
+
+@pytest.fixture
+async def listener() -> AsyncIterator[trio.SocketListener]:
+    (server,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with server:
+        yield server
+
+
+async def test_a_flood_of_empty_continuation_frames_breaks_the_stream_with_the_reason(
+    listener: trio.SocketListener,
+) -> None:
+    port = listener.socket.getsockname()[1]
+    limiter: RateLimiter[None] = RateLimiter(rate=1.0, burst=200, max_sources=1)
+    charged: list[int] = []
+
+    def budget(count: int) -> bool:
+        charged.append(count)
+        return limiter.allow(None, trio.current_time(), count)
+
+    async with trio.open_nursery() as nursery:
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server_tcp = await listener.accept()
+        await client.send_all(UPGRADE)
+        with trio.fail_after(5):
+            server = await accept_websocket_stream(nursery, server_tcp, frame_budget=budget)
+            response = b""
+            while b"\r\n\r\n" not in response:
+                response += await client.receive_some()
+        assert response.startswith(b"HTTP/1.1 101")
+        flood = frame(0x2, b"", fin=False) + frame(0x0, b"", fin=False) * 999  # 6 KB, 1,000 frames: bounded
+        with trio.fail_after(5):
+            with contextlib.suppress(trio.BrokenResourceError):  # the server may already have cut the connection
+                await client.send_all(flood)
+            with pytest.raises(trio.BrokenResourceError, match="small WebSocket frames"):
+                await server.receive_some()
+        assert sum(charged) > 200  # it stopped once the budget could not pay, not before
+        await server.aclose()
+        await client.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_honest_peer_sending_many_small_messages_stays_within_the_default_budget(
+    listener: trio.SocketListener,
+) -> None:
+    port = listener.socket.getsockname()[1]
+    count = 3000  # ack-sized messages, far more at once than a node sends
+    async with trio.open_nursery() as nursery:
+        client_tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        server_tcp = await listener.accept()
+        accepted: list[trio.abc.Stream] = []
+
+        async def server_side() -> None:
+            accepted.append(await accept_websocket_stream(nursery, server_tcp))
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(server_side)
+                client = await connect_websocket_stream(nursery, client_tcp, host_header=f"127.0.0.1:{port}")
+        server = accepted[0]
+
+        async def send() -> None:
+            for _ in range(count):
+                await client.send_all(b"a" * 60)
+
+        received = 0
+        with trio.fail_after(30):
+            nursery.start_soon(send)
+            while received < count * 60:
+                received += len(await server.receive_some())
+        assert received == count * 60
+        await client.aclose()
+        await server.aclose()
+        nursery.cancel_scope.cancel()
