@@ -5,8 +5,10 @@ Theory of operation
 Every input a node drops is counted (``p2pmsg status``) and, for the first few of a kind, logged with the reason.  A
 peer that sends the same bad input a million times would otherwise write a million log lines (a session of forged
 envelopes wrote 212 MB in 20 s).  :class:`LogThrottle` logs at most ``burst`` lines per key in each ``interval``;
-when a later line of that key opens the next interval, it first says how many were left out.  The counters are kept
-in full either way: the log is for reading, the counters for totals.
+when a later line of that key opens the next interval, it first says how many were left out.  A flood that stops
+and never recurs would keep that count to itself, so :func:`flush_all` (which the node calls on every maintenance
+round) says it for every throttle whose interval is over.  The counters are kept in full either way: the log is for
+reading, the counters for totals.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import weakref
 from collections.abc import Callable
 
-__all__ = ["LogThrottle"]
+__all__ = ["LogThrottle", "flush_all"]
 
 _MAX_KEYS = 256
 
@@ -24,8 +27,18 @@ _MAX_KEYS = 256
 @dataclasses.dataclass(slots=True)
 class _Window:
     start: float
+    level: int
     logged: int = 0
     left_out: int = 0
+
+
+_LIVE: weakref.WeakSet[LogThrottle] = weakref.WeakSet()  # every throttle, for flush_all
+
+
+def flush_all() -> None:
+    """Say how many lines were left out, for every key of every live throttle whose interval is over."""
+    for throttle in list(_LIVE):
+        throttle.flush()
 
 
 class LogThrottle:
@@ -44,33 +57,38 @@ class LogThrottle:
         self._interval = interval
         self._clock = clock
         self._windows: dict[str, _Window] = {}
+        _LIVE.add(self)
 
     def log(self, level: int, key: str, message: str, *args: object) -> None:
         """Log ``message % args`` at ``level`` unless ``burst`` lines of ``key`` were logged in this interval."""
         now = self._clock()
         if key not in self._windows and len(self._windows) >= _MAX_KEYS:
-            self._expire(level, now)
+            self._expire(now)
             if len(self._windows) >= _MAX_KEYS:
                 key = "(other kinds)"  # keys may come from remote input: their number stays bounded
         window = self._windows.get(key)
         if window is None or now - window.start >= self._interval:
-            if window is not None and window.left_out:
-                self._logger.log(
-                    level, "%d more of '%s' left out of the log in %g s", window.left_out, key, self._interval
-                )
-            window = self._windows[key] = _Window(start=now)
+            if window is not None:
+                self._summarise(key, window)
+            window = self._windows[key] = _Window(start=now, level=level)
         if window.logged < self._burst:
             window.logged += 1
             self._logger.log(level, message, *args)
         else:
             window.left_out += 1
 
-    def _expire(self, level: int, now: float) -> None:
+    def flush(self) -> None:
         """Forget the keys whose interval is over, saying first how many lines of each were left out."""
+        self._expire(self._clock())
+
+    def _expire(self, now: float) -> None:
         for key, window in list(self._windows.items()):
             if now - window.start >= self._interval:
-                if window.left_out:
-                    self._logger.log(
-                        level, "%d more of '%s' left out of the log in %g s", window.left_out, key, self._interval
-                    )
+                self._summarise(key, window)
                 del self._windows[key]
+
+    def _summarise(self, key: str, window: _Window) -> None:
+        if window.left_out:
+            self._logger.log(
+                window.level, "%d more of '%s' left out of the log in %g s", window.left_out, key, self._interval
+            )

@@ -53,6 +53,7 @@ from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord
 from p2pmsg.dht.service import DEFAULT_RECORD_TTL, DhtNode
 from p2pmsg.errors import LocalProtocolError, P2PMsgError
 from p2pmsg.identity import Identity, PeerId
+from p2pmsg.logthrottle import flush_all
 from p2pmsg.net.listener import Listener
 from p2pmsg.store import repo
 from p2pmsg.store.db import DATABASE_FILENAME, Database, open_database
@@ -431,6 +432,7 @@ class Node:
                 if len(self.dht.routing_table_snapshot()) == 0 and self._bootstrap:
                     await self._attempt("join", self._join())
                 self._check_free_space()
+                flush_all()  # the counts of log lines left out by floods that have stopped
                 await trio.sleep(self.options.check_interval)
         finally:
             with trio.CancelScope(shield=True):

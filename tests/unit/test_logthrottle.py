@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from p2pmsg.logthrottle import LogThrottle
+from p2pmsg.logthrottle import LogThrottle, flush_all
 
 
 def test_a_burst_per_key_and_interval_then_a_count_of_the_rest(caplog: pytest.LogCaptureFixture) -> None:
@@ -47,3 +47,23 @@ def test_keys_whose_interval_is_over_make_room_and_report_what_was_left_out(capl
     caplog.clear()
     throttle.log(logging.INFO, "a new kind", "new")  # the expired kinds make room: it gets its own line
     assert [r.getMessage() for r in caplog.records] == ["1 more of 'kind 0' left out of the log in 60 s", "new"]
+
+
+def test_flush_all_reports_a_flood_that_stopped_and_never_came_back(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    throttle = LogThrottle(logging.getLogger("p2pmsg.test"), burst=2, interval=60.0, clock=lambda: now[0])
+    caplog.set_level(logging.INFO, logger="p2pmsg.test")
+    for i in range(50):
+        throttle.log(logging.WARNING, "flood", "dropped %d", i)
+    caplog.clear()
+    flush_all()  # the interval is not over: nothing to say yet
+    assert caplog.records == []
+    now[0] = 60.0
+    flush_all()
+    flush_all()  # said once
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "48 more of 'flood' left out of the log in 60 s")
+    ]
+    caplog.clear()
+    throttle.log(logging.WARNING, "flood", "dropped again")  # a new interval: logged at once
+    assert [r.getMessage() for r in caplog.records] == ["dropped again"]
