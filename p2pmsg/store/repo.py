@@ -536,13 +536,20 @@ def insert_incoming(
     if cursor.rowcount == 0:
         return False
     if request:
-        conn.execute(
-            "INSERT INTO message_requests (peer_id, first_at, last_at, message_count) VALUES (?, ?, ?, 1) "
-            "ON CONFLICT (peer_id) DO UPDATE SET last_at = max(last_at, excluded.last_at), "
-            "message_count = message_count + 1",
-            (conv, now, now),
-        )
+        _count_requests(conn, {conv: (1, len(body.encode("utf-8")))}, now)
     return True
+
+
+def _count_requests(conn: sqlite3.Connection, added: dict[bytes, tuple[int, int]], now: int) -> None:
+    """Add (messages, text bytes) newly stored as requests to each conversation's ``message_requests`` row."""
+    for conv, (count, size) in added.items():
+        conn.execute(
+            "INSERT INTO message_requests (peer_id, first_at, last_at, message_count, text_bytes) "
+            "VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (peer_id) DO UPDATE SET last_at = max(last_at, excluded.last_at), "
+            "message_count = message_count + excluded.message_count, text_bytes = text_bytes + excluded.text_bytes",
+            (conv, now, now, count, size),
+        )
 
 
 def _max_seq(conn: sqlite3.Connection) -> int:
@@ -714,17 +721,12 @@ def insert_incoming_rows(conn: sqlite3.Connection, rows: Sequence[IncomingRow], 
             if new:
                 fresh.discard(mid)  # a repeat later in the batch is a duplicate
             result.append(new)
-    requests: dict[bytes, int] = {}
+    requests: dict[bytes, tuple[int, int]] = {}
     for value, conv, new in zip(values, convs, result, strict=True):
         if new and value[7]:
-            requests[conv] = requests.get(conv, 0) + 1
-    for conv, count in requests.items():
-        conn.execute(
-            "INSERT INTO message_requests (peer_id, first_at, last_at, message_count) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (peer_id) DO UPDATE SET last_at = max(last_at, excluded.last_at), "
-            "message_count = message_count + excluded.message_count",
-            (conv, now, now, count),
-        )
+            count, size = requests.get(conv, (0, 0))
+            requests[conv] = (count + 1, size + len(value[3].encode("utf-8")))
+    _count_requests(conn, requests, now)
     return result
 
 
@@ -817,20 +819,15 @@ def count_requests(conn: sqlite3.Connection) -> int:
 def request_bytes(conn: sqlite3.Connection, peer_id: bytes | None = None) -> int:
     """Return the text bytes (UTF-8) of pending request messages: all of them, or those of *peer_id*.
 
-    Reads only the conversations of pending requests (through the conversation index), never the whole table.
+    Reads the ``text_bytes`` kept in ``message_requests`` (one row, or one per pending request), never the messages.
     """
     if peer_id is not None:
         row = conn.execute(
-            "SELECT coalesce(sum(length(CAST(text AS BLOB))), 0) FROM messages "
-            "WHERE conversation = ? AND is_request = 1",
+            "SELECT coalesce(sum(text_bytes), 0) FROM message_requests WHERE peer_id = ?",
             (_peer_id("peer_id", peer_id),),
         ).fetchone()
     else:
-        row = conn.execute(
-            # CROSS JOIN fixes the loop order: without statistics (no ANALYZE) SQLite would scan all of messages.
-            "SELECT coalesce(sum(length(CAST(m.text AS BLOB))), 0) FROM message_requests AS r "
-            "CROSS JOIN messages AS m ON m.conversation = r.peer_id AND m.is_request = 1"
-        ).fetchone()
+        row = conn.execute("SELECT coalesce(sum(text_bytes), 0) FROM message_requests").fetchone()
     return int(row[0])
 
 

@@ -376,8 +376,8 @@ async def test_v3_to_v4_rebuilds_messages_and_outbox_keeping_rows_links_and_the_
         outbox = conn.execute("SELECT * FROM outbox ORDER BY seq").fetchall()
         assert conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone() == (9,)
     conn.close()
-    async with open_database(path) as db:
-        assert db.schema_version == 4 == LATEST_VERSION
+    async with open_database(path, migrations=MIGRATIONS[:4]) as db:
+        assert db.schema_version == 4
         seqs = await db.write(
             lambda c: repo.enqueue_rows(c, [(b"\x0a" * 16, b"\x02" * 38, b"\x01" * 38, "new", T0, None)], now=T0)
         )
@@ -466,3 +466,41 @@ def test_step_4_refuses_to_commit_an_outbox_that_lost_its_parent(tmp_path: Path)
         migrate(conn, (*MIGRATIONS[:3], broken))
     assert schema_version(conn) == 3
     conn.close()
+
+
+async def test_v4_to_v5_counts_the_text_bytes_of_each_pending_request(tmp_path: Path) -> None:
+    """Step 5 fills message_requests.text_bytes from the pending request messages (UTF-8 bytes, not characters),
+    without writing statistics; afterwards the store keeps it up to date."""
+    path = tmp_path / "v4.db"
+    stranger, other, friend = b"\x05" * 38, b"\x06" * 38, b"\x07" * 38
+    async with open_database(path, migrations=MIGRATIONS[:4]) as db:
+        assert db.schema_version == 4
+    with sqlite3.connect(path, isolation_level=None) as conn:  # rows as version-4 code wrote them
+        for i, (peer, text, request) in enumerate(
+            [(stranger, "héllo", 1), (stranger, "😀", 1), (other, "x" * 100, 1), (friend, "hi", 0)]
+        ):
+            conn.execute(
+                "INSERT INTO messages (message_id, conversation, direction, sender, text, sent_at, stored_at, status,"
+                " status_at, is_request) VALUES (?, ?, 'in', ?, ?, 1, 1, 'received', 1, ?)",
+                (bytes([i + 1]) * 16, peer, peer, text, request),
+            )
+        conn.executemany(
+            "INSERT INTO message_requests (peer_id, first_at, last_at, message_count) VALUES (?, 1, 1, ?)",
+            [(stranger, 2), (other, 1)],
+        )
+    conn.close()
+    async with open_database(path) as db:
+        assert db.schema_version == 5 == LATEST_VERSION
+        assert await db.read(lambda c: repo.request_bytes(c)) == 6 + 4 + 100
+        assert await db.read(lambda c: repo.request_bytes(c, stranger)) == 10
+        assert await db.read(lambda c: repo.request_bytes(c, friend)) == 0
+    assert _schema(path) == (5, APPLICATION_ID, EXPECTED_TABLES, EXPECTED_INDEXES)  # the step wrote no sqlite_stat1
+    async with open_database(path) as db:
+        await db.write(
+            lambda c: repo.insert_incoming(
+                c, message_id=b"\x09" * 16, sender=other, text="ab", sent_at=T0, now=T0, is_request=True
+            )
+        )
+        assert await db.read(lambda c: repo.request_bytes(c, other)) == 102
+        await db.write(lambda c: repo.reject_request(c, other, block=False, now=T0))
+        assert await db.read(lambda c: repo.request_bytes(c)) == 10
