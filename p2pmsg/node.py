@@ -14,7 +14,8 @@ second node on the same home is refused before anything else binds), then starts
   that passes it to the chat service, which flushes that contact's outbox if messages wait for it;
 * the control server (:class:`p2pmsg.control.server.ControlServer`) on ``<home>/control.sock``;
 * the *maintenance* task: bootstrap the DHT (saved routing table first, then the configured bootstrap peers,
-  DNS names resolved here), publish our signed peer record, republish it before it expires or whenever our
+  DNS names resolved here; again every round while the routing table holds fewer than :data:`REJOIN_BELOW` nodes
+  or our record found no holder), publish our signed peer record, republish it before it expires or whenever our
   advertised addresses change, and save the routing table for the next start.
 
 SIGINT and SIGTERM cancel the nursery: every service closes its sockets, the database finishes its queued writes,
@@ -66,6 +67,10 @@ T = TypeVar("T")
 ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
 """Seconds between saves of the DHT routing table (it is also saved at shutdown)."""
 REPUBLISH_CHECK_INTERVAL: Final = 30.0
+REJOIN_BELOW: Final = 8
+"""A routing table smaller than this is refreshed through the bootstrap peers every maintenance round: in a small
+mesh the few nodes it holds may all have moved or stopped (a node keeps a known id at its old address until that
+address stops answering), and then lookups would fail while the bootstrap peer knows where everyone is."""
 """Seconds between checks of whether our advertised addresses changed."""
 LOW_DISK_BYTES: Final = 64 * 1024 * 1024
 """Free space on the home's file system below which the node warns: messages and receipts stop being stored when
@@ -117,7 +122,10 @@ class NodeOptions:
     """Lifetime of our published peer record; it is republished at half of it."""
     save_interval: float = ROUTING_TABLE_SAVE_INTERVAL
     check_interval: float = REPUBLISH_CHECK_INTERVAL
-    """Seconds between maintenance rounds (republish if needed, rejoin when the routing table is empty)."""
+    """Seconds between maintenance rounds (republish if needed, rejoin when the routing table is small)."""
+    rejoin_below: int = REJOIN_BELOW
+    """While the routing table holds fewer nodes than this (or our record was stored nowhere), every maintenance
+    round asks the bootstrap peers again."""
     chat: ChatConfig | None = None
     """Tunables of the chat service (default :class:`ChatConfig`); its ``policy`` comes from the node config's
     ``accept_from``."""
@@ -129,6 +137,8 @@ class NodeOptions:
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise LocalProtocolError(f"NodeOptions.{name} must be a positive number, got {value}")
+        if self.rejoin_below < 1:
+            raise LocalProtocolError(f"NodeOptions.rejoin_below must be >= 1, got {self.rejoin_below}")
 
 
 def dht_endpoint(listen: Sequence[str], dht_port: int | None) -> tuple[str, int]:
@@ -178,11 +188,14 @@ def advertised_addrs(
     primary: Callable[[int], str | None] | None = None,
 ) -> list[Multiaddr]:
     """The addresses we put in our peer record and invite: the bound ones, with a wildcard host (0.0.0.0 / ::)
-    replaced by loopback and the local address the OS would use to reach each bootstrap peer.
+    replaced by the local address the OS would use to reach each bootstrap peer.
 
-    With no bootstrap peers (the first node of a LAN), the host's primary address of that IP version is added
+    With no bootstrap peers (the first node of a LAN), the host's primary address of that IP version is used
     instead: the source address of its default route (``primary(version)``, default :func:`primary_address`), so
-    an invite made there reaches other machines of the network."""
+    an invite made there reaches other machines of the network.  Loopback stands in only when neither gives an
+    address (a bootstrap peer on loopback, a host without a route): on another machine a loopback address reaches
+    that machine itself, so a record listing it sends every peer first to itself (and, where another node runs
+    there, to a stranger)."""
     find_primary = primary_address if primary is None else primary
     out: list[Multiaddr] = []
     for addr in bound:
@@ -195,7 +208,7 @@ def advertised_addrs(
         if not ip.is_unspecified:
             out.append(addr)
             continue
-        hosts = ["::1" if ip.version == 6 else "127.0.0.1"]
+        hosts: list[str] = []
         for peer_host, peer_port in bootstrap:
             local = _local_address_towards(peer_host, peer_port, ip.version)
             if local is not None:
@@ -204,6 +217,8 @@ def advertised_addrs(
             local = find_primary(ip.version)
             if local is not None:
                 hosts.append(local)
+        if not hosts:
+            hosts.append("::1" if ip.version == 6 else "127.0.0.1")
         for local in dict.fromkeys(hosts):
             out.append(_with_host(addr, kind, local, port))
     return list(dict.fromkeys(out))
@@ -424,12 +439,14 @@ class Node:
             while True:
                 now = trio.current_time()
                 stale = published_addrs != self.addrs or now - published_at >= self.options.record_ttl / 2
-                if stale and await self._attempt("publish", self._publish()):
+                published = stale and await self._attempt("publish", self._publish())
+                if published:
                     published_at, published_addrs = now, list(self.addrs)
                 if now - last_save >= self.options.save_interval:
                     await self._save_routing_table()
                     last_save = now
-                if len(self.dht.routing_table_snapshot()) == 0 and self._bootstrap:
+                small = len(self.dht.routing_table_snapshot()) < self.options.rejoin_below
+                if self._bootstrap and (small or (stale and not published)):
                     await self._attempt("join", self._join())
                 self._check_free_space()
                 flush_all()  # the counts of log lines left out by floods that have stopped
@@ -456,9 +473,11 @@ class Node:
         if not targets:
             log.info("dht: no bootstrap peers configured and none saved; waiting for others to join us")
             return
+        before = len(self.dht.routing_table_snapshot())
         size = await self.dht.bootstrap(targets)
         if size:
-            log.info("dht: joined through %d address(es): %d peers in the routing table", len(targets), size)
+            if size != before:  # a rejoin that changed nothing is not news (small meshes rejoin every round)
+                log.info("dht: joined (asked %d address(es)): %d nodes in the routing table", len(targets), size)
             self._join_warned = False
         elif not self._join_warned:  # once per streak: the node retries every check_interval while alone
             self._join_warned = True
@@ -481,7 +500,7 @@ class Node:
         if stored:
             log.info("dht: published our peer record on %d nodes", stored)
         else:
-            log.info("dht: our peer record is stored nowhere yet (no DHT peers); will retry")
+            log.info("dht: our peer record is stored nowhere yet (no DHT node answered); will retry")
         return stored > 0
 
     async def _store_record_seq(self, seq: int) -> None:

@@ -137,6 +137,39 @@ async def test_routing_table_is_saved_and_reused(tmp_path: Path) -> None:
         outer.cancel_scope.cancel()
 
 
+async def test_a_small_routing_table_is_refreshed_through_the_bootstrap_peer(tmp_path: Path) -> None:
+    """Bob's saved table holds only Xavier; his bootstrap peer was down when he started.  Once it is up, Bob finds it
+    on his own, although his table was never empty (in a small mesh the few nodes one knows may all have moved)."""
+    probe = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    await probe.bind(("127.0.0.1", 0))
+    boot_port = probe.getsockname()[1]
+    probe.close()
+    boot = f"/ip4/127.0.0.1/udp/{boot_port}"
+    bob_home = tmp_path / "bob"
+    bob_home.mkdir(mode=0o700)
+    bob_id = Identity.generate()
+    async with trio.open_nursery() as outer:
+        xavier = await start(outer, tmp_path / "xavier", Cfg(listen=["/ip4/127.0.0.1/tcp/0"]))
+        async with trio.open_nursery() as inner:  # Bob's first run: he learns Xavier and saves him
+            cfg = Cfg(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[f"/ip4/127.0.0.1/udp/{xavier.dht.address[1]}"])
+            bob: Node = await inner.start(lambda task_status: run_node(bob_home, bob_id, cfg, options=FAST,
+                                                                       task_status=task_status))  # fmt: skip
+            await wait_for(lambda: _has_contacts(bob), "Bob's first bootstrap")
+            inner.cancel_scope.cancel()
+        cfg = Cfg(listen=["/ip4/127.0.0.1/tcp/0"], bootstrap=[boot])  # the bootstrap peer is not up yet
+        bob = await outer.start(lambda task_status: run_node(bob_home, bob_id, cfg, options=FAST,
+                                                             task_status=task_status))  # fmt: skip
+        await wait_for(lambda: _has_contacts(bob), "Bob rejoining Xavier from his saved table")
+        await trio.sleep(3 * FAST.check_interval)
+        booted = await start(outer, tmp_path / "boot", Cfg(listen=["/ip4/127.0.0.1/tcp/0"], dht_port=boot_port))
+
+        async def bob_knows_boot() -> bool:
+            return booted.dht.node_id in {c.node_id for c in bob.dht.routing_table_snapshot()}
+
+        await wait_for(bob_knows_boot, "Bob finding the bootstrap peer that came up")
+        outer.cancel_scope.cancel()
+
+
 async def _has_contacts(node: Node) -> bool:
     return bool(node.dht.routing_table_snapshot())
 

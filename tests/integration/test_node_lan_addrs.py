@@ -32,7 +32,7 @@ def test_first_node_of_a_lan_advertises_the_primary_address() -> None:
     if local is None:
         pytest.skip("this machine has no IPv4 default route with a usable source address")
     out = [str(a) for a in advertised_addrs([WILDCARD_V4], [])]
-    assert out == ["/ip4/127.0.0.1/tcp/4001", f"/ip4/{local}/tcp/4001"]
+    assert out == [f"/ip4/{local}/tcp/4001"]  # not loopback: on a friend's machine that is the friend's own host
     assert primary_address(4) == local
 
 
@@ -41,7 +41,7 @@ def test_first_node_of_a_lan_advertises_the_primary_ipv6_address() -> None:
     if local is None:
         pytest.skip("this machine has no IPv6 default route with a usable source address")
     out = [str(a) for a in advertised_addrs([WILDCARD_V6], [])]
-    assert out == ["/ip6/::1/tcp/4001/ws", f"/ip6/{local}/tcp/4001/ws"]
+    assert out == [f"/ip6/{local}/tcp/4001/ws"]
 
 
 def test_primary_address_comes_from_the_given_function_per_ip_version() -> None:
@@ -49,7 +49,7 @@ def test_primary_address_comes_from_the_given_function_per_ip_version() -> None:
         return {4: "192.168.1.20", 6: None}[version]
 
     out = [str(a) for a in advertised_addrs([WILDCARD_V4, WILDCARD_V6], [], primary=primary)]
-    assert out == ["/ip4/127.0.0.1/tcp/4001", "/ip4/192.168.1.20/tcp/4001", "/ip6/::1/tcp/4001/ws"]
+    assert out == ["/ip4/192.168.1.20/tcp/4001", "/ip6/::1/tcp/4001/ws"]  # loopback only where nothing else is known
 
 
 def test_with_bootstrap_peers_the_route_towards_them_is_used_instead() -> None:
@@ -57,7 +57,17 @@ def test_with_bootstrap_peers_the_route_towards_them_is_used_instead() -> None:
         raise AssertionError("not asked when bootstrap peers are known")
 
     out = [str(a) for a in advertised_addrs([WILDCARD_V4], [("127.0.0.1", 9)], primary=primary)]
-    assert out == ["/ip4/127.0.0.1/tcp/4001"]
+    assert out == ["/ip4/127.0.0.1/tcp/4001"]  # a bootstrap peer on loopback: this machine's own mesh
+
+
+def test_a_bootstrap_peer_on_the_network_gives_the_address_towards_it_and_no_loopback() -> None:
+    local = _default_route_source(socket.AF_INET, "192.0.2.7")
+    if local is None:
+        pytest.skip("this machine has no IPv4 route towards 192.0.2.7 with a usable source address")
+    out = [str(a) for a in advertised_addrs([WILDCARD_V4], [("192.0.2.7", 4001), ("127.0.0.1", 4001)])]
+    assert out == [f"/ip4/{local}/tcp/4001", "/ip4/127.0.0.1/tcp/4001"]  # loopback only as the route to a local peer
+    out = [str(a) for a in advertised_addrs([WILDCARD_V4], [("192.0.2.7", 4001)])]
+    assert out == [f"/ip4/{local}/tcp/4001"]
 
 
 def test_a_concrete_listen_address_is_advertised_as_it_is() -> None:
