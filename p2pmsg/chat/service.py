@@ -30,8 +30,8 @@ reach somebody else.  A contact that moved is noticed before its backoff runs ou
 node reports each newer record its own DHT store takes in, and, because we are rarely among the nodes that hold a
 given record, the *record watcher* looks up, every :attr:`ChatConfig.record_watch` seconds, the records of up to
 :attr:`ChatConfig.record_watch_peers` contacts whose entries all wait for a retry (no session, no dial running),
-least recently watched first.  A newer record that arrives while a dial to the old addresses runs makes the
-entries due again as soon as that dial fails.
+least recently watched first.  A newer record with other addresses that arrives while a dial runs cancels that
+dial (without counting an attempt) and makes the entries due at once, so they go to the new addresses.
 
 **Sessions.**  Each authenticated channel, inbound (from the listener, :meth:`ChatService.handle_inbound`) or
 outbound (our dial), runs one :class:`~p2pmsg.chat.protocol.ChatConnection`: a reader (this task) and a sender
@@ -443,8 +443,9 @@ class ChatService:
         """Handed to a session while their enqueue transaction commits: their receipts wait for that commit."""
         self._deferred_receipts: list[tuple[PeerId, bytes, str]] = []
         """``(peer, id, status)`` of receipts that arrived for uncommitted ids, in arrival order."""
-        self._redial: set[PeerId] = set()
-        """Peers whose record changed while a dial to them ran: if that dial fails, their entries are due at once."""
+        self._dial_scopes: dict[PeerId, trio.CancelScope] = {}
+        """The running dial of each peer being dialled: a newer record with other addresses cancels it (it may wait
+        on an address the peer left) and the entries are due at once, for a dial to the new addresses."""
         self._watched: dict[PeerId, float] = {}
         """When (trio clock) the record watcher last looked up each waiting contact."""
         self.record_lookups = 0
@@ -689,14 +690,20 @@ class ChatService:
             if contact is not None and contact.state is ContactState.BLOCKED:
                 await self._reschedule_peer(peer, "the recipient is blocked")
                 return
-            try:
-                channel, addr = await self._connect(peer)
-            except _ConnectFailed as exc:
-                await self._reschedule_peer(peer, str(exc))
-                if peer in self._redial:  # a newer record came during the dial: try its addresses now
-                    self._redial.discard(peer)
-                    await self._expedite(peer)
+            connected: tuple[SecureChannel, str] | None = None
+            with trio.CancelScope() as scope:
+                self._dial_scopes[peer] = scope
+                try:
+                    connected = await self._connect(peer)
+                except _ConnectFailed as exc:
+                    await self._reschedule_peer(peer, str(exc))
+                    return
+                finally:
+                    del self._dial_scopes[peer]
+            if connected is None:  # a record with other addresses arrived: dial those now (no attempt counted)
+                await self._expedite(peer)
                 return
+            channel, addr = connected
             if self._nursery is None:
                 await trio.aclose_forcefully(channel)
                 return
@@ -708,7 +715,6 @@ class ChatService:
             self._dropped["chat_internal_error"] += 1
             log.exception("chat: dialling %s failed", peer)
         finally:
-            self._redial.discard(peer)
             if not handed_over:
                 self._dialing.discard(peer)
 
@@ -788,12 +794,15 @@ class ChatService:
         in the outbox: the node passes every newer record its DHT store takes in, most of them strangers'."""
         if waiting_only and not await self._db.read(functools.partial(_is_waiting_contact, peer=peer_id.to_bytes())):
             return False
-        _, changed = await self._store_record(peer_id, value)
+        before = await self._cached_record(peer_id)
+        record, changed = await self._store_record(peer_id, value)
         if changed and self._best_session(peer_id) is None:  # a live session needs no new address
             log.info("chat: newer peer record of %s seen; its outbox is due now", peer_id)
-            if peer_id in self._dialing:
-                self._redial.add(peer_id)
-            await self._expedite(peer_id)
+            dial = self._dial_scopes.get(peer_id)
+            if dial is not None and set(_record_addrs(record)) != set(_record_addrs(before)):
+                dial.cancel()  # it may be waiting on an address the peer left: start over with the new ones
+            else:
+                await self._expedite(peer_id)
         return changed
 
     async def _record_watcher(self) -> None:
@@ -880,9 +889,15 @@ class ChatService:
             async def looked_up() -> list[Multiaddr]:
                 return _record_addrs(await self._resolve(peer))
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(race, hinted, nursery.cancel_scope)
-                nursery.start_soon(race, looked_up, nursery.cancel_scope)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(race, hinted, nursery.cancel_scope)
+                    nursery.start_soon(race, looked_up, nursery.cancel_scope)
+            except BaseException:  # the dial itself was cancelled: no channel it won may stay open
+                with trio.CancelScope(shield=True):
+                    for channel, _ in won:
+                        await trio.aclose_forcefully(channel)
+                raise
             for channel, _ in won[1:]:  # both got through before the cancellation: keep one
                 await trio.aclose_forcefully(channel)
             if won:
