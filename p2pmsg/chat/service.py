@@ -95,6 +95,7 @@ from p2pmsg.net.channel import SecureChannel, close_gracefully
 from p2pmsg.net.dialer import DialError
 from p2pmsg.net.dialer import dial as net_dial
 from p2pmsg.net.transport import remote_multiaddr
+from p2pmsg.net.websocket import WebSocketStream
 from p2pmsg.store import errors as store_errors
 from p2pmsg.store import repo
 from p2pmsg.store.db import Database
@@ -2051,8 +2052,13 @@ def _record_addrs(record: PeerRecord | None) -> list[Multiaddr]:
 
 
 def _channel_addr(channel: SecureChannel, candidates: list[Multiaddr]) -> str:
-    """The address a dial reached: observed for TCP, else the only candidate, else unknown."""
-    addr = remote_multiaddr(channel.transport_stream, "tcp")
+    """The address a dial reached: observed for TCP and WebSocket, else the only candidate, else unknown."""
+    stream = channel.transport_stream
+    if isinstance(stream, WebSocketStream):
+        socket_stream = stream.socket_stream
+        addr = remote_multiaddr(socket_stream, "ws") if socket_stream is not None else None
+    else:
+        addr = remote_multiaddr(stream, "tcp")
     if addr is not None:
         return str(addr)
     return str(candidates[0]) if len(candidates) == 1 else ""

@@ -271,6 +271,12 @@ class WebSocketStream(trio.abc.Stream):
         """The TCP stream the WebSocket runs over."""
         return self._transport
 
+    @property
+    def socket_stream(self) -> trio.SocketStream | None:
+        """The TCP socket stream underneath (for the peer's observed address), or None if it is not one."""
+        inner = self._transport._inner if isinstance(self._transport, _WatchedStream) else self._transport
+        return inner if isinstance(inner, trio.SocketStream) else None
+
     @staticmethod
     def _describe_close(exc: trio_websocket.ConnectionClosed) -> str:
         reason = exc.reason

@@ -1021,3 +1021,18 @@ async def test_the_inbox_budget_charges_each_envelope_s_size_however_it_was_spli
         assert bob.chat._inbox_budget.used == session.inbox_bytes
         await channel.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_an_outbound_websocket_session_names_the_address_it_reached(tmp_path: Path) -> None:
+    """With several candidate addresses, the session's address is the observed one for WebSocket too (found in a QA
+    pass: 'open (outbound ?)' and an empty ADDRESS in `p2pmsg peers`)."""
+    async with (
+        running_node(tmp_path / "alice", ALICE) as alice,
+        running_node(tmp_path / "bob", BOB, listen=Multiaddr.parse("/ip4/127.0.0.1/tcp/0/ws")) as bob,
+    ):
+        spare = Multiaddr.parse("/ip4/127.0.0.1/tcp/9/ws")  # the discard port: nothing listens there
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [spare, *bob.addrs]), "bob")
+        await alice.chat.send("bob", "hello over WebSocket")
+        await eventually(lambda: _all_delivered(alice, "bob", 1), "delivery")
+        [up] = [event for event in alice.seen("peer_up") if event["direction"] == "outbound"]
+        assert up["addr"] == str(bob.addrs[0])
