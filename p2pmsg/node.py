@@ -224,6 +224,20 @@ def advertised_addrs(
     return list(dict.fromkeys(out))
 
 
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _is_loopback_host(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _with_host(addr: Multiaddr, kind: str, host: str, port: int) -> Multiaddr:
     return Multiaddr.from_transport(kind, host, port, peer_id=addr.peer_id)
 
@@ -593,11 +607,20 @@ async def run_bootstrap_node(
             dht = DhtNode(identity, host=host, port=port)
             bound_host, bound_port = await nursery.start(dht.run)
             peers = await resolve_bootstrap(bootstrap)
-            for addr in advertised_addrs([Multiaddr.from_transport("udp", bound_host, bound_port)], peers):
+            addrs = advertised_addrs([Multiaddr.from_transport("udp", bound_host, bound_port)], peers)
+            for addr in addrs:
                 full = addr.with_peer_id(identity.peer_id)
-                log.info("bootstrap node listening on %s", full)
-                if on_ready is not None:
+                if on_ready is not None:  # the caller says it (the CLI prints it): no second line in the log
                     on_ready(full)
+                else:
+                    log.info("bootstrap node listening on %s", full)
+            if _is_wildcard(host) and all(_is_loopback_host(a.transport()[1]) for a in addrs):
+                log.warning(
+                    "found no address of this host that other machines can reach (no default route): give them "
+                    "/ip4/<this host's LAN, VPN or public address>/udp/%d/p2p/%s",
+                    bound_port,
+                    identity.peer_id,
+                )
             if peers:
                 await dht.bootstrap(peers)
     log.info("bootstrap node stopped")

@@ -14,7 +14,7 @@ The file (every key optional; the values shown are the defaults)::
     bootstrap = []                       # multiaddrs of known nodes to join the DHT through
     accept_from = "contacts"             # "contacts": strangers' messages wait in `p2pmsg requests`;
                                          # "anyone": strangers' messages are accepted like a contact's
-    # dht_port = 4001                    # UDP port of the DHT (absent: the node picks, usually the tcp port)
+    # dht_port = 4001                    # UDP port of the DHT (absent: the port of the first listen address)
 
 Writing uses :func:`dump_config`, which escapes strings itself (TOML basic strings) because the standard library
 reads TOML but does not write it.
@@ -67,7 +67,7 @@ class Config:
     * ``listen``: multiaddr texts the node listens on (TCP, or TCP + WebSocket), e.g. ``/ip4/0.0.0.0/tcp/4001``.
     * ``bootstrap``: multiaddr texts of nodes to join the DHT through (may be empty for the first node).
     * ``accept_from``: ``"contacts"`` (strangers' messages become requests) or ``"anyone"``.
-    * ``dht_port``: the DHT's UDP port, or ``None`` to let the node choose.
+    * ``dht_port``: the DHT's UDP port, or ``None`` for the port of the first listen address.
     """
 
     listen: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_LISTEN))
@@ -229,7 +229,7 @@ def dump_config(config: Config) -> str:
         '# Whose messages are accepted: "contacts" (strangers wait in `p2pmsg requests`) or "anyone".',
         f"accept_from = {toml_string(config.accept_from)}",
         "",
-        "# UDP port of the DHT; leave it commented out to let the node choose.",
+        "# UDP port of the DHT; commented out, it is the port of the first listen address (0 there: any free port).",
     ]
     if config.dht_port is None:
         lines.append("# dht_port = 4001")

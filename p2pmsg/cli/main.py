@@ -847,13 +847,20 @@ def status(state: State, as_json: bool) -> None:
         ("peer id", info.get("peer_id", "-")),
         ("uptime", format_duration(info.get("uptime_s"))),
         ("connections", info.get("connections", "-")),
-        ("dht size", info.get("dht_size", "-")),
+        ("dht size", _dht_size_text(info.get("dht_size", "-"))),
         ("outbox depth", info.get("outbox_depth", "-")),
         ("database", info.get("database", "-")),
         ("dropped", dropped_text),
     ]
     for label, value in lines:
         click.echo(f"{label:<13} {value if label == 'dropped' else clean(value)}")
+
+
+def _dht_size_text(size: object) -> str:
+    """The DHT size, with what an empty routing table means for the user."""
+    if size == 0:
+        return "0 (no DHT node answered: check `bootstrap` in config.toml, and that those nodes run)"
+    return str(size)
 
 
 @cli.command()

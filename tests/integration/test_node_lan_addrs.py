@@ -3,11 +3,16 @@ primary address too, not loopback alone, so that its invite reaches the other ma
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import logging
 import socket
 
 import pytest
+import trio
 
+import p2pmsg.node as node_module
+from p2pmsg.identity import Identity
 from p2pmsg.node import advertised_addrs, primary_address
 from p2pmsg.wire.multiaddr import Multiaddr
 
@@ -73,3 +78,31 @@ def test_a_bootstrap_peer_on_the_network_gives_the_address_towards_it_and_no_loo
 def test_a_concrete_listen_address_is_advertised_as_it_is() -> None:
     bound = [Multiaddr.parse("/ip4/127.0.0.1/tcp/4002")]
     assert advertised_addrs(bound, [], primary=lambda version: "192.168.1.20") == bound
+
+
+async def test_a_bootstrap_node_that_finds_only_loopback_says_what_to_give_friends(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A host without a default route (faked: this machine has one) can only name 127.0.0.1, which is useless to
+    friends: the node says which address to hand out instead, and prints its address once (not also in the log)."""
+    monkeypatch.setattr(node_module, "primary_address", lambda version: None)
+    caplog.set_level(logging.INFO, logger="p2pmsg.node")
+    identity = Identity.generate()
+    printed: list[Multiaddr] = []
+    with trio.move_on_after(10):
+        async with trio.open_nursery() as nursery:
+
+            def ready(addr: Multiaddr) -> None:
+                printed.append(addr)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(
+                functools.partial(
+                    node_module.run_bootstrap_node, identity, Multiaddr.parse("/ip4/0.0.0.0/udp/0"), on_ready=ready
+                )
+            )
+    assert [a.transport()[1] for a in printed] == ["127.0.0.1"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("bootstrap node listening" in m for m in messages)
+    [warning] = [m for m in messages if "no address of this host" in m]
+    assert f"/udp/{printed[0].transport()[2]}/p2p/{identity.peer_id}" in warning

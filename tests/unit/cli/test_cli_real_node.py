@@ -52,6 +52,7 @@ def test_run_serves_the_cli_and_stops_on_sigterm(home: Path) -> None:
             code, output = cli_run(home, "status", "--json")
         assert code == 0, output
         status = json.loads(output)
+        assert "dht size      0 (no DHT node answered" in cli_run(home, "status")[1]  # no bootstrap peers here
         code, output = cli_run(home, "id", "--json")
         assert code == 0 and json.loads(output)["peer_id"] == status["peer_id"]
         assert json.loads(output)["invite"].startswith(f"p2pmsg://invite/{status['peer_id']}")
