@@ -1036,3 +1036,24 @@ async def test_an_outbound_websocket_session_names_the_address_it_reached(tmp_pa
         await eventually(lambda: _all_delivered(alice, "bob", 1), "delivery")
         [up] = [event for event in alice.seen("peer_up") if event["direction"] == "outbound"]
         assert up["addr"] == str(bob.addrs[0])
+
+
+async def test_acks_for_ids_not_written_on_the_session_never_reach_the_store(tmp_path: Path) -> None:
+    """A peer acknowledging ids it was never sent (a flood of made-up acks costs the writer thread a lookup each)
+    gets them ignored and counted; the real acknowledgement still marks the message delivered."""
+    async with connected_pair(tmp_path, FAST) as (alice, _):
+        [session] = [s for s in alice.chat._sessions[BOB.peer_id] if not s.closed]
+        writes: list[object] = []
+        real_write = alice.db.write
+
+        async def counted(fn: Any, **kwargs: Any) -> Any:
+            writes.append(fn)
+            return await real_write(fn, **kwargs)
+
+        alice.db.write = counted  # type: ignore[method-assign]
+        await alice.chat._apply_acks(session, [bytes([i]) * 16 for i in range(200)])  # ids Alice never sent
+        assert writes == []
+        alice.db.write = real_write  # type: ignore[method-assign]
+        assert (await alice.chat.status())["dropped"]["chat_ack_unknown"] == 200
+        await alice.chat.send("bob", "still delivered")
+        await eventually(lambda: _all_delivered(alice, "bob", 2), "delivery")
