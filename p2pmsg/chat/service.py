@@ -140,6 +140,9 @@ _SKEW_WARNING_INTERVAL: Final = 3600.0
 _INBOX_BUDGET: Final = 16 * 1024 * 1024
 """Bytes received on all sessions together and not yet stored: beyond it readers wait (TCP pushes back on the
 senders), so many sessions sending big envelopes at once cannot grow the node's memory without bound."""
+_STRANGER_INBOX_BUDGET: Final = 4 * 1024 * 1024
+"""The part of :data:`_INBOX_BUDGET` that stranger sessions may hold together: the rest (12 MiB) stays free for
+contacts however many strangers send at once."""
 _STORE_FAILED_LINGER: Final = 10.0
 """Seconds a session whose received messages could not be stored stays open (storing nothing) before it is closed:
 long enough that the sender is not made to redial in a loop, short enough that it resends soon."""
@@ -295,6 +298,8 @@ class _Session:
     """When (trio clock) the session registered."""
     inbox_bytes: int = 0
     """Bytes this session took from the inbox budget and has not given back (given back when stored, or at close)."""
+    stranger_inbox_bytes: int = 0
+    """The part of ``inbox_bytes`` also taken from the strangers' share (read while the peer was a stranger)."""
     store_failed: bool = False
     """Received messages could not be stored: everything after them on this session is dropped unacknowledged too,
     so what is stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
@@ -317,6 +322,11 @@ class _ByteBudget:
     def give_back(self, size: int) -> None:
         self.used -= size
         self._waiting.unpark_all()
+
+
+_InboxChunk = tuple[list[SealedEnvelope], int, int]
+"""Envelopes read in one go, the bytes they took from the inbox budget, and how many of those from the strangers'
+share."""
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -424,6 +434,7 @@ class ChatService:
         self._dropped: collections.Counter[str] = collections.Counter()
         self._drop_log = LogThrottle(log)  # a peer repeating bad input must not fill the disk with log lines
         self._inbox_budget = _ByteBudget(_INBOX_BUDGET)
+        self._stranger_budget = _ByteBudget(_STRANGER_INBOX_BUDGET)
         self._store_warning = LogThrottle(
             log, burst=1, interval=_STORE_WARNING_INTERVAL
         )  # a full disk fails each batch
@@ -1003,8 +1014,7 @@ class ChatService:
                 session.held.clear()
                 session.pending.clear()
                 if session.inbox_bytes:  # chunks read but never stored (the session ended first)
-                    self._inbox_budget.give_back(session.inbox_bytes)
-                    session.inbox_bytes = 0
+                    self._give_back_inbox(session, session.inbox_bytes, session.stranger_inbox_bytes)
                 self._poke()
             await close_gracefully(channel)
         if session is not None:
@@ -1122,7 +1132,7 @@ class ChatService:
         await self._write(session, session.conn.send_hello())
         # Received envelopes go to a storer task, so reading goes on while a chunk commits; the storer takes all that
         # piled up meanwhile into its next transaction (bounded: the reader waits when _INBOX_CHUNKS are queued).
-        send, receive = trio.open_memory_channel[tuple[list[SealedEnvelope], int]](_INBOX_CHUNKS)
+        send, receive = trio.open_memory_channel[_InboxChunk](_INBOX_CHUNKS)
         failure: list[Exception] = []
         reason = ""
         async with trio.open_nursery() as nursery:
@@ -1140,32 +1150,32 @@ class ChatService:
     async def _storer(
         self,
         session: _Session,
-        receive: trio.MemoryReceiveChannel[tuple[list[SealedEnvelope], int]],
+        receive: trio.MemoryReceiveChannel[_InboxChunk],
         failure: list[Exception],
         scope: trio.CancelScope,
     ) -> None:
         try:
             async with receive:
-                async for chunk, charged in receive:
+                async for chunk, charged, stranger_charged in receive:
                     batch = list(chunk)
                     while len(batch) < _INBOX_BATCH:
                         try:
-                            more, size = receive.receive_nowait()
+                            more, size, stranger_size = receive.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
                         batch.extend(more)
                         charged += size
+                        stranger_charged += stranger_size
                     try:
                         await self._receive_envelopes(session, batch)
                     finally:
-                        session.inbox_bytes -= charged
-                        self._inbox_budget.give_back(charged)
+                        self._give_back_inbox(session, charged, stranger_charged)
         except Exception as exc:
             failure.append(exc)
             scope.cancel()
 
     async def _read_loop(
-        self, session: _Session, inbox: trio.MemorySendChannel[tuple[list[SealedEnvelope], int]]
+        self, session: _Session, inbox: trio.MemorySendChannel[_InboxChunk]
     ) -> str:
         while True:
             # A stranger's idle time runs from its last message that opened, not its last byte: dribbling bytes
@@ -1199,9 +1209,13 @@ class ChatService:
                 # The envelopes' own size: what the storer holds until they are stored (the read that completed them
                 # may be much shorter).
                 size = sum(len(envelope.raw) for envelope in envelopes)
+                stranger_size = size if session.relation is Relation.STRANGER else 0
+                if stranger_size:  # the strangers' share first: a stranger never waits holding contacts' bytes
+                    await self._stranger_budget.take(stranger_size)
+                    session.stranger_inbox_bytes += stranger_size
                 await self._inbox_budget.take(size)
                 session.inbox_bytes += size
-                await inbox.send((envelopes, size))
+                await inbox.send((envelopes, size, stranger_size))
             if acks:
                 await self._apply_acks(session, acks)
             if closed:
@@ -1388,6 +1402,14 @@ class ChatService:
         return _Incoming(
             relation=relation, contact_name=name, disposition=disposition, outcomes=outcomes, sent_at=sent_ats
         )
+
+    def _give_back_inbox(self, session: _Session, size: int, stranger_size: int) -> None:
+        """Return ``size`` bytes of ``session``'s inbox charge, ``stranger_size`` of them from the strangers' share."""
+        session.inbox_bytes -= size
+        self._inbox_budget.give_back(size)
+        if stranger_size:
+            session.stranger_inbox_bytes -= stranger_size
+            self._stranger_budget.give_back(stranger_size)
 
     async def _apply_acks(self, session: _Session, ids: list[bytes]) -> None:
         # Only ids written on this session and not yet acknowledged reach the store: the peer acknowledges what it

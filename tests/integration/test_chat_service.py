@@ -1057,3 +1057,40 @@ async def test_acks_for_ids_not_written_on_the_session_never_reach_the_store(tmp
         assert (await alice.chat.status())["dropped"]["chat_ack_unknown"] == 200
         await alice.chat.send("bob", "still delivered")
         await eventually(lambda: _all_delivered(alice, "bob", 2), "delivery")
+
+
+async def test_strangers_cannot_take_the_inbox_budget_from_contacts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Strangers sending big envelopes while the store is busy hold at most their share of the inbox budget; a
+    contact's envelopes are still read (found in review: one budget for everyone, strangers could fill it)."""
+    monkeypatch.setattr("p2pmsg.chat.service._INBOX_BUDGET", 2 * 1024 * 1024)
+    monkeypatch.setattr("p2pmsg.chat.service._STRANGER_INBOX_BUDGET", 512 * 1024)
+    held: dict[PeerId, int] = {}
+
+    async def stalled_store(self: ChatService, session: Any, batch: list[Any]) -> None:  # the disk is busy
+        held[session.peer] = held.get(session.peer, 0) + sum(len(envelope.raw) for envelope in batch)
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(ChatService, "_receive_envelopes", stalled_store)
+
+    async def send_big(identity: Identity, addrs: list[Multiaddr], count: int, nursery: trio.Nursery) -> None:
+        channel = await dial(identity, BOB.peer_id, addrs, timeout=5, nursery=nursery)
+        conn = ChatConnection()
+        await channel.send_all(conn.send_hello())
+        sealer = EnvelopeSealer(identity)
+        for i in range(count):  # 60 KB each: the reader stops once its budget is used up (the send then blocks)
+            now = int(time.time() * 1000)
+            await channel.send_all(conn.send_messages([sealer.seal(BOB.peer_id, f"{i}" + "x" * 60000, ts=now)]))
+
+    strangers = [Identity.from_seed(bytes([0x50 + i]) * 32) for i in range(4)]
+    async with running_node(tmp_path / "bob", BOB) as bob, trio.open_nursery() as nursery:
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        for stranger in strangers:  # 4 x 20 x 60 KB = 4.8 MB, more than the whole 2 MiB budget
+            nursery.start_soon(send_big, stranger, list(bob.addrs), 20, nursery)
+        await eventually(lambda: bob.chat._stranger_budget.used >= 400_000, "the strangers' share used up")
+        await trio.sleep(0.3)  # let every stranger's reader reach the limit
+        assert bob.chat._stranger_budget.used <= 512 * 1024
+        nursery.start_soon(send_big, ALICE, list(bob.addrs), 3, nursery)
+        await eventually(lambda: held.get(ALICE.peer_id), "Alice's envelopes read although strangers are waiting")
+        nursery.cancel_scope.cancel()
