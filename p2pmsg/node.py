@@ -13,9 +13,10 @@ second node on the same home is refused before anything else binds), then starts
   (from the DHT's task, without waiting: a bounded queue, overflow counted as ``node_record_queue_full``) to a task
   that passes it to the chat service, which flushes that contact's outbox if messages wait for it;
 * the control server (:class:`p2pmsg.control.server.ControlServer`) on ``<home>/control.sock``;
-* the *maintenance* task: bootstrap the DHT (saved routing table first, then the configured bootstrap peers,
-  DNS names resolved here; again every round while the routing table holds fewer than :data:`REJOIN_BELOW` nodes
-  or our record found no holder), publish our signed peer record, republish it before it expires or whenever our
+* the *maintenance* task: bootstrap the DHT (through the saved routing table, the configured bootstrap peers, DNS
+  names resolved here, and our contacts' known addresses, whose nodes by default run their DHT on UDP at the port
+  of their first TCP address; again every round while the routing table holds fewer than :data:`REJOIN_BELOW`
+  nodes or our record found no holder), publish our signed peer record, republish it before it expires or whenever our
   advertised addresses change, and save the routing table for the next start.
 
 SIGINT and SIGTERM cancel the nursery: every service closes its sockets, the database finishes its queued writes,
@@ -125,7 +126,7 @@ class NodeOptions:
     """Seconds between maintenance rounds (republish if needed, rejoin when the routing table is small)."""
     rejoin_below: int = REJOIN_BELOW
     """While the routing table holds fewer nodes than this (or our record was stored nowhere), every maintenance
-    round asks the bootstrap peers again."""
+    round joins again (saved nodes, bootstrap peers, contacts)."""
     chat: ChatConfig | None = None
     """Tunables of the chat service (default :class:`ChatConfig`); its ``policy`` comes from the node config's
     ``accept_from``."""
@@ -224,6 +225,14 @@ def advertised_addrs(
     return list(dict.fromkeys(out))
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _is_wildcard(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_unspecified
@@ -315,6 +324,7 @@ class Node:
         self._started = time.monotonic()
         self.maintenance_failures: collections.Counter[str] = collections.Counter()
         self._join_warned = False  # said that no bootstrap peer answered, and none has since
+        self._alone_said = False  # said that there is nobody to join through
         self._disk_low = False  # warned that the home's disk is low on space, and it still is
         self.database_state = "not checked"
         """The background check of the database file: "not checked", "checking", "ok" or "damaged" (in status)."""
@@ -460,7 +470,7 @@ class Node:
                     await self._save_routing_table()
                     last_save = now
                 small = len(self.dht.routing_table_snapshot()) < self.options.rejoin_below
-                if self._bootstrap and (small or (stale and not published)):
+                if small or (stale and not published):
                     await self._attempt("join", self._join())
                 self._check_free_space()
                 flush_all()  # the counts of log lines left out by floods that have stopped
@@ -483,9 +493,19 @@ class Node:
         # A database call that started completes even when cancelled meanwhile; stop here rather than touch a DHT
         # node that the same cancellation may already have stopped.
         await trio.lowlevel.checkpoint_if_cancelled()
-        targets = list(dict.fromkeys([(n.host, n.port) for n in saved] + self._bootstrap))
+        # Our contacts' nodes too: a node whose bootstrap peers are all gone still joins (and stays in) the mesh
+        # through the friends it talks to.  Their DHT port is a guess (that of their first TCP address, the default).
+        contacts = [
+            (host, port)
+            for kind, host, port in map(Multiaddr.transport, await self.chat.contact_addresses())
+            if kind == "tcp" and _is_ip(host)
+        ]
+        await trio.lowlevel.checkpoint_if_cancelled()
+        targets = list(dict.fromkeys([(n.host, n.port) for n in saved] + self._bootstrap + contacts))
         if not targets:
-            log.info("dht: no bootstrap peers configured and none saved; waiting for others to join us")
+            if not self._alone_said:
+                self._alone_said = True
+                log.info("dht: no bootstrap peers configured, none saved and no contact known; waiting for others")
             return
         before = len(self.dht.routing_table_snapshot())
         size = await self.dht.bootstrap(targets)

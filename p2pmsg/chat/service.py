@@ -740,6 +740,20 @@ class ChatService:
         except (ValueError, TypeError, MultiaddrError, msgpack.UnpackException):
             return []
 
+    async def contact_addresses(self, *, limit: int = 32) -> list[Multiaddr]:
+        """Up to ``limit`` addresses our contacts can be reached at, from their cached peer records and invites
+        (the node tries them as DHT nodes too when its routing table is small: by default a node's DHT listens on
+        UDP at the port of its first TCP address)."""
+        out: list[Multiaddr] = []
+        for peer in sorted(await self.contact_peers(), key=str):
+            record = await self._cached_record(peer)
+            for addr in [*_record_addrs(record), *await self._hints(peer)]:
+                if addr not in out:
+                    out.append(addr)
+                if len(out) >= limit:
+                    return out
+        return out
+
     def _verify_record(self, peer: PeerId, value: bytes) -> PeerRecord | None:
         try:
             verified = verify_record_value(peer_record_key(peer), value, now=self._now() / 1000)

@@ -170,6 +170,32 @@ async def test_a_small_routing_table_is_refreshed_through_the_bootstrap_peer(tmp
         outer.cancel_scope.cancel()
 
 
+async def test_a_node_without_bootstrap_peers_joins_the_dht_through_its_contacts(tmp_path: Path) -> None:
+    """Bob has no bootstrap peer (or all of his are gone) but a contact, Alice, whose invite he added: her node's DHT
+    listens on UDP at the port of her TCP address (the default), so Bob joins the mesh through her."""
+    for _ in range(20):  # a port free on both TCP and UDP
+        with trio.socket.socket() as tcp, trio.socket.socket(type=trio.socket.SOCK_DGRAM) as udp:
+            await tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            try:
+                await udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        break
+    async with trio.open_nursery() as nursery:
+        alice = await start(nursery, tmp_path / "alice", Cfg(listen=[f"/ip4/127.0.0.1/tcp/{port}"]))
+        assert alice.dht.address[1] == port
+        bob = await start(nursery, tmp_path / "bob", Cfg(listen=["/ip4/127.0.0.1/tcp/0"]))
+        invite = (await call(alice.home, "id"))["invite"]
+        await call(bob.home, "contacts.add", target=invite, name="alice")
+
+        async def bob_knows_alice() -> bool:
+            return alice.dht.node_id in {c.node_id for c in bob.dht.routing_table_snapshot()}
+
+        await wait_for(bob_knows_alice, "Bob joining the DHT through his contact")
+        nursery.cancel_scope.cancel()
+
+
 async def _has_contacts(node: Node) -> bool:
     return bool(node.dht.routing_table_snapshot())
 
