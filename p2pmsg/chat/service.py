@@ -1188,9 +1188,7 @@ class ChatService:
             failure.append(exc)
             scope.cancel()
 
-    async def _read_loop(
-        self, session: _Session, inbox: trio.MemorySendChannel[_InboxChunk]
-    ) -> str:
+    async def _read_loop(self, session: _Session, inbox: trio.MemorySendChannel[_InboxChunk]) -> str:
         while True:
             # A stranger's idle time runs from its last message that opened, not its last byte: dribbling bytes
             # (or acks, or forged envelopes) cannot hold a stranger slot.
