@@ -22,16 +22,16 @@ oversized message), sends a Close frame with code 1009 (Message Too Big) and sto
 can make us hold at most about three messages (~200 KB) per connection.  trio-websocket does *not* close the TCP
 socket after a 1009 close or after the client side of a close handshake; :meth:`WebSocketStream.aclose` always does.
 
-Frame budget: parsing a frame costs trio-websocket the same Python work whatever it carries, so a peer sending
-empty continuation frames or pings at line rate (170,000 a second over one connection) keeps a core busy while
-delivering nothing.  :class:`FrameMeter` walks the frame headers in the raw bytes before trio-websocket sees them
-(RFC 6455 section 5.2: it skips payloads, it never unmasks) and charges every *small* frame -- payload under
-:data:`WS_SMALL_FRAME` bytes, whatever its opcode -- one token from a budget of :data:`WS_SMALL_FRAME_RATE` a second,
-at most :data:`WS_SMALL_FRAME_BURST` at once.  A larger frame is free: its cost is in bytes, which the network
-bounds.  Our own peers send one frame per message, each a whole Noise frame (an ack is about 60 bytes), so only
-a peer sending thousands of tiny frames a second runs out.  When the budget is spent, the transport is reported
-broken before trio-websocket parses those bytes, and the stream's next ``receive_some`` raises
-:class:`trio.BrokenResourceError` with the reason.  The listener passes one budget per source (IPv4 address, IPv6
+Frame budget: parsing a frame costs trio-websocket the same Python work whatever it carries, so a peer sending empty
+continuation frames or pings at line rate (170,000 a second over one connection) keeps a core busy while delivering
+nothing. :class:`FrameMeter` walks the frame headers in the raw bytes before trio-websocket sees them (RFC 6455
+section 5.2: it skips payloads, it never unmasks), starting exactly where wsproto starts parsing frames, and charges
+every *small* frame -- payload under :data:`WS_SMALL_FRAME` bytes, whatever its opcode -- one token from a budget of
+:data:`WS_SMALL_FRAME_RATE` a second, at most :data:`WS_SMALL_FRAME_BURST` at once. A larger frame is free: its cost
+is in bytes, which the network bounds. Our own peers send one frame per message, each a whole Noise frame (an ack is
+about 60 bytes), so only a peer sending thousands of tiny frames a second runs out. When the budget is spent, the
+transport is reported broken before trio-websocket parses those bytes, and the stream's next ``receive_some`` raises
+:class:`trio.BrokenResourceError` with the reason. The listener passes one budget per source (IPv4 address, IPv6
 /64), shared by all of that source's connections; an outbound connection gets its own.
 
 Close mapping to trio's conventions: a Close frame with code 1000 or 1001 is end of stream (``b""``); any other
@@ -45,6 +45,7 @@ from __future__ import annotations
 import functools
 import logging
 import operator
+import re
 from collections.abc import Callable
 from typing import Final, cast
 
@@ -76,6 +77,9 @@ logger = logging.getLogger(__name__)
 WS_MAX_MESSAGE_SIZE: Final = 65537
 #: The only HTTP path a p2pmsg WebSocket listener accepts.
 WS_PATH: Final = "/"
+# The end of an HTTP head as h11 finds it, and the status line of an accepted upgrade.
+_BLANK_LINE: Final = re.compile(rb"\n\r?\n")
+_SWITCHING: Final = re.compile(rb"HTTP/\d\.\d 101\b")
 #: Frames with a payload under this many bytes are *small*: each is charged to the peer's frame budget.
 WS_SMALL_FRAME: Final = 1024
 #: Small frames a second one peer may send (after its burst); beyond it the connection is closed.
@@ -113,33 +117,54 @@ def own_frame_budget() -> FrameBudget:
 class FrameMeter:
     """Counts the small WebSocket frames in the bytes a peer sends (module docstring: frame budget).
 
-    Feed it every received chunk in order, starting with the first byte of the connection: it skips the HTTP
-    upgrade (everything up to the first empty line), then walks the frame headers.  Sans-IO: it only counts.
+    Feed it every received chunk in order, from the first byte of the connection.  Frames begin where wsproto
+    (trio-websocket's parser) begins to parse them, and the meter follows it exactly there:
+
+    * on a **client**, right after the blank line that ends the server's ``101`` response (h11's rule: the first
+      ``\\n\\r?\\n``), in the same chunk if more follows it; a response other than ``101`` has no frames;
+    * on a **server**, with the first byte received after our response went out (:meth:`response_sent`): wsproto
+      drops whatever a client sent between its request and our answer (RFC 6455 section 4.1: a client waits for
+      it), so the meter drops it too.
+
+    Then it walks the frame headers (RFC 6455 section 5.2), skipping payloads.  Sans-IO: it only counts.
     """
 
-    __slots__ = ("_header", "_http_tail", "_in_http", "_skip", "small_frames")
+    __slots__ = ("_client", "_head", "_header", "_mode", "_skip", "_tail", "small_frames")
 
-    def __init__(self) -> None:
-        self._in_http = True
-        self._http_tail = b""  # the last bytes of the HTTP part seen so far (an empty line may span two chunks)
+    def __init__(self, *, client: bool) -> None:
+        self._client = client
+        self._mode = "http"  # "http" (before the frames), "frames", or "none" (a refused upgrade: no frames)
+        self._head = b""  # the first bytes of the server's response (client side)
+        self._tail = b""  # the last 2 bytes of the response seen so far (a blank line may span two chunks)
         self._header = bytearray()  # the frame header read so far
         self._skip = 0  # payload bytes of the current frame still to skip
         self.small_frames = 0
         """Small frames seen so far (a frame counts once its whole header has arrived)."""
 
+    def response_sent(self) -> None:
+        """(Server side) our answer to the upgrade request went out: frames begin with the next byte received."""
+        if not self._client and self._mode == "http":
+            self._mode = "frames"
+
     def feed(self, data: bytes | bytearray | memoryview) -> int:
         """Walk ``data``; return how many small frames began in it."""
         view = memoryview(data).cast("B")
         offset = 0
-        if self._in_http:
-            seen = self._http_tail + bytes(view)
-            end = seen.find(b"\r\n\r\n")
-            if end < 0:
-                self._http_tail = seen[-3:]
+        if self._mode == "http":
+            if not self._client:
+                return 0  # before our answer: wsproto never parses these bytes as frames
+            if len(self._head) < 16:
+                self._head += bytes(view[: 16 - len(self._head)])
+            seen = self._tail + bytes(view)
+            match = _BLANK_LINE.search(seen)
+            if match is None:
+                self._tail = seen[-2:]
                 return 0
-            offset = end + 4 - len(self._http_tail)  # the empty line ends inside ``view``: the tail is 3 bytes at most
-            self._in_http = False
-            self._http_tail = b""
+            offset = match.end() - len(self._tail)  # the blank line ends inside ``view``: the tail is 2 bytes
+            self._tail = b""
+            self._mode = "frames" if _SWITCHING.match(self._head) else "none"
+        if self._mode == "none":
+            return 0
         found = 0
         size = len(view)
         while offset < size:
@@ -180,10 +205,10 @@ class _WatchedStream(trio.abc.Stream):
 
     __slots__ = ("_budget", "_inner", "_meter", "on_dead", "over_budget")
 
-    def __init__(self, inner: trio.abc.Stream, budget: FrameBudget) -> None:
+    def __init__(self, inner: trio.abc.Stream, budget: FrameBudget, *, client: bool) -> None:
         self._inner = inner
         self._budget = budget
-        self._meter = FrameMeter()
+        self._meter = FrameMeter(client=client)
         self.on_dead: Callable[[], object] | None = None
         self.over_budget: str | None = None
 
@@ -193,6 +218,9 @@ class _WatchedStream(trio.abc.Stream):
             callback()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # On a server the first write is the answer to the upgrade request.  wsproto switched to frames when it
+        # made these bytes, in this same step: the meter switches with it, before any await.
+        self._meter.response_sent()
         try:
             await self._inner.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -421,7 +449,8 @@ async def _host_connection(
     task_status: trio.TaskStatus[WebSocketStream] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run one WebSocket connection's reader for as long as the connection lives (see the module docstring)."""
-    watched = _WatchedStream(transport, frame_budget if frame_budget is not None else own_frame_budget())
+    budget = frame_budget if frame_budget is not None else own_frame_budget()
+    watched = _WatchedStream(transport, budget, client=client)
     started = False
     stream: WebSocketStream | None = None
     try:

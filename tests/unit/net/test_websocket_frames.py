@@ -38,35 +38,58 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True)
     return head + (os.urandom(4) if masked else b"") + payload
 
 
-def test_meter_skips_the_http_part_and_counts_only_small_frames() -> None:
-    stream = (
-        UPGRADE
-        + frame(0x2, b"x" * 60)  # small: an ack-sized message
-        + frame(0x2, b"y" * WS_SMALL_FRAME)  # not small
-        + frame(0x2, b"z" * 70000, masked=False)  # 8-byte length, not small
-        + frame(0x9, b"")  # a ping is small
-        + frame(0x2, b"", fin=False)
-        + frame(0x0, b"", fin=False)
-        + frame(0x0, b"w" * 300)  # the 2-byte length form, still small
-    )
-    whole = FrameMeter()
-    assert whole.feed(stream) == 5
+FRAMES = (
+    frame(0x2, b"x" * 60)  # small: an ack-sized message
+    + frame(0x2, b"y" * WS_SMALL_FRAME)  # not small
+    + frame(0x2, b"z" * 70000, masked=False)  # the 8-byte length form, not small
+    + frame(0x9, b"")  # a ping is small
+    + frame(0x2, b"", fin=False)
+    + frame(0x0, b"", fin=False)
+    + frame(0x0, b"w" * 300)  # the 2-byte length form, still small
+)
+SMALL_IN_FRAMES = 5
+RESPONSE = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+)
+
+
+def test_a_server_meter_counts_from_the_first_byte_after_its_answer_whatever_came_before() -> None:
+    """wsproto drops what a client sends before the server's answer; so does the meter (a fake frame header there
+    announcing 2**62 bytes must not make it skip the real frames)."""
+    meter = FrameMeter(client=False)
+    assert meter.feed(UPGRADE + b"\x82\xff\x3f" + b"\xff" * 7 + b"mask") == 0
+    meter.response_sent()
+    assert meter.feed(FRAMES) == SMALL_IN_FRAMES
     for cut in (1, 2, 3, 7, 64):  # any split of the same bytes gives the same count
-        meter = FrameMeter()
+        meter = FrameMeter(client=False)
+        meter.response_sent()
+        total = sum(meter.feed(FRAMES[i : i + cut]) for i in range(0, len(FRAMES), cut))
+        assert total == meter.small_frames == SMALL_IN_FRAMES, cut
+
+
+@pytest.mark.parametrize(
+    "response",
+    [RESPONSE, RESPONSE.replace(b"\r\n", b"\n"), RESPONSE[:-2] + b"\n"],
+    ids=["crlf", "bare-lf", "mixed"],
+)
+def test_a_client_meter_counts_right_after_the_blank_line_that_ends_a_101(response: bytes) -> None:
+    """h11 ends the head at the first \\n\\r?\\n; frames that came in the same chunk as the response count."""
+    for cut in (1, 2, 3, len(response) + len(FRAMES)):
+        meter = FrameMeter(client=True)
+        stream = response + FRAMES
         total = sum(meter.feed(stream[i : i + cut]) for i in range(0, len(stream), cut))
-        assert total == meter.small_frames == 5, cut
+        assert total == SMALL_IN_FRAMES, cut
 
 
-def test_meter_counts_nothing_until_the_http_part_ends() -> None:
-    meter = FrameMeter()
-    assert meter.feed(UPGRADE[:-2]) == 0
-    assert meter.feed(b"\r") == 0  # one byte short of the empty line
-    assert meter.feed(b"\n" + frame(0x2, b"a") * 3) == 3
+def test_a_client_meter_counts_nothing_after_a_refused_upgrade() -> None:
+    meter = FrameMeter(client=True)
+    assert meter.feed(b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n" + frame(0x2, b"")) == 0
 
 
-def test_meter_handles_the_126_length_form_and_payloads_spanning_chunks() -> None:
-    meter = FrameMeter()
-    meter.feed(UPGRADE)
+def test_the_meter_handles_payloads_spanning_chunks() -> None:
+    meter = FrameMeter(client=False)
+    meter.response_sent()
     big = frame(0x2, b"q" * 5000)
     assert big[1] & 0x7F == 126
     assert meter.feed(big[:100]) == 0 and meter.feed(big[100:]) == 0
@@ -80,9 +103,16 @@ async def listener() -> AsyncIterator[trio.SocketListener]:
         yield server
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [UPGRADE, UPGRADE.replace(b"\r\n", b"\n"), UPGRADE + b"\x82\xff\x3f" + b"\xff" * 7 + b"mask"],
+    ids=["crlf", "bare-lf", "junk-before-the-answer"],
+)
 async def test_a_flood_of_empty_continuation_frames_breaks_the_stream_with_the_reason(
-    listener: trio.SocketListener,
+    listener: trio.SocketListener, request_bytes: bytes
 ) -> None:
+    """Also for the two ways a review found to slip past the first meter: a request ending in bare line feeds, and a
+    fake frame header announcing 2**62 bytes sent before the server's answer (wsproto drops it, the meter skipped)."""
     port = listener.socket.getsockname()[1]
     limiter: RateLimiter[None] = RateLimiter(rate=1.0, burst=200, max_sources=1)
     charged: list[int] = []
@@ -94,7 +124,7 @@ async def test_a_flood_of_empty_continuation_frames_breaks_the_stream_with_the_r
     async with trio.open_nursery() as nursery:
         client = await trio.open_tcp_stream("127.0.0.1", port)
         server_tcp = await listener.accept()
-        await client.send_all(UPGRADE)
+        await client.send_all(request_bytes)
         with trio.fail_after(5):
             server = await accept_websocket_stream(nursery, server_tcp, frame_budget=budget)
             response = b""
