@@ -703,17 +703,23 @@ class ChatService:
                 await self._reschedule_peer(peer, "the recipient is blocked")
                 return
             connected: tuple[SecureChannel, str] | None = None
+            failure = ""
+            # Only the dial itself runs in the scope a newer record cancels: a store write cancelled while it ran
+            # still completes, and the cancellation would then be lost with the expedite it stands for.
             with trio.CancelScope() as scope:
                 self._dial_scopes[peer] = scope
                 try:
                     connected = await self._connect(peer)
                 except _ConnectFailed as exc:
-                    await self._reschedule_peer(peer, str(exc))
-                    return
+                    failure = str(exc)
                 finally:
-                    del self._dial_scopes[peer]
-            if connected is None:  # a record with other addresses arrived: dial those now (no attempt counted)
-                await self._expedite(peer)
+                    if self._dial_scopes.get(peer) is scope:
+                        del self._dial_scopes[peer]
+            if connected is None:
+                if scope.cancel_called:  # a record with other addresses arrived: dial those now, no attempt counted
+                    await self._expedite(peer)
+                else:
+                    await self._reschedule_peer(peer, failure)
                 return
             channel, addr = connected
             if self._nursery is None:
@@ -924,8 +930,9 @@ class ChatService:
                     for channel, _ in won:
                         await trio.aclose_forcefully(channel)
                 raise
-            for channel, _ in won[1:]:  # both got through before the cancellation: keep one
-                await trio.aclose_forcefully(channel)
+            with trio.CancelScope(shield=True):  # closing the spare must not be cut short and lose the one kept
+                for channel, _ in won[1:]:  # both got through before the cancellation: keep one
+                    await trio.aclose_forcefully(channel)
             if won:
                 return won[0]
             raise _ConnectFailed("; ".join(reasons) if reasons else f"no known address for {peer}")
@@ -957,6 +964,7 @@ class ChatService:
     async def _run_session(self, channel: SecureChannel, direction: str, addr: str, dialed: bool) -> None:
         peer = channel.remote_peer
         session: _Session | None = None
+        dial_done = not dialed  # this dial's mark in _dialing is cleared once (a later dial may set it again)
         unsent: list[bytes] = []
         try:
             if peer == self.identity.peer_id:
@@ -993,7 +1001,8 @@ class ChatService:
                 old.closed = True
                 old.close_reason = "replaced by a newer session"
                 old.scope.cancel()
-            if dialed:
+            if not dial_done:
+                dial_done = True
                 self._dialing.discard(peer)
             self._publish(
                 ev.PeerUpEvent(peer_id=self._text(peer), contact=session.contact_name, direction=direction, addr=addr)
@@ -1013,7 +1022,7 @@ class ChatService:
             if session is not None:
                 session.close_reason = "internal error"
         finally:
-            if dialed:
+            if not dial_done:
                 self._dialing.discard(peer)
             if session is not None:
                 session.closed = True
