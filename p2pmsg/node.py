@@ -46,6 +46,7 @@ from typing import Any, Final, Protocol, TypeVar
 import trio
 
 from p2pmsg.chat.errors import ERROR_CODES as CHAT_ERROR_CODES
+from p2pmsg.chat.invite import format_invite
 from p2pmsg.chat.policy import ChatPolicy
 from p2pmsg.chat.service import ChatConfig, ChatService
 from p2pmsg.control.errors import NodeAlreadyRunningError
@@ -68,11 +69,11 @@ T = TypeVar("T")
 ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
 """Seconds between saves of the DHT routing table (it is also saved at shutdown)."""
 REPUBLISH_CHECK_INTERVAL: Final = 30.0
+"""Seconds between checks of whether our advertised addresses changed."""
 REJOIN_BELOW: Final = 8
 """A routing table smaller than this is refreshed through the bootstrap peers every maintenance round: in a small
 mesh the few nodes it holds may all have moved or stopped (a node keeps a known id at its old address until that
 address stops answering), and then lookups would fail while the bootstrap peer knows where everyone is."""
-"""Seconds between checks of whether our advertised addresses changed."""
 LOW_DISK_BYTES: Final = 64 * 1024 * 1024
 """Free space on the home's file system below which the node warns: messages and receipts stop being stored when
 it runs out (senders then resend later, nothing is lost, but nothing new arrives either)."""
@@ -225,6 +226,32 @@ def advertised_addrs(
     return list(dict.fromkeys(out))
 
 
+def id_info(identity: Identity, addrs: Sequence[Multiaddr]) -> dict[str, Any]:
+    """What ``p2pmsg id`` shows: the peer id, the advertised addresses with ``/p2p/<peer id>``, the invite link."""
+    return {
+        "peer_id": str(identity.peer_id),
+        "addrs": [str(a.with_peer_id(identity.peer_id)) for a in addrs],
+        "invite": format_invite(identity.peer_id, list(addrs)),
+    }
+
+
+def configured_addrs(config: NodeConfig) -> list[Multiaddr]:
+    """The addresses a node started with ``config`` would advertise, as far as they are known before it runs: a
+    listen address with port 0 is left out (its port is chosen when it binds) and bootstrap peers named by DNS are
+    not looked up.  Raises :class:`~p2pmsg.wire.multiaddr.MultiaddrError` for a listen address that does not
+    parse."""
+    listen = [Multiaddr.parse(text) for text in config.listen]
+    bootstrap: list[tuple[str, int]] = []
+    for text in config.bootstrap:
+        try:
+            _, host, port = Multiaddr.parse(text).transport()
+        except P2PMsgError:
+            continue
+        if _is_ip(host):
+            bootstrap.append((host, port))
+    return advertised_addrs([a for a in listen if a.transport()[2] != 0], bootstrap)
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -332,12 +359,7 @@ class Node:
     # -- control methods -------------------------------------------------------------------------------------------
 
     async def _id(self, params: dict[str, Any]) -> dict[str, Any]:
-        addrs = [a.with_peer_id(self.identity.peer_id) for a in self.addrs]
-        return {
-            "peer_id": str(self.identity.peer_id),
-            "addrs": [str(a) for a in addrs],
-            "invite": self.chat.invite(self.addrs),
-        }
+        return id_info(self.identity, self.addrs)
 
     async def _status(self, params: dict[str, Any]) -> dict[str, Any]:
         chat = await self.chat.status()
@@ -637,7 +659,8 @@ async def run_bootstrap_node(
             if _is_wildcard(host) and all(_is_loopback_host(a.transport()[1]) for a in addrs):
                 log.warning(
                     "found no address of this host that other machines can reach (no default route): give them "
-                    "/ip4/<this host's LAN, VPN or public address>/udp/%d/p2p/%s",
+                    "/%s/<this host's LAN, VPN or public address>/udp/%d/p2p/%s",
+                    "ip6" if ":" in host else "ip4",
                     bound_port,
                     identity.peer_id,
                 )

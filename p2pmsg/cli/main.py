@@ -506,23 +506,58 @@ def bootstrap_command(state: State, listen: str, peers: tuple[str, ...], log_lev
 @cli.command("id")
 @json_option
 @click.option("--no-qr", is_flag=True, help="Do not draw the invite as a QR code.")
+@click.option("--no-passphrase", is_flag=True, help="When no node runs: " + _NO_PASSPHRASE_HELP)
 @pass_state
-def id_(state: State, as_json: bool, no_qr: bool) -> None:
-    """Show this node's peer id, addresses and invite link (with a QR code on a terminal)."""
-    info = _record(state.call("id"), "id")
+def id_(state: State, as_json: bool, no_qr: bool, no_passphrase: bool) -> None:
+    """Show this node's peer id, addresses and invite link (with a QR code on a terminal).
+
+    When no node runs on the home, they come from the key file (its passphrase is asked for) and config.toml: the
+    addresses the node will advertise once it runs, as far as they are known before it starts."""
+    try:
+        info = _record(state.call("id"), "id")
+        info["running"] = True
+    except NodeNotRunningError:
+        info = _offline_id(state.home, no_passphrase=no_passphrase)
     if as_json:
         _echo_json(info)
         return
     addrs = info.get("addrs") or []
     invite = str(info.get("invite", ""))
+    if not info["running"]:
+        click.echo(
+            f"(no node runs on {state.home}: these come from its key file and config.toml; start it with `p2pmsg run`)",
+            err=True,
+        )
     click.echo(f"peer id  {clean(info.get('peer_id', '-'))}")
     for index, addr in enumerate(addrs if isinstance(addrs, list) else []):
         click.echo(f"{'address' if index == 0 else '':7}  {clean(addr)}")
     if not addrs:
-        click.echo("address  (none yet)")
+        click.echo(
+            "address  (none yet)" if info["running"] else "address  (known once the node runs: it listens on port 0)"
+        )
     click.echo(f"invite   {clean(invite)}")
     if invite and not no_qr and sys.stdout.isatty():
         click.echo(render_qr(invite))
+
+
+def _offline_id(home: Path, *, no_passphrase: bool) -> dict[str, Any]:
+    """``id`` without a running node: the identity from the key file, the addresses from config.toml."""
+    key_path = home / IDENTITY_FILENAME
+    if not key_path.exists():
+        raise NotRunningCliError(
+            f"no node runs on {home} and it has no identity yet; create one with "
+            f"`p2pmsg --home {shlex.quote(str(home))} init`"
+        )
+    config = load_config(home / CONFIG_FILENAME)
+    identity = _load_identity(key_path, no_passphrase=no_passphrase)
+    node: Any = importlib.import_module("p2pmsg.node")
+    try:
+        addrs = node.configured_addrs(config)
+    except MultiaddrError as exc:
+        raise CliError(f"{home / CONFIG_FILENAME}: listen: {exc}") from None
+    info: dict[str, Any] = node.id_info(identity, addrs)
+    info["running"] = False
+    return info
 
 
 # ---------------------------------------------------------------------------------------------------------------------
