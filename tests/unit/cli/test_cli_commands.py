@@ -229,6 +229,7 @@ async def test_id_text_and_json(home: Path) -> None:
         "peer_id": ME,
         "addrs": ["/ip4/127.0.0.1/tcp/4001"],
         "invite": f"p2pmsg://invite/{ME}",
+        "running": True,
     }
 
 
