@@ -16,8 +16,10 @@ second node on the same home is refused before anything else binds), then starts
 * the *maintenance* task: bootstrap the DHT (through the saved routing table, the configured bootstrap peers, DNS
   names resolved here, and our contacts' known addresses, whose nodes by default run their DHT on UDP at the port
   of their first TCP address; again every round while the routing table holds fewer than :data:`REJOIN_BELOW`
-  nodes or our record found no holder), publish our signed peer record, republish it before it expires or whenever our
-  advertised addresses change, and save the routing table for the next start.
+  nodes or our record found no holder), publish our signed peer record, republish it before it expires or as soon
+  as our advertised addresses change (the *address watcher* works them out again every
+  :data:`ADDRESS_CHECK_INTERVAL` seconds: behind a wildcard listener they follow the network the host is on), and
+  save the routing table for the next start.
 
 SIGINT and SIGTERM cancel the nursery: every service closes its sockets, the database finishes its queued writes,
 and the routing table is saved one last time.  Nothing acknowledged to a user depends on a clean shutdown: a
@@ -69,7 +71,9 @@ T = TypeVar("T")
 ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
 """Seconds between saves of the DHT routing table (it is also saved at shutdown)."""
 REPUBLISH_CHECK_INTERVAL: Final = 30.0
-"""Seconds between checks of whether our advertised addresses changed."""
+"""Seconds between maintenance rounds (republish when due, rejoin while the routing table is small)."""
+ADDRESS_CHECK_INTERVAL: Final = 5.0
+"""Seconds between checks of our own addresses (a wildcard listener's address follows the network we are on)."""
 REJOIN_BELOW: Final = 8
 """A routing table smaller than this is refreshed through the bootstrap peers every maintenance round: in a small
 mesh the few nodes it holds may all have moved or stopped (a node keeps a known id at its old address until that
@@ -125,6 +129,8 @@ class NodeOptions:
     save_interval: float = ROUTING_TABLE_SAVE_INTERVAL
     check_interval: float = REPUBLISH_CHECK_INTERVAL
     """Seconds between maintenance rounds (republish if needed, rejoin when the routing table is small)."""
+    address_interval: float = ADDRESS_CHECK_INTERVAL
+    """Seconds between checks of our own addresses; a change is published at once."""
     rejoin_below: int = REJOIN_BELOW
     """While the routing table holds fewer nodes than this (or our record was stored nowhere), every maintenance
     round joins again (saved nodes, bootstrap peers, contacts)."""
@@ -135,7 +141,7 @@ class NodeOptions:
     """Below this much free space on the home's file system the node warns (each round it is low, once)."""
 
     def __post_init__(self) -> None:
-        for name in ("record_ttl", "save_interval", "check_interval"):
+        for name in ("record_ttl", "save_interval", "check_interval", "address_interval"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise LocalProtocolError(f"NodeOptions.{name} must be a positive number, got {value}")
@@ -347,6 +353,8 @@ class Node:
         handlers["status"] = self._status
         self.control = ControlServer(control_socket_path(home), handlers, self.events, error_codes=CHAT_ERROR_CODES)
         self.addrs: list[Multiaddr] = []
+        self._bound: tuple[Multiaddr, ...] = ()  # the listener's bound addresses (wildcards as bound)
+        self._addrs_changed = trio.Event()  # set when _refresh_addrs finds new addresses (maintenance waits on it)
         self._bootstrap: list[tuple[str, int]] = []
         self._started = time.monotonic()
         self.maintenance_failures: collections.Counter[str] = collections.Counter()
@@ -393,11 +401,12 @@ class Node:
         listen = [Multiaddr.parse(a) for a in self.config.listen]
         async with trio.open_nursery() as nursery:
             await nursery.start(self.dht.run)
-            bound = await nursery.start(self.listener.run, listen)
-            self.addrs = advertised_addrs(bound, self._bootstrap)
+            self._bound = await nursery.start(self.listener.run, listen)
+            self.addrs = advertised_addrs(self._bound, self._bootstrap)
             await nursery.start(self.chat.run)
             await nursery.start(self.control.serve)
             nursery.start_soon(self._maintain)
+            nursery.start_soon(self._watch_addrs)
             nursery.start_soon(self._relay_records)
             nursery.start_soon(self._check_database)
             log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
@@ -458,14 +467,14 @@ class Node:
             pass
 
     async def _relay_records(self) -> None:
-        """Pass each queued peer record to the chat service (it flushes the outbox of a contact whose messages wait
-        and whose record is newer than the one it cached)."""
+        """Pass each queued peer record to the chat service (it caches a contact's newer record, closes sessions over
+        addresses the record dropped, and flushes that contact's outbox)."""
         with contextlib.suppress(P2PMsgError):
             await self.chat.contact_peers()  # load the cache that _record_stored filters with
         async for peer, value in self._records_out:
             try:
                 await self.chat.contact_peers()  # reloaded here after a change of the contacts
-                await self.chat.peer_record_seen(peer, value, waiting_only=True)
+                await self.chat.peer_record_seen(peer, value, contacts_only=True)
             except P2PMsgError as exc:  # e.g. the store is closing
                 log.info("record of %s not passed to the chat service: %s", peer, exc)
             except Exception:  # a bug: lose this record (the record watcher finds it again), never the node
@@ -483,6 +492,8 @@ class Node:
             published_addrs: list[Multiaddr] = []
             last_save = trio.current_time()
             while True:
+                self._addrs_changed = trio.Event()
+                self._refresh_addrs()
                 now = trio.current_time()
                 stale = published_addrs != self.addrs or now - published_at >= self.options.record_ttl / 2
                 published = stale and await self._attempt("publish", self._publish())
@@ -496,10 +507,27 @@ class Node:
                     await self._attempt("join", self._join())
                 self._check_free_space()
                 flush_all()  # the counts of log lines left out by floods that have stopped
-                await trio.sleep(self.options.check_interval)
+                with trio.move_on_after(self.options.check_interval):
+                    await self._addrs_changed.wait()  # a new address is published at once, not next round
         finally:
             with trio.CancelScope(shield=True):
                 await self._save_routing_table()
+
+    def _refresh_addrs(self) -> None:
+        """Work out our advertised addresses again: a laptop that moved to another network, or got a new lease,
+        has a new address behind its wildcard listener, and the record must say so (the loop then republishes)."""
+        fresh = advertised_addrs(self._bound, self._bootstrap)
+        if fresh != self.addrs:
+            log.info("our addresses changed: %s (were %s)", " ".join(map(str, fresh)), " ".join(map(str, self.addrs)))
+            self.addrs = fresh
+            self._addrs_changed.set()
+
+    async def _watch_addrs(self) -> None:
+        """Every :data:`ADDRESS_CHECK_INTERVAL` seconds, see whether our addresses changed (a few UDP ``connect``
+        calls, nothing sent); a change wakes the maintenance loop, which republishes our record."""
+        while True:
+            await trio.sleep(self.options.address_interval)
+            self._refresh_addrs()
 
     async def _attempt(self, step: str, work: Awaitable[T]) -> T | None:
         """Run one maintenance step; a failure is logged and counted, and ``None`` returned."""

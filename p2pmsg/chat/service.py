@@ -300,6 +300,9 @@ class _Session:
     """Bytes this session took from the inbox budget and has not given back (given back when stored, or at close)."""
     stranger_inbox_bytes: int = 0
     """The part of ``inbox_bytes`` also taken from the strangers' share (read while the peer was a stranger)."""
+    redial: bool = False
+    """Closed because the peer's newer record no longer lists the address this session was dialled at: what it
+    had not delivered is due at once, over a dial to the new addresses (not after the backoff)."""
     store_failed: bool = False
     """Received messages could not be stored: everything after them on this session is dropped unacknowledged too,
     so what is stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
@@ -818,24 +821,51 @@ class ChatService:
             return await self._cached_record(peer)
         return record
 
-    async def peer_record_seen(self, peer_id: PeerId, value: bytes, *, waiting_only: bool = False) -> bool:
+    async def peer_record_seen(self, peer_id: PeerId, value: bytes, *, contacts_only: bool = False) -> bool:
         """A peer record of ``peer_id`` was seen (e.g. by the DHT): cache it if newer, and if so (and no session
-        with the peer is open) make that peer's outbox entries due at once.  Return whether it was newer (and cached).
+        with the peer is open) make that peer's outbox entries due at once.  If its addresses changed, sessions
+        over an address it no longer lists are closed first (:meth:`_close_moved_sessions`).  Return whether it was
+        newer (and cached).
 
-        With ``waiting_only`` the record is only considered if ``peer_id`` is a contact (not blocked) with messages
-        in the outbox: the node passes every newer record its DHT store takes in, most of them strangers'."""
-        if waiting_only and not await self._db.read(functools.partial(_is_waiting_contact, peer=peer_id.to_bytes())):
+        With ``contacts_only`` the record is only considered if ``peer_id`` is a contact (not blocked): the node
+        passes every newer record its DHT store takes in, most of them strangers'."""
+        if contacts_only and not await self._db.read(functools.partial(_is_contact, peer=peer_id.to_bytes())):
             return False
         before = await self._cached_record(peer_id)
         record, changed = await self._store_record(peer_id, value)
+        moved = set(_record_addrs(record)) != set(_record_addrs(before))
+        if changed and moved and record is not None:
+            self._close_moved_sessions(peer_id, record)
         if changed and self._best_session(peer_id) is None:  # a live session needs no new address
             log.info("chat: newer peer record of %s seen; its outbox is due now", peer_id)
             dial = self._dial_scopes.get(peer_id)
-            if dial is not None and set(_record_addrs(record)) != set(_record_addrs(before)):
+            if dial is not None and moved:
                 dial.cancel()  # it may be waiting on an address the peer left: start over with the new ones
             else:
                 await self._expedite(peer_id)
         return changed
+
+    def _close_moved_sessions(self, peer: PeerId, record: PeerRecord) -> None:
+        """``peer``'s newer ``record`` lists other addresses than before: close our sessions with it that run over an
+        address it no longer lists (an outbound one dialled at an address not listed, an inbound one from a host
+        not listed).  The peer moved (a new lease, another network), and such a session is most likely dead without
+        knowing it (no FIN, no RST); it would hold our messages until ``resend_after_ms`` passed without a receipt.
+        """
+        listed = {addr.transport() for addr in _record_addrs(record)}
+        hosts = {host for _, host, _ in listed}
+        for session in self._sessions.get(peer, []):
+            if session.closed:
+                continue
+            try:
+                kind, host, port = Multiaddr.parse(session.addr).transport()
+            except (MultiaddrError, P2PMsgError):
+                continue  # the address it runs over is not known: nothing to compare
+            gone = (kind, host, port) not in listed if session.direction == "outbound" else host not in hosts
+            if gone:
+                session.redial = True
+                session.close_reason = f"the peer's newer record no longer lists {session.addr}"
+                session.closed = True
+                session.scope.cancel()
 
     async def _record_watcher(self) -> None:
         """Every :attr:`ChatConfig.record_watch` seconds, run one :meth:`_watch_round` (module docstring)."""
@@ -1049,6 +1079,8 @@ class ChatService:
                 # every session at once (it blocked us, it is overloaded) is not hammered with redials.
                 with self._store_failure_logged(f"rescheduling the messages to {peer}"):
                     await self._reschedule_peer(peer, f"session closed: {reason}", [*session.written, *unsent])
+                    if session.redial:
+                        await self._expedite(peer)
             elif unsent:  # another session lives: these go out on it once due
                 with self._store_failure_logged(f"rescheduling the messages to {peer}"):
                     await self._reschedule_ids(unsent, f"session closed: {reason}")
@@ -2068,10 +2100,10 @@ def _relation(contact: Contact | None) -> Relation:
     return Relation.CONTACT if contact.name is not None else Relation.STRANGER
 
 
-def _is_waiting_contact(conn: sqlite3.Connection, *, peer: bytes) -> bool:
-    """Whether ``peer`` is a contact (not blocked) with at least one message in the outbox."""
+def _is_contact(conn: sqlite3.Connection, *, peer: bytes) -> bool:
+    """Whether ``peer`` is a contact (not blocked)."""
     contact = repo.get_contact(conn, peer)
-    return contact is not None and contact.state is ContactState.CONTACT and bool(repo.due_for(conn, peer, limit=1))
+    return contact is not None and contact.state is ContactState.CONTACT
 
 
 def _contact_and_mark(conn: sqlite3.Connection, raw: bytes) -> tuple[Contact | None, bool]:

@@ -30,7 +30,7 @@ async def test_strangers_records_are_not_queued_and_a_contacts_record_gets_throu
     async with trio.open_nursery() as nursery:
         node: Node = await start(nursery, tmp_path / "alice", Identity.generate(), Cfg(listen=["/ip4/127.0.0.1/tcp/0"]))
 
-        async def record_seen(peer_id: PeerId, value: bytes, *, waiting_only: bool = False) -> bool:
+        async def record_seen(peer_id: PeerId, value: bytes, *, contacts_only: bool = False) -> bool:
             seen.append(peer_id)
             return False
 

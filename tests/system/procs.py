@@ -57,6 +57,8 @@ class Mesh:
         self.env = {**os.environ, "P2PMSG_PASSPHRASE": ""}
         self.env.pop("P2PMSG_HOME", None)
         self.bootstrap_addr: str | None = None
+        self.prefix: dict[str, list[str]] = {}
+        """A command put before ``p2pmsg`` for a name's node (``ip netns exec NS`` in the netns tests)."""
 
     # -- paths ---------------------------------------------------------------------------------------------------
 
@@ -137,7 +139,11 @@ class Mesh:
             raise AssertionError(f"{name} is already running")
         with self.log_path(name).open("ab") as log:
             proc = subprocess.Popen(
-                [str(BIN), *args], env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                [*self.prefix.get(name, []), str(BIN), *args],
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         self.procs[name] = proc
         return proc
