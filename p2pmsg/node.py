@@ -60,6 +60,7 @@ from p2pmsg.errors import LocalProtocolError, P2PMsgError
 from p2pmsg.identity import Identity, PeerId
 from p2pmsg.logthrottle import flush_all
 from p2pmsg.net.listener import Listener
+from p2pmsg.ratelimit import parse_ip
 from p2pmsg.store import repo
 from p2pmsg.store.db import DATABASE_FILENAME, Database, open_database
 from p2pmsg.store.models import DhtNode as SavedDhtNode
@@ -259,25 +260,17 @@ def configured_addrs(config: NodeConfig) -> list[Multiaddr]:
 
 
 def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    return parse_ip(host) is not None
 
 
 def _is_wildcard(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_unspecified
-    except ValueError:
-        return False
+    ip = parse_ip(host)
+    return ip is not None and ip.is_unspecified
 
 
 def _is_loopback_host(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    ip = parse_ip(host)
+    return ip is not None and ip.is_loopback
 
 
 def _with_host(addr: Multiaddr, kind: str, host: str, port: int) -> Multiaddr:

@@ -24,7 +24,7 @@ from typing import Generic, TypeVar
 
 from p2pmsg.errors import LocalProtocolError
 
-__all__ = ["RateLimiter", "network_of"]
+__all__ = ["RateLimiter", "network_of", "parse_ip"]
 
 S = TypeVar("S", bound=Hashable)
 
@@ -62,16 +62,25 @@ class RateLimiter(Generic[S]):
         return len(self._buckets)
 
 
+def parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The IP address ``text`` names (an IPv6 zone suffix ``%eth0`` dropped, an IPv4-mapped IPv6 address as its IPv4
+    address), or ``None`` if it is not an IP literal."""
+    try:
+        ip = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
 @functools.lru_cache(maxsize=4096)
 def network_of(source: str, v4_bits: int = 32, v6_bits: int = 64) -> str:
     """The network ``source`` is accounted to: its IPv4 ``/v4_bits`` (also for an IPv4-mapped IPv6 address) or its
     IPv6 ``/v6_bits``, as CIDR text (``"192.0.2.0/24"``, ``"2001:db8::/64"``).  Anything that is not an IP literal
     (``"local"``, ``""``) is its own network.  Cached (bounded): hot paths ask for the same sources again and again."""
-    try:
-        ip = ipaddress.ip_address(source.split("%", 1)[0])
-    except ValueError:
+    ip = parse_ip(source)
+    if ip is None:
         return source
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     prefix = v4_bits if isinstance(ip, ipaddress.IPv4Address) else v6_bits
     return str(ipaddress.ip_network((ip, prefix), strict=False))

@@ -37,7 +37,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import ipaddress
 import logging
 import math
 import re
@@ -59,7 +58,7 @@ from p2pmsg.net.websocket import (
     FrameBudget,
     accept_websocket_stream,
 )
-from p2pmsg.ratelimit import RateLimiter, network_of
+from p2pmsg.ratelimit import RateLimiter, network_of, parse_ip
 from p2pmsg.wire.multiaddr import Multiaddr
 
 __all__ = [
@@ -371,13 +370,8 @@ def _unlimited(count: int) -> bool:
 
 
 def _is_loopback(address: str) -> bool:
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    ip = parse_ip(address)
+    return ip is not None and ip.is_loopback
 
 
 def _peer_ip(raw: trio.SocketStream) -> str:

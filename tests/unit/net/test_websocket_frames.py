@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+from test_websocket_stream import TcpPairs, ws_pair
 
 from p2pmsg.net.websocket import (
     WS_SMALL_FRAME,
     FrameMeter,
     accept_websocket_stream,
-    connect_websocket_stream,
 )
 from p2pmsg.ratelimit import RateLimiter
 
@@ -146,21 +146,9 @@ async def test_a_flood_of_empty_continuation_frames_breaks_the_stream_with_the_r
 async def test_an_honest_peer_sending_many_small_messages_stays_within_the_default_budget(
     listener: trio.SocketListener,
 ) -> None:
-    port = listener.socket.getsockname()[1]
     count = 3000  # ack-sized messages, far more at once than a node sends
     async with trio.open_nursery() as nursery:
-        client_tcp = await trio.open_tcp_stream("127.0.0.1", port)
-        server_tcp = await listener.accept()
-        accepted: list[trio.abc.Stream] = []
-
-        async def server_side() -> None:
-            accepted.append(await accept_websocket_stream(nursery, server_tcp))
-
-        with trio.fail_after(5):
-            async with trio.open_nursery() as inner:
-                inner.start_soon(server_side)
-                client = await connect_websocket_stream(nursery, client_tcp, host_header=f"127.0.0.1:{port}")
-        server = accepted[0]
+        client, server = await ws_pair(nursery, TcpPairs(listener))
 
         async def send() -> None:
             for _ in range(count):
