@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,10 @@ import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VECTORS_DIR = PROJECT_ROOT.parent / "shared" / "vectors"
+
+# The netns tests drive real processes with the system tests' harness (tests/system/procs.py).  Not a conftest of
+# their own: test modules import this one as ``conftest``, and a second module of that name would shadow it.
+sys.path.insert(0, str(PROJECT_ROOT / "tests" / "system"))
 
 
 def load_vectors(name: str) -> Any:

@@ -832,8 +832,10 @@ class ChatService:
         if contacts_only and not await self._db.read(functools.partial(_is_contact, peer=peer_id.to_bytes())):
             return False
         before = await self._cached_record(peer_id)
+        # What we knew of the peer's addresses: its cached record, or else the invite's (a first record).
+        known = set(_record_addrs(before)) if before is not None else set(await self._hints(peer_id))
         record, changed = await self._store_record(peer_id, value)
-        moved = set(_record_addrs(record)) != set(_record_addrs(before))
+        moved = set(_record_addrs(record)) != known
         if changed and moved and record is not None:
             self._close_moved_sessions(peer_id, record)
         if changed and self._best_session(peer_id) is None:  # a live session needs no new address
