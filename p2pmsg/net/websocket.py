@@ -58,6 +58,7 @@ from p2pmsg.ratelimit import RateLimiter
 
 __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
+    "WS_MAX_FRAGMENTS",
     "WS_MAX_MESSAGE_SIZE",
     "WS_PATH",
     "WS_SMALL_FRAME",
@@ -82,6 +83,8 @@ _BLANK_LINE: Final = re.compile(rb"\n\r?\n")
 _SWITCHING: Final = re.compile(rb"HTTP/\d\.\d 101\b")
 #: Frames with a payload under this many bytes are *small*: each is charged to the peer's frame budget.
 WS_SMALL_FRAME: Final = 1024
+#: Frames one message may be cut into (each fragment costs trio-websocket a list entry until the message ends).
+WS_MAX_FRAGMENTS: Final = 128
 #: Small frames a second one peer may send (after its burst); beyond it the connection is closed.
 WS_SMALL_FRAME_RATE: Final = 4096.0
 #: Small frames one peer may send at once (the size of its token bucket).
@@ -115,44 +118,59 @@ def own_frame_budget() -> FrameBudget:
 
 
 class FrameMeter:
-    """Counts the small WebSocket frames in the bytes a peer sends (module docstring: frame budget).
+    """Counts the small WebSocket frames in the bytes a peer sends (module docstring: frame budget), and refuses
+    what would let its count drift from what wsproto parses.
 
-    Feed it every received chunk in order, from the first byte of the connection.  Frames begin where wsproto
-    (trio-websocket's parser) begins to parse them, and the meter follows it exactly there:
+    Feed it every received chunk in order, from the first byte of the connection.  Frames begin:
 
     * on a **client**, right after the blank line that ends the server's ``101`` response (h11's rule: the first
       ``\\n\\r?\\n``), in the same chunk if more follows it; a response other than ``101`` has no frames;
-    * on a **server**, with the first byte received after our response went out (:meth:`response_sent`): wsproto
-      drops whatever a client sent between its request and our answer (RFC 6455 section 4.1: a client waits for
-      it), so the meter drops it too.
+    * on a **server**, after our answer to the request (:meth:`response_sent`).  A client must wait for that
+      answer (RFC 6455 section 4.1), and wsproto may already parse as frames what arrives while the answer waits
+      to be written, so any byte after the request's blank line and before the answer is a violation.
 
-    Then it walks the frame headers (RFC 6455 section 5.2), skipping payloads.  Sans-IO: it only counts.
+    Then it walks the frame headers (RFC 6455 section 5.2), skipping payloads.  A message cut into more than
+    :data:`WS_MAX_FRAGMENTS` frames is a violation too (trio-websocket keeps a list entry per fragment, and its size
+    limit counts only bytes).  A header wsproto refuses (reserved bits or opcodes, a length with its top bit set)
+    needs no rule here: wsproto closes the connection on it, so what the meter makes of the bytes after it never
+    matters.  After a violation (:attr:`violation`) the meter counts nothing more; the caller drops the
+    connection.  Sans-IO.
     """
 
-    __slots__ = ("_client", "_head", "_header", "_mode", "_skip", "_tail", "small_frames")
+    __slots__ = ("_client", "_fragments", "_head", "_header", "_mode", "_skip", "_tail", "small_frames", "violation")
 
     def __init__(self, *, client: bool) -> None:
         self._client = client
-        self._mode = "http"  # "http" (before the frames), "frames", or "none" (a refused upgrade: no frames)
-        self._head = b""  # the first bytes of the server's response (client side)
-        self._tail = b""  # the last 2 bytes of the response seen so far (a blank line may span two chunks)
+        # "http" (before the frames), "answering" (server: the request is in, our answer not yet sent), "frames",
+        # or "none" (a refused upgrade, or a violation: nothing more is counted)
+        self._mode = "http"
+        self._head = b""  # the first bytes of the HTTP head (the client checks the server's status line)
+        self._tail = b""  # the last 2 bytes of the head seen so far (a blank line may span two chunks)
         self._header = bytearray()  # the frame header read so far
         self._skip = 0  # payload bytes of the current frame still to skip
+        self._fragments = 0  # data frames of the message being received so far
         self.small_frames = 0
         """Small frames seen so far (a frame counts once its whole header has arrived)."""
+        self.violation: str | None = None
+        """Why the peer's bytes cannot be what wsproto accepts as a good frame stream (then nothing more counts)."""
 
     def response_sent(self) -> None:
-        """(Server side) our answer to the upgrade request went out: frames begin with the next byte received."""
-        if not self._client and self._mode == "http":
+        """(Server side) our answer to the upgrade request is being written: frames begin with the next byte."""
+        if not self._client and self._mode in ("http", "answering"):
             self._mode = "frames"
 
+    def _fail(self, reason: str) -> int:
+        self.violation = reason
+        self._mode = "none"
+        return 0
+
     def feed(self, data: bytes | bytearray | memoryview) -> int:
-        """Walk ``data``; return how many small frames began in it."""
+        """Walk ``data``; return how many small frames began in it (see :attr:`violation` after each call)."""
         view = memoryview(data).cast("B")
         offset = 0
+        if self._mode == "answering" and len(view):
+            return self._fail("the client sent data before the WebSocket upgrade was answered")
         if self._mode == "http":
-            if not self._client:
-                return 0  # before our answer: wsproto never parses these bytes as frames
             if len(self._head) < 16:
                 self._head += bytes(view[: 16 - len(self._head)])
             seen = self._tail + bytes(view)
@@ -162,6 +180,11 @@ class FrameMeter:
                 return 0
             offset = match.end() - len(self._tail)  # the blank line ends inside ``view``: the tail is 2 bytes
             self._tail = b""
+            if not self._client:
+                self._mode = "answering"
+                if offset < len(view):
+                    return self._fail("the client sent data before the WebSocket upgrade was answered")
+                return 0
             self._mode = "frames" if _SWITCHING.match(self._head) else "none"
         if self._mode == "none":
             return 0
@@ -185,12 +208,25 @@ class FrameMeter:
                 continue
             if extended:
                 length = int.from_bytes(header[2 : 2 + extended], "big")
+            reason = self._refused(header[0], length)
             header.clear()
+            if reason is not None:
+                self.small_frames += found
+                return self._fail(reason)
             self._skip = length
             if length < WS_SMALL_FRAME:
                 found += 1
         self.small_frames += found
         return found
+
+    def _refused(self, first: int, length: int) -> str | None:
+        """Why a frame with first byte ``first`` is refused (``None``: it is fine)."""
+        if first & 0x08:  # a control frame: it may come between the fragments of a message
+            return None
+        self._fragments = 0 if first & 0x80 else self._fragments + 1
+        if self._fragments >= WS_MAX_FRAGMENTS:
+            return f"a WebSocket message in more than {WS_MAX_FRAGMENTS} frames"
+        return None
 
 
 class _WatchedStream(trio.abc.Stream):
@@ -242,6 +278,10 @@ class _WatchedStream(trio.abc.Stream):
             self._dead()
             return data
         small = self._meter.feed(data)
+        if self._meter.violation is not None:
+            self.over_budget = f"peer broke the WebSocket framing: {self._meter.violation}"
+            self._dead()
+            raise trio.BrokenResourceError(self.over_budget)
         if small and not self._budget(small):
             self.over_budget = (
                 f"peer sent more than {WS_SMALL_FRAME_RATE:g} small WebSocket frames a second "
@@ -483,7 +523,7 @@ async def _host_connection(
                     connection = await request.accept()
                 watched.on_dead = None
             if upgrade_scope.cancelled_caught:
-                raise WebSocketUpgradeError("connection ended during the WebSocket upgrade")
+                raise WebSocketUpgradeError(watched.over_budget or "connection ended during the WebSocket upgrade")
             stream = WebSocketStream(connection, watched, reader_scope=inner.cancel_scope, close_timeout=close_timeout)
             started = True
             task_status.started(stream)

@@ -306,7 +306,7 @@ async def test_loopback_sources_are_not_charged_unless_asked(nursery: trio.Nurse
 async def test_a_websocket_frame_flood_is_cut_off_and_the_budget_is_the_sources(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Empty continuation frames beyond the source's small-frame budget break the connection before trio-websocket
+    """Empty WebSocket messages beyond the source's small-frame budget break the connection before trio-websocket
     parses them.  The budget is the source's, shared by its connections: two floods that each fit a budget of
     their own (5,000 frames against a burst of 8,192) cannot both pass."""
     caplog.set_level(logging.INFO, logger="p2pmsg.net.listener")
@@ -317,7 +317,7 @@ async def test_a_websocket_frame_flood_is_cut_off_and_the_budget_is_the_sources(
         f"GET / HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
-    flood = b"\x02\x80\x01\x02\x03\x04" + b"\x00\x80\x01\x02\x03\x04" * 4999  # masked, empty, not final: 30 KB
+    flood = b"\x82\x80\x01\x02\x03\x04" * 5000  # masked empty messages (the stream skips them): 30 KB
     streams = []
     with trio.fail_after(5):
         for _ in range(2):

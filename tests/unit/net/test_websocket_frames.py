@@ -12,8 +12,10 @@ import trio
 from test_websocket_stream import TcpPairs, ws_pair
 
 from p2pmsg.net.websocket import (
+    WS_MAX_FRAGMENTS,
     WS_SMALL_FRAME,
     FrameMeter,
+    WebSocketUpgradeError,
     accept_websocket_stream,
 )
 from p2pmsg.ratelimit import RateLimiter
@@ -54,18 +56,26 @@ RESPONSE = (
 )
 
 
-def test_a_server_meter_counts_from_the_first_byte_after_its_answer_whatever_came_before() -> None:
-    """wsproto drops what a client sends before the server's answer; so does the meter (a fake frame header there
-    announcing 2**62 bytes must not make it skip the real frames)."""
+def test_a_server_meter_counts_from_its_answer_and_refuses_bytes_before_it() -> None:
+    """A client waits for the 101; wsproto drops what comes before it, or parses it as frames if it races our
+    answer.  The meter refuses it (a fake frame header announcing 2**62 bytes would otherwise blind it)."""
     meter = FrameMeter(client=False)
-    assert meter.feed(UPGRADE + b"\x82\xff\x3f" + b"\xff" * 7 + b"mask") == 0
+    assert meter.feed(UPGRADE) == 0 and meter.violation is None
     meter.response_sent()
     assert meter.feed(FRAMES) == SMALL_IN_FRAMES
     for cut in (1, 2, 3, 7, 64):  # any split of the same bytes gives the same count
         meter = FrameMeter(client=False)
+        meter.feed(UPGRADE)
         meter.response_sent()
         total = sum(meter.feed(FRAMES[i : i + cut]) for i in range(0, len(FRAMES), cut))
         assert total == meter.small_frames == SMALL_IN_FRAMES, cut
+    for early in ([UPGRADE + b"\x82\xff"], [UPGRADE, b"\x82"]):  # with the request, or after it
+        meter = FrameMeter(client=False)
+        for chunk in early:
+            meter.feed(chunk)
+        assert meter.violation is not None and "before the WebSocket upgrade was answered" in meter.violation
+        meter.response_sent()
+        assert meter.feed(FRAMES) == 0
 
 
 @pytest.mark.parametrize(
@@ -104,15 +114,19 @@ async def listener() -> AsyncIterator[trio.SocketListener]:
 
 
 @pytest.mark.parametrize(
-    "request_bytes",
-    [UPGRADE, UPGRADE.replace(b"\r\n", b"\n"), UPGRADE + b"\x82\xff\x3f" + b"\xff" * 7 + b"mask"],
-    ids=["crlf", "bare-lf", "junk-before-the-answer"],
+    ("request_bytes", "flood"),
+    [
+        (UPGRADE, frame(0x2, b"") * 1000),
+        (UPGRADE.replace(b"\r\n", b"\n"), frame(0x2, b"") * 1000),
+        (UPGRADE, frame(0x9, b"") * 1000),
+    ],
+    ids=["empty-messages", "bare-lf-request", "pings"],
 )
-async def test_a_flood_of_empty_continuation_frames_breaks_the_stream_with_the_reason(
-    listener: trio.SocketListener, request_bytes: bytes
+async def test_a_flood_of_small_frames_breaks_the_stream_with_the_reason(
+    listener: trio.SocketListener, request_bytes: bytes, flood: bytes
 ) -> None:
-    """Also for the two ways a review found to slip past the first meter: a request ending in bare line feeds, and a
-    fake frame header announcing 2**62 bytes sent before the server's answer (wsproto drops it, the meter skipped)."""
+    """Empty messages (our stream skips them) or pings beyond the budget; also after a request ending in bare line
+    feeds, which a review found slipped past the first meter."""
     port = listener.socket.getsockname()[1]
     limiter: RateLimiter[None] = RateLimiter(rate=1.0, burst=200, max_sources=1)
     charged: list[int] = []
@@ -131,7 +145,6 @@ async def test_a_flood_of_empty_continuation_frames_breaks_the_stream_with_the_r
             while b"\r\n\r\n" not in response:
                 response += await client.receive_some()
         assert response.startswith(b"HTTP/1.1 101")
-        flood = frame(0x2, b"", fin=False) + frame(0x0, b"", fin=False) * 999  # 6 KB, 1,000 frames: bounded
         with trio.fail_after(5):
             with contextlib.suppress(trio.BrokenResourceError):  # the server may already have cut the connection
                 await client.send_all(flood)
@@ -163,3 +176,36 @@ async def test_an_honest_peer_sending_many_small_messages_stays_within_the_defau
         await client.aclose()
         await server.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_bytes_sent_before_the_answer_break_the_upgrade(listener: trio.SocketListener) -> None:
+    """A client must wait for the 101 (RFC 6455 4.1); wsproto would drop such bytes or, in a race with our answer,
+    parse them as frames the meter never saw.  Either way the upgrade fails, and says why."""
+    port = listener.socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        server_tcp = await listener.accept()
+        await client.send_all(UPGRADE + b"\x82\xff\x3f" + b"\xff" * 7 + b"mask")
+        with trio.fail_after(5), pytest.raises(WebSocketUpgradeError, match="before the WebSocket upgrade"):
+            await accept_websocket_stream(nursery, server_tcp)
+        await client.aclose()
+
+
+def test_a_message_in_too_many_fragments_is_a_violation() -> None:
+    meter = FrameMeter(client=False)
+    meter.feed(UPGRADE)
+    meter.response_sent()
+    fragments = frame(0x2, b"a" * 2000, fin=False) + frame(0x0, b"b" * 2000, fin=False) * (WS_MAX_FRAGMENTS - 2)
+    assert meter.feed(fragments + frame(0x0, b"c")) == 1 and meter.violation is None  # 128 frames: allowed
+    meter.feed(frame(0x2, b"a" * 2000, fin=False) + frame(0x0, b"b" * 2000, fin=False) * (WS_MAX_FRAGMENTS - 1))
+    assert meter.violation is not None and "more than 128 frames" in meter.violation
+    assert meter.feed(frame(0x2, b"")) == 0  # nothing counts after a violation
+
+
+def test_control_frames_between_fragments_do_not_end_the_message() -> None:
+    meter = FrameMeter(client=False)
+    meter.feed(UPGRADE)
+    meter.response_sent()
+    stream = (frame(0x2, b"a" * 2000, fin=False) + frame(0x9, b"")) * 100 + frame(0x0, b"a" * 2000, fin=False) * 30
+    meter.feed(stream)
+    assert meter.violation is not None  # 130 fragments of one message, pings or not
