@@ -12,8 +12,10 @@ Each accepted connection gets one task, which owns everything the connection nee
    :attr:`ListenerConfig.max_connections` connections are already open, or
    :attr:`ListenerConfig.max_connections_per_ip` from its source (counted as ``rejected_overload``), or if its
    source has used up its handshake bucket (:attr:`ListenerConfig.handshake_rate_per_ip` a second, at most
-   :attr:`ListenerConfig.handshake_burst_per_ip` at once; counted as ``rejected_rate``).  A handshake costs us
-   public-key operations (about 0.6 ms here), so without the bucket one host could keep a core busy with them.
+   :attr:`ListenerConfig.handshake_burst_per_ip` at once, four times that per IPv4 /24 or IPv6 /48, and
+   :attr:`ListenerConfig.handshake_rate_total` for all sources together; counted as ``rejected_rate``).  A
+   handshake costs us public-key operations (about 0.6 ms here), so without the buckets one host could keep a core
+   busy with them; a host rotating through many addresses is held by the wider buckets.
    A *source* is an IPv4 address or an IPv6 /64 (:func:`~p2pmsg.ratelimit.network_of`): one IPv6 host commonly
    holds a whole /64.  Loopback sources are not charged (unless :attr:`ListenerConfig.limit_loopback`), here or
    for WebSocket frames: several nodes of one machine talk over loopback, and a local process can take a core
@@ -63,7 +65,9 @@ from p2pmsg.wire.multiaddr import Multiaddr
 
 __all__ = [
     "DEFAULT_HANDSHAKE_BURST_PER_IP",
+    "DEFAULT_HANDSHAKE_BURST_TOTAL",
     "DEFAULT_HANDSHAKE_RATE_PER_IP",
+    "DEFAULT_HANDSHAKE_RATE_TOTAL",
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_MAX_CONCURRENT_HANDSHAKES",
     "DEFAULT_MAX_CONNECTIONS",
@@ -86,6 +90,12 @@ DEFAULT_HANDSHAKE_RATE_PER_IP: Final = 4.0
 """Inbound connections a second that one source (IPv4 address, IPv6 /64) may start, after its burst."""
 DEFAULT_HANDSHAKE_BURST_PER_IP: Final = 32
 """Inbound connections one source may start at once: a NAT'd office reconnecting after an outage fits."""
+DEFAULT_HANDSHAKE_RATE_TOTAL: Final = 64.0
+"""Inbound connections a second all sources together may start (a handshake costs about 0.6 ms: 4 % of a core)."""
+DEFAULT_HANDSHAKE_BURST_TOTAL: Final = 256
+"""Inbound connections all sources together may start at once: every contact reconnecting after a restart fits."""
+_WIDE_FACTOR: Final = 4
+"""The bucket of an IPv4 /24 or IPv6 /48 is this many times a source's."""
 # secure_inbound gets this much more time than our own deadline, so that our deadline is the one that fires and
 # the failure is classified as a timeout.
 _CHANNEL_TIMEOUT_MARGIN: Final = 1.0
@@ -112,6 +122,10 @@ class ListenerConfig:
     once."""
     handshake_burst_per_ip: int = DEFAULT_HANDSHAKE_BURST_PER_IP
     """Inbound connections one source may start at once (the size of its token bucket)."""
+    handshake_rate_total: float = DEFAULT_HANDSHAKE_RATE_TOTAL
+    """Inbound connections a second all non-loopback sources together may start, once the burst is spent."""
+    handshake_burst_total: int = DEFAULT_HANDSHAKE_BURST_TOTAL
+    """Inbound connections all non-loopback sources together may start at once."""
     limit_loopback: bool = False
     """Charge loopback sources (127.0.0.0/8, ::1) to the handshake and WebSocket frame buckets too."""
 
@@ -130,6 +144,10 @@ class ListenerConfig:
             )
         if self.handshake_burst_per_ip < 1:
             raise LocalProtocolError(f"handshake_burst_per_ip must be >= 1, got {self.handshake_burst_per_ip}")
+        if not (self.handshake_rate_total > 0 and math.isfinite(self.handshake_rate_total)):
+            raise LocalProtocolError(f"handshake_rate_total must be a positive number, got {self.handshake_rate_total}")
+        if self.handshake_burst_total < 1:
+            raise LocalProtocolError(f"handshake_burst_total must be >= 1, got {self.handshake_burst_total}")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -171,8 +189,17 @@ class Listener:
         self._stats = ListenerStats()
         self._slots = trio.CapacityLimiter(self._config.max_concurrent_handshakes)
         self._per_ip: collections.Counter[str] = collections.Counter()  # open inbound connections by source
+        config = self._config
         self._handshake_rate: RateLimiter[str] = RateLimiter(
-            rate=self._config.handshake_rate_per_ip, burst=self._config.handshake_burst_per_ip
+            rate=config.handshake_rate_per_ip, burst=config.handshake_burst_per_ip
+        )
+        # The same per IPv4 /24 and IPv6 /48 (a host with many /64s, a subnet of hosts), and for everyone together:
+        # an evicted or new source gets a full bucket, so only these bound what rotating sources can start.
+        self._handshake_rate_wide: RateLimiter[str] = RateLimiter(
+            rate=config.handshake_rate_per_ip * _WIDE_FACTOR, burst=config.handshake_burst_per_ip * _WIDE_FACTOR
+        )
+        self._handshake_rate_all: RateLimiter[None] = RateLimiter(
+            rate=config.handshake_rate_total, burst=config.handshake_burst_total, max_sources=1
         )
         # Small WebSocket frames by source, shared by all of its connections (p2pmsg.net.websocket: frame budget).
         self._small_frames: RateLimiter[str] = RateLimiter(rate=WS_SMALL_FRAME_RATE, burst=WS_SMALL_FRAME_BURST)
@@ -248,33 +275,21 @@ class Listener:
     async def _serve_connection(self, raw: trio.SocketStream, kind: TransportKind) -> None:
         stats = self._stats
         stats.accepted += 1
+        address = _peer_ip(raw)
+        if not address:  # it reset before we looked: nothing to serve (and no source to charge it to)
+            stats.handshake_failures += 1
+            await trio.aclose_forcefully(raw)
+            return
+        ip = network_of(address)
+        refusal = self._admission(ip, charged=self._config.limit_loopback or not _is_loopback(address))
+        if refusal is not None:
+            await trio.aclose_forcefully(raw)
+            key, reason = refusal
+            self._log.log(logging.WARNING, key, "inbound %s %s dropped: %s", kind, address, reason)
+            return
         remote = remote_multiaddr(raw, kind)
         where = str(remote) if remote is not None else f"unknown {kind} peer"
-        address = _peer_ip(raw)
-        ip = network_of(address)
         charged = self._config.limit_loopback or not _is_loopback(address)
-        if stats.active >= self._config.max_connections:
-            stats.rejected_overload += 1
-            self._log.log(logging.WARNING, "overload", "inbound %s dropped: %d connections open", where, stats.active)
-            await trio.aclose_forcefully(raw)
-            return
-        if self._per_ip[ip] >= self._config.max_connections_per_ip:
-            stats.rejected_overload += 1
-            self._log.log(
-                logging.WARNING,
-                "per-ip",
-                "inbound %s dropped: %d connections open from %s",
-                where,
-                self._per_ip[ip],
-                ip,
-            )
-            await trio.aclose_forcefully(raw)
-            return
-        if charged and not self._handshake_rate.allow(ip, trio.current_time()):
-            stats.rejected_rate += 1
-            self._log.log(logging.WARNING, "rate", "inbound %s dropped: %s starts connections too fast", where, ip)
-            await trio.aclose_forcefully(raw)
-            return
         self._per_ip[ip] += 1
         stats.active += 1
         stats.handshaking += 1
@@ -316,6 +331,29 @@ class Listener:
                 self._per_ip[ip] -= 1
                 if not self._per_ip[ip]:
                     del self._per_ip[ip]
+
+    def _admission(self, source: str, *, charged: bool) -> tuple[str, str] | None:
+        """Whether a new connection from ``source`` may start a handshake (module docstring, step 1): ``None``, or the
+        log key and reason of the refusal (counted here).  Cheap on purpose: a flood of connections is refused here
+        at tens of thousands a second."""
+        stats = self._stats
+        config = self._config
+        if stats.active >= config.max_connections:
+            stats.rejected_overload += 1
+            return "overload", f"{stats.active} connections open"
+        if self._per_ip[source] >= config.max_connections_per_ip:
+            stats.rejected_overload += 1
+            return "per-ip", f"{self._per_ip[source]} connections open from {source}"
+        if charged:
+            now = trio.current_time()
+            if not (
+                self._handshake_rate.allow(source, now)
+                and self._handshake_rate_wide.allow(network_of(source.split("/", 1)[0], 24, 48), now)
+                and self._handshake_rate_all.allow(None, now)
+            ):
+                stats.rejected_rate += 1
+                return "rate", f"{source} (or its network, or everyone together) starts connections too fast"
+        return None
 
     def _frame_budget(self, source: str) -> FrameBudget:
         """The small-frame budget of ``source``'s WebSocket connections."""

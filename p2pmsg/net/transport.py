@@ -260,7 +260,7 @@ def _multiaddr_for(sockaddr: tuple[object, ...], kind: TransportKind) -> Multiad
     return Multiaddr.from_transport(kind, str(sockaddr[0]), int(str(sockaddr[1])))
 
 
-async def open_listeners(addrs: Sequence[Multiaddr], *, backlog: int = 128) -> list[BoundListener]:
+async def open_listeners(addrs: Sequence[Multiaddr], *, backlog: int = 1024) -> list[BoundListener]:
     """Bind a listening socket for each multiaddr (``/ip4|ip6/<ip>/tcp/<port>[/ws]``, port 0 allowed).
 
     Returns them in the same order with the really bound address.  If any bind fails, the ones already bound are

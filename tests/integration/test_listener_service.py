@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 
@@ -335,3 +336,32 @@ async def test_a_websocket_frame_flood_is_cut_off_and_the_budget_is_the_sources(
     assert sum("small WebSocket frames" in record.getMessage() for record in caplog.records) == 1
     for stream in streams:
         await stream.aclose()
+
+
+@pytest.mark.parametrize(
+    ("config", "admitted"),
+    [
+        (ListenerConfig(handshake_burst_per_ip=2, handshake_rate_per_ip=0.01, limit_loopback=True), 8),
+        (ListenerConfig(handshake_burst_total=3, handshake_rate_total=0.01, limit_loopback=True), 3),
+    ],
+    ids=["per-24", "everyone"],
+)
+async def test_many_sources_are_held_by_the_wider_buckets(
+    nursery: trio.Nursery, config: ListenerConfig, admitted: int
+) -> None:
+    """Eight addresses of one /24 (127.0.0.2-9, all loopback on Linux), three connections each: a source's own
+    bucket admits two of them, but the /24's (four times a source's) admits eight in all; and a bucket for everyone
+    together holds any number of sources."""
+    listener = Listener(BOB, Recorder().hold, dataclasses.replace(config, handshake_timeout=5))
+    [addr] = await nursery.start(listener.run, [LOCAL_TCP])
+    port = addr.transport()[2]
+    opened = [
+        await trio.open_tcp_stream("127.0.0.1", port, local_address=f"127.0.0.{host}")
+        for host in range(2, 10)
+        for _ in range(3)
+    ]
+    await wait_for(lambda: listener.stats.accepted == 24, "24 accepted")
+    assert listener.stats.active == admitted and listener.stats.rejected_rate == 24 - admitted
+    for stream in opened:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.aclose()
