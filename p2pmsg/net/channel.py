@@ -49,6 +49,7 @@ from p2pmsg.net.conflict import ConflictGuard
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "MAX_EMPTY_FRAMES",
     "RECEIVE_CHUNK",
     "SEND_BATCH_BYTES",
     "ChannelError",
@@ -64,6 +65,8 @@ DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
 """Seconds allowed for the whole handshake."""
 SEND_BATCH_BYTES: Final = 16 * MAX_PLAINTEXT_LEN
 """Plaintext encrypted per underlying ``send_all`` (16 full frames, about 1 MiB)."""
+MAX_EMPTY_FRAMES: Final = 8
+"""Empty frames in a row a receiver takes (valid, but each costs a decryption and delivers nothing; ours sends none)."""
 RECEIVE_CHUNK: Final = 64 * 1024
 """``max_bytes`` asked of the underlying stream per read (larger reads measured slower: big allocations)."""
 
@@ -181,6 +184,7 @@ class SecureChannel(trio.abc.Stream):
                 return self._take(max_bytes)
             decoder = self._decoder
             checkpointed = False
+            empty = 0
             while True:
                 frame = decoder.next_frame()
                 if frame is None:
@@ -203,6 +207,9 @@ class SecureChannel(trio.abc.Stream):
                 except NonceExhaustedError as exc:
                     raise await self._fail(f"receive nonce exhausted ({exc})") from None
                 if not plaintext:  # an empty frame carries nothing; b"" would mean end of stream
+                    empty += 1
+                    if empty > MAX_EMPTY_FRAMES:  # each costs a decryption and delivers nothing
+                        raise await self._fail(f"more than {MAX_EMPTY_FRAMES} empty frames in a row")
                     continue
                 self._pending = plaintext
                 self._pending_pos = 0

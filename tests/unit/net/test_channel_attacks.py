@@ -23,7 +23,7 @@ from p2pmsg.crypto.libp2p_noise import (
 from p2pmsg.crypto.noise import HandshakeState
 from p2pmsg.errors import RemoteProtocolError
 from p2pmsg.identity import Identity
-from p2pmsg.net.channel import ChannelError, SecureChannel, secure_inbound, secure_outbound
+from p2pmsg.net.channel import MAX_EMPTY_FRAMES, ChannelError, SecureChannel, secure_inbound, secure_outbound
 
 ALICE = Identity.from_seed(bytes([0xA1]) * 32)
 BOB = Identity.from_seed(bytes([0xB0]) * 32)
@@ -480,3 +480,14 @@ async def test_frame_shorter_than_a_tag() -> None:
     client, server = await _established()
     await _inject(client, encode_frame(b"short"))
     await _expect_channel_error(server, "shorter than the 16-byte tag")
+
+
+async def test_empty_frames_are_skipped_but_not_without_end() -> None:
+    """An empty frame is valid and carries nothing; a peer sending them on and on (each costs a decryption) breaks
+    the channel once more than MAX_EMPTY_FRAMES come in a row."""
+    client, server = await _established()
+    empty = [encode_frame(client._encrypt(b"", b"")) for _ in range(MAX_EMPTY_FRAMES)]
+    await _inject(client, b"".join(empty) + encode_frame(client._encrypt(b"", b"data")))
+    assert await server.receive_some() == b"data"  # a few in a row: skipped
+    await _inject(client, b"".join(encode_frame(client._encrypt(b"", b"")) for _ in range(MAX_EMPTY_FRAMES + 1)))
+    await _expect_channel_error(server, "empty frames in a row")
