@@ -140,6 +140,12 @@ _SKEW_WARNING_INTERVAL: Final = 3600.0
 _INBOX_BUDGET: Final = 16 * 1024 * 1024
 """Bytes received on all sessions together and not yet stored: beyond it readers wait (TCP pushes back on the
 senders), so many sessions sending big envelopes at once cannot grow the node's memory without bound."""
+_STRANGER_READS_PER_SESSION: Final = (200.0, 1000)
+"""(a second, at once): what one stranger's session may make its reader do -- frames it sent (envelopes, acks, ...),
+each read counting at least one -- before the reader waits (TCP then pushes back on that stranger)."""
+_STRANGER_READS_TOTAL: Final = (2000.0, 5000)
+"""The same for all stranger sessions together: forged envelopes, replays or made-up acks from any number of
+strangers cost at most about this many decryptions and lookups a second."""
 _STRANGER_INBOX_BUDGET: Final = 4 * 1024 * 1024
 """The part of :data:`_INBOX_BUDGET` that stranger sessions may hold together: the rest (12 MiB) stays free for
 contacts however many strangers send at once."""
@@ -298,6 +304,8 @@ class _Session:
     """When (trio clock) the session registered."""
     inbox_bytes: int = 0
     """Bytes this session took from the inbox budget and has not given back (given back when stored, or at close)."""
+    pace: _Pacer | None = None
+    """How fast this stranger's session may make its reader work (created when a stranger's frames first arrive)."""
     stranger_inbox_bytes: int = 0
     """The part of ``inbox_bytes`` also taken from the strangers' share (read while the peer was a stranger)."""
     redial: bool = False
@@ -306,6 +314,24 @@ class _Session:
     store_failed: bool = False
     """Received messages could not be stored: everything after them on this session is dropped unacknowledged too,
     so what is stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
+
+
+class _Pacer:
+    """A token bucket that makes its callers wait instead of refusing them: :meth:`take` takes what it is asked for
+    (running into debt) and sleeps until the debt is paid back at ``rate`` tokens a second."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.updated = trio.current_time()
+
+    async def take(self, count: float) -> None:
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate) - count
+        self.updated = now
+        if self.tokens < 0:
+            await trio.sleep(-self.tokens / self.rate)
 
 
 class _ByteBudget:
@@ -438,6 +464,7 @@ class ChatService:
         self._drop_log = LogThrottle(log)  # a peer repeating bad input must not fill the disk with log lines
         self._inbox_budget = _ByteBudget(_INBOX_BUDGET)
         self._stranger_budget = _ByteBudget(_STRANGER_INBOX_BUDGET)
+        self._stranger_pace: _Pacer | None = None  # all strangers' reads together (created on first use)
         self._store_warning = LogThrottle(
             log, burst=1, interval=_STORE_WARNING_INTERVAL
         )  # a full disk fails each batch
@@ -1246,10 +1273,13 @@ class ChatService:
                 if trio.current_time() < session.active_at + idle:
                     continue  # the storer saw a message meanwhile (it sets active_at)
                 return f"a stranger's session idle for {idle:g} s"
+            events = session.conn.receive_data(data)
+            if session.relation is Relation.STRANGER:
+                await self._pace_stranger(session, max(1, len(events)))
             envelopes: list[SealedEnvelope] = []
             acks: list[bytes] = []
             closed = hello = False
-            for event in session.conn.receive_data(data):
+            for event in events:
                 if isinstance(event, ev.EnvelopeReceived):
                     envelopes.append(event.envelope)
                 elif isinstance(event, ev.AckReceived):
@@ -1457,6 +1487,17 @@ class ChatService:
         return _Incoming(
             relation=relation, contact_name=name, disposition=disposition, outcomes=outcomes, sent_at=sent_ats
         )
+
+    async def _pace_stranger(self, session: _Session, reads: int) -> None:
+        """Let a stranger's reader go on only as fast as :data:`_STRANGER_READS_PER_SESSION` and, for all strangers
+        together, :data:`_STRANGER_READS_TOTAL` allow: a flood of frames that cost us work and deliver nothing
+        (forged envelopes, replays, acks of nothing) waits in the kernel's buffers instead of taking a core."""
+        if session.pace is None:
+            session.pace = _Pacer(*_STRANGER_READS_PER_SESSION)
+        if self._stranger_pace is None:
+            self._stranger_pace = _Pacer(*_STRANGER_READS_TOTAL)
+        await session.pace.take(reads)
+        await self._stranger_pace.take(reads)
 
     def _give_back_inbox(self, session: _Session, size: int, stranger_size: int) -> None:
         """Return ``size`` bytes of ``session``'s inbox charge, ``stranger_size`` of them from the strangers' share."""

@@ -1094,3 +1094,30 @@ async def test_strangers_cannot_take_the_inbox_budget_from_contacts(
         nursery.start_soon(send_big, ALICE, list(bob.addrs), 3, nursery)
         await eventually(lambda: held.get(ALICE.peer_id), "Alice's envelopes read although strangers are waiting")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_stranger_s_reader_is_paced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Frames that cost work and deliver nothing (here: acks of ids never sent) from a stranger are read only as fast
+    as the strangers' pace allows; the rest waits in the socket buffers and is read later, nothing is lost (found in
+    an adversarial pass: 190,000 tiny ack frames a second from one stranger kept a core busy)."""
+    monkeypatch.setattr("p2pmsg.chat.service._STRANGER_READS_PER_SESSION", (100.0, 50))
+    async with running_node(tmp_path / "bob", BOB) as bob, trio.open_nursery() as nursery:
+        channel = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        conn = ChatConnection()
+        await channel.send_all(conn.send_hello())
+        start = trio.current_time()
+        for burst in range(10):  # 1,000 acks in 10 reads' worth, 50 ms apart: 0.5 s unpaced
+            await channel.send_all(b"".join(conn.send_ack([bytes([burst, i]) * 8]) for i in range(100)))
+            await trio.sleep(0.05)
+
+        async def unknown() -> int:
+            return int((await bob.chat.status())["dropped"].get("chat_ack_unknown", 0))
+
+        await trio.sleep_until(start + 1.0)
+        assert await unknown() < 400  # 50 at once, 100 a second, and one read's worth taken ahead
+        await eventually(lambda: _at_least(unknown, 1000), "every ack read in the end", timeout=20)
+        nursery.cancel_scope.cancel()
+
+
+async def _at_least(value: Callable[[], Awaitable[int]], count: int) -> bool:
+    return await value() >= count
