@@ -457,6 +457,8 @@ class ChatService:
         self._own = identity.peer_id.to_bytes()
         self._sessions: dict[PeerId, list[_Session]] = {}
         self._dialing: set[PeerId] = set()
+        self._settling: collections.Counter[PeerId] = collections.Counter()
+        """Peers whose last session ended and whose entries are not rescheduled yet (no dial for them until then)."""
         self._inflight: set[bytes] = set()
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -666,7 +668,7 @@ class ChatService:
                     sealed = self._sealer.seal(peer, entry.text, ts=entry.sent_at, message_id=entry.message_id)
                     self._hand_over(session, entry.message_id, sealed.raw)
             return room >= len(items)
-        if peer in self._dialing:
+        if peer in self._dialing or peer in self._settling:
             return False
         if self._nursery is None:
             return True
@@ -1090,6 +1092,9 @@ class ChatService:
                     sessions.remove(session)
                 if not sessions:
                     self._sessions.pop(peer, None)
+                    # Until the reschedule below is written the entries still look due: no dial for them meanwhile
+                    # (a peer that closes every channel at once was otherwise redialled in a loop).
+                    self._settling[peer] += 1
                 unsent = [mid for mid in session.held if mid in self._premarked]  # their rows are not due yet
                 self._premarked.difference_update(unsent)
                 self._inflight.difference_update(session.held)
@@ -1100,19 +1105,31 @@ class ChatService:
                 self._poke()
             await close_gracefully(channel)
         if session is not None:
-            reason = session.close_reason or "closed"
-            log.info("chat: session with %s closed: %s", peer, reason)
-            if self._best_session(peer) is None:
-                self._publish(ev.PeerDownEvent(peer_id=self._text(peer), contact=session.contact_name, reason=reason))
-                # What was written but not acknowledged, and what is due, waits for the backoff: a peer that closes
-                # every session at once (it blocked us, it is overloaded) is not hammered with redials.
-                with self._store_failure_logged(f"rescheduling the messages to {peer}"):
-                    await self._reschedule_peer(peer, f"session closed: {reason}", [*session.written, *unsent])
-                    if session.redial:
-                        await self._expedite(peer)
-            elif unsent:  # another session lives: these go out on it once due
-                with self._store_failure_logged(f"rescheduling the messages to {peer}"):
-                    await self._reschedule_ids(unsent, f"session closed: {reason}")
+            try:
+                await self._session_ended(session, unsent)
+            finally:
+                if peer in self._settling:
+                    self._settling[peer] -= 1
+                    if not self._settling[peer]:
+                        del self._settling[peer]
+                    self._poke()
+
+    async def _session_ended(self, session: _Session, unsent: list[bytes]) -> None:
+        """Log a closed session and put what it did not deliver back on the outbox schedule."""
+        peer = session.peer
+        reason = session.close_reason or "closed"
+        log.info("chat: session with %s closed: %s", peer, reason)
+        if self._best_session(peer) is None:
+            self._publish(ev.PeerDownEvent(peer_id=self._text(peer), contact=session.contact_name, reason=reason))
+            # What was written but not acknowledged, and what is due, waits for the backoff: a peer that closes
+            # every session at once (it blocked us, it is overloaded) is not hammered with redials.
+            with self._store_failure_logged(f"rescheduling the messages to {peer}"):
+                await self._reschedule_peer(peer, f"session closed: {reason}", [*session.written, *unsent])
+                if session.redial:
+                    await self._expedite(peer)
+        elif unsent:  # another session lives: these go out on it once due
+            with self._store_failure_logged(f"rescheduling the messages to {peer}"):
+                await self._reschedule_ids(unsent, f"session closed: {reason}")
 
     @contextlib.contextmanager
     def _store_failure_logged(self, what: str) -> Iterator[None]:

@@ -499,7 +499,9 @@ async def test_a_peer_that_never_says_hello_gets_no_messages_and_is_given_up(tmp
         await eventually(lambda: alice.seen("peer_down"), "alice gives the session up")
         assert alice.seen("peer_down")[0]["reason"] == "no hello within 0.2 s"
         assert await statuses(alice, "bob") == ["queued"]
-    assert received and all([type(e).__name__ for e in events] == ["HelloReceived"] for events in received)
+    # Only hellos reached the fake bob (a redial's connection may end before its hello is read).
+    assert received and [type(e).__name__ for e in received[0]] == ["HelloReceived"]
+    assert all(type(e).__name__ == "HelloReceived" for events in received for e in events)
 
 
 async def test_strangers_cannot_crowd_out_contacts(tmp_path: Path) -> None:
