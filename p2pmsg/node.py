@@ -488,10 +488,11 @@ class Node:
                 self._addrs_changed = trio.Event()
                 self._refresh_addrs()
                 now = trio.current_time()
-                stale = published_addrs != self.addrs or now - published_at >= self.options.record_ttl / 2
-                published = stale and await self._attempt("publish", self._publish())
+                addrs = list(self.addrs)  # what this round publishes (the watcher may change self.addrs meanwhile)
+                stale = published_addrs != addrs or now - published_at >= self.options.record_ttl / 2
+                published = stale and await self._attempt("publish", self._publish(addrs))
                 if published:
-                    published_at, published_addrs = now, list(self.addrs)
+                    published_at, published_addrs = now, addrs
                 if now - last_save >= self.options.save_interval:
                     await self._save_routing_table()
                     last_save = now
@@ -566,13 +567,13 @@ class Node:
                 self.options.check_interval,
             )
 
-    async def _publish(self) -> bool:
-        if not self.addrs:
+    async def _publish(self, addrs: list[Multiaddr]) -> bool:
+        if not addrs:
             return False
         last = await self.db.read(lambda conn: repo.get_setting(conn, RECORD_SEQ_SETTING))
         min_seq = int.from_bytes(last, "big") + 1 if last else 0
         stored = await self.dht.publish_peer_record(
-            self.addrs, ttl=self.options.record_ttl, min_seq=min_seq, seq_store=self._store_record_seq
+            addrs, ttl=self.options.record_ttl, min_seq=min_seq, seq_store=self._store_record_seq
         )
         if stored:
             log.info("dht: published our peer record on %d nodes", stored)

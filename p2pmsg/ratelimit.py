@@ -58,6 +58,14 @@ class RateLimiter(Generic[S]):
         bucket[0] -= cost
         return True
 
+    def would_allow(self, source: S, now: float, cost: float = 1.0) -> bool:
+        """Whether :meth:`allow` would take ``cost`` now (nothing is taken or stored): check several buckets with
+        this before taking from any of them, so a refusal by one costs the others nothing."""
+        bucket = self._buckets.get(source)
+        if bucket is None:
+            return self.burst >= cost
+        return min(self.burst, bucket[0] + max(0.0, now - bucket[1]) * self.rate) >= cost
+
     def __len__(self) -> int:
         return len(self._buckets)
 

@@ -143,6 +143,10 @@ senders), so many sessions sending big envelopes at once cannot grow the node's 
 _STRANGER_READS_PER_SESSION: Final = (200.0, 1000)
 """(a second, at once): what one stranger's session may make its reader do -- frames it sent (envelopes, acks, ...),
 each read counting at least one -- before the reader waits (TCP then pushes back on that stranger)."""
+_STRANGER_FRAMES_PER_READ: Final = 512
+"""Frames one read from a stranger may complete: a stranger has at most 100 pending requests to send and nothing to
+acknowledge, so more is a flood of tiny frames (a 64 KiB read holds 1,770 one-id acks); its session is closed, and
+no single read runs ahead of the pace by more than this."""
 _STRANGER_READS_TOTAL: Final = (2000.0, 5000)
 """The same for all stranger sessions together: forged envelopes, replays or made-up acks from any number of
 strangers cost at most about this many decryptions and lookups a second."""
@@ -866,7 +870,7 @@ class ChatService:
         record, changed = await self._store_record(peer_id, value)
         moved = set(_record_addrs(record)) != known
         if changed and moved and record is not None:
-            self._close_moved_sessions(peer_id, record)
+            self._close_moved_sessions(peer_id, record, known)
         if changed and self._best_session(peer_id) is None:  # a live session needs no new address
             log.info("chat: newer peer record of %s seen; its outbox is due now", peer_id)
             dial = self._dial_scopes.get(peer_id)
@@ -876,14 +880,17 @@ class ChatService:
                 await self._expedite(peer_id)
         return changed
 
-    def _close_moved_sessions(self, peer: PeerId, record: PeerRecord) -> None:
-        """``peer``'s newer ``record`` lists other addresses than before: close our sessions with it that run over an
-        address it no longer lists (an outbound one dialled at an address not listed, an inbound one from a host
-        not listed).  The peer moved (a new lease, another network), and such a session is most likely dead without
-        knowing it (no FIN, no RST); it would hold our messages until ``resend_after_ms`` passed without a receipt.
-        """
+    def _close_moved_sessions(self, peer: PeerId, record: PeerRecord, known: set[Multiaddr]) -> None:
+        """``peer``'s newer ``record`` lists other addresses than the ``known`` ones: close our sessions with it that
+        run over an address it listed before and no longer lists (an outbound one dialled at such an address, an
+        inbound one from such a host).  The peer moved (a new lease, another network), and such a session is most
+        likely dead without knowing it (no FIN, no RST); it would hold our messages until ``resend_after_ms`` passed
+        without a receipt.  A session over an address the peer never listed (an inbound one through a NAT, one
+        dialled at a name) says nothing about the move and is kept."""
         listed = {addr.transport() for addr in _record_addrs(record)}
         hosts = {host for _, host, _ in listed}
+        dropped = {addr.transport() for addr in known} - listed
+        dropped_hosts = {host for _, host, _ in dropped} - hosts
         for session in self._sessions.get(peer, []):
             if session.closed:
                 continue
@@ -891,7 +898,7 @@ class ChatService:
                 kind, host, port = Multiaddr.parse(session.addr).transport()
             except (MultiaddrError, P2PMsgError):
                 continue  # the address it runs over is not known: nothing to compare
-            gone = (kind, host, port) not in listed if session.direction == "outbound" else host not in hosts
+            gone = (kind, host, port) in dropped if session.direction == "outbound" else host in dropped_hosts
             if gone:
                 session.redial = True
                 session.close_reason = f"the peer's newer record no longer lists {session.addr}"
@@ -1292,6 +1299,9 @@ class ChatService:
                 return f"a stranger's session idle for {idle:g} s"
             events = session.conn.receive_data(data)
             if session.relation is Relation.STRANGER:
+                if len(events) > _STRANGER_FRAMES_PER_READ:
+                    self._drop("chat_stranger_flood", f"{len(events)} frames in one read", session.peer)
+                    return f"the stranger sent more than {_STRANGER_FRAMES_PER_READ} frames at once"
                 await self._pace_stranger(session, max(1, len(events)))
             envelopes: list[SealedEnvelope] = []
             acks: list[bytes] = []

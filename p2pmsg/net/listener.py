@@ -281,7 +281,8 @@ class Listener:
             await trio.aclose_forcefully(raw)
             return
         ip = network_of(address)
-        refusal = self._admission(ip, charged=self._config.limit_loopback or not _is_loopback(address))
+        charged = self._config.limit_loopback or not _is_loopback(address)
+        refusal = self._admission(ip, charged=charged)
         if refusal is not None:
             await trio.aclose_forcefully(raw)
             key, reason = refusal
@@ -289,7 +290,6 @@ class Listener:
             return
         remote = remote_multiaddr(raw, kind)
         where = str(remote) if remote is not None else f"unknown {kind} peer"
-        charged = self._config.limit_loopback or not _is_loopback(address)
         self._per_ip[ip] += 1
         stats.active += 1
         stats.handshaking += 1
@@ -346,13 +346,17 @@ class Listener:
             return "per-ip", f"{self._per_ip[source]} connections open from {source}"
         if charged:
             now = trio.current_time()
+            wide = network_of(source.split("/", 1)[0], 24, 48)
             if not (
-                self._handshake_rate.allow(source, now)
-                and self._handshake_rate_wide.allow(network_of(source.split("/", 1)[0], 24, 48), now)
-                and self._handshake_rate_all.allow(None, now)
-            ):
+                self._handshake_rate.would_allow(source, now)
+                and self._handshake_rate_wide.would_allow(wide, now)
+                and self._handshake_rate_all.would_allow(None, now)
+            ):  # checked first, so that a refusal by one bucket costs the others nothing
                 stats.rejected_rate += 1
                 return "rate", f"{source} (or its network, or everyone together) starts connections too fast"
+            self._handshake_rate.allow(source, now)
+            self._handshake_rate_wide.allow(wide, now)
+            self._handshake_rate_all.allow(None, now)
         return None
 
     def _frame_budget(self, source: str) -> FrameBudget:

@@ -78,6 +78,7 @@ logger = logging.getLogger(__name__)
 WS_MAX_MESSAGE_SIZE: Final = 65537
 #: The only HTTP path a p2pmsg WebSocket listener accepts.
 WS_PATH: Final = "/"
+_MAX_REFUSAL_BODY: Final = 4096
 # The end of an HTTP head as h11 finds it, and the status line of an accepted upgrade.
 _BLANK_LINE: Final = re.compile(rb"\n\r?\n")
 _SWITCHING: Final = re.compile(rb"HTTP/\d\.\d 101\b")
@@ -124,7 +125,8 @@ class FrameMeter:
     Feed it every received chunk in order, from the first byte of the connection.  Frames begin:
 
     * on a **client**, right after the blank line that ends the server's ``101`` response (h11's rule: the first
-      ``\\n\\r?\\n``), in the same chunk if more follows it; a response other than ``101`` has no frames;
+      ``\\n\\r?\\n``), in the same chunk if more follows it; a response other than ``101`` has no frames, and
+      a body of more than 4 KiB after it is a violation (trio-websocket would keep it all until our timeout);
     * on a **server**, after our answer to the request (:meth:`response_sent`).  A client must wait for that
       answer (RFC 6455 section 4.1), and wsproto may already parse as frames what arrives while the answer waits
       to be written, so any byte after the request's blank line and before the answer is a violation.
@@ -137,7 +139,18 @@ class FrameMeter:
     connection.  Sans-IO.
     """
 
-    __slots__ = ("_client", "_fragments", "_head", "_header", "_mode", "_skip", "_tail", "small_frames", "violation")
+    __slots__ = (
+        "_body",
+        "_client",
+        "_fragments",
+        "_head",
+        "_header",
+        "_mode",
+        "_skip",
+        "_tail",
+        "small_frames",
+        "violation",
+    )
 
     def __init__(self, *, client: bool) -> None:
         self._client = client
@@ -149,6 +162,7 @@ class FrameMeter:
         self._header = bytearray()  # the frame header read so far
         self._skip = 0  # payload bytes of the current frame still to skip
         self._fragments = 0  # data frames of the message being received so far
+        self._body = 0  # bytes of a refused upgrade's answer after its head (client side)
         self.small_frames = 0
         """Small frames seen so far (a frame counts once its whole header has arrived)."""
         self.violation: str | None = None
@@ -185,7 +199,13 @@ class FrameMeter:
                 if offset < len(view):
                     return self._fail("the client sent data before the WebSocket upgrade was answered")
                 return 0
-            self._mode = "frames" if _SWITCHING.match(self._head) else "none"
+            self._mode = "frames" if _SWITCHING.match(self._head) else "refused"
+            self._body = -offset  # the bytes of ``view`` before ``offset`` are the head
+        if self._mode == "refused":  # trio-websocket keeps the body of a refusal (quadratically): keep it short
+            self._body += len(view)
+            if self._body > _MAX_REFUSAL_BODY:
+                return self._fail(f"the server refused the upgrade with more than {_MAX_REFUSAL_BODY} bytes of body")
+            return 0
         if self._mode == "none":
             return 0
         found = 0

@@ -1123,3 +1123,17 @@ async def test_a_stranger_s_reader_is_paced(tmp_path: Path, monkeypatch: pytest.
 
 async def _at_least(value: Callable[[], Awaitable[int]], count: int) -> bool:
     return await value() >= count
+
+
+async def test_a_stranger_sending_hundreds_of_frames_in_one_read_is_dropped(tmp_path: Path) -> None:
+    async with running_node(tmp_path / "bob", BOB) as bob, trio.open_nursery() as nursery:
+        channel = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        conn = ChatConnection()
+        await channel.send_all(
+            conn.send_hello() + b"".join(conn.send_ack([bytes([i % 256]) * 16]) for i in range(1500))
+        )
+        await eventually(lambda: bob.chat.dropped.get("chat_stranger_flood", 0) == 1, "the stranger dropped")
+        with trio.fail_after(5), contextlib.suppress(trio.BrokenResourceError):
+            while await channel.receive_some():  # bob closed the channel
+                pass
+        nursery.cancel_scope.cancel()

@@ -362,6 +362,8 @@ async def test_many_sources_are_held_by_the_wider_buckets(
     ]
     await wait_for(lambda: listener.stats.accepted == 24, "24 accepted")
     assert listener.stats.active == admitted and listener.stats.rejected_rate == 24 - admitted
+    # Refused by a wider bucket, a source kept its own tokens (nothing is taken unless every bucket can pay).
+    assert listener._handshake_rate.would_allow("127.0.0.9/32", trio.current_time(), cost=2.0)
     for stream in opened:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.aclose()

@@ -36,3 +36,11 @@ def test_bucket_refills_at_its_rate_up_to_its_burst() -> None:
 def test_bad_parameters_are_refused() -> None:
     with pytest.raises(LocalProtocolError):
         RateLimiter(rate=1.0, burst=0.5)
+
+
+def test_would_allow_looks_without_taking() -> None:
+    limiter: RateLimiter[str] = RateLimiter(rate=1.0, burst=2.0)
+    assert limiter.would_allow("a", 0.0) and len(limiter) == 0  # nothing stored for a new source
+    assert limiter.allow("a", 0.0) and limiter.allow("a", 0.0)
+    assert not limiter.would_allow("a", 0.5) and limiter.would_allow("a", 1.0)
+    assert limiter.allow("a", 1.0) and not limiter.allow("a", 1.0)

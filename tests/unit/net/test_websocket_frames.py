@@ -92,9 +92,12 @@ def test_a_client_meter_counts_right_after_the_blank_line_that_ends_a_101(respon
         assert total == SMALL_IN_FRAMES, cut
 
 
-def test_a_client_meter_counts_nothing_after_a_refused_upgrade() -> None:
+def test_a_client_meter_counts_nothing_after_a_refused_upgrade_and_keeps_its_body_short() -> None:
     meter = FrameMeter(client=True)
     assert meter.feed(b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n" + frame(0x2, b"")) == 0
+    assert meter.violation is None
+    meter.feed(b"x" * 4096)  # a hostile server's endless body: trio-websocket would keep it all
+    assert meter.violation is not None and "refused the upgrade" in meter.violation
 
 
 def test_the_meter_handles_payloads_spanning_chunks() -> None:
