@@ -340,7 +340,7 @@ class Node:
             events=hub.publish,
             listening=lambda: hub.subscribers > 0,  # no subscriber: the hot paths build no events at all
         )
-        self.listener = Listener(identity, self.chat.handle_inbound)
+        self.listener = Listener(identity, self.chat.handle_inbound, familiar=self.chat.is_familiar)
         handlers: dict[str, Callable[[dict[str, Any]], Awaitable[Any]]] = self.chat.control_handlers()
         handlers["id"] = self._id
         handlers["status"] = self._status

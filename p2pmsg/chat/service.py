@@ -150,6 +150,8 @@ no single read runs ahead of the pace by more than this."""
 _STRANGER_READS_TOTAL: Final = (2000.0, 5000)
 """The same for all stranger sessions together: forged envelopes, replays or made-up acks from any number of
 strangers cost at most about this many decryptions and lookups a second."""
+_MAX_CONTACT_HOSTS: Final = 1024
+"""Hosts of contacts' recent sessions remembered for the listener (:meth:`ChatService.is_familiar`)."""
 _STRANGER_INBOX_BUDGET: Final = 4 * 1024 * 1024
 """The part of :data:`_INBOX_BUDGET` that stranger sessions may hold together: the rest (12 MiB) stays free for
 contacts however many strangers send at once."""
@@ -461,6 +463,8 @@ class ChatService:
         self._own = identity.peer_id.to_bytes()
         self._sessions: dict[PeerId, list[_Session]] = {}
         self._dialing: set[PeerId] = set()
+        self._contact_hosts: collections.OrderedDict[str, None] = collections.OrderedDict()
+        """Hosts contacts' sessions ran over, most recent last (at most :data:`_MAX_CONTACT_HOSTS`)."""
         self._settling: collections.Counter[PeerId] = collections.Counter()
         """Peers whose last session ended and whose entries are not rescheduled yet (no dial for them until then)."""
         self._inflight: set[bytes] = set()
@@ -1076,6 +1080,8 @@ class ChatService:
                 ev.PeerUpEvent(peer_id=self._text(peer), contact=session.contact_name, direction=direction, addr=addr)
             )
             log.info("chat: session with %s open (%s %s)", peer, direction, addr or "?")
+            if relation is Relation.CONTACT:
+                self._note_contact_address(addr)
             with session.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._guarded, session, self._sender)
@@ -1525,6 +1531,22 @@ class ChatService:
             self._stranger_pace = _Pacer(*_STRANGER_READS_TOTAL)
         await session.pace.take(reads)
         await self._stranger_pace.take(reads)
+
+    def _note_contact_address(self, addr: str) -> None:
+        """Remember the host a contact's session runs over (see :meth:`is_familiar`)."""
+        try:
+            host = Multiaddr.parse(addr).transport()[1]
+        except (MultiaddrError, P2PMsgError):
+            return
+        self._contact_hosts[host] = None
+        self._contact_hosts.move_to_end(host)
+        while len(self._contact_hosts) > _MAX_CONTACT_HOSTS:
+            self._contact_hosts.popitem(last=False)
+
+    def is_familiar(self, ip: str) -> bool:
+        """Whether a contact's session ran over ``ip`` recently (the listener lets such connections past the
+        handshake buckets of networks and of everyone, so a flood from elsewhere cannot lock contacts out)."""
+        return ip in self._contact_hosts
 
     def _give_back_inbox(self, session: _Session, size: int, stranger_size: int) -> None:
         """Return ``size`` bytes of ``session``'s inbox charge, ``stranger_size`` of them from the strangers' share."""

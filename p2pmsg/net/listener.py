@@ -15,7 +15,9 @@ Each accepted connection gets one task, which owns everything the connection nee
    :attr:`ListenerConfig.handshake_burst_per_ip` at once, four times that per IPv4 /24 or IPv6 /48, and
    :attr:`ListenerConfig.handshake_rate_total` for all sources together; counted as ``rejected_rate``).  A
    handshake costs us public-key operations (about 0.6 ms here), so without the buckets one host could keep a core
-   busy with them; a host rotating through many addresses is held by the wider buckets.
+   busy with them; a host rotating through many addresses is held by the wider buckets.  An address a contact
+   recently connected from (the ``familiar`` hook) pays only its own bucket, so a flood that drains the wider ones
+   does not lock contacts out.
    A *source* is an IPv4 address or an IPv6 /64 (:func:`~p2pmsg.ratelimit.network_of`): one IPv6 host commonly
    holds a whole /64.  Loopback sources are not charged (unless :attr:`ListenerConfig.limit_loopback`), here or
    for WebSocket frames: several nodes of one machine talk over loopback, and a local process can take a core
@@ -182,9 +184,20 @@ class ListenerStats:
 class Listener:
     """Accept inbound connections on TCP and WebSocket, authenticate them, and pass channels to ``handler``."""
 
-    def __init__(self, identity: Identity, handler: Handler, config: ListenerConfig | None = None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        handler: Handler,
+        config: ListenerConfig | None = None,
+        *,
+        familiar: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``familiar(ip)`` says whether an address is one a trusted peer (a contact) recently connected from: such a
+        connection is charged only to its source's own bucket, not to its network's or everyone's, so a flood from
+        many networks cannot lock contacts out."""
         self._identity = identity
         self._handler = handler
+        self._familiar = familiar
         self._config = config if config is not None else ListenerConfig()
         self._stats = ListenerStats()
         self._slots = trio.CapacityLimiter(self._config.max_concurrent_handshakes)
@@ -282,7 +295,8 @@ class Listener:
             return
         ip = network_of(address)
         charged = self._config.limit_loopback or not _is_loopback(address)
-        refusal = self._admission(ip, charged=charged)
+        familiar = charged and self._familiar is not None and self._familiar(address)
+        refusal = self._admission(ip, charged=charged, familiar=familiar)
         if refusal is not None:
             await trio.aclose_forcefully(raw)
             key, reason = refusal
@@ -332,7 +346,7 @@ class Listener:
                 if not self._per_ip[ip]:
                     del self._per_ip[ip]
 
-    def _admission(self, source: str, *, charged: bool) -> tuple[str, str] | None:
+    def _admission(self, source: str, *, charged: bool, familiar: bool = False) -> tuple[str, str] | None:
         """Whether a new connection from ``source`` may start a handshake (module docstring, step 1): ``None``, or the
         log key and reason of the refusal (counted here).  Cheap on purpose: a flood of connections is refused here
         at tens of thousands a second."""
@@ -349,14 +363,15 @@ class Listener:
             wide = network_of(source.split("/", 1)[0], 24, 48)
             if not (
                 self._handshake_rate.would_allow(source, now)
-                and self._handshake_rate_wide.would_allow(wide, now)
-                and self._handshake_rate_all.would_allow(None, now)
+                and (familiar or self._handshake_rate_wide.would_allow(wide, now))
+                and (familiar or self._handshake_rate_all.would_allow(None, now))
             ):  # checked first, so that a refusal by one bucket costs the others nothing
                 stats.rejected_rate += 1
                 return "rate", f"{source} (or its network, or everyone together) starts connections too fast"
             self._handshake_rate.allow(source, now)
-            self._handshake_rate_wide.allow(wide, now)
-            self._handshake_rate_all.allow(None, now)
+            if not familiar:
+                self._handshake_rate_wide.allow(wide, now)
+                self._handshake_rate_all.allow(None, now)
         return None
 
     def _frame_budget(self, source: str) -> FrameBudget:

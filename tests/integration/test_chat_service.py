@@ -1137,3 +1137,18 @@ async def test_a_stranger_sending_hundreds_of_frames_in_one_read_is_dropped(tmp_
             while await channel.receive_some():  # bob closed the channel
                 pass
         nursery.cancel_scope.cancel()
+
+
+async def test_hosts_of_contacts_sessions_are_familiar_and_strangers_are_not(tmp_path: Path) -> None:
+    async with running_node(tmp_path / "bob", BOB) as bob, trio.open_nursery() as nursery:
+        stranger = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        await stranger.send_all(ChatConnection().send_hello())
+        await eventually(lambda: bob.chat.connections == 1, "the stranger's session")
+        assert not bob.chat.is_familiar("127.0.0.1")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        async with running_node(tmp_path / "alice", ALICE) as alice:
+            await alice.chat.add_contact(bob.invite, "bob")
+            await alice.chat.send("bob", "hi")
+            await eventually(lambda: _all_delivered(alice, "bob", 1), "delivery")
+            assert bob.chat.is_familiar("127.0.0.1") and alice.chat.is_familiar("127.0.0.1")
+        nursery.cancel_scope.cancel()

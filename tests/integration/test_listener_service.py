@@ -367,3 +367,25 @@ async def test_many_sources_are_held_by_the_wider_buckets(
     for stream in opened:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.aclose()
+
+
+async def test_a_familiar_address_gets_past_the_drained_wider_buckets(nursery: trio.Nursery) -> None:
+    """A flood drains the bucket of everyone together; an address a contact recently connected from still gets a
+    handshake (charged to its own bucket only), so contacts are not locked out with the flood."""
+    config = ListenerConfig(
+        handshake_burst_total=2, handshake_rate_total=0.01, limit_loopback=True, handshake_timeout=5
+    )
+    recorder = Recorder()
+    listener = Listener(BOB, recorder.echo, config, familiar=lambda ip: ip == "127.0.0.7")
+    [addr] = await nursery.start(listener.run, [LOCAL_TCP])
+    port = addr.transport()[2]
+    flood = [await trio.open_tcp_stream("127.0.0.1", port, local_address=f"127.0.0.{h}") for h in (2, 3, 4, 5)]
+    await wait_for(lambda: listener.stats.accepted == 4, "the flood accepted")
+    assert listener.stats.rejected_rate == 2  # everyone's bucket is empty now
+    familiar = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.7")
+    stranger = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.8")
+    await wait_for(lambda: listener.stats.accepted == 6, "both accepted")
+    assert listener.stats.rejected_rate == 3 and listener.stats.active == 3  # the familiar one got through
+    for stream in [*flood, familiar, stranger]:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.aclose()
