@@ -96,6 +96,7 @@ from p2pmsg.net.dialer import DialError
 from p2pmsg.net.dialer import dial as net_dial
 from p2pmsg.net.transport import remote_multiaddr
 from p2pmsg.net.websocket import WebSocketStream
+from p2pmsg.ratelimit import network_of
 from p2pmsg.store import errors as store_errors
 from p2pmsg.store import repo
 from p2pmsg.store.db import Database
@@ -150,6 +151,9 @@ no single read runs ahead of the pace by more than this."""
 _STRANGER_READS_TOTAL: Final = (2000.0, 5000)
 """The same for all stranger sessions together: forged envelopes, replays or made-up acks from any number of
 strangers cost at most about this many decryptions and lookups a second."""
+_MAX_UNKNOWN_ACKS: Final = 4096
+"""Ids never written on a session that its peer may acknowledge before the session is closed: a contact's reads are
+not paced, and each such id costs a lookup (an honest peer repeats one only after a lost session, rarely)."""
 _MAX_CONTACT_HOSTS: Final = 1024
 """Hosts of contacts' recent sessions remembered for the listener (:meth:`ChatService.is_familiar`)."""
 _STRANGER_INBOX_BUDGET: Final = 4 * 1024 * 1024
@@ -310,6 +314,10 @@ class _Session:
     """When (trio clock) the session registered."""
     inbox_bytes: int = 0
     """Bytes this session took from the inbox budget and has not given back (given back when stored, or at close)."""
+    unknown_acks: int = 0
+    """Acknowledged ids that were never written on this session (a repeat now and then; a flood ends it)."""
+    work_seen: int = 0
+    """The channel's ``work_done`` after the previous read (the difference is what a read cost)."""
     pace: _Pacer | None = None
     """How fast this stranger's session may make its reader work (created when a stranger's frames first arrive)."""
     stranger_inbox_bytes: int = 0
@@ -464,7 +472,8 @@ class ChatService:
         self._sessions: dict[PeerId, list[_Session]] = {}
         self._dialing: set[PeerId] = set()
         self._contact_hosts: collections.OrderedDict[str, None] = collections.OrderedDict()
-        """Hosts contacts' sessions ran over, most recent last (at most :data:`_MAX_CONTACT_HOSTS`)."""
+        """Sources (IPv4 addresses, IPv6 /64s) contacts' sessions ran over, most recent last (at most
+        :data:`_MAX_CONTACT_HOSTS`)."""
         self._settling: collections.Counter[PeerId] = collections.Counter()
         """Peers whose last session ended and whose entries are not rescheduled yet (no dial for them until then)."""
         self._inflight: set[bytes] = set()
@@ -1304,11 +1313,16 @@ class ChatService:
                     continue  # the storer saw a message meanwhile (it sets active_at)
                 return f"a stranger's session idle for {idle:g} s"
             events = session.conn.receive_data(data)
+            # What this read cost: the frames it completed, or the transport reads and decryptions it took (a frame
+            # trickled in byte by byte, or behind empty Noise frames, costs work and delivers little), at least one.
+            work = session.channel.work_done if isinstance(session.channel, SecureChannel) else 0
+            cost = max(1, len(events), work - session.work_seen)
+            session.work_seen = work
             if session.relation is Relation.STRANGER:
                 if len(events) > _STRANGER_FRAMES_PER_READ:
                     self._drop("chat_stranger_flood", f"{len(events)} frames in one read", session.peer)
                     return f"the stranger sent more than {_STRANGER_FRAMES_PER_READ} frames at once"
-                await self._pace_stranger(session, max(1, len(events)))
+                await self._pace_stranger(session, cost)
             envelopes: list[SealedEnvelope] = []
             acks: list[bytes] = []
             closed = hello = False
@@ -1525,28 +1539,32 @@ class ChatService:
         """Let a stranger's reader go on only as fast as :data:`_STRANGER_READS_PER_SESSION` and, for all strangers
         together, :data:`_STRANGER_READS_TOTAL` allow: a flood of frames that cost us work and deliver nothing
         (forged envelopes, replays, acks of nothing) waits in the kernel's buffers instead of taking a core."""
+        first = session.pace is None
         if session.pace is None:
             session.pace = _Pacer(*_STRANGER_READS_PER_SESSION)
         if self._stranger_pace is None:
             self._stranger_pace = _Pacer(*_STRANGER_READS_TOTAL)
         await session.pace.take(reads)
-        await self._stranger_pace.take(reads)
+        if not first:  # a new stranger's first read (its hello and requests) never waits behind a flood's debt
+            await self._stranger_pace.take(reads)
 
     def _note_contact_address(self, addr: str) -> None:
-        """Remember the host a contact's session runs over (see :meth:`is_familiar`)."""
+        """Remember the source a contact's session runs over (see :meth:`is_familiar`)."""
         try:
             host = Multiaddr.parse(addr).transport()[1]
         except (MultiaddrError, P2PMsgError):
             return
-        self._contact_hosts[host] = None
-        self._contact_hosts.move_to_end(host)
+        source = network_of(host)  # an IPv6 /64: a host's privacy addresses change within it
+        self._contact_hosts[source] = None
+        self._contact_hosts.move_to_end(source)
         while len(self._contact_hosts) > _MAX_CONTACT_HOSTS:
             self._contact_hosts.popitem(last=False)
 
     def is_familiar(self, ip: str) -> bool:
-        """Whether a contact's session ran over ``ip`` recently (the listener lets such connections past the
-        handshake buckets of networks and of everyone, so a flood from elsewhere cannot lock contacts out)."""
-        return ip in self._contact_hosts
+        """Whether a contact's session ran over ``ip`` (or, for IPv6, its /64) recently: the listener lets such
+        connections past the handshake buckets of networks and of everyone, so a flood from elsewhere cannot lock
+        contacts out."""
+        return network_of(ip) in self._contact_hosts
 
     def _give_back_inbox(self, session: _Session, size: int, stranger_size: int) -> None:
         """Return ``size`` bytes of ``session``'s inbox charge, ``stranger_size`` of them from the strangers' share."""
@@ -1564,6 +1582,9 @@ class ChatService:
         known = [mid for mid in ids if mid in written]
         if len(known) != len(ids):
             self._dropped["chat_ack_unknown"] += len(ids) - len(known)
+            session.unknown_acks += len(ids) - len(known)
+            if session.unknown_acks > _MAX_UNKNOWN_ACKS:  # contacts are not paced: a flood of these ends the session
+                raise SessionProtocolError("ack", f"more than {_MAX_UNKNOWN_ACKS} ids never written on this session")
             ids = known
             if not ids:
                 return

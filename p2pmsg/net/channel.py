@@ -101,6 +101,9 @@ class SecureChannel(trio.abc.Stream):
         self._decoder = decoder if decoder is not None else FrameDecoder()
         self._pending: bytes = b""
         self._pending_pos = 0
+        self.work_done = 0
+        """Reads from the transport plus frames decrypted so far: what receiving cost us, for callers that pace a
+        peer by the work it causes (a frame trickled byte by byte, or empty frames, cost work and deliver little)."""
         self._closed = False
         self._close_reason = "the channel was closed"
         self._send_broken: str | None = None
@@ -189,6 +192,7 @@ class SecureChannel(trio.abc.Stream):
                 frame = decoder.next_frame()
                 if frame is None:
                     data = await self.transport_stream.receive_some(RECEIVE_CHUNK)
+                    self.work_done += 1
                     checkpointed = True
                     if self._closed:  # closed by another task while we waited
                         raise trio.ClosedResourceError(self._close_reason)
@@ -200,6 +204,7 @@ class SecureChannel(trio.abc.Stream):
                         return b""
                     decoder.feed(data)
                     continue
+                self.work_done += 1
                 try:
                     plaintext = self._decrypt(b"", frame)
                 except NoiseRemoteError as exc:

@@ -1151,4 +1151,24 @@ async def test_hosts_of_contacts_sessions_are_familiar_and_strangers_are_not(tmp
             await alice.chat.send("bob", "hi")
             await eventually(lambda: _all_delivered(alice, "bob", 1), "delivery")
             assert bob.chat.is_familiar("127.0.0.1") and alice.chat.is_familiar("127.0.0.1")
+        bob.chat._note_contact_address("/ip6/2001:db8:1:2::1/tcp/4001")  # an IPv6 host's privacy addresses change
+        assert bob.chat.is_familiar("2001:db8:1:2:abcd::9") and not bob.chat.is_familiar("2001:db8:1:3::1")
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_contact_acknowledging_thousands_of_ids_it_was_never_sent_is_cut_off(tmp_path: Path) -> None:
+    """A contact's reads are not paced; acks of ids never written on the session each cost a lookup, so a flood of
+    them ends the session (a contact pinned a core with 3.6 million of them in an adversarial pass)."""
+    async with running_node(tmp_path / "bob", BOB) as bob, trio.open_nursery() as nursery:
+        await bob.chat.add_contact(str(CAROL.peer_id), "carol")
+        channel = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        conn = ChatConnection()
+        hello = conn.send_hello()
+        frames = [
+            conn.send_ack([bytes([i % 256, i // 256]) * 8 for i in range(n, n + 1024)]) for n in range(0, 5120, 1024)
+        ]
+        await channel.send_all(hello + b"".join(frames))
+        await eventually(lambda: bob.seen("peer_down"), "bob ends the session")
+        assert "never written on this session" in bob.seen("peer_down")[0]["reason"]
+        assert bob.chat.dropped.get("chat_protocol_error") == 1
         nursery.cancel_scope.cancel()

@@ -491,3 +491,23 @@ async def test_empty_frames_are_skipped_but_not_without_end() -> None:
     assert await server.receive_some() == b"data"  # a few in a row: skipped
     await _inject(client, b"".join(encode_frame(client._encrypt(b"", b"")) for _ in range(MAX_EMPTY_FRAMES + 1)))
     await _expect_channel_error(server, "empty frames in a row")
+
+
+async def test_work_done_counts_transport_reads_and_decryptions() -> None:
+    """A frame trickled in byte by byte costs one transport read per byte: work_done says so, so that a caller can
+    pace a peer by the work it causes rather than by what it delivers."""
+    client, server = await _established()
+    frame = encode_frame(client._encrypt(b"", b"slow"))
+    before = server.work_done
+    got: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _receive_into(server, got))
+        for index in range(len(frame)):
+            await trio.testing.wait_all_tasks_blocked()
+            await _inject(client, frame[index : index + 1])
+    assert got == [b"slow"]
+    assert server.work_done - before == len(frame) + 1  # a read per byte, and one decryption
+
+
+async def _receive_into(channel: SecureChannel, out: list[bytes]) -> None:
+    out.append(await channel.receive_some())
