@@ -228,7 +228,7 @@ class FrameMeter:
                 continue
             if extended:
                 length = int.from_bytes(header[2 : 2 + extended], "big")
-            reason = self._refused(header[0], length)
+            reason = self._fragment_violation(header[0])
             header.clear()
             if reason is not None:
                 self.small_frames += found
@@ -239,8 +239,8 @@ class FrameMeter:
         self.small_frames += found
         return found
 
-    def _refused(self, first: int, length: int) -> str | None:
-        """Why a frame with first byte ``first`` is refused (``None``: it is fine)."""
+    def _fragment_violation(self, first: int) -> str | None:
+        """Why a frame with first byte ``first`` is refused (``None``: it is fine): a message's fragments are counted."""
         if first & 0x08:  # a control frame: it may come between the fragments of a message
             return None
         self._fragments = 0 if first & 0x80 else self._fragments + 1
