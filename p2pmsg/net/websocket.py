@@ -240,7 +240,7 @@ class FrameMeter:
         return found
 
     def _fragment_violation(self, first: int) -> str | None:
-        """Why a frame with first byte ``first`` is refused (``None``: it is fine): a message's fragments are counted."""
+        """Why a frame with first byte ``first`` is refused (``None``: it is fine): counts a message's fragments."""
         if first & 0x08:  # a control frame: it may come between the fragments of a message
             return None
         self._fragments = 0 if first & 0x80 else self._fragments + 1
