@@ -6,7 +6,8 @@ Theory of operation
 addresses through ``task_status`` and serves until cancelled (or :meth:`Listener.stop`).  All tasks live in one
 nursery owned by ``run``; when it ends, every connection is closed and every task has finished.
 
-Each accepted connection gets one task, which owns everything the connection needs:
+Each listening socket has an accept loop that admits a new connection at once (step 1); each admitted connection gets
+one task, which owns everything the connection needs:
 
 1. Admission, before any work for the peer: the new connection is closed at once if
    :attr:`ListenerConfig.max_connections` connections are already open, or
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
+import errno
 import logging
 import math
 import re
@@ -256,14 +257,7 @@ class Listener:
                 self._run_scope = scope
                 async with trio.open_nursery() as nursery:
                     for item in bound:
-                        await nursery.start(
-                            functools.partial(
-                                trio.serve_listeners,
-                                self._connection_task(item.kind),
-                                [item.listener],
-                                handler_nursery=nursery,
-                            )
-                        )
+                        await nursery.start(self._accept_loop, item.listener, item.kind, nursery)
                     self._listen_addrs = tuple(item.addr for item in bound)
                     for addr in self._listen_addrs:
                         logger.info("listening on %s", addr)
@@ -271,7 +265,7 @@ class Listener:
         finally:
             self._run_scope = None
             self._listen_addrs = ()
-            for item in bound:  # serve_listeners closes them; this covers a failure before it started
+            for item in bound:  # the accept loops close them; this covers a failure before they started
                 item.listener.socket.close()  # synchronous: an await here could be cut short by Cancelled
 
     def stop(self) -> None:
@@ -279,34 +273,61 @@ class Listener:
         if self._run_scope is not None:
             self._run_scope.cancel()
 
-    def _connection_task(self, kind: TransportKind) -> Callable[[trio.SocketStream], Awaitable[None]]:
-        async def task(stream: trio.SocketStream) -> None:
-            await self._serve_connection(stream, kind)
+    async def _accept_loop(
+        self,
+        listener: trio.SocketListener,
+        kind: TransportKind,
+        nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept connections on ``listener`` until cancelled; admit each one here, before any task exists for it
+        (a flood of refused connections then costs an accept and a close each), and serve the admitted ones in
+        tasks of ``nursery``.  When the process runs out of file descriptors or memory, wait a moment and go on."""
+        async with listener:
+            task_status.started()
+            while True:
+                try:
+                    raw = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    logger.error("accept failed (%s); trying again in %g s", exc, _ACCEPT_RETRY_DELAY)
+                    await trio.sleep(_ACCEPT_RETRY_DELAY)
+                    continue
+                admitted = self._admit(raw, kind)
+                if admitted is None:
+                    raw.socket.close()  # synchronous: no task, no await for a refused connection
+                    continue
+                nursery.start_soon(self._serve_connection, raw, kind, *admitted)
 
-        return task
-
-    async def _serve_connection(self, raw: trio.SocketStream, kind: TransportKind) -> None:
+    def _admit(self, raw: trio.SocketStream, kind: TransportKind) -> tuple[str, bool] | None:
+        """Count a new connection and decide whether it is served (module docstring, step 1): its source (network
+        text) and whether it is charged to the buckets, with its slot taken; or ``None`` (counted, logged)."""
         stats = self._stats
         stats.accepted += 1
         address = _peer_ip(raw)
         if not address:  # it reset before we looked: nothing to serve (and no source to charge it to)
             stats.handshake_failures += 1
-            await trio.aclose_forcefully(raw)
-            return
+            return None
         ip = network_of(address)
         charged = self._config.limit_loopback or not _is_loopback(address)
         familiar = charged and self._familiar is not None and self._familiar(address)
         refusal = self._admission(ip, charged=charged, familiar=familiar)
         if refusal is not None:
-            await trio.aclose_forcefully(raw)
             key, reason = refusal
             self._log.log(logging.WARNING, key, "inbound %s %s dropped: %s", kind, address, reason)
-            return
-        remote = remote_multiaddr(raw, kind)
-        where = str(remote) if remote is not None else f"unknown {kind} peer"
+            return None
         self._per_ip[ip] += 1
         stats.active += 1
         stats.handshaking += 1
+        return ip, charged
+
+    async def _serve_connection(self, raw: trio.SocketStream, kind: TransportKind, ip: str, charged: bool) -> None:
+        """Serve an admitted connection (its slot was taken by :meth:`_admit`; given back here at the end)."""
+        stats = self._stats
+        remote = remote_multiaddr(raw, kind)
+        where = str(remote) if remote is not None else f"unknown {kind} peer"
         handshaking = True
         stream: trio.abc.Stream = raw
         try:
@@ -417,6 +438,9 @@ class Listener:
         return None
 
 
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""accept(2) errors that mean the process or system is out of a resource for now (trio.serve_listeners's list)."""
+_ACCEPT_RETRY_DELAY: Final = 0.1
 _QUOTED: Final = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
 """Quoted values in an error message (what a remote peer sent, e.g. a path)."""
 

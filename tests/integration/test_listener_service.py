@@ -160,6 +160,9 @@ async def test_handshake_slots_bound_concurrency_but_waiters_get_through(nursery
     (addr,) = await nursery.start(listener.run, [LOCAL_TCP])
     silent = await open_stream(addr, timeout=5)
     await wait_for(lambda: listener.stats.handshaking == 1, "the silent connection holds the slot")
+    # The good client's own deadline runs from its accept: give it some margin past the silent one's (it is counted
+    # at accept now, before its task even starts, so without this the two deadlines could fall together).
+    await trio.sleep(0.3)
     results: list[SecureChannel] = []
 
     async def good_client() -> None:
