@@ -1315,7 +1315,7 @@ class ChatService:
             events = session.conn.receive_data(data)
             # What this read cost: the frames it completed, or the transport reads and decryptions it took (a frame
             # trickled in byte by byte, or behind empty Noise frames, costs work and delivers little), at least one.
-            work = session.channel.work_done if isinstance(session.channel, SecureChannel) else 0
+            work = session.channel.work_done
             cost = max(1, len(events), work - session.work_seen)
             session.work_seen = work
             if session.relation is Relation.STRANGER:

@@ -313,7 +313,7 @@ class Listener:
         ip = network_of(address)
         charged = self._config.limit_loopback or not _is_loopback(address)
         familiar = charged and self._familiar is not None and self._familiar(address)
-        refusal = self._admission(ip, charged=charged, familiar=familiar)
+        refusal = self._admission(address, ip, charged=charged, familiar=familiar)
         if refusal is not None:
             key, reason = refusal
             self._log.log(logging.WARNING, key, "inbound %s %s dropped: %s", kind, address, reason)
@@ -367,10 +367,10 @@ class Listener:
                 if not self._per_ip[ip]:
                     del self._per_ip[ip]
 
-    def _admission(self, source: str, *, charged: bool, familiar: bool = False) -> tuple[str, str] | None:
-        """Whether a new connection from ``source`` may start a handshake (module docstring, step 1): ``None``, or the
-        log key and reason of the refusal (counted here).  Cheap on purpose: a flood of connections is refused here
-        at tens of thousands a second."""
+    def _admission(self, address: str, source: str, *, charged: bool, familiar: bool = False) -> tuple[str, str] | None:
+        """Whether a new connection from ``address`` (accounted to ``source``, its network text) may start a handshake
+        (module docstring, step 1): ``None``, or the log key and reason of the refusal (counted here).  Cheap on
+        purpose: a flood of connections is refused here at tens of thousands a second."""
         stats = self._stats
         config = self._config
         if stats.active >= config.max_connections:
@@ -381,7 +381,7 @@ class Listener:
             return "per-ip", f"{self._per_ip[source]} connections open from {source}"
         if charged:
             now = trio.current_time()
-            wide = network_of(source.split("/", 1)[0], 24, 48)
+            wide = network_of(address, 24, 48)
             if not (
                 self._handshake_rate.would_allow(source, now)
                 and (familiar or self._handshake_rate_wide.would_allow(wide, now))
