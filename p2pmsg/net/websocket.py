@@ -60,6 +60,7 @@ __all__ = [
     "DEFAULT_CLOSE_TIMEOUT",
     "WS_MAX_FRAGMENTS",
     "WS_MAX_MESSAGE_SIZE",
+    "WS_MAX_PIECES",
     "WS_PATH",
     "WS_SMALL_FRAME",
     "WS_SMALL_FRAME_BURST",
@@ -86,6 +87,11 @@ _SWITCHING: Final = re.compile(rb"HTTP/\d\.\d 101\b")
 WS_SMALL_FRAME: Final = 1024
 #: Frames one message may be cut into (each fragment costs trio-websocket a list entry until the message ends).
 WS_MAX_FRAGMENTS: Final = 128
+#: Pieces one message may reach trio-websocket in: one per data frame, plus one per read that ends inside a data
+#: frame's payload (wsproto hands over each part of a payload as it arrives, and trio-websocket keeps a list entry
+#: of about 40 bytes for each until the message ends).  A 64 KiB message over a link with a 536-byte MSS is about
+#: 125 pieces; a peer trickling one byte per TCP segment would otherwise cost us about 2.7 MB per connection.
+WS_MAX_PIECES: Final = 1024
 #: Small frames a second one peer may send (after its burst); beyond it the connection is closed.
 WS_SMALL_FRAME_RATE: Final = 4096.0
 #: Small frames one peer may send at once (the size of its token bucket).
@@ -132,8 +138,9 @@ class FrameMeter:
       to be written, so any byte after the request's blank line and before the answer is a violation.
 
     Then it walks the frame headers (RFC 6455 section 5.2), skipping payloads.  A message cut into more than
-    :data:`WS_MAX_FRAGMENTS` frames is a violation too (trio-websocket keeps a list entry per fragment, and its size
-    limit counts only bytes).  A header wsproto refuses (reserved bits or opcodes, a length with its top bit set)
+    :data:`WS_MAX_FRAGMENTS` frames, or arriving in more than :data:`WS_MAX_PIECES` pieces (a frame's payload split
+    over many reads is one piece per read), is a violation too (trio-websocket keeps a list entry per piece, and its
+    size limit counts only bytes).  A header wsproto refuses (reserved bits or opcodes, a length with its top bit set)
     needs no rule here: wsproto closes the connection on it, so what the meter makes of the bytes after it never
     matters.  After a violation (:attr:`violation`) the meter counts nothing more; the caller drops the
     connection.  Sans-IO.
@@ -142,10 +149,13 @@ class FrameMeter:
     __slots__ = (
         "_body",
         "_client",
+        "_data",
+        "_final",
         "_fragments",
         "_head",
         "_header",
         "_mode",
+        "_pieces",
         "_skip",
         "_tail",
         "small_frames",
@@ -162,6 +172,9 @@ class FrameMeter:
         self._header = bytearray()  # the frame header read so far
         self._skip = 0  # payload bytes of the current frame still to skip
         self._fragments = 0  # data frames of the message being received so far
+        self._pieces = 0  # pieces of that message trio-websocket has received so far (WS_MAX_PIECES)
+        self._data = False  # the frame being skipped is a data frame (not a control frame)
+        self._final = False  # ... and the last frame of its message
         self._body = 0  # bytes of a refused upgrade's answer after its head (client side)
         self.small_frames = 0
         """Small frames seen so far (a frame counts once its whole header has arrived)."""
@@ -215,6 +228,9 @@ class FrameMeter:
                 step = min(self._skip, size - offset)
                 self._skip -= step
                 offset += step
+                if self._data and (reason := self._piece_violation()) is not None:
+                    self.small_frames += found
+                    return self._fail(reason)
                 continue
             header = self._header
             header.append(view[offset])
@@ -228,16 +244,31 @@ class FrameMeter:
                 continue
             if extended:
                 length = int.from_bytes(header[2 : 2 + extended], "big")
-            reason = self._fragment_violation(header[0])
+            first = header[0]
             header.clear()
+            self._data = not first & 0x08
+            self._final = bool(first & 0x80)
+            self._skip = length
+            reason = self._fragment_violation(first)
+            if reason is None and self._data and not length:
+                reason = self._piece_violation()  # an empty data frame is a piece of its own
             if reason is not None:
                 self.small_frames += found
                 return self._fail(reason)
-            self._skip = length
             if length < WS_SMALL_FRAME:
                 found += 1
         self.small_frames += found
         return found
+
+    def _piece_violation(self) -> str | None:
+        """Count one piece of the current message (a data frame's payload, or part of it, in one read); why that is
+        refused (``None``: it is fine).  The count starts again after the message's last piece."""
+        self._pieces += 1
+        if self._pieces > WS_MAX_PIECES:
+            return f"a WebSocket message in more than {WS_MAX_PIECES} pieces (a frame trickled in tiny reads)"
+        if self._final and not self._skip:
+            self._pieces = 0
+        return None
 
     def _fragment_violation(self, first: int) -> str | None:
         """Why a frame with first byte ``first`` is refused (``None``: it is fine): counts a message's fragments."""

@@ -13,6 +13,7 @@ from test_websocket_stream import TcpPairs, ws_pair
 
 from p2pmsg.net.websocket import (
     WS_MAX_FRAGMENTS,
+    WS_MAX_PIECES,
     WS_SMALL_FRAME,
     FrameMeter,
     WebSocketUpgradeError,
@@ -40,16 +41,32 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True, masked: bool = True)
     return head + (os.urandom(4) if masked else b"") + payload
 
 
+LONG_PAYLOAD = b"z" * 70000
 FRAMES = (
     frame(0x2, b"x" * 60)  # small: an ack-sized message
     + frame(0x2, b"y" * WS_SMALL_FRAME)  # not small
-    + frame(0x2, b"z" * 70000, masked=False)  # the 8-byte length form, not small
+    + frame(0x2, LONG_PAYLOAD, masked=False)  # the 8-byte length form, not small
     + frame(0x9, b"")  # a ping is small
     + frame(0x2, b"", fin=False)
     + frame(0x0, b"", fin=False)
     + frame(0x0, b"w" * 300)  # the 2-byte length form, still small
 )
 SMALL_IN_FRAMES = 5
+
+
+def chunks(data: bytes, cut: int) -> list[bytes]:
+    """``data`` in chunks of ``cut`` bytes, except the long payload of FRAMES, which stays whole: a payload trickled
+    in more than WS_MAX_PIECES reads is a violation of its own."""
+    start = data.find(LONG_PAYLOAD)
+    end = start + len(LONG_PAYLOAD)
+    head, tail = data[:start], data[end:]
+    return (
+        [head[i : i + cut] for i in range(0, len(head), cut)]
+        + [data[start:end]]
+        + [tail[i : i + cut] for i in range(0, len(tail), cut)]
+    )
+
+
 RESPONSE = (
     b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
@@ -67,7 +84,7 @@ def test_a_server_meter_counts_from_its_answer_and_refuses_bytes_before_it() -> 
         meter = FrameMeter(client=False)
         meter.feed(UPGRADE)
         meter.response_sent()
-        total = sum(meter.feed(FRAMES[i : i + cut]) for i in range(0, len(FRAMES), cut))
+        total = sum(meter.feed(chunk) for chunk in chunks(FRAMES, cut))
         assert total == meter.small_frames == SMALL_IN_FRAMES, cut
     for early in ([UPGRADE + b"\x82\xff"], [UPGRADE, b"\x82"]):  # with the request, or after it
         meter = FrameMeter(client=False)
@@ -88,7 +105,7 @@ def test_a_client_meter_counts_right_after_the_blank_line_that_ends_a_101(respon
     for cut in (1, 2, 3, len(response) + len(FRAMES)):
         meter = FrameMeter(client=True)
         stream = response + FRAMES
-        total = sum(meter.feed(stream[i : i + cut]) for i in range(0, len(stream), cut))
+        total = sum(meter.feed(chunk) for chunk in chunks(stream, cut))
         assert total == SMALL_IN_FRAMES, cut
 
 
@@ -212,3 +229,38 @@ def test_control_frames_between_fragments_do_not_end_the_message() -> None:
     stream = (frame(0x2, b"a" * 2000, fin=False) + frame(0x9, b"")) * 100 + frame(0x0, b"a" * 2000, fin=False) * 30
     meter.feed(stream)
     assert meter.violation is not None  # 130 fragments of one message, pings or not
+
+
+def test_a_message_trickled_in_too_many_reads_is_a_violation() -> None:
+    """wsproto hands each read's part of a payload to trio-websocket, which keeps a list entry per part until the
+    message ends: a peer trickling one byte per TCP segment made a 64 KiB message cost about 2.7 MB."""
+    meter = FrameMeter(client=False)
+    meter.feed(UPGRADE)
+    meter.response_sent()
+    message = frame(0x2, b"t" * 3000)
+    head = len(message) - 3000
+    meter.feed(message[:head])  # a header alone is no piece: wsproto hands over nothing yet
+    for i in range(WS_MAX_PIECES):
+        meter.feed(message[head + i : head + i + 1])
+    assert meter.violation is None
+    meter.feed(message[head + WS_MAX_PIECES : head + WS_MAX_PIECES + 1])
+    assert meter.violation is not None and f"more than {WS_MAX_PIECES} pieces" in meter.violation
+
+
+def test_the_piece_count_starts_again_with_each_message() -> None:
+    meter = FrameMeter(client=False)
+    meter.feed(UPGRADE)
+    meter.response_sent()
+    for _ in range(3):  # each message in WS_MAX_PIECES pieces: empty fragments, a ping, a payload in small reads
+        message = frame(0x2, b"", fin=False) * 10 + frame(0x9, b"p") + frame(0x0, b"m" * (WS_MAX_PIECES - 10))
+        cut = len(message) - (WS_MAX_PIECES - 10)
+        meter.feed(message[:cut])
+        for i in range(cut, len(message)):
+            meter.feed(message[i : i + 1])
+    assert meter.violation is None
+    message = frame(0x2, b"m" * (WS_MAX_PIECES + 1))
+    cut = len(message) - WS_MAX_PIECES - 1
+    meter.feed(message[:cut])
+    for i in range(cut, len(message)):
+        meter.feed(message[i : i + 1])
+    assert meter.violation is not None and "pieces" in meter.violation
