@@ -104,7 +104,13 @@ DHT_DROP_COUNTERS: Final = (
     "values_evicted",
 )
 """DHT counters of input that was dropped or refused; ``status`` reports them as ``dht_<name>``."""
-LISTENER_DROP_COUNTERS: Final = ("handshake_timeouts", "handshake_failures", "rejected_overload", "rejected_rate")
+LISTENER_DROP_COUNTERS: Final = (
+    "handshake_timeouts",
+    "handshake_failures",
+    "rejected_overload",
+    "rejected_rate",
+    "rejected_frames",
+)
 """Listener counters of dropped connections; ``status`` reports them as ``net_<name>``."""
 
 

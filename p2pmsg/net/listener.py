@@ -60,7 +60,6 @@ from p2pmsg.net.websocket import (
     WS_PATH,
     WS_SMALL_FRAME_BURST,
     WS_SMALL_FRAME_RATE,
-    FrameBudget,
     accept_websocket_stream,
 )
 from p2pmsg.ratelimit import RateLimiter, network_of, parse_ip
@@ -174,6 +173,9 @@ class ListenerStats:
     :attr:`ListenerConfig.max_connections_per_ip` from the same source."""
     rejected_rate: int = 0
     """Connections closed at once because their source started more than its handshake bucket allows."""
+    rejected_frames: int = 0
+    """WebSocket connections dropped, during the handshake or after it, because their source sent more small frames
+    than its budget allows (:mod:`p2pmsg.net.websocket`: frame budget).  Not counted as handshake failures."""
     handler_errors: int = 0
     """Handler calls that raised an exception."""
 
@@ -333,7 +335,7 @@ class Listener:
         try:
             async with trio.open_nursery() as connection_nursery:  # hosts the WebSocket reader, if any
                 try:
-                    budget = self._frame_budget(ip) if charged else _unlimited
+                    budget = _FrameBudget(self._small_frames if charged else None, ip, stats)
                     channel = await self._authenticate(connection_nursery, raw, kind, where, budget)
                     if channel is None:
                         return
@@ -395,12 +397,8 @@ class Listener:
                 self._handshake_rate_all.allow(None, now)
         return None
 
-    def _frame_budget(self, source: str) -> FrameBudget:
-        """The small-frame budget of ``source``'s WebSocket connections."""
-        return lambda count: self._small_frames.allow(source, trio.current_time(), count)
-
     async def _authenticate(
-        self, nursery: trio.Nursery, raw: trio.SocketStream, kind: TransportKind, where: str, budget: FrameBudget
+        self, nursery: trio.Nursery, raw: trio.SocketStream, kind: TransportKind, where: str, budget: _FrameBudget
     ) -> SecureChannel | None:
         """Upgrade and authenticate ``raw`` within the handshake deadline; None (logged, counted) on failure."""
         timeout = self._config.handshake_timeout
@@ -412,23 +410,25 @@ class Listener:
                     if kind == "ws":
                         stream = await accept_websocket_stream(nursery, raw, path=WS_PATH, frame_budget=budget)
                     return await secure_inbound(stream, self._identity, timeout=timeout + _CHANNEL_TIMEOUT_MARGIN)
-            except RemoteProtocolError as exc:
-                stats.handshake_failures += 1
-                # The kind of fault, without what the peer chose (quoted values such as a WebSocket path): the
-                # throttle's kinds must come from our code, or a peer could use them all up.
-                fault = "handshake: " + _QUOTED.sub("", str(exc).split(":", 1)[0])[:60]
-                self._log.log(logging.WARNING, fault, "inbound %s dropped during handshake: %s", where, exc)
-                return None
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, P2PMsgError) as exc:
+                if budget.refused:  # counted as rejected_frames by the budget; the reason is the stream's
+                    self._log.log(logging.WARNING, "frames", "inbound %s dropped during handshake: %s", where, exc)
+                    return None
                 stats.handshake_failures += 1
-                self._log.log(
-                    logging.INFO,
-                    "hang-up",
-                    "inbound %s dropped during handshake: %s: %s",
-                    where,
-                    type(exc).__name__,
-                    exc,
-                )
+                if isinstance(exc, RemoteProtocolError):
+                    # The kind of fault, without what the peer chose (quoted values such as a WebSocket path): the
+                    # throttle's kinds must come from our code, or a peer could use them all up.
+                    fault = "handshake: " + _QUOTED.sub("", str(exc).split(":", 1)[0])[:60]
+                    self._log.log(logging.WARNING, fault, "inbound %s dropped during handshake: %s", where, exc)
+                else:
+                    self._log.log(
+                        logging.INFO,
+                        "hang-up",
+                        "inbound %s dropped during handshake: %s: %s",
+                        where,
+                        type(exc).__name__,
+                        exc,
+                    )
                 return None
         if deadline.cancelled_caught:
             stats.handshake_timeouts += 1
@@ -445,9 +445,27 @@ _QUOTED: Final = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
 """Quoted values in an error message (what a remote peer sent, e.g. a path)."""
 
 
-def _unlimited(count: int) -> bool:
-    """The frame budget of an uncharged (loopback) source: it always pays."""
-    return True
+class _FrameBudget:
+    """The small-frame budget (a :data:`~p2pmsg.net.websocket.FrameBudget`) of one inbound connection, drawn from
+    its source's bucket in ``limiter`` (``None``: an uncharged loopback source, which always pays).  The first
+    refusal is counted as ``rejected_frames``; the WebSocket stream then breaks with the reason, which the
+    handshake (or, once authenticated, the handler) logs."""
+
+    __slots__ = ("_limiter", "_source", "_stats", "refused")
+
+    def __init__(self, limiter: RateLimiter[str] | None, source: str, stats: ListenerStats) -> None:
+        self._limiter = limiter
+        self._source = source
+        self._stats = stats
+        self.refused = False
+
+    def __call__(self, count: int) -> bool:
+        if self._limiter is None or self._limiter.allow(self._source, trio.current_time(), count):
+            return True
+        if not self.refused:
+            self.refused = True
+            self._stats.rejected_frames += 1
+        return False
 
 
 def _is_loopback(address: str) -> bool:

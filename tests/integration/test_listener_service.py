@@ -16,6 +16,7 @@ from p2pmsg.net.channel import SecureChannel
 from p2pmsg.net.dialer import DialError, dial
 from p2pmsg.net.listener import Listener, ListenerConfig, ListenerStats
 from p2pmsg.net.transport import TransportError, open_stream
+from p2pmsg.net.websocket import WS_SMALL_FRAME_BURST, WebSocketStream
 from p2pmsg.wire.multiaddr import Multiaddr
 
 ALICE = Identity.from_seed(bytes([0xA1]) * 32)
@@ -335,10 +336,32 @@ async def test_a_websocket_frame_flood_is_cut_off_and_the_budget_is_the_sources(
         for stream in streams:
             with contextlib.suppress(trio.BrokenResourceError):
                 await stream.send_all(flood)
-    await wait_for(lambda: listener.stats.handshake_failures == 1, "one of the two dropped")
+    await wait_for(
+        lambda: any("small WebSocket frames" in record.getMessage() for record in caplog.records), "one dropped"
+    )
+    assert listener.stats.rejected_frames == 1 and listener.stats.handshake_failures == 0  # counted as what it was
     assert sum("small WebSocket frames" in record.getMessage() for record in caplog.records) == 1
     for stream in streams:
         await stream.aclose()
+
+
+async def test_a_frame_flood_after_the_handshake_is_counted_as_rejected_frames(nursery: trio.Nursery) -> None:
+    """An authenticated peer that floods empty WebSocket messages (our stream skips them, so the Noise stream
+    stays intact) loses its connection, counted as rejected_frames."""
+    recorder = Recorder()
+    listener = Listener(BOB, recorder.echo, ListenerConfig(handshake_timeout=5, limit_loopback=True))
+    [addr] = await nursery.start(listener.run, [LOCAL_WS])
+    with trio.fail_after(10):
+        channel = await dial(ALICE, BOB.peer_id, [addr], timeout=5, nursery=nursery)
+        await channel.send_all(b"ping")
+        assert await read_exactly(channel, 4) == b"ping"
+        ws = channel.transport_stream
+        assert isinstance(ws, WebSocketStream)
+        with contextlib.suppress(trio.BrokenResourceError):  # masked empty messages, written under the WebSocket
+            await ws.transport_stream.send_all(b"\x82\x80\x01\x02\x03\x04" * (2 * WS_SMALL_FRAME_BURST))
+    await wait_for(lambda: listener.stats.rejected_frames == 1, "the flood dropped")
+    assert listener.stats.authenticated == 1 and listener.stats.handshake_failures == 0
+    await channel.aclose()
 
 
 @pytest.mark.parametrize(
