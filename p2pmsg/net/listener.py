@@ -18,7 +18,10 @@ one task, which owns everything the connection needs:
    handshake costs us public-key operations (about 0.6 ms here), so without the buckets one host could keep a core
    busy with them; a host rotating through many addresses is held by the wider buckets.  An address a contact
    recently connected from (the ``familiar`` hook) pays only its own bucket, so a flood that drains the wider ones
-   does not lock contacts out.
+   does not lock contacts out.  When the bucket of all sources together is empty, a connection from a *quiet*
+   network -- an IPv4 /16 or IPv6 /32 that started at most 8 connections lately, regaining one every 30 s; every
+   connection counts -- may draw from a reserve of a quarter of that bucket: a flood from many networks then still
+   lets a stranger, or a contact on a new network, in from elsewhere, unless it comes from hundreds of networks.
    A *source* is an IPv4 address or an IPv6 /64 (:func:`~p2pmsg.ratelimit.network_of`): one IPv6 host commonly
    holds a whole /64.  Loopback sources are not charged (unless :attr:`ListenerConfig.limit_loopback`), here or
    for WebSocket frames: several nodes of one machine talk over loopback, and a local process can take a core
@@ -98,6 +101,12 @@ DEFAULT_HANDSHAKE_BURST_TOTAL: Final = 256
 """Inbound connections all sources together may start at once: every contact reconnecting after a restart fits."""
 _WIDE_FACTOR: Final = 4
 """The bucket of an IPv4 /24 or IPv6 /48 is this many times a source's."""
+_RESERVE_SHARE: Final = 4
+"""The reserve for quiet networks is this fraction (1/4) of the bucket for all sources together, rate and burst."""
+_QUIET_BURST: Final = 8
+"""Connections an IPv4 /16 or IPv6 /32 may start, within :data:`_QUIET_RATE`, and still count as quiet."""
+_QUIET_RATE: Final = 1 / 30
+"""... and the rate at which it regains them (one every 30 s)."""
 # secure_inbound gets this much more time than our own deadline, so that our deadline is the one that fires and
 # the failure is classified as a timeout.
 _CHANNEL_TIMEOUT_MARGIN: Final = 1.0
@@ -217,6 +226,16 @@ class Listener:
         self._handshake_rate_all: RateLimiter[None] = RateLimiter(
             rate=config.handshake_rate_total, burst=config.handshake_burst_total, max_sources=1
         )
+        # When everyone's bucket is empty, a connection from a quiet network (an IPv4 /16 or IPv6 /32 that started
+        # few connections lately) may still draw from a reserve: a flood from many networks then does not lock out
+        # a stranger, or a contact on a new network, from elsewhere.  Every connection a network starts is charged to
+        # its quiet bucket, so the flooding networks are never quiet.
+        self._handshake_reserve: RateLimiter[None] = RateLimiter(
+            rate=config.handshake_rate_total / _RESERVE_SHARE,
+            burst=max(1, config.handshake_burst_total // _RESERVE_SHARE),
+            max_sources=1,
+        )
+        self._quiet: RateLimiter[str] = RateLimiter(rate=_QUIET_RATE, burst=_QUIET_BURST)
         # Small WebSocket frames by source, shared by all of its connections (p2pmsg.net.websocket: frame budget).
         self._small_frames: RateLimiter[str] = RateLimiter(rate=WS_SMALL_FRAME_RATE, burst=WS_SMALL_FRAME_BURST)
         self._log = LogThrottle(logger)  # connections a remote peer makes us drop: a few lines per minute per kind
@@ -381,21 +400,27 @@ class Listener:
         if self._per_ip[source] >= config.max_connections_per_ip:
             stats.rejected_overload += 1
             return "per-ip", f"{self._per_ip[source]} connections open from {source}"
-        if charged:
-            now = trio.current_time()
+        if not charged:
+            return None
+        now = trio.current_time()
+        if familiar:
+            if self._handshake_rate.allow(source, now):
+                return None
+        else:
             wide = network_of(address, 24, 48)
-            if not (
+            quiet = self._quiet.allow(network_of(address, 16, 32), now)  # every connection counts (docstring, 1.)
+            # The source's and its network's buckets are checked first, so that a refusal by one costs the others
+            # nothing.
+            if (
                 self._handshake_rate.would_allow(source, now)
-                and (familiar or self._handshake_rate_wide.would_allow(wide, now))
-                and (familiar or self._handshake_rate_all.would_allow(None, now))
-            ):  # checked first, so that a refusal by one bucket costs the others nothing
-                stats.rejected_rate += 1
-                return "rate", f"{source} (or its network, or everyone together) starts connections too fast"
-            self._handshake_rate.allow(source, now)
-            if not familiar:
+                and self._handshake_rate_wide.would_allow(wide, now)
+                and (self._handshake_rate_all.allow(None, now) or (quiet and self._handshake_reserve.allow(None, now)))
+            ):
+                self._handshake_rate.allow(source, now)
                 self._handshake_rate_wide.allow(wide, now)
-                self._handshake_rate_all.allow(None, now)
-        return None
+                return None
+        stats.rejected_rate += 1
+        return "rate", f"{source} (or its network, or everyone together) starts connections too fast"
 
     async def _authenticate(
         self, nursery: trio.Nursery, raw: trio.SocketStream, kind: TransportKind, where: str, budget: _FrameBudget

@@ -368,7 +368,7 @@ async def test_a_frame_flood_after_the_handshake_is_counted_as_rejected_frames(n
     ("config", "admitted"),
     [
         (ListenerConfig(handshake_burst_per_ip=2, handshake_rate_per_ip=0.01, limit_loopback=True), 8),
-        (ListenerConfig(handshake_burst_total=3, handshake_rate_total=0.01, limit_loopback=True), 3),
+        (ListenerConfig(handshake_burst_total=3, handshake_rate_total=0.01, limit_loopback=True), 3 + 1),
     ],
     ids=["per-24", "everyone"],
 )
@@ -377,7 +377,8 @@ async def test_many_sources_are_held_by_the_wider_buckets(
 ) -> None:
     """Eight addresses of one /24 (127.0.0.2-9, all loopback on Linux), three connections each: a source's own
     bucket admits two of them, but the /24's (four times a source's) admits eight in all; and a bucket for everyone
-    together holds any number of sources."""
+    together holds any number of sources (after its three, one more from the reserve for quiet networks: their /16
+    had started only three connections so far)."""
     listener = Listener(BOB, Recorder().hold, dataclasses.replace(config, handshake_timeout=5))
     [addr] = await nursery.start(listener.run, [LOCAL_TCP])
     port = addr.transport()[2]
@@ -402,16 +403,43 @@ async def test_a_familiar_address_gets_past_the_drained_wider_buckets(nursery: t
         handshake_burst_total=2, handshake_rate_total=0.01, limit_loopback=True, handshake_timeout=5
     )
     recorder = Recorder()
-    listener = Listener(BOB, recorder.echo, config, familiar=lambda ip: ip == "127.0.0.7")
+    listener = Listener(BOB, recorder.echo, config, familiar=lambda ip: ip == "127.0.0.20")
     [addr] = await nursery.start(listener.run, [LOCAL_TCP])
     port = addr.transport()[2]
-    flood = [await trio.open_tcp_stream("127.0.0.1", port, local_address=f"127.0.0.{h}") for h in (2, 3, 4, 5)]
-    await wait_for(lambda: listener.stats.accepted == 4, "the flood accepted")
-    assert listener.stats.rejected_rate == 2  # everyone's bucket is empty now
-    familiar = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.7")
-    stranger = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.8")
-    await wait_for(lambda: listener.stats.accepted == 6, "both accepted")
-    assert listener.stats.rejected_rate == 3 and listener.stats.active == 3  # the familiar one got through
+    flood = [await trio.open_tcp_stream("127.0.0.1", port, local_address=f"127.0.0.{h}") for h in range(2, 14)]
+    await wait_for(lambda: listener.stats.accepted == 12, "the flood accepted")
+    # Two from everyone's bucket, one from the reserve; then their /16 is no longer quiet.
+    assert listener.stats.rejected_rate == 9
+    familiar = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.20")
+    stranger = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.21")
+    await wait_for(lambda: listener.stats.accepted == 14, "both accepted")
+    assert listener.stats.rejected_rate == 10 and listener.stats.active == 4  # the familiar one got through
     for stream in [*flood, familiar, stranger]:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.aclose()
+
+
+async def test_a_quiet_network_gets_past_a_flood_from_another_through_the_reserve(nursery: trio.Nursery) -> None:
+    """A flood from one /16 empties everyone's bucket and, as every connection counts, its own network's quiet
+    bucket: it gets nothing from the reserve.  Sources in other /16s (127.1.0.2, ...: loopback on Linux) that had
+    been quiet draw from the reserve (a quarter of everyone's burst: two here) until it too is spent."""
+    config = ListenerConfig(
+        handshake_burst_total=8, handshake_rate_total=0.01, limit_loopback=True, handshake_timeout=5
+    )
+    listener = Listener(BOB, Recorder().hold, config)
+    [addr] = await nursery.start(listener.run, [LOCAL_TCP])
+    port = addr.transport()[2]
+    opened = [
+        await trio.open_tcp_stream("127.0.0.1", port, local_address=f"127.0.0.{host}")
+        for host in range(2, 10)
+        for _ in range(3)
+    ]
+    await wait_for(lambda: listener.stats.accepted == 24, "the flood accepted")
+    assert listener.stats.active == 8 and listener.stats.rejected_rate == 16
+    for network in (1, 2, 3):
+        opened.append(await trio.open_tcp_stream("127.0.0.1", port, local_address=f"127.{network}.0.2"))
+    await wait_for(lambda: listener.stats.accepted == 27, "the quiet ones accepted")
+    assert listener.stats.active == 8 + 2 and listener.stats.rejected_rate == 16 + 1
+    for stream in opened:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.aclose()
