@@ -11,45 +11,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from lan import SUBNET, Lan, open_lan
-from procs import Mesh, open_mesh, texts
-
-PORT = 4001
+from lan import PORT, SUBNET, WS_PORT, Lan, open_lan_mesh
+from procs import Mesh, texts
 
 
 @pytest.fixture
 def lan_mesh(tmp_path: Path) -> Iterator[tuple[Lan, Mesh]]:
     """A bootstrap peer, alice and bob, each on its own host of one LAN, contacts of each other."""
-    with open_lan() as lan, open_mesh(tmp_path) as mesh:
-        for number, name in enumerate(("boot", "alice", "bob"), start=2):
-            lan.add_host(name, number)
-            mesh.prefix[name] = lan.prefix(name)
-        boot = _start_bootstrap(mesh, lan)
-        for name in ("alice", "bob"):
-            mesh.cli(name, "init", "--no-passphrase", "--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--bootstrap", boot)
-            mesh.start(name)
+    with open_lan_mesh(tmp_path, ("alice", "bob")) as (lan, mesh):
         mesh.introduce("alice", "bob")
         yield lan, mesh
-
-
-def _start_bootstrap(mesh: Mesh, lan: Lan) -> str:
-    mesh._spawn("boot", ["--home", str(mesh.home("boot")), "bootstrap", "--listen", f"/ip4/0.0.0.0/udp/{PORT}"])
-
-    def printed() -> list[str]:
-        prefix = "bootstrap node listening on "
-        return [line[len(prefix) :] for line in mesh.log("boot").splitlines() if line.startswith(prefix)]
-
-    addrs = mesh.wait_until(printed, "the bootstrap node's addresses", "boot")
-    # Only the address friends can reach: not 127.0.0.1, which on their machines is their own.
-    assert [a.split("/p2p/")[0] for a in addrs] == [f"/ip4/{lan.addresses['boot']}/udp/{PORT}"]
-    return addrs[0]
 
 
 def test_hosts_of_a_lan_advertise_their_lan_address_and_message_each_other(lan_mesh: tuple[Lan, Mesh]) -> None:
     lan, mesh = lan_mesh
     for name in ("alice", "bob"):
         info = mesh.cli_json(name, "id")
-        assert info["addrs"] == [f"/ip4/{lan.addresses[name]}/tcp/{PORT}/p2p/{info['peer_id']}"]
+        host, peer = lan.addresses[name], info["peer_id"]
+        assert info["addrs"] == [f"/ip4/{host}/tcp/{PORT}/p2p/{peer}", f"/ip4/{host}/tcp/{WS_PORT}/ws/p2p/{peer}"]
         assert "127.0.0.1" not in info["invite"]
     mesh.cli("alice", "send", "bob", "hello from the other machine")
     mesh.cli("bob", "send", "alice", "hello back")
