@@ -643,8 +643,8 @@ class ChatService:
         if busy:
             timeout = cfg.min_poll
         else:
-            earliest = await self._db.read(lambda c: repo.due(c, now=MAX_TIMESTAMP, limit=1))
-            wait_ms = earliest[0].next_attempt_at - self._now() if earliest else cfg.max_poll * 1000
+            earliest = await self._db.read(repo.next_attempt_at)
+            wait_ms = earliest - self._now() if earliest is not None else cfg.max_poll * 1000
             timeout = min(cfg.max_poll, max(cfg.min_poll, wait_ms / 1000))
         return timeout
 

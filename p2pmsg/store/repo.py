@@ -119,6 +119,7 @@ __all__ = [
     "mark_failed",
     "mark_sent",
     "mark_sent_many",
+    "next_attempt_at",
     "outbox_depth",
     "prune_peer_records",
     "put_peer_record",
@@ -929,12 +930,38 @@ def get_outbox_entry(conn: sqlite3.Connection, message_id: bytes) -> OutboxEntry
 
 
 def due(conn: sqlite3.Connection, *, now: int, limit: int = 100) -> list[OutboxEntry]:
-    """Return up to *limit* outbox entries whose ``next_attempt_at <= now``, earliest first (then in send order)."""
-    rows = conn.execute(
-        f"{_OUTBOX_SELECT} WHERE o.next_attempt_at <= ? ORDER BY o.next_attempt_at, o.seq LIMIT ?",
-        (_timestamp("now", now), _limit(limit)),
+    """Return up to *limit* outbox entries whose ``next_attempt_at <= now``, by recipient: each recipient's in send
+    order, the recipient whose entry is due longest first.  Every recipient with a due entry gets an equal share
+    of *limit* (at least one), so a long backlog to one does not hold up the others.
+
+    Send order within a recipient, not due time: entries of one recipient become due at different times (a
+    backoff after a lost session, a new send due at once), and read by due time, a limit that cut the list made
+    newer messages overtake older ones.
+    """
+    now = _timestamp("now", now)
+    limit = _limit(limit)
+    recipients = conn.execute(
+        "SELECT recipient FROM outbox WHERE next_attempt_at <= ? GROUP BY recipient"
+        " ORDER BY min(next_attempt_at), min(seq) LIMIT ?",
+        (now, limit),
     ).fetchall()
-    return [_outbox(row) for row in rows]
+    share = max(1, limit // len(recipients)) if recipients else 0
+    entries: list[OutboxEntry] = []
+    for (recipient,) in recipients:
+        rows = conn.execute(
+            f"{_OUTBOX_SELECT} WHERE o.recipient = ? AND o.next_attempt_at <= ? ORDER BY o.seq LIMIT ?",
+            (recipient, now, min(share, limit - len(entries))),
+        ).fetchall()
+        entries.extend(_outbox(row) for row in rows)
+        if len(entries) >= limit:
+            break
+    return entries
+
+
+def next_attempt_at(conn: sqlite3.Connection) -> int | None:
+    """The earliest ``next_attempt_at`` in the outbox (``None`` if it is empty): when the next entry falls due."""
+    row = conn.execute("SELECT min(next_attempt_at) FROM outbox").fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def due_for(conn: sqlite3.Connection, recipient: bytes, *, limit: int = 100) -> list[OutboxEntry]:

@@ -914,6 +914,33 @@ async def test_a_new_message_does_not_overtake_the_backlog_while_the_peer_s_hell
             assert [m["text"] for m in bob.seen("message")] == ["one (older)", "two (newer)"]
 
 
+async def test_a_backlog_longer_than_one_outbox_round_goes_out_in_send_order(tmp_path: Path) -> None:
+    """Older messages wait out a long backoff while newer ones fall due sooner; when Bob is back, his hello makes all
+    of them due.  Read by due time, an outbox round that could not take them all handed the newer ones over first
+    (a QA pass saw it with 20,000 lines piped into ``chat`` while Bob restarted)."""
+    with trio.socket.socket() as probe:  # a port nobody listens on yet: Bob starts there later
+        await probe.bind(("127.0.0.1", 0))
+        addr = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{probe.getsockname()[1]}")
+    config = dataclasses.replace(FAST, due_batch=4)
+    async with running_node(tmp_path / "alice", ALICE, config=config) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+        older = (await alice.chat.send_many("bob", [f"older {i}" for i in range(6)]))["ids"]
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "the first dial fails")
+        long_wait = Backoff(base_ms=600_000, cap_ms=600_000, jitter=0.0)  # as after many failed dials
+        now = int(time.time() * 1000)
+        await alice.db.write(
+            lambda c: [
+                repo.reschedule(c, bytes.fromhex(mid), now=now, error="offline", backoff=long_wait) for mid in older
+            ]
+        )
+        newer = (await alice.chat.send_many("bob", [f"newer {i}" for i in range(6)]))["ids"]
+        async with running_node(tmp_path / "bob", BOB, listen=addr) as bob:
+            await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+            await eventually(lambda: len(bob.seen("message")) == 12, "all twelve arrive", timeout=10)
+            assert [m["id"] for m in bob.seen("message")] == older + newer
+            assert [m["id"] for m in await bob.chat.history("alice")] == older + newer
+
+
 async def test_a_session_that_could_not_store_is_closed_by_the_receiver_itself(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -441,11 +441,26 @@ def test_due_order_and_flush_for_a_recipient(conn: sqlite3.Connection) -> None:
     for n in range(4):
         send(conn, n, to=BOB if n % 2 == 0 else CAROL, sent_at=T0)
     repo.reschedule(conn, mid(0), now=T0, error="offline", backoff=Backoff(jitter=0.0, base_ms=60_000, cap_ms=60_000))
-    assert [e.message_id for e in repo.due(conn, now=T0)] == [mid(1), mid(2), mid(3)]
-    assert [e.message_id for e in repo.due(conn, now=T0, limit=2)] == [mid(1), mid(2)]
+    assert repo.next_attempt_at(conn) == T0
+    assert [e.message_id for e in repo.due(conn, now=T0)] == [mid(1), mid(3), mid(2)]  # by recipient, in send order
+    assert [e.message_id for e in repo.due(conn, now=T0, limit=2)] == [mid(1), mid(2)]  # a share of the limit each
     assert [e.message_id for e in repo.due_for(conn, BOB)] == [mid(0), mid(2)]  # whatever the schedule
     assert repo.expedite(conn, BOB, now=T0 + 1) == 1  # only mid(0) was scheduled later
-    assert [e.message_id for e in repo.due(conn, now=T0 + 1)] == [mid(1), mid(2), mid(3), mid(0)]
+    # Bob's older message first, though it became due after his newer one (by due time it was overtaken).
+    assert [e.message_id for e in repo.due(conn, now=T0 + 1)] == [mid(0), mid(2), mid(1), mid(3)]
+    assert [e.message_id for e in repo.due(conn, now=T0 + 1, limit=1)] == [mid(0)]
+
+
+def test_a_long_backlog_to_one_recipient_leaves_room_for_the_others(conn: sqlite3.Connection) -> None:
+    for n in range(10):
+        send(conn, n, to=BOB, sent_at=T0)
+    send(conn, 10, to=CAROL, sent_at=T0 + 5)
+    assert [e.message_id for e in repo.due(conn, now=T0 + 5, limit=4)] == [mid(0), mid(1), mid(10)]
+    assert len(repo.due(conn, now=T0 + 5, limit=100)) == 11
+    assert repo.due(conn, now=T0 - 1) == [] and repo.next_attempt_at(conn) == T0
+    for n in range(11):
+        repo.mark_failed(conn, mid(n), now=T0 + 6)
+    assert repo.due(conn, now=T0 + 6) == [] and repo.next_attempt_at(conn) is None
 
 
 def test_deleting_a_message_cascades_to_its_outbox_row(conn: sqlite3.Connection) -> None:
