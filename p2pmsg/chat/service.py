@@ -622,6 +622,8 @@ class ChatService:
         cfg = self.config
         settling = [s for v in self._sessions.values() for s in v if s.expedited and not s.in_order]
         outboxed = self._outboxed  # a send queued after the read below is not in this round: no bypass yet
+        # Sessions whose backlog was due before the read: what the read found is all there is to send them.
+        ready = {s for v in self._sessions.values() for s in v if s.expedited}
         now = self._now()
         entries = await self._db.read(functools.partial(repo.due, now=now, limit=cfg.due_batch))
         truncated = busy = len(entries) >= cfg.due_batch
@@ -633,7 +635,7 @@ class ChatService:
             by_peer.setdefault(entry.recipient, []).append(entry)
         left_over: set[bytes] = set()
         for raw_peer, items in by_peer.items():
-            if not await self._dispatch(raw_peer, sorted(items, key=lambda e: e.seq)):
+            if not await self._dispatch(raw_peer, sorted(items, key=lambda e: e.seq), ready):
                 busy = True
                 left_over.add(raw_peer)
         if not truncated and outboxed == self._outboxed:
@@ -648,8 +650,9 @@ class ChatService:
             timeout = min(cfg.max_poll, max(cfg.min_poll, wait_ms / 1000))
         return timeout
 
-    async def _dispatch(self, raw_peer: bytes, items: list[OutboxEntry]) -> bool:
-        """Hand ``items`` (due, in send order) to a session with their recipient or start a dial; False if busy."""
+    async def _dispatch(self, raw_peer: bytes, items: list[OutboxEntry], ready: set[_Session]) -> bool:
+        """Hand ``items`` (due, in send order) to a session with their recipient or start a dial; False if busy.
+        ``ready``: the sessions whose peer's backlog was made due before ``items`` were read."""
         try:
             peer = PeerId.from_bytes(raw_peer)
         except InvalidPeerIdError:  # never written by us; do not retry it forever
@@ -666,6 +669,10 @@ class ChatService:
                 session.close_reason = f"no hello within {patience:g} s"
                 session.closed = True
                 session.scope.cancel()
+            return False
+        if session is not None and session not in ready:
+            # Its hello came while the round read: the backlog it made due is not in ``items`` (only what was due
+            # before, newer messages among it), so handing these over now would let them overtake it.  Next round.
             return False
         if session is not None:
             # A receipt normally follows within milliseconds.  Entries written on this very session long ago and

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -939,6 +940,60 @@ async def test_a_backlog_longer_than_one_outbox_round_goes_out_in_send_order(tmp
             await eventually(lambda: len(bob.seen("message")) == 12, "all twelve arrive", timeout=10)
             assert [m["id"] for m in bob.seen("message")] == older + newer
             assert [m["id"] for m in await bob.chat.history("alice")] == older + newer
+
+
+async def test_an_outbox_round_that_read_before_the_hello_hands_nothing_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer's hello makes its whole backlog due.  A round that read the due entries while the dial ran (only the
+    newer ones: the older waited out a backoff) and reached its hand-over once the hello was in gave the session
+    those newer ones first.  Here such a round is held between its read and its hand-over until the hello."""
+    original_due = repo.due
+    original_ready = ChatService._peer_ready
+    hello_in = threading.Event()
+    held: list[int] = []
+
+    original_inbound = ChatService.handle_inbound
+
+    def gated_due(conn: Any, *, now: int, limit: int = 100) -> Any:
+        entries = original_due(conn, now=now, limit=limit)
+        if entries and alice.chat._sessions.get(BOB.peer_id) and not hello_in.is_set():
+            held.append(len(entries))
+            hello_in.wait(5)  # a read answered before the hello, handed over after it
+        return entries
+
+    async def ready(self: ChatService, session: Any) -> None:
+        await original_ready(self, session)
+        if self is alice.chat:
+            hello_in.set()
+
+    async def late(self: ChatService, channel: SecureChannel, remote_addr: Multiaddr | None = None) -> None:
+        await trio.sleep(0.3)  # Bob's hello comes this much after Alice's session opened: rounds read meanwhile
+        await original_inbound(self, channel, remote_addr)
+
+    with trio.socket.socket() as probe:  # a port nobody listens on yet: Bob starts there later
+        await probe.bind(("127.0.0.1", 0))
+        addr = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{probe.getsockname()[1]}")
+    async with running_node(tmp_path / "alice", ALICE) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+        older = (await alice.chat.send_many("bob", [f"older {i}" for i in range(3)]))["ids"]
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "the first dial fails")
+        long_wait = Backoff(base_ms=600_000, cap_ms=600_000, jitter=0.0)  # as after many failed dials
+        now = int(time.time() * 1000)
+        await alice.db.write(
+            lambda c: [
+                repo.reschedule(c, bytes.fromhex(mid), now=now, error="offline", backoff=long_wait) for mid in older
+            ]
+        )
+        monkeypatch.setattr(ChatService, "handle_inbound", late)  # before Bob's listener takes the method
+        async with running_node(tmp_path / "bob", BOB, listen=addr) as bob:
+            await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+            monkeypatch.setattr(repo, "due", gated_due)
+            monkeypatch.setattr(ChatService, "_peer_ready", ready)
+            newer = (await alice.chat.send_many("bob", [f"newer {i}" for i in range(3)]))["ids"]
+            await eventually(lambda: len(bob.seen("message")) == 6, "all six arrive", timeout=10)
+            assert held  # a round was held as intended
+            assert [m["id"] for m in bob.seen("message")] == older + newer
 
 
 async def test_a_session_that_could_not_store_is_closed_by_the_receiver_itself(
