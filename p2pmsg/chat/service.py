@@ -132,6 +132,10 @@ _PEER_CACHE_SIZE: Final = 4096
 _MAX_HINTS: Final = 16
 MAX_SEND_MANY: Final = 1000
 """Most texts in one :meth:`ChatService.send_many` call."""
+MAX_REPLY_TEXT: Final = 8 * 1024 * 1024
+"""UTF-8 bytes of message text one :meth:`ChatService.history` or :meth:`ChatService.export` reply carries at most
+(the newest messages that fit, at least one): with the other fields of 10,000 rows it stays well under the
+control API's 16 MiB response limit.  Page back for the rest."""
 _WATCH_CANDIDATES: Final = 1024
 """Most waiting contacts one record watcher round reads from the store (it looks up far fewer)."""
 _SKEW_WARNING_MS: Final = 5 * 60 * 1000
@@ -422,6 +426,20 @@ def _peer_text(peer: bytes) -> str:
         return PeerId.from_bytes(peer).to_base58()
     except InvalidPeerIdError:
         return peer.hex()
+
+
+def _newest_within(messages: Sequence[StoredMessage], budget: int, *, at_least_one: bool) -> tuple[int, int]:
+    """How many of the newest of ``messages`` (oldest first) have at most ``budget`` bytes of UTF-8 text together
+    (at least one if ``at_least_one``), and how many bytes those are."""
+    used = count = 0
+    for message in reversed(messages):
+        text = message.text
+        size = len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+        if used + size > budget and (count or not at_least_one):
+            break
+        used += size
+        count += 1
+    return count, used
 
 
 def _message_dict(message: StoredMessage) -> dict[str, Any]:
@@ -2007,9 +2025,10 @@ class ChatService:
         self, name: str, limit: int | None = None, before: int | None = None, before_seq: int | None = None
     ) -> list[dict[str, Any]]:
         """The conversation with ``name``, oldest first, in ``(ts, seq)`` order: the newest ``limit`` messages (default
-        50, at most :data:`MAX_QUERY_LIMIT`); with ``before``, those sent before ``before`` ms; with ``before`` and
-        ``before_seq`` too, those strictly before the position ``(before, before_seq)``: pass the first row's ``ts``
-        and ``seq`` to page back (messages sent in one ``send_many`` share one ``ts``)."""
+        50, at most :data:`MAX_QUERY_LIMIT`, and only as many as :data:`MAX_REPLY_TEXT` holds); with ``before``,
+        those sent before ``before`` ms; with ``before`` and ``before_seq`` too, those strictly before the position
+        ``(before, before_seq)``: pass the first row's ``ts`` and ``seq`` to page back (messages sent in one
+        ``send_many`` share one ``ts``)."""
         if before_seq is not None and before is None:
             raise BadRequestError("before_seq: only together with before (the ts of the same row)")
         contact = await self._contact_by_name(name)
@@ -2019,7 +2038,8 @@ class ChatService:
             seq = min(max(before_seq, 0), MAX_TIMESTAMP) if before_seq is not None else 0
             cursor = HistoryCursor(sent_at=min(max(before, 0), MAX_TIMESTAMP), seq=seq)
         rows = await self._db.read(lambda c: repo.history(c, contact.peer_id, limit=count, before=cursor))
-        return [_message_dict(m) for m in rows]
+        fit, _ = _newest_within(rows, MAX_REPLY_TEXT, at_least_one=True)
+        return [_message_dict(m) for m in rows[len(rows) - fit :]]
 
     async def inbox(self) -> list[dict[str, Any]]:
         """One row per conversation with a contact, most recent first."""
@@ -2098,23 +2118,26 @@ class ChatService:
         return {}
 
     async def export(self, name: str) -> dict[str, Any]:
-        """The contact and its whole conversation, oldest first."""
+        """The contact and its conversation, oldest first: all of it if its texts fit in :data:`MAX_REPLY_TEXT`
+        bytes (``more`` false), else the newest messages that do (``more`` true: page back with :meth:`history`
+        from the first one)."""
         contact = await self._contact_by_name(name)
 
-        def query(conn: sqlite3.Connection) -> list[StoredMessage]:
+        def query(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
             pages: list[list[StoredMessage]] = []
             cursor: HistoryCursor | None = None
+            used = 0
             while True:
                 page = repo.history(conn, contact.peer_id, limit=MAX_QUERY_LIMIT, before=cursor)
-                if not page:
-                    break
-                pages.append(page)
-                if len(page) < MAX_QUERY_LIMIT:
-                    break
+                fit, size = _newest_within(page, MAX_REPLY_TEXT - used, at_least_one=not pages)
+                pages.append(page[len(page) - fit :])
+                used += size
+                more = fit < len(page)
+                if more or len(page) < MAX_QUERY_LIMIT:
+                    return [m for page in reversed(pages) for m in page], more
                 cursor = page[0].cursor
-            return [m for page in reversed(pages) for m in page]
 
-        messages = await self._db.read(query)
+        messages, more = await self._db.read(query)
         return {
             "contact": {
                 "peer_id": _peer_text(contact.peer_id),
@@ -2124,6 +2147,7 @@ class ChatService:
                 "verified": contact.verified,
             },
             "messages": [_message_dict(m) for m in messages],
+            "more": more,
         }
 
     # ------------------------------------------------------------------------------------------------- node info

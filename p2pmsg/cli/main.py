@@ -684,6 +684,8 @@ _MAX_CHARS_SURELY_SHORT: Final = 16 * 1024
 """A text of at most this many characters is within the 64 KiB limit whatever they are (UTF-8: <= 4 bytes each)."""
 
 _LIMIT_RANGE: Final = click.IntRange(1, (1 << 31) - 1)
+_HISTORY_PAGE: Final = 10_000
+"""Messages asked of the node per ``history`` call (its most per reply; it may give fewer, for its 8 MiB of text)."""
 """--limit values the node accepts (it serves at most 10,000 rows whatever the limit)."""
 
 
@@ -714,12 +716,7 @@ def history(state: State, name: str, limit: int, before: int | None, before_seq:
     """Show the conversation with NAME, oldest first."""
     if before_seq is not None and before is None:
         raise click.UsageError("--before-seq needs --before (the ts of the same message)")
-    params: dict[str, Any] = {"name": name, "limit": limit}
-    if before is not None:
-        params["before"] = before
-    if before_seq is not None:
-        params["before_seq"] = before_seq
-    rows = _rows(state.call("history", **params), "history")
+    rows = _page_back(state, name, limit, before, before_seq)
     if as_json:
         _echo_json(rows)
         return
@@ -727,6 +724,35 @@ def history(state: State, name: str, limit: int, before: int | None, before_seq:
         click.echo(f"no messages with {clean(name)} yet")
     for row in rows:
         click.echo(format_message(row, contact=name))
+
+
+def _page_back(
+    state: State, name: str, limit: int | None, before: int | None = None, before_seq: int | None = None
+) -> list[dict[str, Any]]:
+    """Up to ``limit`` (``None``: all) messages with ``name`` before the position ``(before, before_seq)``, oldest
+    first, fetched page by page: one reply holds at most 10,000 messages and 8 MiB of text."""
+    rows: list[dict[str, Any]] = []
+    while limit is None or len(rows) < limit:
+        ask = _HISTORY_PAGE if limit is None else min(limit - len(rows), _HISTORY_PAGE)
+        params: dict[str, Any] = {"name": name, "limit": ask}
+        if before is not None:
+            params["before"] = before
+        if before_seq is not None:
+            params["before_seq"] = before_seq
+        page = _rows(state.call("history", **params), "history")
+        if not page:
+            break
+        rows[:0] = page
+        before, before_seq = _cursor(page[0])
+    return rows
+
+
+def _cursor(row: dict[str, Any]) -> tuple[int, int]:
+    """The ``(before, before_seq)`` that pages back from ``row``."""
+    ts, seq = row.get("ts"), row.get("seq")
+    if type(ts) is not int or type(seq) is not int:
+        raise CliError("the node answered history rows without an integer ts and seq")
+    return ts, seq
 
 
 @cli.command()
@@ -911,7 +937,12 @@ def _dht_size_text(size: object) -> str:
 @pass_state
 def export(state: State, name: str, output: Path | None, as_json: bool) -> None:
     """Export the contact NAME and the whole conversation as JSON."""
-    text = to_json(_record(state.call("export", name=name), "export")) + "\n"
+    record = _record(state.call("export", name=name), "export")
+    messages = _rows(record.get("messages"), "export")
+    if record.pop("more", False) and messages:  # one reply could not hold it all: page back for the rest
+        messages[:0] = _page_back(state, name, None, *_cursor(messages[0]))
+    record["messages"] = messages
+    text = to_json(record) + "\n"
     if output is None:
         click.echo(text, nl=False)
         return

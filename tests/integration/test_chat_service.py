@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import trio
 
+from p2pmsg.chat import service as service_module
 from p2pmsg.chat.envelope import EnvelopeSealer
 from p2pmsg.chat.errors import ERROR_CODES as CHAT_ERROR_CODES
 from p2pmsg.chat.errors import BadRequestError, NameTakenError, UnknownContactError
@@ -758,6 +759,31 @@ async def test_history_pages_back_through_messages_that_share_one_ts(tmp_path: P
         assert [m["id"] for m in newest] == ids[3:]
         with pytest.raises(BadRequestError, match="before_seq: only together with before"):
             await history({"name": "bob", "before_seq": newest[0]["seq"]})
+
+
+async def test_history_and_export_replies_carry_at_most_max_reply_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply holds the newest messages whose texts fit in MAX_REPLY_TEXT bytes (at least one): the control API's
+    16 MiB response limit once made the export of a long conversation fail.  Lowered here to 2,500 bytes."""
+    monkeypatch.setattr(service_module, "MAX_REPLY_TEXT", 2500)
+    async with running_node(tmp_path / "alice", ALICE) as alice:
+        await alice.chat.add_contact(str(BOB.peer_id), "bob")  # no address: everything stays queued
+        await alice.chat.send_many("bob", [f"{n}" * 1000 for n in range(5)])
+        await alice.chat.send("bob", "é" * 2000)  # 4,000 bytes of UTF-8: more than the cap on its own
+        [big] = await alice.chat.history("bob")
+        assert big["text"] == "é" * 2000  # the newest message always comes, even alone over the cap
+        page = await alice.chat.history("bob", before=big["ts"], before_seq=big["seq"])
+        assert [m["text"][0] for m in page] == ["3", "4"]
+        exported = await alice.chat.export("bob")
+        assert [m["text"][0] for m in exported["messages"]] == ["é"] and exported["more"] is True
+        await alice.chat.send("bob", "short")
+        assert [m["text"][0] for m in (await alice.chat.export("bob"))["messages"]] == ["s"]
+    async with running_node(tmp_path / "carol", CAROL) as carol:
+        await carol.chat.add_contact(str(BOB.peer_id), "bob")
+        await carol.chat.send_many("bob", ["a" * 1000, "b" * 1000])
+        whole = await carol.chat.export("bob")
+        assert [m["text"][0] for m in whole["messages"]] == ["a", "b"] and whole["more"] is False
 
 
 async def test_a_peer_id_always_means_that_peer_never_a_contact_named_like_it(tmp_path: Path) -> None:

@@ -6,12 +6,15 @@ listening on 127.0.0.1 only; everything is driven through the command line (``--
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from procs import Mesh, open_mesh, texts
+
+from p2pmsg.identity import Identity
 
 MESSAGE_ID = re.compile(r"^queued ([0-9a-f]{32})$")
 
@@ -102,3 +105,19 @@ def test_stranger_message_lands_in_requests_until_accepted(mesh: Mesh) -> None:
     # Once accepted, carol is a contact like any other: bob's answer reaches her.
     send(mesh, "bob", "carol", "welcome")
     mesh.wait_until(lambda: "welcome" in texts(mesh.history("carol", "bob")), "bob's answer at carol", ["bob", "carol"])
+
+
+def test_a_conversation_larger_than_one_control_reply_is_exported_whole(mesh: Mesh) -> None:
+    """300 messages of 60 KB: 18 MB of text, more than one control reply holds (16 MiB).  ``export`` and a large
+    ``history --limit`` page through it (a QA pass found both failing on the frame limit)."""
+    mesh.init("alice")
+    mesh.start("alice")
+    bob = Identity.from_seed(b"\x0b" * 32).peer_id.to_base58()  # never runs: everything stays queued
+    mesh.cli("alice", "contacts", "add", bob, "--name", "bob")
+    lines = "".join(f"{n:04d}{'x' * 60_000}\n" for n in range(300))
+    queued = mesh.cli("alice", "chat", "bob", stdin=lines, timeout=120).stdout.count("queued ")
+    assert queued == 300
+    exported = json.loads(mesh.cli("alice", "export", "bob", timeout=120).stdout)
+    assert [m["text"][:4] for m in exported["messages"]] == [f"{n:04d}" for n in range(300)]
+    rows = mesh.cli_json("alice", "history", "bob", "--limit", "1000")
+    assert [r["text"][:4] for r in rows] == [f"{n:04d}" for n in range(300)]

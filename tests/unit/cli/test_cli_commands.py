@@ -72,6 +72,12 @@ class ContactNode:
         self.sent: list[tuple[str, str]] = []
         self.blocked: list[str] = []
         self.history_params: list[dict[str, Any]] = []
+        self.page_size = 10_000
+        """Messages one reply holds at most (the node's limit is 10,000 messages and 8 MiB of text)."""
+
+    def _rows(self, name: str) -> list[dict[str, Any]]:
+        """The conversation in history order, each row with its ``seq``."""
+        return [{"seq": n, **row} for n, row in enumerate(self.messages.get(name, []), start=1)]
 
     def _contact(self, name: str) -> dict[str, Any]:
         if name not in self.contacts:
@@ -132,7 +138,12 @@ class ContactNode:
         async def history(p: dict[str, Any]) -> Any:
             self._contact(p["name"])
             self.history_params.append(p)
-            return self.messages.get(p["name"], [])[-p.get("limit", 50) :]
+            rows = self._rows(p["name"])
+            if "before_seq" in p:
+                rows = [r for r in rows if (r["ts"], r["seq"]) < (p["before"], p["before_seq"])]
+            elif "before" in p:
+                rows = [r for r in rows if r["ts"] < p["before"]]
+            return rows[-min(p.get("limit", 50), self.page_size) :]
 
         async def inbox(p: dict[str, Any]) -> Any:
             return [{"name": "bob", "peer_id": BOB, "last_text": "hello bob", "last_ts": T0 + 2000}]
@@ -163,7 +174,12 @@ class ContactNode:
             }
 
         async def export(p: dict[str, Any]) -> Any:
-            return {"contact": self._contact(p["name"]), "messages": self.messages.get(p["name"], [])}
+            rows = self._rows(p["name"])
+            return {
+                "contact": self._contact(p["name"]),
+                "messages": rows[-self.page_size :],
+                "more": len(rows) > self.page_size,
+            }
 
         return {
             "id": id_,
@@ -335,6 +351,31 @@ async def test_inbox_requests_peers_status(home: Path) -> None:
     assert json.loads(status_json.output)["dht_size"] == 12
 
 
+async def test_history_and_export_page_through_replies_that_cannot_hold_it_all(home: Path) -> None:
+    """A reply holds at most 10,000 messages and 8 MiB of text: a larger --limit, or an export of a long
+    conversation, takes several calls (an export of 300 messages of 60 KB once failed on the 16 MiB frame)."""
+    async with node_on(home) as node:
+        node.messages["bob"] = [
+            {
+                "id": f"{n:032x}",
+                "from": BOB,
+                "text": f"m{n}",
+                "ts": T0 + n // 3,
+                "status": "received",
+                "direction": "in",
+            }
+            for n in range(10)
+        ]
+        node.page_size = 3
+        limited = await invoke(home, "history", "bob", "--limit", "7", "--json")
+        everything = await invoke(home, "history", "bob", "--limit", "1000", "--json")
+        exported = await invoke(home, "export", "bob")
+    assert [r["text"] for r in json.loads(limited.output)] == [f"m{n}" for n in range(3, 10)]
+    assert [r["text"] for r in json.loads(everything.output)] == [f"m{n}" for n in range(10)]
+    record = json.loads(exported.output)
+    assert [m["text"] for m in record["messages"]] == [f"m{n}" for n in range(10)] and "more" not in record
+
+
 async def test_export_to_stdout_and_to_a_private_file(home: Path) -> None:
     out = home / "bob.json"
     async with node_on(home):
@@ -486,7 +527,7 @@ async def test_history_pages_back_with_before_and_before_seq(home: Path) -> None
         paged = await invoke(home, "history", "bob", "--limit", "2", "--before", str(T0 + 2000), "--before-seq", "7")
         alone = await invoke(home, "history", "bob", "--before-seq", "7")
     assert paged.exit_code == 0
-    assert node.history_params == [{"name": "bob", "limit": 2, "before": T0 + 2000, "before_seq": 7}]
+    assert node.history_params[0] == {"name": "bob", "limit": 2, "before": T0 + 2000, "before_seq": 7}
     assert alone.exit_code == 2 and "--before-seq needs --before" in alone.output
 
 
