@@ -9,8 +9,10 @@ while the main thread reads lines from stdin and sends each non-blank one with t
 once the message is durably queued.  Piped input is read in batches of the lines available at that moment
 (:func:`line_batches`), each queued with one ``send_many`` (one transaction and one disk sync per batch), and each
 queued line is confirmed on stdout as ``queued <message id>`` (the same words as ``p2pmsg send``), so a script
-knows exactly what the node holds.  At end
-of input the event stream is closed (waking the thread) and the command returns: every line has been queued by then.
+knows exactly what the node holds.  A line the node would refuse (over 64 KiB of UTF-8, or bytes that are not UTF-8)
+is not sent, nor is it changed: it gets ``refused: line N: ...`` in its place, the other lines of its batch go, and
+the command then exits with status 1.  At end of input the event stream is closed (waking the thread) and the command
+returns: every line has been queued or refused by then.
 """
 
 from __future__ import annotations
@@ -21,14 +23,14 @@ import os
 import select
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Final, Protocol, TextIO
+from typing import Any, Final, NamedTuple, Protocol, TextIO
 
 from p2pmsg.chat.envelope import MAX_TEXT_BYTES
 from p2pmsg.cli.output import clean
 from p2pmsg.control import ControlClient, ControlRequestError
 from p2pmsg.errors import P2PMsgError
 
-__all__ = ["line_batches", "run_chat"]
+__all__ = ["ChatOutcome", "line_batches", "run_chat", "text_problem"]
 
 MAX_BATCH: Final = 1000
 """Piped lines queued per ``send_many`` call (one transaction, one disk sync for the whole batch; the node takes up
@@ -37,6 +39,27 @@ MAX_BATCH_BYTES: Final = 768 * 1024
 """UTF-8 bytes of text per ``send_many`` call, so a request stays under the control API's 1 MiB limit (a line over
 the 64 KiB text limit is never sent: it gets a ``refused`` line in the output instead)."""
 _READ_SIZE: Final = 65536
+
+
+def text_problem(text: str) -> str | None:
+    """Why the node would refuse ``text`` as a message, phrased to follow "the message" (``None``: it is fine).
+    Bytes that were not UTF-8 reach us as lone surrogates (Python's ``surrogateescape``)."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 (it holds bytes that are not text)"
+    if size > MAX_TEXT_BYTES:
+        return f"is {size} bytes of UTF-8; the limit is {MAX_TEXT_BYTES} (64 KiB)"
+    return None
+
+
+class ChatOutcome(NamedTuple):
+    """What :func:`run_chat` did with the lines it read."""
+
+    sent: int
+    """Lines queued."""
+    refused: int
+    """Lines not sent because the node would refuse them (each said so in the output)."""
 
 
 class _Formatter(Protocol):
@@ -54,7 +77,8 @@ def line_batches(stdin: TextIO, max_batch: int = MAX_BATCH, max_bytes: int = MAX
         for line in stdin:
             yield [line]
         return
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    # Bytes that are not UTF-8 stay recognisable (lone surrogates): such a line is refused, never sent altered.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     pending = ""
     carry: str | None = None  # a line that did not fit in the previous batch
     eof = False
@@ -63,13 +87,13 @@ def line_batches(stdin: TextIO, max_batch: int = MAX_BATCH, max_bytes: int = MAX
         size = 0
         if carry is not None:
             lines.append(carry)
-            size = len(carry.encode("utf-8"))
+            size = len(carry.encode("utf-8", "surrogateescape"))
             carry = None
         while len(lines) < max_batch:
             if "\n" in pending:
                 line, pending = pending.split("\n", 1)
                 line += "\n"
-                line_size = len(line.encode("utf-8"))
+                line_size = len(line.encode("utf-8", "surrogateescape"))
                 if lines and size + line_size > max_bytes:
                     carry = line
                     break
@@ -108,8 +132,8 @@ def run_chat(
     stdin: TextIO,
     echo: Callable[[str], Any],
     format_line: _Formatter,
-) -> int:
-    """Run the chat with contact ``name`` until the end of ``stdin``; return how many messages were sent."""
+) -> ChatOutcome:
+    """Run the chat with contact ``name`` until the end of ``stdin``; say what became of the lines."""
     peer_id = _find_peer(client, name)
     interactive = stdin.isatty()
     events = client.events()
@@ -145,7 +169,7 @@ def run_chat(
 
     closing = threading.Event()
     thread = threading.Thread(target=pump, name="p2pmsg-chat-events", daemon=True)
-    sent = 0
+    sent = refused = 0
     try:
         rows = client.call("history", name=name, limit=limit)
         with lock:
@@ -159,27 +183,38 @@ def run_chat(
         if interactive:
             for line in stdin:
                 text = line.rstrip("\r\n")
-                if text.strip():
-                    client.call("send", name=name, text=text)
-                    sent += 1
+                if not text.strip():
+                    continue
+                if (problem := text_problem(text)) is not None:
+                    show(f"(not sent: the message {problem})")
+                    refused += 1
+                    continue
+                client.call("send", name=name, text=text)
+                sent += 1
         else:
+            number = 0  # of the input line
             for batch in line_batches(stdin):
-                texts = [t for t in (line.rstrip("\r\n") for line in batch) if t.strip()]
+                texts: list[tuple[int, str]] = []
+                for line in batch:
+                    number += 1
+                    if (text := line.rstrip("\r\n")).strip():
+                        texts.append((number, text))
                 if not texts:
                     continue
                 # A line the node would refuse must not sink the batch (send_many is all or nothing): it gets its own
                 # "refused" line in the output, in its place, and the others go.
-                refused = {i: size for i, t in enumerate(texts) if (size := len(t.encode("utf-8"))) > MAX_TEXT_BYTES}
-                good = [t for i, t in enumerate(texts) if i not in refused]
+                problems = {i: p for i, (_, t) in enumerate(texts) if (p := text_problem(t)) is not None}
+                good = [t for i, (_, t) in enumerate(texts) if i not in problems]
                 result = client.call("send_many", name=name, texts=good) if good else {}
                 sent += len(good)
+                refused += len(problems)
                 # A script needs to know exactly what was durably queued (e.g. before a crash): say it per line.
                 status = result.get("status", "queued") if isinstance(result, dict) else "queued"
                 ids = iter(result.get("ids", []) if isinstance(result, dict) else [])
                 show(
                     "\n".join(
-                        f"refused: {refused[i]} bytes of UTF-8, the limit is {MAX_TEXT_BYTES}"
-                        if i in refused
+                        f"refused: line {texts[i][0]}: the message {problems[i]}"
+                        if i in problems
                         else f"{status} {next(ids, '?')}"
                         for i in range(len(texts))
                     )
@@ -191,4 +226,4 @@ def run_chat(
         events.close()
         if thread.is_alive():
             thread.join(timeout=5)
-    return sent
+    return ChatOutcome(sent, refused)

@@ -664,15 +664,15 @@ def send(state: State, name: str, text: tuple[str, ...], as_json: bool) -> None:
 
     Returns once the message is safely queued; it is delivered when the contact is reachable.
     """
-    message = " ".join(text) if text else sys.stdin.read().rstrip("\n")
+    # Bytes that are not UTF-8 become lone surrogates (as in arguments), refused below with a plain answer.
+    message = " ".join(text) if text else sys.stdin.buffer.read().decode("utf-8", "surrogateescape").rstrip("\n")
     if not message.strip():
         raise click.UsageError("nothing to send: give TEXT or pipe the message on stdin (not only white space)")
-    if len(message) > _MAX_CHARS_SURELY_SHORT:
-        from p2pmsg.chat.envelope import MAX_TEXT_BYTES  # here: every other send skips the import
+    if len(message) > _MAX_CHARS_SURELY_SHORT or not message.isascii():
+        from p2pmsg.cli.chatloop import text_problem  # here: a short ASCII send skips the import
 
-        size = len(message.encode("utf-8", "surrogatepass"))
-        if size > MAX_TEXT_BYTES:
-            raise CliError(f"the message is {size} bytes of UTF-8; the limit is {MAX_TEXT_BYTES} (64 KiB)")
+        if (problem := text_problem(message)) is not None:
+            raise CliError(f"the message {problem}")
     result = _record(state.call("send", name=name, text=message), "send")
     if as_json:
         _echo_json(result)
@@ -766,7 +766,7 @@ def chat(state: State, name: str, limit: int) -> None:
     """
     from p2pmsg.cli.chatloop import run_chat
 
-    run_chat(
+    outcome = run_chat(
         state.client,
         name,
         limit=limit,
@@ -774,6 +774,8 @@ def chat(state: State, name: str, limit: int) -> None:
         echo=click.echo,
         format_line=format_message,
     )
+    if outcome.refused:
+        raise CliError(f"{outcome.refused} line(s) not sent (see the refused lines above); the others were queued")
 
 
 @cli.command()

@@ -222,7 +222,7 @@ async def node_on(home: Path) -> AsyncIterator[ContactNode]:
         nursery.cancel_scope.cancel()
 
 
-async def invoke(home: Path, *args: str, input: str | None = None) -> Result:
+async def invoke(home: Path, *args: str, input: str | bytes | None = None) -> Result:
     runner = CliRunner()
     return await trio.to_thread.run_sync(
         lambda: runner.invoke(cli, ["--home", str(home), *args], input=input, catch_exceptions=False)
@@ -442,10 +442,31 @@ async def test_piped_chat_refuses_an_overlong_line_alone(home: Path) -> None:
     async with node_on(home) as node:
         result = await invoke(home, "chat", "bob", input=f"before\n{long_line}\nafter\n")
         assert node.sent == [("bob", "before"), ("bob", "after")]
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # a script must not take it for a success
     replies = [line for line in result.output.splitlines() if line.startswith(("queued ", "refused"))]
     assert [line.split()[0] for line in replies] == ["queued", "refused:", "queued"]
-    assert "65537 bytes of UTF-8, the limit is 65536" in replies[1]
+    assert replies[1] == "refused: line 2: the message is 65537 bytes of UTF-8; the limit is 65536 (64 KiB)"
+    assert "error: 1 line(s) not sent" in result.output
+
+
+async def test_piped_chat_refuses_bytes_that_are_not_utf8_instead_of_sending_them_changed(home: Path) -> None:
+    """Invalid UTF-8 was sent with replacement characters and a success status (a QA pass)."""
+    shown: list[str] = []
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"ok\nbad \xff\xfe bytes\n\n\xc3\xa9t\xc3\xa9\n")
+    os.close(write_fd)
+    async with node_on(home) as node:
+        with os.fdopen(read_fd, "r") as stdin:
+            outcome = await trio.to_thread.run_sync(
+                lambda: run_chat(
+                    ControlClient(home), "bob", limit=1, stdin=stdin, echo=shown.append, format_line=format_message
+                )
+            )
+        assert node.sent == [("bob", "ok"), ("bob", "été")]
+    assert outcome == (2, 1)
+    replies = "\n".join(shown).splitlines()[1:]  # after the history line
+    assert [r.split()[0] for r in replies] == ["queued", "refused:", "queued"]
+    assert replies[1] == "refused: line 2: the message is not valid UTF-8 (it holds bytes that are not text)"
 
 
 async def test_chat_with_an_unknown_contact(home: Path) -> None:
@@ -547,6 +568,7 @@ async def test_input_the_node_would_refuse_gets_a_plain_answer_first(home: Path)
         blank = await invoke(home, "send", "bob", "   ")
         piped_blank = await invoke(home, "send", "bob", input=" \n\t\n")
         too_long = await invoke(home, "send", "bob", input="é" * 40_000)  # 80,000 bytes of UTF-8
+        not_utf8 = await invoke(home, "send", "bob", input=b"bad \xff\xfe bytes")
         at_limit = await invoke(home, "send", "bob", input="x" * 65_536)
         huge_limit = await invoke(home, "history", "bob", "--limit", "99999999999999999999")
         empty_name = await invoke(home, "contacts", "rename", "bob", "")
@@ -556,6 +578,8 @@ async def test_input_the_node_would_refuse_gets_a_plain_answer_first(home: Path)
     assert too_long.exit_code == 1
     assert too_long.output == "error: the message is 80000 bytes of UTF-8; the limit is 65536 (64 KiB)\n"
     assert at_limit.exit_code == 0
+    assert not_utf8.exit_code == 1
+    assert not_utf8.output == "error: the message is not valid UTF-8 (it holds bytes that are not text)\n"
     assert huge_limit.exit_code == 2 and "2147483647" in huge_limit.output and "msgpack" not in huge_limit.output
     assert empty_name.exit_code == 2 and "NEW_NAME must not be empty" in empty_name.output
 
