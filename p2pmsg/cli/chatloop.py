@@ -29,6 +29,7 @@ from p2pmsg.chat.envelope import MAX_TEXT_BYTES
 from p2pmsg.cli.output import clean
 from p2pmsg.control import ControlClient, ControlRequestError
 from p2pmsg.errors import P2PMsgError
+from p2pmsg.store.models import name_key
 
 __all__ = ["ChatOutcome", "line_batches", "run_chat", "text_problem"]
 
@@ -116,10 +117,17 @@ def line_batches(stdin: TextIO, max_batch: int = MAX_BATCH, max_bytes: int = MAX
 
 
 def _find_peer(client: ControlClient, name: str) -> str:
+    """The peer id of the contact ``name`` names, matched as the node matches names (:func:`name_key`)."""
     rows = client.call("contacts.list")
+    key = name_key(name.strip())
     if isinstance(rows, list):
         for row in rows:
-            if isinstance(row, dict) and row.get("name") == name and isinstance(row.get("peer_id"), str):
+            if (
+                isinstance(row, dict)
+                and isinstance(row.get("name"), str)
+                and name_key(row["name"]) == key
+                and isinstance(row.get("peer_id"), str)
+            ):
                 return str(row["peer_id"])
     raise ControlRequestError("unknown_contact", f"no contact named {name!r}")
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import unicodedata
 from collections.abc import Mapping
 from typing import Final
 
@@ -70,6 +71,7 @@ __all__ = [
     "OutgoingMessage",
     "StoredMessage",
     "can_transition",
+    "name_key",
 ]
 
 MESSAGE_ID_SIZE: Final = 16
@@ -82,6 +84,13 @@ MAX_ENVELOPE_SIZE: Final = 262144
 """Largest sealed envelope kept in the outbox, in bytes."""
 MAX_NAME_CHARS: Final = 64
 """Longest contact name, in characters."""
+
+
+def name_key(name: str) -> str:
+    """What two contact names must share to be the same name: Unicode's canonical caseless form (NFD, case-folded,
+    then NFC), so "Jörg", "JÖRG" and a "Jörg" typed with a combining diaeresis all name one contact."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold())
+
 MAX_SETTING_KEY_CHARS: Final = 128
 """Longest settings key, in characters."""
 MAX_SETTING_VALUE_SIZE: Final = 65536

@@ -79,6 +79,7 @@ from p2pmsg.store.models import (
     OutgoingMessage,
     StoredMessage,
     can_transition,
+    name_key,
 )
 
 __all__ = [
@@ -214,7 +215,7 @@ def _name(value: object) -> str:
     for char in value:
         if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp"):
             raise StoreArgumentError("name", f"must not contain control or format characters (found {char!r})")
-    return value
+    return unicodedata.normalize("NFC", value)  # one spelling of "é" (precomposed), whichever was typed
 
 
 def _error_text(value: object) -> str:
@@ -298,9 +299,23 @@ def get_contact(conn: sqlite3.Connection, peer_id: bytes) -> Contact | None:
 
 
 def find_contact(conn: sqlite3.Connection, name: str) -> Contact | None:
-    """Return the contact named *name* (ASCII letters compare case-insensitively), or ``None``."""
-    row = conn.execute(f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE name = ?", (_name(name),)).fetchone()
+    """Return the contact named *name*, or ``None``.  Names compare by :func:`name_key`: case-insensitively, in any
+    script, and whatever the Unicode normalisation of either spelling."""
+    name = _name(name)
+    row = conn.execute(f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE name = ?", (name,)).fetchone()
+    if row is None and not name.isascii():  # SQLite's NOCASE folds ASCII letters only
+        row = _caseless_match(conn, name)
     return None if row is None else _contact(row)
+
+
+def _caseless_match(conn: sqlite3.Connection, name: str, *, other_than: bytes | None = None) -> Any:
+    """The row of a contact whose name has ``name``'s :func:`name_key` (not ``other_than``'s), or ``None``: a scan of
+    the named contacts, for names SQLite's ``NOCASE`` cannot compare."""
+    key = name_key(name)
+    for row in conn.execute(f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE name IS NOT NULL ORDER BY name, peer_id"):
+        if name_key(row[1]) == key and bytes(row[0]) != other_than:
+            return row
+    return None
 
 
 def list_contacts(conn: sqlite3.Connection, *, state: ContactState | None = None) -> list[Contact]:
@@ -317,6 +332,8 @@ def list_contacts(conn: sqlite3.Connection, *, state: ContactState | None = None
 
 def _check_name_free(conn: sqlite3.Connection, name: str, peer_id: bytes) -> None:
     row = conn.execute("SELECT peer_id, name FROM contacts WHERE name = ? AND peer_id != ?", (name, peer_id)).fetchone()
+    if row is None and not name.isascii():
+        row = _caseless_match(conn, name, other_than=peer_id)
     if row is not None:
         raise NameTakenError(f"the name {name!r} is already used by another contact ({row[1]!r})")
 

@@ -32,6 +32,7 @@ from p2pmsg.control import (
     control_socket_path,
 )
 from p2pmsg.identity import Identity, PeerId
+from p2pmsg.store.models import name_key
 
 BOB = Identity.from_seed(b"\x01" * 32).peer_id.to_base58()
 CAROL = Identity.from_seed(b"\x02" * 32).peer_id.to_base58()
@@ -80,9 +81,10 @@ class ContactNode:
         return [{"seq": n, **row} for n, row in enumerate(self.messages.get(name, []), start=1)]
 
     def _contact(self, name: str) -> dict[str, Any]:
-        if name not in self.contacts:
-            raise ControlRequestError("unknown_contact", f"no contact named {name!r}")
-        return self.contacts[name]
+        for contact in self.contacts.values():
+            if name_key(contact["name"]) == name_key(name):  # as the node matches names
+                return contact
+        raise ControlRequestError("unknown_contact", f"no contact named {name!r}")
 
     def handlers(self) -> dict[str, Handler]:
         async def id_(p: dict[str, Any]) -> Any:
@@ -467,6 +469,16 @@ async def test_piped_chat_refuses_bytes_that_are_not_utf8_instead_of_sending_the
     replies = "\n".join(shown).splitlines()[1:]  # after the history line
     assert [r.split()[0] for r in replies] == ["queued", "refused:", "queued"]
     assert replies[1] == "refused: line 2: the message is not valid UTF-8 (it holds bytes that are not text)"
+
+
+async def test_chat_finds_the_contact_as_the_node_does_whatever_the_case(home: Path) -> None:
+    """``send BOB`` worked and ``chat BOB`` said "unknown contact": chat compared names exactly."""
+    async with node_on(home) as node:
+        node.contacts["jörg"] = {"peer_id": CAROL, "name": "J\u00f6rg", "state": "contact", "added": T0}
+        upper = await invoke(home, "chat", "BOB", input="hello\n")
+        joerg = await invoke(home, "chat", "JO\u0308RG", input="hallo\n")
+        assert node.sent == [("BOB", "hello"), ("JO\u0308RG", "hallo")]
+    assert upper.exit_code == 0 and joerg.exit_code == 0, (upper.output, joerg.output)
 
 
 async def test_chat_with_an_unknown_contact(home: Path) -> None:

@@ -135,6 +135,25 @@ def test_contact_names_are_unique_and_peers_not_added_twice(conn: sqlite3.Connec
         repo.set_verified(conn, EVE, True, now=T0)
 
 
+def test_contact_names_match_caselessly_in_any_script_and_normalisation(conn: sqlite3.Connection) -> None:
+    """A QA pass found "send JÖRG" refused while "send BOB" worked, and two contacts both named "Jörg" (one typed
+    with a combining diaeresis): SQLite's NOCASE folds ASCII letters only, and compares code points."""
+    decomposed = "Jo\u0308rg"  # "Jörg" as o + U+0308
+    joerg = repo.add_contact(conn, peer_id=BOB, name=decomposed, now=T0)
+    assert joerg.name == "J\u00f6rg"  # stored in one spelling (NFC)
+    for spelling in ("J\u00f6rg", "j\u00f6rg", "J\u00d6RG", "JO\u0308RG", decomposed):
+        assert repo.find_contact(conn, spelling) == joerg, spelling
+    for taken in ("J\u00f6rg", "J\u00d6RG", "jo\u0308rg"):
+        with pytest.raises(NameTakenError):
+            repo.add_contact(conn, peer_id=CAROL, name=taken, now=T0)
+    repo.add_contact(conn, peer_id=CAROL, name="\u00c9mile", now=T0)
+    with pytest.raises(NameTakenError):
+        repo.rename_contact(conn, CAROL, "J\u00d6RG", now=T0)
+    assert repo.rename_contact(conn, BOB, "J\u00d6RG", now=T0).name == "J\u00d6RG"  # its own name, recased
+    assert repo.find_contact(conn, "\u00e9mile") is not None and repo.find_contact(conn, "emile") is None
+    assert repo.find_contact(conn, "Stra\u00dfe") is None
+
+
 @pytest.mark.parametrize("name", ["", " bob", "bob ", "a\nb", "a\u200bb", "x" * 65, "\udc80"])
 def test_contact_names_are_validated(conn: sqlite3.Connection, name: str) -> None:
     with pytest.raises(StoreArgumentError) as info:
