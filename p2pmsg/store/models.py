@@ -84,13 +84,6 @@ MAX_ENVELOPE_SIZE: Final = 262144
 """Largest sealed envelope kept in the outbox, in bytes."""
 MAX_NAME_CHARS: Final = 64
 """Longest contact name, in characters."""
-
-
-def name_key(name: str) -> str:
-    """What two contact names must share to be the same name: Unicode's canonical caseless form (NFD, case-folded,
-    then NFC), so "Jörg", "JÖRG" and a "Jörg" typed with a combining diaeresis all name one contact."""
-    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold())
-
 MAX_SETTING_KEY_CHARS: Final = 128
 """Longest settings key, in characters."""
 MAX_SETTING_VALUE_SIZE: Final = 65536
@@ -107,10 +100,17 @@ MAX_ERROR_CHARS: Final = 512
 """``last_error`` texts longer than this are truncated (not refused)."""
 MAX_BATCH_ITEMS: Final = 10000
 """Most items accepted by one ``*_many`` repository call."""
+
 MAX_QUERY_LIMIT: Final = 10000
 """Largest ``limit`` accepted by the listing functions."""
 MAX_TIMESTAMP: Final = 2**63 - 1
 """Largest timestamp SQLite can hold (timestamps are signed 64-bit integers)."""
+
+
+def name_key(name: str) -> str:
+    """What two contact names must share to be the same name: Unicode's canonical caseless form (NFD, case-folded,
+    then NFC), so "Jörg", "JÖRG" and a "Jörg" typed with a combining diaeresis all name one contact."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFD", name).casefold())
 
 
 class ContactState(enum.Enum):
