@@ -24,7 +24,7 @@ from typing import Final
 from urllib.parse import quote, unquote, urlsplit
 
 from p2pmsg.errors import LocalProtocolError, RemoteProtocolError
-from p2pmsg.identity import PeerId
+from p2pmsg.identity import InvalidPeerIdError, PeerId
 from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
 
 __all__ = [
@@ -162,12 +162,22 @@ def parse_target(text: str) -> Invite:
         raise InviteError("invite", f"expected text, got {type(text).__name__}")
     stripped = text.strip()
     if "://" in stripped:
-        return parse_invite(stripped)
-    if not stripped:
-        raise InviteError("peer_id", "empty")
-    if len(stripped) > MAX_INVITE_LENGTH:
-        raise InviteError("peer_id", f"longer than {MAX_INVITE_LENGTH} characters")
+        invite = parse_invite(stripped)
+    else:
+        if not stripped:
+            raise InviteError("peer_id", "empty")
+        if len(stripped) > MAX_INVITE_LENGTH:
+            raise InviteError("peer_id", f"longer than {MAX_INVITE_LENGTH} characters")
+        try:
+            invite = Invite(peer_id=PeerId.from_string(stripped))
+        except RemoteProtocolError as exc:
+            raise InviteError("peer_id", str(exc)) from None
+    # A peer id has no checksum: a mistyped one usually still parses, but its key is then (19 times in 20) no point
+    # of the curve, so nobody can ever hold it and messages to it could never be encrypted.
     try:
-        return Invite(peer_id=PeerId.from_string(stripped))
-    except RemoteProtocolError as exc:
-        raise InviteError("peer_id", str(exc)) from None
+        invite.peer_id.x25519_public_key  # noqa: B018 (the conversion is the check)
+    except InvalidPeerIdError:
+        raise InviteError(
+            "peer_id", "its key is not a valid Ed25519 public key, so no node can have it (mistyped?)"
+        ) from None
+    return invite
