@@ -316,6 +316,11 @@ def init(
     except ConfigError as exc:  # an option's value: nothing was written yet
         raise CliError(f"{exc} (check --listen and --bootstrap; nothing was created)") from None
     passphrase = None if no_passphrase else resolve_passphrase(confirm=True, prompt=_prompt)
+    if passphrase == "":
+        raise CliError(
+            "the passphrase is empty: give one, or run `init --no-passphrase` for a key file without a passphrase "
+            "(anyone who can read it then has your identity)"
+        )
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(home, 0o700)
     identity = Identity.generate()

@@ -122,9 +122,12 @@ def test_init_where_a_file_is_in_the_way(home: Path) -> None:
 
 
 def test_init_refuses_an_empty_passphrase(home: Path) -> None:
-    result = run_cli(home, "init", passphrase="")
-    assert result.exit_code == 1 and result.output.startswith("error: ")
-    assert not (home / IDENTITY_FILENAME).exists()
+    """It said "use passphrase=None with allow_unencrypted=True" (the library's words) and left the home behind."""
+    fresh = home / "new"
+    for result in (run_cli(fresh, "init", passphrase=""), run_cli(fresh, "init", input="\n\n")):
+        assert result.exit_code == 1 and result.output.startswith("error: the passphrase is empty"), result.output
+        assert "init --no-passphrase" in result.output and "allow_unencrypted" not in result.output
+        assert not fresh.exists()
 
 
 def test_init_asks_for_the_passphrase_twice(home: Path) -> None:
