@@ -171,7 +171,12 @@ class DhtNode:
         raw = _socket.socket(family, _socket.SOCK_DGRAM)
         sock = trio.socket.from_stdlib_socket(raw)  # non-blocking from here on; closing it closes raw
         with sock:
-            await sock.bind((self._host, self._port))
+            try:
+                await sock.bind((self._host, self._port))
+            except OSError as exc:  # say which socket: the node binds several (TCP, WebSocket, this one)
+                raise OSError(
+                    exc.errno, f"cannot listen for the DHT on UDP {self._host}:{self._port}: {exc.strerror or exc}"
+                ) from exc
             bound = sock.getsockname()
             self._address = (str(bound[0]), int(bound[1]))
             self._sock = raw

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -117,6 +118,20 @@ async def test_operations_need_a_running_node() -> None:
             await running.ping(("localhost", 1))
         with pytest.raises(DhtUsageError, match="values must be"):
             await running.set("k", [1, 2])  # type: ignore[arg-type]
+
+
+async def test_a_taken_port_is_named_in_the_error() -> None:
+    """A node binds TCP, WebSocket and this UDP socket: "Address already in use" alone did not say which."""
+    async with open_dht_node(ident(1)) as first:
+        port = first.address[1]
+        taken = pytest.RaisesExc(
+            OSError,
+            match=rf"cannot listen for the DHT on UDP 127\.0\.0\.1:{port}: ",
+            check=lambda exc: exc.errno == errno.EADDRINUSE,
+        )
+        with pytest.RaisesGroup(taken, flatten_subgroups=True):
+            async with open_dht_node(ident(2), port=port):
+                pass
 
 
 async def test_stopping_the_node_wakes_waiting_callers() -> None:
