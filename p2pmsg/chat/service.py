@@ -1797,8 +1797,10 @@ class ChatService:
     async def unblock(self, name_or_peer: str) -> dict[str, Any]:
         """Unblock a peer (a named one becomes a contact again)."""
         raw, contact = await self._peer_by_name_or_id(name_or_peer)
-        if contact is None or contact.state is not ContactState.BLOCKED:
-            raise UnknownContactError(f"{name_or_peer!r} is not blocked")
+        if contact is None:
+            raise UnknownContactError(f"no contact or blocked peer {name_or_peer!r}")
+        if contact.state is not ContactState.BLOCKED:
+            raise BadRequestError(f"{name_or_peer!r} is not blocked (nothing to unblock)")
         now = self._now()
         try:
             await self._db.write(lambda c: repo.unblock_peer(c, raw, now=now))

@@ -408,6 +408,10 @@ async def test_user_errors(tmp_path: Path) -> None:
         with pytest.raises(UnknownContactError):
             await alice.chat.send("bob", "the cache forgot the old name")
         await alice.chat.send("robert", "under the new name")
+        with pytest.raises(BadRequestError, match="'robert' is not blocked"):  # not "unknown contact" (a QA pass)
+            await alice.chat.unblock("robert")
+        with pytest.raises(UnknownContactError, match="no contact or blocked peer"):
+            await alice.chat.unblock(str(CAROL.peer_id))
         await alice.chat.block("robert")
         with pytest.raises(BadRequestError):
             await alice.chat.send("robert", "blocked")
