@@ -228,7 +228,8 @@ def run_chat(
                     )
                 )
     except KeyboardInterrupt:
-        pass
+        if interactive:
+            show("")  # end the line the terminal's "^C" was echoed on
     finally:
         closing.set()
         events.close()

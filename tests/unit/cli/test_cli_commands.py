@@ -7,6 +7,7 @@ mock of the node's internals.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -479,6 +480,30 @@ async def test_chat_finds_the_contact_as_the_node_does_whatever_the_case(home: P
         joerg = await invoke(home, "chat", "JO\u0308RG", input="hallo\n")
         assert node.sent == [("BOB", "hello"), ("JO\u0308RG", "hallo")]
     assert upper.exit_code == 0 and joerg.exit_code == 0, (upper.output, joerg.output)
+
+
+class _CtrlC(io.StringIO):
+    """A terminal at which the person presses Ctrl-C."""
+
+    def isatty(self) -> bool:
+        return True
+
+    def __iter__(self) -> _CtrlC:
+        return self
+
+    def __next__(self) -> str:
+        raise KeyboardInterrupt
+
+
+async def test_ctrl_c_in_an_interactive_chat_ends_the_line(home: Path) -> None:
+    shown: list[str] = []
+    async with node_on(home):
+        outcome = await trio.to_thread.run_sync(
+            lambda: run_chat(
+                ControlClient(home), "bob", limit=1, stdin=_CtrlC(), echo=shown.append, format_line=format_message
+            )
+        )
+    assert outcome == (0, 0) and shown[-1] == ""  # the shell prompt then starts on a line of its own
 
 
 async def test_chat_with_an_unknown_contact(home: Path) -> None:
