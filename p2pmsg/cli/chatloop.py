@@ -2,16 +2,18 @@
 
 Theory of operation
 -------------------
-The chat subscribes to the node's events *before* it fetches the history, so no message can fall between the two;
-message ids already shown are remembered and never shown twice.  A background thread reads the event stream and
-prints the messages of this contact as they arrive (on a terminal also when the contact comes online or goes away),
-while the main thread reads lines from stdin and sends each non-blank one with the ``send`` method, which returns
-once the message is durably queued.  Piped input is read in batches of the lines available at that moment
-(:func:`line_batches`), each queued with one ``send_many`` (one transaction and one disk sync per batch), and each
-queued line is confirmed on stdout as ``queued <message id>`` (the same words as ``p2pmsg send``), so a script
-knows exactly what the node holds.  A line the node would refuse (over 64 KiB of UTF-8, or bytes that are not UTF-8)
-is not sent, nor is it changed: it gets ``refused: line N: ...`` in its place, the other lines of its batch go, and
-the command then exits with status 1.  At end of input the event stream is closed (waking the thread) and the command
+The chat shows the history, subscribes to the node's events, then fetches again the messages newer than the last one
+shown, which arrived before the subscription could report them: no message falls between the two, and an event for a
+message that the history's ``limit`` left out is never shown after newer ones (subscribing first did that, when a
+backlog was being stored).  Message ids already shown are remembered and never shown twice.  A background thread reads
+the event stream and prints the messages of this contact as they arrive (on a terminal also when the contact comes
+online or goes away), while the main thread reads lines from stdin and sends each non-blank one with the ``send``
+method, which returns once the message is durably queued.  Piped input is read in batches of the lines available at that
+moment (:func:`line_batches`), each queued with one ``send_many`` (one transaction and one disk sync per batch), and
+each queued line is confirmed on stdout as ``queued <message id>`` (the same words as ``p2pmsg send``), so a script
+knows exactly what the node holds.  A line the node would refuse (over 64 KiB of UTF-8, or bytes that are not UTF-8) is
+not sent, nor is it changed: it gets ``refused: line N: ...`` in its place, the other lines of its batch go, and the
+command then exits with status 1.  At end of input the event stream is closed (waking the thread) and the command
 returns: every line has been queued or refused by then.
 """
 
@@ -40,6 +42,8 @@ MAX_BATCH_BYTES: Final = 768 * 1024
 """UTF-8 bytes of text per ``send_many`` call, so a request stays under the control API's 1 MiB limit (a line over
 the 64 KiB text limit is never sent: it gets a ``refused`` line in the output instead)."""
 _READ_SIZE: Final = 65536
+_CATCH_UP: Final = 1000
+"""Newest messages fetched right after subscribing, for those that arrived since the history was shown."""
 
 
 def text_problem(text: str) -> str | None:
@@ -144,9 +148,25 @@ def run_chat(
     """Run the chat with contact ``name`` until the end of ``stdin``; say what became of the lines."""
     peer_id = _find_peer(client, name)
     interactive = stdin.isatty()
-    events = client.events()
     lock = threading.Lock()
     seen: set[str] = set()
+    newest: tuple[int, int] | None = None  # (ts, seq) of the newest message shown from the history
+
+    def show_rows(rows: object) -> None:
+        """Show history rows not shown yet and newer than every one shown (history order: ts, then seq)."""
+        nonlocal newest
+        with lock:
+            for row in rows if isinstance(rows, list) else []:
+                if not isinstance(row, dict) or str(row.get("id", "")) in seen:
+                    continue
+                ts, seq = row.get("ts"), row.get("seq")
+                position = (ts, seq) if type(ts) is int and type(seq) is int else None
+                if position is not None and newest is not None and position <= newest:
+                    continue
+                seen.add(str(row.get("id", "")))
+                echo(format_line(row, contact=name))
+                if position is not None:
+                    newest = position
 
     def show(text: str) -> None:
         with lock:
@@ -178,13 +198,10 @@ def run_chat(
     closing = threading.Event()
     thread = threading.Thread(target=pump, name="p2pmsg-chat-events", daemon=True)
     sent = refused = 0
+    show_rows(client.call("history", name=name, limit=limit))
+    events = client.events()
     try:
-        rows = client.call("history", name=name, limit=limit)
-        with lock:
-            for row in rows if isinstance(rows, list) else []:
-                if isinstance(row, dict):
-                    seen.add(str(row.get("id", "")))
-                    echo(format_line(row, contact=name))
+        show_rows(client.call("history", name=name, limit=_CATCH_UP))  # what arrived before the subscription
         thread.start()
         if interactive:
             show(f"-- chatting with {clean(name)}; type a message and press Enter, Ctrl-D to leave --")

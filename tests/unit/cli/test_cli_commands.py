@@ -14,7 +14,7 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,8 @@ class ContactNode:
         self.blocked: list[str] = []
         self.history_params: list[dict[str, Any]] = []
         self.page_size = 10_000
+        self.before_history: Callable[[], None] | None = None
+        """Called as each ``history`` request arrives (messages stored meanwhile)."""
         """Messages one reply holds at most (the node's limit is 10,000 messages and 8 MiB of text)."""
 
     def _rows(self, name: str) -> list[dict[str, Any]]:
@@ -141,6 +143,8 @@ class ContactNode:
         async def history(p: dict[str, Any]) -> Any:
             self._contact(p["name"])
             self.history_params.append(p)
+            if self.before_history is not None:
+                self.before_history()
             rows = self._rows(p["name"])
             if "before_seq" in p:
                 rows = [r for r in rows if (r["ts"], r["seq"]) < (p["before"], p["before_seq"])]
@@ -552,6 +556,35 @@ async def test_chat_shows_incoming_messages_live(home: Path) -> None:
     assert [line for line in shown if "live!" in line] == [shown[1]]
     assert shown[1].endswith("] bob: live!")
     assert not any("not for this chat" in line or "from me" in line for line in shown)
+
+
+async def test_chat_never_shows_an_older_message_after_a_newer_one_at_its_start(home: Path) -> None:
+    """A backlog being stored as the chat starts: two messages arrive just before its history query, which with
+    --limit 1 shows only the newer.  The chat subscribed first, so it got both events and showed the older one
+    after the newer (a QA pass saw 255 older messages shown after a newer one)."""
+    shown: list[str] = []
+    async with node_on(home) as node:
+
+        def arrive() -> None:
+            node.before_history = None
+            for n, text in enumerate(("older", "newer"), start=1):
+                row = {"id": f"c{n}" * 16, "from": BOB, "text": text, "ts": T0 + 5000, "status": "received"}
+                node.messages["bob"].append({**row, "direction": "in"})
+                node.hub.publish("message", **row, peer_id=BOB, direction="in")
+
+        node.before_history = arrive
+        outcome = await trio.to_thread.run_sync(
+            lambda: run_chat(
+                ControlClient(home),
+                "bob",
+                limit=1,
+                stdin=io.StringIO(""),
+                echo=shown.append,
+                format_line=format_message,
+            )
+        )
+    assert outcome == (0, 0)
+    assert [line.rsplit(": ", 1)[-1] for line in shown] == ["newer"]  # "older" is history --limit left out
 
 
 def test_piped_lines_are_batched_as_they_become_available() -> None:
