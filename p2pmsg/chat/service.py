@@ -643,17 +643,16 @@ class ChatService:
         # Sessions whose backlog was due before the read: what the read found is all there is to send them.
         ready = {s for v in self._sessions.values() for s in v if s.expedited}
         now = self._now()
-        entries = await self._db.read(functools.partial(repo.due, now=now, limit=cfg.due_batch))
-        truncated = busy = len(entries) >= cfg.due_batch
+        due = await self._db.read(functools.partial(repo.due_round, now=now, limit=cfg.due_batch))
+        truncated = due.more  # recipients not read this round may have entries due
+        left_over: set[bytes] = set(due.cut)  # these have more due than this round read
+        busy = truncated or bool(left_over)
         by_peer: dict[bytes, list[OutboxEntry]] = {}
-        for entry in entries:
-            if entry.message_id in self._inflight:
-                busy = True
-                continue
+        for entry in due.entries:  # by recipient, in send order
+            busy = busy or entry.message_id in self._inflight
             by_peer.setdefault(entry.recipient, []).append(entry)
-        left_over: set[bytes] = set()
         for raw_peer, items in by_peer.items():
-            if not await self._dispatch(raw_peer, sorted(items, key=lambda e: e.seq), ready):
+            if not await self._dispatch(raw_peer, items, ready):
                 busy = True
                 left_over.add(raw_peer)
         if not truncated and outboxed == self._outboxed:
@@ -669,8 +668,9 @@ class ChatService:
         return timeout
 
     async def _dispatch(self, raw_peer: bytes, items: list[OutboxEntry], ready: set[_Session]) -> bool:
-        """Hand ``items`` (due, in send order) to a session with their recipient or start a dial; False if busy.
-        ``ready``: the sessions whose peer's backlog was made due before ``items`` were read."""
+        """Hand ``items`` (due, in send order, some maybe in flight already) to a session with their recipient or
+        start a dial; False if busy.  ``ready``: the sessions whose peer's backlog was made due before ``items`` were
+        read."""
         try:
             peer = PeerId.from_bytes(raw_peer)
         except InvalidPeerIdError:  # never written by us; do not retry it forever
@@ -704,12 +704,22 @@ class ChatService:
                 session.scope.cancel()
                 return False
             room = self.config.max_session_queue - len(session.pending)
-            for entry in items[: max(room, 0)]:
-                if entry.message_id not in self._inflight:
-                    # The outbox keeps only the text: seal a fresh envelope (same id and timestamp, new nonce).
-                    sealed = self._sealer.seal(peer, entry.text, ts=entry.sent_at, message_id=entry.message_id)
-                    self._hand_over(session, entry.message_id, sealed.raw)
-            return room >= len(items)
+            for entry in items:
+                if entry.message_id in self._inflight:
+                    if entry.message_id in session.held:
+                        continue  # on its way over this session already
+                    # Held by another session (one that is ending, or stuck in a write): what comes after it waits,
+                    # or it would overtake it here.  That session lets go of it when it ends.
+                    return False
+                if room <= 0:
+                    return False
+                # The outbox keeps only the text: seal a fresh envelope (same id and timestamp, new nonce).
+                sealed = self._sealer.seal(peer, entry.text, ts=entry.sent_at, message_id=entry.message_id)
+                self._hand_over(session, entry.message_id, sealed.raw)
+                room -= 1
+            return True
+        if all(entry.message_id in self._inflight for entry in items):
+            return False  # all on their way over a session that is ending: its end reschedules them
         if peer in self._dialing or peer in self._settling:
             return False
         if self._nursery is None:

@@ -63,6 +63,7 @@ __all__ = [
     "ContactState",
     "DhtNode",
     "Direction",
+    "DueRound",
     "HistoryCursor",
     "IncomingMessage",
     "MessageRequest",
@@ -244,6 +245,17 @@ class OutboxEntry:
     next_attempt_at: int
     last_error: str | None
     enqueued_at: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DueRound:
+    """What :func:`p2pmsg.store.repo.due_round` read: ``entries``, by recipient in send order; ``cut``, the
+    recipients with more due entries than their share; ``more``, whether recipients not in ``entries`` may have due
+    entries too."""
+
+    entries: list[OutboxEntry]
+    cut: frozenset[bytes]
+    more: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

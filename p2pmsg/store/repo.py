@@ -71,6 +71,7 @@ from p2pmsg.store.models import (
     ContactState,
     DhtNode,
     Direction,
+    DueRound,
     HistoryCursor,
     IncomingMessage,
     MessageRequest,
@@ -93,6 +94,7 @@ __all__ = [
     "delete_setting",
     "due",
     "due_for",
+    "due_round",
     "enqueue",
     "enqueue_many",
     "enqueue_rows",
@@ -946,33 +948,41 @@ def get_outbox_entry(conn: sqlite3.Connection, message_id: bytes) -> OutboxEntry
     return None if row is None else _outbox(row)
 
 
-def due(conn: sqlite3.Connection, *, now: int, limit: int = 100) -> list[OutboxEntry]:
-    """Return up to *limit* outbox entries whose ``next_attempt_at <= now``, by recipient: each recipient's in send
-    order, the recipient whose entry is due longest first.  Every recipient with a due entry gets an equal share
-    of *limit* (at least one), so a long backlog to one does not hold up the others.
+def due_round(conn: sqlite3.Connection, *, now: int, limit: int = 100) -> DueRound:
+    """Read the outbox entries due at *now* (``next_attempt_at <= now``) for one round of the outbox worker.
 
-    Send order within a recipient, not due time: entries of one recipient become due at different times (a
-    backoff after a lost session, a new send due at once), and read by due time, a limit that cut the list made
-    newer messages overtake older ones.
+    The recipients are those of the *limit* entries due longest (index ``outbox_due``), the one due longest first;
+    each gets its due entries in send order (index ``outbox_by_recipient``), an equal share of *limit* at most.  Send
+    order within a recipient, not due time: one recipient's entries fall due at different times (a backoff after a
+    lost session, a new send due at once), and read by due time, a limit that cut the list made newer messages
+    overtake older ones.  A caller must not treat a recipient in ``cut`` as done, nor, when ``more``, any other.
     """
     now = _timestamp("now", now)
     limit = _limit(limit)
-    recipients = conn.execute(
-        "SELECT recipient FROM outbox WHERE next_attempt_at <= ? GROUP BY recipient"
-        " ORDER BY min(next_attempt_at), min(seq) LIMIT ?",
+    firsts = conn.execute(
+        "SELECT recipient, min(next_attempt_at), min(seq), count(*) FROM (SELECT recipient, next_attempt_at, seq"
+        " FROM outbox WHERE next_attempt_at <= ? ORDER BY next_attempt_at LIMIT ?) GROUP BY recipient"
+        " ORDER BY min(next_attempt_at), min(seq)",
         (now, limit),
     ).fetchall()
-    share = max(1, limit // len(recipients)) if recipients else 0
+    more = sum(row[3] for row in firsts) >= limit
+    share = max(1, limit // len(firsts)) if firsts else 0
     entries: list[OutboxEntry] = []
-    for (recipient,) in recipients:
+    cut: set[bytes] = set()
+    for recipient, *_ in firsts:
         rows = conn.execute(
             f"{_OUTBOX_SELECT} WHERE o.recipient = ? AND o.next_attempt_at <= ? ORDER BY o.seq LIMIT ?",
-            (recipient, now, min(share, limit - len(entries))),
+            (recipient, now, share + 1),
         ).fetchall()
-        entries.extend(_outbox(row) for row in rows)
-        if len(entries) >= limit:
-            break
-    return entries
+        if len(rows) > share:
+            cut.add(bytes(recipient))
+        entries.extend(_outbox(row) for row in rows[:share])
+    return DueRound(entries, frozenset(cut), more)
+
+
+def due(conn: sqlite3.Connection, *, now: int, limit: int = 100) -> list[OutboxEntry]:
+    """The entries of :func:`due_round`: due at *now*, by recipient in send order, at most *limit*."""
+    return due_round(conn, now=now, limit=limit).entries
 
 
 def next_attempt_at(conn: sqlite3.Connection) -> int | None:

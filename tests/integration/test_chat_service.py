@@ -978,7 +978,7 @@ async def test_an_outbox_round_that_read_before_the_hello_hands_nothing_over(
     """The peer's hello makes its whole backlog due.  A round that read the due entries while the dial ran (only the
     newer ones: the older waited out a backoff) and reached its hand-over once the hello was in gave the session
     those newer ones first.  Here such a round is held between its read and its hand-over until the hello."""
-    original_due = repo.due
+    original_due = repo.due_round
     original_ready = ChatService._peer_ready
     hello_in = threading.Event()
     held: list[int] = []
@@ -986,11 +986,11 @@ async def test_an_outbox_round_that_read_before_the_hello_hands_nothing_over(
     original_inbound = ChatService.handle_inbound
 
     def gated_due(conn: Any, *, now: int, limit: int = 100) -> Any:
-        entries = original_due(conn, now=now, limit=limit)
-        if entries and alice.chat._sessions.get(BOB.peer_id) and not hello_in.is_set():
-            held.append(len(entries))
+        due = original_due(conn, now=now, limit=limit)
+        if due.entries and alice.chat._sessions.get(BOB.peer_id) and not hello_in.is_set():
+            held.append(len(due.entries))
             hello_in.wait(5)  # a read answered before the hello, handed over after it
-        return entries
+        return due
 
     async def ready(self: ChatService, session: Any) -> None:
         await original_ready(self, session)
@@ -1018,12 +1018,81 @@ async def test_an_outbox_round_that_read_before_the_hello_hands_nothing_over(
         monkeypatch.setattr(ChatService, "handle_inbound", late)  # before Bob's listener takes the method
         async with running_node(tmp_path / "bob", BOB, listen=addr) as bob:
             await bob.chat.add_contact(str(ALICE.peer_id), "alice")
-            monkeypatch.setattr(repo, "due", gated_due)
+            monkeypatch.setattr(repo, "due_round", gated_due)
             monkeypatch.setattr(ChatService, "_peer_ready", ready)
             newer = (await alice.chat.send_many("bob", [f"newer {i}" for i in range(3)]))["ids"]
             await eventually(lambda: len(bob.seen("message")) == 6, "all six arrive", timeout=10)
             assert held  # a round was held as intended
             assert [m["id"] for m in bob.seen("message")] == older + newer
+
+
+async def test_a_recipient_cut_at_its_share_of_a_round_gets_no_bypass(tmp_path: Path) -> None:
+    """Bob's backlog (15, made due by his hello) is more than his share of a round (20 // 2: Carol's entries are due
+    too), yet the round read fewer than its limit.  Counting only the round's total, the worker took Bob's session
+    for in order, and a new send bypassed the 5 left behind (found in review)."""
+    with trio.socket.socket() as probe:  # a port nobody listens on yet: Bob starts there later
+        await probe.bind(("127.0.0.1", 0))
+        addr = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{probe.getsockname()[1]}")
+    config = dataclasses.replace(
+        FAST, due_batch=20, min_poll=1.0, backoff=Backoff(base_ms=1, cap_ms=1, jitter=0.0)
+    )  # Carol cannot be reached: her two entries are due in every round
+    async with running_node(tmp_path / "alice", ALICE, config=config) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+        await alice.chat.add_contact(str(CAROL.peer_id), "carol")
+        await alice.chat.send_many("carol", ["for carol 1", "for carol 2"])
+        older = (await alice.chat.send_many("bob", [f"older {i}" for i in range(15)]))["ids"]
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "the dial to bob fails")
+        long_wait = Backoff(base_ms=600_000, cap_ms=600_000, jitter=0.0)
+        now = int(time.time() * 1000)
+        await alice.db.write(
+            lambda c: [
+                repo.reschedule(c, bytes.fromhex(mid), now=now, error="offline", backoff=long_wait) for mid in older
+            ]
+        )
+        async with running_node(tmp_path / "bob", BOB, listen=addr) as bob:
+            await bob.chat.add_contact(alice.invite, "alice")
+            await bob.chat.send("alice", "I am back")  # his session, his hello: Alice's backlog falls due
+
+            def received() -> list[str]:
+                return [m["id"] for m in bob.seen("message") if m["direction"] == "in"]
+
+            await eventually(lambda: len(received()) >= 10, "bob's share of the round")
+            newest = (await alice.chat.send("bob", "newest"))["id"]
+            await eventually(lambda: len(received()) == 16, "all sixteen", timeout=10)
+            assert received() == [*older, newest]
+
+
+async def test_nothing_overtakes_an_entry_still_held_by_another_session(tmp_path: Path) -> None:
+    """Bob reconnected while Alice's old session with him still holds an entry on its way (its write is stuck on a
+    connection that died silently).  The new session gets nothing after that entry until the old one lets go of it,
+    then everything in send order.  White-box: the two sessions are set up by hand and no session task runs."""
+    from p2pmsg.chat.service import _Session
+
+    async with open_database(tmp_path / "alice.db") as db:
+        chat = ChatService(ALICE, db, config=FAST)
+        await chat.add_contact(str(BOB.peer_id), "bob")
+        ids = (await chat.send_many("bob", ["first", "second", "third"]))["ids"]
+        entries = await db.read(lambda c: repo.due(c, now=2**62, limit=10))
+        assert [e.message_id.hex() for e in entries] == ids
+
+        no_channel: Any = None  # no session task runs here
+
+        def session() -> _Session:
+            return _Session(
+                peer=BOB.peer_id, channel=no_channel, direction="outbound", addr="", since=0, expedited=True
+            )
+
+        old, new = session(), session()
+        chat._sessions[BOB.peer_id] = [old, new]
+        chat._hand_over(old, entries[0].message_id, b"sealed")  # "first" is stuck in the old session
+        raw = BOB.peer_id.to_bytes()
+        assert await chat._dispatch(raw, entries, {old, new}) is False
+        assert list(new.pending) == []  # "second" and "third" wait for "first"
+        chat._inflight.difference_update(old.held)  # the old session ends: it lets go of "first"
+        old.held.clear()
+        old.closed = True
+        assert await chat._dispatch(raw, entries, {old, new}) is True
+        assert [mid.hex() for mid in new.pending] == ids
 
 
 async def test_a_session_that_could_not_store_is_closed_by_the_receiver_itself(

@@ -467,16 +467,24 @@ def test_due_order_and_flush_for_a_recipient(conn: sqlite3.Connection) -> None:
     assert repo.expedite(conn, BOB, now=T0 + 1) == 1  # only mid(0) was scheduled later
     # Bob's older message first, though it became due after his newer one (by due time it was overtaken).
     assert [e.message_id for e in repo.due(conn, now=T0 + 1)] == [mid(0), mid(2), mid(1), mid(3)]
-    assert [e.message_id for e in repo.due(conn, now=T0 + 1, limit=1)] == [mid(0)]
+    round_ = repo.due_round(conn, now=T0 + 1, limit=1)  # the entry due longest is Carol's: her round, cut
+    assert ([e.message_id for e in round_.entries], round_.cut, round_.more) == ([mid(1)], {CAROL}, True)
 
 
-def test_a_long_backlog_to_one_recipient_leaves_room_for_the_others(conn: sqlite3.Connection) -> None:
+def test_a_round_says_which_recipients_it_cut_and_whether_others_may_wait(conn: sqlite3.Connection) -> None:
+    """The outbox worker must not take a recipient whose due entries did not all fit for done (new sends would then
+    bypass the rest), nor any other when the round read only the entries due longest (a review found both)."""
     for n in range(10):
         send(conn, n, to=BOB, sent_at=T0)
-    send(conn, 10, to=CAROL, sent_at=T0 + 5)
-    assert [e.message_id for e in repo.due(conn, now=T0 + 5, limit=4)] == [mid(0), mid(1), mid(10)]
-    assert len(repo.due(conn, now=T0 + 5, limit=100)) == 11
-    assert repo.due(conn, now=T0 - 1) == [] and repo.next_attempt_at(conn) == T0
+    send(conn, 10, to=CAROL, sent_at=T0 - 1)  # due before Bob's
+    round_ = repo.due_round(conn, now=T0, limit=4)  # Carol's entry and three of Bob's are the four due longest
+    assert [e.message_id for e in round_.entries] == [mid(10), mid(0), mid(1)]  # half the limit each
+    assert (round_.cut, round_.more) == ({BOB}, True)
+    whole = repo.due_round(conn, now=T0, limit=100)
+    assert (len(whole.entries), whole.cut, whole.more) == (11, set(), False)
+    exact = repo.due_round(conn, now=T0, limit=11)  # as many as are due: it cannot tell there are no more
+    assert (len(exact.entries), exact.cut, exact.more) == (1 + 5, {BOB}, True)
+    assert repo.due(conn, now=T0 - 2) == [] and repo.next_attempt_at(conn) == T0 - 1
     for n in range(11):
         repo.mark_failed(conn, mid(n), now=T0 + 6)
     assert repo.due(conn, now=T0 + 6) == [] and repo.next_attempt_at(conn) is None
