@@ -428,6 +428,36 @@ def _peer_text(peer: bytes) -> str:
         return peer.hex()
 
 
+_REPLY_READ_CHUNK: Final = 256
+"""Messages read at a time for a history or export reply (a reply stops at its text budget: the store is asked for
+little more than the reply holds, however large the ``limit``)."""
+
+
+def _newest_for_reply(
+    conn: sqlite3.Connection, peer: bytes, limit: int, before: HistoryCursor | None
+) -> tuple[list[StoredMessage], bool]:
+    """The newest messages with ``peer`` before ``before`` (all if ``None``), oldest first: at most ``limit``, and
+    only as many as :data:`MAX_REPLY_TEXT` holds (at least one); and whether older ones were left out."""
+    chunks: list[list[StoredMessage]] = []
+    used = taken = 0
+    cursor = before
+    more = False
+    while taken < limit:
+        ask = min(_REPLY_READ_CHUNK, limit - taken)
+        page = repo.history(conn, peer, limit=ask, before=cursor)
+        fit, size = _newest_within(page, MAX_REPLY_TEXT - used, at_least_one=not chunks)
+        chunks.append(page[len(page) - fit :])
+        used += size
+        taken += fit
+        if fit < len(page) or (len(page) == ask and taken == limit):
+            more = True  # cut by the text budget, or by the limit with maybe more behind
+            break
+        if len(page) < ask:
+            break  # the beginning of the conversation
+        cursor = page[0].cursor
+    return [m for chunk in reversed(chunks) for m in chunk], more
+
+
 def _newest_within(messages: Sequence[StoredMessage], budget: int, *, at_least_one: bool) -> tuple[int, int]:
     """How many of the newest of ``messages`` (oldest first) have at most ``budget`` bytes of UTF-8 text together
     (at least one if ``at_least_one``), and how many bytes those are."""
@@ -2049,9 +2079,8 @@ class ChatService:
         if before is not None:
             seq = min(max(before_seq, 0), MAX_TIMESTAMP) if before_seq is not None else 0
             cursor = HistoryCursor(sent_at=min(max(before, 0), MAX_TIMESTAMP), seq=seq)
-        rows = await self._db.read(lambda c: repo.history(c, contact.peer_id, limit=count, before=cursor))
-        fit, _ = _newest_within(rows, MAX_REPLY_TEXT, at_least_one=True)
-        return [_message_dict(m) for m in rows[len(rows) - fit :]]
+        rows, _ = await self._db.read(lambda c: _newest_for_reply(c, contact.peer_id, count, cursor))
+        return [_message_dict(m) for m in rows]
 
     async def inbox(self) -> list[dict[str, Any]]:
         """One row per conversation with a contact, most recent first."""
@@ -2130,26 +2159,11 @@ class ChatService:
         return {}
 
     async def export(self, name: str) -> dict[str, Any]:
-        """The contact and its conversation, oldest first: all of it if its texts fit in :data:`MAX_REPLY_TEXT`
-        bytes (``more`` false), else the newest messages that do (``more`` true: page back with :meth:`history`
-        from the first one)."""
+        """The contact and its conversation, oldest first: all of it if it fits in one reply (at most
+        :data:`MAX_QUERY_LIMIT` messages and :data:`MAX_REPLY_TEXT` bytes of text; ``more`` false), else the newest
+        messages that do (``more`` true: page back with :meth:`history` from the first one)."""
         contact = await self._contact_by_name(name)
-
-        def query(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
-            pages: list[list[StoredMessage]] = []
-            cursor: HistoryCursor | None = None
-            used = 0
-            while True:
-                page = repo.history(conn, contact.peer_id, limit=MAX_QUERY_LIMIT, before=cursor)
-                fit, size = _newest_within(page, MAX_REPLY_TEXT - used, at_least_one=not pages)
-                pages.append(page[len(page) - fit :])
-                used += size
-                more = fit < len(page)
-                if more or len(page) < MAX_QUERY_LIMIT:
-                    return [m for page in reversed(pages) for m in page], more
-                cursor = page[0].cursor
-
-        messages, more = await self._db.read(query)
+        messages, more = await self._db.read(lambda c: _newest_for_reply(c, contact.peer_id, MAX_QUERY_LIMIT, None))
         return {
             "contact": {
                 "peer_id": _peer_text(contact.peer_id),

@@ -788,6 +788,23 @@ async def test_history_and_export_replies_carry_at_most_max_reply_text(
         await carol.chat.send_many("bob", ["a" * 1000, "b" * 1000])
         whole = await carol.chat.export("bob")
         assert [m["text"][0] for m in whole["messages"]] == ["a", "b"] and whole["more"] is False
+        # The store is read a chunk at a time up to the budget, not all of ``limit`` first (a review: 10,000 texts
+        # of 64 KiB read to answer with 130 of them), and an export holds at most MAX_QUERY_LIMIT messages too.
+        await carol.chat.send_many("bob", ["c" * 10 for _ in range(600)])
+        read: list[int] = []
+        original = repo.history
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            rows = original(*args, **kwargs)
+            read.append(len(rows))
+            return rows
+
+        monkeypatch.setattr(repo, "history", counted)
+        assert len(await carol.chat.history("bob", limit=10_000)) == 250  # 2,500 bytes of 10-byte texts
+        assert sum(read) <= 256
+        monkeypatch.setattr(service_module, "MAX_QUERY_LIMIT", 100)
+        capped = await carol.chat.export("bob")
+        assert len(capped["messages"]) == 100 and capped["more"] is True
 
 
 async def test_a_peer_id_always_means_that_peer_never_a_contact_named_like_it(tmp_path: Path) -> None:
