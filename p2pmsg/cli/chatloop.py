@@ -42,6 +42,7 @@ MAX_BATCH_BYTES: Final = 768 * 1024
 """UTF-8 bytes of text per ``send_many`` call, so a request stays under the control API's 1 MiB limit (a line over
 the 64 KiB text limit is never sent: it gets a ``refused`` line in the output instead)."""
 _READ_SIZE: Final = 65536
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _CATCH_UP: Final = 1000
 """Newest messages fetched right after subscribing, for those that arrived since the history was shown."""
 
@@ -121,18 +122,22 @@ def line_batches(stdin: TextIO, max_batch: int = MAX_BATCH, max_bytes: int = MAX
 
 
 def _find_peer(client: ControlClient, name: str) -> str:
-    """The peer id of the contact ``name`` names, matched as the node matches names (:func:`name_key`)."""
+    """The peer id of the contact ``name`` names, matched as the node matches names: the name as written (ASCII
+    letters in any case) first, then by :func:`name_key`."""
     rows = client.call("contacts.list")
-    key = name_key(name.strip())
-    if isinstance(rows, list):
-        for row in rows:
-            if (
-                isinstance(row, dict)
-                and isinstance(row.get("name"), str)
-                and name_key(row["name"]) == key
-                and isinstance(row.get("peer_id"), str)
-            ):
-                return str(row["peer_id"])
+    named = [
+        (row["name"], row["peer_id"])
+        for row in (rows if isinstance(rows, list) else [])
+        if isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("peer_id"), str)
+    ]
+    folded = name.translate(_ASCII_LOWER)  # SQLite's NOCASE, as the node's first lookup compares
+    for candidate, peer_id in named:
+        if candidate.translate(_ASCII_LOWER) == folded:
+            return str(peer_id)
+    key = name_key(name)
+    for candidate, peer_id in named:
+        if name_key(candidate) == key:
+            return str(peer_id)
     raise ControlRequestError("unknown_contact", f"no contact named {name!r}")
 
 

@@ -305,7 +305,7 @@ def find_contact(conn: sqlite3.Connection, name: str) -> Contact | None:
     script, and whatever the Unicode normalisation of either spelling."""
     name = _name(name)
     row = conn.execute(f"SELECT {_CONTACT_COLUMNS} FROM contacts WHERE name = ?", (name,)).fetchone()
-    if row is None and not name.isascii():  # SQLite's NOCASE folds ASCII letters only
+    if row is None:  # SQLite's NOCASE folds ASCII letters only ("STRASSE" is "Straße" too)
         row = _caseless_match(conn, name)
     return None if row is None else _contact(row)
 
@@ -334,7 +334,7 @@ def list_contacts(conn: sqlite3.Connection, *, state: ContactState | None = None
 
 def _check_name_free(conn: sqlite3.Connection, name: str, peer_id: bytes) -> None:
     row = conn.execute("SELECT peer_id, name FROM contacts WHERE name = ? AND peer_id != ?", (name, peer_id)).fetchone()
-    if row is None and not name.isascii():
+    if row is None:
         row = _caseless_match(conn, name, other_than=peer_id)
     if row is not None:
         raise NameTakenError(f"the name {name!r} is already used by another contact ({row[1]!r})")

@@ -152,6 +152,10 @@ def test_contact_names_match_caselessly_in_any_script_and_normalisation(conn: sq
     assert repo.rename_contact(conn, BOB, "J\u00d6RG", now=T0).name == "J\u00d6RG"  # its own name, recased
     assert repo.find_contact(conn, "\u00e9mile") is not None and repo.find_contact(conn, "emile") is None
     assert repo.find_contact(conn, "Stra\u00dfe") is None
+    strasse = repo.add_contact(conn, peer_id=EVE, name="Stra\u00dfe", now=T0)
+    assert repo.find_contact(conn, "STRASSE") == strasse  # an ASCII spelling of a non-ASCII name (a review)
+    with pytest.raises(NameTakenError):
+        repo.rename_contact(conn, CAROL, "strasse", now=T0)
 
 
 @pytest.mark.parametrize("name", ["", " bob", "bob ", "a\nb", "a\u200bb", "x" * 65, "\udc80"])
