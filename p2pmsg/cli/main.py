@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import io
 import logging
 import os
 import shlex
@@ -771,11 +772,14 @@ def chat(state: State, name: str, limit: int) -> None:
     """
     from p2pmsg.cli.chatloop import run_chat
 
+    stdin = sys.stdin
+    if isinstance(stdin, io.TextIOWrapper):  # a byte that is not UTF-8 must be refused (by line), not end the chat
+        stdin.reconfigure(errors="surrogateescape")
     outcome = run_chat(
         state.client,
         name,
         limit=limit,
-        stdin=sys.stdin,
+        stdin=stdin,
         echo=click.echo,
         format_line=format_message,
     )

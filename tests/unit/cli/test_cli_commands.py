@@ -510,6 +510,16 @@ async def test_ctrl_c_in_an_interactive_chat_ends_the_line(home: Path) -> None:
     assert outcome == (0, 0) and shown[-1] == ""  # the shell prompt then starts on a line of its own
 
 
+async def test_chat_refuses_a_line_that_is_not_utf8_from_any_stdin(home: Path) -> None:
+    """Through click's stdin (no file descriptor: lines are decoded by the text wrapper), a byte that is not UTF-8
+    ended the chat with a UnicodeDecodeError (a review); it is refused like any line the node would refuse."""
+    async with node_on(home) as node:
+        result = await invoke(home, "chat", "bob", input=b"ok\nbad \xff\nfine\n")
+        assert node.sent == [("bob", "ok"), ("bob", "fine")]
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "refused: line 2: the message is not valid UTF-8" in result.output
+
+
 async def test_chat_with_an_unknown_contact(home: Path) -> None:
     async with node_on(home) as node:
         result = await invoke(home, "chat", "zed", input="hello\n")
