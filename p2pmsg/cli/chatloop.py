@@ -2,19 +2,19 @@
 
 Theory of operation
 -------------------
-The chat shows the history, subscribes to the node's events, then fetches again the messages newer than the last one
-shown, which arrived before the subscription could report them: no message falls between the two, and an event for a
-message that the history's ``limit`` left out is never shown after newer ones (subscribing first did that, when a
-backlog was being stored).  Message ids already shown are remembered and never shown twice.  A background thread reads
-the event stream and prints the messages of this contact as they arrive (on a terminal also when the contact comes
-online or goes away), while the main thread reads lines from stdin and sends each non-blank one with the ``send``
-method, which returns once the message is durably queued.  Piped input is read in batches of the lines available at that
-moment (:func:`line_batches`), each queued with one ``send_many`` (one transaction and one disk sync per batch), and
-each queued line is confirmed on stdout as ``queued <message id>`` (the same words as ``p2pmsg send``), so a script
-knows exactly what the node holds.  A line the node would refuse (over 64 KiB of UTF-8, or bytes that are not UTF-8) is
-not sent, nor is it changed: it gets ``refused: line N: ...`` in its place, the other lines of its batch go, and the
-command then exits with status 1.  At end of input the event stream is closed (waking the thread) and the command
-returns: every line has been queued or refused by then.
+The chat shows the history, subscribes to the node's events, then fetches again the newest messages and shows those the
+node stored after the ones shown (``seq`` counts in storing order), which arrived before the subscription could report
+them: no message falls between the two, and one that the history's ``limit`` left out is never shown after newer ones
+(subscribing first did that, when a backlog was being stored).  Message ids already shown are remembered and never shown
+twice.  A background thread reads the event stream and prints the messages of this contact as they arrive (on a terminal
+also when the contact comes online or goes away), while the main thread reads lines from stdin and sends each non-blank
+one with the ``send`` method, which returns once the message is durably queued.  Piped input is read in batches of the
+lines available at that moment (:func:`line_batches`), each queued with one ``send_many`` (one transaction and one disk
+sync per batch), and each queued line is confirmed on stdout as ``queued <message id>`` (the same words as ``p2pmsg
+send``), so a script knows exactly what the node holds.  A line the node would refuse (over 64 KiB of UTF-8, or bytes
+that are not UTF-8) is not sent, nor is it changed: it gets ``refused: line N: ...`` in its place, the other lines of
+its batch go, and the command then exits with status 1.  At end of input the event stream is closed (waking the thread)
+and the command returns: every line has been queued or refused by then.
 """
 
 from __future__ import annotations
@@ -155,23 +155,23 @@ def run_chat(
     interactive = stdin.isatty()
     lock = threading.Lock()
     seen: set[str] = set()
-    newest: tuple[int, int] | None = None  # (ts, seq) of the newest message shown from the history
+    stored_before = -1  # the node's seq of the last message it had stored when the history was read (as far as seen)
 
-    def show_rows(rows: object) -> None:
-        """Show history rows not shown yet and newer than every one shown (history order: ts, then seq)."""
-        nonlocal newest
+    def show_rows(rows: object, *, catching_up: bool) -> None:
+        """Show history rows not shown yet; when ``catching_up``, only those the node stored after the messages the
+        first history showed (``seq`` counts in storing order), not the older ones its ``limit`` left out."""
+        nonlocal stored_before
         with lock:
             for row in rows if isinstance(rows, list) else []:
                 if not isinstance(row, dict) or str(row.get("id", "")) in seen:
                     continue
-                ts, seq = row.get("ts"), row.get("seq")
-                position = (ts, seq) if type(ts) is int and type(seq) is int else None
-                if position is not None and newest is not None and position <= newest:
+                seq = row.get("seq")
+                if catching_up and type(seq) is int and seq <= stored_before:
                     continue
                 seen.add(str(row.get("id", "")))
                 echo(format_line(row, contact=name))
-                if position is not None:
-                    newest = position
+                if not catching_up and type(seq) is int:
+                    stored_before = max(stored_before, seq)
 
     def show(text: str) -> None:
         with lock:
@@ -203,10 +203,11 @@ def run_chat(
     closing = threading.Event()
     thread = threading.Thread(target=pump, name="p2pmsg-chat-events", daemon=True)
     sent = refused = 0
-    show_rows(client.call("history", name=name, limit=limit))
+    show_rows(client.call("history", name=name, limit=limit), catching_up=False)
     events = client.events()
     try:
-        show_rows(client.call("history", name=name, limit=_CATCH_UP))  # what arrived before the subscription
+        # What arrived before the subscription could report it (a late message with an old ts too: by seq).
+        show_rows(client.call("history", name=name, limit=_CATCH_UP), catching_up=True)
         thread.start()
         if interactive:
             show(f"-- chatting with {clean(name)}; type a message and press Enter, Ctrl-D to leave --")

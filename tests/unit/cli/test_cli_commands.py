@@ -597,6 +597,31 @@ async def test_chat_never_shows_an_older_message_after_a_newer_one_at_its_start(
     assert [line.rsplit(": ", 1)[-1] for line in shown] == ["newer"]  # "older" is history --limit left out
 
 
+async def test_chat_shows_a_late_message_stored_between_its_history_and_its_subscription(home: Path) -> None:
+    """A message stored after the history was read but before the subscription (a late one, with an old ts) has no
+    event for the chat: the catch-up must show it, whatever its ts (a review: it was skipped as older)."""
+    shown: list[str] = []
+    async with node_on(home) as node:
+        calls = 0
+
+        def arrive_late() -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 2:  # the catch-up: the late message was stored just before the subscription
+                row = {"id": "d1" * 16, "from": BOB, "text": "late", "ts": T0, "status": "received", "direction": "in"}
+                node.messages["bob"].append(row)
+
+        node.before_history = arrive_late
+        stdin = io.StringIO("")
+        outcome = await trio.to_thread.run_sync(
+            lambda: run_chat(
+                ControlClient(home), "bob", limit=1, stdin=stdin, echo=shown.append, format_line=format_message
+            )
+        )
+    assert outcome == (0, 0)
+    assert [line.rsplit(": ", 1)[-1] for line in shown] == ["hello bob", "late"]
+
+
 def test_piped_lines_are_batched_as_they_become_available() -> None:
     """A burst written at once is one batch; a line written alone is answered alone (no waiting for more)."""
     read_fd, write_fd = os.pipe()
