@@ -707,6 +707,8 @@ class ChatService:
             now = self._now()
             await self._db.write(lambda c: [repo.mark_failed(c, e.message_id, now=now) for e in items])
             return True
+        if peer in self._settling:
+            return False  # a session with it just ended: what it left behind is not due again yet
         session = self._best_session(peer)
         if session is not None and not session.expedited:
             # The peer's hello has not arrived, so its backlog is not due yet: whatever is due now (a new send) waits
@@ -750,7 +752,7 @@ class ChatService:
             return True
         if all(entry.message_id in self._inflight for entry in items):
             return False  # all on their way over a session that is ending: its end reschedules them
-        if peer in self._dialing or peer in self._settling:
+        if peer in self._dialing:
             return False
         if self._nursery is None:
             return True
@@ -787,19 +789,6 @@ class ChatService:
         count = await self._db.write(txn)
         if count:
             log.info("chat: %d message(s) to %s rescheduled: %s", count, peer, error)
-
-    async def _reschedule_ids(self, ids: Sequence[bytes], error: str) -> None:
-        """Count a failed attempt for these entries: each gets its next try after the backoff."""
-        now = self._now()
-        jitter = _FixedRandom(self._rng.random())
-        backoff = self.config.backoff
-
-        def txn(conn: sqlite3.Connection) -> None:
-            for mid in ids:
-                repo.reschedule(conn, mid, now=now, error=error, backoff=backoff, rng=jitter)
-
-        await self._db.write(txn)
-        self._poke()
 
     async def _expedite(self, peer: PeerId) -> None:
         now = self._now()
@@ -1173,33 +1162,48 @@ class ChatService:
             if not dial_done:
                 self._dialing.discard(peer)
             if session is not None:
-                session.closed = True
-                sessions = self._sessions.get(peer, [])
-                if session in sessions:
-                    sessions.remove(session)
-                if not sessions:
-                    self._sessions.pop(peer, None)
-                    # Until the reschedule below is written the entries still look due: no dial for them meanwhile
-                    # (a peer that closes every channel at once was otherwise redialled in a loop).
-                    self._settling[peer] += 1
-                unsent = [mid for mid in session.held if mid in self._premarked]  # their rows are not due yet
-                self._premarked.difference_update(unsent)
-                self._inflight.difference_update(session.held)
-                session.held.clear()
-                session.pending.clear()
-                if session.inbox_bytes:  # chunks read but never stored (the session ended first)
-                    self._give_back_inbox(session, session.inbox_bytes, session.stranger_inbox_bytes)
-                self._poke()
+                unsent = self._release_session(session)
             await close_gracefully(channel)
         if session is not None:
-            try:
-                await self._session_ended(session, unsent)
-            finally:
-                if peer in self._settling:
-                    self._settling[peer] -= 1
-                    if not self._settling[peer]:
-                        del self._settling[peer]
-                    self._poke()
+            await self._settle_session(session, unsent)
+
+    def _release_session(self, session: _Session) -> list[bytes]:
+        """The first step at the end of a session, before any await: forget it and what it held; return the entries
+        it held that were handed to it before their rows were due (their rows wait for a resend time).  Until
+        :meth:`_settle_session` has put what it left behind back on the schedule, the outbox leaves the peer alone:
+        with no session left it would dial it (a peer that closes every channel at once was redialled in a loop),
+        with another it would hand that one newer entries first."""
+        peer = session.peer
+        session.closed = True
+        sessions = self._sessions.get(peer, [])
+        if session in sessions:
+            sessions.remove(session)
+        if not sessions:
+            self._sessions.pop(peer, None)
+        for other in sessions:  # what this one leaves behind goes out there first: no bypass until then
+            other.in_order = False
+        self._settling[peer] += 1
+        unsent = [mid for mid in session.held if mid in self._premarked]
+        self._premarked.difference_update(unsent)
+        self._inflight.difference_update(session.held)
+        session.held.clear()
+        session.pending.clear()
+        if session.inbox_bytes:  # chunks read but never stored (the session ended first)
+            self._give_back_inbox(session, session.inbox_bytes, session.stranger_inbox_bytes)
+        self._poke()
+        return unsent
+
+    async def _settle_session(self, session: _Session, unsent: list[bytes]) -> None:
+        """The last step at the end of a session (after :meth:`_release_session`): put what it did not deliver back
+        on the outbox schedule, then let the outbox act on the peer again."""
+        peer = session.peer
+        try:
+            await self._session_ended(session, unsent)
+        finally:
+            self._settling[peer] -= 1
+            if not self._settling[peer]:
+                del self._settling[peer]
+            self._poke()
 
     async def _session_ended(self, session: _Session, unsent: list[bytes]) -> None:
         """Log a closed session and put what it did not deliver back on the outbox schedule."""
@@ -1214,9 +1218,12 @@ class ChatService:
                 await self._reschedule_peer(peer, f"session closed: {reason}", [*session.written, *unsent])
                 if session.redial:
                     await self._expedite(peer)
-        elif unsent:  # another session lives: these go out on it once due
-            with self._store_failure_logged(f"rescheduling the messages to {peer}"):
-                await self._reschedule_ids(unsent, f"session closed: {reason}")
+        else:
+            # Another session lives: what this one did not deliver (unsent, or written without a receipt) is due at
+            # once, to go out there ahead of anything newer; in backoff, or waiting for its resend time, newer
+            # entries due now would overtake it.
+            with self._store_failure_logged(f"flushing the messages to {peer}"):
+                await self._expedite(peer)
 
     @contextlib.contextmanager
     def _store_failure_logged(self, what: str) -> Iterator[None]:

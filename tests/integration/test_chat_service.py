@@ -1112,6 +1112,44 @@ async def test_nothing_overtakes_an_entry_still_held_by_another_session(tmp_path
         assert [mid.hex() for mid in new.pending] == ids
 
 
+async def test_what_an_ending_session_leaves_behind_goes_out_on_the_other_first(tmp_path: Path) -> None:
+    """A new send went straight to session A (its row waits for a resend time); A's write is stuck; B's hello makes
+    everything due; "second" waits for "first" (held by A).  Then A ends while B lives: A's leftovers were put in
+    backoff (or kept waiting for their resend time), and "second" went over B first (a review found it).  Now they
+    are due at once, and no round acts on the peer until they are.  White-box: sessions set up by hand."""
+    from p2pmsg.chat.service import _Session
+
+    async with open_database(tmp_path / "alice.db") as db:
+        chat = ChatService(ALICE, db, config=FAST)
+        await chat.add_contact(str(BOB.peer_id), "bob")
+        no_channel: Any = None  # no session task runs here
+
+        def session() -> _Session:
+            return _Session(
+                peer=BOB.peer_id, channel=no_channel, direction="outbound", addr="", since=0, expedited=True
+            )
+
+        old = session()
+        old.in_order = True
+        chat._sessions[BOB.peer_id] = [old]
+        first = (await chat.send("bob", "first"))["id"]  # the bypass: straight to A, its row due only later
+        assert list(old.pending) == [bytes.fromhex(first)]
+        new = session()
+        chat._sessions[BOB.peer_id].append(new)
+        now = chat._now()
+        await db.write(lambda c: repo.expedite(c, BOB.peer_id.to_bytes(), now=now))  # B's hello
+        second = (await chat.send("bob", "second"))["id"]
+        await chat._outbox_round()
+        assert list(new.pending) == []  # "second" waits for "first"
+        old.close_reason = "send timed out"
+        unsent = chat._release_session(old)  # A's write timed out
+        assert not new.in_order
+        assert await chat._dispatch(BOB.peer_id.to_bytes(), [], {new}) is False  # hands off until A is settled
+        await chat._settle_session(old, unsent)
+        await chat._outbox_round()
+        assert [mid.hex() for mid in new.pending] == [first, second]
+
+
 async def test_a_session_that_could_not_store_is_closed_by_the_receiver_itself(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
