@@ -3,18 +3,19 @@
 Theory of operation
 -------------------
 The chat shows the history, subscribes to the node's events, then fetches again the newest messages and shows those the
-node stored after the ones shown (``seq`` counts in storing order), which arrived before the subscription could report
-them: no message falls between the two, and one that the history's ``limit`` left out is never shown after newer ones
-(subscribing first did that, when a backlog was being stored).  Message ids already shown are remembered and never shown
-twice.  A background thread reads the event stream and prints the messages of this contact as they arrive (on a terminal
-also when the contact comes online or goes away), while the main thread reads lines from stdin and sends each non-blank
-one with the ``send`` method, which returns once the message is durably queued.  Piped input is read in batches of the
-lines available at that moment (:func:`line_batches`), each queued with one ``send_many`` (one transaction and one disk
-sync per batch), and each queued line is confirmed on stdout as ``queued <message id>`` (the same words as ``p2pmsg
-send``), so a script knows exactly what the node holds.  A line the node would refuse (over 64 KiB of UTF-8, or bytes
-that are not UTF-8) is not sent, nor is it changed: it gets ``refused: line N: ...`` in its place, the other lines of
-its batch go, and the command then exits with status 1.  At end of input the event stream is closed (waking the thread)
-and the command returns: every line has been queued or refused by then.
+node stored after every message the first fetch returned (``seq`` counts in storing order; that fetch reads at least
+1,000 messages, more than it shows): they arrived before the subscription could report them.  No message falls between
+the two, and one that the history's ``limit`` left out is never shown after newer ones (subscribing first did that, when
+a backlog was being stored).  Message ids already shown are remembered and never shown twice.  A background thread reads
+the event stream and prints the messages of this contact as they arrive (on a terminal also when the contact comes
+online or goes away), while the main thread reads lines from stdin and sends each non-blank one with the ``send``
+method, which returns once the message is durably queued.  Piped input is read in batches of the lines available at that
+moment (:func:`line_batches`), each queued with one ``send_many`` (one transaction and one disk sync per batch), and
+each queued line is confirmed on stdout as ``queued <message id>`` (the same words as ``p2pmsg send``), so a script
+knows exactly what the node holds.  A line the node would refuse (over 64 KiB of UTF-8, or bytes that are not UTF-8) is
+not sent, nor is it changed: it gets ``refused: line N: ...`` in its place, the other lines of its batch go, and the
+command then exits with status 1.  At end of input the event stream is closed (waking the thread) and the command
+returns: every line has been queued or refused by then.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import io
 import os
 import select
 import threading
+import unicodedata
 from collections.abc import Callable, Iterator
 from typing import Any, Final, NamedTuple, Protocol, TextIO
 
@@ -121,6 +123,11 @@ def line_batches(stdin: TextIO, max_batch: int = MAX_BATCH, max_bytes: int = MAX
             yield lines
 
 
+def _history_rows(result: object) -> list[dict[str, Any]]:
+    """The rows of a ``history`` answer (anything else in it ignored)."""
+    return [row for row in result if isinstance(row, dict)] if isinstance(result, list) else []
+
+
 def _find_peer(client: ControlClient, name: str) -> str:
     """The peer id of the contact ``name`` names, matched as the node matches names: the name as written (ASCII
     letters in any case) first, then by :func:`name_key`."""
@@ -130,6 +137,7 @@ def _find_peer(client: ControlClient, name: str) -> str:
         for row in (rows if isinstance(rows, list) else [])
         if isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("peer_id"), str)
     ]
+    name = unicodedata.normalize("NFC", name)  # as the node stores names and looks them up
     folded = name.translate(_ASCII_LOWER)  # SQLite's NOCASE, as the node's first lookup compares
     for candidate, peer_id in named:
         if candidate.translate(_ASCII_LOWER) == folded:
@@ -155,23 +163,17 @@ def run_chat(
     interactive = stdin.isatty()
     lock = threading.Lock()
     seen: set[str] = set()
-    stored_before = -1  # the node's seq of the last message it had stored when the history was read (as far as seen)
 
-    def show_rows(rows: object, *, catching_up: bool) -> None:
-        """Show history rows not shown yet; when ``catching_up``, only those the node stored after the messages the
-        first history showed (``seq`` counts in storing order), not the older ones its ``limit`` left out."""
-        nonlocal stored_before
+    def show_rows(rows: list[dict[str, Any]], *, stored_after: int = -1) -> None:
+        """Show history rows not shown yet, of those the node stored after ``stored_after`` (``seq`` counts in
+        storing order)."""
         with lock:
-            for row in rows if isinstance(rows, list) else []:
-                if not isinstance(row, dict) or str(row.get("id", "")) in seen:
-                    continue
+            for row in rows:
                 seq = row.get("seq")
-                if catching_up and type(seq) is int and seq <= stored_before:
+                if str(row.get("id", "")) in seen or (type(seq) is int and seq <= stored_after):
                     continue
                 seen.add(str(row.get("id", "")))
                 echo(format_line(row, contact=name))
-                if not catching_up and type(seq) is int:
-                    stored_before = max(stored_before, seq)
 
     def show(text: str) -> None:
         with lock:
@@ -203,11 +205,15 @@ def run_chat(
     closing = threading.Event()
     thread = threading.Thread(target=pump, name="p2pmsg-chat-events", daemon=True)
     sent = refused = 0
-    show_rows(client.call("history", name=name, limit=limit), catching_up=False)
+    # More than the history shown, to know what the node had stored by then: the catch-up below must not show the
+    # older messages the limit leaves out (a message sent long ago that arrived late has a high seq but an old ts).
+    known = _history_rows(client.call("history", name=name, limit=max(limit, _CATCH_UP)))
+    show_rows(known[-limit:])
+    stored_before = max((row["seq"] for row in known if type(row.get("seq")) is int), default=-1)
     events = client.events()
     try:
         # What arrived before the subscription could report it (a late message with an old ts too: by seq).
-        show_rows(client.call("history", name=name, limit=_CATCH_UP), catching_up=True)
+        show_rows(_history_rows(client.call("history", name=name, limit=_CATCH_UP)), stored_after=stored_before)
         thread.start()
         if interactive:
             show(f"-- chatting with {clean(name)}; type a message and press Enter, Ctrl-D to leave --")

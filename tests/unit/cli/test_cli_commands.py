@@ -622,6 +622,26 @@ async def test_chat_shows_a_late_message_stored_between_its_history_and_its_subs
     assert [line.rsplit(": ", 1)[-1] for line in shown] == ["hello bob", "late"]
 
 
+async def test_chat_does_not_show_a_late_old_message_the_limit_left_out(home: Path) -> None:
+    """A message written at 09:30 that arrived after mine of 10:00-10:02 has the highest seq; with --limit 3 it is
+    left out of the history, and the catch-up must not show it after 10:02 either (a review found it did)."""
+    shown: list[str] = []
+    async with node_on(home) as node:
+        late = {"id": "e1" * 16, "from": BOB, "text": "from 09:30", "ts": T0 - 1_800_000, "seq": 4, "direction": "in"}
+        mine = [
+            {"id": f"e{n + 2}" * 16, "from": ME, "text": f"mine {n}", "ts": T0 + n, "seq": n + 1, "direction": "out"}
+            for n in range(3)
+        ]
+        node.messages["bob"] = [{**late, "status": "received"}, *({**m, "status": "delivered"} for m in mine)]
+        stdin = io.StringIO("")
+        await trio.to_thread.run_sync(
+            lambda: run_chat(
+                ControlClient(home), "bob", limit=3, stdin=stdin, echo=shown.append, format_line=format_message
+            )
+        )
+    assert [line.rsplit(": ", 1)[-1] for line in shown] == ["mine 0", "mine 1", "mine 2"]
+
+
 def test_piped_lines_are_batched_as_they_become_available() -> None:
     """A burst written at once is one batch; a line written alone is answered alone (no waiting for more)."""
     read_fd, write_fd = os.pipe()
