@@ -166,6 +166,9 @@ contacts however many strangers send at once."""
 _STORE_FAILED_LINGER: Final = 10.0
 """Seconds a session whose received messages could not be stored stays open (storing nothing) before it is closed:
 long enough that the sender is not made to redial in a loop, short enough that it resends soon."""
+_SETTLE_TIMEOUT: Final = 10.0
+"""Seconds the end of a session may spend putting what it did not deliver back on the schedule (a store write),
+shielded from cancellation so that the node's bookkeeping of the peer (``_settling``) always comes down."""
 _STORE_WARNING_INTERVAL: Final = 60.0
 """Seconds between two warnings that received messages could not be stored (a full disk fails every batch)."""
 
@@ -523,6 +526,8 @@ class ChatService:
         """Sources (IPv4 addresses, IPv6 /64s) contacts' sessions ran over, most recent last (at most
         :data:`_MAX_CONTACT_HOSTS`)."""
         self._settling: collections.Counter[PeerId] = collections.Counter()
+        self._settles = 0  # sessions settled so far (see _settle_session)
+        self._settled_at: dict[PeerId, int] = {}  # peer -> the count when a session with it last settled
         """Peers whose last session ended and whose entries are not rescheduled yet (no dial for them until then)."""
         self._inflight: set[bytes] = set()
         self._wake = trio.Event()
@@ -672,6 +677,7 @@ class ChatService:
         outboxed = self._outboxed  # a send queued after the read below is not in this round: no bypass yet
         # Sessions whose backlog was due before the read: what the read found is all there is to send them.
         ready = {s for v in self._sessions.values() for s in v if s.expedited}
+        settled = self._settles  # a peer whose session settles after this gets nothing from this round
         now = self._now()
         due = await self._db.read(functools.partial(repo.due_round, now=now, limit=cfg.due_batch))
         truncated = due.more  # recipients not read this round may have entries due
@@ -682,9 +688,10 @@ class ChatService:
             busy = busy or entry.message_id in self._inflight
             by_peer.setdefault(entry.recipient, []).append(entry)
         for raw_peer, items in by_peer.items():
-            if not await self._dispatch(raw_peer, items, ready):
+            if not await self._dispatch(raw_peer, items, ready, settled):
                 busy = True
                 left_over.add(raw_peer)
+        self._settled_at = {p: n for p, n in self._settled_at.items() if n > settled}  # older ones matter no more
         if not truncated and outboxed == self._outboxed:
             for session in settling:
                 if not session.closed and session.peer.to_bytes() not in left_over:
@@ -697,18 +704,21 @@ class ChatService:
             timeout = min(cfg.max_poll, max(cfg.min_poll, wait_ms / 1000))
         return timeout
 
-    async def _dispatch(self, raw_peer: bytes, items: list[OutboxEntry], ready: set[_Session]) -> bool:
+    async def _dispatch(
+        self, raw_peer: bytes, items: list[OutboxEntry], ready: set[_Session], settled: int = -1
+    ) -> bool:
         """Hand ``items`` (due, in send order, some maybe in flight already) to a session with their recipient or
         start a dial; False if busy.  ``ready``: the sessions whose peer's backlog was made due before ``items`` were
-        read."""
+        read; ``settled``: the settle count then (a session of the peer settled since: ``items`` may miss what it
+        left behind)."""
         try:
             peer = PeerId.from_bytes(raw_peer)
         except InvalidPeerIdError:  # never written by us; do not retry it forever
             now = self._now()
             await self._db.write(lambda c: [repo.mark_failed(c, e.message_id, now=now) for e in items])
             return True
-        if peer in self._settling:
-            return False  # a session with it just ended: what it left behind is not due again yet
+        if peer in self._settling or self._settled_at.get(peer, -1) > settled >= 0:
+            return False  # a session with it ended: what it left behind is not due again yet, or was not read
         session = self._best_session(peer)
         if session is not None and not session.expedited:
             # The peer's hello has not arrived, so its backlog is not due yet: whatever is due now (a new send) waits
@@ -1163,9 +1173,12 @@ class ChatService:
                 self._dialing.discard(peer)
             if session is not None:
                 unsent = self._release_session(session)
+                # Settled before the channel is closed (a WebSocket close can take seconds, during which the outbox
+                # would leave the peer alone) and shielded: the count in _settling must come down, also when the
+                # node stops; the store's own failures are logged, and the deadline bounds a stuck store.
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + _SETTLE_TIMEOUT):
+                    await self._settle_session(session, unsent)
             await close_gracefully(channel)
-        if session is not None:
-            await self._settle_session(session, unsent)
 
     def _release_session(self, session: _Session) -> list[bytes]:
         """The first step at the end of a session, before any await: forget it and what it held; return the entries
@@ -1203,6 +1216,9 @@ class ChatService:
             self._settling[peer] -= 1
             if not self._settling[peer]:
                 del self._settling[peer]
+            # A round that read before this point must not hand the peer what it read (its leftovers were not due).
+            self._settles += 1
+            self._settled_at[peer] = self._settles
             self._poke()
 
     async def _session_ended(self, session: _Session, unsent: list[bytes]) -> None:
@@ -1221,9 +1237,12 @@ class ChatService:
         else:
             # Another session lives: what this one did not deliver (unsent, or written without a receipt) is due at
             # once, to go out there ahead of anything newer; in backoff, or waiting for its resend time, newer
-            # entries due now would overtake it.
+            # entries due now would overtake it.  Only those: the other session's own entries are on their way.
+            leftovers = [*session.written, *unsent]
+            now = self._now()
             with self._store_failure_logged(f"flushing the messages to {peer}"):
-                await self._expedite(peer)
+                await self._db.write(lambda c: repo.expedite_ids(c, leftovers, now=now))
+            self._poke()
 
     @contextlib.contextmanager
     def _store_failure_logged(self, what: str) -> Iterator[None]:

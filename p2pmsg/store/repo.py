@@ -99,6 +99,7 @@ __all__ = [
     "enqueue_many",
     "enqueue_rows",
     "expedite",
+    "expedite_ids",
     "expedite_unattempted",
     "find_contact",
     "get_contact",
@@ -1006,6 +1007,17 @@ def expedite(conn: sqlite3.Connection, recipient: bytes, *, now: int) -> int:
     cursor = conn.execute(
         "UPDATE outbox SET next_attempt_at = ? WHERE recipient = ? AND next_attempt_at > ?",
         (_timestamp("now", now), _peer_id("recipient", recipient), now),
+    )
+    return int(cursor.rowcount)
+
+
+def expedite_ids(conn: sqlite3.Connection, message_ids: Iterable[bytes], *, now: int) -> int:
+    """Make these outbox entries due at *now* if they are due later (no attempt counted); return how many changed."""
+    now = _timestamp("now", now)
+    cursor = conn.executemany(
+        "UPDATE outbox SET next_attempt_at = ?1 WHERE seq = (SELECT seq FROM messages WHERE message_id = ?2)"
+        " AND next_attempt_at > ?1",
+        [(now, _message_id(mid)) for mid in message_ids],
     )
     return int(cursor.rowcount)
 

@@ -1083,8 +1083,6 @@ async def test_nothing_overtakes_an_entry_still_held_by_another_session(tmp_path
     """Bob reconnected while Alice's old session with him still holds an entry on its way (its write is stuck on a
     connection that died silently).  The new session gets nothing after that entry until the old one lets go of it,
     then everything in send order.  White-box: the two sessions are set up by hand and no session task runs."""
-    from p2pmsg.chat.service import _Session
-
     async with open_database(tmp_path / "alice.db") as db:
         chat = ChatService(ALICE, db, config=FAST)
         await chat.add_contact(str(BOB.peer_id), "bob")
@@ -1092,14 +1090,7 @@ async def test_nothing_overtakes_an_entry_still_held_by_another_session(tmp_path
         entries = await db.read(lambda c: repo.due(c, now=2**62, limit=10))
         assert [e.message_id.hex() for e in entries] == ids
 
-        no_channel: Any = None  # no session task runs here
-
-        def session() -> _Session:
-            return _Session(
-                peer=BOB.peer_id, channel=no_channel, direction="outbound", addr="", since=0, expedited=True
-            )
-
-        old, new = session(), session()
+        old, new = _hand_made_session(), _hand_made_session()
         chat._sessions[BOB.peer_id] = [old, new]
         chat._hand_over(old, entries[0].message_id, b"sealed")  # "first" is stuck in the old session
         raw = BOB.peer_id.to_bytes()
@@ -1117,24 +1108,15 @@ async def test_what_an_ending_session_leaves_behind_goes_out_on_the_other_first(
     everything due; "second" waits for "first" (held by A).  Then A ends while B lives: A's leftovers were put in
     backoff (or kept waiting for their resend time), and "second" went over B first (a review found it).  Now they
     are due at once, and no round acts on the peer until they are.  White-box: sessions set up by hand."""
-    from p2pmsg.chat.service import _Session
-
     async with open_database(tmp_path / "alice.db") as db:
         chat = ChatService(ALICE, db, config=FAST)
         await chat.add_contact(str(BOB.peer_id), "bob")
-        no_channel: Any = None  # no session task runs here
-
-        def session() -> _Session:
-            return _Session(
-                peer=BOB.peer_id, channel=no_channel, direction="outbound", addr="", since=0, expedited=True
-            )
-
-        old = session()
+        old = _hand_made_session()
         old.in_order = True
         chat._sessions[BOB.peer_id] = [old]
         first = (await chat.send("bob", "first"))["id"]  # the bypass: straight to A, its row due only later
         assert list(old.pending) == [bytes.fromhex(first)]
-        new = session()
+        new = _hand_made_session()
         chat._sessions[BOB.peer_id].append(new)
         now = chat._now()
         await db.write(lambda c: repo.expedite(c, BOB.peer_id.to_bytes(), now=now))  # B's hello
@@ -1148,6 +1130,94 @@ async def test_what_an_ending_session_leaves_behind_goes_out_on_the_other_first(
         await chat._settle_session(old, unsent)
         await chat._outbox_round()
         assert [mid.hex() for mid in new.pending] == [first, second]
+
+
+def _hand_made_session() -> Any:
+    """A session with Bob set up by hand (white-box tests: no session task runs)."""
+    from p2pmsg.chat.service import _Session
+
+    no_channel: Any = None
+    return _Session(peer=BOB.peer_id, channel=no_channel, direction="outbound", addr="", since=0, expedited=True)
+
+
+async def test_a_round_that_read_before_a_session_settled_hands_the_peer_nothing(tmp_path: Path) -> None:
+    """Session A (with "first", sent straight to it) ends while B lives; a round reads ("second" only: "first" is
+    not due yet) while A settles, and handed "second" to B (a third review)."""
+    async with open_database(tmp_path / "alice.db") as db:
+        chat = ChatService(ALICE, db, config=FAST)
+        await chat.add_contact(str(BOB.peer_id), "bob")
+        b, a = _hand_made_session(), _hand_made_session()
+        chat._sessions[BOB.peer_id] = [b, a]
+        a.in_order = True
+        first = (await chat.send("bob", "first"))["id"]  # straight to A, its row due only later
+        a.close_reason = "send timed out"
+        unsent = chat._release_session(a)
+        second = (await chat.send("bob", "second"))["id"]
+        read = db.read
+        settled = False
+
+        async def read_then_settle(fn: Any) -> Any:
+            nonlocal settled
+            result = await read(fn)  # the round's snapshot, from before A settles
+            if not settled:
+                settled = True
+                await chat._settle_session(a, unsent)
+            return result
+
+        db.read = read_then_settle  # type: ignore[method-assign]
+        await chat._outbox_round()
+        db.read = read  # type: ignore[method-assign]
+        await chat._outbox_round()
+        assert [mid.hex() for mid in b.pending] == [first, second]
+
+
+async def test_a_session_ending_makes_only_its_own_leftovers_due(tmp_path: Path) -> None:
+    """What B wrote and waits a receipt for must not be made due (and written again) because A ended (a third
+    review: the whole peer was expedited)."""
+    async with open_database(tmp_path / "alice.db") as db:
+        chat = ChatService(ALICE, db, config=FAST)
+        await chat.add_contact(str(BOB.peer_id), "bob")
+        a, b = _hand_made_session(), _hand_made_session()
+        chat._sessions[BOB.peer_id] = [a, b]
+        b.in_order = True
+        written = bytes.fromhex((await chat.send("bob", "on its way"))["id"])
+        b.pending.clear()  # B's sender wrote it: it waits for its receipt
+        b.held.discard(written)
+        chat._inflight.discard(written)
+        chat._premarked.discard(written)
+        b.written[written] = trio.current_time()
+        unsent = chat._release_session(a)
+        await chat._settle_session(a, unsent)
+        await chat._outbox_round()
+        assert written not in b.pending
+
+
+class _SilentChannel:
+    """A peer that never sends anything (and takes whatever it is sent)."""
+
+    remote_peer = BOB.peer_id
+
+    async def send_all(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_a_cancelled_session_still_lets_go_of_its_peer(tmp_path: Path) -> None:
+    """Cancelled (the node stopping), a session skipped its settling and the outbox left its peer alone for good (a
+    third review)."""
+    async with open_database(tmp_path / "alice.db") as db:
+        chat = ChatService(ALICE, db, config=FAST)
+        await chat.add_contact(str(BOB.peer_id), "bob")
+        channel: Any = _SilentChannel()
+        with trio.move_on_after(0.5):
+            await chat._run_session(channel, "inbound", "", False)
+        assert not chat._settling and not chat._sessions
 
 
 async def test_a_session_that_could_not_store_is_closed_by_the_receiver_itself(
