@@ -475,6 +475,18 @@ def test_due_order_and_flush_for_a_recipient(conn: sqlite3.Connection) -> None:
     assert ([e.message_id for e in round_.entries], round_.cut, round_.more) == ([mid(1)], {CAROL}, True)
 
 
+def test_expedite_ids_makes_only_those_due_and_only_if_later(conn: sqlite3.Connection) -> None:
+    for n in range(3):
+        send(conn, n, sent_at=T0)
+    later = Backoff(jitter=0.0, base_ms=60_000, cap_ms=60_000)
+    for n in range(3):
+        repo.reschedule(conn, mid(n), now=T0, error="offline", backoff=later)
+    assert repo.expedite_ids(conn, [mid(0), mid(2), mid(9)], now=T0 + 5) == 2  # mid(9) is not in the outbox
+    assert [e.message_id for e in repo.due(conn, now=T0 + 5)] == [mid(0), mid(2)]
+    assert repo.expedite_ids(conn, [mid(0)], now=T0 + 9) == 0  # due already: left as it is
+    assert repo.get_outbox_entry(conn, mid(0)).next_attempt_at == T0 + 5  # type: ignore[union-attr]
+
+
 def test_a_round_says_which_recipients_it_cut_and_whether_others_may_wait(conn: sqlite3.Connection) -> None:
     """The outbox worker must not take a recipient whose due entries did not all fit for done (new sends would then
     bypass the rest), nor any other when the round read only the entries due longest (a review found both)."""
