@@ -1111,6 +1111,7 @@ class ChatService:
         session: _Session | None = None
         dial_done = not dialed  # this dial's mark in _dialing is cleared once (a later dial may set it again)
         unsent: list[bytes] = []
+        stopping = False
         try:
             if peer == self.identity.peer_id:
                 self._drop("chat_self_connection", "a channel to ourselves")
@@ -1168,16 +1169,25 @@ class ChatService:
             log.exception("chat: session with %s failed", peer)
             if session is not None:
                 session.close_reason = "internal error"
+        except BaseException as exc:
+            # Cancelled from outside the session (its own closes end inside it): the node, or its listener, stops.
+            stopping = isinstance(exc, trio.Cancelled) or (
+                isinstance(exc, BaseExceptionGroup) and exc.split(trio.Cancelled)[1] is None
+            )
+            raise
         finally:
             if not dial_done:
                 self._dialing.discard(peer)
             if session is not None:
                 unsent = self._release_session(session)
-                # Settled before the channel is closed (a WebSocket close can take seconds, during which the outbox
-                # would leave the peer alone) and shielded: the count in _settling must come down, also when the
-                # node stops; the store's own failures are logged, and the deadline bounds a stuck store.
-                with trio.CancelScope(shield=True, deadline=trio.current_time() + _SETTLE_TIMEOUT):
-                    await self._settle_session(session, unsent)
+                if stopping:  # no attempt is counted: what was unsent is due again at the next start, the rest later
+                    self._settled(peer)
+                else:
+                    # Settled before the channel is closed (a WebSocket close can take seconds, during which the
+                    # outbox would leave the peer alone) and shielded: the count in _settling must come down; the
+                    # store's own failures are logged, and the deadline bounds a stuck store.
+                    with trio.CancelScope(shield=True, deadline=trio.current_time() + _SETTLE_TIMEOUT):
+                        await self._settle_session(session, unsent)
             await close_gracefully(channel)
 
     def _release_session(self, session: _Session) -> list[bytes]:
@@ -1209,17 +1219,20 @@ class ChatService:
     async def _settle_session(self, session: _Session, unsent: list[bytes]) -> None:
         """The last step at the end of a session (after :meth:`_release_session`): put what it did not deliver back
         on the outbox schedule, then let the outbox act on the peer again."""
-        peer = session.peer
         try:
             await self._session_ended(session, unsent)
         finally:
-            self._settling[peer] -= 1
-            if not self._settling[peer]:
-                del self._settling[peer]
-            # A round that read before this point must not hand the peer what it read (its leftovers were not due).
-            self._settles += 1
-            self._settled_at[peer] = self._settles
-            self._poke()
+            self._settled(session.peer)
+
+    def _settled(self, peer: PeerId) -> None:
+        """A session with ``peer`` has settled: the outbox may act on the peer again (after its next read)."""
+        self._settling[peer] -= 1
+        if not self._settling[peer]:
+            del self._settling[peer]
+        # A round that read before this point must not hand the peer what it read (its leftovers were not due).
+        self._settles += 1
+        self._settled_at[peer] = self._settles
+        self._poke()
 
     async def _session_ended(self, session: _Session, unsent: list[bytes]) -> None:
         """Log a closed session and put what it did not deliver back on the outbox schedule."""
@@ -1239,9 +1252,20 @@ class ChatService:
             # once, to go out there ahead of anything newer; in backoff, or waiting for its resend time, newer
             # entries due now would overtake it.  Only those: the other session's own entries are on their way.
             leftovers = [*session.written, *unsent]
+            if not leftovers:
+                return
             now = self._now()
-            with self._store_failure_logged(f"flushing the messages to {peer}"):
-                await self._db.write(lambda c: repo.expedite_ids(c, leftovers, now=now))
+            done = False
+            try:
+                with self._store_failure_logged(f"flushing the messages to {peer}"):
+                    await self._db.write(lambda c: repo.expedite_ids(c, leftovers, now=now))
+                    done = True
+            finally:
+                if not done:  # the store failed, or the deadline passed: they would be overtaken; start over
+                    for other in self._sessions.get(peer, ()):
+                        other.close_reason = "a session that ended could not put its messages back in order"
+                        other.closed = True
+                        other.scope.cancel()
             self._poke()
 
     @contextlib.contextmanager

@@ -930,6 +930,22 @@ async def test_a_store_failure_after_a_session_closed_costs_that_write_not_the_n
         assert (await alice.chat.send("bob", "still running"))["status"] == "queued"
 
 
+async def _unused_address() -> Multiaddr:
+    """A TCP address on 127.0.0.1 that nobody listens on (yet)."""
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        return Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{probe.getsockname()[1]}")
+
+
+async def _far_in_backoff(node: Node, ids: list[str]) -> None:
+    """Put these outbox entries ten minutes into a backoff, as after many failed dials."""
+    long_wait = Backoff(base_ms=600_000, cap_ms=600_000, jitter=0.0)
+    now = int(time.time() * 1000)
+    await node.db.write(
+        lambda c: [repo.reschedule(c, bytes.fromhex(mid), now=now, error="offline", backoff=long_wait) for mid in ids]
+    )
+
+
 async def test_a_new_message_does_not_overtake_the_backlog_while_the_peer_s_hello_is_on_its_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -942,9 +958,7 @@ async def test_a_new_message_does_not_overtake_the_backlog_while_the_peer_s_hell
         await original(self, channel, remote_addr)
 
     monkeypatch.setattr(ChatService, "handle_inbound", late)
-    with trio.socket.socket() as probe:  # a port nobody listens on yet: Bob starts there later
-        await probe.bind(("127.0.0.1", 0))
-        addr = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{probe.getsockname()[1]}")
+    addr = await _unused_address()  # Bob starts there later
     slow = dataclasses.replace(FAST, backoff=Backoff(base_ms=3000, cap_ms=3000, jitter=0.0))
     async with running_node(tmp_path / "alice", ALICE, config=slow) as alice:
         await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
@@ -966,21 +980,13 @@ async def test_a_backlog_longer_than_one_outbox_round_goes_out_in_send_order(tmp
     """Older messages wait out a long backoff while newer ones fall due sooner; when Bob is back, his hello makes all
     of them due.  Read by due time, an outbox round that could not take them all handed the newer ones over first
     (a QA pass saw it with 20,000 lines piped into ``chat`` while Bob restarted)."""
-    with trio.socket.socket() as probe:  # a port nobody listens on yet: Bob starts there later
-        await probe.bind(("127.0.0.1", 0))
-        addr = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{probe.getsockname()[1]}")
+    addr = await _unused_address()  # Bob starts there later
     config = dataclasses.replace(FAST, due_batch=4)
     async with running_node(tmp_path / "alice", ALICE, config=config) as alice:
         await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
         older = (await alice.chat.send_many("bob", [f"older {i}" for i in range(6)]))["ids"]
         await eventually(lambda: _attempts(alice, BOB.peer_id), "the first dial fails")
-        long_wait = Backoff(base_ms=600_000, cap_ms=600_000, jitter=0.0)  # as after many failed dials
-        now = int(time.time() * 1000)
-        await alice.db.write(
-            lambda c: [
-                repo.reschedule(c, bytes.fromhex(mid), now=now, error="offline", backoff=long_wait) for mid in older
-            ]
-        )
+        await _far_in_backoff(alice, older)
         newer = (await alice.chat.send_many("bob", [f"newer {i}" for i in range(6)]))["ids"]
         async with running_node(tmp_path / "bob", BOB, listen=addr) as bob:
             await bob.chat.add_contact(str(ALICE.peer_id), "alice")
@@ -1018,20 +1024,12 @@ async def test_an_outbox_round_that_read_before_the_hello_hands_nothing_over(
         await trio.sleep(0.3)  # Bob's hello comes this much after Alice's session opened: rounds read meanwhile
         await original_inbound(self, channel, remote_addr)
 
-    with trio.socket.socket() as probe:  # a port nobody listens on yet: Bob starts there later
-        await probe.bind(("127.0.0.1", 0))
-        addr = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{probe.getsockname()[1]}")
+    addr = await _unused_address()  # Bob starts there later
     async with running_node(tmp_path / "alice", ALICE) as alice:
         await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
         older = (await alice.chat.send_many("bob", [f"older {i}" for i in range(3)]))["ids"]
         await eventually(lambda: _attempts(alice, BOB.peer_id), "the first dial fails")
-        long_wait = Backoff(base_ms=600_000, cap_ms=600_000, jitter=0.0)  # as after many failed dials
-        now = int(time.time() * 1000)
-        await alice.db.write(
-            lambda c: [
-                repo.reschedule(c, bytes.fromhex(mid), now=now, error="offline", backoff=long_wait) for mid in older
-            ]
-        )
+        await _far_in_backoff(alice, older)
         monkeypatch.setattr(ChatService, "handle_inbound", late)  # before Bob's listener takes the method
         async with running_node(tmp_path / "bob", BOB, listen=addr) as bob:
             await bob.chat.add_contact(str(ALICE.peer_id), "alice")
@@ -1047,9 +1045,7 @@ async def test_a_recipient_cut_at_its_share_of_a_round_gets_no_bypass(tmp_path: 
     """Bob's backlog (15, made due by his hello) is more than his share of a round (20 // 2: Carol's entries are due
     too), yet the round read fewer than its limit.  Counting only the round's total, the worker took Bob's session
     for in order, and a new send bypassed the 5 left behind (found in review)."""
-    with trio.socket.socket() as probe:  # a port nobody listens on yet: Bob starts there later
-        await probe.bind(("127.0.0.1", 0))
-        addr = Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{probe.getsockname()[1]}")
+    addr = await _unused_address()  # Bob starts there later
     config = dataclasses.replace(
         FAST, due_batch=20, min_poll=1.0, backoff=Backoff(base_ms=1, cap_ms=1, jitter=0.0)
     )  # Carol cannot be reached: her two entries are due in every round
@@ -1059,13 +1055,7 @@ async def test_a_recipient_cut_at_its_share_of_a_round_gets_no_bypass(tmp_path: 
         await alice.chat.send_many("carol", ["for carol 1", "for carol 2"])
         older = (await alice.chat.send_many("bob", [f"older {i}" for i in range(15)]))["ids"]
         await eventually(lambda: _attempts(alice, BOB.peer_id), "the dial to bob fails")
-        long_wait = Backoff(base_ms=600_000, cap_ms=600_000, jitter=0.0)
-        now = int(time.time() * 1000)
-        await alice.db.write(
-            lambda c: [
-                repo.reschedule(c, bytes.fromhex(mid), now=now, error="offline", backoff=long_wait) for mid in older
-            ]
-        )
+        await _far_in_backoff(alice, older)
         async with running_node(tmp_path / "bob", BOB, listen=addr) as bob:
             await bob.chat.add_contact(alice.invite, "alice")
             await bob.chat.send("alice", "I am back")  # his session, his hello: Alice's backlog falls due
@@ -1218,6 +1208,49 @@ async def test_a_cancelled_session_still_lets_go_of_its_peer(tmp_path: Path) -> 
         with trio.move_on_after(0.5):
             await chat._run_session(channel, "inbound", "", False)
         assert not chat._settling and not chat._sessions
+
+
+async def test_when_an_ended_session_cannot_put_its_leftovers_back_the_others_start_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's leftovers could not be made due (the store failed): they kept their resend time and the next round gave
+    B the newer entries first (a fourth review).  Now B is closed too, so a new session's hello makes everything
+    due, in order."""
+    async with open_database(tmp_path / "alice.db") as db:
+        chat = ChatService(ALICE, db, config=FAST)
+        await chat.add_contact(str(BOB.peer_id), "bob")
+        b, a = _hand_made_session(), _hand_made_session()
+        chat._sessions[BOB.peer_id] = [b, a]
+        a.in_order = True
+        await chat.send("bob", "first")  # straight to A, its row due only later
+        a.close_reason = "send timed out"
+        unsent = chat._release_session(a)
+        await chat.send("bob", "second")
+
+        def fail(conn: Any, ids: Any, *, now: int) -> int:
+            raise store_errors.StoreWriteError("disk full")
+
+        monkeypatch.setattr(repo, "expedite_ids", fail)
+        await chat._settle_session(a, unsent)
+        assert b.closed and "could not put its messages back in order" in str(b.close_reason)
+        assert not chat._settling
+        await chat._outbox_round()
+        assert list(b.pending) == []
+
+
+async def test_a_node_that_stops_counts_no_attempt_for_what_was_on_its_way(tmp_path: Path) -> None:
+    """Settling at every stop counted a failed attempt and a backoff for each connected peer's entries, growing with
+    each restart (a fourth review)."""
+    async with open_database(tmp_path / "alice.db") as db:
+        chat = ChatService(ALICE, db, config=FAST)
+        await chat.add_contact(str(BOB.peer_id), "bob")
+        await chat.send("bob", "x")
+        channel: Any = _SilentChannel()
+        with trio.move_on_after(0.3):  # the node stopping
+            await chat._run_session(channel, "inbound", "", False)
+        [entry] = await db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
+        assert (entry.attempts, entry.last_error) == (0, None)
+        assert not chat._settling
 
 
 async def test_a_session_that_could_not_store_is_closed_by_the_receiver_itself(
