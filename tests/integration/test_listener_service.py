@@ -364,6 +364,15 @@ async def test_a_frame_flood_after_the_handshake_is_counted_as_rejected_frames(n
     await channel.aclose()
 
 
+async def _three_from_each_of_eight(port: int) -> list[trio.SocketStream]:
+    """Three connections from each of eight addresses of one /24 and /16 (127.0.0.2-9: loopback on Linux)."""
+    return [
+        await trio.open_tcp_stream("127.0.0.1", port, local_address=f"127.0.0.{host}")
+        for host in range(2, 10)
+        for _ in range(3)
+    ]
+
+
 @pytest.mark.parametrize(
     ("config", "admitted"),
     [
@@ -382,11 +391,7 @@ async def test_many_sources_are_held_by_the_wider_buckets(
     listener = Listener(BOB, Recorder().hold, dataclasses.replace(config, handshake_timeout=5))
     [addr] = await nursery.start(listener.run, [LOCAL_TCP])
     port = addr.transport()[2]
-    opened = [
-        await trio.open_tcp_stream("127.0.0.1", port, local_address=f"127.0.0.{host}")
-        for host in range(2, 10)
-        for _ in range(3)
-    ]
+    opened = await _three_from_each_of_eight(port)
     await wait_for(lambda: listener.stats.accepted == 24, "24 accepted")
     assert listener.stats.active == admitted and listener.stats.rejected_rate == 24 - admitted
     # Refused by a wider bucket, a source kept its own tokens (nothing is taken unless every bucket can pay).
@@ -429,11 +434,7 @@ async def test_a_quiet_network_gets_past_a_flood_from_another_through_the_reserv
     listener = Listener(BOB, Recorder().hold, config)
     [addr] = await nursery.start(listener.run, [LOCAL_TCP])
     port = addr.transport()[2]
-    opened = [
-        await trio.open_tcp_stream("127.0.0.1", port, local_address=f"127.0.0.{host}")
-        for host in range(2, 10)
-        for _ in range(3)
-    ]
+    opened = await _three_from_each_of_eight(port)
     await wait_for(lambda: listener.stats.accepted == 24, "the flood accepted")
     assert listener.stats.active == 8 and listener.stats.rejected_rate == 16
     for network in (1, 2, 3):
