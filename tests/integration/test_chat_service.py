@@ -1073,9 +1073,7 @@ async def test_nothing_overtakes_an_entry_still_held_by_another_session(tmp_path
     """Bob reconnected while Alice's old session with him still holds an entry on its way (its write is stuck on a
     connection that died silently).  The new session gets nothing after that entry until the old one lets go of it,
     then everything in send order.  White-box: the two sessions are set up by hand and no session task runs."""
-    async with open_database(tmp_path / "alice.db") as db:
-        chat = ChatService(ALICE, db, config=FAST)
-        await chat.add_contact(str(BOB.peer_id), "bob")
+    async with _alice_alone(tmp_path) as (chat, db):
         ids = (await chat.send_many("bob", ["first", "second", "third"]))["ids"]
         entries = await db.read(lambda c: repo.due(c, now=2**62, limit=10))
         assert [e.message_id.hex() for e in entries] == ids
@@ -1098,9 +1096,7 @@ async def test_what_an_ending_session_leaves_behind_goes_out_on_the_other_first(
     everything due; "second" waits for "first" (held by A).  Then A ends while B lives: A's leftovers were put in
     backoff (or kept waiting for their resend time), and "second" went over B first (a review found it).  Now they
     are due at once, and no round acts on the peer until they are.  White-box: sessions set up by hand."""
-    async with open_database(tmp_path / "alice.db") as db:
-        chat = ChatService(ALICE, db, config=FAST)
-        await chat.add_contact(str(BOB.peer_id), "bob")
+    async with _alice_alone(tmp_path) as (chat, db):
         old = _hand_made_session()
         old.in_order = True
         chat._sessions[BOB.peer_id] = [old]
@@ -1122,6 +1118,16 @@ async def test_what_an_ending_session_leaves_behind_goes_out_on_the_other_first(
         assert [mid.hex() for mid in new.pending] == [first, second]
 
 
+@contextlib.asynccontextmanager
+async def _alice_alone(tmp_path: Path) -> AsyncIterator[tuple[ChatService, Database]]:
+    """Alice's chat service on a real store, not running (no outbox worker, no listener: a white-box test drives
+    it), with Bob as her contact."""
+    async with open_database(tmp_path / "alice.db") as db:
+        chat = ChatService(ALICE, db, config=FAST)
+        await chat.add_contact(str(BOB.peer_id), "bob")
+        yield chat, db
+
+
 def _hand_made_session() -> Any:
     """A session with Bob set up by hand (white-box tests: no session task runs)."""
     from p2pmsg.chat.service import _Session
@@ -1133,9 +1139,7 @@ def _hand_made_session() -> Any:
 async def test_a_round_that_read_before_a_session_settled_hands_the_peer_nothing(tmp_path: Path) -> None:
     """Session A (with "first", sent straight to it) ends while B lives; a round reads ("second" only: "first" is
     not due yet) while A settles, and handed "second" to B (a third review)."""
-    async with open_database(tmp_path / "alice.db") as db:
-        chat = ChatService(ALICE, db, config=FAST)
-        await chat.add_contact(str(BOB.peer_id), "bob")
+    async with _alice_alone(tmp_path) as (chat, db):
         b, a = _hand_made_session(), _hand_made_session()
         chat._sessions[BOB.peer_id] = [b, a]
         a.in_order = True
@@ -1164,9 +1168,7 @@ async def test_a_round_that_read_before_a_session_settled_hands_the_peer_nothing
 async def test_a_session_ending_makes_only_its_own_leftovers_due(tmp_path: Path) -> None:
     """What B wrote and waits a receipt for must not be made due (and written again) because A ended (a third
     review: the whole peer was expedited)."""
-    async with open_database(tmp_path / "alice.db") as db:
-        chat = ChatService(ALICE, db, config=FAST)
-        await chat.add_contact(str(BOB.peer_id), "bob")
+    async with _alice_alone(tmp_path) as (chat, _db):
         a, b = _hand_made_session(), _hand_made_session()
         chat._sessions[BOB.peer_id] = [a, b]
         b.in_order = True
@@ -1201,9 +1203,7 @@ class _SilentChannel:
 async def test_a_cancelled_session_still_lets_go_of_its_peer(tmp_path: Path) -> None:
     """Cancelled (the node stopping), a session skipped its settling and the outbox left its peer alone for good (a
     third review)."""
-    async with open_database(tmp_path / "alice.db") as db:
-        chat = ChatService(ALICE, db, config=FAST)
-        await chat.add_contact(str(BOB.peer_id), "bob")
+    async with _alice_alone(tmp_path) as (chat, _db):
         channel: Any = _SilentChannel()
         with trio.move_on_after(0.5):
             await chat._run_session(channel, "inbound", "", False)
@@ -1216,9 +1216,7 @@ async def test_when_an_ended_session_cannot_put_its_leftovers_back_the_others_st
     """A's leftovers could not be made due (the store failed): they kept their resend time and the next round gave
     B the newer entries first (a fourth review).  Now B is closed too, so a new session's hello makes everything
     due, in order."""
-    async with open_database(tmp_path / "alice.db") as db:
-        chat = ChatService(ALICE, db, config=FAST)
-        await chat.add_contact(str(BOB.peer_id), "bob")
+    async with _alice_alone(tmp_path) as (chat, _db):
         b, a = _hand_made_session(), _hand_made_session()
         chat._sessions[BOB.peer_id] = [b, a]
         a.in_order = True
@@ -1241,9 +1239,7 @@ async def test_when_an_ended_session_cannot_put_its_leftovers_back_the_others_st
 async def test_a_node_that_stops_counts_no_attempt_for_what_was_on_its_way(tmp_path: Path) -> None:
     """Settling at every stop counted a failed attempt and a backoff for each connected peer's entries, growing with
     each restart (a fourth review)."""
-    async with open_database(tmp_path / "alice.db") as db:
-        chat = ChatService(ALICE, db, config=FAST)
-        await chat.add_contact(str(BOB.peer_id), "bob")
+    async with _alice_alone(tmp_path) as (chat, db):
         await chat.send("bob", "x")
         channel: Any = _SilentChannel()
         with trio.move_on_after(0.3):  # the node stopping
