@@ -38,6 +38,9 @@ outbound (our dial), runs one :class:`~p2pmsg.chat.protocol.ChatConnection`: a r
 task.  A blocked peer's channel is closed right after the handshake.  A session that already exists for a peer is
 reused; we only dial when there is none.  If both sides dial at the same moment, both connections stay usable
 (each side sends on its newest one, receives on all); at most :attr:`ChatConfig.max_sessions_per_peer` are kept.
+Order across sessions: the peer's hello on a newer session ends an older one that still holds messages; a session
+that ends (:meth:`ChatService._close_session`) takes the bypass from the peer's others and holds the outbox off the
+peer until what it did not deliver is due again (``_release_session``, ``_settle_session``), so that goes out first.
 A session on which messages stay unacknowledged for :attr:`ChatConfig.resend_after_ms` is presumed dead (a
 connection lost without FIN or RST looks alive until TCP gives up, many minutes later) and is closed; its messages
 go out again over a new session after the backoff.
@@ -329,6 +332,8 @@ class _Session:
     """How fast this stranger's session may make its reader work (created when a stranger's frames first arrive)."""
     stranger_inbox_bytes: int = 0
     """The part of ``inbox_bytes`` also taken from the strangers' share (read while the peer was a stranger)."""
+    settle_counted: bool = False
+    """The peer is counted in ``ChatService._settling`` for this session's end (from the moment it was closed)."""
     redial: bool = False
     """Closed because the peer's newer record no longer lists the address this session was dialled at: what it
     had not delivered is due at once, over a dial to the new addresses (not after the backoff)."""
@@ -694,7 +699,13 @@ class ChatService:
         self._settled_at = {p: n for p, n in self._settled_at.items() if n > settled}  # older ones matter no more
         if not truncated and outboxed == self._outboxed:
             for session in settling:
-                if not session.closed and session.peer.to_bytes() not in left_over:
+                peer = session.peer
+                if (
+                    not session.closed
+                    and peer.to_bytes() not in left_over
+                    and peer not in self._settling  # a session with the peer ended: its leftovers come first
+                    and self._settled_at.get(peer, -1) <= settled
+                ):
                     session.in_order = True
         if busy:
             timeout = cfg.min_poll
@@ -726,9 +737,7 @@ class ChatService:
             # is given up after resend_after_ms.
             patience = self.config.resend_after_ms / 1000
             if trio.current_time() - session.opened_at >= patience:
-                session.close_reason = f"no hello within {patience:g} s"
-                session.closed = True
-                session.scope.cancel()
+                self._close_session(session, f"no hello within {patience:g} s")
             return False
         if session is not None and session not in ready:
             # Its hello came while the round read: the backlog it made due is not in ``items`` (only what was due
@@ -741,9 +750,7 @@ class ChatService:
             patience = self.config.resend_after_ms / 1000
             oldest = min((session.written.get(e.message_id, math.inf) for e in items), default=math.inf)
             if trio.current_time() - oldest >= patience:
-                session.close_reason = f"no receipt within {patience:g} s"
-                session.closed = True
-                session.scope.cancel()
+                self._close_session(session, f"no receipt within {patience:g} s")
                 return False
             room = self.config.max_session_queue - len(session.pending)
             for entry in items:
@@ -978,9 +985,7 @@ class ChatService:
             gone = (kind, host, port) in dropped if session.direction == "outbound" else host in dropped_hosts
             if gone:
                 session.redial = True
-                session.close_reason = f"the peer's newer record no longer lists {session.addr}"
-                session.closed = True
-                session.scope.cancel()
+                self._close_session(session, f"the peer's newer record no longer lists {session.addr}")
 
     async def _record_watcher(self) -> None:
         """Every :attr:`ChatConfig.record_watch` seconds, run one :meth:`_watch_round` (module docstring)."""
@@ -1142,11 +1147,9 @@ class ChatService:
             )
             sessions = self._sessions.setdefault(peer, [])
             sessions.append(session)
-            while len(sessions) > self.config.max_sessions_per_peer:
-                old = sessions.pop(0)
-                old.closed = True
-                old.close_reason = "replaced by a newer session"
-                old.scope.cancel()
+            open_ = [s for s in sessions if not s.closed]  # the closed ones are on their way out
+            for old in open_[: max(0, len(open_) - self.config.max_sessions_per_peer)]:
+                self._close_session(old, "replaced by a newer session")
             if not dial_done:
                 dial_done = True
                 self._dialing.discard(peer)
@@ -1190,6 +1193,21 @@ class ChatService:
                         await self._settle_session(session, unsent)
             await close_gracefully(channel)
 
+    def _close_session(self, session: _Session, reason: str | None = None) -> None:
+        """End ``session`` (its task lets go of it soon): from now on it takes nothing, the peer's other sessions lose
+        their bypass, and the outbox leaves the peer alone until the session has settled (see
+        :meth:`_release_session`): until then what it holds would be overtaken over another session."""
+        if reason is not None and session.close_reason is None:
+            session.close_reason = reason
+        if not session.closed:
+            session.closed = True
+            for other in self._sessions.get(session.peer, ()):
+                other.in_order = False
+        if not session.settle_counted:
+            session.settle_counted = True
+            self._settling[session.peer] += 1
+        session.scope.cancel()
+
     def _release_session(self, session: _Session) -> list[bytes]:
         """The first step at the end of a session, before any await: forget it and what it held; return the entries
         it held that were handed to it before their rows were due (their rows wait for a resend time).  Until
@@ -1197,15 +1215,12 @@ class ChatService:
         with no session left it would dial it (a peer that closes every channel at once was redialled in a loop),
         with another it would hand that one newer entries first."""
         peer = session.peer
-        session.closed = True
+        self._close_session(session)  # if nothing closed it before: no bypass, the outbox holds off the peer
         sessions = self._sessions.get(peer, [])
         if session in sessions:
             sessions.remove(session)
         if not sessions:
             self._sessions.pop(peer, None)
-        for other in sessions:  # what this one leaves behind goes out there first: no bypass until then
-            other.in_order = False
-        self._settling[peer] += 1
         unsent = [mid for mid in session.held if mid in self._premarked]
         self._premarked.difference_update(unsent)
         self._inflight.difference_update(session.held)
@@ -1262,10 +1277,8 @@ class ChatService:
                     done = True
             finally:
                 if not done:  # the store failed, or the deadline passed: they would be overtaken; start over
-                    for other in self._sessions.get(peer, ()):
-                        other.close_reason = "a session that ended could not put its messages back in order"
-                        other.closed = True
-                        other.scope.cancel()
+                    for other in list(self._sessions.get(peer, ())):
+                        self._close_session(other, "a session that ended could not put its messages back in order")
             self._poke()
 
     @contextlib.contextmanager
@@ -1292,9 +1305,7 @@ class ChatService:
             return False
         victim = min(strangers, key=lambda s: s.active_at)
         idle = trio.current_time() - victim.active_at
-        victim.closed = True
-        victim.close_reason = f"evicted for a new stranger after {idle:.1f} s idle"
-        victim.scope.cancel()
+        self._close_session(victim, f"evicted for a new stranger after {idle:.1f} s idle")
         self._drop("chat_stranger_session_evicted", f"{len(strangers)} stranger sessions open", victim.peer)
         return True
 
@@ -1316,9 +1327,7 @@ class ChatService:
         except store_errors.StoreWriteError as exc:  # disk full, I/O error: the session bookkeeping was not saved
             reason = f"the store failed: {exc}"
             self._drop("chat_store_failed", reason, peer)
-        if session.close_reason is None:
-            session.close_reason = reason
-        session.scope.cancel()
+        self._close_session(session, reason)
 
     async def _write(self, session: _Session, data: bytes) -> None:
         if not data:
@@ -1493,6 +1502,12 @@ class ChatService:
         raw = session.peer.to_bytes()
         await self._db.write(lambda c: repo.expedite(c, raw, now=now))
         session.expedited = True
+        # An older session still holding messages (on their way, or written without a receipt) is most likely dead
+        # (the peer restarted, or moved): ended, it hands them to this one, ahead of anything newer.  Kept, it would
+        # resend them only after its own timeout, behind newer messages sent here meanwhile.
+        for other in list(self._sessions.get(session.peer, ())):
+            if other is not session and not other.closed and (other.held or other.written):
+                self._close_session(other, "the peer said hello on a newer session")
         self._poke()
 
     async def _receive_envelopes(self, session: _Session, envelopes: list[SealedEnvelope]) -> None:
@@ -1721,9 +1736,8 @@ class ChatService:
             self._publish_receipt(session.peer, delivered, "delivered")
 
     def _close_sessions(self, peer: PeerId) -> None:
-        for session in self._sessions.get(peer, []):
-            session.closed = True
-            session.scope.cancel()
+        for session in list(self._sessions.get(peer, [])):
+            self._close_session(session)
 
     # ------------------------------------------------------------------------------------------------- contacts
 

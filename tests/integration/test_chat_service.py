@@ -1184,6 +1184,75 @@ async def test_a_session_ending_makes_only_its_own_leftovers_due(tmp_path: Path)
         assert written not in b.pending
 
 
+def _written_without_receipt(chat: ChatService, session: Any, message_id: str) -> None:
+    """As if ``session``'s sender had written this entry (handed straight to it): it waits for its receipt."""
+    mid = bytes.fromhex(message_id)
+    session.pending.pop(mid)
+    session.held.discard(mid)
+    chat._inflight.discard(mid)
+    chat._premarked.discard(mid)
+    session.written[mid] = trio.current_time()
+
+
+async def test_a_round_while_a_session_settles_gives_no_bypass(tmp_path: Path) -> None:
+    """A round that ran while A (which wrote "first", no receipt yet) was settling found nothing due for Bob and
+    gave B the bypass back; "second" then went straight to B, ahead of "first" (a fifth review)."""
+    async with _alice_alone(tmp_path) as (chat, _db):
+        b, a = _hand_made_session(), _hand_made_session()
+        chat._sessions[BOB.peer_id] = [b, a]
+        a.in_order = True
+        first = (await chat.send("bob", "first"))["id"]
+        _written_without_receipt(chat, a, first)
+        unsent = chat._release_session(a)
+        await chat._outbox_round()  # before A's leftovers are due again
+        assert not b.in_order
+        second = (await chat.send("bob", "second"))["id"]
+        await chat._settle_session(a, unsent)
+        await chat._outbox_round()
+        assert [mid.hex() for mid in b.pending] == [first, second]
+
+
+async def test_a_closed_session_holds_off_its_peer_before_its_task_lets_go(tmp_path: Path) -> None:
+    """Closed (no receipt, replaced, moved, evicted...), a session is let go of only when its task next runs; in
+    between, a send went straight to the other session, ahead of what the closed one had written (a fifth review).
+    Closing now takes the bypass away and holds the outbox off the peer at once."""
+    async with _alice_alone(tmp_path) as (chat, _db):
+        b, a = _hand_made_session(), _hand_made_session()
+        chat._sessions[BOB.peer_id] = [b, a]
+        a.in_order = b.in_order = True
+        first = (await chat.send("bob", "first"))["id"]
+        _written_without_receipt(chat, a, first)
+        chat._close_session(a, "no receipt within 30 s")
+        assert not b.in_order and BOB.peer_id in chat._settling
+        second = (await chat.send("bob", "second"))["id"]  # not straight to B
+        assert list(b.pending) == []
+        unsent = chat._release_session(a)  # its task runs
+        await chat._settle_session(a, unsent)
+        await chat._outbox_round()
+        assert [mid.hex() for mid in b.pending] == [first, second]
+        assert not chat._settling
+
+
+async def test_a_hello_on_a_new_session_ends_an_older_one_still_holding_messages(tmp_path: Path) -> None:
+    """The peer restarted or moved: its new session's hello ends the old one that still waits for receipts, whose
+    messages then go out on the new one first (kept, it resent them only after its timeout, behind newer ones)."""
+    async with _alice_alone(tmp_path) as (chat, _db):
+        old = _hand_made_session()
+        old.in_order = True
+        chat._sessions[BOB.peer_id] = [old]
+        first = (await chat.send("bob", "first"))["id"]
+        _written_without_receipt(chat, old, first)
+        new = _hand_made_session()
+        new.expedited = False
+        chat._sessions[BOB.peer_id].append(new)
+        await chat._peer_ready(new)
+        assert old.closed and old.close_reason == "the peer said hello on a newer session"
+        idle = _hand_made_session()  # a session holding nothing is left alone
+        chat._sessions[BOB.peer_id].insert(0, idle)
+        await chat._peer_ready(new)
+        assert not idle.closed
+
+
 class _SilentChannel:
     """A peer that never sends anything (and takes whatever it is sent)."""
 
@@ -1231,7 +1300,7 @@ async def test_when_an_ended_session_cannot_put_its_leftovers_back_the_others_st
         monkeypatch.setattr(repo, "expedite_ids", fail)
         await chat._settle_session(a, unsent)
         assert b.closed and "could not put its messages back in order" in str(b.close_reason)
-        assert not chat._settling
+        assert chat._settling[BOB.peer_id] == 1  # B's own end, which its task (none here) would settle
         await chat._outbox_round()
         assert list(b.pending) == []
 
