@@ -1502,6 +1502,9 @@ class ChatService:
         raw = session.peer.to_bytes()
         await self._db.write(lambda c: repo.expedite(c, raw, now=now))
         session.expedited = True
+        if session.closed:  # it ended during the write: it is not the one to take over
+            self._poke()
+            return
         # An older session still holding messages (on their way, or written without a receipt) is most likely dead
         # (the peer restarted, or moved): ended, it hands them to this one, ahead of anything newer.  Kept, it would
         # resend them only after its own timeout, behind newer messages sent here meanwhile.
@@ -1574,20 +1577,21 @@ class ChatService:
             log.info("chat: %d message request(s) from %s over the limits, not acknowledged", overflow, peer)
         else:
             ack_ids = [m.id for m, _ in zip(opened, outcomes, strict=True)]
+        # The events first, with no await between them and the commit: the ack write can be cut short (the session
+        # closed meanwhile), and the peer's resend of these would be a duplicate, with no event.
+        if self._listened():
+            text = self._text(peer)
+            for message, outcome, sent_at in zip(opened, outcomes, incoming.sent_at, strict=True):
+                if outcome != "stored":
+                    continue
+                if incoming.disposition is Disposition.REQUEST:
+                    self._publish(ev.RequestEvent(id=message.id.hex(), peer_id=text, text=message.text, ts=sent_at))
+                else:
+                    fields = ev.message_fields(
+                        message.id.hex(), text, incoming.contact_name, text, message.text, sent_at, "in"
+                    )
+                    self._publish_fields("message", fields)
         await self._write(session, session.conn.send_ack(ack_ids))
-        if not self._listened():
-            return
-        text = self._text(peer)
-        for message, outcome, sent_at in zip(opened, outcomes, incoming.sent_at, strict=True):
-            if outcome != "stored":
-                continue
-            if incoming.disposition is Disposition.REQUEST:
-                self._publish(ev.RequestEvent(id=message.id.hex(), peer_id=text, text=message.text, ts=sent_at))
-            else:
-                fields = ev.message_fields(
-                    message.id.hex(), text, incoming.contact_name, text, message.text, sent_at, "in"
-                )
-                self._publish_fields("message", fields)
 
     def _store_incoming(
         self, conn: sqlite3.Connection, peer: PeerId, messages: list[OpenedText], now: int
