@@ -25,7 +25,8 @@ the status ``delivered``.  Every latency below ends at that event (never at "sto
   tasks call ``send`` instead.  ``sender_cpu_us`` / ``receiver_cpu_us``: CPU time of each node process (all
   threads, from ``/proc``) per message in those runs, split into the trio thread (``*_main_*``), the SQLite writer
   thread (``*_writer_*``) and the rest; ``cpu_bound_msgs_per_s`` = 10^6 / the larger of the two: what the pair
-  reaches when each node has a core to itself (independent of the machine's load).  ``bulk_mode`` names the mode.
+  reaches when each node has a core to itself (independent of the machine's load); ``null`` when a run was too short
+  for the kernel's CPU accounting (10 ms ticks) to see any CPU at all.  ``bulk_mode`` names the mode.
 * ``msgs_per_s_single_send`` (the *single-send* mode): the same N messages, each by its own ``send`` call, from
   ``--single-concurrency`` tasks (default 64); the median of R runs (``msgs_per_s_single_send_runs``), each run
   right after a batched one so both modes see the same machine load; ``sender_cpu_us_single_send``,
@@ -941,6 +942,17 @@ def bulk_mode(batch: int, concurrency: int) -> str:
     return f"send_many of {batch}, {concurrency} tasks"
 
 
+def _per_core_rate(*cpu_us: float) -> float | None:
+    """Messages a second with a core for each side: 10^6 / the larger CPU time per message (``None`` if neither
+    side's CPU could be measured: a run shorter than the kernel's 10 ms accounting tick)."""
+    slowest = max(cpu_us)
+    return 1e6 / slowest if slowest > 0 else None
+
+
+def _rate_text(rate: float | None) -> str:
+    return f"{rate:,.0f} msg/s" if rate is not None else "(too short to measure)"
+
+
 async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     # The single-send comparison, unless the headline mode is that very mode.
@@ -1008,11 +1020,11 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     results["durable_floor_sender_cpu_us"] = statistics.median(run[1] for run in floor_runs)
     results["durable_floor_receiver_cpu_us"] = statistics.median(run[2] for run in floor_runs)
     # What each side could sustain with a core of its own (its CPU per message): load-independent.
-    results["cpu_bound_msgs_per_s"] = 1e6 / max(results["sender_cpu_us"], results["receiver_cpu_us"])
-    results["ceiling_cpu_bound_msgs_per_s"] = 1e6 / max(
+    results["cpu_bound_msgs_per_s"] = _per_core_rate(results["sender_cpu_us"], results["receiver_cpu_us"])
+    results["ceiling_cpu_bound_msgs_per_s"] = _per_core_rate(
         results["ceiling_sender_cpu_us"], results["ceiling_receiver_cpu_us"]
     )
-    results["durable_floor_cpu_bound_msgs_per_s"] = 1e6 / max(
+    results["durable_floor_cpu_bound_msgs_per_s"] = _per_core_rate(
         results["durable_floor_sender_cpu_us"], results["durable_floor_receiver_cpu_us"]
     )
     with contextlib.suppress(OSError):
@@ -1552,11 +1564,11 @@ def print_table(results: dict[str, Any]) -> None:
         f"SQLite writer {results['receiver_writer_cpu_us']:.0f}, other {results['receiver_other_cpu_us']:.0f})"
     )
     print(
-        f"  -> {results['cpu_bound_msgs_per_s']:,.0f} msg/s if each node had a core to itself; the bare pipe: "
+        f"  -> {_rate_text(results['cpu_bound_msgs_per_s'])} if each node had a core to itself; the bare pipe: "
         f"{results['ceiling_sender_cpu_us']:.1f} / {results['ceiling_receiver_cpu_us']:.1f} us -> "
-        f"{results['ceiling_cpu_bound_msgs_per_s']:,.0f} msg/s; the durable floor: "
+        f"{_rate_text(results['ceiling_cpu_bound_msgs_per_s'])}; the durable floor: "
         f"{results['durable_floor_sender_cpu_us']:.1f} / {results['durable_floor_receiver_cpu_us']:.1f} us -> "
-        f"{results['durable_floor_cpu_bound_msgs_per_s']:,.0f} msg/s"
+        f"{_rate_text(results['durable_floor_cpu_bound_msgs_per_s'])}"
     )
     if "sender_cpu_us_single_send" in results:
         print(

@@ -7,6 +7,7 @@ no longer calls, as ``--breakdown`` once did, is worse than none).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -81,3 +82,15 @@ def test_benchmark_script_runs_and_prints_its_figures(case: str) -> None:
 def test_instruction_benchmark_workloads_run(role: str) -> None:
     """bench_instructions.py runs these under valgrind; here they run bare (the counting itself needs valgrind)."""
     _run(["bench_instructions.py", "--role", role, "--n", "50"])
+
+
+def test_a_run_too_short_to_see_cpu_gives_no_per_core_rate() -> None:
+    """The kernel accounts CPU in 10 ms ticks: a short run (as in the test above) can see none on either side, and
+    the script then divided by zero (a fresh-clone `make test` failed so once)."""
+    spec = importlib.util.spec_from_file_location("bench_messaging_module", SCRIPTS / "bench_messaging.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module._per_core_rate(0.0, 0.0) is None
+    assert module._per_core_rate(40.0, 50.0) == 20_000
+    assert module._rate_text(None) == "(too short to measure)"
