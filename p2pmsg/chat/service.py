@@ -33,17 +33,17 @@ given record, the *record watcher* looks up, every :attr:`ChatConfig.record_watc
 least recently watched first.  A newer record with other addresses that arrives while a dial runs cancels that
 dial (without counting an attempt) and makes the entries due at once, so they go to the new addresses.
 
-**Sessions.**  Each authenticated channel, inbound (from the listener, :meth:`ChatService.handle_inbound`) or
-outbound (our dial), runs one :class:`~p2pmsg.chat.protocol.ChatConnection`: a reader (this task) and a sender
-task.  A blocked peer's channel is closed right after the handshake.  A session that already exists for a peer is
-reused; we only dial when there is none.  If both sides dial at the same moment, both connections stay usable
-(each side sends on its newest one, receives on all); at most :attr:`ChatConfig.max_sessions_per_peer` are kept.
-Order across sessions: the peer's hello on a newer session ends an older one that still holds messages; a session
-that ends (:meth:`ChatService._close_session`) takes the bypass from the peer's others and holds the outbox off the
-peer until what it did not deliver is due again (``_release_session``, ``_settle_session``), so that goes out first.
-A session on which messages stay unacknowledged for :attr:`ChatConfig.resend_after_ms` is presumed dead (a
-connection lost without FIN or RST looks alive until TCP gives up, many minutes later) and is closed; its messages
-go out again over a new session after the backoff.
+**Sessions.**  Each authenticated channel, inbound (from the listener, :meth:`ChatService.handle_inbound`) or outbound
+(our dial), runs one :class:`~p2pmsg.chat.protocol.ChatConnection`: a reader (this task) and a sender task.  A blocked
+peer's channel is closed right after the handshake.  A session that already exists for a peer is reused; we only dial
+when there is none.  If both sides dial at the same moment, both connections stay usable (each side sends on its newest
+one, receives on all); at most :attr:`ChatConfig.max_sessions_per_peer` are kept.  Order across sessions: the peer's
+hello on a newer session ends an older one (not a crossing dial) that still holds messages; a session that ends
+(:meth:`ChatService._close_session`) takes the bypass from the peer's others and holds the outbox off the peer until
+what it did not deliver is due again (``_release_session``, ``_settle_session``), so that goes out first.  A session on
+which messages stay unacknowledged for :attr:`ChatConfig.resend_after_ms` is presumed dead (a connection lost without
+FIN or RST looks alive until TCP gives up, many minutes later) and is closed; its messages go out again over a new
+session after the backoff.
 
 **Receiving.**  Envelopes are opened (the envelope's ``from`` must be the channel's peer: relaying is for a later
 version), then one write transaction per batch applies the policy (:mod:`p2pmsg.chat.policy`) and stores
@@ -169,6 +169,9 @@ contacts however many strangers send at once."""
 _STORE_FAILED_LINGER: Final = 10.0
 """Seconds a session whose received messages could not be stored stays open (storing nothing) before it is closed:
 long enough that the sender is not made to redial in a loop, short enough that it resends soon."""
+_CROSSING_DIAL_WINDOW: Final = 2.0
+"""Seconds within which two sessions with one peer count as a crossing dial (both nodes dialled each other): the
+newer one's hello does not end the older one then (each side might end a different one)."""
 _SETTLE_TIMEOUT: Final = 10.0
 """Seconds the end of a session may spend putting what it did not deliver back on the schedule (a store write),
 shielded from cancellation so that the node's bookkeeping of the peer (``_settling``) always comes down."""
@@ -1507,9 +1510,15 @@ class ChatService:
             return
         # An older session still holding messages (on their way, or written without a receipt) is most likely dead
         # (the peer restarted, or moved): ended, it hands them to this one, ahead of anything newer.  Kept, it would
-        # resend them only after its own timeout, behind newer messages sent here meanwhile.
+        # resend them only after its own timeout, behind newer messages sent here meanwhile.  Not one opened at
+        # about the same time: both nodes dialled each other, and each might end the connection the other keeps.
         for other in list(self._sessions.get(session.peer, ())):
-            if other is not session and not other.closed and (other.held or other.written):
+            if (
+                other is not session
+                and not other.closed
+                and (other.held or other.written)
+                and session.opened_at - other.opened_at > _CROSSING_DIAL_WINDOW
+            ):
                 self._close_session(other, "the peer said hello on a newer session")
         self._poke()
 

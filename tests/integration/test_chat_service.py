@@ -1242,8 +1242,14 @@ async def test_a_hello_on_a_new_session_ends_an_older_one_still_holding_messages
         chat._sessions[BOB.peer_id] = [old]
         first = (await chat.send("bob", "first"))["id"]
         _written_without_receipt(chat, old, first)
+        crossing = _hand_made_session()  # opened about when the old one was: both nodes dialled each other
+        crossing.expedited = False
+        chat._sessions[BOB.peer_id].append(crossing)
+        await chat._peer_ready(crossing)
+        assert not old.closed  # each side might end a different one: both are kept
         new = _hand_made_session()
         new.expedited = False
+        new.opened_at = old.opened_at + 60  # a minute later: the peer restarted, or moved
         chat._sessions[BOB.peer_id].append(new)
         await chat._peer_ready(new)
         assert old.closed and old.close_reason == "the peer said hello on a newer session"
