@@ -6,10 +6,10 @@ Theory of operation
 message and its outbox row in one SQLite transaction; it returns once that transaction is committed and synced, so a
 message reported ``queued`` survives a crash.  Concurrent sends share that transaction: every ``send`` that arrives
 while one enqueue commits joins the next (``repo.enqueue_rows``, one sync per round), which is handed to the sessions
-in send order.  Nothing else is ever needed to deliver it: the
-*outbox worker* repeatedly reads the entries that are due (``repo.due``) and, per recipient, seals each text again
-(the store keeps the text, not the envelope: same message id and timestamp, a fresh nonce) and hands them to a live
-session or starts one dial.  A session writes envelopes in batches (one ``send_all`` per batch) and marks them
+in send order.  Nothing else is ever needed to deliver it: the *outbox worker* repeatedly reads the entries that are
+due (``repo.due_round``: by recipient, in send order) and, per recipient, seals each text again (the store keeps the
+text, not the envelope: same message id and timestamp, a fresh nonce) and hands them to a live session or starts one
+dial.  A session writes envelopes in batches (one ``send_all`` per batch) and marks them
 ``sent`` with a retry time (:attr:`ChatConfig.resend_after_ms`); the recipient's receipt marks them ``delivered``
 and removes them from the outbox.  A failed dial reschedules the recipient's due entries with exponential backoff
 and jitter (``repo.reschedule``, capped).  When a session with a peer opens (either direction), or its peer record
