@@ -718,9 +718,7 @@ class ChatService:
             timeout = min(cfg.max_poll, max(cfg.min_poll, wait_ms / 1000))
         return timeout
 
-    async def _dispatch(
-        self, raw_peer: bytes, items: list[OutboxEntry], ready: set[_Session], settled: int = -1
-    ) -> bool:
+    async def _dispatch(self, raw_peer: bytes, items: list[OutboxEntry], ready: set[_Session], settled: int) -> bool:
         """Hand ``items`` (due, in send order, some maybe in flight already) to a session with their recipient or
         start a dial; False if busy.  ``ready``: the sessions whose peer's backlog was made due before ``items`` were
         read; ``settled``: the settle count then (a session of the peer settled since: ``items`` may miss what it
@@ -731,7 +729,7 @@ class ChatService:
             now = self._now()
             await self._db.write(lambda c: [repo.mark_failed(c, e.message_id, now=now) for e in items])
             return True
-        if peer in self._settling or self._settled_at.get(peer, -1) > settled >= 0:
+        if peer in self._settling or self._settled_at.get(peer, -1) > settled:
             return False  # a session with it ended: what it left behind is not due again yet, or was not read
         session = self._best_session(peer)
         if session is not None and not session.expedited:

@@ -92,7 +92,6 @@ __all__ = [
     "count_requests",
     "delete_peer_record",
     "delete_setting",
-    "due",
     "due_for",
     "due_round",
     "enqueue",
@@ -979,11 +978,6 @@ def due_round(conn: sqlite3.Connection, *, now: int, limit: int = 100) -> DueRou
             cut.add(bytes(recipient))
         entries.extend(_outbox(row) for row in rows[:share])
     return DueRound(entries, frozenset(cut), more)
-
-
-def due(conn: sqlite3.Connection, *, now: int, limit: int = 100) -> list[OutboxEntry]:
-    """The entries of :func:`due_round`: due at *now*, by recipient in send order, at most *limit*."""
-    return due_round(conn, now=now, limit=limit).entries
 
 
 def next_attempt_at(conn: sqlite3.Connection) -> int | None:

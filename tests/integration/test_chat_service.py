@@ -344,7 +344,7 @@ async def test_a_peer_that_refuses_every_channel_gets_redials_only_after_the_bac
         # At least 100 ms between attempts (200 ms, jitter subtracts up to half): at most ~11 in this second.
         refused = bob.chat.dropped.get("chat_blocked_peer", 0)
         assert 1 <= refused <= 12, f"{refused} channels refused in about a second"
-        [entry] = await carol.db.read(lambda c: repo.due(c, now=2**62, limit=10))
+        [entry] = await carol.db.read(lambda c: repo.due_round(c, now=2**62, limit=10).entries)
         assert 1 <= entry.attempts <= 12
         await bob.chat.unblock(str(CAROL.peer_id))
         await eventually(lambda: bob.seen("request"), "carol's message after unblock", timeout=8)
@@ -965,7 +965,7 @@ async def test_a_new_message_does_not_overtake_the_backlog_while_the_peer_s_hell
         await alice.chat.send("bob", "one (older)")
 
         async def attempted() -> bool:
-            rows = await alice.db.read(lambda c: repo.due(c, now=2**62, limit=10))
+            rows = await alice.db.read(lambda c: repo.due_round(c, now=2**62, limit=10).entries)
             return bool(rows) and rows[0].attempts >= 1
 
         await eventually(attempted, "the first dial fails")
@@ -1075,19 +1075,19 @@ async def test_nothing_overtakes_an_entry_still_held_by_another_session(tmp_path
     then everything in send order.  White-box: the two sessions are set up by hand and no session task runs."""
     async with _alice_alone(tmp_path) as (chat, db):
         ids = (await chat.send_many("bob", ["first", "second", "third"]))["ids"]
-        entries = await db.read(lambda c: repo.due(c, now=2**62, limit=10))
+        entries = await db.read(lambda c: repo.due_round(c, now=2**62, limit=10).entries)
         assert [e.message_id.hex() for e in entries] == ids
 
         old, new = _hand_made_session(), _hand_made_session()
         chat._sessions[BOB.peer_id] = [old, new]
         chat._hand_over(old, entries[0].message_id, b"sealed")  # "first" is stuck in the old session
         raw = BOB.peer_id.to_bytes()
-        assert await chat._dispatch(raw, entries, {old, new}) is False
+        assert await chat._dispatch(raw, entries, {old, new}, chat._settles) is False
         assert list(new.pending) == []  # "second" and "third" wait for "first"
         chat._inflight.difference_update(old.held)  # the old session ends: it lets go of "first"
         old.held.clear()
         old.closed = True
-        assert await chat._dispatch(raw, entries, {old, new}) is True
+        assert await chat._dispatch(raw, entries, {old, new}, chat._settles) is True
         assert [mid.hex() for mid in new.pending] == ids
 
 
@@ -1112,7 +1112,8 @@ async def test_what_an_ending_session_leaves_behind_goes_out_on_the_other_first(
         old.close_reason = "send timed out"
         unsent = chat._release_session(old)  # A's write timed out
         assert not new.in_order
-        assert await chat._dispatch(BOB.peer_id.to_bytes(), [], {new}) is False  # hands off until A is settled
+        # Hands off until A is settled.
+        assert await chat._dispatch(BOB.peer_id.to_bytes(), [], {new}, chat._settles) is False
         await chat._settle_session(old, unsent)
         await chat._outbox_round()
         assert [mid.hex() for mid in new.pending] == [first, second]

@@ -94,7 +94,7 @@ def test_delivery_deletes_the_outbox_row_and_leaves_the_message_row_alone(conn: 
     assert [(m.message_id, m.status) for m in repo.inbox(conn)] == [(mid(4), MessageStatus.RECEIVED)]
     assert repo.get_message(conn, mid(3)).status is MessageStatus.SENT  # type: ignore[union-attr]
     # Nothing that works on pending messages sees a delivered one.
-    assert [e.message_id for e in repo.due(conn, now=T0 + 10**9)] == [mid(3)]
+    assert [e.message_id for e in repo.due_round(conn, now=T0 + 10**9).entries] == [mid(3)]
     assert [e.message_id for e in repo.due_for(conn, BOB)] == [mid(3)]
     assert repo.get_outbox_entry(conn, mid(1)) is None
     assert repo.outbox_depth(conn) == 1

@@ -262,7 +262,7 @@ async def test_v1_to_v2_keeps_pending_messages_and_drops_the_envelope_copies(tmp
     _v1_database(path)
     async with open_database(path, migrations=MIGRATIONS[:2]) as db:
         assert db.schema_version == 2
-        due = await db.read(lambda c: repo.due(c, now=T0 + 1000))
+        due = await db.read(lambda c: repo.due_round(c, now=T0 + 1000).entries)
         columns = await db.read(lambda c: [r[1] for r in c.execute("PRAGMA table_info(outbox)")])
         delivered = await db.read(lambda c: repo.get_message(c, b"\x03" * 16))
     assert columns == ["seq", "recipient", "attempts", "next_attempt_at", "last_error", "enqueued_at"]
@@ -321,7 +321,7 @@ async def test_v2_to_v3_keeps_every_row_status_and_page_size(tmp_path: Path) -> 
         assert db.schema_version == 3
         messages = await db.read(lambda c: [repo.get_message(c, bytes([n]) * 16) for n in range(1, 8)])
         history = await db.read(lambda c: repo.history(c, b"\x02" * 38))
-        due = await db.read(lambda c: repo.due(c, now=T0 + 1000))
+        due = await db.read(lambda c: repo.due_round(c, now=T0 + 1000).entries)
         page_size = await db.read(lambda c: c.execute("PRAGMA page_size").fetchone()[0])
     assert page_size == 4096  # a WAL file keeps its page size
     statuses = ["sent", "queued", "delivered", "failed", "received", "received", "failed"]

@@ -69,6 +69,11 @@ def send(conn: sqlite3.Connection, n: int, *, to: bytes = BOB, sent_at: int = T0
     repo.enqueue(conn, message_id=mid(n), recipient=to, sender=ME, text=text, sent_at=sent_at, now=sent_at)
 
 
+def due_ids(conn: sqlite3.Connection, now: int, limit: int = 100) -> list[bytes]:
+    """The ids of the entries one outbox round would read (``repo.due_round``), in its order."""
+    return [e.message_id for e in repo.due_round(conn, now=now, limit=limit).entries]
+
+
 # --------------------------------------------------------------------------------------------------- settings
 
 
@@ -365,8 +370,8 @@ def test_enqueue_creates_message_and_due_outbox_row(conn: sqlite3.Connection) ->
         ME,
     )
     assert repo.get_message(conn, mid(1)) == stored
-    assert repo.due(conn, now=T0) == []
-    (entry,) = repo.due(conn, now=T0 + 1)
+    assert repo.due_round(conn, now=T0).entries == []
+    (entry,) = repo.due_round(conn, now=T0 + 1).entries
     assert (entry.message_id, entry.recipient, entry.text, entry.sent_at, entry.attempts, entry.seq) == (
         mid(1),
         BOB,
@@ -384,8 +389,8 @@ def test_outbox_lifecycle_sent_then_delivered(conn: sqlite3.Connection) -> None:
     message = repo.get_message(conn, mid(1))
     assert message is not None
     assert (message.status, message.status_at) == (MessageStatus.SENT, T0 + 10)
-    assert repo.due(conn, now=T0 + 29_999) == []
-    (entry,) = repo.due(conn, now=T0 + 30_000)  # no receipt yet: due again for a resend
+    assert repo.due_round(conn, now=T0 + 29_999).entries == []
+    (entry,) = repo.due_round(conn, now=T0 + 30_000).entries  # no receipt yet: due again for a resend
     assert entry.attempts == 1
     # A receipt from someone else is ignored.
     assert repo.mark_delivered(conn, mid(1), recipient=CAROL, now=T0 + 20) is False
@@ -465,12 +470,12 @@ def test_due_order_and_flush_for_a_recipient(conn: sqlite3.Connection) -> None:
         send(conn, n, to=BOB if n % 2 == 0 else CAROL, sent_at=T0)
     repo.reschedule(conn, mid(0), now=T0, error="offline", backoff=Backoff(jitter=0.0, base_ms=60_000, cap_ms=60_000))
     assert repo.next_attempt_at(conn) == T0
-    assert [e.message_id for e in repo.due(conn, now=T0)] == [mid(1), mid(3), mid(2)]  # by recipient, in send order
-    assert [e.message_id for e in repo.due(conn, now=T0, limit=2)] == [mid(1), mid(2)]  # a share of the limit each
+    assert due_ids(conn, now=T0) == [mid(1), mid(3), mid(2)]  # by recipient, in send order
+    assert due_ids(conn, now=T0, limit=2) == [mid(1), mid(2)]  # a share of the limit each
     assert [e.message_id for e in repo.due_for(conn, BOB)] == [mid(0), mid(2)]  # whatever the schedule
     assert repo.expedite(conn, BOB, now=T0 + 1) == 1  # only mid(0) was scheduled later
     # Bob's older message first, though it became due after his newer one (by due time it was overtaken).
-    assert [e.message_id for e in repo.due(conn, now=T0 + 1)] == [mid(0), mid(2), mid(1), mid(3)]
+    assert due_ids(conn, now=T0 + 1) == [mid(0), mid(2), mid(1), mid(3)]
     round_ = repo.due_round(conn, now=T0 + 1, limit=1)  # the entry due longest is Carol's: her round, cut
     assert ([e.message_id for e in round_.entries], round_.cut, round_.more) == ([mid(1)], {CAROL}, True)
 
@@ -482,7 +487,7 @@ def test_expedite_ids_makes_only_those_due_and_only_if_later(conn: sqlite3.Conne
     for n in range(3):
         repo.reschedule(conn, mid(n), now=T0, error="offline", backoff=later)
     assert repo.expedite_ids(conn, [mid(0), mid(2), mid(9)], now=T0 + 5) == 2  # mid(9) is not in the outbox
-    assert [e.message_id for e in repo.due(conn, now=T0 + 5)] == [mid(0), mid(2)]
+    assert due_ids(conn, now=T0 + 5) == [mid(0), mid(2)]
     assert repo.expedite_ids(conn, [mid(0)], now=T0 + 9) == 0  # due already: left as it is
     assert repo.get_outbox_entry(conn, mid(0)).next_attempt_at == T0 + 5  # type: ignore[union-attr]
 
@@ -500,10 +505,10 @@ def test_a_round_says_which_recipients_it_cut_and_whether_others_may_wait(conn: 
     assert (len(whole.entries), whole.cut, whole.more) == (11, set(), False)
     exact = repo.due_round(conn, now=T0, limit=11)  # as many as are due: it cannot tell there are no more
     assert (len(exact.entries), exact.cut, exact.more) == (1 + 5, {BOB}, True)
-    assert repo.due(conn, now=T0 - 2) == [] and repo.next_attempt_at(conn) == T0 - 1
+    assert repo.due_round(conn, now=T0 - 2).entries == [] and repo.next_attempt_at(conn) == T0 - 1
     for n in range(11):
         repo.mark_failed(conn, mid(n), now=T0 + 6)
-    assert repo.due(conn, now=T0 + 6) == [] and repo.next_attempt_at(conn) is None
+    assert repo.due_round(conn, now=T0 + 6).entries == [] and repo.next_attempt_at(conn) is None
 
 
 def test_deleting_a_message_cascades_to_its_outbox_row(conn: sqlite3.Connection) -> None:
@@ -622,7 +627,7 @@ def test_enqueue_many_stores_messages_and_outbox_rows_in_order(conn: sqlite3.Con
     assert [(m.seq, m.text, m.status) for m in repo.history(conn, BOB)] == [
         (s, f"t{n}", MessageStatus.QUEUED) for n, s in enumerate(seqs)
     ]
-    assert [e.seq for e in repo.due(conn, now=T0)] == seqs
+    assert [e.seq for e in repo.due_round(conn, now=T0).entries] == seqs
     send(conn, 200)
     assert repo.get_message(conn, mid(200)).seq == 7  # type: ignore[union-attr]
 
@@ -707,12 +712,12 @@ def test_batch_status_updates_match_the_single_ones(ops: list[tuple[str, list[in
 def test_enqueue_many_with_a_resend_time_and_expedite_unattempted(conn: sqlite3.Connection) -> None:
     ahead = dataclasses.replace(outgoing(1), next_attempt_at=T0 + 30_000)
     repo.enqueue_many(conn, [outgoing(0), ahead], now=T0)
-    assert [e.message_id for e in repo.due(conn, now=T0)] == [mid(0)]  # the other one waits for its resend time
+    assert due_ids(conn, now=T0) == [mid(0)]  # the other one waits for its resend time
     assert repo.get_outbox_entry(conn, mid(1)).next_attempt_at == T0 + 30_000  # type: ignore[union-attr]
     send(conn, 2)
     repo.reschedule(conn, mid(2), now=T0, error="dial failed")  # attempted: keeps its backoff
     assert repo.expedite_unattempted(conn, now=T0 + 5) == 1
-    assert [e.message_id for e in repo.due(conn, now=T0 + 5)] == [mid(0), mid(1)]
+    assert due_ids(conn, now=T0 + 5) == [mid(0), mid(1)]
     with pytest.raises(StoreArgumentError):
         repo.enqueue_many(conn, [dataclasses.replace(outgoing(3), next_attempt_at=-1)], now=T0)
 
