@@ -12,11 +12,13 @@ text, not the envelope: same message id and timestamp, a fresh nonce) and hands 
 dial.  A session writes envelopes in batches (one ``send_all`` per batch) and marks them
 ``sent`` with a retry time (:attr:`ChatConfig.resend_after_ms`); the recipient's receipt marks them ``delivered``
 and removes them from the outbox.  A failed dial reschedules the recipient's due entries with exponential backoff
-and jitter (``repo.reschedule``, capped).  When a session with a peer opens (either direction), or its peer record
-changes, all of that peer's entries are made due at once (``repo.expedite``) and the worker is woken: the backlog is
-flushed in send order.  Once a round has handed a session's whole backlog over, new messages to that peer go straight
-to the session (no worker round, no overtaking), and they go *while* their enqueue transaction commits: the network
-and the recipient's commit overlap ours.  That is safe because the store's writer is FIFO (every write the wire
+and jitter (``repo.reschedule``, capped); entries of that recipient that fall due soon after (new sends) are
+postponed to its next retry (at most :attr:`ChatConfig.redial_hold` later) instead of each starting a dial.
+When a session with a peer opens (either direction), or its peer record changes, all of that peer's entries are made
+due at once (``repo.expedite``) and the worker is woken: the backlog is flushed in send order.  Once a round has
+handed a session's whole backlog over, new messages to that peer go straight to the session (no worker round, no
+overtaking), and they go *while* their enqueue transaction commits: the network and the recipient's commit overlap
+ours.  That is safe because the store's writer is FIFO (every write the wire
 causes, such as the ``delivered`` mark, commits after the enqueue), receipts for such messages are held back until
 the commit has been published, and ``send`` still returns only after the sync.  Delivery is at-least-once on the
 wire and exactly once in the store.
@@ -218,6 +220,10 @@ class ChatConfig:
     resend_after_ms: int = 30_000
     """A message written to a session but not acknowledged within this time is sent again."""
     dial_timeout: float = 10.0
+    redial_hold: float = 10.0
+    """After a failed dial, messages to that peer that fall due (new ones, typically) wait for its next retry, or at
+    most this many seconds after the failure, instead of starting a dial each: a node writing to a contact that is
+    offline dialled it once per message.  The peer's hello, or a newer record of it, ends the wait."""
     resolve_timeout: float = 15.0
     send_timeout: float = 30.0
     """A session whose ``send_all`` takes longer than this is closed (its messages stay queued)."""
@@ -245,6 +251,7 @@ class ChatConfig:
     def __post_init__(self) -> None:
         positive = (
             "dial_timeout",
+            "redial_hold",
             "resolve_timeout",
             "send_timeout",
             "min_poll",
@@ -565,6 +572,9 @@ class ChatService:
         """Handed to a session while their enqueue transaction commits: their receipts wait for that commit."""
         self._deferred_receipts: list[tuple[PeerId, bytes, str]] = []
         """``(peer, id, status)`` of receipts that arrived for uncommitted ids, in arrival order."""
+        self._redial_at: dict[PeerId, int] = {}
+        """Peers whose last dial failed -> when (wall ms) the next may start: until then, entries of theirs that fall
+        due are postponed to that time (:meth:`_hold_dial`)."""
         self._dial_scopes: dict[PeerId, trio.CancelScope] = {}
         """The running dial of each peer being dialled: a newer record with other addresses cancels it (it may wait
         on an address the peer left) and the entries are due at once, for a dial to the new addresses."""
@@ -700,6 +710,8 @@ class ChatService:
                 busy = True
                 left_over.add(raw_peer)
         self._settled_at = {p: n for p, n in self._settled_at.items() if n > settled}  # older ones matter no more
+        if self._redial_at:
+            self._redial_at = {p: t for p, t in self._redial_at.items() if t > now}  # the rest may dial again
         if not truncated and outboxed == self._outboxed:
             for session in settling:
                 peer = session.peer
@@ -772,11 +784,33 @@ class ChatService:
             return False  # all on their way over a session that is ending: its end reschedules them
         if peer in self._dialing:
             return False
+        hold = self._redial_at.get(peer)
+        if hold is not None:
+            if self._now() < hold:
+                await self._hold_dial(peer, items, hold)
+                return True
+            del self._redial_at[peer]
         if self._nursery is None:
             return True
         self._dialing.add(peer)
         self._nursery.start_soon(self._dial_task, peer)
         return True
+
+    def _hold_redials(self, peer: PeerId, retry_at: int | None) -> None:
+        """A dial to ``peer`` failed (its next retry is at ``retry_at``, wall ms, if any): no new dial to it before
+        that retry, or :attr:`ChatConfig.redial_hold` from now if that comes first (see :meth:`_hold_dial`)."""
+        hold = self._now() + round(self.config.redial_hold * 1000)
+        self._redial_at[peer] = hold if retry_at is None else min(hold, retry_at)
+
+    async def _hold_dial(self, peer: PeerId, items: list[OutboxEntry], until: int) -> None:
+        """The last dial to ``peer`` failed moments ago: postpone these due ``items`` to ``until`` (its next retry, or
+        :attr:`ChatConfig.redial_hold` after the failure) instead of dialling again; no attempt is counted."""
+        ids = [entry.message_id for entry in items if entry.message_id not in self._inflight]
+        await self._db.write(lambda c: repo.postpone_ids(c, ids, until=until))
+        if self._redial_at.get(peer) != until:
+            # Its hello or a newer record came during the write (and may have made them due before it): due again.
+            now = self._now()
+            await self._db.write(lambda c: repo.expedite_ids(c, ids, now=now))
 
     def _hand_over(self, session: _Session, message_id: bytes, envelope: bytes) -> None:
         """Queue an outbox entry on a session's sender (it is "in flight" until marked sent or the session ends)."""
@@ -787,28 +821,34 @@ class ChatService:
         self._inflight.add(message_id)
         session.work.set()
 
-    async def _reschedule_peer(self, peer: PeerId, error: str, written: Iterable[bytes] = ()) -> None:
+    async def _reschedule_peer(self, peer: PeerId, error: str, written: Iterable[bytes] = ()) -> int | None:
         """Count a failed attempt for ``peer``'s due entries and those in ``written`` (sent on a session that was
-        lost before their receipts came): each gets its next try after the backoff."""
+        lost before their receipts came): each gets its next try after the backoff.  Return the earliest of those
+        (wall ms), or None if none was rescheduled."""
         now = self._now()
         lost = set(written)
         jitter = _FixedRandom(self._rng.random())
         backoff = self.config.backoff
         raw = peer.to_bytes()
 
-        def txn(conn: sqlite3.Connection) -> int:
+        def txn(conn: sqlite3.Connection) -> tuple[int, int | None]:
             count = 0
+            earliest: int | None = None
             for entry in repo.due_for(conn, raw, limit=MAX_QUERY_LIMIT):
                 if entry.next_attempt_at <= now or entry.message_id in lost:
-                    repo.reschedule(conn, entry.message_id, now=now, error=error, backoff=backoff, rng=jitter)
+                    at = repo.reschedule(conn, entry.message_id, now=now, error=error, backoff=backoff, rng=jitter)
                     count += 1
-            return count
+                    if at is not None and (earliest is None or at < earliest):
+                        earliest = at
+            return count, earliest
 
-        count = await self._db.write(txn)
+        count, earliest = await self._db.write(txn)
         if count:
             log.info("chat: %d message(s) to %s rescheduled: %s", count, peer, error)
+        return earliest
 
     async def _expedite(self, peer: PeerId) -> None:
+        self._redial_at.pop(peer, None)  # before the write: a _hold_dial that overlaps it then undoes itself
         now = self._now()
         raw = peer.to_bytes()
         await self._db.write(lambda c: repo.expedite(c, raw, now=now))
@@ -840,9 +880,10 @@ class ChatService:
                 if scope.cancel_called:  # a record with other addresses arrived: dial those now, no attempt counted
                     await self._expedite(peer)
                 else:
-                    await self._reschedule_peer(peer, failure)
+                    self._hold_redials(peer, await self._reschedule_peer(peer, failure))
                 return
             channel, addr = connected
+            self._redial_at.pop(peer, None)
             if self._nursery is None:
                 await trio.aclose_forcefully(channel)
                 return
@@ -1260,7 +1301,9 @@ class ChatService:
             # What was written but not acknowledged, and what is due, waits for the backoff: a peer that closes
             # every session at once (it blocked us, it is overloaded) is not hammered with redials.
             with self._store_failure_logged(f"rescheduling the messages to {peer}"):
-                await self._reschedule_peer(peer, f"session closed: {reason}", [*session.written, *unsent])
+                retry_at = await self._reschedule_peer(peer, f"session closed: {reason}", [*session.written, *unsent])
+                if session.direction == "outbound" and not session.expedited:
+                    self._hold_redials(peer, retry_at)  # our dial got no hello (the peer refused it): a failed dial
                 if session.redial:
                     await self._expedite(peer)
         else:
@@ -1499,6 +1542,7 @@ class ChatService:
         Not when the channel merely opened: a node that refuses us (it blocked us, or has no session slot) completes
         the handshake and then closes without a hello.  Expediting then would reset the backoff on every redial, and
         the outbox would redial such a peer in a tight loop, each time counting an attempt."""
+        self._redial_at.pop(session.peer, None)  # before the write (see _expedite)
         now = self._now()
         raw = session.peer.to_bytes()
         await self._db.write(lambda c: repo.expedite(c, raw, now=now))

@@ -124,6 +124,7 @@ __all__ = [
     "mark_sent_many",
     "next_attempt_at",
     "outbox_depth",
+    "postpone_ids",
     "prune_peer_records",
     "put_peer_record",
     "reject_request",
@@ -1012,6 +1013,18 @@ def expedite_ids(conn: sqlite3.Connection, message_ids: Iterable[bytes], *, now:
         "UPDATE outbox SET next_attempt_at = ?1 WHERE seq = (SELECT seq FROM messages WHERE message_id = ?2)"
         " AND next_attempt_at > ?1",
         [(now, _message_id(mid)) for mid in message_ids],
+    )
+    return int(cursor.rowcount)
+
+
+def postpone_ids(conn: sqlite3.Connection, message_ids: Iterable[bytes], *, until: int) -> int:
+    """Make these outbox entries due no earlier than *until* (no attempt counted, nothing else changed); return how
+    many changed.  The reverse of :func:`expedite_ids`."""
+    until = _timestamp("until", until)
+    cursor = conn.executemany(
+        "UPDATE outbox SET next_attempt_at = ?1 WHERE seq = (SELECT seq FROM messages WHERE message_id = ?2)"
+        " AND next_attempt_at < ?1",
+        [(until, _message_id(mid)) for mid in message_ids],
     )
     return int(cursor.rowcount)
 

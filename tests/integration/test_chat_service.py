@@ -80,6 +80,7 @@ async def running_node(
     listen: Multiaddr = LOCAL_TCP,
     resolver: Any = None,
     clock_ms: Callable[[], int] | None = None,
+    dial_function: Any = None,
 ) -> AsyncIterator[Node]:
     home.mkdir(exist_ok=True)
     events: list[tuple[str, dict[str, Any]]] = []
@@ -88,8 +89,10 @@ async def running_node(
         events.append((event, fields))
 
     async with open_database(home / "p2pmsg.db") as db, trio.open_nursery() as nursery:
-        clock = {} if clock_ms is None else {"clock_ms": clock_ms}
-        chat = ChatService(identity, db, config=config, events=sink, resolver=resolver, **clock)
+        extra: dict[str, Any] = {} if clock_ms is None else {"clock_ms": clock_ms}
+        if dial_function is not None:
+            extra["dial"] = dial_function
+        chat = ChatService(identity, db, config=config, events=sink, resolver=resolver, **extra)
         listener = Listener(identity, chat.handle_inbound)
         addrs = await nursery.start(listener.run, [listen])
         await nursery.start(chat.run)
@@ -974,6 +977,103 @@ async def test_a_new_message_does_not_overtake_the_backlog_while_the_peer_s_hell
             await alice.chat.send("bob", "two (newer)")
             await eventually(lambda: len(bob.seen("message")) == 2, "both arrive", timeout=10)
             assert [m["text"] for m in bob.seen("message")] == ["one (older)", "two (newer)"]
+
+
+class _CountingDial:
+    """The real dialer, counting its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> SecureChannel:
+        self.calls += 1
+        return await dial(*args, **kwargs)
+
+
+async def test_messages_to_a_contact_that_is_offline_do_not_dial_it_once_each(tmp_path: Path) -> None:
+    """After a failed dial, a new message waits for the peer's next retry (or ``redial_hold``) instead of dialling
+    again: a QA pass saw up to 47 dials a second while lines were piped to a contact that was down.  The contact's
+    hello ends the wait: everything goes, in send order."""
+    addr = await _unused_address()  # Bob starts there later
+    patient = dataclasses.replace(FAST, backoff=Backoff(base_ms=60_000, cap_ms=60_000, jitter=0.0), redial_hold=60.0)
+    dials = _CountingDial()
+    async with running_node(tmp_path / "alice", ALICE, config=patient, dial_function=dials) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+        ids = [(await alice.chat.send("bob", "0"))["id"]]
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "the first dial fails")
+        for i in range(1, 10):
+            ids.append((await alice.chat.send("bob", str(i)))["id"])
+            await trio.sleep(patient.min_poll * 2)  # a round or two between sends: each found a new message due
+
+        async def all_postponed() -> bool:
+            entries = await alice.db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
+            return len(entries) == 10 and len({e.next_attempt_at for e in entries}) == 1
+
+        await eventually(all_postponed, "the new messages wait for the first one's retry")
+        entries = await alice.db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
+        assert [e.attempts for e in entries] == [1] + [0] * 9  # postponed, not attempted
+        assert dials.calls == 1
+        async with running_node(tmp_path / "bob", BOB, listen=addr) as bob:
+            await bob.chat.add_contact(alice.invite, "alice")
+            await bob.chat.send("alice", "back")  # his session with her: his hello ends her wait
+
+            def received() -> list[str]:
+                return [m["id"] for m in bob.seen("message") if m["direction"] == "in"]
+
+            await eventually(lambda: len(received()) == 10, "all ten arrive", timeout=10)
+            assert received() == ids
+        assert dials.calls == 1  # Bob dialled her
+
+
+async def test_a_contact_that_refuses_our_sessions_is_not_redialled_once_per_message(tmp_path: Path) -> None:
+    """A peer that blocked us completes the handshake and closes without a hello: a failed dial like any other, so
+    new messages wait for the retry too (each would otherwise cost both nodes a handshake)."""
+    patient = dataclasses.replace(FAST, backoff=Backoff(base_ms=60_000, cap_ms=60_000, jitter=0.0), redial_hold=60.0)
+    dials = _CountingDial()
+    async with (
+        running_node(tmp_path / "bob", BOB) as bob,
+        running_node(tmp_path / "alice", ALICE, config=patient, dial_function=dials) as alice,
+    ):
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        await bob.chat.block("alice")
+        await alice.chat.add_contact(bob.invite, "bob")
+        await alice.chat.send("bob", "0")
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "the first session is refused")
+        for i in range(1, 5):
+            await alice.chat.send("bob", str(i))
+            await trio.sleep(patient.min_poll * 2)
+
+        async def all_postponed() -> bool:
+            entries = await alice.db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
+            return len(entries) == 5 and len({e.next_attempt_at for e in entries}) == 1
+
+        await eventually(all_postponed, "the new messages wait for the first one's retry")
+        assert dials.calls == 1
+        assert bob.chat.dropped.get("chat_blocked_peer") == 1
+
+
+async def test_a_newer_record_of_an_offline_contact_ends_the_wait_for_a_redial(tmp_path: Path) -> None:
+    """A newer peer record says the contact may be reachable again: its messages are due and dialled at once, even
+    while a failed dial's hold would have postponed them."""
+    addr = await _unused_address()
+    patient = dataclasses.replace(FAST, backoff=Backoff(base_ms=60_000, cap_ms=60_000, jitter=0.0), redial_hold=60.0)
+    dials = _CountingDial()
+    async with running_node(tmp_path / "alice", ALICE, config=patient, dial_function=dials) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+        await alice.chat.send("bob", "before")
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "the first dial fails")
+        await alice.chat.send("bob", "held")
+        await trio.sleep(patient.min_poll * 3)
+        assert dials.calls == 1
+        async with running_node(tmp_path / "bob", BOB) as bob:
+            await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+            record = PeerRecord(
+                peer_id=BOB.peer_id, addrs=tuple(str(a) for a in bob.addrs), seq=1, expires_at=int(time.time()) + 3600
+            )
+            assert await alice.chat.peer_record_seen(BOB.peer_id, seal_peer_record(BOB, record))
+            await eventually(lambda: len(bob.seen("message")) == 2, "both arrive", timeout=10)
+            assert [m["text"] for m in bob.seen("message")] == ["before", "held"]
+            assert dials.calls == 2
 
 
 async def test_a_backlog_longer_than_one_outbox_round_goes_out_in_send_order(tmp_path: Path) -> None:

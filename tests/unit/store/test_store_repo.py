@@ -492,6 +492,17 @@ def test_expedite_ids_makes_only_those_due_and_only_if_later(conn: sqlite3.Conne
     assert repo.get_outbox_entry(conn, mid(0)).next_attempt_at == T0 + 5  # type: ignore[union-attr]
 
 
+def test_postpone_ids_delays_only_those_only_if_earlier_and_counts_no_attempt(conn: sqlite3.Connection) -> None:
+    for n in range(3):
+        send(conn, n, sent_at=T0)
+    repo.reschedule(conn, mid(2), now=T0, error="offline", backoff=Backoff(jitter=0.0, base_ms=9000, cap_ms=9000))
+    assert repo.postpone_ids(conn, [mid(0), mid(2), mid(9)], until=T0 + 5000) == 1  # mid(2) waits longer already
+    assert due_ids(conn, now=T0 + 4999) == [mid(1)]
+    postponed = repo.get_outbox_entry(conn, mid(0))
+    assert postponed is not None and (postponed.attempts, postponed.next_attempt_at) == (0, T0 + 5000)
+    assert repo.get_outbox_entry(conn, mid(2)).next_attempt_at == T0 + 9000  # type: ignore[union-attr]
+
+
 def test_a_round_says_which_recipients_it_cut_and_whether_others_may_wait(conn: sqlite3.Connection) -> None:
     """The outbox worker must not take a recipient whose due entries did not all fit for done (new sends would then
     bypass the rest), nor any other when the round read only the entries due longest (a review found both)."""
