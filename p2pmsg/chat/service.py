@@ -96,7 +96,7 @@ from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, peer_record_key,
 from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 from p2pmsg.identity import Identity, InvalidPeerIdError, PeerId
 from p2pmsg.logthrottle import LogThrottle
-from p2pmsg.net.channel import SecureChannel, close_gracefully
+from p2pmsg.net.channel import ChannelError, SecureChannel, close_gracefully
 from p2pmsg.net.dialer import DialError
 from p2pmsg.net.dialer import dial as net_dial
 from p2pmsg.net.transport import remote_multiaddr
@@ -1361,6 +1361,9 @@ class ChatService:
         except SessionProtocolError as exc:
             reason = f"protocol error: {exc}"
             self._drop("chat_protocol_error", str(exc), peer)
+        except ChannelError as exc:  # a frame that does not open, a stream cut inside a frame, empty frames
+            reason = f"secure channel error: {exc}"
+            self._drop("chat_channel_error", str(exc), peer)
         except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             reason = f"connection lost: {type(exc).__name__}: {exc}"
         except trio.TooSlowError:
@@ -1661,6 +1664,7 @@ class ChatService:
         if disposition is Disposition.ADD_AND_INBOX:
             added = _add_stranger(conn, raw, str(peer), now)
             repo.set_setting(conn, _AUTO_PREFIX + raw.hex(), b"", now=now)
+            repo.settle_request(conn, raw)  # one it sent before (another policy, or no room then) joins the inbox
             name = added.name
             relation = Relation.CONTACT
             disposition = Disposition.INBOX
@@ -1830,18 +1834,32 @@ class ChatService:
         return None if cached is None else peer in cached
 
     async def _contact_by_name(self, name: str, *, cached: bool = False) -> Contact:
+        """The contact ``name`` names: a contact's name, or else a (named) contact's peer id (a client that must
+        keep reaching the same contact while the user may rename it, such as ``p2pmsg chat``, gives the id)."""
         if cached and (hit := self._contacts_by_name.get(name)) is not None:
             return hit
         generation = self._contact_generation
+        problem = ""
         try:
             contact = await self._db.read(lambda c: repo.find_contact(c, name))
         except store_errors.StoreArgumentError as exc:
-            raise UnknownContactError(f"no contact named {name!r} ({exc.reason})") from None
+            contact, problem = None, f" ({exc.reason})"
         if contact is None:
-            raise UnknownContactError(f"no contact named {name!r}")
+            contact = await self._contact_by_peer_id(name)
+        if contact is None:
+            raise UnknownContactError(f"no contact named {name!r}{problem}")
         if generation == self._contact_generation and len(self._contacts_by_name) < _CONTACT_CACHE_SIZE:
             self._contacts_by_name[name] = contact
         return contact
+
+    async def _contact_by_peer_id(self, text: str) -> Contact | None:
+        """The named contact (blocked or not) whose peer id ``text`` is, if any."""
+        try:
+            raw = PeerId.from_string(text.strip()).to_bytes()
+        except InvalidPeerIdError:
+            return None
+        contact = await self._db.read(lambda c: repo.get_contact(c, raw))
+        return contact if contact is not None and contact.name is not None else None
 
     async def _peer_by_name_or_id(self, text: str) -> tuple[bytes, Contact | None]:
         """The peer ``text`` names: a peer id is that peer, whatever any contact is called; otherwise a contact name."""
@@ -1922,18 +1940,21 @@ class ChatService:
         return {}
 
     async def remove_contact(self, name: str) -> dict[str, Any]:
-        """Forget a contact (its history stays; queued messages to it stay queued)."""
+        """Forget a contact: its history stays, and so do the messages queued to it (they go when it is reachable).
+        A blocked contact stays blocked, without its name.  The reply says both: ``{peer_id, blocked, queued}``."""
         contact = await self._contact_by_name(name)
 
-        def txn(conn: sqlite3.Connection) -> None:
+        def txn(conn: sqlite3.Connection) -> int:
             repo.remove_contact(conn, contact.peer_id)
             repo.delete_setting(conn, _AUTO_PREFIX + contact.peer_id.hex())
+            return repo.outbox_depth(conn, recipient=contact.peer_id)
 
         try:
-            await self._db.write(txn)
+            queued = await self._db.write(txn)
         finally:
             self._contacts_changed()
-        return {}
+        blocked = contact.state is ContactState.BLOCKED
+        return {"peer_id": self._text(self._peer_of(contact.peer_id)), "blocked": blocked, "queued": queued}
 
     async def block(self, name_or_peer: str) -> dict[str, Any]:
         """Block a contact or any peer id: its channels are closed and refused, its messages never stored."""
@@ -2192,14 +2213,28 @@ class ChatService:
         ``send_many`` share one ``ts``)."""
         if before_seq is not None and before is None:
             raise BadRequestError("before_seq: only together with before (the ts of the same row)")
-        contact = await self._contact_by_name(name)
+        conversation = await self._conversation(name)
         count = max(1, min(limit if limit is not None else 50, MAX_QUERY_LIMIT))
         cursor = None
         if before is not None:
             seq = min(max(before_seq, 0), MAX_TIMESTAMP) if before_seq is not None else 0
             cursor = HistoryCursor(sent_at=min(max(before, 0), MAX_TIMESTAMP), seq=seq)
-        rows, _ = await self._db.read(lambda c: _newest_for_reply(c, contact.peer_id, count, cursor))
+        rows, _ = await self._db.read(lambda c: _newest_for_reply(c, conversation, count, cursor))
         return [_message_dict(m) for m in rows]
+
+    async def _conversation(self, name: str) -> bytes:
+        """The peer whose conversation ``name`` names: a contact (by name or peer id), or else the peer id of a
+        stranger with a pending message request (read before it is accepted or blocked)."""
+        try:
+            return (await self._contact_by_name(name)).peer_id
+        except UnknownContactError as unknown:
+            try:
+                raw = PeerId.from_string(name.strip()).to_bytes()
+            except InvalidPeerIdError:
+                raise unknown from None
+            if await self._db.read(lambda c: repo.get_request(c, raw)) is None:
+                raise
+            return raw
 
     async def inbox(self) -> list[dict[str, Any]]:
         """One row per conversation with a contact, most recent first."""
@@ -2241,20 +2276,32 @@ class ChatService:
     def _parse_peer(self, text: str) -> PeerId:
         try:
             return PeerId.from_string(text.strip())
-        except InvalidPeerIdError as exc:
-            raise BadRequestError(f"peer_id: {exc}") from None
+        except InvalidPeerIdError:
+            raise BadRequestError(
+                f"{text.strip()!r} is not a peer id (cut short or mistyped? copy it whole from `p2pmsg requests`)"
+            ) from None
 
     async def accept_request(self, peer_id: str, name: str) -> dict[str, Any]:
-        """Accept a stranger's request: it becomes contact ``name`` and its messages move to the inbox."""
+        """Accept a stranger's request: it becomes contact ``name`` and its messages move to the inbox.  Reply
+        ``{peer_id, name}``: the name it has (a contact already, it keeps its name, unless it was auto-added: then
+        accepting names it and vouches for it, as a rename does)."""
         _check_new_name(name)
         peer = self._parse_peer(peer_id)
         now = self._now()
+        raw = peer.to_bytes()
+
+        def txn(conn: sqlite3.Connection) -> Contact:
+            contact = repo.accept_request(conn, raw, name=name, now=now)
+            if repo.get_setting(conn, _AUTO_PREFIX + raw.hex()) is not None:
+                repo.delete_setting(conn, _AUTO_PREFIX + raw.hex())
+                if contact.name != name:
+                    contact = repo.rename_contact(conn, raw, name, now=now)
+            return contact
+
         try:
             with _user_errors():
                 try:
-                    contact = await self._db.write(
-                        lambda c: repo.accept_request(c, peer.to_bytes(), name=name, now=now)
-                    )
+                    contact = await self._db.write(txn)
                 except store_errors.UnknownRequestError:
                     raise UnknownContactError(f"no pending message request from {peer}") from None
                 except store_errors.PeerBlockedError:
@@ -2262,7 +2309,7 @@ class ChatService:
         finally:
             self._contacts_changed()
         self._now_a_contact(peer, contact.name)
-        return {}
+        return {"peer_id": str(peer), "name": contact.name}
 
     async def block_request(self, peer_id: str) -> dict[str, Any]:
         """Refuse a stranger's request: its messages are deleted and the peer blocked."""
@@ -2333,9 +2380,10 @@ class ChatService:
         return dict(self._dropped)
 
     async def status(self) -> dict[str, Any]:
-        """The chat part of ``status``: ``connections``, ``outbox_depth`` and ``dropped``."""
-        depth = await self._db.read(repo.outbox_depth)
-        return {"connections": self.connections, "outbox_depth": depth, "dropped": self.dropped}
+        """The chat part of ``status``: ``connections``, ``outbox_depth``, ``requests`` (strangers with a pending
+        message request) and ``dropped``."""
+        depth, requests = await self._db.read(lambda c: (repo.outbox_depth(c), repo.count_requests(c)))
+        return {"connections": self.connections, "outbox_depth": depth, "requests": requests, "dropped": self.dropped}
 
     def control_handlers(self) -> dict[str, Callable[[dict[str, Any]], Awaitable[Any]]]:
         """Handlers of the chat methods of the control API (the node adds ``id``, ``status`` and ``subscribe``)."""

@@ -159,7 +159,7 @@ def run_chat(
     format_line: _Formatter,
 ) -> ChatOutcome:
     """Run the chat with contact ``name`` until the end of ``stdin``; say what became of the lines."""
-    peer_id = _find_peer(client, name)
+    peer_id = _find_peer(client, name)  # the node is asked by peer id: the contact may be renamed meanwhile
     interactive = stdin.isatty()
     lock = threading.Lock()
     seen: set[str] = set()
@@ -207,13 +207,13 @@ def run_chat(
     sent = refused = 0
     # More than the history shown, to know what the node had stored by then: the catch-up below must not show the
     # older messages the limit leaves out (a message sent long ago that arrived late has a high seq but an old ts).
-    known = _history_rows(client.call("history", name=name, limit=max(limit, _CATCH_UP)))
+    known = _history_rows(client.call("history", name=peer_id, limit=max(limit, _CATCH_UP)))
     show_rows(known[-limit:])
     stored_before = max((row["seq"] for row in known if type(row.get("seq")) is int), default=-1)
     events = client.events()
     try:
         # What arrived before the subscription could report it (a late message with an old ts too: by seq).
-        show_rows(_history_rows(client.call("history", name=name, limit=_CATCH_UP)), stored_after=stored_before)
+        show_rows(_history_rows(client.call("history", name=peer_id, limit=_CATCH_UP)), stored_after=stored_before)
         thread.start()
         if interactive:
             show(f"-- chatting with {clean(name)}; type a message and press Enter, Ctrl-D to leave --")
@@ -226,7 +226,7 @@ def run_chat(
                     show(f"(not sent: the message {problem})")
                     refused += 1
                     continue
-                client.call("send", name=name, text=text)
+                client.call("send", name=peer_id, text=text)
                 sent += 1
         else:
             number = 0  # of the input line
@@ -242,7 +242,7 @@ def run_chat(
                 # "refused" line in the output, in its place, and the others go.
                 problems = {i: p for i, (_, t) in enumerate(texts) if (p := text_problem(t)) is not None}
                 good = [t for i, (_, t) in enumerate(texts) if i not in problems]
-                result = client.call("send_many", name=name, texts=good) if good else {}
+                result = client.call("send_many", name=peer_id, texts=good) if good else {}
                 sent += len(good)
                 refused += len(problems)
                 # A script needs to know exactly what was durably queued (e.g. before a crash): say it per line.

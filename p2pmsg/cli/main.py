@@ -103,12 +103,19 @@ _CODE_HINT: Final = {
 #: A hint of its own for an error code of one method.
 _METHOD_HINT: Final = {
     ("requests.accept", "unknown_contact"): "see `p2pmsg requests`",
+    ("requests.block", "unknown_contact"): "see `p2pmsg requests`",
+}
+#: Words of their own for an error code of one method (the node answers a missing request as ``unknown_contact``).
+_METHOD_TEXT: Final = {
+    ("requests.accept", "unknown_contact"): "unknown request",
+    ("requests.block", "unknown_contact"): "unknown request",
 }
 
 
 def _request_error(exc: ControlRequestError, method: str | None = None) -> CliError:
     """The error the node answered, introduced by its code, with the hint for that code (and method)."""
-    text = f"{_CODE_TEXT.get(exc.code, exc.code)}: {clean(exc.message)}"
+    words = _METHOD_TEXT.get((method or "", exc.code)) or _CODE_TEXT.get(exc.code, exc.code)
+    text = f"{words}: {clean(exc.message)}"
     hint = _METHOD_HINT.get((method or "", exc.code)) or _CODE_HINT.get(exc.code)
     return CliError(f"{text} ({hint})" if hint else text)
 
@@ -633,9 +640,15 @@ def contacts_rename(state: State, name: str, new_name: str) -> None:
 @click.argument("name")
 @pass_state
 def contacts_remove(state: State, name: str) -> None:
-    """Remove the contact NAME."""
-    state.call("contacts.remove", name=name)
+    """Remove the contact NAME (its history stays; a blocked contact stays blocked)."""
+    result = _record(state.call("contacts.remove", name=name), "contacts.remove")
     click.echo(f"removed {clean(name)}")
+    peer = clean(result.get("peer_id", "?"))
+    if result.get("blocked"):
+        click.echo(f"it stays blocked: `p2pmsg contacts unblock {peer}` lets it write to you again")
+    queued = result.get("queued")
+    if isinstance(queued, int) and queued > 0:
+        click.echo(f"{queued} message(s) to it are still queued: they are delivered when it is reachable")
 
 
 @contacts.command("block")
@@ -844,6 +857,10 @@ def requests(ctx: click.Context, as_json: bool) -> None:
             ],
         )
     )
+    click.echo(
+        "read one with `p2pmsg history PEER_ID`; then `p2pmsg requests accept PEER_ID NAME` or "
+        "`p2pmsg requests block PEER_ID`"
+    )
 
 
 @requests.command("accept")
@@ -854,8 +871,8 @@ def requests(ctx: click.Context, as_json: bool) -> None:
 def requests_accept(state: State, peer_id: str, name: str | None, name_option: str | None) -> None:
     """Accept the request from PEER_ID as a contact called NAME (or --name NAME)."""
     name = _one_name(name, name_option, "p2pmsg requests accept PEER_ID NAME")
-    state.call("requests.accept", peer_id=peer_id, name=name)
-    click.echo(f"accepted {clean(peer_id)} as {clean(name)}")
+    result = _record(state.call("requests.accept", peer_id=peer_id, name=name), "requests.accept")
+    click.echo(f"accepted {clean(peer_id)} as {clean(result.get('name') or name)}")
 
 
 @requests.command("block")
@@ -921,11 +938,17 @@ def status(state: State, as_json: bool) -> None:
         ("connections", info.get("connections", "-")),
         ("dht size", _dht_size_text(info.get("dht_size", "-"))),
         ("outbox depth", info.get("outbox_depth", "-")),
+        ("requests", _requests_text(info.get("requests", "-"))),
         ("database", info.get("database", "-")),
         ("dropped", dropped_text),
     ]
     for label, value in lines:
         click.echo(f"{label:<13} {value if label == 'dropped' else clean(value)}")
+
+
+def _requests_text(count: object) -> str:
+    """The number of pending message requests, with where to read them."""
+    return f"{count} (see `p2pmsg requests`)" if isinstance(count, int) and count > 0 else str(count)
 
 
 def _dht_size_text(size: object) -> str:

@@ -134,6 +134,7 @@ __all__ = [
     "save_dht_nodes",
     "set_setting",
     "set_verified",
+    "settle_request",
     "unblock_peer",
 ]
 
@@ -387,8 +388,15 @@ def rename_contact(conn: sqlite3.Connection, peer_id: bytes, name: str, *, now: 
 
 
 def remove_contact(conn: sqlite3.Connection, peer_id: bytes) -> bool:
-    """Forget a contact or blocked peer (the message history stays); return whether it was known."""
-    return conn.execute("DELETE FROM contacts WHERE peer_id = ?", (_peer_id("peer_id", peer_id),)).rowcount > 0
+    """Forget a contact (the message history stays); return whether there was one to forget.  A blocked one stays
+    blocked and forgets only its name (a blocked peer without a name, as one blocked from a message request):
+    removing a contact must not let a peer the user blocked write to them again."""
+    peer = _peer_id("peer_id", peer_id)
+    if conn.execute(
+        "UPDATE contacts SET name = NULL WHERE peer_id = ? AND state = 'blocked' AND name IS NOT NULL", (peer,)
+    ).rowcount:
+        return True
+    return conn.execute("DELETE FROM contacts WHERE peer_id = ? AND state != 'blocked'", (peer,)).rowcount > 0
 
 
 def block_peer(conn: sqlite3.Connection, peer_id: bytes, *, now: int) -> Contact:
@@ -870,9 +878,16 @@ def accept_request(conn: sqlite3.Connection, peer_id: bytes, *, name: str, now: 
     contact = (
         add_contact(conn, peer_id=peer, name=name, now=now) if existing is None or existing.name is None else existing
     )
-    conn.execute("UPDATE messages SET is_request = 0 WHERE conversation = ? AND is_request = 1", (peer,))
-    conn.execute("DELETE FROM message_requests WHERE peer_id = ?", (peer,))
+    settle_request(conn, peer)
     return contact
+
+
+def settle_request(conn: sqlite3.Connection, peer_id: bytes) -> bool:
+    """The peer is a contact now: its pending request's messages become ordinary messages of the conversation and
+    the request goes.  Return whether there was a request."""
+    peer = _peer_id("peer_id", peer_id)
+    conn.execute("UPDATE messages SET is_request = 0 WHERE conversation = ? AND is_request = 1", (peer,))
+    return conn.execute("DELETE FROM message_requests WHERE peer_id = ?", (peer,)).rowcount > 0
 
 
 def reject_request(conn: sqlite3.Connection, peer_id: bytes, *, block: bool, now: int) -> int:
@@ -1054,9 +1069,12 @@ def waiting_recipients(conn: sqlite3.Connection, *, now: int, limit: int = 100) 
     return [bytes(row[0]) for row in rows]
 
 
-def outbox_depth(conn: sqlite3.Connection) -> int:
-    """Return the number of messages waiting for a delivery receipt."""
-    return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+def outbox_depth(conn: sqlite3.Connection, *, recipient: bytes | None = None) -> int:
+    """Return the number of messages waiting for a delivery receipt (to *recipient* only, if given)."""
+    if recipient is None:
+        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    peer = _peer_id("recipient", recipient)
+    return int(conn.execute("SELECT count(*) FROM outbox WHERE recipient = ?", (peer,)).fetchone()[0])
 
 
 def mark_sent(conn: sqlite3.Connection, message_id: bytes, *, now: int, retry_at: int) -> bool:

@@ -291,8 +291,14 @@ async def test_stranger_lands_in_requests_until_accepted(tmp_path: Path) -> None
             "last_text": "hi, we met at the conference",
             "last_ts": 0,
         }
-        await bob.chat.accept_request(str(CAROL.peer_id), "carol")
-        assert await bob.chat.list_requests() == []
+        # Readable before it is accepted (a QA pass: only its last text showed), and counted in the status.
+        assert [m["text"] for m in await bob.chat.history(f" {CAROL.peer_id}")] == ["hi, we met at the conference"]
+        assert (await bob.chat.status())["requests"] == 1
+        with pytest.raises(UnknownContactError):
+            await bob.chat.history(str(ALICE.peer_id))  # no request from Alice
+        accepted = await bob.chat.accept_request(str(CAROL.peer_id), "carol")
+        assert accepted == {"peer_id": str(CAROL.peer_id), "name": "carol"}
+        assert await bob.chat.list_requests() == [] and (await bob.chat.status())["requests"] == 0
         assert [m["text"] for m in await bob.chat.history("carol")] == ["hi, we met at the conference"]
         assert [row["name"] for row in await bob.chat.inbox()] == ["carol"]
         with pytest.raises(UnknownContactError):
@@ -366,6 +372,23 @@ async def test_blocking_a_connected_contact_closes_the_session(tmp_path: Path) -
         assert [m["text"] for m in await bob.chat.history("alice")] == ["before"]
 
 
+async def test_a_broken_secure_channel_is_counted_and_logged(tmp_path: Path) -> None:
+    """Empty Noise frames (more than 8 in a row) end the channel: the session's end was logged as a lost connection
+    and counted nowhere (a clean-room implementation of the protocol found it)."""
+    async with running_node(tmp_path / "bob", BOB) as bob, trio.open_nursery() as nursery:
+        channel = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        empty = channel._encrypt  # white box: write frames with an empty plaintext, as no sender of ours does
+        frames = b"".join(len(c := empty(b"", b"")).to_bytes(2, "big") + c for _ in range(9))
+        await channel.transport_stream.send_all(frames)
+        with trio.fail_after(5):
+            while await channel.transport_stream.receive_some():
+                pass
+        await eventually(lambda: bob.chat.dropped.get("chat_channel_error") == 1, "the error counted")
+        [down] = await eventually(lambda: bob.seen("peer_down"), "the session's end")
+        assert down["reason"].startswith("secure channel error:") and "empty frames" in down["reason"]
+        await channel.aclose()
+
+
 async def test_malformed_frames_close_only_that_session(tmp_path: Path) -> None:
     async with (
         running_node(tmp_path / "alice", ALICE) as alice,
@@ -411,6 +434,10 @@ async def test_user_errors(tmp_path: Path) -> None:
         with pytest.raises(UnknownContactError):
             await alice.chat.send("bob", "the cache forgot the old name")
         await alice.chat.send("robert", "under the new name")
+        await alice.chat.send(f" {BOB.peer_id}", "by peer id")  # a client that must survive a rename uses the id
+        assert [m["text"] for m in await alice.chat.history(str(BOB.peer_id))][-1] == "by peer id"
+        with pytest.raises(UnknownContactError, match="no contact named"):
+            await alice.chat.send(str(CAROL.peer_id), "not a contact")
         with pytest.raises(BadRequestError, match="'robert' is not blocked"):  # not "unknown contact" (a QA pass)
             await alice.chat.unblock("robert")
         with pytest.raises(UnknownContactError, match="no contact or blocked peer"):
@@ -420,9 +447,20 @@ async def test_user_errors(tmp_path: Path) -> None:
             await alice.chat.send("robert", "blocked")
         exported = await alice.chat.export("robert")
         assert exported["contact"]["state"] == "blocked"
-        assert [m["text"] for m in exported["messages"]] == ["queued under the old name", "under the new name"]
+        assert [m["text"] for m in exported["messages"]] == [
+            "queued under the old name",
+            "under the new name",
+            "by peer id",
+        ]
+        await alice.chat.block(str(CAROL.peer_id))  # a blocked stranger has no name: its id names no contact
+        with pytest.raises(UnknownContactError):
+            await alice.chat.history(str(CAROL.peer_id))
         handlers = alice.chat.control_handlers()
         assert await handlers["contacts.list"]({}) == await alice.chat.list_contacts()
+        # Removing a blocked contact must not unblock it (a QA pass: its messages reached the user again).
+        assert await alice.chat.remove_contact("robert") == {"peer_id": str(BOB.peer_id), "blocked": True, "queued": 3}
+        assert await alice.db.read(lambda c: repo.is_blocked(c, BOB.peer_id.to_bytes()))
+        assert [(c["name"], c["state"]) for c in await alice.chat.list_contacts()] == [(None, "blocked")] * 2
 
 
 async def test_sender_restart_keeps_its_queue(tmp_path: Path) -> None:
@@ -734,7 +772,35 @@ async def test_anyone_auto_added_peers_stay_under_stranger_limits(tmp_path: Path
         channel, conn = await _raw_session(CAROL, bob, nursery)
         assert not await _closed_within(channel, 1.0)
         await channel.aclose()
+        # Room again (Carol is no longer an auto-added one): Dave's next message adds him, and his request joins his
+        # conversation instead of staying behind in the requests (a QA pass).
+        channel, conn = await _raw_session(dave, bob, nursery)
+        await channel.send_all(conn.send_messages([EnvelopeSealer(dave).seal(BOB.peer_id, "again", ts=2)]))
+        await eventually(lambda: len(bob.seen("message")) == 2, "dave's second message in the inbox")
+        assert await bob.chat.list_requests() == []
+        assert [m["text"] for m in await bob.chat.history(str(dave.peer_id))] == ["me too", "again"]
+        await channel.aclose()
         nursery.cancel_scope.cancel()
+
+
+async def test_accepting_a_request_left_by_an_auto_added_contact_names_it(tmp_path: Path) -> None:
+    """A request from before the peer was auto-added (an older version left it): ``requests accept PEER NAME`` said
+    "accepted as NAME" and kept the peer-id name and the stranger limits (a QA pass).  Accepting vouches for it."""
+    async with _alice_alone(tmp_path) as (chat, db):
+        raw = CAROL.peer_id.to_bytes()
+
+        def leftover(conn: Any) -> None:
+            repo.add_contact(conn, peer_id=raw, name=str(CAROL.peer_id), now=1)
+            repo.set_setting(conn, service_module._AUTO_PREFIX + raw.hex(), b"", now=1)
+            repo.insert_incoming(conn, message_id=bytes(16), sender=raw, text="old", sent_at=1, now=1, is_request=True)
+
+        await db.write(leftover)
+        assert await chat.accept_request(str(CAROL.peer_id), "carol") == {
+            "peer_id": str(CAROL.peer_id),
+            "name": "carol",
+        }
+        assert await db.read(lambda c: repo.get_setting(c, service_module._AUTO_PREFIX + raw.hex())) is None
+        assert await chat.list_requests() == [] and [m["text"] for m in await chat.history("carol")] == ["old"]
 
 
 async def test_history_pages_back_through_messages_that_share_one_ts(tmp_path: Path) -> None:

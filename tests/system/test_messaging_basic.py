@@ -89,12 +89,13 @@ def test_stranger_message_lands_in_requests_until_accepted(mesh: Mesh) -> None:
     )
     assert mesh.cli_json("bob", "inbox") == []
     assert mesh.cli_json("bob", "contacts", "list") == []
-    refused = mesh.cli("bob", "history", carol_id, "--json", check=False)
-    assert refused.returncode == 1 and "unknown contact" in refused.stderr
+    # It can be read before it is accepted, by the peer id `requests` shows.
+    assert texts(mesh.history("bob", carol_id)) == ["hi, we met at the conference"]
+    assert mesh.status("bob")["requests"] == 1
 
     accepted = mesh.cli("bob", "requests", "accept", carol_id, "carol")
     assert accepted.stdout.strip() == f"accepted {carol_id} as carol"
-    assert mesh.cli_json("bob", "requests") == []
+    assert mesh.cli_json("bob", "requests") == [] and mesh.status("bob")["requests"] == 0
     rows = mesh.history("bob", "carol")
     assert [(r["id"], r["text"], r["direction"]) for r in rows] == [(sent, "hi, we met at the conference", "in")]
     assert [(r["name"], r["last_text"]) for r in mesh.cli_json("bob", "inbox")] == [
@@ -105,6 +106,28 @@ def test_stranger_message_lands_in_requests_until_accepted(mesh: Mesh) -> None:
     # Once accepted, carol is a contact like any other: bob's answer reaches her.
     send(mesh, "bob", "carol", "welcome")
     mesh.wait_until(lambda: "welcome" in texts(mesh.history("carol", "bob")), "bob's answer at carol", ["bob", "carol"])
+
+
+def test_a_chat_goes_on_when_its_contact_is_renamed(mesh: Mesh) -> None:
+    """A QA pass: ``contacts rename`` while ``chat`` ran made the next line fail ("unknown contact"), never queued, and
+    ended the chat.  The chat asks the node by peer id."""
+    for name in ("alice", "bob"):
+        mesh.init(name)
+        mesh.start(name)
+    mesh.introduce("alice", "bob")
+    chat = mesh.popen("alice", "chat", "bob")
+    assert chat.stdin is not None
+    chat.stdin.write("one\n")
+    chat.stdin.flush()
+    mesh.wait_until(lambda: texts(mesh.history("bob", "alice")) == ["one"], "the first line at bob", ["alice", "bob"])
+    mesh.cli("alice", "contacts", "rename", "bob", "bobby")
+    out, err = chat.communicate("two\n", timeout=30)
+    assert chat.returncode == 0, (out, err)
+    assert [line.split()[0] for line in out.splitlines()] == ["queued", "queued"]
+    mesh.wait_until(
+        lambda: texts(mesh.history("bob", "alice")) == ["one", "two"], "the second line at bob", ["alice", "bob"]
+    )
+    assert texts(mesh.history("alice", "bobby")) == ["one", "two"]
 
 
 def test_a_conversation_larger_than_one_control_reply_is_exported_whole(mesh: Mesh) -> None:

@@ -87,6 +87,9 @@ class ContactNode:
         for contact in self.contacts.values():
             if name_key(contact["name"]) == name_key(name):  # as the node matches names
                 return contact
+        for contact in self.contacts.values():
+            if contact["peer_id"] == name.strip():  # or else a contact's peer id
+                return contact
         raise ControlRequestError("unknown_contact", f"no contact named {name!r}")
 
     def handlers(self) -> dict[str, Handler]:
@@ -114,8 +117,9 @@ class ContactNode:
             return {}
 
         async def remove(p: dict[str, Any]) -> Any:
-            del self.contacts[self._contact(p["name"])["name"]]
-            return {}
+            contact = self.contacts.pop(self._contact(p["name"])["name"])
+            queued = sum(1 for name, _ in self.sent if name == contact["name"])
+            return {"peer_id": contact["peer_id"], "blocked": contact["state"] == "blocked", "queued": queued}
 
         async def block(p: dict[str, Any]) -> Any:
             self.blocked.append(p.get("name_or_peer") or p["peer_id"])
@@ -126,26 +130,26 @@ class ContactNode:
             return {}
 
         async def send(p: dict[str, Any]) -> Any:
-            self._contact(p["name"])
+            name = self._contact(p["name"])["name"]
             if p["text"] == "disk full":
                 raise ControlRequestError("not_stored", "the write failed: database or disk is full")
-            self.sent.append((p["name"], p["text"]))
+            self.sent.append((name, p["text"]))
             return {"id": f"{len(self.sent):032x}", "status": "queued"}
 
         async def send_many(p: dict[str, Any]) -> Any:
-            self._contact(p["name"])
+            name = self._contact(p["name"])["name"]
             ids = []
             for text in p["texts"]:
-                self.sent.append((p["name"], text))
+                self.sent.append((name, text))
                 ids.append(f"{len(self.sent):032x}")
             return {"ids": ids, "status": "queued"}
 
         async def history(p: dict[str, Any]) -> Any:
-            self._contact(p["name"])
+            name = self._contact(p["name"])["name"]
             self.history_params.append(p)
             if self.before_history is not None:
                 self.before_history()
-            rows = self._rows(p["name"])
+            rows = self._rows(name)
             if "before_seq" in p:
                 rows = [r for r in rows if (r["ts"], r["seq"]) < (p["before"], p["before_seq"])]
             elif "before" in p:
@@ -162,7 +166,7 @@ class ContactNode:
             if p["peer_id"] not in [r["peer_id"] for r in self.requests]:
                 raise ControlRequestError("unknown_contact", f"no pending message request from {p['peer_id']}")
             self.contacts[p["name"]] = {"peer_id": p["peer_id"], "name": p["name"], "state": "contact", "added": T0}
-            return {}
+            return {"peer_id": p["peer_id"], "name": p["name"]}
 
         async def peers(p: dict[str, Any]) -> Any:
             return [
@@ -176,6 +180,7 @@ class ContactNode:
                 "connections": 1,
                 "dht_size": 12,
                 "outbox_depth": 0,
+                "requests": 1,
                 "database": "damaged",
                 "dropped": {"control_slow_subscriber": 2},
             }
@@ -271,8 +276,16 @@ async def test_contacts_add_list_rename_remove(home: Path) -> None:
         assert (await invoke(home, "contacts", "rename", "carol", "caro")).exit_code == 0
         listed_json = json.loads((await invoke(home, "contacts", "list", "--json")).output)
         assert sorted(c["name"] for c in listed_json) == ["bob", "caro"]
-        assert (await invoke(home, "contacts", "remove", "caro")).exit_code == 0
+        assert (await invoke(home, "contacts", "remove", "caro")).output == "removed caro\n"
         assert set(node.contacts) == {"bob"}
+        await invoke(home, "send", "bob", "still on its way")
+        node.contacts["bob"]["state"] = "blocked"
+        assert (await invoke(home, "contacts", "remove", "bob")).output == (
+            "removed bob\n"
+            f"it stays blocked: `p2pmsg contacts unblock {BOB}` lets it write to you again\n"
+            "1 message(s) to it are still queued: they are delivered when it is reachable\n"
+        )
+        node.contacts["bob"] = {"peer_id": BOB, "name": "bob", "state": "contact", "added": T0}
         assert (await invoke(home, "contacts", "block", "bob")).output == "blocked bob\n"
         assert (await invoke(home, "contacts", "unblock", "bob")).output == "unblocked bob\n"
         assert node.blocked == []
@@ -348,11 +361,13 @@ async def test_inbox_requests_peers_status(home: Path) -> None:
     assert inbox.output.splitlines()[0].split() == ["NAME", "LAST", "MESSAGE"]
     assert inbox.output.splitlines()[1].startswith("bob ") and inbox.output.splitlines()[1].endswith("hello bob")
     assert STRANGER in requests.output and "let me in" in requests.output
+    assert requests.output.splitlines()[-1].startswith("read one with `p2pmsg history PEER_ID`; then")
     assert json.loads(requests_json.output)[0]["count"] == 2
     assert accepted.output == f"accepted {STRANGER} as dave\n"
     assert blocked.output == f"blocked {CAROL}\n"
     assert "/ip4/10.0.0.2/tcp/4001" in peers.output and peers.output.splitlines()[1].startswith("bob ")
     assert "uptime        1h 02m 05s" in status.output
+    assert "requests      1 (see `p2pmsg requests`)" in status.output
     assert "dropped       control_slow_subscriber=2" in status.output
     assert "database      damaged" in status.output
     assert json.loads(status_json.output)["dht_size"] == 12
@@ -482,7 +497,7 @@ async def test_chat_finds_the_contact_as_the_node_does_whatever_the_case(home: P
         node.contacts["jörg"] = {"peer_id": CAROL, "name": "J\u00f6rg", "state": "contact", "added": T0}
         upper = await invoke(home, "chat", "BOB", input="hello\n")
         joerg = await invoke(home, "chat", "JO\u0308RG", input="hallo\n")
-        assert node.sent == [("BOB", "hello"), ("JO\u0308RG", "hallo")]
+        assert node.sent == [("bob", "hello"), ("J\u00f6rg", "hallo")]
     assert upper.exit_code == 0 and joerg.exit_code == 0, (upper.output, joerg.output)
 
 
@@ -683,7 +698,7 @@ async def test_an_unknown_request_points_to_the_requests_not_the_contacts(home: 
         contact = await invoke(home, "send", "nobody", "hi")
     assert unknown.exit_code == 1
     assert unknown.output == (
-        f"error: unknown contact: no pending message request from {CAROL} (see `p2pmsg requests`)\n"
+        f"error: unknown request: no pending message request from {CAROL} (see `p2pmsg requests`)\n"
     )
     assert contact.output.endswith("(see `p2pmsg contacts list`)\n")
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import itertools
 
+import nacl.bindings
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -475,6 +478,14 @@ EXAMPLE = {
     "dfe2ad324f0a39b574f5eb840497544545c81a213a785e45ea54d845bbe7655b"
     "52e8bfcdafd72f2646d1c1d5f59c107754761254f9766ce8",
     "handshake_hash": "b29d326f2e8b2dfb65ec1b3b90d2dac1c396eba7dc2e3bd78b13fb4b69d3ba71",
+    # The state after each step (section 3.9's table), checked by following section 3.2's rules directly.
+    "h_start": "f3d15e6108ed9556171207baa58f97d29a13c6be40595166066e2e0958dc002d",
+    "h1": "2a0da0ae8252b5a9ec5e4884bb69e43bf5c3dc9925fc53a45825afdbe8c0014f",
+    "h2": "addf6323d6cdbd658cea94e4087058390748c271d96b93d9dd566b77358d4880",
+    "ck2": "0e1639b2102c623b95e5af211b1699c073b42393268e771cba2dd66d58d55fd7",
+    "ck3": "a30fc60d9590de749bb35a0acb8165c5e0638e8afe60a9b1519ad111873f5993",
+    "k1": "0fe0098213134667862fb8218f776a53bcb48d85dc9434132714807c77147efc",
+    "k2": "9c5a84aabbc19454b741f25f57f3f4a89b18e4e2306c71183cdc4433cf29321e",
     "alice_hello": "0015aa95c32df597c589e3fe61f3cbede5197bb35b7cf3",
     "bob_hi": "0012de17c87406f65c303e695e274a3ae3c9eb92",
 }
@@ -511,3 +522,55 @@ def test_worked_example_from_the_protocol_document() -> None:
     hi = encode_frame(b.transport.encrypt(b"hi"))
     assert hi.hex() == EXAMPLE["bob_hi"]
     assert a.transport.decrypt(hi[2:]) == b"hi"
+
+
+def test_the_documented_noise_rules_reproduce_the_worked_example() -> None:
+    """Section 3.2 spells out the Noise rules for implementers: followed literally (hashlib, hmac and libsodium
+    here, none of our Noise code), they give section 3.9's frames, intermediate ``h``/``ck`` and transport keys."""
+
+    def sha(data: bytes) -> bytes:
+        return hashlib.sha256(data).digest()
+
+    def hkdf(ck: bytes, ikm: bytes) -> tuple[bytes, bytes]:
+        t = hmac.new(ck, ikm, hashlib.sha256).digest()
+        out1 = hmac.new(t, b"\x01", hashlib.sha256).digest()
+        return out1, hmac.new(t, out1 + b"\x02", hashlib.sha256).digest()
+
+    def seal(k: bytes, n: int, ad: bytes, plaintext: bytes) -> bytes:
+        nonce = bytes(4) + n.to_bytes(8, "little")
+        return bytes(nacl.bindings.crypto_aead_chacha20poly1305_ietf_encrypt(plaintext, ad, nonce, k))
+
+    def dh(private: bytes, public: bytes) -> bytes:
+        return bytes(nacl.bindings.crypto_scalarmult(private, public))
+
+    def pub(private: bytes) -> bytes:
+        return bytes(nacl.bindings.crypto_scalarmult_base(private))
+
+    a_s, a_e, b_s, b_e = bytes([0x11]) * 32, bytes([0x12]) * 32, bytes([0x21]) * 32, bytes([0x22]) * 32
+    h = ck = b"Noise_XX_25519_ChaChaPoly_SHA256"
+    h = sha(h)  # MixHash(empty prologue)
+    assert (h.hex(), ck.hex()) == (EXAMPLE["h_start"], b"Noise_XX_25519_ChaChaPoly_SHA256".hex())
+    # Message 1: e, then the empty payload (no key yet: in clear, still hashed).
+    h = sha(sha(h + pub(a_e)))
+    assert pub(a_e).hex() == EXAMPLE["frame1"][4:] and h.hex() == EXAMPLE["h1"]
+    # Message 2: e, ee, s, es, payload.
+    h = sha(h + pub(b_e))
+    ck, k = hkdf(ck, dh(a_e, pub(b_e)))
+    c_s = seal(k, 0, h, pub(b_s))
+    h = sha(h + c_s)
+    ck, k = hkdf(ck, dh(a_e, pub(b_s)))
+    c_payload = seal(k, 0, h, bytes.fromhex(EXAMPLE["payload_bob"]))
+    h = sha(h + c_payload)
+    assert (pub(b_e) + c_s + c_payload).hex() == EXAMPLE["frame2"][4:]
+    assert (h.hex(), ck.hex()) == (EXAMPLE["h2"], EXAMPLE["ck2"])
+    # Message 3: s (under message 2's key, n = 1), se, payload.
+    c_s = seal(k, 1, h, pub(a_s))
+    h = sha(h + c_s)
+    ck, k = hkdf(ck, dh(b_e, pub(a_s)))
+    c_payload = seal(k, 0, h, bytes.fromhex(EXAMPLE["payload_alice"]))
+    h = sha(h + c_payload)
+    assert (c_s + c_payload).hex() == EXAMPLE["frame3"][4:]
+    assert (h.hex(), ck.hex()) == (EXAMPLE["handshake_hash"], EXAMPLE["ck3"])
+    k1, k2 = hkdf(ck, b"")
+    assert (k1.hex(), k2.hex()) == (EXAMPLE["k1"], EXAMPLE["k2"])
+    assert seal(k1, 0, b"", b"hello").hex() == EXAMPLE["alice_hello"][4:]

@@ -122,6 +122,13 @@ def test_contacts_add_find_list_rename_remove(conn: sqlite3.Connection) -> None:
     assert repo.remove_contact(conn, BOB) is True
     assert repo.remove_contact(conn, BOB) is False
     assert repo.get_contact(conn, BOB) is None
+    # A blocked contact stays blocked: only its name goes (then there is nothing more to remove).
+    repo.block_peer(conn, CAROL, now=T0 + 6)
+    assert repo.remove_contact(conn, CAROL) is True
+    carol = repo.get_contact(conn, CAROL)
+    assert carol is not None and (carol.name, carol.state) == (None, ContactState.BLOCKED)
+    assert repo.is_blocked(conn, CAROL) and repo.find_contact(conn, "Carol") is None
+    assert repo.remove_contact(conn, CAROL) is False
 
 
 def test_contact_names_are_unique_and_peers_not_added_twice(conn: sqlite3.Connection) -> None:
