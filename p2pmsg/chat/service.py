@@ -13,7 +13,8 @@ dial.  A session writes envelopes in batches (one ``send_all`` per batch) and ma
 ``sent`` with a retry time (:attr:`ChatConfig.resend_after_ms`); the recipient's receipt marks them ``delivered``
 and removes them from the outbox.  A failed dial reschedules the recipient's due entries with exponential backoff
 and jitter (``repo.reschedule``, capped); entries of that recipient that fall due soon after (new sends) are
-postponed to its next retry (at most :attr:`ChatConfig.redial_hold` later) instead of each starting a dial.
+postponed (``repo.postpone_ids``) by the backoff of the recipient's failed dials in a row, at most
+:attr:`ChatConfig.redial_hold`, instead of each starting a dial.
 When a session with a peer opens (either direction), or its peer record changes, all of that peer's entries are made
 due at once (``repo.expedite``) and the worker is woken: the backlog is flushed in send order.  Once a round has
 handed a session's whole backlog over, new messages to that peer go straight to the session (no worker round, no
@@ -221,9 +222,10 @@ class ChatConfig:
     """A message written to a session but not acknowledged within this time is sent again."""
     dial_timeout: float = 10.0
     redial_hold: float = 10.0
-    """After a failed dial, messages to that peer that fall due (new ones, typically) wait for its next retry, or at
-    most this many seconds after the failure, instead of starting a dial each: a node writing to a contact that is
-    offline dialled it once per message.  The peer's hello, or a newer record of it, ends the wait."""
+    """After a failed dial, messages to that peer that fall due (new ones, typically) wait, instead of each starting
+    a dial, for the backoff of the peer's failed dials in a row (as :attr:`backoff`: 1 s, 2 s, 4 s ...), at most
+    this many seconds: a node writing to a contact that is offline dialled it once per message.  The peer's hello,
+    or a newer record of it, ends the wait."""
     resolve_timeout: float = 15.0
     send_timeout: float = 30.0
     """A session whose ``send_all`` takes longer than this is closed (its messages stay queued)."""
@@ -304,6 +306,14 @@ class _SessionRefused(P2PMsgError):
 
 
 @dataclasses.dataclass(eq=False, slots=True)
+class _Redial:
+    """A peer's dials that failed in a row, and when (wall ms) the next may start."""
+
+    failures: int
+    at: int
+
+
+@dataclasses.dataclass(eq=False, slots=True)
 class _Session:
     peer: PeerId
     channel: SecureChannel
@@ -322,8 +332,10 @@ class _Session:
     close_reason: str | None = None
     contact_name: str | None = None
     relation: Relation = Relation.STRANGER
+    greeted: bool = False
+    """The peer's hello arrived on this session."""
     expedited: bool = False
-    """The peer's outbox entries were made due after this session registered."""
+    """The peer's outbox entries were made due after this session registered (after its hello)."""
     in_order: bool = False
     """An outbox round after that found nothing left for the peer: new messages may bypass the outbox worker
     without overtaking older ones."""
@@ -572,9 +584,9 @@ class ChatService:
         """Handed to a session while their enqueue transaction commits: their receipts wait for that commit."""
         self._deferred_receipts: list[tuple[PeerId, bytes, str]] = []
         """``(peer, id, status)`` of receipts that arrived for uncommitted ids, in arrival order."""
-        self._redial_at: dict[PeerId, int] = {}
-        """Peers whose last dial failed -> when (wall ms) the next may start: until then, entries of theirs that fall
-        due are postponed to that time (:meth:`_hold_dial`)."""
+        self._redials: dict[PeerId, _Redial] = {}
+        """Peers whose last dials failed: how many in a row, and when the next may start (until then, entries of
+        theirs that fall due are postponed to that time, :meth:`_hold_dial`)."""
         self._dial_scopes: dict[PeerId, trio.CancelScope] = {}
         """The running dial of each peer being dialled: a newer record with other addresses cancels it (it may wait
         on an address the peer left) and the entries are due at once, for a dial to the new addresses."""
@@ -710,8 +722,9 @@ class ChatService:
                 busy = True
                 left_over.add(raw_peer)
         self._settled_at = {p: n for p, n in self._settled_at.items() if n > settled}  # older ones matter no more
-        if self._redial_at:
-            self._redial_at = {p: t for p, t in self._redial_at.items() if t > now}  # the rest may dial again
+        if self._redials:  # a peer whose last failed dial is long past starts its count again
+            stale = now - cfg.backoff.cap_ms
+            self._redials = {p: r for p, r in self._redials.items() if r.at > stale}
         if not truncated and outboxed == self._outboxed:
             for session in settling:
                 peer = session.peer
@@ -784,33 +797,34 @@ class ChatService:
             return False  # all on their way over a session that is ending: its end reschedules them
         if peer in self._dialing:
             return False
-        hold = self._redial_at.get(peer)
-        if hold is not None:
-            if self._now() < hold:
-                await self._hold_dial(peer, items, hold)
-                return True
-            del self._redial_at[peer]
+        redial = self._redials.get(peer)
+        if redial is not None and self._now() < redial.at:
+            await self._hold_dial(peer, items, redial)
+            return True
         if self._nursery is None:
             return True
         self._dialing.add(peer)
         self._nursery.start_soon(self._dial_task, peer)
         return True
 
-    def _hold_redials(self, peer: PeerId, retry_at: int | None) -> None:
-        """A dial to ``peer`` failed (its next retry is at ``retry_at``, wall ms, if any): no new dial to it before
-        that retry, or :attr:`ChatConfig.redial_hold` from now if that comes first (see :meth:`_hold_dial`)."""
-        hold = self._now() + round(self.config.redial_hold * 1000)
-        self._redial_at[peer] = hold if retry_at is None else min(hold, retry_at)
+    def _hold_redials(self, peer: PeerId) -> None:
+        """A dial to ``peer`` failed: no new dial to it for the backoff of its failures in a row (the outbox's
+        :attr:`ChatConfig.backoff`), at most :attr:`ChatConfig.redial_hold` (see :meth:`_hold_dial`)."""
+        before = self._redials.get(peer)
+        failures = 1 if before is None else before.failures + 1
+        delay = self.config.backoff.delay_ms(failures, self._rng.random())
+        self._redials[peer] = _Redial(failures, self._now() + min(delay, round(self.config.redial_hold * 1000)))
 
-    async def _hold_dial(self, peer: PeerId, items: list[OutboxEntry], until: int) -> None:
-        """The last dial to ``peer`` failed moments ago: postpone these due ``items`` to ``until`` (its next retry, or
-        :attr:`ChatConfig.redial_hold` after the failure) instead of dialling again; no attempt is counted."""
+    async def _hold_dial(self, peer: PeerId, items: list[OutboxEntry], redial: _Redial) -> None:
+        """The last dial to ``peer`` failed moments ago: postpone these due ``items`` to ``redial.at`` instead of
+        dialling again (no attempt counted; unsynced: if lost, they are only due sooner)."""
         ids = [entry.message_id for entry in items if entry.message_id not in self._inflight]
-        await self._db.write(lambda c: repo.postpone_ids(c, ids, until=until))
-        if self._redial_at.get(peer) != until:
-            # Its hello or a newer record came during the write (and may have made them due before it): due again.
-            now = self._now()
-            await self._db.write(lambda c: repo.expedite_ids(c, ids, now=now))
+        with self._store_failure_logged(f"postponing the messages to {peer}"):
+            await self._db.write(lambda c: repo.postpone_ids(c, ids, until=redial.at), durable=False)
+            if self._redials.get(peer) is not redial:
+                # Its hello or a newer record came during the write (and may have made them due before it): due again.
+                now = self._now()
+                await self._db.write(lambda c: repo.expedite_ids(c, ids, now=now), durable=False)
 
     def _hand_over(self, session: _Session, message_id: bytes, envelope: bytes) -> None:
         """Queue an outbox entry on a session's sender (it is "in flight" until marked sent or the session ends)."""
@@ -821,34 +835,29 @@ class ChatService:
         self._inflight.add(message_id)
         session.work.set()
 
-    async def _reschedule_peer(self, peer: PeerId, error: str, written: Iterable[bytes] = ()) -> int | None:
+    async def _reschedule_peer(self, peer: PeerId, error: str, written: Iterable[bytes] = ()) -> None:
         """Count a failed attempt for ``peer``'s due entries and those in ``written`` (sent on a session that was
-        lost before their receipts came): each gets its next try after the backoff.  Return the earliest of those
-        (wall ms), or None if none was rescheduled."""
+        lost before their receipts came): each gets its next try after the backoff."""
         now = self._now()
         lost = set(written)
         jitter = _FixedRandom(self._rng.random())
         backoff = self.config.backoff
         raw = peer.to_bytes()
 
-        def txn(conn: sqlite3.Connection) -> tuple[int, int | None]:
+        def txn(conn: sqlite3.Connection) -> int:
             count = 0
-            earliest: int | None = None
             for entry in repo.due_for(conn, raw, limit=MAX_QUERY_LIMIT):
                 if entry.next_attempt_at <= now or entry.message_id in lost:
-                    at = repo.reschedule(conn, entry.message_id, now=now, error=error, backoff=backoff, rng=jitter)
+                    repo.reschedule(conn, entry.message_id, now=now, error=error, backoff=backoff, rng=jitter)
                     count += 1
-                    if at is not None and (earliest is None or at < earliest):
-                        earliest = at
-            return count, earliest
+            return count
 
-        count, earliest = await self._db.write(txn)
+        count = await self._db.write(txn)
         if count:
             log.info("chat: %d message(s) to %s rescheduled: %s", count, peer, error)
-        return earliest
 
     async def _expedite(self, peer: PeerId) -> None:
-        self._redial_at.pop(peer, None)  # before the write: a _hold_dial that overlaps it then undoes itself
+        self._redials.pop(peer, None)  # before the write: a _hold_dial that overlaps it then undoes itself
         now = self._now()
         raw = peer.to_bytes()
         await self._db.write(lambda c: repo.expedite(c, raw, now=now))
@@ -880,10 +889,10 @@ class ChatService:
                 if scope.cancel_called:  # a record with other addresses arrived: dial those now, no attempt counted
                     await self._expedite(peer)
                 else:
-                    self._hold_redials(peer, await self._reschedule_peer(peer, failure))
+                    await self._reschedule_peer(peer, failure)
+                    self._hold_redials(peer)
                 return
             channel, addr = connected
-            self._redial_at.pop(peer, None)
             if self._nursery is None:
                 await trio.aclose_forcefully(channel)
                 return
@@ -1301,9 +1310,9 @@ class ChatService:
             # What was written but not acknowledged, and what is due, waits for the backoff: a peer that closes
             # every session at once (it blocked us, it is overloaded) is not hammered with redials.
             with self._store_failure_logged(f"rescheduling the messages to {peer}"):
-                retry_at = await self._reschedule_peer(peer, f"session closed: {reason}", [*session.written, *unsent])
-                if session.direction == "outbound" and not session.expedited:
-                    self._hold_redials(peer, retry_at)  # our dial got no hello (the peer refused it): a failed dial
+                await self._reschedule_peer(peer, f"session closed: {reason}", [*session.written, *unsent])
+                if session.direction == "outbound" and not session.greeted:
+                    self._hold_redials(peer)  # our dial got no hello (the peer refused it): a failed dial
                 if session.redial:
                     await self._expedite(peer)
         else:
@@ -1545,7 +1554,8 @@ class ChatService:
         Not when the channel merely opened: a node that refuses us (it blocked us, or has no session slot) completes
         the handshake and then closes without a hello.  Expediting then would reset the backoff on every redial, and
         the outbox would redial such a peer in a tight loop, each time counting an attempt."""
-        self._redial_at.pop(session.peer, None)  # before the write (see _expedite)
+        session.greeted = True
+        self._redials.pop(session.peer, None)  # before the write (see _expedite)
         now = self._now()
         raw = session.peer.to_bytes()
         await self._db.write(lambda c: repo.expedite(c, raw, now=now))
@@ -1879,7 +1889,9 @@ class ChatService:
         return contact.peer_id, contact
 
     async def add_contact(self, target: str, name: str) -> dict[str, Any]:
-        """Add the peer of an invite link (or bare peer id) as contact ``name``; accepts its pending request."""
+        """Add the peer of an invite link (or bare peer id) as contact ``name``; accepts its pending request.  A peer
+        blocked without a name (a stranger blocked, or a blocked contact removed) becomes a contact, no longer
+        blocked: the reply then says ``unblocked: true``."""
         _check_new_name(name)
         invite = parse_target(target)
         peer = invite.peer_id
@@ -1889,7 +1901,7 @@ class ChatService:
         hints = msgpack.packb([str(a) for a in invite.addrs], use_bin_type=True) if invite.addrs else None
         now = self._now()
 
-        def txn(conn: sqlite3.Connection) -> Contact:
+        def txn(conn: sqlite3.Connection) -> tuple[Contact, bool]:
             existing = repo.get_contact(conn, raw)
             if existing is not None and existing.name == name and existing.state is ContactState.CONTACT:
                 contact = existing
@@ -1899,17 +1911,17 @@ class ChatService:
                 contact = repo.add_contact(conn, peer_id=raw, name=name, now=now)
             if hints is not None:
                 repo.set_setting(conn, _HINTS_PREFIX + raw.hex(), hints, now=now)
-            return contact
+            return contact, existing is not None and existing.state is ContactState.BLOCKED
 
         try:
             with _user_errors():
-                contact = await self._db.write(txn)
+                contact, unblocked = await self._db.write(txn)
         finally:
             self._contacts_changed()
         self._now_a_contact(peer, contact.name)
         with self._store_failure_logged(f"flushing the messages to {peer}"):  # the contact itself is stored
             await self._expedite(peer)
-        return {"peer_id": str(peer), "name": contact.name}
+        return {"peer_id": str(peer), "name": contact.name} | ({"unblocked": True} if unblocked else {})
 
     async def list_contacts(self) -> list[dict[str, Any]]:
         """Every contact and blocked peer."""
@@ -1944,16 +1956,15 @@ class ChatService:
         A blocked contact stays blocked, without its name.  The reply says both: ``{peer_id, blocked, queued}``."""
         contact = await self._contact_by_name(name)
 
-        def txn(conn: sqlite3.Connection) -> int:
+        def txn(conn: sqlite3.Connection) -> tuple[bool, int]:
             repo.remove_contact(conn, contact.peer_id)
             repo.delete_setting(conn, _AUTO_PREFIX + contact.peer_id.hex())
-            return repo.outbox_depth(conn, recipient=contact.peer_id)
+            return repo.is_blocked(conn, contact.peer_id), repo.outbox_depth(conn, recipient=contact.peer_id)
 
         try:
-            queued = await self._db.write(txn)
+            blocked, queued = await self._db.write(txn)
         finally:
             self._contacts_changed()
-        blocked = contact.state is ContactState.BLOCKED
         return {"peer_id": self._text(self._peer_of(contact.peer_id)), "blocked": blocked, "queued": queued}
 
     async def block(self, name_or_peer: str) -> dict[str, Any]:

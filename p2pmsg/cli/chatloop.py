@@ -130,7 +130,7 @@ def _history_rows(result: object) -> list[dict[str, Any]]:
 
 def _find_peer(client: ControlClient, name: str) -> str:
     """The peer id of the contact ``name`` names, matched as the node matches names: the name as written (ASCII
-    letters in any case) first, then by :func:`name_key`."""
+    letters in any case) first, then by :func:`name_key`, then as a contact's peer id."""
     rows = client.call("contacts.list")
     named = [
         (row["name"], row["peer_id"])
@@ -145,6 +145,9 @@ def _find_peer(client: ControlClient, name: str) -> str:
     key = name_key(name)
     for candidate, peer_id in named:
         if name_key(candidate) == key:
+            return str(peer_id)
+    for _, peer_id in named:
+        if peer_id == name.strip():
             return str(peer_id)
     raise ControlRequestError("unknown_contact", f"no contact named {name!r}")
 

@@ -103,12 +103,10 @@ _CODE_HINT: Final = {
 #: A hint of its own for an error code of one method.
 _METHOD_HINT: Final = {
     ("requests.accept", "unknown_contact"): "see `p2pmsg requests`",
-    ("requests.block", "unknown_contact"): "see `p2pmsg requests`",
 }
 #: Words of their own for an error code of one method (the node answers a missing request as ``unknown_contact``).
 _METHOD_TEXT: Final = {
     ("requests.accept", "unknown_contact"): "unknown request",
-    ("requests.block", "unknown_contact"): "unknown request",
 }
 
 
@@ -602,6 +600,8 @@ def contacts_add(state: State, target: str, name: str | None, name_option: str |
     name = _one_name(name, name_option, "p2pmsg contacts add INVITE NAME")
     result = _record(state.call("contacts.add", target=target, name=name), "contacts.add")
     click.echo(f"added {clean(result.get('name', name))} ({clean(result.get('peer_id', '?'))})")
+    if result.get("unblocked"):
+        click.echo("it was blocked: it is no longer")
 
 
 @contacts.command("list")
@@ -648,7 +648,8 @@ def contacts_remove(state: State, name: str) -> None:
         click.echo(f"it stays blocked: `p2pmsg contacts unblock {peer}` lets it write to you again")
     queued = result.get("queued")
     if isinstance(queued, int) and queued > 0:
-        click.echo(f"{queued} message(s) to it are still queued: they are delivered when it is reachable")
+        when = "wait while it is blocked" if result.get("blocked") else "are delivered when it is reachable"
+        click.echo(f"{queued} message(s) to it are still queued: they {when}")
 
 
 @contacts.command("block")

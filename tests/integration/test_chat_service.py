@@ -461,6 +461,13 @@ async def test_user_errors(tmp_path: Path) -> None:
         assert await alice.chat.remove_contact("robert") == {"peer_id": str(BOB.peer_id), "blocked": True, "queued": 3}
         assert await alice.db.read(lambda c: repo.is_blocked(c, BOB.peer_id.to_bytes()))
         assert [(c["name"], c["state"]) for c in await alice.chat.list_contacts()] == [(None, "blocked")] * 2
+        # Added again, it is no longer blocked, and the reply says so (the user may not remember the block).
+        assert await alice.chat.add_contact(str(BOB.peer_id), "bob") == {
+            "peer_id": str(BOB.peer_id),
+            "name": "bob",
+            "unblocked": True,
+        }
+        assert not await alice.db.read(lambda c: repo.is_blocked(c, BOB.peer_id.to_bytes()))
 
 
 async def test_sender_restart_keeps_its_queue(tmp_path: Path) -> None:
@@ -1045,6 +1052,18 @@ async def test_a_new_message_does_not_overtake_the_backlog_while_the_peer_s_hell
             assert [m["text"] for m in bob.seen("message")] == ["one (older)", "two (newer)"]
 
 
+async def _all_postponed(alice: Node, count: int) -> bool:
+    """Whether ``count`` messages to Bob wait: the first for its retry, the others (never attempted) postponed
+    together to the next dial, all of them a long backoff away."""
+    entries = await alice.db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
+    later = int(time.time() * 1000) + 30_000
+    return (
+        len(entries) == count
+        and len({e.next_attempt_at for e in entries[1:]}) == 1
+        and all(e.next_attempt_at > later for e in entries)
+    )
+
+
 class _CountingDial:
     """The real dialer, counting its calls."""
 
@@ -1071,11 +1090,7 @@ async def test_messages_to_a_contact_that_is_offline_do_not_dial_it_once_each(tm
             ids.append((await alice.chat.send("bob", str(i)))["id"])
             await trio.sleep(patient.min_poll * 2)  # a round or two between sends: each found a new message due
 
-        async def all_postponed() -> bool:
-            entries = await alice.db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
-            return len(entries) == 10 and len({e.next_attempt_at for e in entries}) == 1
-
-        await eventually(all_postponed, "the new messages wait for the first one's retry")
+        await eventually(lambda: _all_postponed(alice, 10), "the new messages wait for the next dial")
         entries = await alice.db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
         assert [e.attempts for e in entries] == [1] + [0] * 9  # postponed, not attempted
         assert dials.calls == 1
@@ -1089,6 +1104,28 @@ async def test_messages_to_a_contact_that_is_offline_do_not_dial_it_once_each(tm
             await eventually(lambda: len(received()) == 10, "all ten arrive", timeout=10)
             assert received() == ids
         assert dials.calls == 1  # Bob dialled her
+
+
+async def test_a_stream_of_messages_to_an_offline_contact_dials_it_on_the_peer_s_own_backoff(tmp_path: Path) -> None:
+    """Each postponed message failed with the next dial and got its own first retry a second later, which then
+    allowed the next dial: a steady stream still dialled about once a second (a review).  The dials follow the
+    backoff of the peer's failed dials in a row (here 1 s, 2 s, 4 s, no jitter), whatever the messages' retries."""
+    addr = await _unused_address()
+    start = 1_700_000_000_000
+    now = [start]
+    config = dataclasses.replace(FAST, backoff=Backoff(base_ms=1000, cap_ms=60_000, jitter=0.0), redial_hold=10.0)
+    dials = _CountingDial()
+    async with running_node(
+        tmp_path / "alice", ALICE, config=config, clock_ms=lambda: now[0], dial_function=dials
+    ) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+        # ms after the first send -> dials by then (failed at 0, 1000, 3000 and 7000)
+        for at, dialled in {0: 1, 500: 1, 1000: 2, 2000: 2, 2999: 2, 3000: 3, 5000: 3, 7000: 4}.items():
+            now[0] = start + at
+            await alice.chat.send("bob", f"at {at} ms")
+            await eventually(lambda: dials.calls >= dialled, f"dial {dialled}")  # noqa: B023 (awaited here)
+            await trio.sleep(config.min_poll * 5)  # rounds that would dial again have had their turn
+            assert dials.calls == dialled, f"at {at} ms"
 
 
 async def test_a_contact_that_refuses_our_sessions_is_not_redialled_once_per_message(tmp_path: Path) -> None:
@@ -1109,11 +1146,7 @@ async def test_a_contact_that_refuses_our_sessions_is_not_redialled_once_per_mes
             await alice.chat.send("bob", str(i))
             await trio.sleep(patient.min_poll * 2)
 
-        async def all_postponed() -> bool:
-            entries = await alice.db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
-            return len(entries) == 5 and len({e.next_attempt_at for e in entries}) == 1
-
-        await eventually(all_postponed, "the new messages wait for the first one's retry")
+        await eventually(lambda: _all_postponed(alice, 5), "the new messages wait for the next dial")
         assert dials.calls == 1
         assert bob.chat.dropped.get("chat_blocked_peer") == 1
 

@@ -105,7 +105,7 @@ class ContactNode:
             if p["name"] in self.contacts:
                 raise ControlRequestError("name_taken", f"a contact is already called {p['name']!r}")
             self.contacts[p["name"]] = {"peer_id": peer, "name": p["name"], "state": "contact", "added": T0}
-            return {"peer_id": peer, "name": p["name"]}
+            return {"peer_id": peer, "name": p["name"]} | ({"unblocked": True} if peer in self.blocked else {})
 
         async def list_(p: dict[str, Any]) -> Any:
             return list(self.contacts.values())
@@ -283,9 +283,13 @@ async def test_contacts_add_list_rename_remove(home: Path) -> None:
         assert (await invoke(home, "contacts", "remove", "bob")).output == (
             "removed bob\n"
             f"it stays blocked: `p2pmsg contacts unblock {BOB}` lets it write to you again\n"
-            "1 message(s) to it are still queued: they are delivered when it is reachable\n"
+            "1 message(s) to it are still queued: they wait while it is blocked\n"
         )
-        node.contacts["bob"] = {"peer_id": BOB, "name": "bob", "state": "contact", "added": T0}
+        node.blocked.append(BOB)
+        assert (await invoke(home, "contacts", "add", BOB, "bob")).output == (
+            f"added bob ({BOB})\nit was blocked: it is no longer\n"
+        )
+        node.blocked.remove(BOB)
         assert (await invoke(home, "contacts", "block", "bob")).output == "blocked bob\n"
         assert (await invoke(home, "contacts", "unblock", "bob")).output == "unblocked bob\n"
         assert node.blocked == []
@@ -497,8 +501,9 @@ async def test_chat_finds_the_contact_as_the_node_does_whatever_the_case(home: P
         node.contacts["jörg"] = {"peer_id": CAROL, "name": "J\u00f6rg", "state": "contact", "added": T0}
         upper = await invoke(home, "chat", "BOB", input="hello\n")
         joerg = await invoke(home, "chat", "JO\u0308RG", input="hallo\n")
-        assert node.sent == [("bob", "hello"), ("J\u00f6rg", "hallo")]
-    assert upper.exit_code == 0 and joerg.exit_code == 0, (upper.output, joerg.output)
+        by_id = await invoke(home, "chat", BOB, input="by id\n")  # as the node takes a contact's peer id too
+        assert node.sent == [("bob", "hello"), ("J\u00f6rg", "hallo"), ("bob", "by id")]
+    assert upper.exit_code == 0 and joerg.exit_code == 0 and by_id.exit_code == 0, (upper.output, joerg.output)
 
 
 class _CtrlC(io.StringIO):
