@@ -2261,7 +2261,13 @@ class ChatService:
         rows = await self._db.read(query)
         rows.sort(key=lambda r: (r[1].sent_at, r[1].seq), reverse=True)
         return [
-            {"name": c.name, "peer_id": _peer_text(c.peer_id), "last_text": m.text, "last_ts": m.sent_at}
+            {
+                "name": c.name,
+                "peer_id": _peer_text(c.peer_id),
+                "last_text": m.text,
+                "last_ts": m.sent_at,
+                "last_direction": m.direction.value,
+            }
             for c, m in rows
         ]
 

@@ -820,7 +820,7 @@ def inbox(state: State, as_json: bool) -> None:
                 [
                     r.get("name", ""),
                     format_ts(r.get("last_ts")),
-                    truncate(str(r.get("last_text", "")), 60),
+                    truncate(("me: " if r.get("last_direction") == "out" else "") + str(r.get("last_text", "")), 60),
                 ]
                 for r in rows
             ],

@@ -156,7 +156,9 @@ async def test_send_and_receive_both_ways_with_receipts(tmp_path: Path) -> None:
             "peer_id": str(BOB.peer_id),
             "last_text": "hi alice",
             "last_ts": 0,
+            "last_direction": "in",
         }
+        assert (await bob.chat.inbox())[0]["last_direction"] == "out"  # Bob wrote last: "me: hi alice"
         peers = await alice.chat.peers()
         assert [(p["peer_id"], p["name"], p["direction"]) for p in peers] == [(str(BOB.peer_id), "bob", "outbound")]
         assert [p["direction"] for p in await bob.chat.peers()] == ["inbound"]

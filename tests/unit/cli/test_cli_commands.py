@@ -157,7 +157,9 @@ class ContactNode:
             return rows[-min(p.get("limit", 50), self.page_size) :]
 
         async def inbox(p: dict[str, Any]) -> Any:
-            return [{"name": "bob", "peer_id": BOB, "last_text": "hello bob", "last_ts": T0 + 2000}]
+            return [
+                {"name": "bob", "peer_id": BOB, "last_text": "hello bob", "last_ts": T0 + 2000, "last_direction": "out"}
+            ]
 
         async def requests_list(p: dict[str, Any]) -> Any:
             return self.requests
@@ -363,7 +365,7 @@ async def test_inbox_requests_peers_status(home: Path) -> None:
         assert node.contacts["dave"]["peer_id"] == STRANGER
         assert node.blocked == [CAROL]
     assert inbox.output.splitlines()[0].split() == ["NAME", "LAST", "MESSAGE"]
-    assert inbox.output.splitlines()[1].startswith("bob ") and inbox.output.splitlines()[1].endswith("hello bob")
+    assert inbox.output.splitlines()[1].startswith("bob ") and inbox.output.splitlines()[1].endswith("me: hello bob")
     assert STRANGER in requests.output and "let me in" in requests.output
     assert requests.output.splitlines()[-1].startswith("read one with `p2pmsg history PEER_ID`; then")
     assert json.loads(requests_json.output)[0]["count"] == 2
