@@ -18,7 +18,8 @@ second node on the same home is refused before anything else binds), then starts
   of their first TCP address; again every round while the routing table holds fewer than :data:`REJOIN_BELOW`
   nodes or our record found no holder), publish our signed peer record, republish it before it expires or as soon
   as our advertised addresses change (the *address watcher* works them out again every
-  :data:`ADDRESS_CHECK_INTERVAL` seconds: behind a wildcard listener they follow the network the host is on), and
+  :data:`ADDRESS_CHECK_INTERVAL` seconds: behind a wildcard listener they follow the network the host is on), or
+  differ from those of the newest record we signed (one stored nowhere still travels from our own DHT store), and
   save the routing table for the next start.
 
 SIGINT and SIGTERM cancel the nursery: every service closes its sockets, the database finishes its queued writes,
@@ -489,14 +490,21 @@ class Node:
             await self._attempt("join", self._join())
             published_at = -math.inf
             published_addrs: list[Multiaddr] = []
+            signed_addrs: list[Multiaddr] = []
             last_save = trio.current_time()
             while True:
                 self._addrs_changed = trio.Event()
                 self._refresh_addrs()
                 now = trio.current_time()
                 addrs = list(self.addrs)  # what this round publishes (the watcher may change self.addrs meanwhile)
-                stale = published_addrs != addrs or now - published_at >= self.options.record_ttl / 2
+                # Also when only the newest record we signed differs: one stored nowhere still sits in our own DHT
+                # store, which hands it on once the network is back (a laptop whose link dropped signed one with
+                # only 127.0.0.1, and its real address, the same as before, was not published again).
+                stale = addrs != published_addrs or signed_addrs != published_addrs
+                stale = stale or now - published_at >= self.options.record_ttl / 2
                 published = stale and await self._attempt("publish", self._publish(addrs))
+                if stale:
+                    signed_addrs = addrs
                 if published:
                     published_at, published_addrs = now, addrs
                 if now - last_save >= self.options.save_interval:

@@ -266,6 +266,39 @@ async def test_failed_publish_is_retried_and_never_stops_the_node(
     assert status["maintenance_failures"] == {"publish": 1}
 
 
+async def test_a_record_signed_during_an_outage_is_superseded_when_the_address_comes_back(
+    pair: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A laptop whose link dropped advertises only 127.0.0.1 and signs a record with it that reaches nobody, but
+    stays in its own DHT store, which hands it on when the network is back.  Its real address then equalled the last
+    one published, so it was not published again: its friends found the loopback record for up to 30 min (a QA
+    pass on network namespaces).  Here the outage record does reach Alice while the publish reports "nowhere"."""
+    from p2pmsg import node as node_module
+
+    alice, bob = pair
+    real_addrs = list(bob.addrs)
+    await wait_for(lambda: _listed(alice, bob, real_addrs), "Bob's first record at Alice")
+    outage = [Multiaddr.parse("/ip4/127.0.0.9/tcp/9")]
+    real_publish = bob.dht.publish_peer_record
+
+    async def stored_nowhere(addrs: Any, **kwargs: Any) -> int:
+        stored = await real_publish(addrs, **kwargs)
+        return 0 if list(addrs) == outage else stored  # as if only the DHT's hand-off carried it later
+
+    monkeypatch.setattr(bob.dht, "publish_peer_record", stored_nowhere)
+    monkeypatch.setattr(node_module, "advertised_addrs", lambda bound, bootstrap: outage)
+    bob._refresh_addrs()
+    await wait_for(lambda: _listed(alice, bob, outage), "the outage record at Alice")
+    monkeypatch.setattr(node_module, "advertised_addrs", lambda bound, bootstrap: real_addrs)
+    bob._refresh_addrs()
+    await wait_for(lambda: _listed(alice, bob, real_addrs), "Bob's real address at Alice again")
+
+
+async def _listed(holder: Node, node: Node, addrs: list[Multiaddr]) -> bool:
+    record = await holder.dht.find_peer(node.identity.peer_id)
+    return record is not None and list(record.addrs) == [str(a) for a in addrs]
+
+
 async def _async_value(value: bool) -> bool:
     return value
 
