@@ -217,7 +217,7 @@ class ChatConfig:
 
     policy: ChatPolicy = dataclasses.field(default_factory=ChatPolicy)
     backoff: Backoff = DEFAULT_BACKOFF
-    """Retry schedule after a failed dial: 1 s, 2 s, 4 s ... capped at 15 min, with jitter."""
+    """Retry schedule after a failed dial: 1 s, 2 s, 4 s ... capped at 2 min, with jitter."""
     resend_after_ms: int = 30_000
     """A message written to a session but not acknowledged within this time is sent again."""
     dial_timeout: float = 10.0

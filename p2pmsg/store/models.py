@@ -303,7 +303,7 @@ class Backoff:
 
     base_ms: int = 1000
     factor: float = 2.0
-    cap_ms: int = 15 * 60 * 1000
+    cap_ms: int = 2 * 60 * 1000
     jitter: float = 0.5
 
     def __post_init__(self) -> None:
@@ -324,4 +324,8 @@ class Backoff:
 
 
 DEFAULT_BACKOFF: Final = Backoff()
-"""1 s, 2 s, 4 s, ... up to 15 min, each with up to 50% jitter subtracted."""
+"""1 s, 2 s, 4 s, ... up to 2 min, each with up to 50% jitter subtracted.
+
+The cap bounds how long messages wait after a contact is back when nothing tells us so (it was asleep, or its network
+was down, and it kept its address and record): with 15 min, a QA pass saw them wait that long; each retry costs a
+TCP connect and a DHT lookup."""

@@ -35,7 +35,7 @@ def test_bad_config_is_refused(change: dict[str, object]) -> None:
 def test_default_config_is_valid() -> None:
     config = ChatConfig()
     assert config.policy.accept_from == "contacts"
-    assert config.backoff.cap_ms == 15 * 60 * 1000
+    assert config.backoff.cap_ms == 2 * 60 * 1000  # a contact back without a new record waits at most this
 
 
 def test_event_payloads_match_the_control_contract() -> None:
