@@ -19,8 +19,9 @@ second node on the same home is refused before anything else binds), then starts
   nodes or our record found no holder), publish our signed peer record, republish it before it expires or as soon
   as our advertised addresses change (the *address watcher* works them out again every
   :data:`ADDRESS_CHECK_INTERVAL` seconds: behind a wildcard listener they follow the network the host is on), or
-  differ from those of the newest record we signed (one stored nowhere still travels from our own DHT store), and
-  save the routing table for the next start.
+  differ from those of the newest record we signed (one stored nowhere still travels from our own DHT store), or
+  the host wakes from sleep (the watcher compares the clock that counts suspended time with the monotonic one: a
+  newer record tells contacts we are back), and save the routing table for the next start.
 
 SIGINT and SIGTERM cancel the nursery: every service closes its sockets, the database finishes its queued writes,
 and the routing table is saved one last time.  Nothing acknowledged to a user depends on a clean shutdown: a
@@ -76,6 +77,9 @@ REPUBLISH_CHECK_INTERVAL: Final = 30.0
 """Seconds between maintenance rounds (republish when due, rejoin while the routing table is small)."""
 ADDRESS_CHECK_INTERVAL: Final = 5.0
 """Seconds between checks of our own addresses (a wildcard listener's address follows the network we are on)."""
+HOST_SLEPT_AFTER: Final = 30.0
+"""Seconds by which the clock that counts suspended time must have run ahead of the one that does not, for the node to
+say the host slept (and publish its record again when it wakes)."""
 REJOIN_BELOW: Final = 8
 """A routing table smaller than this is refreshed through the bootstrap peers every maintenance round: in a small
 mesh the few nodes it holds may all have moved or stopped (a node keeps a known id at its old address until that
@@ -155,6 +159,15 @@ class NodeOptions:
                 raise LocalProtocolError(f"NodeOptions.{name} must be a positive number, got {value}")
         if self.rejoin_below < 1:
             raise LocalProtocolError(f"NodeOptions.rejoin_below must be >= 1, got {self.rejoin_below}")
+
+
+def host_clock_gap() -> float | None:
+    """How far the host's clock that counts time suspended (Linux ``CLOCK_BOOTTIME``) is ahead of the monotonic clock,
+    which stops while the host sleeps: it grows by the length of each sleep.  ``None`` where there is no such clock."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    if boottime is None:
+        return None
+    return time.clock_gettime(boottime) - time.monotonic()
 
 
 def dht_endpoint(listen: Sequence[str], dht_port: int | None) -> tuple[str, int]:
@@ -355,6 +368,8 @@ class Node:
         self.addrs: list[Multiaddr] = []
         self._bound: tuple[Multiaddr, ...] = ()  # the listener's bound addresses (wildcards as bound)
         self._addrs_changed = trio.Event()  # set when _refresh_addrs finds new addresses (maintenance waits on it)
+        self._clock_gap = host_clock_gap()  # how far the host's clock of suspended time ran ahead (sleep detection)
+        self._woke = False  # the host slept since the last maintenance round: publish our record again
         self._bootstrap: list[tuple[str, int]] = []
         self._started = time.monotonic()
         self.maintenance_failures: collections.Counter[str] = collections.Counter()
@@ -491,22 +506,26 @@ class Node:
             published_at = -math.inf
             published_addrs: list[Multiaddr] = []
             signed_addrs: list[Multiaddr] = []
+            woke = False  # the host woke from sleep and our record has not been published since
             last_save = trio.current_time()
             while True:
                 self._addrs_changed = trio.Event()
                 self._refresh_addrs()
                 now = trio.current_time()
                 addrs = list(self.addrs)  # what this round publishes (the watcher may change self.addrs meanwhile)
+                woke, self._woke = woke or self._woke, False
                 # Also when only the newest record we signed differs: one stored nowhere still sits in our own DHT
                 # store, which hands it on once the network is back (a laptop whose link dropped signed one with
-                # only 127.0.0.1, and its real address, the same as before, was not published again).
-                stale = addrs != published_addrs or signed_addrs != published_addrs
+                # only 127.0.0.1, and its real address, the same as before, was not published again).  And after
+                # the host slept: a newer record tells our contacts (through their DHT stores or record watchers)
+                # that we are back, so what they hold for us comes at once rather than at their next retry.
+                stale = addrs != published_addrs or signed_addrs != published_addrs or woke
                 stale = stale or now - published_at >= self.options.record_ttl / 2
                 published = stale and await self._attempt("publish", self._publish(addrs))
                 if stale:
                     signed_addrs = addrs
                 if published:
-                    published_at, published_addrs = now, addrs
+                    published_at, published_addrs, woke = now, addrs, False
                 if now - last_save >= self.options.save_interval:
                     await self._save_routing_table()
                     last_save = now
@@ -532,10 +551,20 @@ class Node:
 
     async def _watch_addrs(self) -> None:
         """Every :data:`ADDRESS_CHECK_INTERVAL` seconds, see whether our addresses changed (a few UDP ``connect``
-        calls, nothing sent); a change wakes the maintenance loop, which republishes our record."""
+        calls, nothing sent), and whether the host slept meanwhile (:func:`host_clock_gap`); either wakes the
+        maintenance loop, which republishes our record."""
         while True:
             await trio.sleep(self.options.address_interval)
+            self._check_sleep()
             self._refresh_addrs()
+
+    def _check_sleep(self) -> None:
+        gap = host_clock_gap()
+        if gap is not None and self._clock_gap is not None and gap - self._clock_gap >= HOST_SLEPT_AFTER:
+            log.info("the host slept for %.0f s; publishing our peer record again", gap - self._clock_gap)
+            self._woke = True
+            self._addrs_changed.set()
+        self._clock_gap = gap
 
     async def _attempt(self, step: str, work: Awaitable[T]) -> T | None:
         """Run one maintenance step; a failure is logged and counted, and ``None`` returned."""

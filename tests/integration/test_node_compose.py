@@ -294,6 +294,31 @@ async def test_a_record_signed_during_an_outage_is_superseded_when_the_address_c
     await wait_for(lambda: _listed(alice, bob, real_addrs), "Bob's real address at Alice again")
 
 
+async def test_a_node_publishes_its_record_again_when_the_host_wakes_from_sleep(
+    pair: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A laptop that slept keeps its address and record, so nothing told its contacts it was back: messages waited
+    for their next retry (a QA pass).  On waking it publishes a newer record, which their nodes act on."""
+    from p2pmsg import node as node_module
+
+    alice, bob = pair
+    first = await wait_for(lambda: alice.dht.find_peer(bob.identity.peer_id), "Bob's first record at Alice")
+    gap = node_module.host_clock_gap()
+    if gap is None:
+        pytest.skip("this host has no clock that counts time suspended (CLOCK_BOOTTIME)")
+    bob._check_sleep()
+    await trio.sleep(0.5)  # a few maintenance rounds: nothing to publish without a sleep
+    assert (await alice.dht.find_peer(bob.identity.peer_id)).seq == first.seq
+    monkeypatch.setattr(node_module, "host_clock_gap", lambda: gap + 3600.0)  # an hour suspended
+    bob._check_sleep()
+
+    async def newer() -> bool:
+        record = await alice.dht.find_peer(bob.identity.peer_id)
+        return record is not None and record.seq > first.seq
+
+    await wait_for(newer, "a newer record of Bob at Alice")
+
+
 async def _listed(holder: Node, node: Node, addrs: list[Multiaddr]) -> bool:
     record = await holder.dht.find_peer(node.identity.peer_id)
     return record is not None and list(record.addrs) == [str(a) for a in addrs]
