@@ -1023,23 +1023,22 @@ def expedite(conn: sqlite3.Connection, recipient: bytes, *, now: int) -> int:
 
 def expedite_ids(conn: sqlite3.Connection, message_ids: Iterable[bytes], *, now: int) -> int:
     """Make these outbox entries due at *now* if they are due later (no attempt counted); return how many changed."""
-    now = _timestamp("now", now)
-    cursor = conn.executemany(
-        "UPDATE outbox SET next_attempt_at = ?1 WHERE seq = (SELECT seq FROM messages WHERE message_id = ?2)"
-        " AND next_attempt_at > ?1",
-        [(now, _message_id(mid)) for mid in message_ids],
-    )
-    return int(cursor.rowcount)
+    return _move_due(conn, message_ids, _timestamp("now", now), later=False)
 
 
 def postpone_ids(conn: sqlite3.Connection, message_ids: Iterable[bytes], *, until: int) -> int:
     """Make these outbox entries due no earlier than *until* (no attempt counted, nothing else changed); return how
     many changed.  The reverse of :func:`expedite_ids`."""
-    until = _timestamp("until", until)
+    return _move_due(conn, message_ids, _timestamp("until", until), later=True)
+
+
+def _move_due(conn: sqlite3.Connection, message_ids: Iterable[bytes], at: int, *, later: bool) -> int:
+    """Set ``next_attempt_at = at`` on these entries where that moves it later (*later*) or earlier."""
+    moved = "<" if later else ">"
     cursor = conn.executemany(
         "UPDATE outbox SET next_attempt_at = ?1 WHERE seq = (SELECT seq FROM messages WHERE message_id = ?2)"
-        " AND next_attempt_at < ?1",
-        [(until, _message_id(mid)) for mid in message_ids],
+        f" AND next_attempt_at {moved} ?1",
+        [(at, _message_id(mid)) for mid in message_ids],
     )
     return int(cursor.rowcount)
 
