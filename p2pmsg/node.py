@@ -18,8 +18,8 @@ second node on the same home is refused before anything else binds), then starts
   of their first TCP address; again every round while the routing table holds fewer than :data:`REJOIN_BELOW`
   nodes or our record found no holder), publish our signed peer record, republish it before it expires or as soon
   as our advertised addresses change (the *address watcher* works them out again every
-  :data:`ADDRESS_CHECK_INTERVAL` seconds: behind a wildcard listener they follow the network the host is on), or
-  differ from those of the newest record we signed (one stored nowhere still travels from our own DHT store), or
+  :data:`ADDRESS_CHECK_INTERVAL` seconds: behind a wildcard listener they follow the network the host is on), every
+  round while the newest record we signed reached no holder (it still travels from our own DHT store), and when
   the host wakes from sleep (the watcher compares the clock that counts suspended time with the monotonic one: a
   newer record tells contacts we are back), and save the routing table for the next start.
 
@@ -503,29 +503,29 @@ class Node:
         """
         try:
             await self._attempt("join", self._join())
-            published_at = -math.inf
+            published_at = published_wall = -math.inf
             published_addrs: list[Multiaddr] = []
-            signed_addrs: list[Multiaddr] = []
-            woke = False  # the host woke from sleep and our record has not been published since
+            unpublished = False  # a record was signed since the last one a holder took: publish until one does
             last_save = trio.current_time()
             while True:
                 self._addrs_changed = trio.Event()
                 self._refresh_addrs()
-                now = trio.current_time()
+                now, wall = trio.current_time(), time.time()
                 addrs = list(self.addrs)  # what this round publishes (the watcher may change self.addrs meanwhile)
-                woke, self._woke = woke or self._woke, False
-                # Also when only the newest record we signed differs: one stored nowhere still sits in our own DHT
-                # store, which hands it on once the network is back (a laptop whose link dropped signed one with
-                # only 127.0.0.1, and its real address, the same as before, was not published again).  And after
-                # the host slept: a newer record tells our contacts (through their DHT stores or record watchers)
-                # that we are back, so what they hold for us comes at once rather than at their next retry.
-                stale = addrs != published_addrs or signed_addrs != published_addrs or woke
-                stale = stale or now - published_at >= self.options.record_ttl / 2
+                # A record that reached no holder still sits in our own DHT store, which hands it on once the
+                # network is back (a laptop whose link dropped signed one with only 127.0.0.1; its real address, the
+                # same as before, was then not published again): publish until a holder takes the newest.  After
+                # the host slept too: a newer record tells our contacts (through their DHT stores or record
+                # watchers) that we are back, so what they hold for us comes at once rather than at their next retry.
+                unpublished, self._woke = unpublished or self._woke, False
+                half_life = self.options.record_ttl / 2  # on both clocks: the monotonic one stops while the host sleeps
+                stale = addrs != published_addrs or unpublished
+                stale = stale or now - published_at >= half_life or wall - published_wall >= half_life
                 published = stale and await self._attempt("publish", self._publish(addrs))
-                if stale:
-                    signed_addrs = addrs
                 if published:
-                    published_at, published_addrs, woke = now, addrs, False
+                    published_at, published_wall, published_addrs, unpublished = now, wall, addrs, False
+                elif stale:
+                    unpublished = True
                 if now - last_save >= self.options.save_interval:
                     await self._save_routing_table()
                     last_save = now

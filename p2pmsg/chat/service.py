@@ -722,7 +722,7 @@ class ChatService:
                 busy = True
                 left_over.add(raw_peer)
         self._settled_at = {p: n for p, n in self._settled_at.items() if n > settled}  # older ones matter no more
-        if self._redials:  # a peer whose last failed dial is long past starts its count again
+        if self._redials:  # a peer whose last hold ended long ago starts its count again
             stale = now - cfg.backoff.cap_ms
             self._redials = {p: r for p, r in self._redials.items() if r.at > stale}
         if not truncated and outboxed == self._outboxed:
@@ -798,7 +798,9 @@ class ChatService:
         if peer in self._dialing:
             return False
         redial = self._redials.get(peer)
-        if redial is not None and self._now() < redial.at:
+        now = self._now()
+        # A hold further ahead than redial_hold is from before the wall clock stepped back: it no longer holds.
+        if redial is not None and now < redial.at <= now + round(self.config.redial_hold * 1000):
             await self._hold_dial(peer, items, redial)
             return True
         if self._nursery is None:
@@ -1230,8 +1232,17 @@ class ChatService:
             )
             raise
         finally:
+            refused = dialed and session is None and not stopping
+            if refused:  # our dial's channel, closed here before a session started (no session slot free)
+                self._hold_redials(peer)  # before the mark goes: no round may dial the peer again meanwhile
             if not dial_done:
                 self._dialing.discard(peer)
+            if refused:
+                with (
+                    trio.CancelScope(shield=True, deadline=trio.current_time() + _SETTLE_TIMEOUT),
+                    self._store_failure_logged(f"rescheduling the messages to {peer}"),
+                ):
+                    await self._reschedule_peer(peer, "the session could not start here")
             if session is not None:
                 unsent = self._release_session(session)
                 if stopping:  # no attempt is counted: what was unsent is due again at the next start, the rest later

@@ -1078,9 +1078,9 @@ class _CountingDial:
 
 
 async def test_messages_to_a_contact_that_is_offline_do_not_dial_it_once_each(tmp_path: Path) -> None:
-    """After a failed dial, a new message waits for the peer's next retry (or ``redial_hold``) instead of dialling
-    again: a QA pass saw up to 47 dials a second while lines were piped to a contact that was down.  The contact's
-    hello ends the wait: everything goes, in send order."""
+    """After a failed dial, a new message waits for the peer's next dial (its backoff, at most ``redial_hold``)
+    instead of dialling again: a QA pass saw up to 47 dials a second while lines were piped to a contact that was
+    down.  The contact's hello ends the wait: everything goes, in send order."""
     addr = await _unused_address()  # Bob starts there later
     patient = dataclasses.replace(FAST, backoff=Backoff(base_ms=60_000, cap_ms=60_000, jitter=0.0), redial_hold=60.0)
     dials = _CountingDial()
@@ -1151,6 +1151,47 @@ async def test_a_contact_that_refuses_our_sessions_is_not_redialled_once_per_mes
         await eventually(lambda: _all_postponed(alice, 5), "the new messages wait for the next dial")
         assert dials.calls == 1
         assert bob.chat.dropped.get("chat_blocked_peer") == 1
+
+
+async def test_a_dial_refused_here_for_want_of_a_session_slot_counts_as_a_failed_one(tmp_path: Path) -> None:
+    """With every session slot taken, our own dial's channel was closed before a session started and nothing was
+    rescheduled: each outbox round dialled again, a full handshake with a healthy peer each time (a review counted
+    138 dials in 3 s)."""
+    patient = dataclasses.replace(
+        FAST, max_sessions=1, backoff=Backoff(base_ms=60_000, cap_ms=60_000, jitter=0.0), redial_hold=60.0
+    )
+    dials = _CountingDial()
+    async with (
+        running_node(tmp_path / "carol", CAROL) as carol,
+        running_node(tmp_path / "bob", BOB) as bob,
+        running_node(tmp_path / "alice", ALICE, config=patient, dial_function=dials) as alice,
+    ):
+        await alice.chat.add_contact(carol.invite, "carol")
+        await alice.chat.send("carol", "takes the only slot")
+        await eventually(lambda: _all_delivered(alice, "carol", 1), "the message to carol")
+        await alice.chat.add_contact(bob.invite, "bob")
+        await alice.chat.send("bob", "no slot for this one")
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "the refused dial counted as an attempt")
+        await trio.sleep(patient.min_poll * 10)  # rounds that would dial again have had their turn
+        assert (dials.calls, alice.chat.dropped.get("chat_session_limit")) == (2, 1)  # Carol once, Bob once
+
+
+async def test_a_wall_clock_stepped_back_does_not_stretch_a_redial_hold(tmp_path: Path) -> None:
+    """The hold is a wall-clock time: stepped back an hour, the clock postponed a new message by that hour, far past
+    ``redial_hold`` (a review).  A hold further ahead than ``redial_hold`` no longer holds."""
+    addr = await _unused_address()
+    now = [1_700_000_000_000]
+    config = dataclasses.replace(FAST, backoff=Backoff(base_ms=5000, cap_ms=5000, jitter=0.0), redial_hold=10.0)
+    dials = _CountingDial()
+    async with running_node(
+        tmp_path / "alice", ALICE, config=config, clock_ms=lambda: now[0], dial_function=dials
+    ) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+        await alice.chat.send("bob", "before the step")
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "the first dial fails")
+        now[0] -= 3_600_000
+        await alice.chat.send("bob", "after the step")
+        await eventually(lambda: dials.calls == 2, "a dial for the new message")
 
 
 async def test_a_newer_record_of_an_offline_contact_ends_the_wait_for_a_redial(tmp_path: Path) -> None:
