@@ -505,7 +505,7 @@ class Node:
             await self._attempt("join", self._join())
             published_at = published_wall = -math.inf
             published_addrs: list[Multiaddr] = []
-            unpublished = False  # a record was signed since the last one a holder took: publish until one does
+            unpublished = False  # the last publish reached no holder (or the host slept): publish until one does
             last_save = trio.current_time()
             while True:
                 self._addrs_changed = trio.Event()

@@ -1170,14 +1170,18 @@ class ChatService:
         dial_done = not dialed  # this dial's mark in _dialing is cleared once (a later dial may set it again)
         unsent: list[bytes] = []
         stopping = False
+        refused = False  # closed here before a session started (below): for our own dial, a failed attempt
         try:
             if peer == self.identity.peer_id:
                 self._drop("chat_self_connection", "a channel to ourselves")
+                refused = True
                 return
             contact, auto = await self._db.read(lambda c: _contact_and_mark(c, peer.to_bytes()))
+            await trio.lowlevel.checkpoint_if_cancelled()  # a read completes even when cancelled meanwhile
             relation = _relation(contact)
             if relation is Relation.CONTACT and auto:
                 relation = Relation.STRANGER  # auto-added, not vouched for: stranger limits still apply
+            refused = True
             if not self.config.policy.admit_channel(relation):
                 self._drop("chat_blocked_peer", "channel of a blocked peer closed", peer)
                 return
@@ -1187,6 +1191,7 @@ class ChatService:
                 return
             if relation is Relation.STRANGER and not self._stranger_slot(peer):
                 return
+            refused = False
             session = _Session(
                 peer=peer,
                 channel=channel,
@@ -1232,17 +1237,17 @@ class ChatService:
             )
             raise
         finally:
-            refused = dialed and session is None and not stopping
-            if refused:  # our dial's channel, closed here before a session started (no session slot free)
-                self._hold_redials(peer)  # before the mark goes: no round may dial the peer again meanwhile
-            if not dial_done:
-                self._dialing.discard(peer)
-            if refused:
+            if refused and dialed and not stopping:  # our dial's channel, closed here (no slot free ...): failed
+                # As after a failed dial, with the dial's mark still set: no round may dial the peer (or postpone
+                # its due entries, which the reschedule would then miss) until the backoff is written.
                 with (
                     trio.CancelScope(shield=True, deadline=trio.current_time() + _SETTLE_TIMEOUT),
                     self._store_failure_logged(f"rescheduling the messages to {peer}"),
                 ):
                     await self._reschedule_peer(peer, "the session could not start here")
+                self._hold_redials(peer)
+            if not dial_done:
+                self._dialing.discard(peer)
             if session is not None:
                 unsent = self._release_session(session)
                 if stopping:  # no attempt is counted: what was unsent is due again at the next start, the rest later

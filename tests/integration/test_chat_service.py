@@ -1153,10 +1153,20 @@ async def test_a_contact_that_refuses_our_sessions_is_not_redialled_once_per_mes
         assert bob.chat.dropped.get("chat_blocked_peer") == 1
 
 
-async def test_a_dial_refused_here_for_want_of_a_session_slot_counts_as_a_failed_one(tmp_path: Path) -> None:
+async def test_a_dial_refused_here_for_want_of_a_session_slot_counts_as_a_failed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With every session slot taken, our own dial's channel was closed before a session started and nothing was
     rescheduled: each outbox round dialled again, a full handshake with a healthy peer each time (a review counted
-    138 dials in 3 s)."""
+    138 dials in 3 s).  The reschedule is slowed down here: a round that ran while it was written postponed the entry,
+    the reschedule then missed it, and no attempt was counted (a second review)."""
+    original = ChatService._reschedule_peer
+
+    async def slow(self: ChatService, *args: Any, **kwargs: Any) -> None:
+        await trio.sleep(0.2)  # several outbox rounds (min_poll 0.02 s)
+        await original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ChatService, "_reschedule_peer", slow)
     patient = dataclasses.replace(
         FAST, max_sessions=1, backoff=Backoff(base_ms=60_000, cap_ms=60_000, jitter=0.0), redial_hold=60.0
     )
