@@ -1066,6 +1066,22 @@ async def _all_postponed(alice: Node, count: int) -> bool:
     )
 
 
+@contextlib.asynccontextmanager
+async def _alice_on_a_clock_with_bob_away(
+    tmp_path: Path, now: list[int], backoff: Backoff
+) -> AsyncIterator[tuple[Node, _CountingDial]]:
+    """Alice on the wall clock ``now[0]`` (ms), ``redial_hold`` 10 s, her dials counted, with Bob as her contact at an
+    address where nobody listens."""
+    addr = await _unused_address()
+    dials = _CountingDial()
+    config = dataclasses.replace(FAST, backoff=backoff, redial_hold=10.0)
+    async with running_node(
+        tmp_path / "alice", ALICE, config=config, clock_ms=lambda: now[0], dial_function=dials
+    ) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+        yield alice, dials
+
+
 class _CountingDial:
     """The real dialer, counting its calls."""
 
@@ -1112,21 +1128,16 @@ async def test_a_stream_of_messages_to_an_offline_contact_dials_it_on_the_peer_s
     """Each postponed message failed with the next dial and got its own first retry a second later, which then
     allowed the next dial: a steady stream still dialled about once a second (a review).  The dials follow the
     backoff of the peer's failed dials in a row (here 1 s, 2 s, 4 s, no jitter), whatever the messages' retries."""
-    addr = await _unused_address()
     start = 1_700_000_000_000
     now = [start]
-    config = dataclasses.replace(FAST, backoff=Backoff(base_ms=1000, cap_ms=60_000, jitter=0.0), redial_hold=10.0)
-    dials = _CountingDial()
-    async with running_node(
-        tmp_path / "alice", ALICE, config=config, clock_ms=lambda: now[0], dial_function=dials
-    ) as alice:
-        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+    backoff = Backoff(base_ms=1000, cap_ms=60_000, jitter=0.0)
+    async with _alice_on_a_clock_with_bob_away(tmp_path, now, backoff) as (alice, dials):
         # ms after the first send -> dials by then (failed at 0, 1000, 3000 and 7000)
         for at, dialled in {0: 1, 500: 1, 1000: 2, 2000: 2, 2999: 2, 3000: 3, 5000: 3, 7000: 4}.items():
             now[0] = start + at
             await alice.chat.send("bob", f"at {at} ms")
             await eventually(lambda: dials.calls >= dialled, f"dial {dialled}")  # noqa: B023 (awaited here)
-            await trio.sleep(config.min_poll * 5)  # rounds that would dial again have had their turn
+            await trio.sleep(FAST.min_poll * 5)  # rounds that would dial again have had their turn
             assert dials.calls == dialled, f"at {at} ms"
 
 
@@ -1189,14 +1200,9 @@ async def test_a_dial_refused_here_for_want_of_a_session_slot_counts_as_a_failed
 async def test_a_wall_clock_stepped_back_does_not_stretch_a_redial_hold(tmp_path: Path) -> None:
     """The hold is a wall-clock time: stepped back an hour, the clock postponed a new message by that hour, far past
     ``redial_hold`` (a review).  A hold further ahead than ``redial_hold`` no longer holds."""
-    addr = await _unused_address()
     now = [1_700_000_000_000]
-    config = dataclasses.replace(FAST, backoff=Backoff(base_ms=5000, cap_ms=5000, jitter=0.0), redial_hold=10.0)
-    dials = _CountingDial()
-    async with running_node(
-        tmp_path / "alice", ALICE, config=config, clock_ms=lambda: now[0], dial_function=dials
-    ) as alice:
-        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+    backoff = Backoff(base_ms=5000, cap_ms=5000, jitter=0.0)
+    async with _alice_on_a_clock_with_bob_away(tmp_path, now, backoff) as (alice, dials):
         await alice.chat.send("bob", "before the step")
         await eventually(lambda: _attempts(alice, BOB.peer_id), "the first dial fails")
         now[0] -= 3_600_000
