@@ -1880,21 +1880,14 @@ class ChatService:
 
     async def _contact_by_peer_id(self, text: str) -> Contact | None:
         """The named contact (blocked or not) whose peer id ``text`` is, if any."""
-        try:
-            raw = PeerId.from_string(text.strip()).to_bytes()
-        except InvalidPeerIdError:
+        if (raw := _peer_bytes(text)) is None:
             return None
         contact = await self._db.read(lambda c: repo.get_contact(c, raw))
         return contact if contact is not None and contact.name is not None else None
 
     async def _peer_by_name_or_id(self, text: str) -> tuple[bytes, Contact | None]:
         """The peer ``text`` names: a peer id is that peer, whatever any contact is called; otherwise a contact name."""
-        try:
-            peer = PeerId.from_string(text.strip())
-        except InvalidPeerIdError:
-            pass
-        else:
-            raw = peer.to_bytes()
+        if (raw := _peer_bytes(text)) is not None:
             return raw, await self._db.read(lambda c: repo.get_contact(c, raw))
         try:
             contact = await self._db.read(lambda c: repo.find_contact(c, text))
@@ -2254,12 +2247,9 @@ class ChatService:
         stranger with a pending message request (read before it is accepted or blocked)."""
         try:
             return (await self._contact_by_name(name)).peer_id
-        except UnknownContactError as unknown:
-            try:
-                raw = PeerId.from_string(name.strip()).to_bytes()
-            except InvalidPeerIdError:
-                raise unknown from None
-            if await self._db.read(lambda c: repo.get_request(c, raw)) is None:
+        except UnknownContactError:
+            raw = _peer_bytes(name)
+            if raw is None or await self._db.read(lambda c: repo.get_request(c, raw)) is None:
                 raise
             return raw
 
@@ -2450,6 +2440,14 @@ def _user_errors() -> Iterator[None]:
         raise UnknownContactError(str(exc)) from None
     except (store_errors.ContactExistsError, store_errors.PeerBlockedError, store_errors.StoreArgumentError) as exc:
         raise BadRequestError(str(exc)) from None
+
+
+def _peer_bytes(text: str) -> bytes | None:
+    """The peer id ``text`` spells (white space around it ignored), as bytes; ``None`` if it is not one."""
+    try:
+        return PeerId.from_string(text.strip()).to_bytes()
+    except InvalidPeerIdError:
+        return None
 
 
 def _check_new_name(name: str) -> None:

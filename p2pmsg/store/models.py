@@ -101,7 +101,6 @@ MAX_ERROR_CHARS: Final = 512
 """``last_error`` texts longer than this are truncated (not refused)."""
 MAX_BATCH_ITEMS: Final = 10000
 """Most items accepted by one ``*_many`` repository call."""
-
 MAX_QUERY_LIMIT: Final = 10000
 """Largest ``limit`` accepted by the listing functions."""
 MAX_TIMESTAMP: Final = 2**63 - 1
