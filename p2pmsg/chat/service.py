@@ -169,9 +169,10 @@ _MAX_CONTACT_HOSTS: Final = 1024
 _STRANGER_INBOX_BUDGET: Final = 4 * 1024 * 1024
 """The part of :data:`_INBOX_BUDGET` that stranger sessions may hold together: the rest (12 MiB) stays free for
 contacts however many strangers send at once."""
-_STORE_FAILED_LINGER: Final = 10.0
-"""Seconds a session whose received messages could not be stored stays open (storing nothing) before it is closed:
-long enough that the sender is not made to redial in a loop, short enough that it resends soon."""
+_HELD_BACK_LINGER: Final = 10.0
+"""Seconds a session that held received messages back (they could not be stored, or a stranger's request went over
+the limits) stays open, storing nothing, before it is closed: long enough that the sender is not made to redial in a
+loop, short enough that it resends soon."""
 _CROSSING_DIAL_WINDOW: Final = 2.0
 """Seconds within which two sessions with one peer count as a crossing dial (both nodes dialled each other): the
 newer one's hello does not end the older one then (each side might end a different one)."""
@@ -359,9 +360,11 @@ class _Session:
     redial: bool = False
     """Closed because the peer's newer record no longer lists the address this session was dialled at: what it
     had not delivered is due at once, over a dial to the new addresses (not after the backoff)."""
-    store_failed: bool = False
-    """Received messages could not be stored: everything after them on this session is dropped unacknowledged too,
-    so what is stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
+    held_back: str | None = None
+    """Set (to the drop counter it counts under) once received messages were left unacknowledged, because they
+    could not be stored (``chat_store_failed``) or a stranger's request went over the limits
+    (``chat_request_overflow``): everything after them on this session is dropped unacknowledged too, so what is
+    stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
 
 
 class _Pacer:
@@ -1613,23 +1616,16 @@ class ChatService:
         # Activity is a message that opened (from the peer, to us): a stranger sending only forged or undecryptable
         # envelopes does not keep its session slot.
         session.active_at = trio.current_time()
-        if session.store_failed:
-            self._dropped["chat_store_failed"] += len(opened)
+        if session.held_back is not None:
+            self._dropped[session.held_back] += len(opened)
             return
         now = self._now()
         try:
             incoming = await self._db.write(lambda c: self._store_incoming(c, peer, opened, now))
         except store_errors.StoreWriteError as exc:
             # Disk full, I/O error: nothing of the batch was stored, so nothing is acknowledged, and the sender sends
-            # it again on a new session, in send order.  This session stays a while (_STORE_FAILED_LINGER, or until
-            # the sender ends it): closing it at once made the sender redial (and resend all) many times a second,
-            # and logged a traceback each time.  Nothing later on it is stored either (store_failed): a smaller
-            # batch after this one might fit, and would then sit before it in the history.
-            session.store_failed = True  # (it was not: a failed session returns above)
-            # Ended after a while even if the sender does not end it (it ends only its newest session, and this one
-            # may not be): a session that stores nothing must not linger and swallow later messages.
-            session.close_reason = session.close_reason or "received messages could not be stored"
-            session.scope.deadline = min(session.scope.deadline, trio.current_time() + _STORE_FAILED_LINGER)
+            # it again on a new session, in send order.
+            self._hold_back(session, "chat_store_failed", "received messages could not be stored")
             self._dropped["chat_store_failed"] += len(opened)
             self._store_warning.log(
                 logging.WARNING,
@@ -1651,8 +1647,11 @@ class ChatService:
         if not outcomes:  # refused by the policy: nothing stored, nothing acknowledged
             return
         if "overflow" in outcomes:
+            # The first message over the limits and everything after it (in this batch, and later on this session)
+            # wait at the sender: a smaller one after it might fit, and would then sit before it in the history.
             ack_ids = [m.id for m, outcome in zip(opened, outcomes, strict=True) if outcome != "overflow"]
             overflow = len(outcomes) - len(ack_ids)
+            self._hold_back(session, "chat_request_overflow", "message requests over the limits")
             self._dropped["chat_request_overflow"] += overflow
             log.info("chat: %d message request(s) from %s over the limits, not acknowledged", overflow, peer)
         else:
@@ -1672,6 +1671,19 @@ class ChatService:
                     )
                     self._publish_fields("message", fields)
         await self._write(session, session.conn.send_ack(ack_ids))
+
+    @staticmethod
+    def _hold_back(session: _Session, counter: str, reason: str) -> None:
+        """Acknowledge nothing more on ``session`` (what arrives is counted under ``counter``), and end it after
+        :data:`_HELD_BACK_LINGER`: the sender then resends what was held back, in order, on a new session.
+
+        Not at once: closing it made the sender redial (and resend all) many times a second.  Ended even if the
+        sender does not end it (it ends only its newest session, and this one may not be): a session that stores
+        nothing must not linger and swallow later messages."""
+        if session.held_back is None:
+            session.held_back = counter
+            session.close_reason = session.close_reason or reason
+            session.scope.deadline = min(session.scope.deadline, trio.current_time() + _HELD_BACK_LINGER)
 
     def _store_incoming(
         self, conn: sqlite3.Connection, peer: PeerId, messages: list[OpenedText], now: int
@@ -1715,13 +1727,14 @@ class ChatService:
         # The byte budget: read once per transaction, then kept up to date here (each read walks the requests).
         pending_bytes = repo.request_bytes(conn) if disposition is Disposition.REQUEST else 0
         peer_bytes = repo.request_bytes(conn, raw) if disposition is Disposition.REQUEST else 0
+        over = False  # a message went over the limits: the ones after it wait too (they must not overtake it)
         for message in messages:
             sent_at = min(message.ts, now)  # a clock in the future must not pin a message below newer ones
             size = 0
             if disposition is Disposition.REQUEST and repo.get_message(conn, message.id) is None:
                 pending = repo.get_request(conn, raw)
                 size = len(message.text.encode("utf-8"))
-                if not policy.request_admissible(
+                if over or not policy.request_admissible(
                     pending_peers=repo.count_requests(conn),
                     pending_from_peer=pending.message_count if pending is not None else 0,
                     peer_already_pending=pending is not None,
@@ -1729,6 +1742,7 @@ class ChatService:
                     pending_bytes_from_peer=peer_bytes,
                     size=size,
                 ):
+                    over = True
                     outcomes.append("overflow")
                     sent_ats.append(sent_at)
                     continue
@@ -2118,7 +2132,10 @@ class ChatService:
                     batch.done.set()
             stranded = self._after_enqueue(items)
             if stranded:  # the session went away during the commit: make them due for the outbox worker
-                await self._db.write(lambda c: [repo.expedite(c, p.to_bytes(), now=now) for p in stranded])
+                # After the commit the send has succeeded: this write failing only delays them (they fall due at
+                # their resend time), and an error here would make the user send them again.
+                with self._store_failure_logged("making new messages due for the outbox"):
+                    await self._db.write(lambda c: [repo.expedite(c, p.to_bytes(), now=now) for p in stranded])
                 self._poke()
 
     def _hand_over_early(self, items: list[_Queued]) -> list[_Queued]:
