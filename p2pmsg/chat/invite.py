@@ -101,6 +101,8 @@ def parse_invite(text: str) -> Invite:
     except ValueError as exc:
         raise InviteError("invite", f"not a URL ({exc})") from None
     if parts.scheme.lower() != INVITE_SCHEME:
+        if text[:1] in ("'", '"', "<"):
+            raise InviteError("invite", f"starts with {text[0]!r}: give the link without the quotes around it")
         raise InviteError("scheme", f"expected {INVITE_SCHEME!r}, got {parts.scheme!r}")
     if parts.netloc.lower() != INVITE_HOST:
         raise InviteError("kind", f"expected {INVITE_HOST!r}, got {parts.netloc!r}")

@@ -23,6 +23,7 @@ import inspect
 import io
 import logging
 import os
+import select
 import shlex
 import sys
 from collections.abc import Callable
@@ -113,7 +114,8 @@ _METHOD_TEXT: Final = {
 def _request_error(exc: ControlRequestError, method: str | None = None) -> CliError:
     """The error the node answered, introduced by its code, with the hint for that code (and method)."""
     words = _METHOD_TEXT.get((method or "", exc.code)) or _CODE_TEXT.get(exc.code, exc.code)
-    text = f"{words}: {clean(exc.message)}"
+    message = exc.message.removeprefix("invalid invite: ") if exc.code == "invalid_invite" else exc.message
+    text = f"{words}: {clean(message)}"
     hint = _METHOD_HINT.get((method or "", exc.code)) or _CODE_HINT.get(exc.code)
     return CliError(f"{text} ({hint})" if hint else text)
 
@@ -160,7 +162,10 @@ def human_error(exc: BaseException, *, home: Path) -> CliError | None:
     if isinstance(exc, WrongPassphraseError):
         return CliError(f"wrong passphrase for {home / IDENTITY_FILENAME}")
     if isinstance(exc, PassphraseRequiredError):
-        return CliError(f"{exc} (set $P2PMSG_PASSPHRASE or $P2PMSG_PASSPHRASE_FILE, or run in a terminal)")
+        return CliError(
+            f"{exc} (set $P2PMSG_PASSPHRASE or $P2PMSG_PASSPHRASE_FILE, give the systemd credential "
+            "p2pmsg-passphrase, or run in a terminal)"
+        )
     if isinstance(exc, UnencryptedKeyFileError):
         return CliError(
             f"{home / IDENTITY_FILENAME} is not encrypted, so it is only loaded on request: if you made it with "
@@ -190,12 +195,29 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            if not _stdout_gone():
+                raise
+            # Whoever read our output stopped (`p2pmsg history NAME | head`): end quietly, as other command-line
+            # tools do, with stdout on /dev/null so that the interpreter's last flush does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(1)
         except (Exception, BaseExceptionGroup) as exc:
             state = ctx.find_object(State)
             error = human_error(exc, home=state.home if state else default_home())
             if error is None:
                 raise
             raise error from None
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe (or socket) whose reading end was closed."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll() here, or stdout is not a real file
+        return False
 
 
 class State:
@@ -390,6 +412,11 @@ def _load_identity(key_path: Path, *, no_passphrase: bool) -> Identity:
                 f"{key_path} is encrypted: start without --no-passphrase and give its passphrase (prompt, "
                 "$P2PMSG_PASSPHRASE or $P2PMSG_PASSPHRASE_FILE)"
             ) from None
+        if supplied == "":
+            raise CliError(
+                f"{key_path} is encrypted, but $P2PMSG_PASSPHRASE is set and empty (which says the key is not): "
+                "unset it, or set it to the passphrase"
+            ) from None
         if supplied is not None:
             return load_identity(key_path, supplied)
     tries = _PASSPHRASE_TRIES if _interactive() else 1
@@ -487,7 +514,10 @@ def bootstrap_command(state: State, listen: str, peers: tuple[str, ...], log_lev
         raise CliError(f"--listen {listen}: a bootstrap node listens on UDP, like /ip4/0.0.0.0/udp/4001")
     key_path = home / IDENTITY_FILENAME
     if key_path.exists():
-        identity = _load_identity(key_path, no_passphrase=True)  # a clear key is expected here (docstring)
+        try:  # a clear key (made here) is the usual case; one from `p2pmsg init` needs its passphrase
+            identity = load_identity(key_path, None, allow_unencrypted=True)
+        except PassphraseRequiredError:
+            identity = _load_identity(key_path, no_passphrase=False)
     else:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         identity = Identity.generate()

@@ -64,6 +64,29 @@ def _not_running(home: Path, path: Path) -> NodeNotRunningError:
     )
 
 
+def _foreign_owner(home: Path, path: Path) -> ControlConnectionError | None:
+    """The error to raise instead of a refused or reset connection when the socket belongs to another user: the
+    node talks only to its own user (``SO_PEERCRED``), which a reset does not say (``sudo p2pmsg status`` on a node
+    run by a service user)."""
+    try:
+        uid = os.stat(path).st_uid
+    except OSError:
+        return None
+    if uid == os.geteuid():
+        return None
+    try:
+        import pwd  # Unix only, like the socket
+
+        user = pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        user = f"uid {uid}"
+    quoted = shlex.quote(str(home))
+    return ControlConnectionError(
+        f"the node on {home} runs as user {user} and answers only that user: run the command as {user} "
+        f"(e.g. `sudo -u {shlex.quote(user)} p2pmsg --home {quoted} ...`)"
+    )
+
+
 def _connect(home: Path, timeout: float | None) -> socket.socket:
     path = control_socket_path(home)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -75,6 +98,9 @@ def _connect(home: Path, timeout: float | None) -> socket.socket:
         raise _not_running(home, path) from None
     except PermissionError:
         sock.close()
+        foreign = _foreign_owner(home, path)
+        if foreign is not None:
+            raise foreign from None
         raise ControlConnectionError(f"permission denied on {path}: is the node running as another user?") from None
     except TimeoutError:
         sock.close()
@@ -154,12 +180,16 @@ class ControlClient:
             except OSError as exc:
                 raise ControlConnectionError(f"control connection failed: {exc.strerror or exc}") from None
             reply = _read_reply(sock, self._reader, timeout=self.timeout)
+        except ControlConnectionError as exc:
+            self._drop()
+            raise _foreign_owner(self.home, self.path) or exc from None
         except BaseException:
             self._drop()
             raise
         if reply is None:
             self._drop()
-            raise ControlConnectionError("the node closed the control connection (is it shutting down?)")
+            closed = ControlConnectionError("the node closed the control connection (is it shutting down?)")
+            raise _foreign_owner(self.home, self.path) or closed
         if isinstance(reply, Event):
             self._drop()
             raise ControlProtocolError("event", f"event {reply.event!r} on a connection that did not subscribe")

@@ -83,6 +83,12 @@ def test_white_space_around_a_pasted_link_is_ignored() -> None:
     assert parse_invite(f"  {format_invite(PEER, [TCP])}\n").addrs == (TCP,)
 
 
+@pytest.mark.parametrize("quote", ["'", '"', "<"])
+def test_a_link_pasted_with_its_quotes_says_so(quote: str) -> None:
+    with pytest.raises(InviteError, match="without the quotes around it"):
+        parse_invite(f"{quote}{format_invite(PEER, [TCP])}{quote}")
+
+
 @pytest.mark.parametrize(
     ("text", "field"),
     [

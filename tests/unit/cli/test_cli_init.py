@@ -280,6 +280,29 @@ def test_bootstrap_creates_then_reuses_its_identity(home: Path, monkeypatch: pyt
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
 
 
+def test_bootstrap_runs_on_an_encrypted_identity_with_its_passphrase(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its help says the key may be encrypted (`p2pmsg init` first): the passphrase is taken as for `run`."""
+    calls: list[Identity] = []
+
+    async def run_bootstrap_node(identity: Identity, listen: Any, *, bootstrap: Any, on_ready: Any) -> None:
+        calls.append(identity)
+
+    node = types.ModuleType("p2pmsg.node")
+    node.run_bootstrap_node = run_bootstrap_node  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "p2pmsg.node", node)
+    assert run_cli(home, "init", passphrase="secret").exit_code == 0
+    ok = run_cli(home, "bootstrap", "--listen", "/ip4/127.0.0.1/udp/4999", passphrase="secret")
+    assert ok.exit_code == 0, ok.output
+    assert calls == [load_identity(home / IDENTITY_FILENAME, "secret")]
+    wrong = run_cli(home, "bootstrap", "--listen", "/ip4/127.0.0.1/udp/4999", passphrase="typo")
+    assert wrong.exit_code == 1 and "wrong passphrase" in wrong.output
+    empty = run_cli(home, "bootstrap", "--listen", "/ip4/127.0.0.1/udp/4999", passphrase="")
+    assert empty.exit_code == 1 and "$P2PMSG_PASSPHRASE is set and empty" in empty.output
+    assert len(calls) == 1
+
+
 def test_run_with_no_passphrase_on_an_encrypted_key_says_so(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = started_nodes(monkeypatch)
     assert run_cli(home, "init", passphrase="secret").exit_code == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,6 +95,8 @@ def test_human_errors() -> None:
     assert wrong is not None and wrong.message == "wrong passphrase for /h/identity.key"
     request = human_error(ControlRequestError("invalid_invite", "bad\x1b"), home=home)
     assert request is not None and request.message.startswith("malformed invite: bad\\x1b")
+    invite = human_error(ControlRequestError("invalid_invite", "invalid invite: scheme: got ''"), home=home)
+    assert invite is not None and invite.message.startswith("malformed invite: scheme: got ''")
     unknown_code = human_error(ControlRequestError("future_code", "m"), home=home)
     assert unknown_code is not None and unknown_code.message == "future_code: m"
     config = human_error(ConfigError("/h/config.toml: listen: bad"), home=home)
@@ -109,3 +112,25 @@ def test_the_cli_starts_without_the_node_side_or_the_qr_encoder() -> None:
     probe = "import sys, p2pmsg.cli.main; print(sorted(m for m in ('trio', 'segno') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`p2pmsg ... | head -1`: the reader goes away before we are done writing; no "error: Broken pipe"."""
+    home = tmp_path / "home"
+    init = [sys.executable, "-c", "from p2pmsg.cli.main import main; main()", "--home", str(home)]
+    subprocess.run([*init, "init", "--no-passphrase"], capture_output=True, timeout=60, check=True)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    try:
+        done = subprocess.run(
+            [*init, "id", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "P2PMSG_PASSPHRASE": ""},
+            timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    said = done.stderr.decode()  # (the warning that the key file is not encrypted is expected)
+    assert "Broken pipe" not in said and "error" not in said and "Traceback" not in said, said

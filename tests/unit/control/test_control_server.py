@@ -539,3 +539,18 @@ def test_client_rejects_a_reply_with_the_wrong_id(home: Path) -> None:
     finally:
         thread.join()
         listener.close()
+
+
+async def test_a_node_of_another_user_is_named_when_it_refuses_us(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sudo p2pmsg status` on a node run by a service user: the node closes the connection (SO_PEERCRED), and the
+    client says whose node it is instead of "connection reset".  The socket is handed to another user with chown
+    (root only), and the refusal is made real by the failing credentials check of the test above."""
+    if os.geteuid() != 0 or not hasattr(socket, "SO_PEERCRED"):
+        pytest.skip("needs root (to chown the socket) and SO_PEERCRED")
+    monkeypatch.setattr(socket, "SO_PEERCRED", 0x7FFF)
+    async with serving(home) as server:
+        os.chown(control_socket_path(home), 65534, 65534, follow_symlinks=False)
+        with pytest.raises(ControlConnectionError, match=r"runs as user .* and answers only that user") as info:
+            await in_thread(lambda: ControlClient(home).call("id"))
+        assert "sudo -u " in str(info.value)
+        assert server.dropped == {"control_peercred_failed": 1}
