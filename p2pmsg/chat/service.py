@@ -2261,12 +2261,15 @@ class ChatService:
 
     async def _conversation(self, name: str) -> bytes:
         """The peer whose conversation ``name`` names: a contact (by name or peer id), or else the peer id of a
-        stranger with a pending message request (read before it is accepted or blocked)."""
+        stranger with a pending message request (read before it is accepted or blocked), or of a peer blocked
+        without a name (`requests block`)."""
         try:
             return (await self._contact_by_name(name)).peer_id
         except UnknownContactError:
             raw = _peer_bytes(name)
-            if raw is None or await self._db.read(lambda c: repo.get_request(c, raw)) is None:
+            if raw is None or not await self._db.read(
+                lambda c: repo.get_request(c, raw) is not None or repo.get_contact(c, raw) is not None
+            ):
                 raise
             return raw
 

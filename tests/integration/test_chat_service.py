@@ -40,6 +40,7 @@ from p2pmsg.wire.multiaddr import Multiaddr
 ALICE = Identity.from_seed(bytes([0xA1]) * 32)
 BOB = Identity.from_seed(bytes([0xB0]) * 32)
 CAROL = Identity.from_seed(bytes([0xC0]) * 32)
+DAVE = Identity.from_seed(bytes([0xD0]) * 32)
 LOCAL_TCP = Multiaddr.parse("/ip4/127.0.0.1/tcp/0")
 
 FAST = ChatConfig(
@@ -456,7 +457,8 @@ async def test_user_errors(tmp_path: Path) -> None:
         ]
         await alice.chat.block(str(CAROL.peer_id))  # a blocked stranger has no name: its id names no contact
         with pytest.raises(UnknownContactError):
-            await alice.chat.history(str(CAROL.peer_id))
+            await alice.chat.send(str(CAROL.peer_id), "hi")
+        assert await alice.chat.history(str(CAROL.peer_id)) == []  # (listed as blocked: its history can be read)
         handlers = alice.chat.control_handlers()
         assert await handlers["contacts.list"]({}) == await alice.chat.list_contacts()
         # Removing a blocked contact must not unblock it (a QA pass: its messages reached the user again).
@@ -623,6 +625,10 @@ async def test_blocking_a_stranger_drops_its_request_and_accept_does_not_unblock
         with pytest.raises(BadRequestError, match="blocked"):
             await chat.accept_request(str(CAROL.peer_id), "friend")
         assert [c["state"] for c in await chat.list_contacts()] == ["blocked"]
+        # A nameless blocked peer is listed by its id, and its id still names its (now empty) conversation.
+        assert await chat.history(str(CAROL.peer_id)) == []
+        with pytest.raises(UnknownContactError):
+            await chat.history(str(DAVE.peer_id))
 
 
 class _ReplayingResolver:
