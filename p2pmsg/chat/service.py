@@ -57,6 +57,11 @@ frame closes that peer's session only.  The session's reader hands each received
 goes on reading; the storer puts everything that arrived while its previous transaction committed into the next one
 (bounded), so a busy disk makes larger transactions instead of a slower reader.
 
+**Timestamps.**  A message's ``ts`` is our clock, or the conversation's floor when that is later: one more than the
+latest received message's, and at least our own previous one's (a hybrid logical clock: a reply sorts after what it
+answers even when our clock is behind the peer's).  A received ``ts`` more than :data:`_CLOCK_ALLOWANCE_MS` after our
+clock is lowered to that bound.  History is ordered by ``(ts, local seq)``.
+
 **Events** for control API subscribers (``message``, ``receipt``, ``peer_up``, ``peer_down``, ``request``) go to
 an :class:`EventSink` such as ``EventHub.publish``; it must not block.
 
@@ -169,6 +174,12 @@ _MAX_CONTACT_HOSTS: Final = 1024
 _STRANGER_INBOX_BUDGET: Final = 4 * 1024 * 1024
 """The part of :data:`_INBOX_BUDGET` that stranger sessions may hold together: the rest (12 MiB) stays free for
 contacts however many strangers send at once."""
+_CLOCK_ALLOWANCE_MS: Final = 10 * 60 * 1000
+"""How far after our clock a received message's ``ts`` is kept as it is (beyond, it is lowered to our clock plus
+this): clocks a few minutes apart still order a conversation by cause (a reply after what it answers, protocol
+section 6.4), while a clock far ahead cannot pin its messages below everything newer for longer than this."""
+_MAX_FLOORS: Final = 65536
+"""Conversations whose timestamp floor :class:`ChatService` keeps in memory (see ``ChatService._raise_floor``)."""
 _HELD_BACK_LINGER: Final = 10.0
 """Seconds a session that held received messages back (they could not be stored, or a stranger's request went over
 the limits) stays open, storing nothing, before it is closed: long enough that the sender is not made to redial in a
@@ -421,6 +432,9 @@ class _Queued:
     """The sealed envelope, encoded."""
     text: str
     now: int
+    """This node's clock when the send was called."""
+    ts: int
+    """The message's timestamp (:meth:`ChatService._stamp`): ``now``, or later to sort after what it answers."""
     ahead: bool = False
     """Enqueued with its resend time already set (a session was ready to take it): no ``mark_sent`` write."""
     early: bool = False
@@ -550,6 +564,10 @@ class ChatService:
         self._rng = rng if rng is not None else random.Random()
         self._sealer = EnvelopeSealer(identity)
         self._own = identity.peer_id.to_bytes()
+        self._floors: dict[bytes, int] = {}
+        """Per conversation (peer bytes), the lowest ``ts`` a new outgoing message may carry (:meth:`_stamp`): what
+        is known from this run, merged with the store's value once it has been read (``_floors_read``)."""
+        self._floors_read: set[bytes] = set()
         self._sessions: dict[PeerId, list[_Session]] = {}
         self._dialing: set[PeerId] = set()
         self._contact_hosts: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -1553,9 +1571,10 @@ class ChatService:
                 return "the peer closed the session"
 
     def _note_clock_skew(self, peer: PeerId, ahead_ms: int) -> None:
-        """A message stamped well after our clock says one of the two clocks is wrong: its ``ts`` is lowered to our
-        clock (so it cannot pin itself below newer messages), and a clock far off also makes signed peer records look
-        expired or not yet valid.  Say so in the log, at most once per :data:`_SKEW_WARNING_INTERVAL`."""
+        """A message stamped well after our clock says one of the two clocks is wrong: beyond
+        :data:`_CLOCK_ALLOWANCE_MS` its ``ts`` is lowered (so it cannot pin itself below newer messages), and a clock
+        far off also makes signed peer records look expired or not yet valid.  Say so in the log, at most once per
+        :data:`_SKEW_WARNING_INTERVAL`."""
         if ahead_ms < _SKEW_WARNING_MS:
             return
         self._skew_warning.log(
@@ -1638,6 +1657,9 @@ class ChatService:
             )
             return
         self._note_clock_skew(peer, max(m.ts for m in opened) - now)
+        stored = [at for at, outcome in zip(incoming.sent_at, incoming.outcomes, strict=True) if outcome == "stored"]
+        if stored:
+            self._raise_floor(peer.to_bytes(), max(stored))
         if incoming.auto_added:
             self._contacts_changed()
         if incoming.relation is Relation.BLOCKED:
@@ -1708,8 +1730,9 @@ class ChatService:
             disposition = Disposition.INBOX
             added_now = True
         if disposition is Disposition.INBOX:  # the hot path: one batch insert, rows rather than objects
-            # A clock in the future must not pin a message below newer ones: never later than ours.
-            sent = [m.ts if m.ts < now else now for m in messages]
+            # A clock far in the future must not pin a message below newer ones: at most a little later than ours.
+            latest = now + _CLOCK_ALLOWANCE_MS
+            sent = [m.ts if m.ts < latest else latest for m in messages]
             rows: list[repo.IncomingRow] = [
                 (m.id, raw, None, m.text, at, False) for m, at in zip(messages, sent, strict=True)
             ]
@@ -1728,8 +1751,9 @@ class ChatService:
         pending_bytes = repo.request_bytes(conn) if disposition is Disposition.REQUEST else 0
         peer_bytes = repo.request_bytes(conn, raw) if disposition is Disposition.REQUEST else 0
         over = False  # a message went over the limits: the ones after it wait too (they must not overtake it)
+        latest = now + _CLOCK_ALLOWANCE_MS  # a clock far in the future must not pin a message below newer ones
         for message in messages:
-            sent_at = min(message.ts, now)  # a clock in the future must not pin a message below newer ones
+            sent_at = min(message.ts, latest)
             size = 0
             if disposition is Disposition.REQUEST and repo.get_message(conn, message.id) is None:
                 pending = repo.get_request(conn, raw)
@@ -2056,13 +2080,42 @@ class ChatService:
             if size > MAX_TEXT_BYTES:
                 raise BadRequestError(f"{where}: {size} bytes of UTF-8, the limit is {MAX_TEXT_BYTES}")
         peer = self._peer_of(contact.peer_id)
+        if contact.peer_id not in self._floors_read:
+            await self._read_floor(contact.peer_id)
         now = self._now()
+        ts = self._stamp(contact.peer_id, now)
         items = [
-            _Queued(peer, contact, mid, raw, text, now)
-            for (mid, raw), text in zip(self._sealer.seal_many(peer, texts, ts=now), texts, strict=True)
+            _Queued(peer, contact, mid, raw, text, now, ts)
+            for (mid, raw), text in zip(self._sealer.seal_many(peer, texts, ts=ts), texts, strict=True)
         ]
         await self._enqueue(items)
         return [q.mid.hex() for q in items]
+
+    def _stamp(self, peer: bytes, now: int) -> int:
+        """The timestamp of a message we send to ``peer`` now: our clock, or, when that is earlier, the conversation's
+        floor, so that a reply sorts after the message it answers on both sides even when our clock is behind the
+        peer's (a hybrid logical clock, protocol section 6.4).  Own messages never go back in time either (a clock
+        stepped back).  Not one more than our own last: a burst of sends keeps our clock's time."""
+        ts = max(now, self._floors.get(peer, 0))
+        self._floors[peer] = ts
+        return min(ts, MAX_TIMESTAMP)
+
+    def _raise_floor(self, peer: bytes, received: int) -> None:
+        """A message from ``peer`` stamped ``received`` (as stored) was stored: our next one to it sorts after it."""
+        if received + 1 > self._floors.get(peer, 0):
+            if len(self._floors) >= _MAX_FLOORS and peer not in self._floors:
+                # Forget what the store holds already: every value here was committed before it was recorded.
+                self._floors = {p: v for p, v in self._floors.items() if p in self._floors_read}
+                if len(self._floors) >= _MAX_FLOORS:
+                    self._floors.clear()
+                    self._floors_read.clear()
+            self._floors[peer] = received + 1
+
+    async def _read_floor(self, peer: bytes) -> None:
+        """Merge the store's floor of the conversation with ``peer`` (read once per run and peer)."""
+        stored = await self._db.read(lambda c: repo.conversation_floor(c, peer))
+        self._floors[peer] = max(self._floors.get(peer, 0), stored)
+        self._floors_read.add(peer)
 
     async def _enqueue(self, mine: list[_Queued]) -> None:
         """Store ``item`` durably, together with every other ``send`` that arrives while the previous enqueue
@@ -2105,7 +2158,7 @@ class ChatService:
                         session = self._best_session(q.peer)
                         ahead = ready[q.peer] = session is not None and session.in_order
                     q.ahead = ahead
-                    rows.append((q.mid, q.contact.peer_id, own, q.text, q.now, retry_at if ahead else None))
+                    rows.append((q.mid, q.contact.peer_id, own, q.text, q.ts, retry_at if ahead else None))
                 early = self._hand_over_early(items)
                 try:
                     await self._db.write(functools.partial(repo.enqueue_rows, rows=rows, now=now))
@@ -2232,7 +2285,7 @@ class ChatService:
                 poke = True
                 self._outboxed += 1
             if publish:
-                fields = ev.message_fields(q.mid.hex(), self._text(q.peer), q.contact.name, own, q.text, q.now, "out")
+                fields = ev.message_fields(q.mid.hex(), self._text(q.peer), q.contact.name, own, q.text, q.ts, "out")
                 self._publish_fields("message", fields)
         if self._deferred_receipts:
             self._release_receipts()

@@ -89,6 +89,7 @@ __all__ = [
     "accept_request",
     "add_contact",
     "block_peer",
+    "conversation_floor",
     "count_requests",
     "delete_peer_record",
     "delete_setting",
@@ -792,6 +793,20 @@ def history(
         ).fetchall()
     rows.reverse()
     return [_message(row) for row in rows]
+
+
+def conversation_floor(conn: sqlite3.Connection, conversation: bytes) -> int:
+    """The lowest timestamp a new outgoing message of ``conversation`` may carry to sort after every message in it
+    (the sender's hybrid logical clock, protocol section 6.4): the latest ``sent_at`` in it, plus one if a received
+    message carries it; 0 for an empty conversation.  Two index probes (``messages_by_conversation``)."""
+    peer = _peer_id("conversation", conversation)
+    (top,) = conn.execute("SELECT max(sent_at) FROM messages WHERE conversation = ?", (peer,)).fetchone()
+    if top is None:
+        return 0
+    received = conn.execute(
+        "SELECT 1 FROM messages WHERE conversation = ? AND sent_at = ? AND direction = 'in' LIMIT 1", (peer, top)
+    ).fetchone()
+    return int(top) + 1 if received is not None else int(top)
 
 
 def inbox(conn: sqlite3.Connection, *, limit: int = 50, before_seq: int | None = None) -> list[StoredMessage]:

@@ -1014,9 +1014,48 @@ async def test_a_sender_clock_far_ahead_is_logged_once_and_its_ts_lowered(
             await alice.chat.send("bob", text)
         await eventually(lambda: len(bob.seen("message")) == 2, "both messages")
         [row, _] = await bob.chat.history("alice")
-        assert row["ts"] <= int(time.time() * 1000)  # lowered to Bob's clock
+        assert row["ts"] <= int(time.time() * 1000) + 10 * 60 * 1000  # lowered to Bob's clock plus the allowance
     warnings = [r.getMessage() for r in caplog.records if "after this node's clock" in r.getMessage()]
     assert len(warnings) == 1 and str(ALICE.peer_id) in warnings[0] and "1440 minute(s)" in warnings[0]
+
+
+async def test_a_reply_from_a_clock_behind_sorts_after_what_it_answers_on_both_sides(tmp_path: Path) -> None:
+    """Alice's clock is three minutes behind Bob's: her answer, written after she got his question, carries a
+    timestamp after his (the conversation's floor), not her clock's, so neither history puts it first."""
+    behind = 3 * 60 * 1000
+    async with (
+        running_node(tmp_path / "alice", ALICE, clock_ms=lambda: int(time.time() * 1000) - behind) as alice,
+        running_node(tmp_path / "bob", BOB) as bob,
+    ):
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(alice.invite, "alice")
+        await bob.chat.send("alice", "question?")
+        await eventually(lambda: len(alice.seen("message")) == 1, "the question at alice")
+        await alice.chat.send("bob", "answer!")
+        await alice.chat.send("bob", "and more")
+        await eventually(lambda: len(bob.seen("message")) == 3, "the answers at bob")  # (his own question too)
+        for node, peer in ((alice, "bob"), (bob, "alice")):
+            rows = await node.chat.history(peer)
+            assert [r["text"] for r in rows] == ["question?", "answer!", "and more"]
+            assert rows[0]["ts"] < rows[1]["ts"] <= rows[2]["ts"]
+    # After a restart the floor comes from the store: her next message still sorts after his question.
+    async with running_node(tmp_path / "alice", ALICE, clock_ms=lambda: int(time.time() * 1000) - behind) as alice:
+        await alice.chat.send("bob", "after a restart")
+        rows = await alice.chat.history("bob")
+        assert [r["text"] for r in rows][-1] == "after a restart"
+        assert rows[-1]["ts"] >= rows[-2]["ts"]
+
+
+async def test_own_timestamps_do_not_go_back_when_the_clock_steps_back(tmp_path: Path) -> None:
+    now = [int(time.time() * 1000)]
+    async with running_node(tmp_path / "alice", ALICE, clock_ms=lambda: now[0]) as alice:
+        await alice.chat.add_contact(str(BOB.peer_id), "bob")
+        await alice.chat.send("bob", "first")
+        now[0] -= 60_000  # the wall clock was stepped back a minute
+        await alice.chat.send("bob", "second")
+        assert [r["text"] for r in await alice.chat.history("bob")] == ["first", "second"]
+        ts = [r["ts"] for r in await alice.chat.history("bob")]
+        assert ts[0] == ts[1]
 
 
 async def test_a_store_failure_after_a_session_closed_costs_that_write_not_the_node(

@@ -283,6 +283,18 @@ def test_history_paging_returns_every_message_once_in_order(timestamps: list[int
     conn.close()
 
 
+def test_conversation_floor_sorts_a_new_message_after_every_stored_one(conn: sqlite3.Connection) -> None:
+    assert repo.conversation_floor(conn, BOB) == 0
+    send(conn, 1, sent_at=T0 + 5)
+    assert repo.conversation_floor(conn, BOB) == T0 + 5  # after our own: the same time is enough (seq orders)
+    repo.insert_incoming(conn, message_id=mid(2), sender=BOB, text="x", sent_at=T0 + 5, now=T0)
+    assert repo.conversation_floor(conn, BOB) == T0 + 6  # after a received one: strictly later
+    repo.insert_incoming(conn, message_id=mid(3), sender=BOB, text="y", sent_at=T0 + 1, now=T0)
+    send(conn, 4, sent_at=T0 + 9)
+    assert repo.conversation_floor(conn, BOB) == T0 + 9
+    assert repo.conversation_floor(conn, CAROL) == 0
+
+
 def test_inbox_excludes_requests_and_outgoing(conn: sqlite3.Connection) -> None:
     repo.insert_incoming(conn, message_id=mid(1), sender=BOB, text="b1", sent_at=T0, now=T0)
     repo.insert_incoming(conn, message_id=mid(2), sender=EVE, text="spam", sent_at=T0, now=T0, is_request=True)
