@@ -68,7 +68,9 @@ class DialError(P2PMsgError):
         self.peer_id = peer_id
         self.failures: tuple[DialFailure, ...] = tuple(failures)
         if self.failures:
-            detail = "; ".join(f"{failure.addr}: {failure.reason}" for failure in self.failures)
+            # An address that ends in the peer's own /p2p/<id> is shown without it: the message names the peer once.
+            shown = [f.addr.without_peer_id() if f.addr.peer_id == peer_id else f.addr for f in self.failures]
+            detail = "; ".join(f"{addr}: {failure.reason}" for addr, failure in zip(shown, self.failures, strict=True))
         else:
             detail = "no addresses to try"
         super().__init__(f"could not reach {peer_id}: {detail}")
@@ -138,7 +140,7 @@ async def dial(
         nonlocal winner, unanswered_failures
         try:
             remaining = max(deadline - trio.current_time(), 1e-3)
-            stream = await open_stream(addr, timeout=remaining, nursery=nursery)
+            stream = await open_stream(addr.without_peer_id(), timeout=remaining, nursery=nursery)  # (named once)
             remaining = max(deadline - trio.current_time(), 1e-3)
             channel = await secure_outbound(stream, identity, peer_id, timeout=remaining)
         except _ATTEMPT_ERRORS as exc:
