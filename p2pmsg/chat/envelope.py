@@ -13,7 +13,10 @@ A message travels as a self-contained *sealed envelope* (a msgpack map)::
 message from the sender's X25519 key to the recipient's (both converted from the Ed25519 identity keys), under the
 random 24-byte ``nonce``::
 
-    Message {v: 2, id: bin[16], from: bin[38], to: bin[38], ts: int (sender's clock, ms), kind: "text", text: str}
+    Message {v: 2, id: bin[16], from: bin[38], to: bin[38], ts: int (ms, see below), kind: "text", text: str}
+
+``ts`` is when the message was written, in Unix ms: the sender's clock, or a little later so that it sorts after
+what it answers (see :mod:`p2pmsg.chat.service`, "Timestamps"; protocol section 6.4).
 
 The inner map repeats the message ``id``, ``from`` and ``to``; the recipient checks that each equals the outer one.
 The id binding stops anyone on the path from re-labelling a genuine box with another id (which would defeat

@@ -463,7 +463,7 @@ class _Incoming:
     outcomes: list[str]
     """Per message: ``"stored"``, ``"duplicate"`` (already stored) or ``"overflow"`` (a request over the limits)."""
     sent_at: list[int]
-    """Per message: the timestamp stored (the sender's, but never later than our clock)."""
+    """Per message: the timestamp stored (the sender's, but at most :data:`_CLOCK_ALLOWANCE_MS` after our clock)."""
     auto_added: bool = False
     """The sender was added as a contact by this transaction (``accept_from = "anyone"``)."""
 
@@ -1865,10 +1865,14 @@ class ChatService:
     # ------------------------------------------------------------------------------------------------- contacts
 
     def _now_a_contact(self, peer: PeerId, name: str | None) -> None:
-        """Open sessions with ``peer`` are with a contact from now on (no stranger limits)."""
-        for session in self._sessions.get(peer, []):
+        """Open sessions with ``peer`` are with a contact from now on (no stranger limits).  One that holds back
+        requests over the limits is closed: the sender then resends them, in order, on a new session, at once rather
+        than after :data:`_HELD_BACK_LINGER` or its resend time."""
+        for session in list(self._sessions.get(peer, [])):
             session.relation = Relation.CONTACT
             session.contact_name = name
+            if session.held_back == "chat_request_overflow":
+                self._close_session(session, "its peer became a contact: what it held back comes on a new session")
 
     def _contacts_changed(self) -> None:
         """Forget the cached name lookups (called around every change of the contacts table)."""
@@ -2095,8 +2099,11 @@ class ChatService:
         """The timestamp of a message we send to ``peer`` now: our clock, or, when that is earlier, the conversation's
         floor, so that a reply sorts after the message it answers on both sides even when our clock is behind the
         peer's (a hybrid logical clock, protocol section 6.4).  Own messages never go back in time either (a clock
-        stepped back).  Not one more than our own last: a burst of sends keeps our clock's time."""
-        ts = max(now, self._floors.get(peer, 0))
+        stepped back), by up to :data:`_CLOCK_ALLOWANCE_MS`.  Not one more than our own last: a burst of sends keeps
+        our clock's time."""
+        # At most a little after our clock: a clock that ran ahead for a while (one message stamped a day ahead)
+        # must not pin every later message of the conversation there, nor can a peer's stamps push ours further.
+        ts = max(now, min(self._floors.get(peer, 0), now + _CLOCK_ALLOWANCE_MS + 1))
         self._floors[peer] = ts
         return min(ts, MAX_TIMESTAMP)
 

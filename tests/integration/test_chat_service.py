@@ -759,13 +759,35 @@ async def test_a_request_over_the_limits_holds_back_the_ones_after_it(tmp_path: 
     ):
         await carol.chat.add_contact(bob.invite, "bob")
         ids = (await carol.chat.send_many("bob", ["a" * 400, "b" * 700, "c" * 100]))["ids"]
-        await eventually(lambda: bob.chat.dropped.get("chat_request_overflow", 0) >= 1, "the second is over budget")
+        await eventually(lambda: bob.chat.dropped.get("chat_request_overflow", 0) >= 2, "the 2nd is over budget")
+        ids += (await carol.chat.send_many("bob", ["d" * 100]))["ids"]  # a later batch, on the same session
+        await eventually(lambda: bob.chat.dropped.get("chat_request_overflow", 0) >= 3, "the later one held back")
         await eventually(lambda: _has_receipt(carol, ids[0], "delivered"), "the first is acknowledged")
         [request] = await bob.chat.list_requests()
         assert request["count"] == 1
-        assert not _has_receipt(carol, ids[2], "delivered")
+        assert not any(_has_receipt(carol, i, "delivered") for i in ids[1:])
         await bob.chat.accept_request(str(CAROL.peer_id), "carol")
-        await eventually(lambda: _has_receipt(carol, ids[2], "delivered"), "the rest after acceptance")
+        await eventually(lambda: _has_receipt(carol, ids[3], "delivered"), "the rest after acceptance")
+        assert [m["id"] for m in await bob.chat.history("carol")] == ids
+
+
+async def test_accepting_a_request_ends_the_session_that_holds_its_messages_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a stranger's session held back (over the limits) comes again at once once the request is accepted, not
+    after the session's linger or the sender's resend time (both long here)."""
+    monkeypatch.setattr("p2pmsg.chat.service._HELD_BACK_LINGER", 60.0)
+    strict = dataclasses.replace(FAST, policy=ChatPolicy(max_requests_per_peer=1))
+    patient = dataclasses.replace(FAST, resend_after_ms=60_000)
+    async with (
+        running_node(tmp_path / "bob", BOB, config=strict) as bob,
+        running_node(tmp_path / "carol", CAROL, config=patient) as carol,
+    ):
+        await carol.chat.add_contact(bob.invite, "bob")
+        ids = (await carol.chat.send_many("bob", ["first", "second"]))["ids"]
+        await eventually(lambda: bob.chat.dropped.get("chat_request_overflow", 0) >= 1, "the second is held back")
+        await bob.chat.accept_request(str(CAROL.peer_id), "carol")
+        await eventually(lambda: _has_receipt(carol, ids[1], "delivered"), "the second soon after", timeout=5)
         assert [m["id"] for m in await bob.chat.history("carol")] == ids
 
 
@@ -1056,6 +1078,22 @@ async def test_own_timestamps_do_not_go_back_when_the_clock_steps_back(tmp_path:
         assert [r["text"] for r in await alice.chat.history("bob")] == ["first", "second"]
         ts = [r["ts"] for r in await alice.chat.history("bob")]
         assert ts[0] == ts[1]
+
+
+async def test_a_clock_that_ran_a_day_ahead_once_does_not_pin_later_messages_there(tmp_path: Path) -> None:
+    day = 24 * 3600 * 1000
+    now = [int(time.time() * 1000) + day]
+    async with running_node(tmp_path / "alice", ALICE, clock_ms=lambda: now[0]) as alice:
+        await alice.chat.add_contact(str(BOB.peer_id), "bob")
+        await alice.chat.send("bob", "from a clock a day ahead")
+        now[0] -= day  # corrected
+        await alice.chat.send("bob", "after the correction")
+        stamps = {r["text"]: r["ts"] for r in await alice.chat.history("bob")}
+        assert stamps["after the correction"] <= now[0] + 10 * 60 * 1000 + 1
+    async with running_node(tmp_path / "alice", ALICE, clock_ms=lambda: now[0]) as alice:  # and after a restart
+        await alice.chat.send("bob", "after a restart")
+        stamps = {r["text"]: r["ts"] for r in await alice.chat.history("bob")}
+        assert stamps["after the correction"] <= stamps["after a restart"] <= now[0] + 10 * 60 * 1000 + 1
 
 
 async def test_a_store_failure_after_a_session_closed_costs_that_write_not_the_node(
