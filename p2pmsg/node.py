@@ -60,7 +60,7 @@ from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord
 from p2pmsg.dht.service import DEFAULT_RECORD_TTL, DhtNode
 from p2pmsg.errors import LocalProtocolError, P2PMsgError
 from p2pmsg.identity import Identity, PeerId
-from p2pmsg.logthrottle import flush_all
+from p2pmsg.logthrottle import LogThrottle, flush_all
 from p2pmsg.net.listener import Listener
 from p2pmsg.ratelimit import parse_ip
 from p2pmsg.store import repo
@@ -376,6 +376,8 @@ class Node:
         self._join_warned = False  # said that no bootstrap peer answered, and none has since
         self._alone_said = False  # said that there is nobody to join through
         self._disk_low = False  # warned that the home's disk is low on space, and it still is
+        self._out_of_time = 0  # the DHT's count of others' signed records refused for their times, when last seen
+        self._clock_warning = LogThrottle(log, burst=1, interval=3600.0)
         self.database_state = "not checked"
         """The background check of the database file: "not checked", "checking", "ok" or "damaged" (in status)."""
 
@@ -426,6 +428,25 @@ class Node:
             nursery.start_soon(self._check_database)
             log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
             task_status.started(self)
+
+    def _check_record_times(self, unpublished: bool) -> None:
+        """Say (at most once an hour) that this host's clock is probably wrong when, in one round, our own record
+        reached no holder and signed records of other nodes were refused here for their times (expired, or valid
+        for too long from now): holders refuse a record that looks expired by their clock, so a clock a day off
+        both loses our record and refuses everyone else's, and nothing else would say why."""
+        count = self.dht.stats.get("records_out_of_time", 0)
+        new, self._out_of_time = count - self._out_of_time, count
+        if unpublished and new:
+            self._clock_warning.log(
+                logging.WARNING,
+                "clock",
+                "dht: our peer record is stored nowhere, and %d signed record(s) of other nodes looked expired, or "
+                "valid for too long, by this host's clock (%s): this host's clock is probably wrong. Until it is "
+                "set right this node can neither publish its address nor find its contacts' (peer records carry "
+                "wall-clock expiry times)",
+                new,
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            )
 
     def _check_free_space(self) -> None:
         """Warn once when the home's file system runs low on space (again after it recovered and ran low again)."""
@@ -533,6 +554,7 @@ class Node:
                 if small or (stale and not published):
                     await self._attempt("join", self._join())
                 self._check_free_space()
+                self._check_record_times(unpublished)
                 flush_all()  # the counts of log lines left out by floods that have stopped
                 with trio.move_on_after(self.options.check_interval):
                     await self._addrs_changed.wait()  # a new address is published at once, not next round
@@ -621,7 +643,10 @@ class Node:
         if stored:
             log.info("dht: published our peer record on %d nodes", stored)
         else:
-            log.info("dht: our peer record is stored nowhere yet (no DHT node answered); will retry")
+            log.info(
+                "dht: our peer record is stored nowhere yet (no DHT node answered, or each refused it: holders refuse "
+                "a record that looks expired by their clock); will retry"
+            )
         return stored > 0
 
     async def _store_record_seq(self, seq: int) -> None:

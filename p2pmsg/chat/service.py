@@ -149,8 +149,6 @@ MAX_REPLY_TEXT: Final = 8 * 1024 * 1024
 control API's 16 MiB response limit.  Page back for the rest."""
 _WATCH_CANDIDATES: Final = 1024
 """Most waiting contacts one record watcher round reads from the store (it looks up far fewer)."""
-_SKEW_WARNING_MS: Final = 5 * 60 * 1000
-"""A received message stamped this much (ms) after our clock is worth a warning about the clocks."""
 _SKEW_WARNING_INTERVAL: Final = 3600.0
 """Seconds between two such warnings (the count of those left out is logged with the next one)."""
 _INBOX_BUDGET: Final = 16 * 1024 * 1024
@@ -466,6 +464,16 @@ class _Incoming:
     """Per message: the timestamp stored (the sender's, but at most :data:`_CLOCK_ALLOWANCE_MS` after our clock)."""
     auto_added: bool = False
     """The sender was added as a contact by this transaction (``accept_from = "anyone"``)."""
+
+
+def _span(ms: int) -> str:
+    """A duration for a log line: "25 minutes", "3.5 hours", "2.0 days"."""
+    minutes = ms / 60000
+    if minutes < 120:
+        return f"{minutes:.0f} minutes"
+    if minutes < 48 * 60:
+        return f"{minutes / 60:.1f} hours"
+    return f"{minutes / 1440:.1f} days"
 
 
 def _peer_text(peer: bytes) -> str:
@@ -1570,20 +1578,24 @@ class ChatService:
             if closed:
                 return "the peer closed the session"
 
-    def _note_clock_skew(self, peer: PeerId, ahead_ms: int) -> None:
-        """A message stamped well after our clock says one of the two clocks is wrong: beyond
-        :data:`_CLOCK_ALLOWANCE_MS` its ``ts`` is lowered (so it cannot pin itself below newer messages), and a clock
-        far off also makes signed peer records look expired or not yet valid.  Say so in the log, at most once per
+    def _note_clock_skew(self, peer: PeerId, name: str | None, ahead_ms: int) -> None:
+        """A message stamped more than :data:`_CLOCK_ALLOWANCE_MS` after our clock says one of the two clocks is
+        wrong (within it, timestamps may legitimately run ahead: see :meth:`_stamp`): its ``ts`` is lowered (so it
+        cannot pin itself below newer messages), replies between the two may sort before what they answer, and a
+        clock far off also makes signed peer records look expired.  Say so in the log, at most once per
         :data:`_SKEW_WARNING_INTERVAL`."""
-        if ahead_ms < _SKEW_WARNING_MS:
+        if ahead_ms <= _CLOCK_ALLOWANCE_MS:
             return
         self._skew_warning.log(
             logging.WARNING,
             "clock skew",
-            "chat: a message from %s is stamped %.0f minute(s) after this node's clock: its clock or ours is wrong "
-            "(history orders by the sender's time, so messages from a wrong clock sort in the wrong place)",
-            peer,
-            ahead_ms / 60000,
+            "chat: a message from %s is stamped %s after this node's clock (%s), more than the %d minutes allowed: "
+            "this node's clock or the sender's is wrong. Its time was lowered, and until the clocks agree, messages "
+            "between the two may sort before the ones they answer",
+            peer if name is None else f"{name} ({peer})",
+            _span(ahead_ms),
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self._now() / 1000)),
+            _CLOCK_ALLOWANCE_MS // 60000,
         )
 
     async def _peer_ready(self, session: _Session) -> None:
@@ -1656,7 +1668,7 @@ class ChatService:
                 exc,
             )
             return
-        self._note_clock_skew(peer, max(m.ts for m in opened) - now)
+        self._note_clock_skew(peer, incoming.contact_name, max(m.ts for m in opened) - now)
         stored = [at for at, outcome in zip(incoming.sent_at, incoming.outcomes, strict=True) if outcome == "stored"]
         if stored:
             self._raise_floor(peer.to_bytes(), max(stored))

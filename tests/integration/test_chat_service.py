@@ -1053,7 +1053,27 @@ async def test_a_sender_clock_far_ahead_is_logged_once_and_its_ts_lowered(
         [row, _] = await bob.chat.history("alice")
         assert row["ts"] <= int(time.time() * 1000) + 10 * 60 * 1000  # lowered to Bob's clock plus the allowance
     warnings = [r.getMessage() for r in caplog.records if "after this node's clock" in r.getMessage()]
-    assert len(warnings) == 1 and str(ALICE.peer_id) in warnings[0] and "1440 minute(s)" in warnings[0]
+    assert len(warnings) == 1 and f"alice ({ALICE.peer_id})" in warnings[0] and "stamped 24.0 hours" in warnings[0]
+
+
+async def test_a_clock_within_the_allowance_is_kept_and_not_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nine minutes ahead: within the 10 minutes a timestamp may legitimately run ahead (a conversation's floor)."""
+    ahead = 9 * 60 * 1000
+    caplog.set_level(logging.WARNING, logger="p2pmsg.chat")
+    async with (
+        running_node(tmp_path / "alice", ALICE, clock_ms=lambda: int(time.time() * 1000) + ahead) as alice,
+        running_node(tmp_path / "bob", BOB) as bob,
+    ):
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        await alice.chat.send("bob", "from nine minutes ahead")
+        await eventually(lambda: bob.seen("message"), "the message")
+        [sent] = await alice.chat.history("bob")
+        [got] = await bob.chat.history("alice")
+        assert got["ts"] == sent["ts"]  # kept as stamped
+    assert "after this node's clock" not in caplog.text
 
 
 async def test_a_reply_from_a_clock_behind_sorts_after_what_it_answers_on_both_sides(tmp_path: Path) -> None:

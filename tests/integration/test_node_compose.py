@@ -14,11 +14,13 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import trio
 
 from p2pmsg.control.client import ControlClient
 from p2pmsg.control.errors import NodeAlreadyRunningError
+from p2pmsg.dht.core.records import PeerRecord, peer_record_key, seal_peer_record
 from p2pmsg.identity import Identity
 from p2pmsg.node import Node, NodeOptions, advertised_addrs, dht_endpoint, resolve_bootstrap, run_node
 from p2pmsg.store import repo
@@ -420,6 +422,40 @@ async def test_a_missing_or_damaged_database_is_reported(tmp_path: Path, caplog:
     await run_once(damaged)
     assert not any("no database at" in r.getMessage() for r in caplog.records)
     assert any(r.levelno == logging.ERROR and "is damaged" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_node_whose_clock_is_off_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """How a node whose clock runs a day ahead sees the mesh: every record of other nodes has expired, and its own
+    reaches no holder.  Made real here with a lone node (nobody holds its record) that is sent, over UDP, STOREs of
+    validly signed records that expired an hour ago, from a peer that answers the node's address check."""
+    home = tmp_path / "erin"
+    home.mkdir(mode=0o700)
+    caplog.set_level(logging.INFO, logger="p2pmsg")
+    async with trio.open_nursery() as nursery:
+        node: Node = await nursery.start(lambda task_status: run_node(home, Identity.generate(), Cfg(listen=[
+            "/ip4/127.0.0.1/tcp/0"]), options=FAST, task_status=task_status))  # fmt: skip
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        await sock.bind(("127.0.0.1", 0))
+        sender = os.urandom(20)
+
+        async def answer_pings() -> None:  # rpcudp: a response echoes the request's id; a ping answers our node id
+            while True:
+                data, source = await sock.recvfrom(65536)
+                if data[:1] == b"\x00" and msgpack.unpackb(data[21:])[0] == "ping":
+                    await sock.sendto(b"\x01" + data[1:21] + msgpack.packb(sender), source)
+
+        nursery.start_soon(answer_pings)
+        for _ in range(3):
+            signer = Identity.generate()
+            expired = PeerRecord(peer_id=signer.peer_id, addrs=(), seq=1, expires_at=int(time.time()) - 3600)
+            store = ["store", [sender, peer_record_key(signer.peer_id), seal_peer_record(signer, expired)]]
+            await sock.sendto(b"\x00" + os.urandom(20) + msgpack.packb(store), node.dht.address)
+        await wait_for(lambda: _async_value("clock is probably wrong" in caplog.text), "the clock warning")
+        assert node.dht.stats["records_out_of_time"] == 3
+        await trio.sleep(3 * FAST.check_interval)
+        nursery.cancel_scope.cancel()
+    assert caplog.text.count("clock is probably wrong") == 1  # at most once an hour
+    assert "holders refuse a record that looks expired" in caplog.text  # the publish line says it may be refused
 
 
 async def test_low_free_space_on_the_home_s_disk_is_warned_about_once(

@@ -91,7 +91,13 @@ from typing import Final
 
 from p2pmsg.crypto.envelope import EnvelopeError, open_envelope, seal_envelope
 from p2pmsg.dht.core.contact import NODE_ID_SIZE, Address, Contact, node_id_for_peer, node_id_from_public_key
-from p2pmsg.dht.core.errors import DhtUsageError, MalformedMessageError, RecordError, StoreRefusedError
+from p2pmsg.dht.core.errors import (
+    DhtUsageError,
+    MalformedMessageError,
+    RecordError,
+    RecordTimeError,
+    StoreRefusedError,
+)
 from p2pmsg.dht.core.events import DhtEvent, LookupDone, PeerVerified, PingDone, StoreDone
 from p2pmsg.dht.core.limits import AddressGuard, RateLimiter
 from p2pmsg.dht.core.lookup import Lookup
@@ -398,6 +404,7 @@ class DhtEngine:
                 "pending_full",
                 "verify_capped",
                 "records_expired",
+                "records_out_of_time",
                 "handoffs_sent",
                 "handoffs_stored",
                 "handoffs_skipped",
@@ -716,6 +723,8 @@ class DhtEngine:
                 self.storage.put_plain(key, value, source=source, now=now)
         except (RecordError, StoreRefusedError) as exc:
             self.stats["stores_refused"] += 1
+            if isinstance(exc, RecordTimeError):
+                self.stats["records_out_of_time"] += 1
             log.debug("refusing STORE of %s from %s: %s", key.hex(), source, exc)
             return False
         self.stats["stores_accepted"] += 1
@@ -730,7 +739,7 @@ class DhtEngine:
             if cached is not None:
                 if cached.expires_at <= wall:
                     del self._verified[(key, value)]
-                    raise RecordError(f"signed record expired at {cached.expires_at} (now {int(wall)})")
+                    raise RecordTimeError(f"signed record expired at {cached.expires_at} (now {int(wall)})")
                 self._verified.move_to_end((key, value))
                 return cached
         record = verify_record_value(key, value, now=wall, max_size=self.config.storage.max_signed_value_size)
@@ -1156,6 +1165,8 @@ class DhtEngine:
         try:
             return self._verify_record(op.lookup.target, value, self._wall())
         except RecordError as exc:
+            if isinstance(exc, RecordTimeError):
+                self.stats["records_out_of_time"] += 1
             log.debug("rejecting record for %s: %s", op.lookup.target.hex(), exc)
             return None
 

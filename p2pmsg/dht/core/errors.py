@@ -34,5 +34,11 @@ class RecordError(DhtError, RemoteProtocolError):
     """A signed record is malformed, badly signed, bound to another key, expired or too large."""
 
 
+class RecordTimeError(RecordError):
+    """A signed record has expired, or stays valid for longer than a record may from now: its times disagree with
+    our clock (the signer's clock or ours is wrong, unless it is really old).  Counted apart (``records_out_of_time``)
+    so that a node whose own clock is off can say so."""
+
+
 class StoreRefusedError(DhtError, RemoteProtocolError):
     """A STORE was refused: invalid value for its namespace, stale ``seq``, or a storage limit reached."""

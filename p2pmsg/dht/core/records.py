@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from typing import Final
 
 from p2pmsg.crypto.envelope import EnvelopeError, open_envelope, seal_envelope
-from p2pmsg.dht.core.errors import DhtUsageError, RecordError
+from p2pmsg.dht.core.errors import DhtUsageError, RecordError, RecordTimeError
 from p2pmsg.identity import PEER_ID_SIZE, Identity, InvalidPeerIdError, PeerId
 from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
 
@@ -263,9 +263,9 @@ def verify_record_value(
         raise RecordError("signed record is not bound to this key: key != sha1(namespace || signer peer id)")
     seq, expires_at = _HEADER.unpack_from(payload, PEER_ID_SIZE)
     if expires_at <= now:
-        raise RecordError(f"signed record expired at {expires_at} (now {int(now)})")
+        raise RecordTimeError(f"signed record expired at {expires_at} (now {int(now)})")
     if expires_at > now + max_ttl:
-        raise RecordError(f"signed record expires {expires_at - int(now)} s from now, more than {int(max_ttl)} s")
+        raise RecordTimeError(f"signed record expires {expires_at - int(now)} s from now, more than {int(max_ttl)} s")
     content = spec.parse_body(payload[_HEADER_SIZE:], signer, seq, expires_at)
     return VerifiedRecord(
         namespace=namespace, key=key, signer=signer, seq=seq, expires_at=expires_at, value=value, content=content

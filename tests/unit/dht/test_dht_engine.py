@@ -464,6 +464,7 @@ def test_signed_lookup_ignores_what_attackers_return() -> None:
     assert isinstance(found, LookupDone)
     assert found.record is not None and found.record.seq == 3
     assert found.rejected_values >= 3
+    assert reader.stats["records_out_of_time"] == 1  # the expired one; junk and a bad signature are not a clock's
 
 
 def test_store_reports_false_for_dead_and_refusing_nodes() -> None:
