@@ -37,6 +37,8 @@ class HelloReceived:
     """The peer opened the session with its hello (always the first event)."""
 
     proto: str
+    run: bytes | None = None
+    """The peer's ``run`` (random per start of its node), if it sent one."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

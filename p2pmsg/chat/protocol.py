@@ -9,7 +9,7 @@ already tells us who the peer is).  Both directions carry the same frames::
 
 Each side's first frame is its hello; after it, any number of ``msg`` and ``ack`` frames in any order::
 
-    Hello {v: 1, proto: "p2pmsg/chat/1"}                ; open: unknown fields are ignored
+    Hello {v: 1, proto: "p2pmsg/chat/1", run?: bin[16]} ; open: unknown fields are ignored
     Msg   {v: 1, t: "msg", env: bin[..MAX_ENVELOPE_SIZE]}  ; one sealed envelope, byte for byte
     Ack   {v: 1, t: "ack", ids: array<bin[16]>[1..1024]}   ; "I have stored these" (a receipt)
 
@@ -55,6 +55,7 @@ from p2pmsg.wire.codec import Array, Bytes, CodecError, Literal, Str, Struct
 __all__ = [
     "CHAT_PROTOCOL",
     "MAX_SESSION_FRAME_SIZE",
+    "RUN_ID_SIZE",
     "TRANSITIONS",
     "ChatConnection",
     "SessionProtocolError",
@@ -68,7 +69,15 @@ MAX_SESSION_FRAME_SIZE: Final = MAX_ENVELOPE_SIZE + 64
 MAX_HELLO_SIZE: Final = 1024
 _HEADER: Final = struct.Struct(">I")
 
-HELLO_SCHEMA: Final = Struct("hello", {"v": Literal(ENVELOPE_VERSION), "proto": Str(64, min_len=1)}, allow_unknown=True)
+#: Bytes of a hello's ``run``: random per start of the sending node, so that a peer can tell a restart (a new
+#: ``run``) from a second connection of the same run (a crossing dial).
+RUN_ID_SIZE: Final = 16
+HELLO_SCHEMA: Final = Struct(
+    "hello",
+    {"v": Literal(ENVELOPE_VERSION), "proto": Str(64, min_len=1)},
+    {"run": Bytes(RUN_ID_SIZE, min_len=RUN_ID_SIZE)},
+    allow_unknown=True,
+)
 #: The frames after the hello, as one schema: ``t`` says which optional field must be present.
 FRAME_SCHEMA: Final = Struct(
     "frame",
@@ -262,7 +271,7 @@ class ChatConnection:
             if hello["proto"] != CHAT_PROTOCOL:
                 raise SessionProtocolError("hello.proto", f"{hello['proto']!r} is not {CHAT_PROTOCOL!r}")
             self._their_transition(_Input.HELLO, "hello")
-            return HelloReceived(proto=hello["proto"])
+            return HelloReceived(proto=hello["proto"], run=hello.get("run"))
         # A canonical msg frame in the OPEN state never gets here: _receive decodes it from the buffer.
         try:
             frame: dict[str, Any] = FRAME_SCHEMA.decode(body, max_size=self._max_frame_size)
@@ -286,10 +295,14 @@ class ChatConnection:
             raise LocalProtocolError(f"chat session: cannot send {what.value} in state {self.our_state.value}")
         self.our_state = new
 
-    def send_hello(self) -> bytes:
-        """Our hello frame; it must be the first thing sent."""
+    def send_hello(self, run: bytes | None = None) -> bytes:
+        """Our hello frame; it must be the first thing sent.  ``run`` (:data:`RUN_ID_SIZE` bytes, optional) names
+        this start of our node."""
         self._our_transition(_Input.HELLO)
-        return _frame(HELLO_SCHEMA.encode({"v": ENVELOPE_VERSION, "proto": CHAT_PROTOCOL}))
+        hello: dict[str, Any] = {"v": ENVELOPE_VERSION, "proto": CHAT_PROTOCOL}
+        if run is not None:
+            hello["run"] = run
+        return _frame(HELLO_SCHEMA.encode(hello))
 
     def send_messages(self, envelopes: Iterable[SealedEnvelope | bytes]) -> bytes:
         """One ``msg`` frame per envelope, concatenated (``b""`` for none)."""

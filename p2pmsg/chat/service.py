@@ -76,6 +76,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 import random
 import sqlite3
 import time
@@ -97,7 +98,7 @@ from p2pmsg.chat.envelope import (
 from p2pmsg.chat.errors import BadRequestError, NameTakenError, UnknownContactError
 from p2pmsg.chat.invite import format_invite, parse_target
 from p2pmsg.chat.policy import ChatPolicy, Disposition, Relation
-from p2pmsg.chat.protocol import ChatConnection, SessionProtocolError
+from p2pmsg.chat.protocol import RUN_ID_SIZE, ChatConnection, SessionProtocolError
 from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, peer_record_key, verify_record_value
 from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 from p2pmsg.identity import Identity, InvalidPeerIdError, PeerId
@@ -369,6 +370,8 @@ class _Session:
     redial: bool = False
     """Closed because the peer's newer record no longer lists the address this session was dialled at: what it
     had not delivered is due at once, over a dial to the new addresses (not after the backoff)."""
+    peer_run: bytes | None = None
+    """The ``run`` of the peer's hello on this session (random per start of its node), if it sent one."""
     held_back: str | None = None
     """Set (to the drop counter it counts under) once received messages were left unacknowledged, because they
     could not be stored (``chat_store_failed``) or a stranger's request went over the limits
@@ -572,6 +575,8 @@ class ChatService:
         self._rng = rng if rng is not None else random.Random()
         self._sealer = EnvelopeSealer(identity)
         self._own = identity.peer_id.to_bytes()
+        self._run = os.urandom(RUN_ID_SIZE)
+        """Sent in our hellos: peers tell a restart of this node (a new value) from a second session of this run."""
         self._floors: dict[bytes, int] = {}
         """Per conversation (peer bytes), the lowest ``ts`` a new outgoing message may carry (:meth:`_stamp`): what
         is known from this run, merged with the store's value once it has been read (``_floors_read``)."""
@@ -1477,7 +1482,7 @@ class ChatService:
                     self._publish_receipt(session.peer, ids, "sent")
 
     async def _reader(self, session: _Session) -> str:
-        await self._write(session, session.conn.send_hello())
+        await self._write(session, session.conn.send_hello(self._run))
         # Received envelopes go to a storer task, so reading goes on while a chunk commits; the storer takes all that
         # piled up meanwhile into its next transaction (bounded: the reader waits when _INBOX_CHUNKS are queued).
         send, receive = trio.open_memory_channel[_InboxChunk](_INBOX_CHUNKS)
@@ -1558,6 +1563,7 @@ class ChatService:
                     acks.extend(event.ids)
                 elif isinstance(event, ev.HelloReceived):
                     hello = True
+                    session.peer_run = event.run
                 elif isinstance(event, ev.SessionClosed):
                     closed = True
             if hello:
@@ -1616,14 +1622,15 @@ class ChatService:
         # An older session still holding messages (on their way, or written without a receipt) is most likely dead
         # (the peer restarted, or moved): ended, it hands them to this one, ahead of anything newer.  Kept, it would
         # resend them only after its own timeout, behind newer messages sent here meanwhile.  Not one opened at
-        # about the same time: both nodes dialled each other, and each might end the connection the other keeps.
+        # about the same time: both nodes dialled each other, and each might end the connection the other keeps;
+        # unless the hellos tell a restart apart: a session of an earlier run of the peer is dead whenever it opened.
+        run = session.peer_run
         for other in list(self._sessions.get(session.peer, ())):
-            if (
-                other is not session
-                and not other.closed
-                and (other.held or other.written)
-                and session.opened_at - other.opened_at > _CROSSING_DIAL_WINDOW
-            ):
+            if other is session or other.closed:
+                continue
+            if run is not None and other.peer_run is not None and other.peer_run != run:
+                self._close_session(other, "the peer restarted (a hello of its new run on a newer session)")
+            elif (other.held or other.written) and session.opened_at - other.opened_at > _CROSSING_DIAL_WINDOW:
                 self._close_session(other, "the peer said hello on a newer session")
         self._poke()
 

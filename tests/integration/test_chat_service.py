@@ -19,7 +19,7 @@ from p2pmsg.chat import service as service_module
 from p2pmsg.chat.envelope import EnvelopeSealer
 from p2pmsg.chat.errors import ERROR_CODES as CHAT_ERROR_CODES
 from p2pmsg.chat.errors import BadRequestError, NameTakenError, UnknownContactError
-from p2pmsg.chat.events import AckReceived, HelloReceived, SessionEvent
+from p2pmsg.chat.events import AckReceived, EnvelopeReceived, HelloReceived, SessionEvent
 from p2pmsg.chat.invite import InviteError, format_invite
 from p2pmsg.chat.policy import AcceptFrom, ChatPolicy
 from p2pmsg.chat.protocol import ChatConnection
@@ -572,6 +572,38 @@ async def test_a_peer_that_never_says_hello_gets_no_messages_and_is_given_up(tmp
     # Only hellos reached the fake bob (a redial's connection may end before its hello is read).
     assert received and [type(e).__name__ for e in received[0]] == ["HelloReceived"]
     assert all(type(e).__name__ == "HelloReceived" for events in received for e in events)
+
+
+async def test_a_peer_that_restarted_at_once_has_its_dead_session_closed(tmp_path: Path) -> None:
+    """Bob's node takes Alice's message on one session and dies without a FIN or an ack; its next run dials Alice
+    within the 2 s that would make the two sessions look like a crossing dial (both kept).  The new run in its hello
+    tells Alice that the old session is dead: she closes it at once (not after resend_after_ms, 30 s here, with a
+    needless resend), and the message goes out on the new session."""
+    patient = dataclasses.replace(FAST, resend_after_ms=30_000)
+    first: list[SessionEvent] = []
+    first_closed = trio.Event()
+
+    async def first_run(channel: SecureChannel, remote: Multiaddr | None) -> None:
+        conn = ChatConnection()
+        await channel.send_all(conn.send_hello(b"\x01" * 16))
+        with contextlib.suppress(trio.BrokenResourceError):
+            while data := await channel.receive_some():  # takes everything, acknowledges nothing
+                first.extend(conn.receive_data(data))
+        first_closed.set()
+
+    async with alice_writing_to_a_fake_bob(tmp_path, first_run, patient) as alice, trio.open_nursery() as nursery:
+        await eventually(lambda: any(isinstance(e, EnvelopeReceived) for e in first), "the message on the 1st run")
+        channel = await dial(BOB, ALICE.peer_id, alice.addrs, timeout=5, nursery=nursery)
+        conn = ChatConnection()
+        await channel.send_all(conn.send_hello(b"\x02" * 16))
+        again: list[SessionEvent] = []
+        with trio.fail_after(5):
+            while not any(isinstance(e, EnvelopeReceived) for e in again):
+                again.extend(conn.receive_data(await channel.receive_some()))
+        with trio.fail_after(2):
+            await first_closed.wait()
+        await channel.aclose()
+        nursery.cancel_scope.cancel()
 
 
 async def test_strangers_cannot_crowd_out_contacts(tmp_path: Path) -> None:

@@ -127,11 +127,22 @@ def test_second_hello_is_refused() -> None:
         {"v": 2, "proto": CHAT_PROTOCOL},
         {"proto": CHAT_PROTOCOL},
         [1, CHAT_PROTOCOL],
+        {"v": 1, "proto": CHAT_PROTOCOL, "run": b"\x01" * 15},
+        {"v": 1, "proto": CHAT_PROTOCOL, "run": "x" * 16},
     ],
 )
 def test_bad_hello_is_refused(hello: object) -> None:
     error = _refused(ChatConnection(), _frame(hello))
     assert error.field.startswith("hello")
+
+
+def test_a_hello_may_name_the_run_of_its_node() -> None:
+    run = bytes(range(16))
+    wire = ChatConnection().send_hello(run)
+    assert wire == _frame({"v": 1, "proto": CHAT_PROTOCOL, "run": run})
+    assert wire.hex() == "0000002e83a17601a570726f746fad7032706d73672f636861742f31a372756ec410" + run.hex()  # 6.3
+    assert ChatConnection().receive_data(wire) == [HelloReceived(proto=CHAT_PROTOCOL, run=run)]
+    assert ChatConnection().receive_data(ChatConnection().send_hello()) == [HelloReceived(proto=CHAT_PROTOCOL)]
 
 
 def test_unknown_hello_fields_are_ignored() -> None:
