@@ -19,9 +19,19 @@ import time
 import weakref
 from collections.abc import Callable
 
-__all__ = ["LogThrottle", "flush_all"]
+__all__ = ["LogThrottle", "flush_all", "span"]
 
 _MAX_KEYS = 256
+
+
+def span(seconds: float) -> str:
+    """A duration for a log line: "50 minutes", "3.5 hours", "2.0 days"."""
+    minutes = seconds / 60
+    if minutes < 120:
+        return f"{minutes:.0f} minutes"
+    if minutes < 48 * 60:
+        return f"{minutes / 60:.1f} hours"
+    return f"{minutes / 1440:.1f} days"
 
 
 @dataclasses.dataclass(slots=True)

@@ -60,7 +60,7 @@ from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord
 from p2pmsg.dht.service import DEFAULT_RECORD_TTL, DhtNode
 from p2pmsg.errors import LocalProtocolError, P2PMsgError
 from p2pmsg.identity import Identity, PeerId
-from p2pmsg.logthrottle import LogThrottle, flush_all
+from p2pmsg.logthrottle import LogThrottle, flush_all, span
 from p2pmsg.net.listener import Listener
 from p2pmsg.ratelimit import parse_ip
 from p2pmsg.store import repo
@@ -87,6 +87,10 @@ address stops answering), and then lookups would fail while the bootstrap peer k
 LOW_DISK_BYTES: Final = 64 * 1024 * 1024
 """Free space on the home's file system below which the node warns: messages and receipts stop being stored when
 it runs out (senders then resend later, nothing is lost, but nothing new arrives either)."""
+CLOCK_SAMPLES: Final = 3
+"""Other signers whose records must have been seen before the node judges its own clock (:meth:`Node.clock_offset`)."""
+CLOCK_SLACK: Final = 1800.0
+"""Seconds beyond the range a record's remaining lifetime normally lies in before the node calls its clock off."""
 RECORD_SEQ_SETTING: Final = "dht.record_seq"
 """Settings key of the last peer-record ``seq`` this node signed (8 bytes, big-endian)."""
 RECORD_QUEUE_SIZE: Final = 64
@@ -376,7 +380,6 @@ class Node:
         self._join_warned = False  # said that no bootstrap peer answered, and none has since
         self._alone_said = False  # said that there is nobody to join through
         self._disk_low = False  # warned that the home's disk is low on space, and it still is
-        self._out_of_time = 0  # the DHT's count of others' signed records refused for their times, when last seen
         self._clock_warning = LogThrottle(log, burst=1, interval=3600.0)
         self.database_state = "not checked"
         """The background check of the database file: "not checked", "checking", "ok" or "damaged" (in status)."""
@@ -429,24 +432,43 @@ class Node:
             log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
             task_status.started(self)
 
-    def _check_record_times(self, unpublished: bool) -> None:
-        """Say (at most once an hour) that this host's clock is probably wrong when, in one round, our own record
-        reached no holder and signed records of other nodes were refused here for their times (expired, or valid
-        for too long from now): holders refuse a record that looks expired by their clock, so a clock a day off
-        both loses our record and refuses everyone else's, and nothing else would say why."""
-        count = self.dht.stats.get("records_out_of_time", 0)
-        new, self._out_of_time = count - self._out_of_time, count
-        if unpublished and new:
-            self._clock_warning.log(
-                logging.WARNING,
-                "clock",
-                "dht: our peer record is stored nowhere, and %d signed record(s) of other nodes looked expired, or "
-                "valid for too long, by this host's clock (%s): this host's clock is probably wrong. Until it is "
-                "set right this node can neither publish its address nor find its contacts' (peer records carry "
-                "wall-clock expiry times)",
-                new,
-                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            )
+    def clock_offset(self) -> float | None:
+        """How far (s) this host's clock seems ahead of the other nodes' (negative: behind), judged by the peer
+        records the DHT examined, or ``None`` when it seems right or too few nodes were seen.
+
+        Records are republished at half their lifetime, so with clocks that agree the time a record has left lies
+        between 0 and its lifetime (ours, :attr:`NodeOptions.record_ttl`, for nodes like this one): about three
+        quarters of it on average.  The median over at least :data:`CLOCK_SAMPLES` other signers, far outside that
+        range (by :data:`CLOCK_SLACK` or half a lifetime, whichever is more), says our clock is off, and by about how
+        much.  Holders judge our record with their clocks: a clock a day behind has it refused everywhere (it looks
+        expired), and one a day ahead refuses everyone else's; either way the node cannot work, and says why."""
+        samples = sorted(self.dht.engine.record_lifetimes())
+        if len(samples) < CLOCK_SAMPLES:
+            return None
+        middle = len(samples) // 2
+        median = samples[middle] if len(samples) % 2 else (samples[middle - 1] + samples[middle]) / 2
+        ttl = self.options.record_ttl
+        slack = max(CLOCK_SLACK, ttl / 2)
+        if -slack <= median <= ttl + slack:
+            return None
+        return 0.75 * ttl - median
+
+    def _check_clock(self) -> None:
+        """Warn (at most once an hour) when :meth:`clock_offset` finds this host's clock off."""
+        offset = self.clock_offset()
+        if offset is None:
+            return
+        self._clock_warning.log(
+            logging.WARNING,
+            "clock",
+            "this host's clock (%s) seems about %s %s the other nodes': the peer records they sign expire, by it, "
+            "%s. Set it right (e.g. turn on NTP): records carry wall-clock expiry times, so until then other nodes "
+            "refuse this node's record or this node refuses theirs, and contacts cannot find each other",
+            time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            span(abs(offset)),
+            "ahead of" if offset > 0 else "behind",
+            "already (they look expired)" if offset > 0 else "much later than they should",
+        )
 
     def _check_free_space(self) -> None:
         """Warn once when the home's file system runs low on space (again after it recovered and ran low again)."""
@@ -554,7 +576,7 @@ class Node:
                 if small or (stale and not published):
                     await self._attempt("join", self._join())
                 self._check_free_space()
-                self._check_record_times(unpublished)
+                self._check_clock()
                 flush_all()  # the counts of log lines left out by floods that have stopped
                 with trio.move_on_after(self.options.check_interval):
                     await self._addrs_changed.wait()  # a new address is published at once, not next round

@@ -58,9 +58,10 @@ goes on reading; the storer puts everything that arrived while its previous tran
 (bounded), so a busy disk makes larger transactions instead of a slower reader.
 
 **Timestamps.**  A message's ``ts`` is our clock, or the conversation's floor when that is later: one more than the
-latest received message's, and at least our own previous one's (a hybrid logical clock: a reply sorts after what it
-answers even when our clock is behind the peer's).  A received ``ts`` more than :data:`_CLOCK_ALLOWANCE_MS` after our
-clock is lowered to that bound.  History is ordered by ``(ts, local seq)``.
+latest received message's, and at least our own previous one's, but at most our clock + :data:`_CLOCK_ALLOWANCE_MS`
+(a hybrid logical clock: a reply sorts after what it answers even when our clock is behind the peer's).  A
+received ``ts`` more than :data:`_CLOCK_ALLOWANCE_MS` after our clock is lowered to that bound.  History is ordered
+by ``(ts, local seq)``.
 
 **Events** for control API subscribers (``message``, ``receipt``, ``peer_up``, ``peer_down``, ``request``) go to
 an :class:`EventSink` such as ``EventHub.publish``; it must not block.
@@ -102,7 +103,7 @@ from p2pmsg.chat.protocol import RUN_ID_SIZE, ChatConnection, SessionProtocolErr
 from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, peer_record_key, verify_record_value
 from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 from p2pmsg.identity import Identity, InvalidPeerIdError, PeerId
-from p2pmsg.logthrottle import LogThrottle
+from p2pmsg.logthrottle import LogThrottle, span
 from p2pmsg.net.channel import ChannelError, SecureChannel, close_gracefully
 from p2pmsg.net.dialer import DialError
 from p2pmsg.net.dialer import dial as net_dial
@@ -467,16 +468,6 @@ class _Incoming:
     """Per message: the timestamp stored (the sender's, but at most :data:`_CLOCK_ALLOWANCE_MS` after our clock)."""
     auto_added: bool = False
     """The sender was added as a contact by this transaction (``accept_from = "anyone"``)."""
-
-
-def _span(ms: int) -> str:
-    """A duration for a log line: "25 minutes", "3.5 hours", "2.0 days"."""
-    minutes = ms / 60000
-    if minutes < 120:
-        return f"{minutes:.0f} minutes"
-    if minutes < 48 * 60:
-        return f"{minutes / 60:.1f} hours"
-    return f"{minutes / 1440:.1f} days"
 
 
 def _peer_text(peer: bytes) -> str:
@@ -1599,7 +1590,7 @@ class ChatService:
             "this node's clock or the sender's is wrong. Its time was lowered, and until the clocks agree, messages "
             "between the two may sort before the ones they answer",
             peer if name is None else f"{name} ({peer})",
-            _span(ahead_ms),
+            span(ahead_ms / 1000),
             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(self._now() / 1000)),
             _CLOCK_ALLOWANCE_MS // 60000,
         )

@@ -154,6 +154,8 @@ AUTH_PAYLOAD_TYPE: Final = b"/p2pmsg/dht-auth/2"
 MAX_AUTH_RESPONSE: Final = 512
 _MAX_DEFERRED_PER_ADDRESS: Final = 8
 _VERIFIED_CACHE_SIZE: Final = 128
+_LIFETIME_SAMPLES: Final = 64
+"""Signers whose records' remaining lifetime the engine remembers (:meth:`DhtEngine.record_lifetimes`)."""
 _MAX_OWN_ADDRESSES: Final = 16
 _MAX_ADDRESS_VOTES: Final = 64
 
@@ -377,6 +379,8 @@ class DhtEngine:
         self._own_addresses: OrderedDict[Address, None] = OrderedDict()
         self._address_votes: OrderedDict[Address, set[str]] = OrderedDict()
         self._verified: OrderedDict[tuple[bytes, bytes], VerifiedRecord] = OrderedDict()
+        self._lifetimes: OrderedDict[bytes, float] = OrderedDict()
+        self._own_peer = identity.peer_id.to_bytes()
         self._silent: OrderedDict[Address, float] = OrderedDict()
         self._lookups: dict[int, _LookupOp] = {}
         self._next_op = 1
@@ -737,16 +741,43 @@ class DhtEngine:
         if isinstance(value, bytes):
             cached = self._verified.get((key, value))
             if cached is not None:
+                signer = cached.signer.to_bytes()
+                self._note_lifetime(signer, cached.expires_at - wall)
                 if cached.expires_at <= wall:
                     del self._verified[(key, value)]
-                    raise RecordTimeError(f"signed record expired at {cached.expires_at} (now {int(wall)})")
+                    raise RecordTimeError(
+                        f"signed record expired at {cached.expires_at} (now {int(wall)})",
+                        signer=signer,
+                        expires_at=cached.expires_at,
+                    )
                 self._verified.move_to_end((key, value))
                 return cached
-        record = verify_record_value(key, value, now=wall, max_size=self.config.storage.max_signed_value_size)
+        try:
+            record = verify_record_value(key, value, now=wall, max_size=self.config.storage.max_signed_value_size)
+        except RecordTimeError as exc:
+            self._note_lifetime(exc.signer, exc.expires_at - wall)
+            raise
+        self._note_lifetime(record.signer.to_bytes(), record.expires_at - wall)
         self._verified[(key, record.value)] = record
         while len(self._verified) > _VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
         return record
+
+    def _note_lifetime(self, signer: bytes, remaining: float) -> None:
+        """Remember how long (s) the latest record of ``signer`` we examined had left to live, by our clock."""
+        if signer == self._own_peer:
+            return
+        self._lifetimes[signer] = remaining
+        self._lifetimes.move_to_end(signer)
+        while len(self._lifetimes) > _LIFETIME_SAMPLES:
+            self._lifetimes.popitem(last=False)
+
+    def record_lifetimes(self) -> list[float]:
+        """For the last :data:`_LIFETIME_SAMPLES` other signers whose records we examined (stored, read, refused
+        for their times), the time (s) the latest one had left to live by our clock when we saw it.  Records are
+        republished at half their lifetime, so with clocks that agree these lie between 0 and the signers' record
+        lifetime; far outside on the median, this node's clock is off (see ``p2pmsg.node``)."""
+        return list(self._lifetimes.values())
 
     def _note_silent(self, address: Address, now: float) -> None:
         self._silent[address] = now

@@ -30,6 +30,7 @@ from p2pmsg.dht.core.messages import (
 )
 from p2pmsg.dht.core.records import PeerRecord, peer_record_key, seal_peer_record
 from p2pmsg.dht.core.storage import StorageLimits
+from p2pmsg.identity import Identity
 
 VICTIM: Address = ("203.0.113.66", 9999)
 
@@ -465,6 +466,29 @@ def test_signed_lookup_ignores_what_attackers_return() -> None:
     assert found.record is not None and found.record.seq == 3
     assert found.rejected_values >= 3
     assert reader.stats["records_out_of_time"] == 1  # the expired one; junk and a bad signature are not a clock's
+
+
+def test_engines_remember_how_long_other_signers_records_had_left() -> None:
+    """By the examining node's clock, also for a record refused as expired (what a clock far ahead sees), never for
+    its own: the samples a node judges its own clock by (``Node.clock_offset``)."""
+    net, engines = build_network(6)
+    publisher = engines[0]
+    wall = int(net.wall())
+    for offset in (600, 1800, -300):
+        signer = Identity.generate()
+        record = PeerRecord(peer_id=signer.peer_id, addrs=(), seq=1, expires_at=wall + offset)
+        _publish(net, publisher, seal_peer_record(signer, record), peer_record_key(signer.peer_id))
+    own = PeerRecord(peer_id=publisher.identity.peer_id, addrs=(), seq=1, expires_at=wall + 900)
+    _publish(net, publisher, seal_peer_record(publisher.identity, own), peer_record_key(publisher.identity.peer_id))
+    # Seen a little after sealing (the simulated lookups take time): a little less left than sealed with.
+    seen = sorted(engines[1].record_lifetimes())
+    assert len(seen) == 4, seen
+    for left, offset in zip(seen, (-300, 600, 900, 1800), strict=True):
+        assert offset - 60 <= left <= offset
+    found = net.wait(publisher, publisher.lookup_value(peer_record_key(publisher.identity.peer_id), net.now,
+                                                       mode=ValueMode.SIGNED))  # fmt: skip
+    assert isinstance(found, LookupDone) and found.record is not None  # it examined its own record...
+    assert not [left for left in publisher.record_lifetimes() if 840 <= left <= 900]  # ...and took no sample of it
 
 
 def test_store_reports_false_for_dead_and_refusing_nodes() -> None:
