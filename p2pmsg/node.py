@@ -436,22 +436,34 @@ class Node:
         """How far (s) this host's clock seems ahead of the other nodes' (negative: behind), judged by the peer
         records the DHT examined, or ``None`` when it seems right or too few nodes were seen.
 
-        Records are republished at half their lifetime, so with clocks that agree the time a record has left lies
-        between 0 and its lifetime (ours, :attr:`NodeOptions.record_ttl`, for nodes like this one): about three
-        quarters of it on average.  The median over at least :data:`CLOCK_SAMPLES` other signers, far outside that
-        range (by :data:`CLOCK_SLACK` or half a lifetime, whichever is more), says our clock is off, and by about how
-        much.  Holders judge our record with their clocks: a clock a day behind has it refused everywhere (it looks
+        For each of the last other signers, the engine keeps the freshest record's time left by our clock and its
+        own lifetime (``expires_at - seq``: a p2pmsg record's ``seq`` is its signer's clock when it signed).  With
+        clocks that agree, a live node's record has between 0 and its lifetime left (it is republished at half of
+        it); a record of a node that left may have expired long ago (stock nodes store it again every hour).  So:
+
+        * *ahead*: even the freshest of at least :data:`CLOCK_SAMPLES` signers' records expired more than
+          :data:`CLOCK_SLACK` ago: our clock is at least that far ahead (a node that saw only departed nodes would
+          think so too, which takes every live node's record to be missing);
+        * *behind*: of the records that look valid, at least :data:`CLOCK_SAMPLES` have, on the median, more than
+          :data:`CLOCK_SLACK` left beyond their own lifetime, which no clock that agrees can see: behind by about
+          that much (records of other implementations, whose ``seq`` is not a time, show a huge lifetime and never
+          count here).
+
+        Holders judge our record with their clocks: a clock a day behind has it refused everywhere (it looks
         expired), and one a day ahead refuses everyone else's; either way the node cannot work, and says why."""
-        samples = sorted(self.dht.engine.record_lifetimes())
+        samples = self.dht.engine.record_lifetimes()
         if len(samples) < CLOCK_SAMPLES:
             return None
-        middle = len(samples) // 2
-        median = samples[middle] if len(samples) % 2 else (samples[middle - 1] + samples[middle]) / 2
-        ttl = self.options.record_ttl
-        slack = max(CLOCK_SLACK, ttl / 2)
-        if -slack <= median <= ttl + slack:
-            return None
-        return 0.75 * ttl - median
+        freshest = max(left for left, _ in samples)
+        if freshest < -CLOCK_SLACK:
+            return -freshest
+        excess = sorted(left - lifetime for left, lifetime in samples if left > 0)
+        if len(excess) >= CLOCK_SAMPLES:
+            middle = len(excess) // 2
+            median = excess[middle] if len(excess) % 2 else (excess[middle - 1] + excess[middle]) / 2
+            if median > CLOCK_SLACK:
+                return -median
+        return None
 
     def _check_clock(self) -> None:
         """Warn (at most once an hour) when :meth:`clock_offset` finds this host's clock off."""
@@ -461,13 +473,14 @@ class Node:
         self._clock_warning.log(
             logging.WARNING,
             "clock",
-            "this host's clock (%s) seems about %s %s the other nodes': the peer records they sign expire, by it, "
-            "%s. Set it right (e.g. turn on NTP): records carry wall-clock expiry times, so until then other nodes "
-            "refuse this node's record or this node refuses theirs, and contacts cannot find each other",
+            "this host's clock (%s) seems %s %s %s the other nodes': the peer records they sign %s by it. Set it "
+            "right (e.g. turn on NTP): records carry wall-clock expiry times, so until then other nodes refuse this "
+            "node's record or this node refuses theirs, and contacts cannot find each other",
             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "at least" if offset > 0 else "about",
             span(abs(offset)),
             "ahead of" if offset > 0 else "behind",
-            "already (they look expired)" if offset > 0 else "much later than they should",
+            "have all expired" if offset > 0 else "expire much later than they should",
         )
 
     def _check_free_space(self) -> None:

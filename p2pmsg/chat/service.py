@@ -1614,13 +1614,17 @@ class ChatService:
         # (the peer restarted, or moved): ended, it hands them to this one, ahead of anything newer.  Kept, it would
         # resend them only after its own timeout, behind newer messages sent here meanwhile.  Not one opened at
         # about the same time: both nodes dialled each other, and each might end the connection the other keeps;
-        # unless the hellos tell a restart apart: a session of an earlier run of the peer is dead whenever it opened.
+        # unless the hellos tell a restart apart: of two sessions of different runs of the peer, the older is dead
+        # however much older (this one, if its hello was read last: the store was busy).
         run = session.peer_run
         for other in list(self._sessions.get(session.peer, ())):
             if other is session or other.closed:
                 continue
-            if run is not None and other.peer_run is not None and other.peer_run != run:
-                self._close_session(other, "the peer restarted (a hello of its new run on a newer session)")
+            if run is not None and other.peer_run not in (None, run):
+                older = other if other.opened_at <= session.opened_at else session
+                self._close_session(older, "the peer restarted (a hello of its new run on a newer session)")
+                if older is session:
+                    break
             elif (other.held or other.written) and session.opened_at - other.opened_at > _CROSSING_DIAL_WINDOW:
                 self._close_session(other, "the peer said hello on a newer session")
         self._poke()

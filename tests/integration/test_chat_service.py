@@ -606,6 +606,33 @@ async def test_a_peer_that_restarted_at_once_has_its_dead_session_closed(tmp_pat
         nursery.cancel_scope.cancel()
 
 
+async def test_the_hello_of_an_earlier_run_read_late_does_not_close_the_new_run_s_session(tmp_path: Path) -> None:
+    """The earlier run's session (opened first) says hello only after the new run's session was taken in: it must
+    end itself, not the newer run's live session (a review), nor stay."""
+    async with running_node(tmp_path / "alice", ALICE) as alice, trio.open_nursery() as nursery:
+        await alice.chat.add_contact(str(BOB.peer_id), "bob")
+        old = await dial(BOB, ALICE.peer_id, alice.addrs, timeout=5, nursery=nursery)
+        await eventually(lambda: alice.chat.connections == 1, "the earlier run's session registered")
+        new = await dial(BOB, ALICE.peer_id, alice.addrs, timeout=5, nursery=nursery)
+        await eventually(lambda: alice.chat.connections == 2, "the new run's session registered")
+        conn, received = ChatConnection(), list[SessionEvent]()
+        await new.send_all(conn.send_hello(b"\x0b" * 16))
+        sent = await alice.chat.send("bob", "to the new run")
+        with trio.fail_after(5):
+            while not any(isinstance(e, EnvelopeReceived) for e in received):
+                received += conn.receive_data(await new.receive_some())
+        await old.send_all(ChatConnection().send_hello(b"\x0a" * 16))  # late
+        with trio.fail_after(5):  # the earlier run's session is closed...
+            with contextlib.suppress(trio.BrokenResourceError):
+                while await old.receive_some():
+                    pass
+        await new.send_all(conn.send_ack([bytes.fromhex(sent["id"])]))  # ...and the new one still serves
+        await eventually(lambda: _has_receipt(alice, sent["id"], "delivered"), "the receipt on the new run's session")
+        for channel in (old, new):
+            await channel.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_strangers_cannot_crowd_out_contacts(tmp_path: Path) -> None:
     guarded = dataclasses.replace(FAST, max_stranger_sessions=1, stranger_idle_timeout=3.0)
     dave = Identity.from_seed(bytes([0xD1]) * 32)

@@ -425,20 +425,21 @@ async def test_a_missing_or_damaged_database_is_reported(tmp_path: Path, caplog:
 
 
 @pytest.mark.parametrize(
-    ("expires_in", "said"),
+    ("signed_ago", "said"),
     [
-        (-3600, "seems about 105 minutes ahead of the other nodes'"),  # expired an hour ago by this clock
-        (30 * 3600, "seems about 29.2 hours behind the other nodes'"),
-        (40 * 60, None),  # what a right clock sees
+        ([2 * 3600] * 3, "seems at least 60 minutes ahead of the other nodes'"),  # every record expired an hour ago
+        ([-29 * 3600] * 3, "seems about 29.0 hours behind the other nodes'"),  # signed 29 h "from now"
+        ([600] * 3, None),  # what a right clock sees: signed 10 minutes ago, 50 minutes left
+        ([600, 900, 30 * 3600, 40 * 3600, 50 * 3600], None),  # and beside live nodes, records of nodes long gone
     ],
 )
 async def test_a_node_whose_clock_is_off_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, expires_in: int, said: str | None
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, signed_ago: list[int], said: str | None
 ) -> None:
-    """How a node whose clock is off sees the mesh: the peer records other nodes sign expire, by its clock, long ago
-    (ahead) or far too late (behind); other nodes republish theirs at half their hour, so a right clock sees 0 to 60
-    minutes left.  Made real with a lone node that is sent, over UDP, STOREs of validly signed records of three
-    nodes, from a peer that answers the node's address check."""
+    """How a node whose clock is off sees the mesh: the peer records other nodes sign (each for an hour, with their
+    clock as ``seq``) expired long ago (ahead), or last longer than their lifetime (behind).  Made real with a lone
+    node that is sent, over UDP, STOREs of validly signed records of several nodes, from a peer that answers the
+    node's address check."""
     home = tmp_path / "erin"
     home.mkdir(mode=0o700)
     caplog.set_level(logging.INFO, logger="p2pmsg")
@@ -456,12 +457,13 @@ async def test_a_node_whose_clock_is_off_says_so(
                     await sock.sendto(b"\x01" + data[1:21] + msgpack.packb(sender), source)
 
         nursery.start_soon(answer_pings)
-        for _ in range(3):
-            signer = Identity.generate()
-            record = PeerRecord(peer_id=signer.peer_id, addrs=(), seq=1, expires_at=int(time.time()) + expires_in)
+        for ago in signed_ago:
+            signer, signed = Identity.generate(), int(time.time()) - ago
+            record = PeerRecord(peer_id=signer.peer_id, addrs=(), seq=signed, expires_at=signed + 3600)
             store = ["store", [sender, peer_record_key(signer.peer_id), seal_peer_record(signer, record)]]
             await sock.sendto(b"\x00" + os.urandom(20) + msgpack.packb(store), node.dht.address)
-        await wait_for(lambda: _async_value(len(node.dht.engine.record_lifetimes()) == 3), "three records examined")
+        examined = len(signed_ago)
+        await wait_for(lambda: _async_value(len(node.dht.engine.record_lifetimes()) == examined), "records examined")
         rounds = caplog.text.count("record is stored nowhere yet")  # logged once a round (nobody holds ours)
         await wait_for(lambda: _async_value(caplog.text.count("record is stored nowhere yet") >= rounds + 3), "rounds")
         nursery.cancel_scope.cancel()

@@ -379,7 +379,7 @@ class DhtEngine:
         self._own_addresses: OrderedDict[Address, None] = OrderedDict()
         self._address_votes: OrderedDict[Address, set[str]] = OrderedDict()
         self._verified: OrderedDict[tuple[bytes, bytes], VerifiedRecord] = OrderedDict()
-        self._lifetimes: OrderedDict[bytes, float] = OrderedDict()
+        self._lifetimes: OrderedDict[bytes, tuple[int, float, int]] = OrderedDict()
         self._own_peer = identity.peer_id.to_bytes()
         self._silent: OrderedDict[Address, float] = OrderedDict()
         self._lookups: dict[int, _LookupOp] = {}
@@ -742,12 +742,13 @@ class DhtEngine:
             cached = self._verified.get((key, value))
             if cached is not None:
                 signer = cached.signer.to_bytes()
-                self._note_lifetime(signer, cached.expires_at - wall)
+                self._note_lifetime(signer, cached.seq, cached.expires_at, wall)
                 if cached.expires_at <= wall:
                     del self._verified[(key, value)]
                     raise RecordTimeError(
                         f"signed record expired at {cached.expires_at} (now {int(wall)})",
                         signer=signer,
+                        seq=cached.seq,
                         expires_at=cached.expires_at,
                     )
                 self._verified.move_to_end((key, value))
@@ -755,29 +756,33 @@ class DhtEngine:
         try:
             record = verify_record_value(key, value, now=wall, max_size=self.config.storage.max_signed_value_size)
         except RecordTimeError as exc:
-            self._note_lifetime(exc.signer, exc.expires_at - wall)
+            self._note_lifetime(exc.signer, exc.seq, exc.expires_at, wall)
             raise
-        self._note_lifetime(record.signer.to_bytes(), record.expires_at - wall)
+        self._note_lifetime(record.signer.to_bytes(), record.seq, record.expires_at, wall)
         self._verified[(key, record.value)] = record
         while len(self._verified) > _VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
         return record
 
-    def _note_lifetime(self, signer: bytes, remaining: float) -> None:
-        """Remember how long (s) the latest record of ``signer`` we examined had left to live, by our clock."""
+    def _note_lifetime(self, signer: bytes, seq: int, expires_at: int, wall: float) -> None:
+        """Remember the freshest record of ``signer`` we examined: how long (s) it had left to live by our clock
+        when we saw it, and its own lifetime ``expires_at - seq`` (a p2pmsg record's ``seq`` is its signer's clock
+        when it signed, in seconds)."""
         if signer == self._own_peer:
             return
-        self._lifetimes[signer] = remaining
+        known = self._lifetimes.get(signer)
+        if known is None or expires_at >= known[0]:  # a stale copy served by some holder does not replace it
+            self._lifetimes[signer] = (expires_at, expires_at - wall, expires_at - seq)
         self._lifetimes.move_to_end(signer)
         while len(self._lifetimes) > _LIFETIME_SAMPLES:
             self._lifetimes.popitem(last=False)
 
-    def record_lifetimes(self) -> list[float]:
-        """For the last :data:`_LIFETIME_SAMPLES` other signers whose records we examined (stored, read, refused
-        for their times), the time (s) the latest one had left to live by our clock when we saw it.  Records are
-        republished at half their lifetime, so with clocks that agree these lie between 0 and the signers' record
-        lifetime; far outside on the median, this node's clock is off (see ``p2pmsg.node``)."""
-        return list(self._lifetimes.values())
+    def record_lifetimes(self) -> list[tuple[float, float]]:
+        """For the last :data:`_LIFETIME_SAMPLES` other signers whose records we examined (for a STORE or a read,
+        also those refused for their times), ``(left, lifetime)`` of the freshest one: the time (s) it had left by
+        our clock when we saw it, and ``expires_at - seq``.  See ``Node.clock_offset``, which judges our clock by
+        them."""
+        return [(left, lifetime) for _, left, lifetime in self._lifetimes.values()]
 
     def _note_silent(self, address: Address, now: float) -> None:
         self._silent[address] = now

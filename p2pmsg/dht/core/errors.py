@@ -37,12 +37,13 @@ class RecordError(DhtError, RemoteProtocolError):
 class RecordTimeError(RecordError):
     """A signed record has expired, or stays valid for longer than a record may from now: its times disagree with
     our clock (the signer's clock or ours is wrong, unless it is really old).  Counted apart (``records_out_of_time``)
-    so that a node whose own clock is off can say so.  ``signer`` (raw peer id bytes) and ``expires_at`` (Unix s)
-    are the record's."""
+    so that a node whose own clock is off can say so.  ``signer`` (raw peer id bytes), ``seq`` and ``expires_at``
+    (Unix s) are the record's."""
 
-    def __init__(self, message: str, *, signer: bytes, expires_at: int) -> None:
+    def __init__(self, message: str, *, signer: bytes, seq: int, expires_at: int) -> None:
         super().__init__(message)
         self.signer = signer
+        self.seq = seq
         self.expires_at = expires_at
 
 

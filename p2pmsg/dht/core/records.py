@@ -264,12 +264,16 @@ def verify_record_value(
     seq, expires_at = _HEADER.unpack_from(payload, PEER_ID_SIZE)
     if expires_at <= now:
         raise RecordTimeError(
-            f"signed record expired at {expires_at} (now {int(now)})", signer=signer.to_bytes(), expires_at=expires_at
+            f"signed record expired at {expires_at} (now {int(now)})",
+            signer=signer.to_bytes(),
+            seq=seq,
+            expires_at=expires_at,
         )
     if expires_at > now + max_ttl:
         raise RecordTimeError(
             f"signed record expires {expires_at - int(now)} s from now, more than {int(max_ttl)} s",
             signer=signer.to_bytes(),
+            seq=seq,
             expires_at=expires_at,
         )
     content = spec.parse_body(payload[_HEADER_SIZE:], signer, seq, expires_at)

@@ -483,12 +483,24 @@ def test_engines_remember_how_long_other_signers_records_had_left() -> None:
     # Seen a little after sealing (the simulated lookups take time): a little less left than sealed with.
     seen = sorted(engines[1].record_lifetimes())
     assert len(seen) == 4, seen
-    for left, offset in zip(seen, (-300, 600, 900, 1800), strict=True):
-        assert offset - 60 <= left <= offset
+    for (left, lifetime), offset in zip(seen, (-300, 600, 900, 1800), strict=True):
+        assert offset - 60 <= left <= offset and lifetime == wall + offset - 1  # expires_at - seq (seq 1 here)
     found = net.wait(publisher, publisher.lookup_value(peer_record_key(publisher.identity.peer_id), net.now,
                                                        mode=ValueMode.SIGNED))  # fmt: skip
     assert isinstance(found, LookupDone) and found.record is not None  # it examined its own record...
-    assert not [left for left in publisher.record_lifetimes() if 840 <= left <= 900]  # ...and took no sample of it
+    assert not [left for left, _ in publisher.record_lifetimes() if 840 <= left <= 900]  # ...and took no sample
+
+
+def test_a_stale_copy_does_not_replace_a_signer_s_fresher_sample() -> None:
+    net, engines = build_network(6)
+    wall = int(net.wall())
+    signer = Identity.generate()
+    key = peer_record_key(signer.peer_id)
+    for seq, left in ((2, 1800), (1, 600)):  # the fresh record, then an old copy (as a stale holder serves it)
+        record = PeerRecord(peer_id=signer.peer_id, addrs=(), seq=seq, expires_at=wall + left)
+        _publish(net, engines[0], seal_peer_record(signer, record), key)
+    [(left, _)] = engines[1].record_lifetimes()
+    assert 1800 - 60 <= left <= 1800
 
 
 def test_store_reports_false_for_dead_and_refusing_nodes() -> None:
