@@ -500,14 +500,20 @@ async def test_sender_restart_keeps_its_queue(tmp_path: Path) -> None:
         assert [m["id"] for m in await bob.chat.history("alice")] == ids
 
 
-async def test_request_limits_hold_back_receipts_until_accepted(tmp_path: Path) -> None:
-    strict = dataclasses.replace(FAST, policy=ChatPolicy(max_requests_per_peer=2))
+@contextlib.asynccontextmanager
+async def bob_and_a_stranger(tmp_path: Path, policy: ChatPolicy) -> AsyncIterator[tuple[Node, Node]]:
+    """Bob with ``policy``, and Carol, a stranger to him who has him as a contact and resends after 100 ms."""
     eager = dataclasses.replace(FAST, resend_after_ms=100)
     async with (
-        running_node(tmp_path / "bob", BOB, config=strict) as bob,
+        running_node(tmp_path / "bob", BOB, config=dataclasses.replace(FAST, policy=policy)) as bob,
         running_node(tmp_path / "carol", CAROL, config=eager) as carol,
     ):
         await carol.chat.add_contact(bob.invite, "bob")
+        yield bob, carol
+
+
+async def test_request_limits_hold_back_receipts_until_accepted(tmp_path: Path) -> None:
+    async with bob_and_a_stranger(tmp_path, ChatPolicy(max_requests_per_peer=2)) as (bob, carol):
         ids = [(await carol.chat.send("bob", f"request {i}"))["id"] for i in range(3)]
         await eventually(lambda: bob.chat.dropped.get("chat_request_overflow", 0) >= 1, "the third is over the limit")
         [request] = await bob.chat.list_requests()
@@ -805,13 +811,7 @@ async def test_a_stranger_sending_only_forged_envelopes_is_still_idle(tmp_path: 
 
 
 async def test_request_byte_budget_holds_back_receipts(tmp_path: Path) -> None:
-    strict = dataclasses.replace(FAST, policy=ChatPolicy(max_request_bytes_per_peer=1000))
-    eager = dataclasses.replace(FAST, resend_after_ms=100)
-    async with (
-        running_node(tmp_path / "bob", BOB, config=strict) as bob,
-        running_node(tmp_path / "carol", CAROL, config=eager) as carol,
-    ):
-        await carol.chat.add_contact(bob.invite, "bob")
+    async with bob_and_a_stranger(tmp_path, ChatPolicy(max_request_bytes_per_peer=1000)) as (bob, carol):
         ids = [(await carol.chat.send("bob", f"{i}" * 400))["id"] for i in range(3)]
         await eventually(lambda: bob.chat.dropped.get("chat_request_overflow", 0) >= 1, "the third is over budget")
         [request] = await bob.chat.list_requests()
@@ -825,13 +825,7 @@ async def test_a_request_over_the_limits_holds_back_the_ones_after_it(tmp_path: 
     """A smaller message after one over the byte budget would fit, but storing it would put it before the larger
     one, which lands only after the request is accepted (all texts of one ``send_many`` share one ``ts``, so the
     history would keep that arrival order): it waits at the sender too."""
-    strict = dataclasses.replace(FAST, policy=ChatPolicy(max_request_bytes_per_peer=1000))
-    eager = dataclasses.replace(FAST, resend_after_ms=100)
-    async with (
-        running_node(tmp_path / "bob", BOB, config=strict) as bob,
-        running_node(tmp_path / "carol", CAROL, config=eager) as carol,
-    ):
-        await carol.chat.add_contact(bob.invite, "bob")
+    async with bob_and_a_stranger(tmp_path, ChatPolicy(max_request_bytes_per_peer=1000)) as (bob, carol):
         ids = (await carol.chat.send_many("bob", ["a" * 400, "b" * 700, "c" * 100]))["ids"]
         await eventually(lambda: bob.chat.dropped.get("chat_request_overflow", 0) >= 2, "the 2nd is over budget")
         ids += (await carol.chat.send_many("bob", ["d" * 100]))["ids"]  # a later batch, on the same session
