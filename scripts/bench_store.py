@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: the store's per-message cost on both nodes, with and without a history, by message-id scheme.
 
-Usage: ``python scripts/bench_store.py [--json] [--n N] [--history H] [--repeat R]`` (database files go to
-``$TMPDIR``, default ``/tmp``)
+Usage: ``python scripts/bench_store.py [--json] [--n N] [--history H] [--repeat R] [--one-at-a-time M]`` (database
+files go to ``$TMPDIR``, default ``/tmp``)
 
 What a node's SQLite writer does for every message of a burst, with the product's own code
 (:mod:`p2pmsg.store.repo` on a database made by :mod:`p2pmsg.store.migrations`, set up with the writer's pragmas):
@@ -22,6 +22,13 @@ Figures per message: ``*_cpu_us`` (CPU time of this process: it runs the SQLite 
 ``*_written_kb`` (bytes this process handed to the kernel in write calls: the WAL frames, and the checkpoints'
 copies into the database file; ``wchar`` of ``/proc/self/io``).  Every message carries 1024 bytes of text.  The
 median of R runs (default 3).  Prints one JSON object with ``--json``; otherwise a table.
+
+With ``--one-at-a-time M``, instead: M messages each in a transaction of its own, as a person sends and receives
+them (``p2pmsg send``, an interactive ``p2pmsg chat``): the sender enqueues one (synced) and marks it delivered
+(unsynced), the receiver stores one (synced), on a database already holding 2,000 messages, for the product's page
+size (``NEW_FILE_PAGE_SIZE``, 16 KiB) and for SQLite's default of 4 KiB (the peer it is compared against): keys
+``one_at_a_time_page{size}_*``.  Every transaction writes whole pages to the WAL, so here the page size sets the
+bytes written per message (flash wear on a Raspberry Pi's SD card), where in bursts it hardly matters.
 """
 
 from __future__ import annotations
@@ -58,9 +65,13 @@ SCHEMES: dict[str, Callable[[int], bytes]] = {
 }
 
 
-def open_store(path: Path) -> sqlite3.Connection:
-    """A new database file set up as the node's writer sets it up (page size, WAL, pragmas), migrated."""
+def open_store(path: Path, page_size: int | None = None) -> sqlite3.Connection:
+    """A new database file set up as the node's writer sets it up (page size, WAL, pragmas), migrated; with
+    ``page_size``, that page size instead of :data:`NEW_FILE_PAGE_SIZE`."""
     conn = sqlite3.connect(path, isolation_level=None, cached_statements=256)
+    if page_size is not None:  # set before the first page is written: configure_writer keeps a file's page size
+        conn.execute(f"PRAGMA page_size = {page_size}")
+        conn.execute("PRAGMA journal_mode = WAL")
     configure_writer(conn, path)
     migrate(conn)
     return conn
@@ -170,6 +181,50 @@ def one_run(scheme: str, history: int, n: int) -> dict[str, float]:
     return result
 
 
+def one_at_a_time(page_size: int, n: int) -> dict[str, float]:
+    """``n`` messages, each in its own transaction on each side (see the module docstring)."""
+    clock = clock_ms()
+    result: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="p2pmsg-bench-store-") as name:
+        for side in ("sender", "receiver"):
+            conn = open_store(Path(name) / f"{side}.db", page_size)
+            try:
+                fill(conn, 2000, new_message_id, clock)
+                now = next(clock)
+                wrote, cpu = written_bytes(), time.process_time()
+                for ts in (next(clock) for _ in range(n)):
+                    mid = new_message_id(ts)
+                    if side == "sender":
+                        outgoing: list[repo.OutgoingRow] = [(mid, PEER, OWN, TEXT, ts, ts + 30_000)]
+                        transaction(conn, functools.partial(repo.enqueue_rows, rows=outgoing, now=now), synced=True)
+                        deliver = functools.partial(repo.mark_delivered_ids, message_ids=[mid], recipient=PEER, now=now)
+                        transaction(conn, deliver, synced=False)
+                    else:
+                        incoming: list[repo.IncomingRow] = [(mid, PEER, None, TEXT, ts, False)]
+                        transaction(
+                            conn, functools.partial(repo.insert_incoming_rows, rows=incoming, now=now), synced=True
+                        )
+                cpu = time.process_time() - cpu
+                result[f"{side}_cpu_us"] = cpu / n * 1e6
+                result[f"{side}_written_kb"] = (written_bytes() - wrote) / n / 1024
+            finally:
+                conn.close()
+    return result
+
+
+def run_one_at_a_time(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    runs: dict[int, list[dict[str, float]]] = {NEW_FILE_PAGE_SIZE: [], 4096: []}
+    for _ in range(args.repeat):
+        for page_size in runs:  # alternately, so both see the same machine load
+            runs[page_size].append(one_at_a_time(page_size, args.one_at_a_time))
+    for page_size, page_runs in runs.items():
+        for key in page_runs[0]:
+            results[f"one_at_a_time_page{page_size}_{key}"] = statistics.median(run[key] for run in page_runs)
+    results.update(n=args.one_at_a_time, repeat=args.repeat, text_bytes=len(TEXT), sqlite=sqlite3.sqlite_version)
+    return results
+
+
 def run_all(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for history in (0, args.history):
@@ -209,9 +264,20 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=30_000, help="messages measured per side and run")
     parser.add_argument("--history", type=int, default=300_000, help="messages already stored in the larger case")
     parser.add_argument("--repeat", type=int, default=3, help="runs per case (the median is reported)")
+    parser.add_argument(
+        "--one-at-a-time", type=int, default=0, metavar="M", help="measure M single-message transactions instead"
+    )
     args = parser.parse_args()
-    if args.n < 1 or args.history < 1 or args.repeat < 1:
-        parser.error("--n, --history and --repeat must be at least 1")
+    if args.n < 1 or args.history < 1 or args.repeat < 1 or args.one_at_a_time < 0:
+        parser.error("--n, --history and --repeat must be at least 1, --one-at-a-time at least 0")
+    if args.one_at_a_time:
+        results = run_one_at_a_time(args)
+        if args.json:
+            print(json.dumps(results, indent=2, sort_keys=True))
+        else:
+            for key, value in sorted(results.items()):
+                print(f"{key:<42} {value:>10.2f}" if isinstance(value, float) else f"{key:<42} {value}")
+        return
     results = run_all(args)
     if args.json:
         print(json.dumps(results, indent=2, sort_keys=True))

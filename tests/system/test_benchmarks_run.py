@@ -52,6 +52,10 @@ CASES = {
         ["bench_store.py", "--json", "--n", "300", "--history", "300", "--repeat", "1"],
         ["time_prefixed_history300_sender_cpu_us", "random_history0_receiver_written_kb"],
     ),
+    "store-one-at-a-time": (
+        ["bench_store.py", "--json", "--one-at-a-time", "20", "--repeat", "1"],
+        ["one_at_a_time_page16384_sender_written_kb", "one_at_a_time_page4096_receiver_written_kb"],
+    ),
     "dht": (["bench_dht.py", "--json", "--sizes", "20", "--lookups", "20"], ["20"]),
 }
 
