@@ -56,7 +56,7 @@ from p2pmsg.chat.service import ChatConfig, ChatService
 from p2pmsg.control.errors import NodeAlreadyRunningError
 from p2pmsg.control.server import ControlServer, EventHub
 from p2pmsg.control.socketpath import SocketState, control_socket_path, probe_socket
-from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord
+from p2pmsg.dht.core.records import MAX_RECORD_TTL, PeerRecord, VerifiedRecord
 from p2pmsg.dht.service import DEFAULT_RECORD_TTL, DhtNode
 from p2pmsg.errors import LocalProtocolError, P2PMsgError
 from p2pmsg.identity import Identity, PeerId
@@ -89,8 +89,9 @@ LOW_DISK_BYTES: Final = 64 * 1024 * 1024
 it runs out (senders then resend later, nothing is lost, but nothing new arrives either)."""
 CLOCK_SAMPLES: Final = 3
 """Other signers whose records must have been seen before the node judges its own clock (:meth:`Node.clock_offset`)."""
-CLOCK_SLACK: Final = 1800.0
-"""Seconds beyond the range a record's remaining lifetime normally lies in before the node calls its clock off."""
+CLOCK_SLACK: Final = 600.0
+"""Seconds beyond the range a record's remaining lifetime normally lies in before the node calls its clock off (the
+chat's own allowance between clocks is as much: protocol section 6.4)."""
 RECORD_SEQ_SETTING: Final = "dht.record_seq"
 """Settings key of the last peer-record ``seq`` this node signed (8 bytes, big-endian)."""
 RECORD_QUEUE_SIZE: Final = 64
@@ -444,10 +445,10 @@ class Node:
         * *ahead*: even the freshest of at least :data:`CLOCK_SAMPLES` signers' records expired more than
           :data:`CLOCK_SLACK` ago: our clock is at least that far ahead (a node that saw only departed nodes would
           think so too, which takes every live node's record to be missing);
-        * *behind*: of the records that look valid, at least :data:`CLOCK_SAMPLES` have, on the median, more than
-          :data:`CLOCK_SLACK` left beyond their own lifetime, which no clock that agrees can see: behind by about
-          that much (records of other implementations, whose ``seq`` is not a time, show a huge lifetime and never
-          count here).
+        * *behind*: of the records that look valid and whose lifetime is one a record may have (0 to 7 days: a ``seq``
+          that is not a time in seconds gives none, so it never counts), at least :data:`CLOCK_SAMPLES` have, on the
+          median, more than :data:`CLOCK_SLACK` left beyond their own lifetime, which no clock that agrees can see:
+          behind by about that much.
 
         Holders judge our record with their clocks: a clock a day behind has it refused everywhere (it looks
         expired), and one a day ahead refuses everyone else's; either way the node cannot work, and says why."""
@@ -457,7 +458,7 @@ class Node:
         freshest = max(left for left, _ in samples)
         if freshest < -CLOCK_SLACK:
             return -freshest
-        excess = sorted(left - lifetime for left, lifetime in samples if left > 0)
+        excess = sorted(left - lifetime for left, lifetime in samples if left > 0 and 0 < lifetime <= MAX_RECORD_TTL)
         if len(excess) >= CLOCK_SAMPLES:
             middle = len(excess) // 2
             median = excess[middle] if len(excess) % 2 else (excess[middle - 1] + excess[middle]) / 2
@@ -474,13 +475,16 @@ class Node:
             logging.WARNING,
             "clock",
             "this host's clock (%s) seems %s %s %s the other nodes': the peer records they sign %s by it. Set it "
-            "right (e.g. turn on NTP): records carry wall-clock expiry times, so until then other nodes refuse this "
-            "node's record or this node refuses theirs, and contacts cannot find each other",
+            "right (e.g. turn on NTP): records carry wall-clock expiry times, so until then %s, and messages between "
+            "this node and its contacts may sort before the ones they answer",
             time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "at least" if offset > 0 else "about",
             span(abs(offset)),
             "ahead of" if offset > 0 else "behind",
             "have all expired" if offset > 0 else "expire much later than they should",
+            "this node refuses their records and cannot find its contacts' addresses"
+            if offset > 0
+            else "other nodes may refuse this node's record, and its contacts cannot find its address",
         )
 
     def _check_free_space(self) -> None:

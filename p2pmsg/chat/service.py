@@ -59,7 +59,7 @@ goes on reading; the storer puts everything that arrived while its previous tran
 
 **Timestamps.**  A message's ``ts`` is our clock, or the conversation's floor when that is later: one more than the
 latest received message's, and at least our own previous one's, but at most our clock + :data:`_CLOCK_ALLOWANCE_MS`
-(a hybrid logical clock: a reply sorts after what it answers even when our clock is behind the peer's).  A
++ 1 ms (a hybrid logical clock: a reply sorts after what it answers even when our clock is behind the peer's).  A
 received ``ts`` more than :data:`_CLOCK_ALLOWANCE_MS` after our clock is lowered to that bound.  History is ordered
 by ``(ts, local seq)``.
 

@@ -27,7 +27,7 @@ from p2pmsg.errors import LocalProtocolError, P2PMsgError
 from p2pmsg.identity import Identity, PeerId
 from p2pmsg.net.channel import SecureChannel, secure_outbound
 from p2pmsg.net.transport import UnsupportedAddressError, open_stream, parse_transport_address
-from p2pmsg.wire.multiaddr import Multiaddr
+from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
 
 __all__ = [
     "DEFAULT_DIAL_TIMEOUT",
@@ -69,11 +69,21 @@ class DialError(P2PMsgError):
         self.failures: tuple[DialFailure, ...] = tuple(failures)
         if self.failures:
             # An address that ends in the peer's own /p2p/<id> is shown without it: the message names the peer once.
-            shown = [f.addr.without_peer_id() if f.addr.peer_id == peer_id else f.addr for f in self.failures]
+            shown = [_without_own_id(f.addr, peer_id) for f in self.failures]
             detail = "; ".join(f"{addr}: {failure.reason}" for addr, failure in zip(shown, self.failures, strict=True))
         else:
             detail = "no addresses to try"
         super().__init__(f"could not reach {peer_id}: {detail}")
+
+
+def _without_own_id(addr: Multiaddr, peer_id: PeerId) -> Multiaddr:
+    """``addr`` without its trailing ``/p2p/<peer_id>`` (a bare ``/p2p/<peer_id>`` stays as it is)."""
+    if addr.peer_id != peer_id:
+        return addr
+    try:
+        return addr.without_peer_id()
+    except MultiaddrError:
+        return addr
 
 
 def _describe(exc: BaseException) -> str:

@@ -425,16 +425,19 @@ async def test_a_missing_or_damaged_database_is_reported(tmp_path: Path, caplog:
 
 
 @pytest.mark.parametrize(
-    ("signed_ago", "said"),
+    ("signed_ago", "said", "seq_in_ms"),
     [
-        ([2 * 3600] * 3, "seems at least 60 minutes ahead of the other nodes'"),  # every record expired an hour ago
-        ([-29 * 3600] * 3, "seems about 29.0 hours behind the other nodes'"),  # signed 29 h "from now"
-        ([600] * 3, None),  # what a right clock sees: signed 10 minutes ago, 50 minutes left
-        ([600, 900, 30 * 3600, 40 * 3600, 50 * 3600], None),  # and beside live nodes, records of nodes long gone
+        ([2 * 3600] * 3, "seems at least 60 minutes ahead of the other nodes'", False),  # all expired an hour ago
+        ([-29 * 3600] * 3, "seems about 29.0 hours behind the other nodes'", False),  # signed 29 h "from now"
+        ([85 * 60] * 3, "seems at least 25 minutes ahead of the other nodes'", False),  # 75 min ahead, signed 10 ago
+        ([-25 * 60] * 3, "seems about 25 minutes behind the other nodes'", False),
+        ([600] * 3, None, False),  # what a right clock sees: signed 10 minutes ago, 50 minutes left
+        ([600, 900, 30 * 3600, 40 * 3600, 50 * 3600], None, False),  # and beside live nodes, nodes long gone
+        ([600] * 3, None, True),  # records whose seq is no time in seconds (valid: seq only has to grow)
     ],
 )
 async def test_a_node_whose_clock_is_off_says_so(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, signed_ago: list[int], said: str | None
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, signed_ago: list[int], said: str | None, seq_in_ms: bool
 ) -> None:
     """How a node whose clock is off sees the mesh: the peer records other nodes sign (each for an hour, with their
     clock as ``seq``) expired long ago (ahead), or last longer than their lifetime (behind).  Made real with a lone
@@ -459,7 +462,8 @@ async def test_a_node_whose_clock_is_off_says_so(
         nursery.start_soon(answer_pings)
         for ago in signed_ago:
             signer, signed = Identity.generate(), int(time.time()) - ago
-            record = PeerRecord(peer_id=signer.peer_id, addrs=(), seq=signed, expires_at=signed + 3600)
+            seq = signed * 1000 if seq_in_ms else signed
+            record = PeerRecord(peer_id=signer.peer_id, addrs=(), seq=seq, expires_at=signed + 3600)
             store = ["store", [sender, peer_record_key(signer.peer_id), seal_peer_record(signer, record)]]
             await sock.sendto(b"\x00" + os.urandom(20) + msgpack.packb(store), node.dht.address)
         examined = len(signed_ago)

@@ -379,7 +379,7 @@ class DhtEngine:
         self._own_addresses: OrderedDict[Address, None] = OrderedDict()
         self._address_votes: OrderedDict[Address, set[str]] = OrderedDict()
         self._verified: OrderedDict[tuple[bytes, bytes], VerifiedRecord] = OrderedDict()
-        self._lifetimes: OrderedDict[bytes, tuple[int, float, int]] = OrderedDict()
+        self._lifetimes: dict[bytes, tuple[int, float, int]] = {}
         self._own_peer = identity.peer_id.to_bytes()
         self._silent: OrderedDict[Address, float] = OrderedDict()
         self._lookups: dict[int, _LookupOp] = {}
@@ -773,9 +773,10 @@ class DhtEngine:
         known = self._lifetimes.get(signer)
         if known is None or expires_at >= known[0]:  # a stale copy served by some holder does not replace it
             self._lifetimes[signer] = (expires_at, expires_at - wall, expires_at - seq)
-        self._lifetimes.move_to_end(signer)
-        while len(self._lifetimes) > _LIFETIME_SAMPLES:
-            self._lifetimes.popitem(last=False)
+        if len(self._lifetimes) > _LIFETIME_SAMPLES:
+            # Drop the stalest record, not the least recently seen: a holder that hands on many records of nodes
+            # long gone (stock nodes store every value again each hour) must not push out every live node's.
+            del self._lifetimes[min(self._lifetimes, key=lambda s: self._lifetimes[s][0])]
 
     def record_lifetimes(self) -> list[tuple[float, float]]:
         """For the last :data:`_LIFETIME_SAMPLES` other signers whose records we examined (for a STORE or a read,

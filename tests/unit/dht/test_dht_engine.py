@@ -491,6 +491,21 @@ def test_engines_remember_how_long_other_signers_records_had_left() -> None:
     assert not [left for left, _ in publisher.record_lifetimes() if 840 <= left <= 900]  # ...and took no sample
 
 
+def test_many_records_of_departed_nodes_do_not_push_out_the_live_ones() -> None:
+    """The samples are bounded (64 signers); the stalest go first, so a holder handing on records of 100 nodes long
+    gone, after those of three live ones, leaves the live ones."""
+    net, engines = build_network(6)
+    wall = int(net.wall())
+    for left in (1800, 2400, 3000, *[-86_400] * 100):
+        signer = Identity.generate()
+        record = PeerRecord(peer_id=signer.peer_id, addrs=(), seq=wall + left - 3600, expires_at=wall + left)
+        _publish(net, engines[0], seal_peer_record(signer, record), peer_record_key(signer.peer_id))
+    samples = engines[1].record_lifetimes()
+    assert len(samples) == 64
+    live = sorted(left for left, _ in samples)[-3:]
+    assert all(left > low for left, low in zip(live, (1700, 2300, 2900), strict=True)), live
+
+
 def test_a_stale_copy_does_not_replace_a_signer_s_fresher_sample() -> None:
     net, engines = build_network(6)
     wall = int(net.wall())

@@ -178,6 +178,12 @@ async def test_all_fail_lists_every_address_with_its_reason(nursery: trio.Nurser
     assert f"/p2p/{BOB.peer_id}" not in str(error)
 
 
+async def test_a_bare_peer_id_address_is_a_dial_error() -> None:
+    bare = Multiaddr.parse(f"/p2p/{BOB.peer_id}")  # no transport: refused, and named in a DialError
+    with trio.fail_after(5), pytest.raises(DialError, match="could not reach"):
+        await dial(ALICE, BOB.peer_id, [bare], timeout=1)
+
+
 async def test_timeout_reports_stalled_and_untried_addresses(nursery: trio.Nursery) -> None:
     stall_1 = await start_stall_server(nursery)
     stall_2 = await start_stall_server(nursery)
