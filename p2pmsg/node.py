@@ -406,6 +406,7 @@ class Node:
             "dht_size": len(self.dht.routing_table_snapshot()),
             "dht_address": f"{self.dht.address[0]}:{self.dht.address[1]}",
             "database": self.database_state,
+            "clock_offset_s": None if (offset := self.clock_offset()) is None else round(offset),
             **chat,
             "listener": listener.as_dict(),
             "dht": dht_stats,

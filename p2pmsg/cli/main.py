@@ -973,6 +973,10 @@ def status(state: State, as_json: bool) -> None:
         ("database", info.get("database", "-")),
         ("dropped", dropped_text),
     ]
+    offset = info.get("clock_offset_s")
+    if type(offset) is int and offset:  # shown only when the node judges its clock off
+        where = "ahead of" if offset > 0 else "behind"
+        lines.insert(-1, ("clock", f"{format_duration(abs(offset))} {where} the other nodes' (set it right: NTP)"))
     for label, value in lines:
         click.echo(f"{label:<13} {value if label == 'dropped' else clean(value)}")
 

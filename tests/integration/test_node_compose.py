@@ -470,12 +470,14 @@ async def test_a_node_whose_clock_is_off_says_so(
         await wait_for(lambda: _async_value(len(node.dht.engine.record_lifetimes()) == examined), "records examined")
         rounds = caplog.text.count("record is stored nowhere yet")  # logged once a round (nobody holds ours)
         await wait_for(lambda: _async_value(caplog.text.count("record is stored nowhere yet") >= rounds + 3), "rounds")
+        offset = (await call(home, "status"))["clock_offset_s"]
         nursery.cancel_scope.cancel()
     warned = [r.getMessage() for r in caplog.records if "this host's clock" in r.getMessage()]
     if said is None:
-        assert warned == []
+        assert warned == [] and offset is None
     else:
         assert len(warned) == 1 and said in warned[0]  # once (an hour), not every round
+        assert (offset > 0) == ("ahead" in said)  # and `status` says it too
 
 
 async def test_low_free_space_on_the_home_s_disk_is_warned_about_once(

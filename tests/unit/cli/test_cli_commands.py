@@ -184,6 +184,7 @@ class ContactNode:
                 "outbox_depth": 0,
                 "requests": 1,
                 "database": "damaged",
+                "clock_offset_s": -86_400,
                 "dropped": {"control_slow_subscriber": 2},
             }
 
@@ -376,6 +377,7 @@ async def test_inbox_requests_peers_status(home: Path) -> None:
     assert "requests      1 (see `p2pmsg requests`)" in status.output
     assert "dropped       control_slow_subscriber=2" in status.output
     assert "database      damaged" in status.output
+    assert "clock         1d 00h 00m behind the other nodes' (set it right: NTP)" in status.output
     assert json.loads(status_json.output)["dht_size"] == 12
 
 
