@@ -42,6 +42,7 @@ import math
 import os
 import signal
 import socket as _socket
+import statistics
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -459,12 +460,9 @@ class Node:
         freshest = max(left for left, _ in samples)
         if freshest < -CLOCK_SLACK:
             return -freshest
-        excess = sorted(left - lifetime for left, lifetime in samples if left > 0 and 0 < lifetime <= MAX_RECORD_TTL)
-        if len(excess) >= CLOCK_SAMPLES:
-            middle = len(excess) // 2
-            median = excess[middle] if len(excess) % 2 else (excess[middle - 1] + excess[middle]) / 2
-            if median > CLOCK_SLACK:
-                return -median
+        excess = [left - lifetime for left, lifetime in samples if left > 0 and 0 < lifetime <= MAX_RECORD_TTL]
+        if len(excess) >= CLOCK_SAMPLES and (median := statistics.median(excess)) > CLOCK_SLACK:
+            return -median
         return None
 
     def _check_clock(self) -> None:

@@ -150,7 +150,8 @@ async def dial(
         nonlocal winner, unanswered_failures
         try:
             remaining = max(deadline - trio.current_time(), 1e-3)
-            stream = await open_stream(addr.without_peer_id(), timeout=remaining, nursery=nursery)  # (named once)
+            # The transport ignores /p2p/<id>; without it, its errors do not name the peer a second time.
+            stream = await open_stream(addr.without_peer_id(), timeout=remaining, nursery=nursery)
             remaining = max(deadline - trio.current_time(), 1e-3)
             channel = await secure_outbound(stream, identity, peer_id, timeout=remaining)
         except _ATTEMPT_ERRORS as exc:
