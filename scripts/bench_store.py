@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: the store's per-message cost on both nodes, with and without a history, by message-id scheme.
 
-Usage: ``python scripts/bench_store.py [--json] [--n N] [--history H] [--repeat R] [--one-at-a-time M]`` (database
-files go to ``$TMPDIR``, default ``/tmp``)
+Usage: ``python scripts/bench_store.py [--json] [--n N] [--history H] [--repeat R] [--one-at-a-time M]
+[--page-size P]`` (database files go to ``$TMPDIR``, default ``/tmp``)
 
 What a node's SQLite writer does for every message of a burst, with the product's own code
 (:mod:`p2pmsg.store.repo` on a database made by :mod:`p2pmsg.store.migrations`, set up with the writer's pragmas):
@@ -21,12 +21,14 @@ that has been in use for a while; the history's ids follow the same scheme), for
 Figures per message: ``*_cpu_us`` (CPU time of this process: it runs the SQLite calls itself, in one thread) and
 ``*_written_kb`` (bytes this process handed to the kernel in write calls: the WAL frames, and the checkpoints'
 copies into the database file; ``wchar`` of ``/proc/self/io``).  Every message carries 1024 bytes of text.  The
-median of R runs (default 3).  Prints one JSON object with ``--json``; otherwise a table.
+median of R runs (default 3).  With ``--page-size P`` the databases get P-byte pages instead of the product's
+(``NEW_FILE_PAGE_SIZE``).  Prints one JSON object with ``--json``; otherwise a table.
 
 With ``--one-at-a-time M``, instead: M messages each in a transaction of its own, as a person sends and receives
 them (``p2pmsg send``, an interactive ``p2pmsg chat``): the sender enqueues one (synced) and marks it delivered
 (unsynced), the receiver stores one (synced), on a database already holding 2,000 messages, for the product's page
-size (``NEW_FILE_PAGE_SIZE``, 16 KiB) and for SQLite's default of 4 KiB (the peer it is compared against): keys
+size (``NEW_FILE_PAGE_SIZE``, 16 KiB) and for SQLite's default of 4 KiB, or ``--page-size P`` (the peer it is
+compared against): keys
 ``one_at_a_time_page{size}_*``.  Every transaction writes whole pages to the WAL, so here the page size sets the
 bytes written per message (flash wear on a Raspberry Pi's SD card), where in bursts it hardly matters.
 """
@@ -165,13 +167,13 @@ def measure_receiver(
     return {"receiver_cpu_us": cpu / n * 1e6, "receiver_written_kb": (written_bytes() - wrote) / n / 1024}
 
 
-def one_run(scheme: str, history: int, n: int) -> dict[str, float]:
+def one_run(scheme: str, history: int, n: int, page_size: int | None) -> dict[str, float]:
     make_id = SCHEMES[scheme]
     clock = clock_ms()
     result: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="p2pmsg-bench-store-") as name:
         for side, measure in (("sender", measure_sender), ("receiver", measure_receiver)):
-            conn = open_store(Path(name) / f"{side}.db")
+            conn = open_store(Path(name) / f"{side}.db", page_size)
             try:
                 if history:
                     fill(conn, history, make_id, clock)
@@ -214,7 +216,7 @@ def one_at_a_time(page_size: int, n: int) -> dict[str, float]:
 
 def run_one_at_a_time(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    runs: dict[int, list[dict[str, float]]] = {NEW_FILE_PAGE_SIZE: [], 4096: []}
+    runs: dict[int, list[dict[str, float]]] = {NEW_FILE_PAGE_SIZE: [], args.page_size or 4096: []}
     for _ in range(args.repeat):
         for page_size in runs:  # alternately, so both see the same machine load
             runs[page_size].append(one_at_a_time(page_size, args.one_at_a_time))
@@ -231,7 +233,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         runs: dict[str, list[dict[str, float]]] = {scheme: [] for scheme in SCHEMES}
         for _ in range(args.repeat):
             for scheme in SCHEMES:  # alternately, so both see the same machine load
-                runs[scheme].append(one_run(scheme, history, args.n))
+                runs[scheme].append(one_run(scheme, history, args.n, args.page_size))
         for scheme, scheme_runs in runs.items():
             for key in scheme_runs[0]:
                 results[f"{scheme}_history{history}_{key}"] = statistics.median(run[key] for run in scheme_runs)
@@ -240,7 +242,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         history=args.history,
         repeat=args.repeat,
         text_bytes=len(TEXT),
-        page_size=NEW_FILE_PAGE_SIZE,
+        page_size=args.page_size or NEW_FILE_PAGE_SIZE,
         sqlite=sqlite3.sqlite_version,
         python=sys.version.split()[0],
     )
@@ -267,9 +269,19 @@ def main() -> None:
     parser.add_argument(
         "--one-at-a-time", type=int, default=0, metavar="M", help="measure M single-message transactions instead"
     )
+    parser.add_argument(
+        "--page-size",
+        type=int,
+        metavar="P",
+        help="database page size (default the product's); with --one-at-a-time, the one compared (default 4096)",
+    )
     args = parser.parse_args()
     if args.n < 1 or args.history < 1 or args.repeat < 1 or args.one_at_a_time < 0:
         parser.error("--n, --history and --repeat must be at least 1, --one-at-a-time at least 0")
+    if args.page_size is not None and (
+        args.page_size < 512 or args.page_size > 65536 or args.page_size & (args.page_size - 1)
+    ):
+        parser.error("--page-size must be a power of two from 512 to 65536")
     if args.one_at_a_time:
         results = run_one_at_a_time(args)
         if args.json:

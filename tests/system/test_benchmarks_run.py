@@ -56,6 +56,10 @@ CASES = {
         ["bench_store.py", "--json", "--one-at-a-time", "20", "--repeat", "1"],
         ["one_at_a_time_page16384_sender_written_kb", "one_at_a_time_page4096_receiver_written_kb"],
     ),
+    "store-page-size": (
+        ["bench_store.py", "--json", "--one-at-a-time", "20", "--repeat", "1", "--page-size", "8192"],
+        ["one_at_a_time_page16384_sender_written_kb", "one_at_a_time_page8192_receiver_written_kb"],
+    ),
     "dht": (["bench_dht.py", "--json", "--sizes", "20", "--lookups", "20"], ["20"]),
 }
 
