@@ -184,6 +184,8 @@ _HELD_BACK_LINGER: Final = 10.0
 """Seconds a session that held received messages back (they could not be stored, or a stranger's request went over
 the limits) stays open, storing nothing, before it is closed: long enough that the sender is not made to redial in a
 loop, short enough that it resends soon."""
+_PROMOTED: Final = "its peer became a contact: what it held back comes on a new session"
+"""Why a session holding back a stranger's requests over the limits ends when the request is accepted."""
 _CROSSING_DIAL_WINDOW: Final = 2.0
 """Seconds within which two sessions with one peer count as a crossing dial (both nodes dialled each other): the
 newer one's hello does not end the older one then (each side might end a different one)."""
@@ -378,6 +380,8 @@ class _Session:
     could not be stored (``chat_store_failed``) or a stranger's request went over the limits
     (``chat_request_overflow``): everything after them on this session is dropped unacknowledged too, so what is
     stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
+    promoted: bool = False
+    """The peer became a contact (accepted, added or vouched for) while this session was open."""
 
 
 class _Pacer:
@@ -1707,6 +1711,9 @@ class ChatService:
                     )
                     self._publish_fields("message", fields)
         await self._write(session, session.conn.send_ack(ack_ids))
+        if session.held_back == "chat_request_overflow" and session.promoted:
+            # Accepted while this batch was being stored (as requests): what it held back need not wait either.
+            self._close_session(session, _PROMOTED)
 
     @staticmethod
     def _hold_back(session: _Session, counter: str, reason: str) -> None:
@@ -1885,8 +1892,9 @@ class ChatService:
         for session in list(self._sessions.get(peer, [])):
             session.relation = Relation.CONTACT
             session.contact_name = name
+            session.promoted = True
             if session.held_back == "chat_request_overflow":
-                self._close_session(session, "its peer became a contact: what it held back comes on a new session")
+                self._close_session(session, _PROMOTED)
 
     def _contacts_changed(self) -> None:
         """Forget the cached name lookups (called around every change of the contacts table)."""

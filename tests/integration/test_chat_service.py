@@ -2105,3 +2105,33 @@ async def test_a_contact_acknowledging_thousands_of_ids_it_was_never_sent_is_cut
         assert "never written on this session" in bob.seen("peer_down")[0]["reason"]
         assert bob.chat.dropped.get("chat_protocol_error") == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_request_accepted_while_its_batch_is_stored_ends_the_session_that_holds_it_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request is accepted after the batch was stored as requests (over the limits) but before the session learnt
+    it must hold the rest back: the session ends once its receipts are written, not after its linger (long here)."""
+    monkeypatch.setattr("p2pmsg.chat.service._HELD_BACK_LINGER", 60.0)
+    strict = dataclasses.replace(FAST, policy=ChatPolicy(max_requests_per_peer=1))
+    patient = dataclasses.replace(FAST, resend_after_ms=60_000)
+    async with (
+        running_node(tmp_path / "bob", BOB, config=strict) as bob,
+        running_node(tmp_path / "carol", CAROL, config=patient) as carol,
+    ):
+        store = bob.chat._db.write
+        accepted: list[bool] = []
+
+        async def accept_right_after_an_overflowing_store(fn: Any) -> Any:
+            result = await store(fn)
+            if not accepted and "overflow" in getattr(result, "outcomes", ()):
+                accepted.append(True)
+                await bob.chat.accept_request(str(CAROL.peer_id), "carol")
+            return result
+
+        monkeypatch.setattr(bob.chat._db, "write", accept_right_after_an_overflowing_store)
+        await carol.chat.add_contact(bob.invite, "bob")
+        ids = (await carol.chat.send_many("bob", ["first", "second"]))["ids"]
+        await eventually(lambda: _has_receipt(carol, ids[1], "delivered"), "the second soon after", timeout=5)
+        assert accepted, "the batch did not go over the limits"
+        assert [m["id"] for m in await bob.chat.history("carol")] == ids
