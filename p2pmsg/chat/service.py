@@ -2026,7 +2026,8 @@ class ChatService:
 
     async def remove_contact(self, name: str) -> dict[str, Any]:
         """Forget a contact: its history stays, and so do the messages queued to it (they go when it is reachable).
-        A blocked contact stays blocked, without its name.  The reply says both: ``{peer_id, blocked, queued}``."""
+        A blocked contact stays blocked, without its name.  The reply says both: ``{peer_id, blocked, queued}``.
+        Its open sessions end: a new one meets the limits for strangers (pace, idle time, slots)."""
         contact = await self._contact_by_name(name)
 
         def txn(conn: sqlite3.Connection) -> tuple[bool, int]:
@@ -2038,7 +2039,10 @@ class ChatService:
             blocked, queued = await self._db.write(txn)
         finally:
             self._contacts_changed()
-        return {"peer_id": self._text(self._peer_of(contact.peer_id)), "blocked": blocked, "queued": queued}
+        peer = self._peer_of(contact.peer_id)
+        for session in list(self._sessions.get(peer, [])):
+            self._close_session(session, "no longer a contact: a new session meets the limits for strangers")
+        return {"peer_id": self._text(peer), "blocked": blocked, "queued": queued}
 
     async def block(self, name_or_peer: str) -> dict[str, Any]:
         """Block a contact or any peer id: its channels are closed and refused, its messages never stored."""

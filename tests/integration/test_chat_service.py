@@ -2135,3 +2135,20 @@ async def test_a_request_accepted_while_its_batch_is_stored_ends_the_session_tha
         await eventually(lambda: _has_receipt(carol, ids[1], "delivered"), "the second soon after", timeout=5)
         assert accepted, "the batch did not go over the limits"
         assert [m["id"] for m in await bob.chat.history("carol")] == ids
+
+
+async def test_removing_a_contact_ends_its_sessions(tmp_path: Path) -> None:
+    """A removed contact is a stranger: its open session (no pace, no idle time) ends, and what it sends next comes
+    on a new session, as a request."""
+    async with running_node(tmp_path / "alice", ALICE) as alice, running_node(tmp_path / "bob", BOB) as bob:
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        first = await alice.chat.send("bob", "still friends?")
+        await eventually(lambda: _has_receipt(alice, first["id"], "delivered"), "the first message")
+        await bob.chat.remove_contact("alice")
+        down = await eventually(lambda: bob.seen("peer_down"), "the session ends at bob")
+        assert down[0]["reason"].startswith("no longer a contact")
+        second = await alice.chat.send("bob", "hello?")
+        await eventually(lambda: _has_receipt(alice, second["id"], "delivered"), "the second message")
+        [request] = await bob.chat.list_requests()
+        assert request["peer_id"] == str(ALICE.peer_id) and request["count"] == 1
