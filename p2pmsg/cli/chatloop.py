@@ -8,14 +8,14 @@ node stored after every message the first fetch returned (``seq`` counts in stor
 the two, and one that the history's ``limit`` left out is never shown after newer ones (subscribing first did that, when
 a backlog was being stored).  Message ids already shown are remembered and never shown twice.  A background thread reads
 the event stream and prints the messages of this contact as they arrive (on a terminal also when the contact comes
-online or goes away), while the main thread reads lines from stdin and sends each non-blank one with the ``send``
-method, which returns once the message is durably queued.  Piped input is read in batches of the lines available at that
-moment (:func:`line_batches`), each queued with one ``send_many`` (one transaction and one disk sync per batch), and
-each queued line is confirmed on stdout as ``queued <message id>`` (the same words as ``p2pmsg send``), so a script
-knows exactly what the node holds.  A line the node would refuse (over 64 KiB of UTF-8, or bytes that are not UTF-8) is
-not sent, nor is it changed: it gets ``refused: line N: ...`` in its place, the other lines of its batch go, and the
-command then exits with status 1.  At end of input the event stream is closed (waking the thread) and the command
-returns: every line has been queued or refused by then.
+online or goes away, and when a line typed in this chat has been delivered), while the main thread reads lines from
+stdin and sends each non-blank one with the ``send`` method, which returns once the message is durably queued.  Piped
+input is read in batches of the lines available at that moment (:func:`line_batches`), each queued with one
+``send_many`` (one transaction and one disk sync per batch), and each queued line is confirmed on stdout as ``queued
+<message id>`` (the same words as ``p2pmsg send``), so a script knows exactly what the node holds.  A line the node
+would refuse (over 64 KiB of UTF-8, or bytes that are not UTF-8) is not sent, nor is it changed: it gets ``refused: line
+N: ...`` in its place, the other lines of its batch go, and the command then exits with status 1.  At end of input the
+event stream is closed (waking the thread) and the command returns: every line has been queued or refused by then.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ _READ_SIZE: Final = 65536
 _ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 _CATCH_UP: Final = 1000
 """Newest messages fetched right after subscribing, for those that arrived since the history was shown."""
+_SNIPPET: Final = 40
+"""Characters of a typed message quoted when its delivery is shown."""
+_EARLY_RECEIPTS: Final = 1000
+"""Delivered ids remembered before their ``send`` call returned (the receipt can overtake the reply)."""
 
 
 def text_problem(text: str) -> str | None:
@@ -166,6 +170,10 @@ def run_chat(
     interactive = stdin.isatty()
     lock = threading.Lock()
     seen: set[str] = set()
+    typed: dict[str, str] = {}
+    """Lines typed in this chat and not delivered yet: message id -> text."""
+    delivered_early: dict[str, None] = {}
+    """Ids delivered before their ``send`` returned (ordered, oldest first, at most :data:`_EARLY_RECEIPTS`)."""
 
     def show_rows(rows: list[dict[str, Any]], *, stored_after: int = -1) -> None:
         """Show history rows not shown yet, of those the node stored after ``stored_after`` (``seq`` counts in
@@ -181,6 +189,22 @@ def run_chat(
     def show(text: str) -> None:
         with lock:
             echo(text)
+
+    def delivered(ids: list[str]) -> None:
+        """Say which typed lines were delivered (under ``lock``)."""
+        texts = [typed.pop(message_id) for message_id in ids if message_id in typed]
+        if len(texts) == 1:
+            snippet = texts[0] if len(texts[0]) <= _SNIPPET else texts[0][: _SNIPPET - 1] + "\u2026"
+            echo(f"(delivered: {clean(snippet)})")
+        elif texts:
+            echo(f"(delivered: {len(texts)} messages)")
+
+    def typed_line(message_id: str, text: str) -> None:
+        with lock:
+            typed[message_id] = text
+            if message_id in delivered_early:
+                del delivered_early[message_id]
+                delivered([message_id])
 
     def pump() -> None:
         try:
@@ -199,6 +223,15 @@ def run_chat(
                     show(f"({clean(name)} is online)")
                 elif interactive and kind == "peer_down":
                     show(f"({clean(name)} went offline)")
+                elif interactive and kind == "receipt" and event.get("status") == "delivered":
+                    ids = [str(i) for i in event.get("ids", []) if isinstance(i, str)]
+                    with lock:
+                        for message_id in ids:
+                            if message_id not in typed:  # perhaps typed here, its send not returned yet
+                                delivered_early[message_id] = None
+                        while len(delivered_early) > _EARLY_RECEIPTS:
+                            del delivered_early[next(iter(delivered_early))]
+                        delivered(ids)
         except P2PMsgError as exc:
             show(f"(no more incoming messages: {exc})")
             return
@@ -229,8 +262,10 @@ def run_chat(
                     show(f"(not sent: the message {problem})")
                     refused += 1
                     continue
-                client.call("send", name=peer_id, text=text)
+                result = client.call("send", name=peer_id, text=text)
                 sent += 1
+                if isinstance(result, dict) and isinstance(result.get("id"), str):
+                    typed_line(result["id"], text)
         else:
             number = 0  # of the input line
             for batch in line_batches(stdin):

@@ -592,6 +592,60 @@ async def test_chat_shows_incoming_messages_live(home: Path) -> None:
     assert not any("not for this chat" in line or "from me" in line for line in shown)
 
 
+class _Terminal(io.TextIOWrapper):
+    """Lines typed at a terminal (a pipe that says it is one)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_an_interactive_chat_says_when_a_typed_line_was_delivered(home: Path) -> None:
+    """At a terminal nothing said whether a typed line reached the contact; now its delivery receipt does (once, also
+    when the receipt overtakes the ``send`` reply), and receipts of other messages say nothing."""
+    shown: list[str] = []
+    read_fd, write_fd = os.pipe()
+    async with node_on(home) as node:
+        stdin = _Terminal(os.fdopen(read_fd, "rb"))
+        done = threading.Event()
+
+        def chat() -> Any:
+            try:
+                return run_chat(
+                    ControlClient(home), "bob", limit=1, stdin=stdin, echo=shown.append, format_line=format_message
+                )
+            finally:
+                done.set()
+
+        def receipt(status: str, *numbers: int, peer: str = BOB) -> None:
+            node.hub.publish("receipt", ids=[f"{n:032x}" for n in numbers], peer_id=peer, status=status)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, chat)
+            try:
+                await _eventually(lambda: node.hub.subscribers == 1 and any(line.startswith("--") for line in shown))
+                receipt("delivered", 1)  # before its send returns (the fake node numbers its messages 1, 2, ...)
+                os.write(write_fd, b"first\n")
+                await _eventually(lambda: "(delivered: first)" in shown)
+                os.write(write_fd, b"second line that is longer than forty characters for sure\n")
+                await _eventually(lambda: len(node.sent) == 2)
+                receipt("sent", 2)
+                receipt("delivered", 2, 99)  # 99: sent from elsewhere (another terminal): not this chat's to report
+                os.write(write_fd, b"third\nfourth\nfifth\n")
+                await _eventually(lambda: len(node.sent) == 5)  # so the chat knows the ids of "third" and "fourth"
+                receipt("delivered", 3, peer=CAROL)  # another contact's message 3
+                receipt("delivered", 3, 4)
+                await _eventually(lambda: "(delivered: 2 messages)" in shown)
+            finally:
+                os.close(write_fd)  # ends the chat (also when a check above failed)
+            await _eventually(done.is_set)
+        stdin.close()
+    assert [line for line in shown if line.startswith("(delivered")] == [
+        "(delivered: first)",
+        "(delivered: second line that is longer than forty c\u2026)",
+        "(delivered: 2 messages)",
+    ]
+
+
 async def test_chat_never_shows_an_older_message_after_a_newer_one_at_its_start(home: Path) -> None:
     """A backlog being stored as the chat starts: two messages arrive just before its history query, which with
     --limit 1 shows only the newer.  The chat subscribed first, so it got both events and showed the older one
