@@ -1713,7 +1713,8 @@ class ChatService:
         await self._write(session, session.conn.send_ack(ack_ids))
         if session.held_back == "chat_request_overflow" and session.promoted:
             # Accepted while this batch was being stored (as requests): what it held back need not wait either.
-            self._close_session(session, _PROMOTED)
+            session.close_reason = _PROMOTED  # instead of the hold's own reason
+            self._close_session(session)
 
     @staticmethod
     def _hold_back(session: _Session, counter: str, reason: str) -> None:
@@ -1894,7 +1895,8 @@ class ChatService:
             session.contact_name = name
             session.promoted = True
             if session.held_back == "chat_request_overflow":
-                self._close_session(session, _PROMOTED)
+                session.close_reason = _PROMOTED  # instead of the hold's own reason
+                self._close_session(session)
 
     def _contacts_changed(self) -> None:
         """Forget the cached name lookups (called around every change of the contacts table)."""

@@ -49,8 +49,6 @@ _CATCH_UP: Final = 1000
 """Newest messages fetched right after subscribing, for those that arrived since the history was shown."""
 _SNIPPET: Final = 40
 """Characters of a typed message quoted when its delivery is shown."""
-_EARLY_RECEIPTS: Final = 1000
-"""Delivered ids remembered before their ``send`` call returned (the receipt can overtake the reply)."""
 
 
 def text_problem(text: str) -> str | None:
@@ -171,9 +169,11 @@ def run_chat(
     lock = threading.Lock()
     seen: set[str] = set()
     typed: dict[str, str] = {}
-    """Lines typed in this chat and not delivered yet: message id -> text."""
-    delivered_early: dict[str, None] = {}
-    """Ids delivered before their ``send`` returned (ordered, oldest first, at most :data:`_EARLY_RECEIPTS`)."""
+    """Lines typed in this chat and not delivered yet: message id -> what to quote of it (at most :data:`_SNIPPET`
+    characters)."""
+    delivered_early: set[str] = set()
+    """Ids delivered while a ``send`` call was on its way (its receipt can overtake its reply); emptied after it."""
+    sending = False
 
     def show_rows(rows: list[dict[str, Any]], *, stored_after: int = -1) -> None:
         """Show history rows not shown yet, of those the node stored after ``stored_after`` (``seq`` counts in
@@ -194,17 +194,21 @@ def run_chat(
         """Say which typed lines were delivered (under ``lock``)."""
         texts = [typed.pop(message_id) for message_id in ids if message_id in typed]
         if len(texts) == 1:
-            snippet = texts[0] if len(texts[0]) <= _SNIPPET else texts[0][: _SNIPPET - 1] + "\u2026"
-            echo(f"(delivered: {clean(snippet)})")
+            echo(f"(delivered: {clean(texts[0])})")
         elif texts:
             echo(f"(delivered: {len(texts)} messages)")
 
-    def typed_line(message_id: str, text: str) -> None:
+    def typed_line(message_id: str | None, text: str) -> None:
+        """The ``send`` of ``text`` returned (``message_id`` None: with no id, so its delivery cannot be told)."""
+        nonlocal sending
         with lock:
-            typed[message_id] = text
-            if message_id in delivered_early:
-                del delivered_early[message_id]
-                delivered([message_id])
+            sending = False
+            early = message_id is not None and message_id in delivered_early
+            delivered_early.clear()
+            if message_id is not None:
+                typed[message_id] = text if len(text) <= _SNIPPET else text[: _SNIPPET - 1] + "\u2026"
+                if early:
+                    delivered([message_id])
 
     def pump() -> None:
         try:
@@ -226,11 +230,8 @@ def run_chat(
                 elif interactive and kind == "receipt" and event.get("status") == "delivered":
                     ids = [str(i) for i in event.get("ids", []) if isinstance(i, str)]
                     with lock:
-                        for message_id in ids:
-                            if message_id not in typed:  # perhaps typed here, its send not returned yet
-                                delivered_early[message_id] = None
-                        while len(delivered_early) > _EARLY_RECEIPTS:
-                            del delivered_early[next(iter(delivered_early))]
+                        if sending:  # perhaps the line on its way: its receipt can overtake the send reply
+                            delivered_early.update(message_id for message_id in ids if message_id not in typed)
                         delivered(ids)
         except P2PMsgError as exc:
             show(f"(no more incoming messages: {exc})")
@@ -262,10 +263,16 @@ def run_chat(
                     show(f"(not sent: the message {problem})")
                     refused += 1
                     continue
-                result = client.call("send", name=peer_id, text=text)
+                with lock:
+                    sending = True
+                try:
+                    result = client.call("send", name=peer_id, text=text)
+                except BaseException:
+                    typed_line(None, text)
+                    raise
                 sent += 1
-                if isinstance(result, dict) and isinstance(result.get("id"), str):
-                    typed_line(result["id"], text)
+                has_id = isinstance(result, dict) and isinstance(result.get("id"), str)
+                typed_line(result["id"] if has_id else None, text)
         else:
             number = 0  # of the input line
             for batch in line_batches(stdin):

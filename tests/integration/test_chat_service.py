@@ -857,6 +857,7 @@ async def test_accepting_a_request_ends_the_session_that_holds_its_messages_back
         await bob.chat.accept_request(str(CAROL.peer_id), "carol")
         await eventually(lambda: _has_receipt(carol, ids[1], "delivered"), "the second soon after", timeout=5)
         assert [m["id"] for m in await bob.chat.history("carol")] == ids
+        assert bob.seen("peer_down")[0]["reason"] == service_module._PROMOTED
 
 
 async def _raw_session(identity: Identity, node: Node, nursery: trio.Nursery) -> tuple[SecureChannel, ChatConnection]:
@@ -2135,6 +2136,7 @@ async def test_a_request_accepted_while_its_batch_is_stored_ends_the_session_tha
         await eventually(lambda: _has_receipt(carol, ids[1], "delivered"), "the second soon after", timeout=5)
         assert accepted, "the batch did not go over the limits"
         assert [m["id"] for m in await bob.chat.history("carol")] == ids
+        assert bob.seen("peer_down")[0]["reason"] == service_module._PROMOTED
 
 
 async def test_removing_a_contact_ends_its_sessions(tmp_path: Path) -> None:

@@ -75,9 +75,11 @@ class ContactNode:
         self.blocked: list[str] = []
         self.history_params: list[dict[str, Any]] = []
         self.page_size = 10_000
+        """Messages one reply holds at most (the node's limit is 10,000 messages and 8 MiB of text)."""
         self.before_history: Callable[[], None] | None = None
         """Called as each ``history`` request arrives (messages stored meanwhile)."""
-        """Messages one reply holds at most (the node's limit is 10,000 messages and 8 MiB of text)."""
+        self.on_send: Callable[[str], None] | None = None
+        """Called with the id of each message ``send`` queues, before the reply."""
 
     def _rows(self, name: str) -> list[dict[str, Any]]:
         """The conversation in history order, each row with its ``seq``."""
@@ -134,7 +136,10 @@ class ContactNode:
             if p["text"] == "disk full":
                 raise ControlRequestError("not_stored", "the write failed: database or disk is full")
             self.sent.append((name, p["text"]))
-            return {"id": f"{len(self.sent):032x}", "status": "queued"}
+            message_id = f"{len(self.sent):032x}"
+            if self.on_send is not None:
+                self.on_send(message_id)
+            return {"id": message_id, "status": "queued"}
 
         async def send_many(p: dict[str, Any]) -> Any:
             name = self._contact(p["name"])["name"]
@@ -623,9 +628,11 @@ async def test_an_interactive_chat_says_when_a_typed_line_was_delivered(home: Pa
             nursery.start_soon(trio.to_thread.run_sync, chat)
             try:
                 await _eventually(lambda: node.hub.subscribers == 1 and any(line.startswith("--") for line in shown))
-                receipt("delivered", 1)  # before its send returns (the fake node numbers its messages 1, 2, ...)
+                # The first line's receipt overtakes the reply to its send (the fake node numbers messages 1, 2, ...).
+                node.on_send = lambda message_id: receipt("delivered", int(message_id, 16))
                 os.write(write_fd, b"first\n")
                 await _eventually(lambda: "(delivered: first)" in shown)
+                node.on_send = None
                 os.write(write_fd, b"second line that is longer than forty characters for sure\n")
                 await _eventually(lambda: len(node.sent) == 2)
                 receipt("sent", 2)
