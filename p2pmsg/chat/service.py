@@ -37,16 +37,18 @@ least recently watched first.  A newer record with other addresses that arrives 
 dial (without counting an attempt) and makes the entries due at once, so they go to the new addresses.
 
 **Sessions.**  Each authenticated channel, inbound (from the listener, :meth:`ChatService.handle_inbound`) or outbound
-(our dial), runs one :class:`~p2pmsg.chat.protocol.ChatConnection`: a reader (this task) and a sender task.  A blocked
+(our dial), runs one :class:`~p2pmsg.chat.protocol.ChatConnection`: a reader (this task), a sender task and a task
+that watches the transport's progress (:meth:`ChatService._watch_transport`).  A blocked
 peer's channel is closed right after the handshake.  A session that already exists for a peer is reused; we only dial
 when there is none.  If both sides dial at the same moment, both connections stay usable (each side sends on its newest
 one, receives on all); at most :attr:`ChatConfig.max_sessions_per_peer` are kept.  Order across sessions: the peer's
 hello on a newer session ends an older one (not a crossing dial) that still holds messages; a session that ends
 (:meth:`ChatService._close_session`) takes the bypass from the peer's others and holds the outbox off the peer until
 what it did not deliver is due again (``_release_session``, ``_settle_session``), so that goes out first.  A session on
-which messages stay unacknowledged for :attr:`ChatConfig.resend_after_ms` is presumed dead (a connection lost without
-FIN or RST looks alive until TCP gives up, many minutes later) and is closed; its messages go out again over a new
-session after the backoff.
+which messages stay unacknowledged for :attr:`ChatConfig.resend_after_ms` with no sign of life (no receipt, and the
+peer's TCP took none of what is still queued: a slow link that still moves is alive) is presumed dead (a connection
+lost without FIN or RST looks alive until TCP gives up, many minutes later) and is closed; its messages go out again
+over a new session after the backoff.
 
 **Receiving.**  Envelopes are opened (the envelope's ``from`` must be the channel's peer: relaying is for a later
 version), then one write transaction per batch applies the policy (:mod:`p2pmsg.chat.policy`) and stores
@@ -107,7 +109,7 @@ from p2pmsg.logthrottle import LogThrottle, span
 from p2pmsg.net.channel import ChannelError, SecureChannel, close_gracefully
 from p2pmsg.net.dialer import DialError
 from p2pmsg.net.dialer import dial as net_dial
-from p2pmsg.net.transport import remote_multiaddr
+from p2pmsg.net.transport import remote_multiaddr, tcp_send_progress
 from p2pmsg.net.websocket import WebSocketStream
 from p2pmsg.ratelimit import network_of
 from p2pmsg.store import errors as store_errors
@@ -233,7 +235,8 @@ class ChatConfig:
     backoff: Backoff = DEFAULT_BACKOFF
     """Retry schedule after a failed dial: 1 s, 2 s, 4 s ... capped at 2 min, with jitter."""
     resend_after_ms: int = 30_000
-    """A message written to a session but not acknowledged within this time is sent again."""
+    """A message written to a session but not acknowledged within this time, counted from the later of its write and
+    the session's last progress (a receipt, or the peer's TCP taking more of a queue), is sent again."""
     dial_timeout: float = 10.0
     redial_hold: float = 10.0
     """After a failed dial, messages to that peer that fall due (new ones, typically) wait, instead of each starting
@@ -242,7 +245,8 @@ class ChatConfig:
     or a newer record of it, ends the wait."""
     resolve_timeout: float = 15.0
     send_timeout: float = 30.0
-    """A session whose ``send_all`` takes longer than this is closed (its messages stay queued)."""
+    """A session whose write makes no progress for this long (the peer's TCP acknowledges nothing of it; or, where
+    the socket cannot be asked, the write takes this long) is closed (its messages stay queued)."""
     max_sessions: int = 256
     max_stranger_sessions: int = 64
     """Sessions with peers that are not contacts, so strangers can never crowd contacts out.  When they are all
@@ -382,6 +386,13 @@ class _Session:
     stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
     promoted: bool = False
     """The peer became a contact (accepted, added or vouched for) while this session was open."""
+    progress_at: float = 0.0
+    """When (trio clock) the session last showed it is alive: it opened, a receipt came, or the peer's TCP took
+    more of what we wrote while some was still queued (a slow link, see :meth:`ChatService._watch_transport`)."""
+    acked_bytes: int = 0
+    """How much of what we wrote the peer's TCP had acknowledged at the last look."""
+    write_scope: trio.CancelScope | None = None
+    """The running write's scope: its deadline moves on while the transport makes progress."""
 
 
 class _Pacer:
@@ -800,15 +811,27 @@ class ChatService:
             return False
         if session is not None:
             # A receipt normally follows within milliseconds.  Entries written on this very session long ago and
-            # still unacknowledged mean a dead connection (no FIN, no RST) or a peer that does not accept them: end
-            # the session, so the entries go out again after a backoff over a fresh one.
+            # still unacknowledged, with no sign of life since (a receipt, or a slow link still taking our bytes),
+            # mean a dead connection (no FIN, no RST) or a peer that does not accept them: end the session, so the
+            # entries go out again after a backoff over a fresh one.
             patience = self.config.resend_after_ms / 1000
-            oldest = min((session.written.get(e.message_id, math.inf) for e in items), default=math.inf)
-            if trio.current_time() - oldest >= patience:
+            written = session.written
+            oldest = min((written.get(e.message_id, math.inf) for e in items), default=math.inf)
+            if trio.current_time() - max(oldest, session.progress_at) >= patience:
                 self._close_session(session, f"no receipt within {patience:g} s")
                 return False
+            on_their_way = [e.message_id for e in items if e.message_id in written]
+            if on_their_way:
+                # Still on their way over a live session (a slow link): not again on it, and not due before
+                # another resend time (or this would start a round after round).
+                until = min(self._now() + self.config.resend_after_ms, MAX_TIMESTAMP)
+                await self._db.write(
+                    functools.partial(repo.postpone_ids, message_ids=on_their_way, until=until), durable=False
+                )
             room = self.config.max_session_queue - len(session.pending)
             for entry in items:
+                if entry.message_id in written:
+                    continue
                 if entry.message_id in self._inflight:
                     if entry.message_id in session.held:
                         continue  # on its way over this session already
@@ -1231,6 +1254,7 @@ class ChatService:
                 relation=relation,
                 active_at=trio.current_time(),
                 opened_at=trio.current_time(),
+                progress_at=trio.current_time(),
             )
             sessions = self._sessions.setdefault(peer, [])
             sessions.append(session)
@@ -1249,6 +1273,7 @@ class ChatService:
             with session.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._guarded, session, self._sender)
+                    nursery.start_soon(self._watch_transport, session)
                     await self._guarded(session, self._reader)
                     nursery.cancel_scope.cancel()
         except store_errors.StoreClosedError:
@@ -1431,11 +1456,43 @@ class ChatService:
         self._close_session(session, reason)
 
     async def _write(self, session: _Session, data: bytes) -> None:
+        """Write ``data`` on the session; :class:`trio.TooSlowError` once the transport made no progress for
+        :attr:`ChatConfig.send_timeout` (a large write on a slow link may take longer, see :meth:`_watch_transport`)."""
         if not data:
             return
         async with session.send_lock:
-            with trio.fail_after(self.config.send_timeout):
-                await session.channel.send_all(data)
+            with trio.CancelScope(deadline=trio.current_time() + self.config.send_timeout) as scope:
+                session.write_scope = scope
+                try:
+                    await session.channel.send_all(data)
+                finally:
+                    session.write_scope = None
+            if scope.cancelled_caught:
+                raise trio.TooSlowError
+
+    async def _watch_transport(self, session: _Session) -> None:
+        """Every quarter of the shorter of :attr:`ChatConfig.send_timeout` and :attr:`ChatConfig.resend_after_ms`, look
+        whether the peer's TCP acknowledged more of what we wrote while some of it was still queued or being written
+        (:func:`~p2pmsg.net.transport.tcp_send_progress`): a slow link that still moves.  That is progress: the running
+        write's deadline moves on, and the session is not presumed dead for want of receipts (:meth:`_dispatch`) while a
+        large message or a long batch is still on its way.  Once nothing is queued, only receipts count: a peer that
+        takes everything and acknowledges nothing is not alive."""
+        cfg = self.config
+        period = max(0.005, min(cfg.send_timeout, cfg.resend_after_ms / 1000) / 4)
+        stream = session.channel.transport_stream
+        while True:
+            await trio.sleep(period)
+            progress = tcp_send_progress(stream)
+            if progress is None:
+                return  # not a socket we can ask: receipts alone tell
+            acked, queued = progress
+            if acked > session.acked_bytes:
+                session.acked_bytes = acked
+                if queued > 0 or session.write_scope is not None:
+                    now = trio.current_time()
+                    session.progress_at = now
+                    if session.write_scope is not None:
+                        session.write_scope.deadline = now + cfg.send_timeout
 
     async def _sender(self, session: _Session) -> str:
         cfg = self.config
@@ -1877,6 +1934,7 @@ class ChatService:
         )
         for mid in ids:
             session.written.pop(mid, None)
+        session.progress_at = trio.current_time()
         if delivered:
             self._publish_receipt(session.peer, delivered, "delivered")
 

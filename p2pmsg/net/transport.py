@@ -19,9 +19,12 @@ reports the address actually bound as a multiaddr (``/ws`` kept), so callers can
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import math
 import socket as stdlib_socket
+import struct
+import termios
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -29,7 +32,7 @@ from typing import Any, Final, Literal
 import trio
 
 from p2pmsg.errors import LocalProtocolError, P2PMsgError
-from p2pmsg.net.websocket import WS_PATH, connect_websocket_stream
+from p2pmsg.net.websocket import WS_PATH, WebSocketStream, connect_websocket_stream
 from p2pmsg.wire.multiaddr import Multiaddr
 
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "open_stream",
     "parse_transport_address",
     "remote_multiaddr",
+    "tcp_send_progress",
 ]
 
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
@@ -301,3 +305,33 @@ def remote_multiaddr(stream: trio.abc.Stream, kind: TransportKind) -> Multiaddr 
         return _multiaddr_for(tuple(sock.getpeername()), kind)
     except (OSError, P2PMsgError, ValueError):
         return None
+
+
+_TCP_INFO_BYTES_ACKED: Final = struct.Struct("=Q")
+"""``tcpi_bytes_acked`` of Linux's ``struct tcp_info`` (since Linux 4.1): a u64 at byte offset 120."""
+_TCP_INFO_BYTES_ACKED_OFFSET: Final = 120
+
+
+def tcp_send_progress(stream: trio.abc.Stream) -> tuple[int, int] | None:
+    """How far the peer's TCP has taken what we wrote on the socket under ``stream`` (a TCP or WebSocket stream):
+    ``(acknowledged, queued)``, the bytes it has acknowledged since the connection opened (``tcpi_bytes_acked`` of
+    ``TCP_INFO``) and those written to the socket and not acknowledged yet (``SIOCOUTQ``, the same request as
+    ``TIOCOUTQ``); None where that cannot be told (not a TCP socket, closed, not Linux).
+
+    A sender that sees ``acknowledged`` grow while something is still queued knows a slow connection still moves,
+    whatever the peer's application makes of the bytes."""
+    inner = stream.socket_stream if isinstance(stream, WebSocketStream) else stream
+    if not isinstance(inner, trio.SocketStream):
+        return None
+    sock = inner.socket
+    end = _TCP_INFO_BYTES_ACKED_OFFSET + _TCP_INFO_BYTES_ACKED.size
+    try:
+        info = sock.getsockopt(stdlib_socket.IPPROTO_TCP, stdlib_socket.TCP_INFO, end)
+        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError, AttributeError):  # closed, or no TCP_INFO / TIOCOUTQ here
+        return None
+    if len(info) < end:  # a kernel older than 4.1
+        return None
+    (acknowledged,) = _TCP_INFO_BYTES_ACKED.unpack_from(info, _TCP_INFO_BYTES_ACKED_OFFSET)
+    (unacknowledged,) = struct.unpack("i", queued)
+    return acknowledged, max(0, unacknowledged)

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -1742,6 +1743,7 @@ class _SilentChannel:
     """A peer that never sends anything (and takes whatever it is sent)."""
 
     remote_peer = BOB.peer_id
+    transport_stream = None  # no socket under it: its progress cannot be asked
 
     async def send_all(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint()
@@ -2154,3 +2156,59 @@ async def test_removing_a_contact_ends_its_sessions(tmp_path: Path) -> None:
         await eventually(lambda: _has_receipt(alice, second["id"], "delivered"), "the second message")
         [request] = await bob.chat.list_requests()
         assert request["peer_id"] == str(ALICE.peer_id) and request["count"] == 1
+
+
+async def _slow_relay(
+    target: Multiaddr, bytes_per_s: float, *, task_status: trio.TaskStatus[Multiaddr] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """A TCP relay on 127.0.0.1 to ``target`` that passes what its client sends at ``bytes_per_s`` (answers at full
+    speed): a slow uplink.  Its small receive window keeps the client's bytes queued in the client's own socket, as a
+    slow link does, instead of in the relay."""
+    host, port = str(target).split("/")[2], int(str(target).split("/")[4])
+    listener = trio.socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before listen: accepted sockets inherit it
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    async def forward(source: trio.abc.Stream, sink: trio.abc.Stream, rate: float | None) -> None:
+        while data := await source.receive_some(1024 if rate else 65536):
+            await sink.send_all(data)
+            if rate:
+                await trio.sleep(len(data) / rate)
+
+    async def relay(client: trio.SocketStream) -> None:
+        async with client, await trio.open_tcp_stream(host, port) as server, trio.open_nursery() as nursery:
+            nursery.start_soon(forward, server, client, None)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await forward(client, server, bytes_per_s)
+            nursery.cancel_scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        task_status.started(Multiaddr.parse(f"/ip4/127.0.0.1/tcp/{listener.getsockname()[1]}"))
+        while True:
+            sock, _ = await listener.accept()
+            nursery.start_soon(relay, trio.SocketStream(sock))
+
+
+async def test_a_slow_link_that_still_moves_keeps_its_session(tmp_path: Path) -> None:
+    """Over a link at 40 KB/s a 60 KB message takes 1.5 s, a burst behind it seconds more: longer than the resend
+    time (0.4 s) and the send timeout (0.5 s) here.  The session was closed as dead each time and the message sent
+    again from its first byte, for ever (a QA pass on an 8 kbit/s link); now the bytes the peer's TCP still takes
+    count as progress, and everything arrives once, in order, over the one session."""
+    slow = dataclasses.replace(FAST, resend_after_ms=400, send_timeout=0.5)
+    async with (
+        running_node(tmp_path / "bob", BOB) as bob,
+        running_node(tmp_path / "alice", ALICE, config=slow) as alice,
+        trio.open_nursery() as nursery,
+    ):
+        relay = await nursery.start(_slow_relay, bob.addrs[0], 40_000)
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [relay]), "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        texts = ["x" * 60_000, *(f"{i}" * 8_000 for i in range(10)), "small"]
+        ids = (await alice.chat.send_many("bob", texts))["ids"]
+        await eventually(lambda: _has_receipt(alice, ids[-1], "delivered"), "the last one delivered", timeout=30)
+        assert [m["id"] for m in await bob.chat.history("alice", limit=100)] == ids
+        assert [m["id"] for m in bob.seen("message")] == ids  # each stored once
+        assert alice.seen("peer_down") == [], "the slow session was ended"
+        assert len(alice.seen("peer_up")) == 1
+        nursery.cancel_scope.cancel()

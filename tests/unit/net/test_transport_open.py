@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import socket as stdlib_socket
 
 import pytest
 import trio
+import trio.testing
 
 from p2pmsg.errors import LocalProtocolError
 from p2pmsg.net.transport import (
@@ -16,6 +18,7 @@ from p2pmsg.net.transport import (
     open_stream,
     parse_transport_address,
     remote_multiaddr,
+    tcp_send_progress,
 )
 from p2pmsg.net.websocket import WebSocketStream, accept_websocket_stream
 from p2pmsg.wire.multiaddr import Multiaddr
@@ -226,3 +229,31 @@ async def test_open_listeners_reports_ports_and_cleans_up_on_failure() -> None:
 async def test_open_listeners_rejects(text: str, needle: str) -> None:
     with pytest.raises(UnsupportedAddressError, match=needle):
         await open_listeners([ma(text)])
+
+
+async def test_tcp_send_progress_follows_what_the_peer_takes() -> None:
+    """A write that waits for a slow reader: the bytes the reader's TCP acknowledged grow as it reads, while some
+    stay queued; a stream that is not a socket cannot tell."""
+    listener = trio.socket.socket()
+    listener.setsockopt(stdlib_socket.SOL_SOCKET, stdlib_socket.SO_RCVBUF, 4096)  # a small window: the queue stays
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = await open_stream(ma(f"/ip4/127.0.0.1/tcp/{listener.getsockname()[1]}"), timeout=5)
+    reader, _ = await listener.accept()
+    seen = []
+    async with client, trio.open_nursery() as nursery:
+        nursery.start_soon(client.send_all, b"x" * 1_000_000)
+        for _ in range(4):
+            await trio.sleep(0.05)
+            progress = tcp_send_progress(client)
+            assert progress is not None
+            seen.append(progress)
+            await reader.recv(20_000)
+        nursery.cancel_scope.cancel()
+    reader.close()
+    listener.close()
+    acknowledged = [a for a, _ in seen]
+    assert all(earlier < later for earlier, later in itertools.pairwise(acknowledged)), seen
+    assert all(queued > 0 for _, queued in seen), seen
+    left, _ = trio.testing.memory_stream_pair()
+    assert tcp_send_progress(left) is None
