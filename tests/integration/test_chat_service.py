@@ -840,11 +840,13 @@ async def test_a_request_over_the_limits_holds_back_the_ones_after_it(tmp_path: 
         assert [m["id"] for m in await bob.chat.history("carol")] == ids
 
 
-async def test_accepting_a_request_ends_the_session_that_holds_its_messages_back(
+@contextlib.asynccontextmanager
+async def bob_holding_back_a_patient_stranger(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What a stranger's session held back (over the limits) comes again at once once the request is accepted, not
-    after the session's linger or the sender's resend time (both long here)."""
+) -> AsyncIterator[tuple[Node, Node]]:
+    """Bob, who takes one request per stranger and holds a session back for 60 s, and Carol, a stranger to him who
+    has him as a contact and resends only after 60 s: what Bob held back reaches him soon only if he ends the
+    session."""
     monkeypatch.setattr("p2pmsg.chat.service._HELD_BACK_LINGER", 60.0)
     strict = dataclasses.replace(FAST, policy=ChatPolicy(max_requests_per_peer=1))
     patient = dataclasses.replace(FAST, resend_after_ms=60_000)
@@ -852,6 +854,15 @@ async def test_accepting_a_request_ends_the_session_that_holds_its_messages_back
         running_node(tmp_path / "bob", BOB, config=strict) as bob,
         running_node(tmp_path / "carol", CAROL, config=patient) as carol,
     ):
+        yield bob, carol
+
+
+async def test_accepting_a_request_ends_the_session_that_holds_its_messages_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a stranger's session held back (over the limits) comes again at once once the request is accepted, not
+    after the session's linger or the sender's resend time (both long here)."""
+    async with bob_holding_back_a_patient_stranger(tmp_path, monkeypatch) as (bob, carol):
         await carol.chat.add_contact(bob.invite, "bob")
         ids = (await carol.chat.send_many("bob", ["first", "second"]))["ids"]
         await eventually(lambda: bob.chat.dropped.get("chat_request_overflow", 0) >= 1, "the second is held back")
@@ -2115,13 +2126,7 @@ async def test_a_request_accepted_while_its_batch_is_stored_ends_the_session_tha
 ) -> None:
     """The request is accepted after the batch was stored as requests (over the limits) but before the session learnt
     it must hold the rest back: the session ends once its receipts are written, not after its linger (long here)."""
-    monkeypatch.setattr("p2pmsg.chat.service._HELD_BACK_LINGER", 60.0)
-    strict = dataclasses.replace(FAST, policy=ChatPolicy(max_requests_per_peer=1))
-    patient = dataclasses.replace(FAST, resend_after_ms=60_000)
-    async with (
-        running_node(tmp_path / "bob", BOB, config=strict) as bob,
-        running_node(tmp_path / "carol", CAROL, config=patient) as carol,
-    ):
+    async with bob_holding_back_a_patient_stranger(tmp_path, monkeypatch) as (bob, carol):
         store = bob.chat._db.write
         accepted: list[bool] = []
 

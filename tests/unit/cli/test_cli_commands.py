@@ -16,7 +16,7 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pytest
 import trio
@@ -563,21 +563,28 @@ async def _eventually(predicate: Any) -> bool:
     return True
 
 
+def _chat_with_bob(home: Path, stdin: TextIO, shown: list[str], done: threading.Event) -> Callable[[], Any]:
+    """``p2pmsg chat bob`` (history limit 1) reading ``stdin``, showing into ``shown``, setting ``done`` at its end:
+    to run in a thread."""
+
+    def chat() -> Any:
+        try:
+            return run_chat(
+                ControlClient(home), "bob", limit=1, stdin=stdin, echo=shown.append, format_line=format_message
+            )
+        finally:
+            done.set()
+
+    return chat
+
+
 async def test_chat_shows_incoming_messages_live(home: Path) -> None:
     shown: list[str] = []
     read_fd, write_fd = os.pipe()
     async with node_on(home) as node:
         stdin = os.fdopen(read_fd, "r")
         done = threading.Event()
-
-        def chat() -> int:
-            try:
-                return run_chat(
-                    ControlClient(home), "bob", limit=1, stdin=stdin, echo=shown.append, format_line=format_message
-                )
-            finally:
-                done.set()
-
+        chat = _chat_with_bob(home, stdin, shown, done)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, chat)
             await _eventually(lambda: node.hub.subscribers == 1 and len(shown) == 1)  # history (limit 1) shown
@@ -612,14 +619,7 @@ async def test_an_interactive_chat_says_when_a_typed_line_was_delivered(home: Pa
     async with node_on(home) as node:
         stdin = _Terminal(os.fdopen(read_fd, "rb"))
         done = threading.Event()
-
-        def chat() -> Any:
-            try:
-                return run_chat(
-                    ControlClient(home), "bob", limit=1, stdin=stdin, echo=shown.append, format_line=format_message
-                )
-            finally:
-                done.set()
+        chat = _chat_with_bob(home, stdin, shown, done)
 
         def receipt(status: str, *numbers: int, peer: str = BOB) -> None:
             node.hub.publish("receipt", ids=[f"{n:032x}" for n in numbers], peer_id=peer, status=status)
