@@ -45,10 +45,10 @@ one, receives on all); at most :attr:`ChatConfig.max_sessions_per_peer` are kept
 hello on a newer session ends an older one (not a crossing dial) that still holds messages; a session that ends
 (:meth:`ChatService._close_session`) takes the bypass from the peer's others and holds the outbox off the peer until
 what it did not deliver is due again (``_release_session``, ``_settle_session``), so that goes out first.  A session on
-which messages stay unacknowledged for :attr:`ChatConfig.resend_after_ms` with no sign of life (no receipt, and the
-peer's TCP took none of what is still queued: a slow link that still moves is alive) is presumed dead (a connection
-lost without FIN or RST looks alive until TCP gives up, many minutes later) and is closed; its messages go out again
-over a new session after the backoff.
+which messages stay unacknowledged for :attr:`ChatConfig.resend_after_ms` with no sign of life (no receipt, the
+peer's TCP took none of what is still queued, no bytes came in: a slow link that still moves is alive) is presumed
+dead (a connection lost without FIN or RST looks alive until TCP gives up, many minutes later) and is closed; its
+messages go out again over a new session after the backoff.
 
 **Receiving.**  Envelopes are opened (the envelope's ``from`` must be the channel's peer: relaying is for a later
 version), then one write transaction per batch applies the policy (:mod:`p2pmsg.chat.policy`) and stores
@@ -236,7 +236,8 @@ class ChatConfig:
     """Retry schedule after a failed dial: 1 s, 2 s, 4 s ... capped at 2 min, with jitter."""
     resend_after_ms: int = 30_000
     """A message written to a session but not acknowledged within this time, counted from the later of its write and
-    the session's last progress (a receipt, or the peer's TCP taking more of a queue), is sent again."""
+    the session's last progress (a receipt, the peer's TCP taking more of a queue, bytes from the peer), is sent
+    again."""
     dial_timeout: float = 10.0
     redial_hold: float = 10.0
     """After a failed dial, messages to that peer that fall due (new ones, typically) wait, instead of each starting
@@ -387,10 +388,13 @@ class _Session:
     promoted: bool = False
     """The peer became a contact (accepted, added or vouched for) while this session was open."""
     progress_at: float = 0.0
-    """When (trio clock) the session last showed it is alive: it opened, a receipt came, or the peer's TCP took
-    more of what we wrote while some was still queued (a slow link, see :meth:`ChatService._watch_transport`)."""
+    """When (trio clock) the session last showed it is alive: it opened, a receipt came, the peer's TCP took more of
+    what we wrote while some was still queued, or bytes came in (a slow link, see
+    :meth:`ChatService._watch_transport`)."""
     acked_bytes: int = 0
     """How much of what we wrote the peer's TCP had acknowledged at the last look."""
+    reads_seen: int = 0
+    """The channel's ``work_done`` (reads from the transport) at the last look."""
     write_scope: trio.CancelScope | None = None
     """The running write's scope: its deadline moves on while the transport makes progress."""
 
@@ -822,9 +826,10 @@ class ChatService:
                 return False
             on_their_way = [e.message_id for e in items if e.message_id in written]
             if on_their_way:
-                # Still on their way over a live session (a slow link): not again on it, and not due before
-                # another resend time (or this would start a round after round).
-                until = min(self._now() + self.config.resend_after_ms, MAX_TIMESTAMP)
+                # Still on their way over a live session (a slow link): not again on it, and not due before the
+                # check above could end the session (or this would start a round after round).
+                wait = max(oldest, session.progress_at) + patience - trio.current_time()
+                until = min(self._now() + max(1, math.ceil(wait * 1000)), MAX_TIMESTAMP)
                 await self._db.write(
                     functools.partial(repo.postpone_ids, message_ids=on_their_way, until=until), durable=False
                 )
@@ -1472,27 +1477,43 @@ class ChatService:
 
     async def _watch_transport(self, session: _Session) -> None:
         """Every quarter of the shorter of :attr:`ChatConfig.send_timeout` and :attr:`ChatConfig.resend_after_ms`, look
-        whether the peer's TCP acknowledged more of what we wrote while some of it was still queued or being written
-        (:func:`~p2pmsg.net.transport.tcp_send_progress`): a slow link that still moves.  That is progress: the running
-        write's deadline moves on, and the session is not presumed dead for want of receipts (:meth:`_dispatch`) while a
-        large message or a long batch is still on its way.  Once nothing is queued, only receipts count: a peer that
-        takes everything and acknowledges nothing is not alive."""
+        whether the session still moves on a slow link, in either direction:
+
+        * the peer's TCP acknowledged more of what we wrote while some of it was still queued or being written
+          (:func:`~p2pmsg.net.transport.tcp_send_progress`): the running write's deadline moves on, and the session is
+          not presumed dead for want of receipts (:meth:`_dispatch`) while a large message or a long batch is on its
+          way.  Once nothing is queued this does not count: a peer that takes everything and acknowledges nothing is
+          not alive;
+        * bytes came in from the peer (the channel's ``work_done``) while its TCP had everything we wrote (or where the
+          socket cannot be asked): its receipts may be queued behind a large message of its own, so the session is not
+          presumed dead either (a write of ours is not helped by that).  With our bytes stuck in the queue, incoming
+          ones do not count: our direction may be the broken one."""
         cfg = self.config
         period = max(0.005, min(cfg.send_timeout, cfg.resend_after_ms / 1000) / 4)
-        stream = session.channel.transport_stream
+        channel = session.channel
+        stream = channel.transport_stream
+        ask = True
         while True:
             await trio.sleep(period)
-            progress = tcp_send_progress(stream)
+            now = trio.current_time()
+            reads = channel.work_done
+            read_more = reads > session.reads_seen
+            session.reads_seen = reads
+            progress = tcp_send_progress(stream) if ask else None
             if progress is None:
-                return  # not a socket we can ask: receipts alone tell
-            acked, queued = progress
-            if acked > session.acked_bytes:
-                session.acked_bytes = acked
-                if queued > 0 or session.write_scope is not None:
-                    now = trio.current_time()
+                ask = False  # not a socket we can ask: receipts and reads alone tell
+                if read_more:
                     session.progress_at = now
-                    if session.write_scope is not None:
-                        session.write_scope.deadline = now + cfg.send_timeout
+                continue
+            acked, queued = progress
+            sent_more = acked > session.acked_bytes
+            session.acked_bytes = max(acked, session.acked_bytes)
+            if sent_more and (queued > 0 or session.write_scope is not None):
+                session.progress_at = now
+                if session.write_scope is not None:
+                    session.write_scope.deadline = now + cfg.send_timeout
+            elif read_more and queued == 0 and session.write_scope is None:
+                session.progress_at = now
 
     async def _sender(self, session: _Session) -> str:
         cfg = self.config

@@ -1755,6 +1755,7 @@ class _SilentChannel:
 
     remote_peer = BOB.peer_id
     transport_stream = None  # no socket under it: its progress cannot be asked
+    work_done = 0
 
     async def send_all(self, data: bytes) -> None:
         await trio.lowlevel.checkpoint()
@@ -2164,11 +2165,15 @@ async def test_removing_a_contact_ends_its_sessions(tmp_path: Path) -> None:
 
 
 async def _slow_relay(
-    target: Multiaddr, bytes_per_s: float, *, task_status: trio.TaskStatus[Multiaddr] = trio.TASK_STATUS_IGNORED
+    target: Multiaddr,
+    bytes_per_s: float,
+    both_ways: bool = False,
+    *,
+    task_status: trio.TaskStatus[Multiaddr] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """A TCP relay on 127.0.0.1 to ``target`` that passes what its client sends at ``bytes_per_s`` (answers at full
-    speed): a slow uplink.  Its small receive window keeps the client's bytes queued in the client's own socket, as a
-    slow link does, instead of in the relay."""
+    """A TCP relay on 127.0.0.1 to ``target`` that passes what its client sends at ``bytes_per_s`` (the answers too
+    with ``both_ways``, else at full speed): a slow link.  Its small receive windows keep the bytes queued in the
+    sender's own socket, as a slow link does, instead of in the relay."""
     host, port = str(target).split("/")[2], int(str(target).split("/")[4])
     listener = trio.socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before listen: accepted sockets inherit it
@@ -2182,8 +2187,11 @@ async def _slow_relay(
                 await trio.sleep(len(data) / rate)
 
     async def relay(client: trio.SocketStream) -> None:
-        async with client, await trio.open_tcp_stream(host, port) as server, trio.open_nursery() as nursery:
-            nursery.start_soon(forward, server, client, None)
+        upstream = trio.socket.socket()
+        upstream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await upstream.connect((host, port))
+        async with client, trio.SocketStream(upstream) as server, trio.open_nursery() as nursery:
+            nursery.start_soon(forward, server, client, bytes_per_s if both_ways else None)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await forward(client, server, bytes_per_s)
             nursery.cancel_scope.cancel()
@@ -2216,4 +2224,29 @@ async def test_a_slow_link_that_still_moves_keeps_its_session(tmp_path: Path) ->
         assert [m["id"] for m in bob.seen("message")] == ids  # each stored once
         assert alice.seen("peer_down") == [], "the slow session was ended"
         assert len(alice.seen("peer_up")) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_receipts_queued_behind_the_peers_own_large_message_keep_the_session(tmp_path: Path) -> None:
+    """Both ways at 40 KB/s: Bob's receipt for Alice's message waits behind his own 60 KB message, longer than Alice's
+    resend time.  Alice ended the session as dead, which cut Bob's message short, again and again (a QA pass on an
+    8 kbit/s link); the bytes coming in from Bob, while Bob's TCP has all Alice wrote, show it alive."""
+    slow = dataclasses.replace(FAST, resend_after_ms=400, send_timeout=0.5)
+    async with (
+        running_node(tmp_path / "bob", BOB, config=slow) as bob,
+        running_node(tmp_path / "alice", ALICE, config=slow) as alice,
+        trio.open_nursery() as nursery,
+    ):
+        relay = await nursery.start(_slow_relay, bob.addrs[0], 40_000, True)
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [relay]), "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        first = await alice.chat.send("bob", "hello")
+        await eventually(lambda: _has_receipt(alice, first["id"], "delivered"), "the session is up")
+        large = await bob.chat.send("alice", "y" * 60_000)  # over Alice's session: 1.5 s on the way back
+        await trio.sleep(0.05)
+        second = await alice.chat.send("bob", "and this?")  # its receipt comes after Bob's large message
+        await eventually(lambda: _has_receipt(alice, second["id"], "delivered"), "the receipt", timeout=30)
+        await eventually(lambda: _has_receipt(bob, large["id"], "delivered"), "the large one", timeout=30)
+        assert alice.seen("peer_down") == [] and bob.seen("peer_down") == [], "the slow session was ended"
+        assert [m["id"] for m in alice.seen("message") if m["direction"] == "in"] == [large["id"]]
         nursery.cancel_scope.cancel()
