@@ -2253,3 +2253,23 @@ async def test_receipts_queued_behind_the_peers_own_large_message_keep_the_sessi
         assert alice.seen("peer_down") == [] and bob.seen("peer_down") == [], "the slow session was ended"
         assert [m["id"] for m in alice.seen("message") if m["direction"] == "in"] == [large["id"]]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_dead_session_takes_the_peers_silent_ones_with_it(tmp_path: Path) -> None:
+    """Bob kept a session whose FIN was lost beside his live one; when the live one went dead he wrote to the leftover
+    and waited for its receipts all over again (a QA pass: 30 s more per leftover).  Now a session given up for want of
+    receipts ends the peer's others that showed no sign of life for as long, before anything is written to them."""
+    patient = dataclasses.replace(FAST, resend_after_ms=200)
+    async with running_node(tmp_path / "alice", ALICE, config=patient) as alice, trio.open_nursery() as nursery:
+        await alice.chat.add_contact(str(BOB.peer_id), "bob")  # no address: no redial either
+        older, _ = await _raw_session(BOB, alice, nursery)  # silent from now on: a half-open leftover
+        await trio.sleep(0.5)
+        newer, _ = await _raw_session(BOB, alice, nursery)  # takes the message, never acknowledges it
+        await eventually(lambda: len(alice.seen("peer_up")) == 2, "two sessions at alice")
+        await alice.chat.send("bob", "anyone?")
+        await eventually(lambda: len(alice.seen("peer_down")) == 2, "both sessions given up", timeout=5)
+        reasons = sorted(down["reason"] for down in alice.seen("peer_down"))
+        assert reasons == ["no receipt within 0.2 s", "no sign of life within 0.2 s, like a newer session"]
+        for channel in (older, newer):
+            await channel.aclose()
+        nursery.cancel_scope.cancel()
