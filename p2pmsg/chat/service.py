@@ -821,20 +821,20 @@ class ChatService:
             patience = self.config.resend_after_ms / 1000
             written = session.written
             oldest = min((written.get(e.message_id, math.inf) for e in items), default=math.inf)
-            now = trio.current_time()
-            if now - max(oldest, session.progress_at) >= patience:
+            clock = trio.current_time()
+            if clock - max(oldest, session.progress_at) >= patience:
                 self._close_session(session, f"no receipt within {patience:g} s")
                 # The peer's other sessions that showed no sign of life for as long are likely dead too (one left
                 # half-open when a FIN was lost): end them now rather than write to each and wait again.
                 for other in self._sessions.get(peer, ()):
-                    if not other.closed and now - other.progress_at >= patience:
+                    if not other.closed and clock - other.progress_at >= patience:
                         self._close_session(other, f"no sign of life within {patience:g} s, like a newer session")
                 return False
             on_their_way = [e.message_id for e in items if e.message_id in written]
             if on_their_way:
                 # Still on their way over a live session (a slow link): not again on it, and not due before the
                 # check above could end the session (or this would start a round after round).
-                wait = max(oldest, session.progress_at) + patience - trio.current_time()
+                wait = max(oldest, session.progress_at) + patience - clock
                 until = min(self._now() + max(1, math.ceil(wait * 1000)), MAX_TIMESTAMP)
                 await self._db.write(
                     functools.partial(repo.postpone_ids, message_ids=on_their_way, until=until), durable=False
