@@ -143,6 +143,8 @@ _AUTO_PREFIX: Final = "chat.auto_added."
 """Settings key prefix (+ peer id hex) marking a contact auto-added by ``accept_from = "anyone"`` and not yet
 vouched for by the user: its sessions stay under the stranger limits."""
 _CONTACT_CACHE_SIZE: Final = 1024
+_CONTACT_READ_ATTEMPTS: Final = 20
+"""Most reads of a new session's contact row that may each race a contact change (see ``_contact_treatment``)."""
 _PEER_CACHE_SIZE: Final = 4096
 _MAX_HINTS: Final = 16
 MAX_SEND_MANY: Final = 1000
@@ -1212,6 +1214,22 @@ class ChatService:
 
     # ------------------------------------------------------------------------------------------------- sessions
 
+    async def _contact_treatment(self, peer: PeerId) -> tuple[Contact | None, bool] | None:
+        """The peer's contact row and whether it is auto-added (see :func:`_contact_and_mark`), as of now.
+
+        A contact change (add, accept, rename, remove, block) that commits while this read is on its way looks for
+        the peer's sessions, to promote or close them, before the new session is registered, and so misses it.  The
+        read is therefore repeated until no change was committed meanwhile; the caller registers the session with
+        no checkpoint in between, so a later change finds it.  ``None`` after :data:`_CONTACT_READ_ATTEMPTS` reads
+        that all raced a change (the channel is then refused; the peer dials again)."""
+        for _ in range(_CONTACT_READ_ATTEMPTS):
+            generation = self._contact_generation
+            result = await self._db.read(lambda c: _contact_and_mark(c, peer.to_bytes()))
+            await trio.lowlevel.checkpoint_if_cancelled()  # a read completes even when cancelled meanwhile
+            if generation == self._contact_generation:
+                return result
+        return None
+
     def _best_session(self, peer: PeerId) -> _Session | None:
         """The newest open session with ``peer`` whose hello arrived (its backlog was made due), else the newest open
         one."""
@@ -1239,8 +1257,12 @@ class ChatService:
                 self._drop("chat_self_connection", "a channel to ourselves")
                 refused = True
                 return
-            contact, auto = await self._db.read(lambda c: _contact_and_mark(c, peer.to_bytes()))
-            await trio.lowlevel.checkpoint_if_cancelled()  # a read completes even when cancelled meanwhile
+            treatment = await self._contact_treatment(peer)
+            if treatment is None:
+                self._drop("chat_contacts_churn", "the contacts kept changing while the channel opened", peer)
+                refused = True
+                return
+            contact, auto = treatment
             relation = _relation(contact)
             if relation is Relation.CONTACT and auto:
                 relation = Relation.STRANGER  # auto-added, not vouched for: stranger limits still apply

@@ -22,7 +22,7 @@ from p2pmsg.chat.errors import ERROR_CODES as CHAT_ERROR_CODES
 from p2pmsg.chat.errors import BadRequestError, NameTakenError, UnknownContactError
 from p2pmsg.chat.events import AckReceived, EnvelopeReceived, HelloReceived, SessionEvent
 from p2pmsg.chat.invite import InviteError, format_invite
-from p2pmsg.chat.policy import AcceptFrom, ChatPolicy
+from p2pmsg.chat.policy import AcceptFrom, ChatPolicy, Relation
 from p2pmsg.chat.protocol import ChatConnection
 from p2pmsg.chat.service import ChatConfig, ChatService
 from p2pmsg.dht.core.engine import DhtConfig
@@ -2165,6 +2165,39 @@ async def test_removing_a_contact_ends_its_sessions(tmp_path: Path) -> None:
         await eventually(lambda: _has_receipt(alice, second["id"], "delivered"), "the second message")
         [request] = await bob.chat.list_requests()
         assert request["peer_id"] == str(ALICE.peer_id) and request["count"] == 1
+
+
+@pytest.mark.parametrize("change", ["remove", "block"])
+async def test_a_session_opening_while_a_contact_change_commits_gets_the_new_treatment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """Bob removes (or blocks) Alice while her new session's read of the contact row is on its way: the change looks
+    for her sessions before that one is registered, so the session itself must notice the change and read again.
+    Otherwise it would keep a contact's treatment (no stranger limits), or stay open for a blocked peer."""
+    async with running_node(tmp_path / "alice", ALICE) as alice, running_node(tmp_path / "bob", BOB) as bob:
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+        read = bob.chat._db.read
+        changed: list[str] = []
+
+        async def change_while_reading_the_contact(fn: Any) -> Any:
+            result = await read(fn)
+            if not changed and isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], bool):
+                changed.append(change)  # the session's read of Alice's row is done, its session not registered
+                await (bob.chat.remove_contact("alice") if change == "remove" else bob.chat.block("alice"))
+            return result
+
+        monkeypatch.setattr(bob.chat._db, "read", change_while_reading_the_contact)
+        await alice.chat.send("bob", "hi")
+        await eventually(lambda: changed, "alice's session at bob")
+        if change == "remove":
+            opened = await eventually(lambda: bob.seen("peer_up"), "the session at bob")
+            assert opened[0]["name"] is None
+            [session] = bob.chat._sessions[ALICE.peer_id]
+            assert session.relation is Relation.STRANGER
+        else:
+            await eventually(lambda: bob.chat.dropped.get("chat_blocked_peer", 0) >= 1, "bob refuses alice")
+            assert bob.seen("peer_up") == [] and not bob.chat._sessions.get(ALICE.peer_id)
 
 
 async def _slow_relay(
