@@ -106,7 +106,7 @@ from p2pmsg.dht.core.records import PeerRecord, VerifiedRecord, peer_record_key,
 from p2pmsg.errors import LocalProtocolError, P2PMsgError, RemoteProtocolError
 from p2pmsg.identity import Identity, InvalidPeerIdError, PeerId
 from p2pmsg.logthrottle import LogThrottle, span
-from p2pmsg.net.channel import ChannelError, SecureChannel, close_gracefully
+from p2pmsg.net.channel import ChannelCutError, ChannelError, SecureChannel, close_gracefully
 from p2pmsg.net.dialer import DialError
 from p2pmsg.net.dialer import dial as net_dial
 from p2pmsg.net.transport import remote_multiaddr, tcp_send_progress
@@ -1473,7 +1473,9 @@ class ChatService:
         except SessionProtocolError as exc:
             reason = f"protocol error: {exc}"
             self._drop("chat_protocol_error", str(exc), peer)
-        except ChannelError as exc:  # a frame that does not open, a stream cut inside a frame, empty frames
+        except ChannelCutError as exc:  # the peer's write was cut short (killed, gave up on a slow link): no bad input
+            reason = f"connection lost: {exc}"
+        except ChannelError as exc:  # a frame that does not open, empty frames
             reason = f"secure channel error: {exc}"
             self._drop("chat_channel_error", str(exc), peer)
         except (RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:

@@ -18,7 +18,8 @@ Afterwards :class:`SecureChannel` is an ordinary ``trio.abc.Stream``:
 * ``receive_some`` decrypts one frame at a time and hands its plaintext out in pieces of at most ``max_bytes``; a
   clean end of stream between frames is ``b""``.
 * A frame that fails to authenticate (corrupted, forged, replayed, reordered, truncated) or a stream that ends inside
-  a frame closes the channel and raises :class:`ChannelError`; later calls raise ``trio.ClosedResourceError``.
+  a frame closes the channel and raises :class:`ChannelError` (:class:`ChannelCutError` for the end inside a frame: a
+  cut write or a broken connection, not bad input); later calls raise ``trio.ClosedResourceError``.
   Errors of the underlying stream (``BrokenResourceError``, ``ClosedResourceError``) pass through unchanged.
 * Two tasks sending at once (or receiving at once) raise ``trio.BusyResourceError``.
 * There is no ``send_eof`` (closing is the only end) and no rekeying on the wire (libp2p has none); if a 64-bit
@@ -52,6 +53,7 @@ __all__ = [
     "MAX_EMPTY_FRAMES",
     "RECEIVE_CHUNK",
     "SEND_BATCH_BYTES",
+    "ChannelCutError",
     "ChannelError",
     "HandshakeError",
     "PeerIdMismatchError",
@@ -75,6 +77,11 @@ _HEADER: Final = struct.Struct(">H")
 
 class ChannelError(RemoteProtocolError):
     """The secure channel received something it cannot accept and has been closed."""
+
+
+class ChannelCutError(ChannelError):
+    """The underlying stream ended inside a frame: the peer's write was cut short (it was killed, or gave up on a
+    slow link) or the connection broke, rather than bad input.  The channel has been closed."""
 
 
 class SecureChannel(trio.abc.Stream):
@@ -119,13 +126,13 @@ class SecureChannel(trio.abc.Stream):
         if self._closed:
             raise trio.ClosedResourceError(self._close_reason)
 
-    async def _fail(self, reason: str) -> ChannelError:
-        """Close everything and return the ChannelError to raise."""
+    async def _fail(self, reason: str, error: type[ChannelError] = ChannelError) -> ChannelError:
+        """Close everything and return the ``error`` to raise."""
         self._closed = True
         self._close_reason = f"the channel was closed after an error: {reason}"
         self._pending = b""
         await trio.aclose_forcefully(self.transport_stream)
-        return ChannelError(f"secure channel with {self.remote_peer}: {reason}")
+        return error(f"secure channel with {self.remote_peer}: {reason}")
 
     # ---------------------------------------------------------------------------------------------- sending
 
@@ -200,7 +207,7 @@ class SecureChannel(trio.abc.Stream):
                         try:
                             decoder.check_eof()
                         except FrameError as exc:
-                            raise await self._fail(f"connection ended inside a frame: {exc}") from None
+                            raise await self._fail(f"connection ended inside a frame: {exc}", ChannelCutError) from None
                         return b""
                     decoder.feed(data)
                     continue

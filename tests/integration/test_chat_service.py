@@ -400,6 +400,19 @@ async def test_a_broken_secure_channel_is_counted_and_logged(tmp_path: Path) -> 
         await eventually(lambda: bob.chat.dropped.get("chat_channel_error") == 1, "the error counted")
         [down] = await eventually(lambda: bob.seen("peer_down"), "the session's end")
         assert down["reason"].startswith("secure channel error:") and "empty frames" in down["reason"]
+
+
+async def test_a_write_cut_inside_a_frame_is_a_lost_connection_not_bad_input(tmp_path: Path) -> None:
+    """A sender killed, or giving up on a slow link, in the middle of a frame: the session ends as a lost connection,
+    and ``status`` does not count it as dropped input (a QA pass on slow links saw chat_channel_error for it)."""
+    async with running_node(tmp_path / "bob", BOB) as bob, trio.open_nursery() as nursery:
+        channel = await dial(CAROL, BOB.peer_id, bob.addrs, timeout=5, nursery=nursery)
+        frame = channel._encrypt(b"", b"a frame whose end never comes")  # white box, as above
+        await channel.transport_stream.send_all(len(frame).to_bytes(2, "big") + frame[:10])
+        await channel.transport_stream.aclose()
+        [down] = await eventually(lambda: bob.seen("peer_down"), "the session's end")
+        assert down["reason"].startswith("connection lost:") and "inside a frame" in down["reason"]
+        assert bob.chat.dropped.get("chat_channel_error", 0) == 0
         await channel.aclose()
 
 

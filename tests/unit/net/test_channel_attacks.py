@@ -23,7 +23,14 @@ from p2pmsg.crypto.libp2p_noise import (
 from p2pmsg.crypto.noise import HandshakeState
 from p2pmsg.errors import RemoteProtocolError
 from p2pmsg.identity import Identity
-from p2pmsg.net.channel import MAX_EMPTY_FRAMES, ChannelError, SecureChannel, secure_inbound, secure_outbound
+from p2pmsg.net.channel import (
+    MAX_EMPTY_FRAMES,
+    ChannelCutError,
+    ChannelError,
+    SecureChannel,
+    secure_inbound,
+    secure_outbound,
+)
 
 ALICE = Identity.from_seed(bytes([0xA1]) * 32)
 BOB = Identity.from_seed(bytes([0xB0]) * 32)
@@ -382,11 +389,15 @@ async def _inject(client: SecureChannel, data: bytes) -> None:
     await client.transport_stream.send_all(data)
 
 
-async def _expect_channel_error(server: SecureChannel, match: str) -> None:
+async def _expect_channel_error(server: SecureChannel, match: str, *, cut: bool | None = False) -> None:
+    """``server`` closes with a ChannelError matching ``match``: a ChannelCutError (a cut write, no bad input) only
+    with ``cut`` (either with ``None``)."""
     with pytest.raises(ChannelError, match=match) as info:
         while True:
             await server.receive_some()
     assert isinstance(info.value, RemoteProtocolError)
+    if cut is not None:
+        assert isinstance(info.value, ChannelCutError) is cut
     assert str(ALICE.peer_id) in str(info.value), "the error names the peer"
     with pytest.raises(trio.ClosedResourceError, match="closed after an error"):
         await server.receive_some()
@@ -417,7 +428,7 @@ async def test_flipped_bit_in_a_frame_length_closes_the_channel(position: int) -
     tampered[position] ^= 0x01
     await _inject(client, bytes(tampered))
     await client.transport_stream.aclose()
-    await _expect_channel_error(server, "bad frame|ended inside a frame")
+    await _expect_channel_error(server, "bad frame|ended inside a frame", cut=None)
 
 
 async def test_replayed_frame_is_rejected() -> None:
@@ -473,7 +484,7 @@ async def test_stream_ending_inside_a_frame() -> None:
     (frame,) = await _captured(client, server, b"cut short")
     await _inject(client, frame[:10])
     await client.transport_stream.aclose()
-    await _expect_channel_error(server, r"ended inside a frame \(8 of 25 bytes\)")
+    await _expect_channel_error(server, r"ended inside a frame \(8 of 25 bytes\)", cut=True)
 
 
 async def test_frame_shorter_than_a_tag() -> None:
