@@ -25,8 +25,11 @@ of message text (UTF-8) over all pending requests and :attr:`ChatPolicy.max_requ
 Over any bound the message is dropped *without* an acknowledgement (so an honest sender keeps it queued and retries
 later) and counted.
 
-An auto-added contact's messages go to the inbox, but its sessions stay under the stranger limits (slots, idle
-timeout) until the user vouches for it by renaming it; blocking or removing it also ends the mark.
+An auto-added contact's messages go to the inbox, but until the user vouches for it by renaming it its sessions stay
+under the stranger limits (slots, idle timeout), and what it may store is bounded as one stranger's requests are
+(:meth:`ChatPolicy.unvetted_admissible`: the same per-peer count and bytes, counted since it was added), so that
+``anyone`` cannot fill the disk either.  Blocking or removing it ends the mark (blocked, it is a stranger blocked:
+unblocking does not vouch for it).
 
 The policy is pure data plus decisions; the chat service asks it and does the I/O.
 """
@@ -110,6 +113,12 @@ class ChatPolicy:
         if self.accept_from is AcceptFrom.ANYONE and auto_added < self.max_auto_added:
             return Disposition.ADD_AND_INBOX
         return Disposition.REQUEST
+
+    def unvetted_admissible(self, *, stored: int, stored_bytes: int, size: int) -> bool:
+        """Whether one more message of ``size`` text bytes from an auto-added contact not vouched for fits the bounds
+        of one stranger's requests, given the ``stored`` messages and ``stored_bytes`` text bytes it stored since it
+        was added."""
+        return stored < self.max_requests_per_peer and stored_bytes + size <= self.max_request_bytes_per_peer
 
     def request_admissible(
         self,

@@ -141,7 +141,18 @@ _INBOX_BATCH: Final = 2048
 _HINTS_PREFIX: Final = "chat.hints."
 _AUTO_PREFIX: Final = "chat.auto_added."
 """Settings key prefix (+ peer id hex) marking a contact auto-added by ``accept_from = "anyone"`` and not yet
-vouched for by the user: its sessions stay under the stranger limits."""
+vouched for by the user: its sessions stay under the stranger limits, and what it may store is bounded (see
+:meth:`ChatPolicy.unvetted_admissible`).  The value is the msgpack uint of the highest ``messages.seq`` when it
+was added (its messages after that count toward the bounds); an empty value (older nodes) counts all of them."""
+_OVER_THE_LIMITS: Final = {
+    Disposition.REQUEST: ("chat_request_overflow", "message requests over the limits"),
+    Disposition.INBOX: (
+        "chat_unvetted_overflow",
+        "an auto-added contact's messages over the limits (rename it to vouch)",
+    ),
+}
+"""Per disposition, the drop counter and the reason of messages over the policy's limits (see ``_hold_back``)."""
+_HELD_OVER_THE_LIMITS: Final = frozenset(counter for counter, _ in _OVER_THE_LIMITS.values())
 _CONTACT_CACHE_SIZE: Final = 1024
 _CONTACT_READ_ATTEMPTS: Final = 20
 """Most reads of a new session's contact row that may each race a contact change (see ``_contact_treatment``)."""
@@ -385,7 +396,8 @@ class _Session:
     held_back: str | None = None
     """Set (to the drop counter it counts under) once received messages were left unacknowledged, because they
     could not be stored (``chat_store_failed``) or a stranger's request went over the limits
-    (``chat_request_overflow``): everything after them on this session is dropped unacknowledged too, so what is
+    (``chat_request_overflow``, ``chat_unvetted_overflow``): everything after them on this session is dropped
+    unacknowledged too, so what is
     stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
     promoted: bool = False
     """The peer became a contact (accepted, added or vouched for) while this session was open."""
@@ -484,7 +496,8 @@ class _Incoming:
     contact_name: str | None
     disposition: Disposition
     outcomes: list[str]
-    """Per message: ``"stored"``, ``"duplicate"`` (already stored) or ``"overflow"`` (a request over the limits)."""
+    """Per message: ``"stored"``, ``"duplicate"`` (already stored) or ``"overflow"`` (a request, or an auto-added
+    contact's message, over the limits)."""
     sent_at: list[int]
     """Per message: the timestamp stored (the sender's, but at most :data:`_CLOCK_ALLOWANCE_MS` after our clock)."""
     auto_added: bool = False
@@ -1799,9 +1812,10 @@ class ChatService:
             # wait at the sender: a smaller one after it might fit, and would then sit before it in the history.
             ack_ids = [m.id for m, outcome in zip(opened, outcomes, strict=True) if outcome != "overflow"]
             overflow = len(outcomes) - len(ack_ids)
-            self._hold_back(session, "chat_request_overflow", "message requests over the limits")
-            self._dropped["chat_request_overflow"] += overflow
-            log.info("chat: %d message request(s) from %s over the limits, not acknowledged", overflow, peer)
+            counter, reason = _OVER_THE_LIMITS[incoming.disposition]
+            self._hold_back(session, counter, reason)
+            self._dropped[counter] += overflow
+            log.info("chat: %d message(s) from %s not acknowledged: %s", overflow, peer, reason)
         else:
             ack_ids = [m.id for m, _ in zip(opened, outcomes, strict=True)]
         # The events first, with no await between them and the commit: the ack write can be cut short (the session
@@ -1819,7 +1833,7 @@ class ChatService:
                     )
                     self._publish_fields("message", fields)
         await self._write(session, session.conn.send_ack(ack_ids))
-        if session.held_back == "chat_request_overflow" and session.promoted:
+        if session.held_back in _HELD_OVER_THE_LIMITS and session.promoted:
             # Accepted while this batch was being stored (as requests): what it held back need not wait either.
             session.close_reason = _PROMOTED  # instead of the hold's own reason
             self._close_session(session)
@@ -1851,15 +1865,19 @@ class ChatService:
         if disposition is Disposition.REFUSE:
             return _Incoming(relation=relation, contact_name=name, disposition=disposition, outcomes=[], sent_at=[])
         added_now = False
+        mark = None  # the auto-added mark (``accept_from = "anyone"``, not vouched for): bounds on what is stored
         if disposition is Disposition.ADD_AND_INBOX:
             added = _add_stranger(conn, raw, str(peer), now)
-            repo.set_setting(conn, _AUTO_PREFIX + raw.hex(), b"", now=now)
+            mark = msgpack.packb(repo.last_message_seq(conn))
+            repo.set_setting(conn, _AUTO_PREFIX + raw.hex(), mark, now=now)
             repo.settle_request(conn, raw)  # one it sent before (another policy, or no room then) joins the inbox
             name = added.name
             relation = Relation.CONTACT
             disposition = Disposition.INBOX
             added_now = True
-        if disposition is Disposition.INBOX:  # the hot path: one batch insert, rows rather than objects
+        elif disposition is Disposition.INBOX:
+            mark = repo.get_setting(conn, _AUTO_PREFIX + raw.hex())
+        if disposition is Disposition.INBOX and mark is None:  # the hot path: one batch insert, rows not objects
             # A clock far in the future must not pin a message below newer ones: at most a little later than ours.
             latest = now + _CLOCK_ALLOWANCE_MS
             sent = [m.ts if m.ts < latest else latest for m in messages]
@@ -1878,24 +1896,31 @@ class ChatService:
         outcomes: list[str] = []
         sent_ats: list[int] = []
         # The byte budget: read once per transaction, then kept up to date here (each read walks the requests).
-        pending_bytes = repo.request_bytes(conn) if disposition is Disposition.REQUEST else 0
-        peer_bytes = repo.request_bytes(conn, raw) if disposition is Disposition.REQUEST else 0
+        if disposition is Disposition.REQUEST:
+            pending_bytes, peer_bytes, peer_count = repo.request_bytes(conn), repo.request_bytes(conn, raw), 0
+        else:  # an auto-added contact: what it stored since it was added
+            pending_bytes = 0
+            peer_count, peer_bytes = repo.incoming_after(conn, raw, _mark_seq(mark))
         over = False  # a message went over the limits: the ones after it wait too (they must not overtake it)
         latest = now + _CLOCK_ALLOWANCE_MS  # a clock far in the future must not pin a message below newer ones
         for message in messages:
             sent_at = min(message.ts, latest)
             size = 0
-            if disposition is Disposition.REQUEST and repo.get_message(conn, message.id) is None:
-                pending = repo.get_request(conn, raw)
+            if repo.get_message(conn, message.id) is None:
                 size = len(message.text.encode("utf-8"))
-                if over or not policy.request_admissible(
-                    pending_peers=repo.count_requests(conn),
-                    pending_from_peer=pending.message_count if pending is not None else 0,
-                    peer_already_pending=pending is not None,
-                    pending_bytes=pending_bytes,
-                    pending_bytes_from_peer=peer_bytes,
-                    size=size,
-                ):
+                if disposition is Disposition.REQUEST:
+                    pending = repo.get_request(conn, raw)
+                    admissible = policy.request_admissible(
+                        pending_peers=repo.count_requests(conn),
+                        pending_from_peer=pending.message_count if pending is not None else 0,
+                        peer_already_pending=pending is not None,
+                        pending_bytes=pending_bytes,
+                        pending_bytes_from_peer=peer_bytes,
+                        size=size,
+                    )
+                else:
+                    admissible = policy.unvetted_admissible(stored=peer_count, stored_bytes=peer_bytes, size=size)
+                if over or not admissible:
                     over = True
                     outcomes.append("overflow")
                     sent_ats.append(sent_at)
@@ -1912,10 +1937,16 @@ class ChatService:
             if stored:
                 pending_bytes += size
                 peer_bytes += size
+                peer_count += 1
             outcomes.append("stored" if stored else "duplicate")
             sent_ats.append(sent_at)
         return _Incoming(
-            relation=relation, contact_name=name, disposition=disposition, outcomes=outcomes, sent_at=sent_ats
+            auto_added=added_now,
+            relation=relation,
+            contact_name=name,
+            disposition=disposition,
+            outcomes=outcomes,
+            sent_at=sent_ats,
         )
 
     async def _pace_stranger(self, session: _Session, reads: int) -> None:
@@ -2003,7 +2034,7 @@ class ChatService:
             session.relation = Relation.CONTACT
             session.contact_name = name
             session.promoted = True
-            if session.held_back == "chat_request_overflow":
+            if session.held_back in _HELD_OVER_THE_LIMITS:
                 session.close_reason = _PROMOTED  # instead of the hold's own reason
                 self._close_session(session)
 
@@ -2164,7 +2195,10 @@ class ChatService:
 
         def txn(conn: sqlite3.Connection) -> None:
             repo.block_peer(conn, raw, now=now)
-            repo.delete_setting(conn, _AUTO_PREFIX + raw.hex())
+            if repo.get_setting(conn, _AUTO_PREFIX + raw.hex()) is not None:
+                # Never vouched for: blocked as the stranger it is (no name), so unblocking does not vouch for it.
+                repo.remove_contact(conn, raw)
+                repo.delete_setting(conn, _AUTO_PREFIX + raw.hex())
 
         try:
             await self._db.write(txn)
@@ -2458,14 +2492,16 @@ class ChatService:
 
     async def _conversation(self, name: str) -> bytes:
         """The peer whose conversation ``name`` names: a contact (by name or peer id), or else the peer id of a
-        stranger with a pending message request (read before it is accepted or blocked), or of a peer blocked
-        without a name (`requests block`)."""
+        stranger with a pending message request (read before it is accepted or blocked), of a peer blocked without a
+        name (`requests block`), or of any peer whose conversation holds messages (a removed contact's history)."""
         try:
             return (await self._contact_by_name(name)).peer_id
         except UnknownContactError:
             raw = _peer_bytes(name)
             if raw is None or not await self._db.read(
-                lambda c: repo.get_request(c, raw) is not None or repo.get_contact(c, raw) is not None
+                lambda c: repo.get_request(c, raw) is not None
+                or repo.get_contact(c, raw) is not None
+                or repo.has_messages(c, raw)
             ):
                 raise
             return raw
@@ -2689,6 +2725,15 @@ def _is_contact(conn: sqlite3.Connection, *, peer: bytes) -> bool:
     """Whether ``peer`` is a contact (not blocked)."""
     contact = repo.get_contact(conn, peer)
     return contact is not None and contact.state is ContactState.CONTACT
+
+
+def _mark_seq(mark: bytes | None) -> int:
+    """The ``messages.seq`` an auto-added mark holds (see :data:`_AUTO_PREFIX`); 0 for an empty or unreadable one."""
+    try:
+        seq = msgpack.unpackb(mark) if mark else 0
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        return 0
+    return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else 0
 
 
 def _contact_and_mark(conn: sqlite3.Connection, raw: bytes) -> tuple[Contact | None, bool]:

@@ -108,12 +108,15 @@ __all__ = [
     "get_peer_record",
     "get_request",
     "get_setting",
+    "has_messages",
     "history",
     "inbox",
+    "incoming_after",
     "insert_incoming",
     "insert_incoming_many",
     "insert_incoming_rows",
     "is_blocked",
+    "last_message_seq",
     "list_contacts",
     "list_requests",
     "load_dht_nodes",
@@ -858,6 +861,28 @@ def list_requests(conn: sqlite3.Connection, *, limit: int = 100) -> list[Message
 def count_requests(conn: sqlite3.Connection) -> int:
     """Return the number of pending message requests (for bounding them and for ``p2pmsg status``)."""
     return int(conn.execute("SELECT count(*) FROM message_requests").fetchone()[0])
+
+
+def has_messages(conn: sqlite3.Connection, peer_id: bytes) -> bool:
+    """Return whether the conversation with *peer_id* holds any message (a forgotten contact's history stays)."""
+    row = conn.execute("SELECT 1 FROM messages WHERE conversation = ? LIMIT 1", (_peer_id("peer_id", peer_id),))
+    return row.fetchone() is not None
+
+
+def last_message_seq(conn: sqlite3.Connection) -> int:
+    """The largest ``messages.seq`` ever used (0 for none): every message stored later has a larger one."""
+    return _max_seq(conn)
+
+
+def incoming_after(conn: sqlite3.Connection, peer_id: bytes, seq: int) -> tuple[int, int]:
+    """Return how many messages received from *peer_id* (message requests excluded) have a ``seq`` above *seq*, and
+    their text bytes (UTF-8)."""
+    row = conn.execute(
+        "SELECT count(*), coalesce(sum(length(CAST(text AS BLOB))), 0) FROM messages "
+        "WHERE conversation = ? AND direction = 'in' AND is_request = 0 AND seq > ?",
+        (_peer_id("peer_id", peer_id), seq),
+    ).fetchone()
+    return int(row[0]), int(row[1])
 
 
 def request_bytes(conn: sqlite3.Connection, peer_id: bytes | None = None) -> int:

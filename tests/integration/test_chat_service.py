@@ -943,6 +943,56 @@ async def test_anyone_auto_added_peers_stay_under_stranger_limits(tmp_path: Path
         nursery.cancel_scope.cancel()
 
 
+async def test_an_auto_added_contact_stores_no_more_than_a_strangers_requests_until_vouched_for(
+    tmp_path: Path,
+) -> None:
+    """``accept_from = "anyone"``: an auto-added stranger is bounded like one stranger's requests (here 3 messages
+    or 30 text bytes), counted since it was added, so one identity cannot fill the disk (a security review stored
+    97 MB from one in 10 s).  What goes over waits at the sender, in order, and comes once the user vouches."""
+    policy = ChatPolicy(accept_from=AcceptFrom.ANYONE, max_requests_per_peer=3, max_request_bytes_per_peer=30)
+    open_policy = dataclasses.replace(FAST, policy=policy)
+    async with (
+        running_node(tmp_path / "bob", BOB, config=open_policy) as bob,
+        running_node(tmp_path / "carol", CAROL) as carol,
+    ):
+        await carol.chat.add_contact(bob.invite, "bob")
+        texts = ["one", "two", "three", "four", "five"]
+        ids = (await carol.chat.send_many("bob", texts))["ids"]
+        await eventually(lambda: bob.chat.dropped.get("chat_unvetted_overflow", 0) >= 2, "the last two held back")
+        assert [m["text"] for m in await bob.chat.history(str(CAROL.peer_id))] == texts[:3]
+        assert not _has_receipt(carol, ids[3], "delivered")
+        await bob.chat.rename_contact(str(CAROL.peer_id), "carol")  # the user vouches for Carol
+        await eventually(lambda: _has_receipt(carol, ids[4], "delivered"), "the rest once vouched for")
+        assert [m["text"] for m in await bob.chat.history("carol")] == texts
+        # A text of 31 bytes from a new auto-added stranger is over its byte bound at once, alone.
+        dave = Identity.from_seed(bytes([0xD1]) * 32)
+        async with running_node(tmp_path / "dave", dave) as dave_node:
+            await dave_node.chat.add_contact(bob.invite, "bob")
+            await dave_node.chat.send("bob", "x" * 31)
+            await eventually(lambda: bob.chat.dropped.get("chat_unvetted_overflow", 0) >= 3, "dave's text held back")
+            assert await bob.chat.history(str(dave.peer_id)) == []
+
+
+async def test_an_auto_added_contact_blocked_then_unblocked_is_a_stranger_again(tmp_path: Path) -> None:
+    """Blocking an auto-added contact blocks the stranger it is: unblocking it must not vouch for it (a security
+    review: it came back as a full contact, free of the stranger limits)."""
+    open_policy = dataclasses.replace(FAST, policy=ChatPolicy(accept_from=AcceptFrom.ANYONE))
+    async with (
+        running_node(tmp_path / "bob", BOB, config=open_policy) as bob,
+        running_node(tmp_path / "carol", CAROL) as carol,
+    ):
+        await carol.chat.add_contact(bob.invite, "bob")
+        await carol.chat.send("bob", "hello anyone")
+        await eventually(lambda: bob.seen("message"), "carol auto-added")
+        await bob.chat.block(str(CAROL.peer_id))
+        [blocked] = await bob.chat.list_contacts()
+        assert blocked["name"] is None and blocked["state"] == "blocked"
+        await bob.chat.unblock(str(CAROL.peer_id))
+        assert await bob.chat.list_contacts() == []
+        assert [m["text"] for m in await bob.chat.history(str(CAROL.peer_id))] == ["hello anyone"]
+        assert CAROL.peer_id not in await bob.chat.contact_peers()
+
+
 async def test_accepting_a_request_left_by_an_auto_added_contact_names_it(tmp_path: Path) -> None:
     """A request from before the peer was auto-added (an older version left it): ``requests accept PEER NAME`` said
     "accepted as NAME" and kept the peer-id name and the stranger limits (a QA pass).  Accepting vouches for it."""

@@ -58,6 +58,13 @@ def test_request_byte_budget() -> None:
         ChatPolicy(max_request_bytes=100, max_request_bytes_per_peer=200)
 
 
+def test_unvetted_bounds_are_one_strangers_request_bounds() -> None:
+    policy = ChatPolicy(max_requests_per_peer=3, max_request_bytes_per_peer=400)
+    assert policy.unvetted_admissible(stored=2, stored_bytes=0, size=400)
+    assert not policy.unvetted_admissible(stored=3, stored_bytes=0, size=1)
+    assert not policy.unvetted_admissible(stored=0, stored_bytes=1, size=400)
+
+
 def test_default_request_budget() -> None:
     policy = ChatPolicy()
     assert (policy.max_request_bytes, policy.max_request_bytes_per_peer) == (32 * 1024 * 1024, 256 * 1024)

@@ -814,6 +814,19 @@ def test_request_bytes_count_only_pending_request_texts(conn: sqlite3.Connection
     assert repo.request_bytes(conn) == 20 and repo.request_bytes(conn, CAROL) == 0
 
 
+def test_incoming_after_counts_received_texts_above_a_seq(conn: sqlite3.Connection) -> None:
+    """The bound on an auto-added contact: its received messages (not requests, not ours) stored after a mark."""
+    repo.insert_incoming(conn, message_id=mid(1), sender=EVE, text="before", sent_at=T0, now=T0)
+    mark = repo.last_message_seq(conn)
+    assert repo.incoming_after(conn, EVE, mark) == (0, 0) and not repo.has_messages(conn, CAROL)
+    repo.insert_incoming(conn, message_id=mid(2), sender=EVE, text="é" * 10, sent_at=T0, now=T0)
+    repo.insert_incoming(conn, message_id=mid(3), sender=EVE, text="request", sent_at=T0, now=T0, is_request=True)
+    repo.insert_incoming(conn, message_id=mid(4), sender=CAROL, text="abc", sent_at=T0, now=T0)
+    assert repo.incoming_after(conn, EVE, mark) == (1, 20)  # UTF-8 bytes
+    assert repo.incoming_after(conn, EVE, 0) == (2, 26)
+    assert repo.last_message_seq(conn) == mark + 3 and repo.has_messages(conn, CAROL)
+
+
 def test_count_settings_counts_a_key_prefix(conn: sqlite3.Connection) -> None:
     for key in ("chat.auto_added.aa", "chat.auto_added.bb", "chat.auto_adder", "chat.auto_added", "chat.hints.aa"):
         repo.set_setting(conn, key, b"", now=T0)
