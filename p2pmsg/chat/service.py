@@ -208,7 +208,11 @@ _SETTLE_TIMEOUT: Final = 10.0
 """Seconds the end of a session may spend putting what it did not deliver back on the schedule (a store write),
 shielded from cancellation so that the node's bookkeeping of the peer (``_settling``) always comes down."""
 _STORE_WARNING_INTERVAL: Final = 60.0
-"""Seconds between two warnings that received messages could not be stored (a full disk fails every batch)."""
+"""Seconds between two warnings that received messages could not be stored (a full disk fails every batch), and
+between two that the outbox's bookkeeping could not be written."""
+_STORE_FAILED_PAUSE: Final = 5.0
+"""Seconds the outbox worker waits between rounds while its bookkeeping writes fail (a full disk): a failed write
+cannot record a dial's backoff, so without the pause every round would dial again at once."""
 
 
 class EventSink(Protocol):
@@ -627,6 +631,7 @@ class ChatService:
             log, burst=1, interval=_STORE_WARNING_INTERVAL
         )  # a full disk fails each batch
         self._skew_warning = LogThrottle(log, burst=1, interval=_SKEW_WARNING_INTERVAL)
+        self._store_failed_at = -math.inf  # trio clock of the last failed bookkeeping write
         self._started_at = self._now()
         self._contacts_by_name: dict[str, Contact] = {}
         self._peer_texts: dict[PeerId, str] = {}
@@ -752,10 +757,17 @@ class ChatService:
             except store_errors.StoreClosedError:
                 log.info("chat: the store is closed; the outbox worker stops")
                 return
-            except Exception:  # a bug or a store failure: keep the node up, retry after a pause
+            except store_errors.StoreError as exc:  # a full disk: keep the node up, retry after a pause
+                self._bookkeeping_failed("an outbox round", exc)
+                timeout = self.config.max_poll
+            except Exception:  # a bug: keep the node up, retry after a pause
                 self._dropped["chat_internal_error"] += 1
                 log.exception("chat: outbox round failed")
                 timeout = self.config.max_poll
+            if trio.current_time() - self._store_failed_at < _STORE_FAILED_PAUSE:
+                timeout = max(timeout, _STORE_FAILED_PAUSE)  # not woken early either: sends fail as well
+                await trio.sleep(timeout)
+                continue
             with trio.move_on_after(timeout):
                 await self._wake.wait()
 
@@ -980,6 +992,9 @@ class ChatService:
             handed_over = True
         except store_errors.StoreClosedError:
             return
+        except store_errors.StoreError as exc:  # a full disk: the outbox keeps the messages, the dial waits
+            self._hold_redials(peer)
+            self._bookkeeping_failed(f"dialling {peer}", exc)
         except Exception:  # a bug: this dial is lost (the outbox keeps the messages), never the node
             self._dropped["chat_internal_error"] += 1
             log.exception("chat: dialling %s failed", peer)
@@ -1033,11 +1048,13 @@ class ChatService:
             return None, False
         now = self._now()
         expires_ms = min(record.expires_at * 1000, MAX_TIMESTAMP)
-        changed = await self._db.write(
-            lambda c: repo.put_peer_record(
-                c, peer_id=peer.to_bytes(), record=value, seq=record.seq, expires_at=expires_ms, now=now
+        changed = False
+        with self._store_failure_logged(f"caching the peer record of {peer}"):  # used all the same
+            changed = await self._db.write(
+                lambda c: repo.put_peer_record(
+                    c, peer_id=peer.to_bytes(), record=value, seq=record.seq, expires_at=expires_ms, now=now
+                )
             )
-        )
         return record, changed
 
     async def _lookup_record(self, peer: PeerId) -> bytes | None:
@@ -1460,8 +1477,16 @@ class ChatService:
         except store_errors.StoreClosedError:
             pass
         except store_errors.StoreError as exc:
-            self._dropped["chat_store_failed"] += 1
-            log.warning("chat: %s failed: %s", what, exc)
+            self._bookkeeping_failed(what, exc)
+
+    def _bookkeeping_failed(self, what: str, exc: Exception) -> None:
+        """Count and log (a warning at most once a minute) a failed bookkeeping write, and slow the outbox worker
+        down while they fail (:data:`_STORE_FAILED_PAUSE`)."""
+        self._dropped["chat_store_failed"] += 1
+        self._store_failed_at = trio.current_time()
+        self._store_warning.log(
+            logging.WARNING, "bookkeeping", "chat: %s failed: %s (the messages stay queued)", what, exc
+        )
 
     def _stranger_slot(self, peer: PeerId) -> bool:
         """Make room for a new stranger session: when the stranger slots are full, evict the stranger session that
@@ -2499,9 +2524,11 @@ class ChatService:
         except UnknownContactError:
             raw = _peer_bytes(name)
             if raw is None or not await self._db.read(
-                lambda c: repo.get_request(c, raw) is not None
-                or repo.get_contact(c, raw) is not None
-                or repo.has_messages(c, raw)
+                lambda c: (
+                    repo.get_request(c, raw) is not None
+                    or repo.get_contact(c, raw) is not None
+                    or repo.has_messages(c, raw)
+                )
             ):
                 raise
             return raw

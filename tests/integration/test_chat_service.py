@@ -1154,6 +1154,46 @@ async def test_a_receiver_whose_disk_is_full_acknowledges_nothing_and_is_not_red
         assert [m["id"] for m in await bob.chat.history("alice", limit=100)][1:] == ids
 
 
+async def test_a_sender_whose_disk_fills_with_messages_queued_neither_spins_nor_floods_its_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Alice's disk is full while messages to Bob wait and Bob is unreachable.  A QA pass (a real full tmpfs) saw her
+    node dial about five times a second, each failed bookkeeping write logged with a traceback as an internal error.
+    Now the dials keep their backoff, the failure is a warning at most once a minute, and once there is room again
+    the messages go (the fault is injected at the store's API: every write fails as on a full disk)."""
+    async with running_node(tmp_path / "bob", BOB) as bob:
+        bob_addr = bob.addrs[0]
+        await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+    patient = dataclasses.replace(FAST, backoff=Backoff(base_ms=1000, cap_ms=4000, jitter=0.0))
+    dials: list[float] = []
+
+    async def counted_dial(*args: Any, **kwargs: Any) -> SecureChannel:
+        dials.append(trio.current_time())
+        return await dial(*args, **kwargs)
+
+    caplog.set_level(logging.INFO, logger="p2pmsg.chat")
+    async with running_node(tmp_path / "alice", ALICE, config=patient, dial_function=counted_dial) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [bob_addr]), "bob")
+        await alice.chat.send_many("bob", ["one", "two"])
+        await eventually(lambda: dials, "a first dial")
+        write = alice.db.write
+
+        async def full(*args: Any, **kwargs: Any) -> Any:
+            raise store_errors.StoreWriteError("the write failed: database or disk is full")
+
+        monkeypatch.setattr(alice.db, "write", full)
+        before = len(dials)
+        await trio.sleep(3.0)
+        assert len(dials) - before <= 4, f"{len(dials) - before} dials in 3 s"
+        assert alice.chat.dropped.get("chat_internal_error", 0) == 0
+        assert alice.chat.dropped.get("chat_store_failed", 0) >= 1
+        warned = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warned) <= 2 and not any(r.exc_info for r in warned), [r.getMessage() for r in warned]
+        monkeypatch.setattr(alice.db, "write", write)
+        async with running_node(tmp_path / "bob", BOB, listen=bob_addr):
+            await eventually(lambda: _all_delivered(alice, "bob", 2), "delivery once there is room", timeout=15)
+
+
 async def test_a_sender_whose_disk_is_full_is_told_not_stored_and_whether_it_may_still_arrive(tmp_path: Path) -> None:
     async with connected_pair(tmp_path) as (alice, bob):
         await _cap_database(alice, 0)
