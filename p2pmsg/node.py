@@ -65,7 +65,7 @@ from p2pmsg.logthrottle import LogThrottle, flush_all, span
 from p2pmsg.net.listener import Listener
 from p2pmsg.ratelimit import parse_ip
 from p2pmsg.store import repo
-from p2pmsg.store.db import DATABASE_FILENAME, Database, open_database
+from p2pmsg.store.db import DATABASE_FILENAME, Database, StoreStats, open_database
 from p2pmsg.store.models import DhtNode as SavedDhtNode
 from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
 
@@ -407,6 +407,7 @@ class Node:
             "dht_size": len(self.dht.routing_table_snapshot()),
             "dht_address": f"{self.dht.address[0]}:{self.dht.address[1]}",
             "database": self.database_state,
+            "store_failing": _store_failing(self.db.stats),
             "clock_offset_s": None if (offset := self.clock_offset()) is None else round(offset),
             **chat,
             "listener": listener.as_dict(),
@@ -505,6 +506,7 @@ class Node:
         elif self._disk_low and not low:
             log.info("%.1f MB free on the disk of %s again", free / 1e6, self.home)
         self._disk_low = low
+        self.db.keep_wal_small(low)  # the room left goes to messages, not to page copies in the WAL
 
     async def _check_database(self) -> None:
         """Check the whole database file once, in the background, after start: a file damaged while the node was
@@ -795,3 +797,10 @@ async def run_bootstrap_node(
             if peers:
                 await dht.bootstrap(peers)
     log.info("bootstrap node stopped")
+
+
+def _store_failing(stats: StoreStats) -> dict[str, Any] | None:
+    """``status``'s ``store_failing``: since when (whole seconds of the wall clock) and why writes fail, or ``None``."""
+    if stats.failing_since is None:
+        return None
+    return {"since": int(stats.failing_since), "error": stats.last_error or ""}

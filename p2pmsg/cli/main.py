@@ -26,6 +26,7 @@ import os
 import select
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
@@ -970,7 +971,7 @@ def status(state: State, as_json: bool) -> None:
         ("dht size", _dht_size_text(info.get("dht_size", "-"))),
         ("outbox depth", info.get("outbox_depth", "-")),
         ("requests", _requests_text(info.get("requests", "-"))),
-        ("database", info.get("database", "-")),
+        ("database", _database_text(info.get("database", "-"), info.get("store_failing"))),
         ("dropped", dropped_text),
     ]
     offset = info.get("clock_offset_s")
@@ -979,6 +980,15 @@ def status(state: State, as_json: bool) -> None:
         lines.insert(-1, ("clock", f"{format_duration(abs(offset))} {where} the other nodes' (set it right: NTP)"))
     for label, value in lines:
         click.echo(f"{label:<13} {value if label == 'dropped' else clean(value)}")
+
+
+def _database_text(state: object, failing: object) -> str:
+    """The database check's result, and whether (since when, why) writes fail: a full disk shows here."""
+    if not isinstance(failing, dict):
+        return str(state)
+    since = failing.get("since")
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if type(since) is int else "?"
+    return f"{state}, but writes fail since {when}: {failing.get('error', '')} (messages stay with their senders)"
 
 
 def _requests_text(count: object) -> str:

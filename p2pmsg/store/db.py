@@ -53,9 +53,11 @@ import collections
 import contextlib
 import dataclasses
 import enum
+import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -99,6 +101,9 @@ _RELEASE: Final = f"RELEASE {_SAVEPOINT_NAME}" + _TAG
 _ROLLBACK_TO: Final = f"ROLLBACK TO {_SAVEPOINT_NAME}" + _TAG
 _SYNC_FULL: Final = "PRAGMA synchronous = FULL" + _TAG
 _SYNC_NORMAL: Final = "PRAGMA synchronous = NORMAL" + _TAG
+_TRUNCATE_WAL: Final = "PRAGMA wal_checkpoint(TRUNCATE)" + _TAG
+_TRUNCATE_INTERVAL: Final = 1.0
+"""Seconds between two WAL truncations while space is short or commits fail (see ``_Writer.give_wal_space_back``)."""
 
 # Pragmas a write function may run with an argument: they only read the schema.
 _READ_ONLY_PRAGMAS: Final = frozenset(
@@ -160,6 +165,11 @@ class StoreStats:
     """Transactions SQLite could not commit (each failed every write of its batch)."""
     unsynced_commits: int = 0
     """Transactions committed without a sync because every write in them was ``durable=False``."""
+    failing_since: float | None = None
+    """Wall-clock time (``time.time()``) of the first failed transaction since the last one that committed, if the
+    latest one failed (a full disk, an I/O error, the file deleted): writes fail until this clears."""
+    last_error: str | None = None
+    """Why the latest failed transaction failed (kept after writes work again)."""
 
 
 class _RequestState(enum.Enum):
@@ -262,6 +272,11 @@ class _Writer:
         self.failed_commits = 0
         self.unsynced_commits = 0
         self.synchronous_full = True  # the connection's current PRAGMA synchronous; writer thread only
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
+        self.keep_wal_small = False  # set from the trio side (a plain flag): space is short, see give_wal_space_back
+        self.truncated_at = -math.inf  # time.monotonic() of the last WAL truncation; writer thread only
+        self.file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened; writer thread only
         self.thread = threading.Thread(target=self._main, name=f"p2pmsg-store-writer:{path.name}", daemon=True)
 
     # ----------------------------------------------------------------------------------------------- trio side
@@ -338,6 +353,8 @@ class _Writer:
                     completions = self._run_batch(batch)
                 batch = []  # from here on these requests are answered, even if delivering fails
                 self._deliver(completions)
+                if self.conn is not None and (self.keep_wal_small or self.failing_since is not None):
+                    self.give_wal_space_back()
         except BaseException as exc:  # pragma: no cover - a bug in this module; fail everyone rather than hang
             with self.cv:
                 self.stopped = True
@@ -413,7 +430,7 @@ class _Writer:
                     completions.extend((task, outcome.Error(lost)) for task, _ in uncommitted)
                     uncommitted.clear()
                     completions.append((request.task, outcome.Error(lost) if cause is None else result))
-                    self.failed_commits += 1
+                    self._failed(lost if cause is None else cause)
                     in_txn = False
                     continue
                 if isinstance(result, outcome.Error):
@@ -438,17 +455,23 @@ class _Writer:
                 uncommitted.clear()
                 completions.append((request.task, outcome.Error(lost)))
                 self._rollback_quietly()
-                self.failed_commits += 1
+                self._failed(lost)
                 in_txn = False
         if in_txn:
             try:
+                if not self._same_file():
+                    raise sqlite3.OperationalError(
+                        f"the database file {self.path} was deleted or replaced while the node runs: what it "
+                        "would store now would be lost when it stops (stop it, and restore the file if you can)"
+                    )
                 self._exec(_COMMIT)
             except sqlite3.Error as exc:
                 lost = StoreWriteError(f"cannot commit the write transaction: {exc}")
                 completions.extend((task, outcome.Error(lost)) for task, _ in uncommitted)
                 self._rollback_quietly()
-                self.failed_commits += 1
+                self._failed(lost)
             else:
+                self.failing_since = None
                 if uncommitted:
                     self.transactions += 1
                     if not self.synchronous_full:
@@ -457,6 +480,36 @@ class _Writer:
                     self.largest_batch = max(self.largest_batch, len(uncommitted))
                 completions.extend(uncommitted)
         return completions
+
+    def _failed(self, error: BaseException) -> None:
+        """Count a transaction that did not commit (every write of its batch failed) and remember why."""
+        self.failed_commits += 1
+        self.last_error = str(error)
+        if self.failing_since is None:
+            self.failing_since = time.time()
+
+    def _same_file(self) -> bool:
+        """Whether the database's path still names the file the connection has open: committing into a file that
+        was deleted (or replaced by another) while the node runs would acknowledge writes that vanish with it."""
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return self.file_id is None or (st.st_dev, st.st_ino) == self.file_id
+
+    def give_wal_space_back(self) -> None:
+        """Checkpoint the WAL into the database and truncate it to zero bytes, at most once per
+        :data:`_TRUNCATE_INTERVAL`: done while the disk is short of space (:meth:`Database.keep_wal_small`) or writes
+        fail.  The WAL otherwise grows to about 32 MiB before a checkpoint, so on a nearly full disk the room freed
+        for the node would go to copies of pages in the WAL rather than to messages.  Best effort: a reader holding
+        an older snapshot, or no room to grow the database file, leaves the WAL as it is."""
+        now = time.monotonic()
+        if now - self.truncated_at < _TRUNCATE_INTERVAL:
+            return
+        self.truncated_at = now
+        assert self.conn is not None
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.execute(_TRUNCATE_WAL).fetchall()
 
     def _rollback_quietly(self) -> None:
         assert self.conn is not None
@@ -484,6 +537,8 @@ class _Writer:
             configure_writer(conn, self.path)
             self.version = migrate(conn, self.migrations)
             conn.set_authorizer(self._authorize)
+            st = os.stat(self.path)
+            self.file_id = (st.st_dev, st.st_ino)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise ForeignDatabaseError(f"{self.path}: not a usable SQLite database: {exc}") from exc
@@ -530,7 +585,15 @@ class Database:
             largest_batch=w.largest_batch,
             failed_commits=w.failed_commits,
             unsynced_commits=w.unsynced_commits,
+            failing_since=w.failing_since,
+            last_error=w.last_error,
         )
+
+    def keep_wal_small(self, on: bool) -> None:
+        """While ``on`` (the node sees its disk short of space), the writer truncates the WAL after its commits (at
+        most once a second) instead of letting it grow to about 32 MiB before a checkpoint; it does so after a failed
+        commit too, whatever this says."""
+        self._writer.keep_wal_small = on
 
     @property
     def closed(self) -> bool:

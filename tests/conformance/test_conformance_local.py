@@ -174,6 +174,7 @@ def test_status_and_id(pair: Pair) -> None:
     assert set(ident) == {"peer_id", "addrs", "invite"}
     assert status["peer_id"] == ident["peer_id"]
     assert status["database"] in ("not checked", "checking", "ok", "damaged")
+    assert status["store_failing"] is None  # nil while writes work (7.4)
     for key in ("uptime_s", "dht_size", "connections", "outbox_depth", "requests"):
         assert isinstance(status[key], int) and status[key] >= 0, key
     for key in ("listener", "dht", "dropped", "maintenance_failures"):

@@ -490,9 +490,11 @@ async def test_low_free_space_on_the_home_s_disk_is_warned_about_once(
     cfg = Cfg(listen=["/ip4/127.0.0.1/tcp/0"])
     caplog.set_level(logging.INFO, logger="p2pmsg")
     async with trio.open_nursery() as nursery:
-        await nursery.start(lambda task_status: run_node(home, Identity.generate(), cfg, options=options,
-                                                         task_status=task_status))  # fmt: skip
+        node = await nursery.start(lambda task_status: run_node(home, Identity.generate(), cfg, options=options,
+                                                                task_status=task_status))  # fmt: skip
         await trio.sleep(5 * FAST.check_interval)  # several maintenance rounds
+        assert node.db._writer.keep_wal_small  # what room is left goes to messages, not to a long WAL
+        assert (await node._status({}))["store_failing"] is None
         nursery.cancel_scope.cancel()
     warnings = [r.getMessage() for r in caplog.records if "MB free on the disk of" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("only ") and str(home) in warnings[0]

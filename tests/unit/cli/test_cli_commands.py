@@ -14,6 +14,7 @@ import shutil
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -189,6 +190,7 @@ class ContactNode:
                 "outbox_depth": 0,
                 "requests": 1,
                 "database": "damaged",
+                "store_failing": {"since": 1_700_000_000, "error": "cannot commit: database or disk is full"},
                 "clock_offset_s": -86_400,
                 "dropped": {"control_slow_subscriber": 2},
             }
@@ -381,7 +383,10 @@ async def test_inbox_requests_peers_status(home: Path) -> None:
     assert "uptime        1h 02m 05s" in status.output
     assert "requests      1 (see `p2pmsg requests`)" in status.output
     assert "dropped       control_slow_subscriber=2" in status.output
-    assert "database      damaged" in status.output
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1_700_000_000))
+    assert f"database      damaged, but writes fail since {since}: cannot commit: database or disk is full" in (
+        status.output
+    )
     assert "clock         1d 00h 00m behind the other nodes' (set it right: NTP)" in status.output
     assert json.loads(status_json.output)["dht_size"] == 12
 

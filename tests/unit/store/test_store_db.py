@@ -369,6 +369,72 @@ async def test_sqlite_aborting_the_transaction_fails_every_uncommitted_write(db:
     assert db.stats.failed_commits == 1
 
 
+async def test_failing_writes_show_in_the_stats_until_one_commits(db: Database) -> None:
+    """``p2pmsg status`` tells the user that writes fail (a full disk) and since when, and no longer once one works."""
+    writer = db._writer
+    await db.write(put("before"))
+    assert db.stats.failing_since is None and db.stats.last_error is None
+
+    def cap(pages: int | None) -> Callable[[sqlite3.Connection | None], None]:
+        def fn(conn: sqlite3.Connection | None) -> None:
+            assert conn is not None
+            count = conn.execute("PRAGMA page_count").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count = {count if pages is None else pages}")
+
+        return fn
+
+    def huge(conn: sqlite3.Connection) -> None:
+        for i in range(200):
+            conn.execute("INSERT INTO peer_records VALUES (?, zeroblob(8000), 1, 1, 1)", (bytes([i + 1]) * 38,))
+
+    await writer.submit(lambda _: cap(None)(writer.conn), raw=True)
+    for _ in range(2):
+        with pytest.raises(StoreWriteError, match="full"):
+            await db.write(huge)
+    stats = db.stats
+    assert stats.failing_since is not None and stats.last_error is not None and "full" in stats.last_error
+    await writer.submit(lambda _: cap(2**30)(writer.conn), raw=True)
+    await db.write(put("after"))
+    assert db.stats.failing_since is None and "full" in (db.stats.last_error or "")
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_database_file_deleted_or_replaced_while_open_refuses_every_write(tmp_path: Path, how: str) -> None:
+    """A QA pass deleted p2pmsg.db under a running node: it went on acknowledging messages into the deleted file,
+    to be lost when it stopped.  Now every write fails, saying why (received messages stay with their senders)."""
+    path = tmp_path / "node.db"
+    async with open_database(path) as db:
+        await db.write(put("before"))
+        os.unlink(path)
+        if how == "replaced":
+            path.write_bytes(b"")
+        with pytest.raises(StoreWriteError, match="deleted or replaced while the node runs"):
+            await db.write(put("after"))
+        assert db.stats.failing_since is not None
+        assert await keys(db) == {"before"}
+
+
+def _wal_size(path: Path) -> int:
+    wal = path.with_name(path.name + "-wal")
+    return wal.stat().st_size if wal.exists() else 0
+
+
+async def test_while_space_is_short_the_wal_is_truncated_after_commits(tmp_path: Path) -> None:
+    """On a nearly full disk the WAL (up to ~32 MiB before a checkpoint) would take the room freed for messages."""
+    path = tmp_path / "node.db"
+    async with open_database(path) as db:
+        for i in range(20):
+            await db.write(put(f"k{i}"))
+        assert _wal_size(path) > 0  # by default the WAL keeps growing between checkpoints
+        db.keep_wal_small(True)
+        await trio.sleep(1.1)  # the truncations are spaced out
+        await db.write(put("one more"))
+        with trio.fail_after(5):
+            while _wal_size(path) > 0:
+                await trio.sleep(0.05)
+        assert len(await keys(db)) == 21
+
+
 async def test_a_write_function_s_own_sqlite_errors_stay_what_they_are(db: Database) -> None:
     """Only failures of the machine become StoreWriteError; a constraint the function broke is the caller's error."""
     await db.write(put("a"))
