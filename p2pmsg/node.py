@@ -76,6 +76,8 @@ ROUTING_TABLE_SAVE_INTERVAL: Final = 300.0
 """Seconds between saves of the DHT routing table (it is also saved at shutdown)."""
 REPUBLISH_CHECK_INTERVAL: Final = 30.0
 """Seconds between maintenance rounds (republish when due, rejoin while the routing table is small)."""
+MAINTENANCE_WARNING_INTERVAL: Final = 600.0
+"""Seconds between two warnings that the same maintenance step failed (the rest are counted in ``status``)."""
 ADDRESS_CHECK_INTERVAL: Final = 5.0
 """Seconds between checks of our own addresses (a wildcard listener's address follows the network we are on)."""
 HOST_SLEPT_AFTER: Final = 30.0
@@ -383,6 +385,7 @@ class Node:
         self._alone_said = False  # said that there is nobody to join through
         self._disk_low = False  # warned that the home's disk is low on space, and it still is
         self._clock_warning = LogThrottle(log, burst=1, interval=3600.0)
+        self._maintenance_warning = LogThrottle(log, burst=1, interval=MAINTENANCE_WARNING_INTERVAL)
         self.database_state = "not checked"
         """The background check of the database file: "not checked", "checking", "ok" or "damaged" (in status)."""
 
@@ -407,7 +410,7 @@ class Node:
             "dht_size": len(self.dht.routing_table_snapshot()),
             "dht_address": f"{self.dht.address[0]}:{self.dht.address[1]}",
             "database": self.database_state,
-            "store_failing": _store_failing(self.db.stats),
+            "store_failing": _store_failing(self.db.stats, time.time()),
             "clock_offset_s": None if (offset := self.clock_offset()) is None else round(offset),
             **chat,
             "listener": listener.as_dict(),
@@ -634,7 +637,8 @@ class Node:
             return await work
         except (P2PMsgError, OSError) as exc:
             self.maintenance_failures[step] += 1
-            log.warning("maintenance: %s failed (will retry): %s", step, exc)
+            # A step failing every round (a full disk, no DHT peer) must not write a line every 30 s for days.
+            self._maintenance_warning.log(logging.WARNING, step, "maintenance: %s failed (will retry): %s", step, exc)
             return None
 
     async def _join(self) -> None:
@@ -799,8 +803,9 @@ async def run_bootstrap_node(
     log.info("bootstrap node stopped")
 
 
-def _store_failing(stats: StoreStats) -> dict[str, Any] | None:
-    """``status``'s ``store_failing``: since when (whole seconds of the wall clock) and why writes fail, or ``None``."""
-    if stats.failing_since is None:
+def _store_failing(stats: StoreStats, now: float) -> dict[str, Any] | None:
+    """``status``'s ``store_failing``: while writes failed within the last minute, since when and when last (whole
+    seconds of the wall clock) and why; else ``None``."""
+    if not stats.failing(now) or stats.failing_since is None or stats.last_failure_at is None:
         return None
-    return {"since": int(stats.failing_since), "error": stats.last_error or ""}
+    return {"since": int(stats.failing_since), "last": int(stats.last_failure_at), "error": stats.last_error or ""}

@@ -399,10 +399,10 @@ class _Session:
     """The ``run`` of the peer's hello on this session (random per start of its node), if it sent one."""
     held_back: str | None = None
     """Set (to the drop counter it counts under) once received messages were left unacknowledged, because they
-    could not be stored (``chat_store_failed``) or a stranger's request went over the limits
-    (``chat_request_overflow``, ``chat_unvetted_overflow``): everything after them on this session is dropped
-    unacknowledged too, so what is
-    stored stays a prefix of what was sent (the sender resends the rest, in order, on a new session)."""
+    could not be stored (``chat_store_failed``) or a stranger's request, or an auto-added contact's message, went
+    over the limits (``chat_request_overflow``, ``chat_unvetted_overflow``): everything after them on this session
+    is dropped unacknowledged too, so what is stored stays a prefix of what was sent (the sender resends the rest,
+    in order, on a new session)."""
     promoted: bool = False
     """The peer became a contact (accepted, added or vouched for) while this session was open."""
     progress_at: float = 0.0

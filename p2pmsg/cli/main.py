@@ -100,7 +100,10 @@ _CODE_TEXT: Final = {
 _CODE_HINT: Final = {
     "unknown_contact": "see `p2pmsg contacts list`",
     "invalid_invite": "an invite looks like p2pmsg://invite/12D3KooW...; a bare peer id works too",
-    "not_stored": "the node's database could not be written: is its disk full? see the node's log",
+    "not_stored": (
+        "the node's database could not be written: is its disk full, or the file gone? see `p2pmsg status` and the "
+        "node's log"
+    ),
 }
 #: A hint of its own for an error code of one method.
 _METHOD_HINT: Final = {
@@ -986,9 +989,15 @@ def _database_text(state: object, failing: object) -> str:
     """The database check's result, and whether (since when, why) writes fail: a full disk shows here."""
     if not isinstance(failing, dict):
         return str(state)
-    since = failing.get("since")
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if type(since) is int else "?"
-    return f"{state}, but writes fail since {when}: {failing.get('error', '')} (messages stay with their senders)"
+
+    def when(key: str, layout: str) -> str:
+        value = failing.get(key)
+        return time.strftime(layout, time.localtime(value)) if type(value) is int else "?"
+
+    return (
+        f"{state}, but writes fail since {when('since', '%Y-%m-%d %H:%M:%S')} (the latest at "
+        f"{when('last', '%H:%M:%S')}): {failing.get('error', '')} (messages stay with their senders)"
+    )
 
 
 def _requests_text(count: object) -> str:

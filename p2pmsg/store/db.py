@@ -66,17 +66,17 @@ import outcome
 import trio
 
 from p2pmsg.store.errors import (
-    ForeignDatabaseError,
     StoreArgumentError,
     StoreClosedError,
     StoreError,
     StoreWriteError,
     TransactionControlError,
 )
-from p2pmsg.store.migrations import MIGRATIONS, Migration, check_database, migrate
+from p2pmsg.store.migrations import MIGRATIONS, Migration, check_database, migrate, unreadable_database
 
 __all__ = [
     "DATABASE_FILENAME",
+    "FAILING_WINDOW",
     "MIN_SQLITE_VERSION",
     "NEW_FILE_PAGE_SIZE",
     "Database",
@@ -102,8 +102,10 @@ _ROLLBACK_TO: Final = f"ROLLBACK TO {_SAVEPOINT_NAME}" + _TAG
 _SYNC_FULL: Final = "PRAGMA synchronous = FULL" + _TAG
 _SYNC_NORMAL: Final = "PRAGMA synchronous = NORMAL" + _TAG
 _TRUNCATE_WAL: Final = "PRAGMA wal_checkpoint(TRUNCATE)" + _TAG
-_TRUNCATE_INTERVAL: Final = 1.0
-"""Seconds between two WAL truncations while space is short or commits fail (see ``_Writer.give_wal_space_back``)."""
+FAILING_WINDOW: Final = 60.0
+"""Seconds after a failed write transaction during which the store counts as failing: writes that add nothing (a
+session's bookkeeping) may commit while every one that stores messages fails for want of room, so one commit does not
+end it.  Failures less than this apart belong to one spell (:attr:`StoreStats.failing_since`)."""
 
 # Pragmas a write function may run with an argument: they only read the schema.
 _READ_ONLY_PRAGMAS: Final = frozenset(
@@ -166,10 +168,16 @@ class StoreStats:
     unsynced_commits: int = 0
     """Transactions committed without a sync because every write in them was ``durable=False``."""
     failing_since: float | None = None
-    """Wall-clock time (``time.time()``) of the first failed transaction since the last one that committed, if the
-    latest one failed (a full disk, an I/O error, the file deleted): writes fail until this clears."""
+    """Wall-clock time (``time.time()``) of the first failed transaction of the latest spell of failures (a full
+    disk, an I/O error, the file deleted; failures less than :data:`FAILING_WINDOW` apart), if any."""
+    last_failure_at: float | None = None
+    """Wall-clock time of the latest failed transaction, if any."""
     last_error: str | None = None
-    """Why the latest failed transaction failed (kept after writes work again)."""
+    """Why the latest failed transaction failed."""
+
+    def failing(self, now: float) -> bool:
+        """Whether writes failed within :data:`FAILING_WINDOW` before ``now`` (``time.time()``)."""
+        return self.last_failure_at is not None and now - self.last_failure_at <= FAILING_WINDOW
 
 
 class _RequestState(enum.Enum):
@@ -273,9 +281,9 @@ class _Writer:
         self.unsynced_commits = 0
         self.synchronous_full = True  # the connection's current PRAGMA synchronous; writer thread only
         self.failing_since: float | None = None
+        self.last_failure_at = -math.inf  # time.time() of the latest failed transaction
         self.last_error: str | None = None
         self.keep_wal_small = False  # set from the trio side (a plain flag): space is short, see give_wal_space_back
-        self.truncated_at = -math.inf  # time.monotonic() of the last WAL truncation; writer thread only
         self.file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened; writer thread only
         self.thread = threading.Thread(target=self._main, name=f"p2pmsg-store-writer:{path.name}", daemon=True)
 
@@ -353,7 +361,9 @@ class _Writer:
                     completions = self._run_batch(batch)
                 batch = []  # from here on these requests are answered, even if delivering fails
                 self._deliver(completions)
-                if self.conn is not None and (self.keep_wal_small or self.failing_since is not None):
+                if self.conn is not None and (
+                    self.keep_wal_small or time.time() - self.last_failure_at <= FAILING_WINDOW
+                ):
                     self.give_wal_space_back()
         except BaseException as exc:  # pragma: no cover - a bug in this module; fail everyone rather than hang
             with self.cv:
@@ -471,7 +481,6 @@ class _Writer:
                 self._rollback_quietly()
                 self._failed(lost)
             else:
-                self.failing_since = None
                 if uncommitted:
                     self.transactions += 1
                     if not self.synchronous_full:
@@ -482,11 +491,13 @@ class _Writer:
         return completions
 
     def _failed(self, error: BaseException) -> None:
-        """Count a transaction that did not commit (every write of its batch failed) and remember why."""
+        """Count a transaction that did not commit (every write of its batch failed) and remember when and why."""
         self.failed_commits += 1
         self.last_error = str(error)
-        if self.failing_since is None:
-            self.failing_since = time.time()
+        now = time.time()
+        if now - self.last_failure_at > FAILING_WINDOW:
+            self.failing_since = now
+        self.last_failure_at = now
 
     def _same_file(self) -> bool:
         """Whether the database's path still names the file the connection has open: committing into a file that
@@ -498,15 +509,12 @@ class _Writer:
         return self.file_id is None or (st.st_dev, st.st_ino) == self.file_id
 
     def give_wal_space_back(self) -> None:
-        """Checkpoint the WAL into the database and truncate it to zero bytes, at most once per
-        :data:`_TRUNCATE_INTERVAL`: done while the disk is short of space (:meth:`Database.keep_wal_small`) or writes
-        fail.  The WAL otherwise grows to about 32 MiB before a checkpoint, so on a nearly full disk the room freed
-        for the node would go to copies of pages in the WAL rather than to messages.  Best effort: a reader holding
-        an older snapshot, or no room to grow the database file, leaves the WAL as it is."""
-        now = time.monotonic()
-        if now - self.truncated_at < _TRUNCATE_INTERVAL:
-            return
-        self.truncated_at = now
+        """Checkpoint the WAL into the database and truncate it to zero bytes: after every transaction while the disk
+        is short of space (:meth:`Database.keep_wal_small`) or writes fail.  The WAL otherwise grows to about 32 MiB
+        before a checkpoint, and with 16 KiB pages one message alone writes about 100 KiB of frames, so on a nearly
+        full disk the room left would go to copies of pages rather than to messages (measured on a 4 MiB file
+        system: 41 one-at-a-time messages fit without this, 400 and more with it).  Best effort: a reader holding an
+        older snapshot, or no room to grow the database file, leaves the WAL as it is."""
         assert self.conn is not None
         with contextlib.suppress(sqlite3.Error):
             self.conn.execute(_TRUNCATE_WAL).fetchall()
@@ -541,7 +549,7 @@ class _Writer:
             self.file_id = (st.st_dev, st.st_ino)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise ForeignDatabaseError(f"{self.path}: not a usable SQLite database: {exc}") from exc
+            raise unreadable_database(exc, f"{self.path}: ") from exc
         except BaseException:
             conn.close()
             raise
@@ -586,13 +594,14 @@ class Database:
             failed_commits=w.failed_commits,
             unsynced_commits=w.unsynced_commits,
             failing_since=w.failing_since,
+            last_failure_at=w.last_failure_at if w.last_failure_at > -math.inf else None,
             last_error=w.last_error,
         )
 
     def keep_wal_small(self, on: bool) -> None:
-        """While ``on`` (the node sees its disk short of space), the writer truncates the WAL after its commits (at
-        most once a second) instead of letting it grow to about 32 MiB before a checkpoint; it does so after a failed
-        commit too, whatever this says."""
+        """While ``on`` (the node sees its disk short of space), the writer truncates the WAL after every transaction
+        instead of letting it grow to about 32 MiB before a checkpoint; it does so for a minute after a failed
+        transaction too, whatever this says."""
         self._writer.keep_wal_small = on
 
     @property

@@ -23,7 +23,13 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from p2pmsg.store.errors import ForeignDatabaseError, MigrationError, SchemaTooNewError, StoreArgumentError
+from p2pmsg.store.errors import (
+    ForeignDatabaseError,
+    MigrationError,
+    SchemaTooNewError,
+    StoreArgumentError,
+    StoreError,
+)
 
 __all__ = [
     "APPLICATION_ID",
@@ -33,6 +39,7 @@ __all__ = [
     "check_database",
     "migrate",
     "schema_version",
+    "unreadable_database",
 ]
 
 APPLICATION_ID: Final = 0x70326D73
@@ -319,6 +326,21 @@ def _check_list(migrations: Sequence[Migration]) -> int:
     return migrations[-1].version
 
 
+def unreadable_database(exc: sqlite3.DatabaseError, where: str = "") -> StoreError:
+    """The error for a database file SQLite could not open or read: :class:`ForeignDatabaseError` only when SQLite
+    says the file is not a database or is damaged; otherwise (a full disk, an I/O error, no permission) a plain
+    :class:`StoreError` that does not suggest the file is bad (a QA pass: a node on a full disk said "not a usable
+    SQLite database" about a sound file, because SQLite could not size its shared-memory file)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = code & 0xFF if isinstance(code, int) else None
+    if primary in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT):
+        return ForeignDatabaseError(f"{where}not a usable SQLite database: {exc}")
+    hint = ""
+    if primary in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN):
+        hint = " (the file itself may be sound: is the disk full? free some room, then start again)"
+    return StoreError(f"{where}cannot open the database: {exc}{hint}")
+
+
 def check_database(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
     """Check, without writing, that *conn* is a p2pmsg database this code can open; return its schema version.
 
@@ -331,7 +353,7 @@ def check_database(conn: sqlite3.Connection, migrations: Sequence[Migration] = M
         version = schema_version(conn)
         has_tables = _has_tables(conn)
     except sqlite3.DatabaseError as exc:
-        raise ForeignDatabaseError(f"not a usable SQLite database: {exc}") from exc
+        raise unreadable_database(exc) from exc
     if app_id not in (0, APPLICATION_ID):
         raise ForeignDatabaseError(
             f"database belongs to another application (application_id {app_id:#010x}, "

@@ -25,6 +25,7 @@ from p2pmsg.identity import Identity
 from p2pmsg.node import Node, NodeOptions, advertised_addrs, dht_endpoint, resolve_bootstrap, run_node
 from p2pmsg.store import repo
 from p2pmsg.store.db import DATABASE_FILENAME
+from p2pmsg.store.errors import StoreWriteError
 from p2pmsg.wire.multiaddr import Multiaddr
 
 
@@ -498,3 +499,28 @@ async def test_low_free_space_on_the_home_s_disk_is_warned_about_once(
         nursery.cancel_scope.cancel()
     warnings = [r.getMessage() for r in caplog.records if "MB free on the disk of" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("only ") and str(home) in warnings[0]
+
+
+async def test_a_maintenance_step_failing_every_round_is_warned_about_once_in_ten_minutes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A QA pass on a full disk: "maintenance: publish failed (will retry)" every 30 s, for as long as it lasts.
+    Each failure is still counted for ``status``."""
+    home = tmp_path / "erin"
+    home.mkdir(mode=0o700)
+    caplog.set_level(logging.INFO, logger="p2pmsg")
+    async with trio.open_nursery() as nursery:
+        cfg = Cfg(listen=["/ip4/127.0.0.1/tcp/0"])
+        node = await nursery.start(lambda task_status: run_node(home, Identity.generate(), cfg, options=FAST,
+                                                                task_status=task_status))  # fmt: skip
+
+        async def fails() -> None:
+            await trio.lowlevel.checkpoint()
+            raise StoreWriteError("the write failed: database or disk is full")
+
+        for _ in range(5):
+            assert await node._attempt("publish", fails()) is None
+        assert node.maintenance_failures["publish"] == 5
+        nursery.cancel_scope.cancel()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("maintenance: publish failed")]
+    assert said == ["maintenance: publish failed (will retry): the write failed: database or disk is full"]

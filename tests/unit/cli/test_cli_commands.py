@@ -190,7 +190,11 @@ class ContactNode:
                 "outbox_depth": 0,
                 "requests": 1,
                 "database": "damaged",
-                "store_failing": {"since": 1_700_000_000, "error": "cannot commit: database or disk is full"},
+                "store_failing": {
+                    "since": 1_700_000_000,
+                    "last": 1_700_000_061,
+                    "error": "cannot commit: database or disk is full",
+                },
                 "clock_offset_s": -86_400,
                 "dropped": {"control_slow_subscriber": 2},
             }
@@ -384,9 +388,11 @@ async def test_inbox_requests_peers_status(home: Path) -> None:
     assert "requests      1 (see `p2pmsg requests`)" in status.output
     assert "dropped       control_slow_subscriber=2" in status.output
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1_700_000_000))
-    assert f"database      damaged, but writes fail since {since}: cannot commit: database or disk is full" in (
-        status.output
-    )
+    last = time.strftime("%H:%M:%S", time.localtime(1_700_000_061))
+    assert (
+        f"database      damaged, but writes fail since {since} (the latest at {last}): cannot commit: database or "
+        "disk is full (messages stay with their senders)"
+    ) in status.output
     assert "clock         1d 00h 00m behind the other nodes' (set it right: NTP)" in status.output
     assert json.loads(status_json.output)["dht_size"] == 12
 
@@ -815,7 +821,7 @@ async def test_a_send_the_node_could_not_store_says_so_and_why(home: Path) -> No
         full = await invoke(home, "send", "bob", "disk full")
     assert full.exit_code == 1
     assert full.output.startswith("error: not stored: the write failed: database or disk is full (")
-    assert "is its disk full?" in full.output
+    assert "is its disk full, or the file gone?" in full.output
 
 
 async def test_requests_accept_takes_the_name_like_contacts_add(home: Path) -> None:
