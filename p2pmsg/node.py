@@ -410,7 +410,7 @@ class Node:
             "dht_size": len(self.dht.routing_table_snapshot()),
             "dht_address": f"{self.dht.address[0]}:{self.dht.address[1]}",
             "database": self.database_state,
-            "store_failing": _store_failing(self.db.stats, time.time()),
+            "store_failing": _store_failing(self.db.stats),
             "clock_offset_s": None if (offset := self.clock_offset()) is None else round(offset),
             **chat,
             "listener": listener.as_dict(),
@@ -803,9 +803,9 @@ async def run_bootstrap_node(
     log.info("bootstrap node stopped")
 
 
-def _store_failing(stats: StoreStats, now: float) -> dict[str, Any] | None:
-    """``status``'s ``store_failing``: while writes failed within the last minute, since when and when last (whole
-    seconds of the wall clock) and why; else ``None``."""
-    if not stats.failing(now) or stats.failing_since is None or stats.last_failure_at is None:
+def _store_failing(stats: StoreStats) -> dict[str, Any] | None:
+    """``status``'s ``store_failing``: while writes failed within the last 10 minutes, since when and when last
+    (whole seconds of the wall clock) and why; else ``None``."""
+    if not stats.failing or stats.failing_since is None or stats.last_failure_at is None:
         return None
     return {"since": int(stats.failing_since), "last": int(stats.last_failure_at), "error": stats.last_error or ""}

@@ -757,7 +757,7 @@ class ChatService:
             except store_errors.StoreClosedError:
                 log.info("chat: the store is closed; the outbox worker stops")
                 return
-            except store_errors.StoreError as exc:  # a full disk: keep the node up, retry after a pause
+            except store_errors.StoreWriteError as exc:  # a full disk: keep the node up, retry after a pause
                 self._bookkeeping_failed("an outbox round", exc)
                 timeout = self.config.max_poll
             except Exception:  # a bug: keep the node up, retry after a pause
@@ -899,13 +899,16 @@ class ChatService:
         self._nursery.start_soon(self._dial_task, peer)
         return True
 
-    def _hold_redials(self, peer: PeerId) -> None:
+    def _hold_redials(self, peer: PeerId, *, store_failed: bool = False) -> None:
         """A dial to ``peer`` failed: no new dial to it for the backoff of its failures in a row (the outbox's
-        :attr:`ChatConfig.backoff`), at most :attr:`ChatConfig.redial_hold` (see :meth:`_hold_dial`)."""
+        :attr:`ChatConfig.backoff`), at most :attr:`ChatConfig.redial_hold` (see :meth:`_hold_dial`).  With
+        ``store_failed`` (our own store could not write: a full disk) for the whole ``redial_hold``: a new session
+        would fail the same way, and the peer's hello on it would have reset the count."""
         before = self._redials.get(peer)
         failures = 1 if before is None else before.failures + 1
-        delay = self.config.backoff.delay_ms(failures, self._rng.random())
-        self._redials[peer] = _Redial(failures, self._now() + min(delay, round(self.config.redial_hold * 1000)))
+        hold = round(self.config.redial_hold * 1000)
+        delay = hold if store_failed else self.config.backoff.delay_ms(failures, self._rng.random())
+        self._redials[peer] = _Redial(failures, self._now() + min(delay, hold))
 
     async def _hold_dial(self, peer: PeerId, items: list[OutboxEntry], redial: _Redial) -> None:
         """The last dial to ``peer`` failed moments ago: postpone these due ``items`` to ``redial.at`` instead of
@@ -992,8 +995,8 @@ class ChatService:
             handed_over = True
         except store_errors.StoreClosedError:
             return
-        except store_errors.StoreError as exc:  # a full disk: the outbox keeps the messages, the dial waits
-            self._hold_redials(peer)
+        except store_errors.StoreWriteError as exc:  # a full disk: the outbox keeps the messages, the dial waits
+            self._hold_redials(peer, store_failed=True)
             self._bookkeeping_failed(f"dialling {peer}", exc)
         except Exception:  # a bug: this dial is lost (the outbox keeps the messages), never the node
             self._dropped["chat_internal_error"] += 1
@@ -1526,6 +1529,9 @@ class ChatService:
         except store_errors.StoreWriteError as exc:  # disk full, I/O error: the session bookkeeping was not saved
             reason = f"the store failed: {exc}"
             self._drop("chat_store_failed", reason, peer)
+            # No new session for a while (each would fail the same way, and resend everything): see _bookkeeping_failed.
+            self._store_failed_at = trio.current_time()
+            self._hold_redials(peer, store_failed=True)
         self._close_session(session, reason)
 
     async def _write(self, session: _Session, data: bytes) -> None:

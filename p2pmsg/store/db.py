@@ -102,10 +102,14 @@ _ROLLBACK_TO: Final = f"ROLLBACK TO {_SAVEPOINT_NAME}" + _TAG
 _SYNC_FULL: Final = "PRAGMA synchronous = FULL" + _TAG
 _SYNC_NORMAL: Final = "PRAGMA synchronous = NORMAL" + _TAG
 _TRUNCATE_WAL: Final = "PRAGMA wal_checkpoint(TRUNCATE)" + _TAG
-FAILING_WINDOW: Final = 60.0
+_BUSY_TIMEOUT_MS: Final = 5000
+_BUSY_WAIT: Final = f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}" + _TAG
+_NO_BUSY_WAIT: Final = "PRAGMA busy_timeout = 0" + _TAG
+FAILING_WINDOW: Final = 600.0
 """Seconds after a failed write transaction during which the store counts as failing: writes that add nothing (a
 session's bookkeeping) may commit while every one that stores messages fails for want of room, so one commit does not
-end it.  Failures less than this apart belong to one spell (:attr:`StoreStats.failing_since`)."""
+end it, and senders retry at most 2 min apart.  Failures less than this apart belong to one spell
+(:attr:`StoreStats.failing_since`)."""
 
 # Pragmas a write function may run with an argument: they only read the schema.
 _READ_ONLY_PRAGMAS: Final = frozenset(
@@ -167,6 +171,8 @@ class StoreStats:
     """Transactions SQLite could not commit (each failed every write of its batch)."""
     unsynced_commits: int = 0
     """Transactions committed without a sync because every write in them was ``durable=False``."""
+    failing: bool = False
+    """Whether a write transaction failed within the last :data:`FAILING_WINDOW` seconds (monotonic clock)."""
     failing_since: float | None = None
     """Wall-clock time (``time.time()``) of the first failed transaction of the latest spell of failures (a full
     disk, an I/O error, the file deleted; failures less than :data:`FAILING_WINDOW` apart), if any."""
@@ -174,10 +180,6 @@ class StoreStats:
     """Wall-clock time of the latest failed transaction, if any."""
     last_error: str | None = None
     """Why the latest failed transaction failed."""
-
-    def failing(self, now: float) -> bool:
-        """Whether writes failed within :data:`FAILING_WINDOW` before ``now`` (``time.time()``)."""
-        return self.last_failure_at is not None and now - self.last_failure_at <= FAILING_WINDOW
 
 
 class _RequestState(enum.Enum):
@@ -254,7 +256,7 @@ def configure_writer(conn: sqlite3.Connection, path: Path | str) -> None:
         conn.execute(pragma)
     page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
     conn.execute(f"PRAGMA wal_autocheckpoint = {max(1, _WAL_CHECKPOINT_BYTES // page_size)}")
-    conn.execute("PRAGMA busy_timeout = 5000")
+    conn.execute(_BUSY_WAIT)
 
 
 class _Writer:
@@ -280,8 +282,9 @@ class _Writer:
         self.failed_commits = 0
         self.unsynced_commits = 0
         self.synchronous_full = True  # the connection's current PRAGMA synchronous; writer thread only
-        self.failing_since: float | None = None
-        self.last_failure_at = -math.inf  # time.time() of the latest failed transaction
+        self.failing_since: float | None = None  # time.time(), for display
+        self.last_failure_at: float | None = None  # time.time(), for display
+        self.last_failure_mono = -math.inf  # time.monotonic(): what the window is measured with
         self.last_error: str | None = None
         self.keep_wal_small = False  # set from the trio side (a plain flag): space is short, see give_wal_space_back
         self.file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file opened; writer thread only
@@ -361,9 +364,7 @@ class _Writer:
                     completions = self._run_batch(batch)
                 batch = []  # from here on these requests are answered, even if delivering fails
                 self._deliver(completions)
-                if self.conn is not None and (
-                    self.keep_wal_small or time.time() - self.last_failure_at <= FAILING_WINDOW
-                ):
+                if self.conn is not None and (self.keep_wal_small or self.failing_recently()):
                     self.give_wal_space_back()
         except BaseException as exc:  # pragma: no cover - a bug in this module; fail everyone rather than hang
             with self.cv:
@@ -494,10 +495,15 @@ class _Writer:
         """Count a transaction that did not commit (every write of its batch failed) and remember when and why."""
         self.failed_commits += 1
         self.last_error = str(error)
-        now = time.time()
-        if now - self.last_failure_at > FAILING_WINDOW:
-            self.failing_since = now
-        self.last_failure_at = now
+        now = time.monotonic()
+        if now - self.last_failure_mono > FAILING_WINDOW:
+            self.failing_since = time.time()
+        self.last_failure_mono = now
+        self.last_failure_at = time.time()
+
+    def failing_recently(self) -> bool:
+        """Whether a write transaction failed within the last :data:`FAILING_WINDOW` seconds."""
+        return time.monotonic() - self.last_failure_mono <= FAILING_WINDOW
 
     def _same_file(self) -> bool:
         """Whether the database's path still names the file the connection has open: committing into a file that
@@ -517,7 +523,12 @@ class _Writer:
         older snapshot, or no room to grow the database file, leaves the WAL as it is."""
         assert self.conn is not None
         with contextlib.suppress(sqlite3.Error):
-            self.conn.execute(_TRUNCATE_WAL).fetchall()
+            # Without the busy handler: the checkpoint must not wait (up to busy_timeout, 5 s) for readers.
+            self.conn.execute(_NO_BUSY_WAIT)
+            try:
+                self.conn.execute(_TRUNCATE_WAL).fetchall()
+            finally:
+                self.conn.execute(_BUSY_WAIT)
 
     def _rollback_quietly(self) -> None:
         assert self.conn is not None
@@ -541,7 +552,7 @@ class _Writer:
             _file_uri(self.path, "rw"), uri=True, isolation_level=None, check_same_thread=True, cached_statements=256
         )
         try:
-            check_database(conn, self.migrations)  # refuse foreign/newer files before writing anything
+            check_database(conn, self.migrations, f"{self.path}: ")  # refuse foreign/newer files before writing
             configure_writer(conn, self.path)
             self.version = migrate(conn, self.migrations)
             conn.set_authorizer(self._authorize)
@@ -593,15 +604,16 @@ class Database:
             largest_batch=w.largest_batch,
             failed_commits=w.failed_commits,
             unsynced_commits=w.unsynced_commits,
+            failing=w.failing_recently(),
             failing_since=w.failing_since,
-            last_failure_at=w.last_failure_at if w.last_failure_at > -math.inf else None,
+            last_failure_at=w.last_failure_at,
             last_error=w.last_error,
         )
 
     def keep_wal_small(self, on: bool) -> None:
         """While ``on`` (the node sees its disk short of space), the writer truncates the WAL after every transaction
-        instead of letting it grow to about 32 MiB before a checkpoint; it does so for a minute after a failed
-        transaction too, whatever this says."""
+        instead of letting it grow to about 32 MiB before a checkpoint; it does so for :data:`FAILING_WINDOW` after a
+        failed transaction too, whatever this says."""
         self._writer.keep_wal_small = on
 
     @property

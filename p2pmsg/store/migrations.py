@@ -341,11 +341,13 @@ def unreadable_database(exc: sqlite3.DatabaseError, where: str = "") -> StoreErr
     return StoreError(f"{where}cannot open the database: {exc}{hint}")
 
 
-def check_database(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+def check_database(conn: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS, where: str = "") -> int:
     """Check, without writing, that *conn* is a p2pmsg database this code can open; return its schema version.
 
     Raises :class:`ForeignDatabaseError` for a file that is not SQLite or belongs to another application, and
-    :class:`SchemaTooNewError` for a schema newer than the last of *migrations*.
+    :class:`SchemaTooNewError` for a schema newer than the last of *migrations*; a file SQLite cannot read for
+    another reason (a full disk) is a plain :class:`StoreError` (see :func:`unreadable_database`), its message
+    starting with *where* (the file's name).
     """
     latest = _check_list(migrations)
     try:
@@ -353,7 +355,7 @@ def check_database(conn: sqlite3.Connection, migrations: Sequence[Migration] = M
         version = schema_version(conn)
         has_tables = _has_tables(conn)
     except sqlite3.DatabaseError as exc:
-        raise unreadable_database(exc) from exc
+        raise unreadable_database(exc, where) from exc
     if app_id not in (0, APPLICATION_ID):
         raise ForeignDatabaseError(
             f"database belongs to another application (application_id {app_id:#010x}, "

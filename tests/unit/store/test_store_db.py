@@ -8,7 +8,6 @@ import sqlite3
 import stat
 import subprocess
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -380,13 +379,13 @@ async def test_sqlite_aborting_the_transaction_fails_every_uncommitted_write(db:
     assert db.stats.failed_commits == 1
 
 
-async def test_failing_writes_show_in_the_stats_for_a_minute_after_the_latest(db: Database) -> None:
+async def test_failing_writes_show_in_the_stats_for_a_while_after_the_latest(db: Database) -> None:
     """``p2pmsg status`` tells the user that writes fail (a full disk), since when and why.  A write that adds
     nothing may commit meanwhile (a QA pass: session bookkeeping cleared the state while every message batch
-    failed), so a spell of failures ends only a minute after the latest one."""
+    failed), and senders retry minutes apart, so a spell of failures ends only 10 minutes after the latest one."""
     writer = db._writer
     await db.write(put("before"))
-    assert db.stats.failing_since is None and not db.stats.failing(time.time())
+    assert db.stats.failing_since is None and not db.stats.failing
 
     def cap(pages: int | None) -> Callable[[sqlite3.Connection | None], None]:
         def fn(conn: sqlite3.Connection | None) -> None:
@@ -404,7 +403,7 @@ async def test_failing_writes_show_in_the_stats_for_a_minute_after_the_latest(db
     with pytest.raises(StoreWriteError, match="full"):
         await db.write(huge)
     first = db.stats
-    assert first.failing_since is not None and first.failing(time.time())
+    assert first.failing_since is not None and first.failing
     await db.write(put("bookkeeping"))  # fits: no new page
     with pytest.raises(StoreWriteError, match="full"):
         await db.write(huge)
@@ -412,10 +411,11 @@ async def test_failing_writes_show_in_the_stats_for_a_minute_after_the_latest(db
     assert stats.failing_since == first.failing_since  # one spell
     assert stats.last_failure_at is not None and stats.last_failure_at >= first.failing_since
     assert stats.last_error is not None and "full" in stats.last_error
-    assert stats.failing(stats.last_failure_at + FAILING_WINDOW)
-    assert not stats.failing(stats.last_failure_at + FAILING_WINDOW + 1)
     await writer.submit(lambda _: cap(2**30)(writer.conn), raw=True)
     await db.write(huge)
+    assert db.stats.failing  # for a while after the latest failure, whatever committed since
+    writer.last_failure_mono -= FAILING_WINDOW + 1  # (white box: the window measured with the monotonic clock)
+    assert not db.stats.failing and db.stats.last_error is not None
 
 
 @pytest.mark.parametrize("how", ["deleted", "replaced"])
@@ -623,6 +623,34 @@ async def test_closing_the_database_interrupts_a_quick_check_in_flight(tmp_path:
     assert isinstance(results[-1], StoreClosedError), f"the check was not interrupted: {results!r}"
 
 
+async def test_the_wal_truncation_does_not_wait_for_a_reader(tmp_path: Path) -> None:
+    """A long read (the start-up ``quick_check``) holds a snapshot: the truncation that follows each transaction
+    while space is short must give up at once, not stall the writer for SQLite's busy timeout (5 s) every time (a
+    review measured writes of 4.8 s and 3.0 s)."""
+    path = tmp_path / "node.db"
+    reading, release = threading.Event(), threading.Event()
+
+    def long_read(conn: sqlite3.Connection) -> int:
+        count = int(conn.execute("SELECT count(*) FROM settings").fetchone()[0])  # the snapshot is taken
+        reading.set()
+        release.wait(20)
+        return count
+
+    async with open_database(path) as db, trio.open_nursery() as nursery:
+        for i in range(5):
+            await db.write(put(f"k{i}"))
+        db.keep_wal_small(True)
+        nursery.start_soon(db.read, long_read)
+        await trio.to_thread.run_sync(reading.wait, 10)
+        try:
+            with trio.fail_after(4):  # below the 5 s busy timeout: waiting for the reader even once fails it
+                for i in range(3):
+                    await db.write(put(f"during {i}"))
+        finally:
+            release.set()
+        assert len(await keys(db)) == 8
+
+
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs (a real file system that fills up): needs root, as CI runs."""
@@ -650,7 +678,7 @@ async def test_a_sound_database_on_a_full_disk_is_not_called_unusable(full_disk:
     with contextlib.suppress(OSError), filler.open("wb") as out:
         while True:
             out.write(b"\0" * 65536)
-    with pytest.raises(StoreError, match="is the disk full") as info:
+    with pytest.raises(StoreError, match=f"^{path}: cannot open the database: .* is the disk full") as info:
         async with open_database(path):
             pass
     assert not isinstance(info.value, ForeignDatabaseError)
