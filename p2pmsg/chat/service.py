@@ -347,6 +347,8 @@ class _Redial:
 
     failures: int
     at: int
+    length: int
+    """How long (ms) the hold was when it was set."""
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -632,6 +634,8 @@ class ChatService:
         )  # a full disk fails each batch
         self._skew_warning = LogThrottle(log, burst=1, interval=_SKEW_WARNING_INTERVAL)
         self._store_failed_at = -math.inf  # trio clock of the last failed bookkeeping write
+        self._store_holds = 0  # redial holds in a row for our own store's failures (see _hold_redials)
+        self._store_held_at = -math.inf  # trio clock of the latest of them
         self._started_at = self._now()
         self._contacts_by_name: dict[str, Contact] = {}
         self._peer_texts: dict[PeerId, str] = {}
@@ -889,8 +893,8 @@ class ChatService:
             return False
         redial = self._redials.get(peer)
         now = self._now()
-        # A hold further ahead than redial_hold is from before the wall clock stepped back: it no longer holds.
-        if redial is not None and now < redial.at <= now + round(self.config.redial_hold * 1000):
+        # A hold further ahead than it was long is from before the wall clock stepped back: it no longer holds.
+        if redial is not None and now < redial.at <= now + redial.length:
             await self._hold_dial(peer, items, redial)
             return True
         if self._nursery is None:
@@ -901,14 +905,23 @@ class ChatService:
 
     def _hold_redials(self, peer: PeerId, *, store_failed: bool = False) -> None:
         """A dial to ``peer`` failed: no new dial to it for the backoff of its failures in a row (the outbox's
-        :attr:`ChatConfig.backoff`), at most :attr:`ChatConfig.redial_hold` (see :meth:`_hold_dial`).  With
-        ``store_failed`` (our own store could not write: a full disk) for the whole ``redial_hold``: a new session
-        would fail the same way, and the peer's hello on it would have reset the count."""
+        :attr:`ChatConfig.backoff`), at most :attr:`ChatConfig.redial_hold` (see :meth:`_hold_dial`).
+
+        With ``store_failed`` (our own store could not write: a full disk) the hold is ``redial_hold``, doubled for
+        each such hold in a row (none for twice the backoff cap) up to the backoff cap: every new session would fail
+        the same way after sending the whole backlog again, and the peer's hello on it resets the peer's count."""
         before = self._redials.get(peer)
         failures = 1 if before is None else before.failures + 1
         hold = round(self.config.redial_hold * 1000)
-        delay = hold if store_failed else self.config.backoff.delay_ms(failures, self._rng.random())
-        self._redials[peer] = _Redial(failures, self._now() + min(delay, hold))
+        if store_failed:
+            clock = trio.current_time()
+            cap = self.config.backoff.cap_ms
+            self._store_holds = 1 if clock - self._store_held_at > 2 * cap / 1000 else self._store_holds + 1
+            self._store_held_at = clock
+            delay = max(hold, min(cap, hold * 2 ** min(self._store_holds - 1, 30)))
+        else:
+            delay = min(hold, self.config.backoff.delay_ms(failures, self._rng.random()))
+        self._redials[peer] = _Redial(failures, self._now() + delay, delay)
 
     async def _hold_dial(self, peer: PeerId, items: list[OutboxEntry], redial: _Redial) -> None:
         """The last dial to ``peer`` failed moments ago: postpone these due ``items`` to ``redial.at`` instead of

@@ -996,7 +996,8 @@ def _database_text(state: object, failing: object) -> str:
 
     return (
         f"{state}, but writes fail since {when('since', '%Y-%m-%d %H:%M:%S')} (the latest at "
-        f"{when('last', '%H:%M:%S')}): {failing.get('error', '')} (messages stay with their senders)"
+        f"{when('last', '%H:%M:%S')}): {failing.get('error', '')} (nothing is lost: received messages wait at "
+        "their senders, and sends fail)"
     )
 
 

@@ -1206,6 +1206,22 @@ async def test_a_sender_whose_disk_fills_with_messages_queued_neither_spins_nor_
             await eventually(both_ways, "delivery once there is room", timeout=20)
 
 
+async def test_holds_for_our_own_store_s_failures_double_up_to_the_backoff_cap(tmp_path: Path) -> None:
+    """A QA pass: with a full disk, each session to a reachable peer (one per redial_hold) still sent the whole
+    backlog again before its bookkeeping failed.  Failures of our own store in a row now double the hold (10, 20, 40,
+    ... s up to the backoff cap); an ordinary failed dial keeps its own backoff, at most redial_hold."""
+    config = dataclasses.replace(FAST, backoff=Backoff(base_ms=1000, cap_ms=60_000, jitter=0.0), redial_hold=10.0)
+    async with running_node(tmp_path / "alice", ALICE, config=config) as alice:
+        chat = alice.chat
+        lengths = []
+        for _ in range(5):
+            chat._hold_redials(BOB.peer_id, store_failed=True)
+            lengths.append(chat._redials[BOB.peer_id].length)
+        assert lengths == [10_000, 20_000, 40_000, 60_000, 60_000]
+        chat._hold_redials(CAROL.peer_id)  # a dial that failed: the backoff of one failure, 1 s
+        assert chat._redials[CAROL.peer_id].length == 1000
+
+
 async def test_a_sender_whose_disk_is_full_is_told_not_stored_and_whether_it_may_still_arrive(tmp_path: Path) -> None:
     async with connected_pair(tmp_path) as (alice, bob):
         await _cap_database(alice, 0)

@@ -391,7 +391,7 @@ async def test_inbox_requests_peers_status(home: Path) -> None:
     last = time.strftime("%H:%M:%S", time.localtime(1_700_000_061))
     assert (
         f"database      damaged, but writes fail since {since} (the latest at {last}): cannot commit: database or "
-        "disk is full (messages stay with their senders)"
+        "disk is full (nothing is lost: received messages wait at their senders, and sends fail)"
     ) in status.output
     assert "clock         1d 00h 00m behind the other nodes' (set it right: NTP)" in status.output
     assert json.loads(status_json.output)["dht_size"] == 12
