@@ -635,7 +635,6 @@ class ChatService:
         self._skew_warning = LogThrottle(log, burst=1, interval=_SKEW_WARNING_INTERVAL)
         self._store_failed_at = -math.inf  # trio clock of the last failed bookkeeping write
         self._store_holds = 0  # redial holds in a row for our own store's failures (see _hold_redials)
-        self._store_held_at = -math.inf  # trio clock of the latest of them
         self._started_at = self._now()
         self._contacts_by_name: dict[str, Contact] = {}
         self._peer_texts: dict[PeerId, str] = {}
@@ -908,16 +907,17 @@ class ChatService:
         :attr:`ChatConfig.backoff`), at most :attr:`ChatConfig.redial_hold` (see :meth:`_hold_dial`).
 
         With ``store_failed`` (our own store could not write: a full disk) the hold is ``redial_hold``, doubled for
-        each such hold in a row (none for twice the backoff cap) up to the backoff cap: every new session would fail
-        the same way after sending the whole backlog again, and the peer's hello on it resets the peer's count."""
+        each such hold in a row (no failure of the store for twice the backoff cap starts again) up to the backoff
+        cap: every new session would fail the same way after sending the whole backlog again, and the peer's hello
+        on it resets the peer's count.  It also pauses the outbox worker (see :meth:`_bookkeeping_failed`)."""
         before = self._redials.get(peer)
         failures = 1 if before is None else before.failures + 1
         hold = round(self.config.redial_hold * 1000)
         if store_failed:
             clock = trio.current_time()
             cap = self.config.backoff.cap_ms
-            self._store_holds = 1 if clock - self._store_held_at > 2 * cap / 1000 else self._store_holds + 1
-            self._store_held_at = clock
+            self._store_holds = 1 if clock - self._store_failed_at > 2 * cap / 1000 else self._store_holds + 1
+            self._store_failed_at = clock
             delay = max(hold, min(cap, hold * 2 ** min(self._store_holds - 1, 30)))
         else:
             delay = min(hold, self.config.backoff.delay_ms(failures, self._rng.random()))
@@ -1542,9 +1542,7 @@ class ChatService:
         except store_errors.StoreWriteError as exc:  # disk full, I/O error: the session bookkeeping was not saved
             reason = f"the store failed: {exc}"
             self._drop("chat_store_failed", reason, peer)
-            # No new session for a while (each would fail the same way, and resend everything): see _bookkeeping_failed.
-            self._store_failed_at = trio.current_time()
-            self._hold_redials(peer, store_failed=True)
+            self._hold_redials(peer, store_failed=True)  # each new session would fail the same way, resending all
         self._close_session(session, reason)
 
     async def _write(self, session: _Session, data: bytes) -> None:
@@ -2777,7 +2775,7 @@ def _mark_seq(mark: bytes | None) -> int:
     """The ``messages.seq`` an auto-added mark holds (see :data:`_AUTO_PREFIX`); 0 for an empty or unreadable one."""
     try:
         seq = msgpack.unpackb(mark) if mark else 0
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+    except ValueError:  # msgpack's ExtraData, FormatError and StackError are ValueErrors
         return 0
     return seq if isinstance(seq, int) and not isinstance(seq, bool) and seq >= 0 else 0
 

@@ -495,11 +495,11 @@ class _Writer:
         """Count a transaction that did not commit (every write of its batch failed) and remember when and why."""
         self.failed_commits += 1
         self.last_error = str(error)
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         if now - self.last_failure_mono > FAILING_WINDOW:
-            self.failing_since = time.time()
+            self.failing_since = wall
         self.last_failure_mono = now
-        self.last_failure_at = time.time()
+        self.last_failure_at = wall
 
     def failing_recently(self) -> bool:
         """Whether a write transaction failed within the last :data:`FAILING_WINDOW` seconds."""
