@@ -6,7 +6,9 @@ Theory of operation
 the nursery of :meth:`DhtNode.run`: a *receiver* feeding every datagram to the engine, a *timer* that sleeps
 until the engine's next deadline (or until woken because a new request went out) and calls ``tick`` -- which also
 drops stored values as they expire -- and a *refresher* that, whenever a bucket has seen no lookup for
-``DhtConfig.refresh_interval`` seconds (default one hour), looks up a random id in it, one bucket at a time.
+``DhtConfig.refresh_interval`` seconds (default one hour), looks up a random id in it, one bucket at a time, and
+runs the engine's liveness checks when they are due (a contact quiet for ``DhtConfig.liveness_interval``, default 15
+minutes, is pinged, and leaves the routing table if it keeps failing to answer).
 
 After every engine call the node *flushes*: it sends the datagrams the engine queued and hands completion events to
 the tasks awaiting them.  The engine is only touched from trio tasks of one thread and never across an ``await``, so
@@ -70,6 +72,8 @@ DEFAULT_RECORD_TTL = 3600.0
 #: Bucket refresh: at most this many refresh lookups per pass, and at least this many seconds between passes.
 _MAX_REFRESH_LOOKUPS = 160
 _MIN_REFRESH_GAP = 1.0
+#: Liveness checks run at most this often (the contacts that fall due in between are pinged together).
+_MIN_LIVENESS_GAP = 5.0
 
 
 RecordListener = Callable[[VerifiedRecord], None]
@@ -240,12 +244,22 @@ class DhtNode:
             await self._flush(wake=False)
 
     async def _refresher(self) -> None:
-        """Look up a random id in every bucket that no lookup went through for ``refresh_interval`` seconds."""
-        interval = self.engine.config.refresh_interval
-        last_pass = -math.inf
+        """Look up a random id in every bucket that no lookup went through for ``refresh_interval`` seconds, and ping
+        the contacts due for a liveness check."""
+        config = self.engine.config
+        interval = config.refresh_interval
+        last_pass = last_check = -math.inf
         while True:
             due = max(self.engine.next_refresh_at(interval), last_pass + min(_MIN_REFRESH_GAP, interval))
-            await trio.sleep_until(due)
+            # The table changes while this task sleeps, so look again at least once per liveness_retry.
+            liveness_due = min(self.engine.next_liveness_check(), trio.current_time() + config.liveness_retry)
+            await trio.sleep_until(min(due, max(liveness_due, last_check + _MIN_LIVENESS_GAP)))
+            if self.engine.next_liveness_check() <= trio.current_time():
+                last_check = trio.current_time()
+                if self.engine.check_liveness(last_check):
+                    await self._flush()
+            if trio.current_time() < due:
+                continue
             last_pass = trio.current_time()
             for target in self.engine.refresh_targets(last_pass, interval)[:_MAX_REFRESH_LOOKUPS]:
                 try:

@@ -71,7 +71,12 @@ STOREs the record, byte for byte, to the newcomer (at most ``handoff_max_records
 ``handoff_rate`` per second in all), so a record stays on the nodes its readers ask after closer nodes join, until
 the owner's next republish.  Plain values are never handed off (a copy would start a fresh lifetime at the newcomer).
 Bucket refresh is the driver's: it looks up :meth:`~DhtEngine.refresh_targets` when
-:meth:`~DhtEngine.next_refresh_at` comes.
+:meth:`~DhtEngine.next_refresh_at` comes.  So is the *liveness check* that keeps the table to contacts that answer
+(:mod:`~p2pmsg.dht.core.routing`): at :meth:`~DhtEngine.next_liveness_check` the driver calls
+:meth:`~DhtEngine.check_liveness`, which pings every contact quiet for ``liveness_interval`` seconds (each at most
+once per ``liveness_retry``); an answer from that id keeps it, a timeout or a malformed answer counts as a failure
+(``max_failures`` of them evict it, or one if a replacement waits), and an answer from another id means the address
+changed hands: the old contact is evicted and the answering one observed.
 
 **Time.**  ``now`` is monotonic seconds from the driver; record expiry uses ``wall_clock()`` (Unix seconds).
 """
@@ -140,7 +145,7 @@ from p2pmsg.dht.core.records import (
     peer_record_key,
     verify_record_value,
 )
-from p2pmsg.dht.core.routing import ContactAdded, PingNeeded, RoutingEvent, RoutingTable
+from p2pmsg.dht.core.routing import ContactAdded, ContactRemoved, PingNeeded, RoutingEvent, RoutingTable
 from p2pmsg.dht.core.storage import RecordStore, StorageLimits, ValueKind, provider_prefix, source_prefix
 from p2pmsg.errors import RemoteProtocolError
 from p2pmsg.identity import Identity, PeerId
@@ -209,6 +214,10 @@ class DhtConfig:
     silent_memory: float = 60.0
     #: A bucket no lookup went through for this long is refreshed with a lookup of a random id in it.
     refresh_interval: float = 3600.0
+    #: A contact not heard from for this long is pinged ...
+    liveness_interval: float = 900.0
+    #: ... at most once in this many seconds (so a dead one leaves after ``max_failures`` of these).
+    liveness_retry: float = 60.0
     #: Whether to hand signed records off to closer newcomers (module docstring), and its bounds.
     handoff: bool = True
     handoff_max_records: int = 8
@@ -220,6 +229,8 @@ class DhtConfig:
             raise DhtUsageError("DhtConfig.k and alpha must be positive")
         if not self.refresh_interval > 0 or self.silent_memory < 0:
             raise DhtUsageError("DhtConfig.refresh_interval must be positive and silent_memory not negative")
+        if not self.liveness_interval > 0 or not self.liveness_retry >= self.rpc_timeout:
+            raise DhtUsageError("DhtConfig needs liveness_interval > 0 and liveness_retry >= rpc_timeout")
         if self.handoff_max_records < 0 or self.handoff_rate <= 0 or self.handoff_burst < 1:
             raise DhtUsageError("DhtConfig handoff bounds: max_records >= 0, rate > 0, burst >= 1")
         if not 0 < self.stall_timeout <= self.rpc_timeout:
@@ -294,12 +305,14 @@ class _Purpose(enum.Enum):
     LOOKUP = "lookup"  # a lookup query
     VERIFY = "verify"  # proving a requester's address and id
     BUCKET = "bucket"  # the routing table asked whether its oldest contact lives
+    LIVENESS = "liveness"  # a liveness check of a contact quiet for liveness_interval
     AUTH = "auth"  # p2pmsg_auth challenge
     HANDOFF = "handoff"  # a signed record handed to a closer newcomer
 
 
-#: Requests sent because of what others sent, not because this node's user asked: they may not use the reserve.
-_BACKGROUND: Final = frozenset({_Purpose.VERIFY, _Purpose.BUCKET, _Purpose.AUTH, _Purpose.HANDOFF})
+#: Requests sent because of what others sent or to keep the table, not because this node's user asked: they may not
+#: use the reserve.
+_BACKGROUND: Final = frozenset({_Purpose.VERIFY, _Purpose.BUCKET, _Purpose.LIVENESS, _Purpose.AUTH, _Purpose.HANDOFF})
 
 
 @dataclasses.dataclass(slots=True, kw_only=True)
@@ -413,6 +426,8 @@ class DhtEngine:
                 "handoffs_stored",
                 "handoffs_skipped",
                 "silent_skipped",
+                "liveness_checks",
+                "liveness_evicted",
             ),
             0,
         )
@@ -603,6 +618,21 @@ class DhtEngine:
         """When the least recently touched bucket becomes due for a refresh (see :meth:`refresh_targets`)."""
         max_age = self.config.refresh_interval if max_age is None else max_age
         return min(b.last_touched for b in self.table.buckets()) + max_age
+
+    def check_liveness(self, now: float) -> int:
+        """Ping the contacts due for a liveness check (module docstring); returns how many pings went out."""
+        cfg = self.config
+        sent = 0
+        for contact in self.table.quiet_contacts(now, cfg.liveness_interval, cfg.liveness_retry):
+            request = PingRequest(node_id=self.node_id)
+            if self._send_request(contact.address, request, _Purpose.LIVENESS, now, contact=contact) is not None:
+                sent += 1
+        self.stats["liveness_checks"] += sent
+        return sent
+
+    def next_liveness_check(self) -> float:
+        """When :meth:`check_liveness` next has a contact to ping (``inf``: the routing table is empty)."""
+        return self.table.next_liveness_check(self.config.liveness_interval, self.config.liveness_retry)
 
     @property
     def pending_requests(self) -> int:
@@ -825,6 +855,11 @@ class DhtEngine:
             elif isinstance(event, ContactAdded):
                 self._maybe_auth(event.contact, now)
                 self._handoff(event.contact, now)
+
+    def _liveness_evict(self, events: list[RoutingEvent], now: float) -> None:
+        """Apply the routing events of a failed liveness check, counting the contacts it evicted."""
+        self.stats["liveness_evicted"] += sum(isinstance(event, ContactRemoved) for event in events)
+        self._routing_events(events, now)
 
     def _handoff(self, newcomer: Contact, now: float) -> None:
         """STORE to ``newcomer`` (just added to the table, so its address made a round trip) the signed records for
@@ -1090,6 +1125,14 @@ class DhtEngine:
             node_id = parse_ping_response(body)
             alive = node_id == call.contact.node_id
             self._routing_events(self.table.ping_result(call.contact.node_id, alive=alive, now=now), now)
+        elif purpose is _Purpose.LIVENESS:
+            assert call.contact is not None
+            node_id = parse_ping_response(body)
+            if node_id == call.contact.node_id:
+                self.table.answered(node_id, now)
+            else:  # another node answers at that address now: the contact is gone, the answerer proved itself
+                self._liveness_evict(self.table.remove(call.contact.node_id), now)
+                self._observe(Contact(node_id=node_id, host=call.address[0], port=call.address[1]), now)
         elif purpose is _Purpose.STORE:
             assert call.op is not None and call.contact is not None
             stored = parse_store_response(body)
@@ -1115,6 +1158,9 @@ class DhtEngine:
         elif purpose is _Purpose.BUCKET:
             assert call.contact is not None
             self._routing_events(self.table.ping_result(call.contact.node_id, alive=False, now=now), now)
+        elif purpose is _Purpose.LIVENESS:  # no answer, or one that is not a ping's: a failure either way
+            assert call.contact is not None
+            self._liveness_evict(self.table.failed(call.contact.node_id, now), now)
         elif purpose is _Purpose.STORE:
             assert call.op is not None and call.contact is not None
             self._events.append(StoreDone(op=call.op, contact=call.contact, stored=False))

@@ -20,6 +20,15 @@ An RPC failure (:meth:`RoutingTable.failed`) evicts a contact at once if a repla
 ``max_failures`` consecutive failures.  A known node id seen at a different address is *not* moved there (that
 would let anyone hijack a contact); the new address only takes over once the old one has been evicted.
 
+Nothing above notices a contact that died in a part of the keyspace this node never asks about, so the table also
+remembers when it last heard from each contact, and offers a *liveness check*
+(:meth:`RoutingTable.quiet_contacts`): every contact not heard from for ``quiet_for`` seconds, each at most once per
+``retry_after`` seconds.  The driver pings them and reports an answer with :meth:`RoutingTable.answered` and a
+timeout with :meth:`RoutingTable.failed`; a dead contact stays quiet, so it is asked again ``retry_after`` later and
+leaves after ``max_failures`` checks (or at the first if a replacement waits).  So within about ``quiet_for +
+max_failures * retry_after`` seconds of its last answer, a contact that stopped answering has left the table, and
+a contact that answers is asked about once per ``quiet_for`` when nothing else is heard from it.
+
 The table is pure data: it takes the current time as an argument and returns events; it never sends anything.
 """
 
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Final
@@ -80,10 +90,23 @@ class BucketInfo:
     contacts: tuple[Contact, ...]
     replacements: tuple[Contact, ...]
     last_touched: float
+    #: When each contact and replacement was last heard from (by node id).
+    last_seen: dict[bytes, float]
 
 
 class _Bucket:
-    __slots__ = ("contacts", "depth", "failures", "high", "last_touched", "low", "pending_ping", "replacements")
+    __slots__ = (
+        "checked",
+        "contacts",
+        "depth",
+        "failures",
+        "high",
+        "last_touched",
+        "low",
+        "pending_ping",
+        "replacements",
+        "seen",
+    )
 
     def __init__(self, low: int, high: int, depth: int, now: float) -> None:
         self.low = low
@@ -94,9 +117,17 @@ class _Bucket:
         self.failures: dict[bytes, int] = {}
         self.pending_ping: bytes | None = None
         self.last_touched = now
+        #: When each contact and replacement was last heard from (its keys are exactly theirs).
+        self.seen: dict[bytes, float] = {}
+        #: When the last liveness check of a contact went out (contacts not heard from since).
+        self.checked: dict[bytes, float] = {}
 
     def covers(self, value: int) -> bool:
         return self.low <= value < self.high
+
+    def liveness_due(self, node_id: bytes, quiet_for: float, retry_after: float) -> float:
+        """When contact ``node_id`` of this bucket is due for a liveness check."""
+        return max(self.seen[node_id] + quiet_for, self.checked.get(node_id, -math.inf) + retry_after)
 
 
 class RoutingTable:
@@ -183,6 +214,7 @@ class RoutingTable:
                 contacts=tuple(b.contacts.values()),
                 replacements=tuple(b.replacements.values()),
                 last_touched=b.last_touched,
+                last_seen=dict(b.seen),
             )
             for b in self._buckets
         ]
@@ -194,6 +226,25 @@ class RoutingTable:
     def touch(self, target: bytes, now: float) -> None:
         """Record that a lookup for ``target`` ran (refreshes its bucket)."""
         self._bucket_for(target).last_touched = now
+
+    def quiet_contacts(self, now: float, quiet_for: float, retry_after: float) -> list[Contact]:
+        """The contacts to check for liveness now (module docstring): those not heard from for ``quiet_for`` seconds
+        and not checked in the last ``retry_after`` (nor being pinged for a full bucket), least recently seen first
+        within each bucket.  Each one returned counts as checked at ``now``."""
+        due: list[Contact] = []
+        for bucket in self._buckets:
+            for node_id, contact in bucket.contacts.items():
+                if node_id != bucket.pending_ping and bucket.liveness_due(node_id, quiet_for, retry_after) <= now:
+                    bucket.checked[node_id] = now
+                    due.append(contact)
+        return due
+
+    def next_liveness_check(self, quiet_for: float, retry_after: float) -> float:
+        """When :meth:`quiet_contacts` next has a contact to offer (``inf``: the table is empty)."""
+        return min(
+            (b.liveness_due(node_id, quiet_for, retry_after) for b in self._buckets for node_id in b.contacts),
+            default=math.inf,
+        )
 
     # -- updates -------------------------------------------------------------------------------------------------
 
@@ -209,11 +260,14 @@ class RoutingTable:
                     return []
                 bucket.contacts.move_to_end(contact.node_id)
                 bucket.failures.pop(contact.node_id, None)
+                bucket.checked.pop(contact.node_id, None)
+                bucket.seen[contact.node_id] = now
                 bucket.last_touched = now
                 return []
             if len(bucket.contacts) < self.k:
                 bucket.contacts[contact.node_id] = contact
                 bucket.replacements.pop(contact.node_id, None)
+                bucket.seen[contact.node_id] = now
                 bucket.last_touched = now
                 return [ContactAdded(contact=contact)]
             if self._splittable(bucket):
@@ -221,8 +275,10 @@ class RoutingTable:
                 continue
             bucket.replacements.pop(contact.node_id, None)
             bucket.replacements[contact.node_id] = contact
+            bucket.seen[contact.node_id] = now
             while len(bucket.replacements) > self._cache_size:
-                bucket.replacements.popitem(last=False)
+                dropped, _ = bucket.replacements.popitem(last=False)
+                del bucket.seen[dropped]
             if bucket.pending_ping is None:
                 oldest = next(iter(bucket.contacts.values()))
                 bucket.pending_ping = oldest.node_id
@@ -239,14 +295,28 @@ class RoutingTable:
         if alive:
             bucket.contacts.move_to_end(node_id)
             bucket.failures.pop(node_id, None)
+            bucket.checked.pop(node_id, None)
+            bucket.seen[node_id] = now
             bucket.last_touched = now
             return []
         return self._evict(bucket, node_id)
 
+    def answered(self, node_id: bytes, now: float) -> None:
+        """``node_id`` answered a liveness check: it becomes the most recently seen of its bucket.  Unlike
+        :meth:`observe`, this does not count as a lookup through the bucket (no new contact was learnt there, so the
+        bucket's refresh stays due)."""
+        bucket = self._bucket_for(node_id)
+        if node_id in bucket.contacts:
+            bucket.contacts.move_to_end(node_id)
+            bucket.failures.pop(node_id, None)
+            bucket.checked.pop(node_id, None)
+            bucket.seen[node_id] = now
+
     def failed(self, node_id: bytes, now: float) -> list[RoutingEvent]:
         """An RPC to ``node_id`` timed out: evict it if a replacement waits, or after ``max_failures`` in a row."""
         bucket = self._bucket_for(node_id)
-        bucket.replacements.pop(node_id, None)
+        if bucket.replacements.pop(node_id, None) is not None:
+            del bucket.seen[node_id]
         if node_id not in bucket.contacts:
             return []
         failures = bucket.failures.get(node_id, 0) + 1
@@ -258,7 +328,8 @@ class RoutingTable:
     def remove(self, node_id: bytes) -> list[RoutingEvent]:
         """Drop ``node_id`` from the table (and its replacement cache) unconditionally."""
         bucket = self._bucket_for(node_id)
-        bucket.replacements.pop(node_id, None)
+        if bucket.replacements.pop(node_id, None) is not None:
+            del bucket.seen[node_id]
         if node_id not in bucket.contacts:
             return []
         return self._evict(bucket, node_id)
@@ -281,11 +352,15 @@ class RoutingTable:
         for node_id, contact in bucket.contacts.items():
             half = lower if int.from_bytes(node_id, "big") < mid else upper
             half.contacts[node_id] = contact
+            half.seen[node_id] = bucket.seen[node_id]
             if node_id in bucket.failures:
                 half.failures[node_id] = bucket.failures[node_id]
+            if node_id in bucket.checked:
+                half.checked[node_id] = bucket.checked[node_id]
         for node_id, contact in bucket.replacements.items():
             half = lower if int.from_bytes(node_id, "big") < mid else upper
             half.replacements[node_id] = contact
+            half.seen[node_id] = bucket.seen[node_id]
         index = self._buckets.index(bucket)
         self._buckets[index : index + 1] = [lower, upper]
         self._lows[index : index + 1] = [lower.low, upper.low]
@@ -293,6 +368,8 @@ class RoutingTable:
     def _evict(self, bucket: _Bucket, node_id: bytes) -> list[RoutingEvent]:
         removed = bucket.contacts.pop(node_id)
         bucket.failures.pop(node_id, None)
+        bucket.checked.pop(node_id, None)
+        del bucket.seen[node_id]
         if bucket.pending_ping == node_id:
             bucket.pending_ping = None
         events: list[RoutingEvent] = [ContactRemoved(contact=removed)]

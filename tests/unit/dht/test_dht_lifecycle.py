@@ -159,6 +159,63 @@ def test_handoff_config_is_checked() -> None:
 # -- hops and queries reported by lookups ----------------------------------------------------------------------------
 
 
+# -- liveness checks (simulated network, virtual time) ---------------------------------------------------------------
+
+
+def run_liveness_checks(net: SimNet, engines: list[DhtEngine], until: float, step: float = 5.0) -> None:
+    """Drive the engines as the service does: run every due liveness check, let the network carry the pings."""
+    while net.now < until:
+        for engine in engines:
+            if net.address_of(engine) not in net.dead:
+                engine.check_liveness(net.now)
+        advance(net, net.now + step)
+
+
+def test_a_contact_that_died_leaves_every_table_after_its_liveness_checks_fail() -> None:
+    config = DhtConfig(liveness_interval=300.0, liveness_retry=20.0, max_failures=3)
+    net, engines = build_network(6, config=config)
+    dead = engines[3]
+    survivors = [e for e in engines if e is not dead]
+    assert all(dead.node_id in e.table for e in survivors)
+    start = net.now
+    net.dead.add(net.address_of(dead))
+    run_liveness_checks(net, engines, start + 250.0)
+    assert all(dead.node_id in e.table for e in survivors)  # nobody asked yet: nothing is quiet for long enough
+    assert sum(e.stats["liveness_checks"] for e in survivors) == 0
+    run_liveness_checks(net, engines, start + 300.0 + 3 * 20.0 + 10.0)
+    assert not any(dead.node_id in e.table for e in survivors)
+    assert all(e.stats["liveness_evicted"] == 1 for e in survivors)
+    assert all(len(e.table) == len(survivors) - 1 for e in survivors)  # the live contacts all answered and stay
+    # The checks go on at a bounded rate: a contact that answers is asked about once per liveness_interval.
+    checks = sum(e.stats["liveness_checks"] for e in survivors)
+    run_liveness_checks(net, engines, net.now + 600.0)
+    contacts = sum(len(e.table) for e in survivors)
+    assert 0 < sum(e.stats["liveness_checks"] for e in survivors) - checks <= contacts * (600 // 300 + 1)
+    assert all(len(e.table) == len(survivors) - 1 for e in survivors)
+
+
+def test_a_liveness_check_answered_by_another_node_replaces_the_contact() -> None:
+    config = DhtConfig(liveness_interval=300.0, liveness_retry=20.0)
+    net, engines = build_network(4, config=config)
+    gone = engines[2]
+    address = net.address_of(gone)
+    newcomer = net.add(250 + 2, config=config, port=address[1])  # same host and port as the one gone
+    assert net.address_of(newcomer) == address and net.nodes[address] is newcomer
+    watcher = engines[0]
+    assert gone.node_id in watcher.table
+    run_liveness_checks(net, [e for e in engines if e is not gone], net.now + 300.0 + 4 * 20.0)
+    assert gone.node_id not in watcher.table
+    assert watcher.table.get(newcomer.node_id) == Contact(node_id=newcomer.node_id, host=address[0], port=address[1])
+    assert watcher.stats["liveness_evicted"] == 1
+
+
+def test_liveness_config_is_checked() -> None:
+    with pytest.raises(DhtUsageError, match="liveness"):
+        DhtConfig(liveness_interval=0.0)
+    with pytest.raises(DhtUsageError, match="liveness"):
+        DhtConfig(rpc_timeout=2.0, liveness_retry=1.0)  # a check would go out while the last is unanswered
+
+
 def test_lookups_report_hops_and_can_skip_the_local_store() -> None:
     net, engines = build_network(30)
     reader = engines[5]
@@ -249,11 +306,31 @@ async def test_refresh_evicts_a_peer_that_died_silently(mock_clock: trio.testing
         assert all(len(node.engine.table) == 3 for node in survivors)  # the live ones stay
 
 
+async def test_liveness_checks_evict_a_peer_that_died_silently_within_minutes(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = IDLE
+    config = DhtConfig(rpc_timeout=0.5, stall_timeout=0.2)  # the default liveness interval and retry
+    async with network(5, config) as nodes:
+        start = trio.current_time()
+        dead, dead_scope = nodes[2]
+        dead_scope.cancel()
+        survivors = [node for node, _ in nodes if node is not dead]
+        await trio.sleep_until(start + config.liveness_interval - 10)
+        assert all(dead.node_id in node.engine.table for node in survivors)
+        await trio.sleep_until(start + config.liveness_interval + config.max_failures * config.liveness_retry + 10)
+        assert not any(dead.node_id in node.engine.table for node in survivors)
+        assert all(len(node.engine.table) == 3 for node in survivors)  # the live ones answered and stay
+        assert all(node.stats["liveness_evicted"] == 1 for node in survivors)
+        assert all(node.refresh_lookups == 0 for node in survivors)  # the checks did it, not an hourly refresh
+
+
 async def test_records_expire_everywhere_when_the_owner_stops_republishing(
     mock_clock: trio.testing.MockClock,
 ) -> None:
     mock_clock.autojump_threshold = IDLE
-    config = DhtConfig(rpc_timeout=0.5, stall_timeout=0.2, refresh_interval=3600.0)
+    # No liveness checks: their pings would count as traffic through the buckets and keep refreshes from running.
+    config = DhtConfig(rpc_timeout=0.5, stall_timeout=0.2, refresh_interval=3600.0, liveness_interval=1e9)
     async with network(5, config) as nodes:
         owner, owner_scope = nodes[0]
         assert await owner.publish_peer_record(["/ip4/127.0.0.1/tcp/4001"], ttl=1800) == 4

@@ -186,7 +186,10 @@ def test_stale_buckets_and_touch() -> None:
 @settings(max_examples=60, deadline=None)
 @given(
     ops=st.lists(
-        st.tuples(st.sampled_from(["observe", "failed", "ping_ok", "ping_dead"]), st.integers(0, 2**160 - 1)),
+        st.tuples(
+            st.sampled_from(["observe", "failed", "ping_ok", "ping_dead", "answered", "check", "remove"]),
+            st.integers(0, 2**160 - 1),
+        ),
         max_size=150,
     ),
     own=st.integers(0, 2**160 - 1),
@@ -195,16 +198,22 @@ def test_invariants_hold_under_any_sequence(ops: list[tuple[str, int]], own: int
     k = 3
     table = RoutingTable(own.to_bytes(20, "big"), k=k)
     seen: list[int] = []
-    for op, value in ops:
+    for now, (op, value) in enumerate(ops):
         if op == "observe" or not seen:
-            table.observe(contact(value), 0.0)
+            table.observe(contact(value), float(now))
             seen.append(value)
             continue
         target = seen[value % len(seen)].to_bytes(20, "big")
         if op == "failed":
-            table.failed(target, 0.0)
+            table.failed(target, float(now))
+        elif op == "answered":
+            table.answered(target, float(now))
+        elif op == "check":
+            table.quiet_contacts(float(now), quiet_for=float(value % 5), retry_after=1.0)
+        elif op == "remove":
+            table.remove(target)
         else:
-            table.ping_result(target, alive=op == "ping_ok", now=0.0)
+            table.ping_result(target, alive=op == "ping_ok", now=float(now))
     buckets = table.buckets()
     assert buckets[0].low == 0 and buckets[-1].high == 2**160
     for left, right in itertools.pairwise(buckets):
@@ -217,6 +226,71 @@ def test_invariants_hold_under_any_sequence(ops: list[tuple[str, int]], own: int
         assert not {c.node_id for c in bucket.contacts} & {c.node_id for c in bucket.replacements}
         for c in bucket.contacts + bucket.replacements:
             assert bucket.low <= int.from_bytes(c.node_id, "big") < bucket.high
+        # Every contact and replacement has a last-seen time, and nothing else does (no entry outlives its contact).
+        assert set(bucket.last_seen) == {c.node_id for c in bucket.contacts + bucket.replacements}
+
+
+def test_liveness_checks_offer_each_quiet_contact_once_per_retry() -> None:
+    table = RoutingTable(OWN, k=3, split_depth_modulus=1)
+    a, b = far(1), far(2)
+    table.observe(a, 0.0)
+    table.observe(b, 10.0)
+    assert table.next_liveness_check(quiet_for=100.0, retry_after=30.0) == 100.0
+    assert table.quiet_contacts(99.0, 100.0, 30.0) == []
+    assert table.quiet_contacts(100.0, 100.0, 30.0) == [a]  # b has been quiet for 90 s only
+    assert table.next_liveness_check(100.0, 30.0) == 110.0
+    assert table.quiet_contacts(110.0, 100.0, 30.0) == [b]
+    assert table.quiet_contacts(129.0, 100.0, 30.0) == []  # both were just asked: wait retry_after
+    assert table.next_liveness_check(100.0, 30.0) == 130.0
+    # a answers: it becomes the most recently seen and is quiet again only quiet_for later.
+    last_touched = table.buckets()[-1].last_touched
+    table.answered(a.node_id, 105.0)
+    assert [c.node_id for c in table.buckets()[-1].contacts] == [b.node_id, a.node_id]
+    assert table.buckets()[-1].last_touched == last_touched  # an answer is not a lookup: refresh stays due
+    assert table.quiet_contacts(140.0, 100.0, 30.0) == [b]  # b did not answer: asked again after retry_after
+    assert table.next_liveness_check(100.0, 30.0) == 170.0
+    assert table.quiet_contacts(205.0, 100.0, 30.0) == [b, a]  # least recently seen first
+
+
+def test_a_contact_failing_its_liveness_checks_leaves_after_max_failures() -> None:
+    table = RoutingTable(OWN, k=3, split_depth_modulus=1, max_failures=3)
+    dead, alive = far(1), far(2)
+    table.observe(dead, 0.0)
+    table.observe(alive, 0.0)
+    now = 100.0
+    for _ in range(3):
+        assert dead in table.quiet_contacts(now, 100.0, 30.0)  # it stays quiet, so it is asked again
+        events = table.failed(dead.node_id, now + 2)
+        table.answered(alive.node_id, now + 1)
+        now += 30.0
+    assert events == [ContactRemoved(contact=dead)]
+    assert dead.node_id not in table and alive.node_id in table
+    assert table.quiet_contacts(now, 100.0, 30.0) == []
+    # An empty table has nothing to check, ever.
+    table.remove(alive.node_id)
+    assert table.next_liveness_check(100.0, 30.0) == float("inf")
+
+
+def test_a_liveness_check_skips_the_contact_whose_full_bucket_ping_is_out() -> None:
+    table = RoutingTable(OWN, k=2, split_depth_modulus=1)
+    a, b = far(1), far(2)
+    table.observe(a, 0.0)
+    table.observe(b, 0.0)
+    assert table.observe(far(3), 1.0) == [PingNeeded(contact=a)]
+    assert table.quiet_contacts(500.0, 100.0, 30.0) == [b]  # a's ping is already out
+    table.ping_result(a.node_id, alive=False, now=501.0)
+    assert a.node_id not in table and far(3).node_id in table
+
+
+def test_last_seen_follows_contacts_through_splits_and_replacements() -> None:
+    table = RoutingTable(OWN, k=2, split_depth_modulus=5)
+    rng = random.Random(9)
+    for t in range(60):
+        table.observe(contact(rng.getrandbits(160)), float(t))
+    for bucket in table.buckets():
+        assert set(bucket.last_seen) == {c.node_id for c in bucket.contacts + bucket.replacements}
+        order = [bucket.last_seen[c.node_id] for c in bucket.contacts]
+        assert order == sorted(order)  # least recently seen first: the one a liveness check asks
 
 
 def test_bad_parameters_are_refused() -> None:
