@@ -213,6 +213,10 @@ between two that the outbox's bookkeeping could not be written."""
 _STORE_FAILED_PAUSE: Final = 5.0
 """Seconds the outbox worker waits between rounds while its bookkeeping writes fail (a full disk): a failed write
 cannot record a dial's backoff, so without the pause every round would dial again at once."""
+_LOW_SPACE_BATCH: Final = 16
+"""Received messages stored per transaction while the store is short of space or its writes fail
+(:attr:`Database.short_of_space`): a batch is stored all or nothing, and a QA pass saw 147 messages, about 150 KB,
+fail again and again with 300 KB free, where a few smaller transactions would have stored most of them."""
 
 
 class EventSink(Protocol):
@@ -1816,9 +1820,20 @@ class ChatService:
         # Activity is a message that opened (from the peer, to us): a stranger sending only forged or undecryptable
         # envelopes does not keep its session slot.
         session.active_at = trio.current_time()
-        if session.held_back is not None:
-            self._dropped[session.held_back] += len(opened)
-            return
+        if len(opened) <= _LOW_SPACE_BATCH or not self._db.short_of_space:
+            batches = [opened]
+        else:  # what fits is stored and acknowledged; the sender resends the rest, after it and in order
+            batches = [opened[i : i + _LOW_SPACE_BATCH] for i in range(0, len(opened), _LOW_SPACE_BATCH)]
+        for batch in batches:
+            if session.held_back is not None:
+                self._dropped[session.held_back] += len(batch)
+                continue
+            await self._store_received(session, batch)
+
+    async def _store_received(self, session: _Session, opened: list[OpenedText]) -> None:
+        """Store ``opened`` (from ``session``'s peer, in one transaction) and acknowledge what the policy let in;
+        or, if the store failed, hold the session back (nothing of it is acknowledged)."""
+        peer = session.peer
         now = self._now()
         try:
             incoming = await self._db.write(lambda c: self._store_incoming(c, peer, opened, now))

@@ -610,6 +610,13 @@ class Database:
             last_error=w.last_error,
         )
 
+    @property
+    def short_of_space(self) -> bool:
+        """Whether the node said its disk is short of space (:meth:`keep_wal_small`) or a write failed within the
+        last :data:`FAILING_WINDOW` seconds: callers then write in smaller transactions, which fit where a large one
+        fails as a whole."""
+        return self._writer.keep_wal_small or self._writer.failing_recently()
+
     def keep_wal_small(self, on: bool) -> None:
         """While ``on`` (the node sees its disk short of space), the writer truncates the WAL after every transaction
         instead of letting it grow to about 32 MiB before a checkpoint; it does so for :data:`FAILING_WINDOW` after a
