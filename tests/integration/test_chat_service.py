@@ -1172,7 +1172,7 @@ async def test_a_receiver_short_of_space_stores_what_fits_of_a_large_batch(
             return store_incoming(conn, peer, messages, now)
 
         monkeypatch.setattr(bob.chat, "_store_incoming", watched)
-        await _cap_database(bob, 2)  # two more 16 KiB pages: room for a few dozen of these, not for all
+        await _cap_database(bob, 2)  # two more pages: room for some of these (a dozen or more), not for all
         texts = [f"{i:03d} " + "x" * 1500 for i in range(60)]  # batches of 25 and more arrive (64 KiB reads)
         ids = (await alice.chat.send_many("bob", texts))["ids"]
         await eventually(lambda: bob.chat.dropped.get("chat_store_failed", 0) >= 1, "bob fails to store")

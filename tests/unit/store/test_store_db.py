@@ -572,8 +572,8 @@ async def test_quick_check_finds_a_file_damaged_while_closed(tmp_path: Path) -> 
         assert await db.quick_check() == []
         for batch in range(4):
             await db.write(
-                lambda c, b=batch: [
-                    repo.set_setting(c, f"k{b}.{i}", bytes([i % 256]) * 4000, now=T0) for i in range(100)
+                lambda c, b=batch: [  # values that fit in their page: quick_check does not read overflow pages
+                    repo.set_setting(c, f"k{b}.{i}", bytes([i % 256]) * 1600, now=T0) for i in range(250)
                 ]
             )
     size = path.stat().st_size
