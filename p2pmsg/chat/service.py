@@ -1824,11 +1824,15 @@ class ChatService:
             batches = [opened]
         else:  # what fits is stored and acknowledged; the sender resends the rest, after it and in order
             batches = [opened[i : i + _LOW_SPACE_BATCH] for i in range(0, len(opened), _LOW_SPACE_BATCH)]
-        for batch in batches:
+        for index, batch in enumerate(batches):
             if session.held_back is not None:
                 self._dropped[session.held_back] += len(batch)
                 continue
-            await self._store_received(session, batch)
+            try:
+                await self._store_received(session, batch)
+            except _SessionRefused:  # blocked: the batches after this one are refused too
+                self._dropped["chat_blocked_peer"] += sum(map(len, batches[index + 1 :]))
+                raise
 
     async def _store_received(self, session: _Session, opened: list[OpenedText]) -> None:
         """Store ``opened`` (from ``session``'s peer, in one transaction) and acknowledge what the policy let in;

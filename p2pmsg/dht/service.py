@@ -2,13 +2,14 @@
 
 Theory of operation
 -------------------
-:class:`DhtNode` owns one UDP socket and one :class:`~p2pmsg.dht.core.engine.DhtEngine`, and runs three tasks in
+:class:`DhtNode` owns one UDP socket and one :class:`~p2pmsg.dht.core.engine.DhtEngine`, and runs four tasks in
 the nursery of :meth:`DhtNode.run`: a *receiver* feeding every datagram to the engine, a *timer* that sleeps
 until the engine's next deadline (or until woken because a new request went out) and calls ``tick`` -- which also
-drops stored values as they expire -- and a *refresher* that, whenever a bucket has seen no lookup for
-``DhtConfig.refresh_interval`` seconds (default one hour), looks up a random id in it, one bucket at a time, and
-runs the engine's liveness checks when they are due (a contact quiet for ``DhtConfig.liveness_interval``, default 15
-minutes, is pinged, and leaves the routing table if it keeps failing to answer).
+drops stored values as they expire -- a *refresher* that, whenever a bucket has seen no lookup for
+``DhtConfig.refresh_interval`` seconds (default one hour), looks up a random id in it, one bucket at a time, and a
+*liveness checker* that runs the engine's liveness checks when they are due (a contact quiet for
+``DhtConfig.liveness_interval``, default 15 minutes, is pinged, and leaves the routing table if it keeps failing to
+answer).
 
 After every engine call the node *flushes*: it sends the datagrams the engine queued and hands completion events to
 the tasks awaiting them.  The engine is only touched from trio tasks of one thread and never across an ``await``, so
@@ -189,6 +190,7 @@ class DhtNode:
                     nursery.start_soon(self._receiver, raw)
                     nursery.start_soon(self._timer)
                     nursery.start_soon(self._refresher)
+                    nursery.start_soon(self._liveness_checker)
                     task_status.started(self._address)
             finally:
                 self._sock = None
@@ -244,22 +246,12 @@ class DhtNode:
             await self._flush(wake=False)
 
     async def _refresher(self) -> None:
-        """Look up a random id in every bucket that no lookup went through for ``refresh_interval`` seconds, and ping
-        the contacts due for a liveness check."""
-        config = self.engine.config
-        interval = config.refresh_interval
-        last_pass = last_check = -math.inf
+        """Look up a random id in every bucket that no lookup went through for ``refresh_interval`` seconds."""
+        interval = self.engine.config.refresh_interval
+        last_pass = -math.inf
         while True:
             due = max(self.engine.next_refresh_at(interval), last_pass + min(_MIN_REFRESH_GAP, interval))
-            # The table changes while this task sleeps, so look again at least once per liveness_retry.
-            liveness_due = min(self.engine.next_liveness_check(), trio.current_time() + config.liveness_retry)
-            await trio.sleep_until(min(due, max(liveness_due, last_check + _MIN_LIVENESS_GAP)))
-            if self.engine.next_liveness_check() <= trio.current_time():
-                last_check = trio.current_time()
-                if self.engine.check_liveness(last_check):
-                    await self._flush()
-            if trio.current_time() < due:
-                continue
+            await trio.sleep_until(due)
             last_pass = trio.current_time()
             for target in self.engine.refresh_targets(last_pass, interval)[:_MAX_REFRESH_LOOKUPS]:
                 try:
@@ -268,6 +260,19 @@ class DhtNode:
                 except DhtUsageError as exc:  # too many lookups right now: mark the bucket done, retry next round
                     log.debug("bucket refresh lookup skipped: %s", exc)
                     self.engine.table.touch(target, trio.current_time())
+
+    async def _liveness_checker(self) -> None:
+        """Ping the contacts due for a liveness check (at most every ``_MIN_LIVENESS_GAP`` seconds).  A task of its
+        own: a refresh pass awaits its lookups one after another, and must not hold the checks up."""
+        retry = self.engine.config.liveness_retry
+        last_check = -math.inf
+        while True:
+            # The table changes while this task sleeps, so look again at least once per liveness_retry.
+            due = min(self.engine.next_liveness_check(), trio.current_time() + retry)
+            await trio.sleep_until(max(due, last_check + _MIN_LIVENESS_GAP))
+            last_check = trio.current_time()
+            if self.engine.check_liveness(last_check):
+                await self._flush()
 
     async def _flush(self, *, wake: bool = True) -> None:
         """Send what the engine queued and deliver its events; with ``wake``, bring the timer's alarm forward if the

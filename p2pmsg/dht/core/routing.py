@@ -242,7 +242,12 @@ class RoutingTable:
     def next_liveness_check(self, quiet_for: float, retry_after: float) -> float:
         """When :meth:`quiet_contacts` next has a contact to offer (``inf``: the table is empty)."""
         return min(
-            (b.liveness_due(node_id, quiet_for, retry_after) for b in self._buckets for node_id in b.contacts),
+            (
+                b.liveness_due(node_id, quiet_for, retry_after)
+                for b in self._buckets
+                for node_id in b.contacts
+                if node_id != b.pending_ping  # skipped by quiet_contacts: its ping is out already
+            ),
             default=math.inf,
         )
 

@@ -278,6 +278,7 @@ def test_a_liveness_check_skips_the_contact_whose_full_bucket_ping_is_out() -> N
     table.observe(b, 0.0)
     assert table.observe(far(3), 1.0) == [PingNeeded(contact=a)]
     assert table.quiet_contacts(500.0, 100.0, 30.0) == [b]  # a's ping is already out
+    assert table.next_liveness_check(100.0, 30.0) == 530.0  # b's retry; not a, so the driver does not wake for it
     table.ping_result(a.node_id, alive=False, now=501.0)
     assert a.node_id not in table and far(3).node_id in table
 
