@@ -851,7 +851,7 @@ class DhtEngine:
                 request = PingRequest(node_id=self.node_id)
                 msg_id = self._send_request(event.contact.address, request, _Purpose.BUCKET, now, contact=event.contact)
                 if msg_id is None:
-                    self.table.ping_result(event.contact.node_id, alive=True, now=now)
+                    self.table.ping_not_sent(event.contact.node_id)
             elif isinstance(event, ContactAdded):
                 self._maybe_auth(event.contact, now)
                 self._handoff(event.contact, now)

@@ -306,6 +306,13 @@ class RoutingTable:
             return []
         return self._evict(bucket, node_id)
 
+    def ping_not_sent(self, node_id: bytes) -> None:
+        """The :class:`PingNeeded` ping of ``node_id`` could not go out (too many requests pending): nothing was
+        learnt, so the contact stays as it was (kept, and as quiet as before), and a later newcomer asks again."""
+        bucket = self._bucket_for(node_id)
+        if bucket.pending_ping == node_id:
+            bucket.pending_ping = None
+
     def answered(self, node_id: bytes, now: float) -> None:
         """``node_id`` answered a liveness check: it becomes the most recently seen of its bucket.  Unlike
         :meth:`observe`, this does not count as a lookup through the bucket (no new contact was learnt there, so the

@@ -547,6 +547,25 @@ def test_dead_peers_cost_about_one_timeout_in_total() -> None:
     assert [c.node_id for c in done.closest] == closest_true(live, target, 20, exclude=searcher)
 
 
+def test_a_bucket_ping_that_cannot_go_out_leaves_the_contact_as_quiet_as_it_was() -> None:
+    """With the pending table full, the ping of a full bucket's oldest contact is not sent.  It used to count as an
+    answer, which made the contact look heard from and put its liveness check off by a whole interval."""
+    config = DhtConfig(k=2, split_depth_modulus=1, max_pending=4, liveness_interval=100.0, liveness_retry=10.0)
+    engine = DhtEngine(identity(1), config=config)
+    far = [Contact(node_id=bytes([0x80 | i]) + bytes(19), host="198.51.100.1", port=4000 + i) for i in range(3)]
+    if engine.node_id[0] & 0x80:  # keep the contacts in the half without our own id (an unsplittable bucket)
+        far = [Contact(node_id=bytes([i]) + bytes(19), host=c.host, port=c.port) for i, c in enumerate(far)]
+    engine._observe(far[0], 0.0)
+    engine._observe(far[1], 1.0)
+    for _ in range(4):
+        engine.ping(VICTIM, 50.0)  # the pending table is full now
+    engine._observe(far[2], 50.0)  # the bucket is full: its oldest contact should be pinged, and cannot be
+    assert engine.stats["pending_full"] >= 1
+    info = next(b for b in engine.table.buckets() if far[0] in b.contacts)
+    assert info.contacts == (far[0], far[1]) and info.last_seen[far[0].node_id] == 0.0  # kept, still quiet
+    assert engine.next_liveness_check() == 100.0
+
+
 def test_unanswered_requests_time_out_and_free_their_slot() -> None:
     engine = DhtEngine(identity(1), config=DhtConfig(max_pending=2))
     op1 = engine.ping(VICTIM, 0.0)
