@@ -87,6 +87,9 @@ REJOIN_BELOW: Final = 8
 """A routing table smaller than this is refreshed through the bootstrap peers every maintenance round: in a small
 mesh the few nodes it holds may all have moved or stopped (a node keeps a known id at its old address until that
 address stops answering), and then lookups would fail while the bootstrap peer knows where everyone is."""
+ROOM_FREED_BYTES: Final = 512 * 1024
+"""Free space on the home's file system that grew by this much since its lowest point (or the last time it did so)
+counts as room come back: peers whose messages the store could not write are dialled, to send them again at once."""
 LOW_DISK_BYTES: Final = 64 * 1024 * 1024
 """Free space on the home's file system below which the node warns: messages and receipts stop being stored when
 it runs out (senders then resend later, nothing is lost, but nothing new arrives either)."""
@@ -384,6 +387,7 @@ class Node:
         self._join_warned = False  # said that no bootstrap peer answered, and none has since
         self._alone_said = False  # said that there is nobody to join through
         self._disk_low = False  # warned that the home's disk is low on space, and it still is
+        self._free_floor = math.inf  # the least free space seen since room last came back (ROOM_FREED_BYTES)
         self._clock_warning = LogThrottle(log, burst=1, interval=3600.0)
         self._maintenance_warning = LogThrottle(log, burst=1, interval=MAINTENANCE_WARNING_INTERVAL)
         self.database_state = "not checked"
@@ -490,14 +494,17 @@ class Node:
             else "other nodes may refuse this node's record, and its contacts cannot find its address",
         )
 
-    def _check_free_space(self) -> None:
-        """Warn once when the home's file system runs low on space (again after it recovered and ran low again)."""
+    def _check_free_space(self) -> bool:
+        """Warn once when the home's file system runs low on space (again after it recovered and ran low again);
+        return whether room came back (the free space grew by :data:`ROOM_FREED_BYTES` from its lowest point)."""
         try:
             stats = os.statvfs(self.home)
         except OSError as exc:
             log.debug("free space of %s unknown: %s", self.home, exc)
-            return
+            return False
         free = stats.f_bavail * stats.f_frsize
+        room_back = free >= self._free_floor + ROOM_FREED_BYTES
+        self._free_floor = free if room_back else min(self._free_floor, free)
         low = free < self.options.low_disk_bytes
         if low and not self._disk_low:
             log.warning(
@@ -510,6 +517,7 @@ class Node:
             log.info("%.1f MB free on the disk of %s again", free / 1e6, self.home)
         self._disk_low = low
         self.db.keep_wal_small(low)  # the room left goes to messages, not to page copies in the WAL
+        return room_back
 
     async def _check_database(self) -> None:
         """Check the whole database file once, in the background, after start: a file damaged while the node was
@@ -596,7 +604,8 @@ class Node:
                 small = len(self.dht.routing_table_snapshot()) < self.options.rejoin_below
                 if small or (stale and not published):
                     await self._attempt("join", self._join())
-                self._check_free_space()
+                if self._check_free_space():
+                    await self._attempt("dial peers once room came back", self.chat.room_freed())
                 self._check_clock()
                 flush_all()  # the counts of log lines left out by floods that have stopped
                 with trio.move_on_after(self.options.check_interval):

@@ -213,6 +213,8 @@ between two that the outbox's bookkeeping could not be written."""
 _STORE_FAILED_PAUSE: Final = 5.0
 """Seconds the outbox worker waits between rounds while its bookkeeping writes fail (a full disk): a failed write
 cannot record a dial's backoff, so without the pause every round would dial again at once."""
+_MAX_AWAITING_ROOM: Final = 1024
+"""Peers remembered at most, whose received messages our store could not write (:meth:`ChatService.room_freed`)."""
 _LOW_SPACE_BATCH: Final = 16
 """Received messages stored per transaction while the store is short of space or its writes fail
 (:attr:`Database.short_of_space`): a batch is stored all or nothing, and a QA pass saw 147 messages, about 150 KB,
@@ -658,6 +660,9 @@ class ChatService:
         self._redials: dict[PeerId, _Redial] = {}
         """Peers whose last dials failed: how many in a row, and when the next may start (until then, entries of
         theirs that fall due are postponed to that time, :meth:`_hold_dial`)."""
+        self._awaiting_room: dict[PeerId, None] = {}
+        """Peers whose received messages our store could not write (a full disk), oldest first: once room comes
+        back, :meth:`room_freed` dials them so that they send those messages again at once."""
         self._dial_scopes: dict[PeerId, trio.CancelScope] = {}
         """The running dial of each peer being dialled: a newer record with other addresses cancels it (it may wait
         on an address the peer left) and the entries are due at once, for a dial to the new addresses."""
@@ -900,11 +905,26 @@ class ChatService:
         if redial is not None and now < redial.at <= now + redial.length:
             await self._hold_dial(peer, items, redial)
             return True
-        if self._nursery is None:
-            return True
+        self._start_dial(peer)
+        return True
+
+    def _start_dial(self, peer: PeerId) -> bool:
+        """Dial ``peer`` in the background, unless a dial to it runs already or the service is not running."""
+        if self._nursery is None or peer in self._dialing:
+            return False
         self._dialing.add(peer)
         self._nursery.start_soon(self._dial_task, peer)
         return True
+
+    async def room_freed(self) -> int:
+        """The node saw room come back on the store's disk: dial each contact whose messages our store could not
+        write, so that our hello on the new session makes its outbox send them again at once, rather than after its
+        backoff (up to :attr:`ChatConfig.backoff`'s cap, 2 minutes).  Returns how many dials started."""
+        if not self._awaiting_room:
+            return 0
+        peers, self._awaiting_room = list(self._awaiting_room), {}
+        contacts = await self.contact_peers()  # never a stranger: a dial would tell it our address
+        return sum(self._start_dial(peer) for peer in peers if peer in contacts)
 
     def _hold_redials(self, peer: PeerId, *, store_failed: bool = False) -> None:
         """A dial to ``peer`` failed: no new dial to it for the backoff of its failures in a row (the outbox's
@@ -1846,6 +1866,10 @@ class ChatService:
             # it again on a new session, in send order.
             self._hold_back(session, "chat_store_failed", "received messages could not be stored")
             self._dropped["chat_store_failed"] += len(opened)
+            self._awaiting_room.pop(peer, None)
+            self._awaiting_room[peer] = None
+            if len(self._awaiting_room) > _MAX_AWAITING_ROOM:
+                del self._awaiting_room[next(iter(self._awaiting_room))]
             self._store_warning.log(
                 logging.WARNING,
                 "cannot store",

@@ -1192,6 +1192,32 @@ async def test_a_receiver_short_of_space_stores_what_fits_of_a_large_batch(
         assert [m["id"] for m in await bob.chat.history("alice", limit=200)][1:] == ids  # each once, in order
 
 
+async def test_a_receiver_whose_room_came_back_dials_the_sender_which_resends_at_once(tmp_path: Path) -> None:
+    """When the receiver's store could not write, the sender resends only after its backoff (a QA pass on a real
+    tmpfs waited 3 to 98 s after room came back).  Told that room came back (the node watches the disk's free space),
+    the receiver dials the senders it failed: their outboxes, woken by its hello, send again at once."""
+    patient = dataclasses.replace(FAST, resend_after_ms=400, backoff=Backoff(base_ms=60_000, cap_ms=120_000, jitter=0))
+    async with (
+        running_node(tmp_path / "alice", ALICE, config=patient) as alice,
+        running_node(tmp_path / "bob", BOB) as bob,
+    ):
+        await alice.chat.add_contact(bob.invite, "bob")
+        await bob.chat.add_contact(alice.invite, "alice")  # her addresses (a node finds them in the DHT)
+        await alice.chat.send("bob", "before")
+        await eventually(lambda: _all_delivered(alice, "bob", 1), "the first message")
+        assert await bob.chat.room_freed() == 0  # nobody waits for room
+        await _cap_database(bob, 0)
+        ids = (await alice.chat.send_many("bob", [f"{i:02d} " + "x" * 2000 for i in range(40)]))["ids"]
+        await eventually(lambda: bob.chat.dropped.get("chat_store_failed", 0) >= 1, "bob fails to store")
+        # Alice gives up on the session (no receipt within 400 ms) and waits a minute before she dials again.
+        await eventually(lambda: not alice.chat._sessions.get(BOB.peer_id), "alice ends her session", timeout=15)
+        await _cap_database(bob, None)
+        assert await bob.chat.room_freed() == 1
+        await eventually(lambda: _all_delivered(alice, "bob", 41), "delivery right after bob dialled", timeout=8)
+        assert [m["id"] for m in await bob.chat.history("alice", limit=100)][1:] == ids
+        assert await bob.chat.room_freed() == 0  # done: nobody waits any more
+
+
 async def test_a_sender_whose_disk_fills_with_messages_queued_neither_spins_nor_floods_its_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -22,7 +22,15 @@ from p2pmsg.control.client import ControlClient
 from p2pmsg.control.errors import NodeAlreadyRunningError
 from p2pmsg.dht.core.records import PeerRecord, peer_record_key, seal_peer_record
 from p2pmsg.identity import Identity
-from p2pmsg.node import Node, NodeOptions, advertised_addrs, dht_endpoint, resolve_bootstrap, run_node
+from p2pmsg.node import (
+    ROOM_FREED_BYTES,
+    Node,
+    NodeOptions,
+    advertised_addrs,
+    dht_endpoint,
+    resolve_bootstrap,
+    run_node,
+)
 from p2pmsg.store import repo
 from p2pmsg.store.db import DATABASE_FILENAME
 from p2pmsg.store.errors import StoreWriteError
@@ -500,6 +508,30 @@ async def test_low_free_space_on_the_home_s_disk_is_warned_about_once(
         nursery.cancel_scope.cancel()
     warnings = [r.getMessage() for r in caplog.records if "MB free on the disk of" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("only ") and str(home) in warnings[0]
+
+
+async def test_room_coming_back_on_the_home_s_disk_dials_the_peers_the_store_failed(tmp_path: Path) -> None:
+    """Real free space: a filler file written then deleted on the home's disk makes the free space grow by more than
+    ROOM_FREED_BYTES, and the node then has the chat service dial the contacts whose messages it could not store."""
+    home = tmp_path / "erin"
+    home.mkdir(mode=0o700)
+    cfg = Cfg(listen=["/ip4/127.0.0.1/tcp/0"])
+    async with trio.open_nursery() as nursery:
+        node = await nursery.start(lambda task_status: run_node(home, Identity.generate(), cfg, options=FAST,
+                                                                task_status=task_status))  # fmt: skip
+        friend = Identity.generate().peer_id
+        await node.chat.add_contact(str(friend), "frank")
+        filler = tmp_path / "filler"
+        with open(filler, "wb") as fh:  # the disk fills up a little
+            fh.write(bytes(16 * ROOM_FREED_BYTES))
+            os.fsync(fh.fileno())
+        await trio.sleep(5 * FAST.check_interval)  # the node sees the lower free space
+        node.chat._awaiting_room[friend] = None  # as after a batch from frank failed to store (a full disk)
+        await trio.sleep(5 * FAST.check_interval)
+        assert friend in node.chat._awaiting_room  # the free space did not grow: nothing to do yet
+        filler.unlink()
+        await wait_for(lambda: _async_value(friend not in node.chat._awaiting_room), "the dial to frank")
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_maintenance_step_failing_every_round_is_warned_about_once_in_ten_minutes(
