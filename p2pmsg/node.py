@@ -90,6 +90,8 @@ address stops answering), and then lookups would fail while the bootstrap peer k
 ROOM_FREED_BYTES: Final = 512 * 1024
 """Free space on the home's file system that grew by this much since its lowest point (or the last time it did so)
 counts as room come back: peers whose messages the store could not write are dialled, to send them again at once."""
+ROOM_CHECK_INTERVAL: Final = 5.0
+"""Seconds between checks of the free space while peers wait for room (else once a maintenance round, 30 s)."""
 LOW_DISK_BYTES: Final = 64 * 1024 * 1024
 """Free space on the home's file system below which the node warns: messages and receipts stop being stored when
 it runs out (senders then resend later, nothing is lost, but nothing new arrives either)."""
@@ -154,6 +156,8 @@ class NodeOptions:
     """Seconds between maintenance rounds (republish if needed, rejoin when the routing table is small)."""
     address_interval: float = ADDRESS_CHECK_INTERVAL
     """Seconds between checks of our own addresses; a change is published at once."""
+    room_check_interval: float = ROOM_CHECK_INTERVAL
+    """Seconds between checks of the free space while peers wait for room (:data:`ROOM_CHECK_INTERVAL`)."""
     rejoin_below: int = REJOIN_BELOW
     """While the routing table holds fewer nodes than this (or our record was stored nowhere), every maintenance
     round joins again (saved nodes, bootstrap peers, contacts)."""
@@ -164,7 +168,7 @@ class NodeOptions:
     """Below this much free space on the home's file system the node warns (each round it is low, once)."""
 
     def __post_init__(self) -> None:
-        for name in ("record_ttl", "save_interval", "check_interval", "address_interval"):
+        for name in ("record_ttl", "save_interval", "check_interval", "address_interval", "room_check_interval"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise LocalProtocolError(f"NodeOptions.{name} must be a positive number, got {value}")
@@ -438,6 +442,7 @@ class Node:
             await nursery.start(self.control.serve)
             nursery.start_soon(self._maintain)
             nursery.start_soon(self._watch_addrs)
+            nursery.start_soon(self._watch_room)
             nursery.start_soon(self._relay_records)
             nursery.start_soon(self._check_database)
             log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
@@ -631,6 +636,15 @@ class Node:
             await trio.sleep(self.options.address_interval)
             self._check_sleep()
             self._refresh_addrs()
+
+    async def _watch_room(self) -> None:
+        """While peers wait for room on our disk (our store could not write their messages), check the free space
+        every :attr:`NodeOptions.room_check_interval` seconds rather than once a maintenance round: they are dialled
+        (:meth:`ChatService.room_freed`) within seconds of room coming back."""
+        while True:
+            await trio.sleep(self.options.room_check_interval)
+            if self.chat.peers_awaiting_room and self._check_free_space():
+                await self._attempt("dial peers once room came back", self.chat.room_freed())
 
     def _check_sleep(self) -> None:
         gap = host_clock_gap()

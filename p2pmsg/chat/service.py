@@ -916,6 +916,11 @@ class ChatService:
         self._nursery.start_soon(self._dial_task, peer)
         return True
 
+    @property
+    def peers_awaiting_room(self) -> int:
+        """How many peers wait for room on our disk: our store could not write messages they sent."""
+        return len(self._awaiting_room)
+
     async def room_freed(self) -> int:
         """The node saw room come back on the store's disk: dial each contact whose messages our store could not
         write, so that our hello on the new session makes its outbox send them again at once, rather than after its
