@@ -609,8 +609,7 @@ class Node:
                 small = len(self.dht.routing_table_snapshot()) < self.options.rejoin_below
                 if small or (stale and not published):
                     await self._attempt("join", self._join())
-                if self._check_free_space():
-                    await self._attempt("dial peers once room came back", self.chat.room_freed())
+                await self._check_room()
                 self._check_clock()
                 flush_all()  # the counts of log lines left out by floods that have stopped
                 with trio.move_on_after(self.options.check_interval):
@@ -643,8 +642,13 @@ class Node:
         (:meth:`ChatService.room_freed`) within seconds of room coming back."""
         while True:
             await trio.sleep(self.options.room_check_interval)
-            if self.chat.peers_awaiting_room and self._check_free_space():
-                await self._attempt("dial peers once room came back", self.chat.room_freed())
+            if self.chat.peers_awaiting_room:
+                await self._check_room()
+
+    async def _check_room(self) -> None:
+        """Check the free space (:meth:`_check_free_space`); if room came back, dial the peers that wait for it."""
+        if self._check_free_space():
+            await self._attempt("dial peers once room came back", self.chat.room_freed())
 
     def _check_sleep(self) -> None:
         gap = host_clock_gap()
