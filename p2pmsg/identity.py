@@ -58,6 +58,7 @@ __all__ = [
     "Identity",
     "InvalidPeerIdError",
     "KeyFileError",
+    "PassphraseFileError",
     "PassphraseMismatchError",
     "PassphraseRequiredError",
     "PeerId",
@@ -585,6 +586,12 @@ class PassphraseRequiredError(KeyFileError):
     """A passphrase is needed (to load an encrypted key file, or to save one without ``allow_unencrypted``)."""
 
 
+class PassphraseFileError(PassphraseRequiredError):
+    """The passphrase file named by the environment (``$P2PMSG_PASSPHRASE_FILE`` or the systemd credential) cannot
+    be used; the message names the file, where it was named, and why.  The file is never passed over for the
+    prompt."""
+
+
 class UnencryptedKeyFileError(KeyFileError):
     """The key file is intact but stores the seed in clear, and the caller did not pass ``allow_unencrypted=True``."""
 
@@ -782,17 +789,24 @@ def passphrase_from_environment(env: Mapping[str, str] | None = None) -> str | N
     if value is not None:
         return value
     path = environment.get(PASSPHRASE_FILE_ENV)
+    source = f"${PASSPHRASE_FILE_ENV}"
     if path is None:
         credentials = environment.get("CREDENTIALS_DIRECTORY")
         if not credentials:
             return None
         path = os.path.join(credentials, PASSPHRASE_CREDENTIAL)
+        source = f"the systemd credential {PASSPHRASE_CREDENTIAL}"
         if not os.path.exists(path):
             return None
-    return _read_passphrase_file(path)
+    return _read_passphrase_file(path, source)
 
 
-def _read_passphrase_file(path: str) -> str:
+def _read_passphrase_file(path: str, source: str) -> str:
+    """The passphrase in ``path`` (named by ``source``), or :class:`PassphraseFileError`."""
+
+    def unusable(reason: str) -> PassphraseFileError:
+        return PassphraseFileError(f"passphrase file {path} (from {source}): {reason}")
+
     try:
         # Opened without blocking: opening a named pipe that no process writes to would otherwise wait forever.
         # Reads block again (a pipe being written, as from ``<(pass show ...)``, is waited for); a pipe with no
@@ -803,21 +817,21 @@ def _read_passphrase_file(path: str) -> str:
             pipe = stat.S_ISFIFO(os.fstat(handle.fileno()).st_mode)
             data = handle.read(MAX_PASSPHRASE_FILE_SIZE + 1)
     except OSError as exc:
-        raise PassphraseRequiredError(f"passphrase file {path}: cannot read it ({exc.strerror})") from None
+        raise unusable(f"cannot read it ({exc.strerror})") from None
     if pipe and not data:
-        raise PassphraseRequiredError(f"passphrase file {path}: a pipe that no process writes to (nothing to read)")
+        raise unusable("a pipe that no process writes to (nothing to read)")
     if len(data) > MAX_PASSPHRASE_FILE_SIZE:
-        raise PassphraseRequiredError(f"passphrase file {path}: larger than {MAX_PASSPHRASE_FILE_SIZE} bytes")
+        raise unusable(f"larger than {MAX_PASSPHRASE_FILE_SIZE} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise PassphraseRequiredError(f"passphrase file {path}: not UTF-8 text") from None
+        raise unusable("not UTF-8 text") from None
     for ending in ("\r\n", "\n"):
         if text.endswith(ending):
             text = text[: -len(ending)]
             break
     if not text:
-        raise PassphraseRequiredError(f"passphrase file {path}: empty (write the key file's passphrase into it)")
+        raise unusable("empty (write the key file's passphrase into it)")
     return text
 
 

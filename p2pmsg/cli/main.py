@@ -60,6 +60,7 @@ from p2pmsg.errors import P2PMsgError
 from p2pmsg.identity import (
     Identity,
     KeyFileError,
+    PassphraseFileError,
     PassphraseRequiredError,
     UnencryptedKeyFileError,
     WrongPassphraseError,
@@ -93,7 +94,7 @@ _CODE_TEXT: Final = {
     "unknown_contact": "unknown contact",
     "invalid_invite": "malformed invite",
     "name_taken": "name already taken",
-    "bad_request": "bad request",
+    "bad_request": "refused",  # the node's reason follows in words (a contact that exists, a text too long)
     "not_stored": "not stored",
     "internal": "the node failed",
 }
@@ -108,6 +109,9 @@ _CODE_HINT: Final = {
 #: A hint of its own for an error code of one method.
 _METHOD_HINT: Final = {
     ("requests.accept", "unknown_contact"): "see `p2pmsg requests`",
+    ("contacts.add", "bad_request"): (
+        "see `p2pmsg contacts list`; `p2pmsg contacts rename` changes a contact's name, `contacts unblock` unblocks it"
+    ),
 }
 #: Words of their own for an error code of one method (the node answers a missing request as ``unknown_contact``).
 _METHOD_TEXT: Final = {
@@ -165,6 +169,8 @@ def human_error(exc: BaseException, *, home: Path) -> CliError | None:
         return CliError(f"the node sent something this p2pmsg does not understand ({exc}); are both the same version?")
     if isinstance(exc, WrongPassphraseError):
         return CliError(f"wrong passphrase for {home / IDENTITY_FILENAME}")
+    if isinstance(exc, PassphraseFileError):  # the source was given and is unusable: it is never passed over
+        return CliError(str(exc))
     if isinstance(exc, PassphraseRequiredError):
         return CliError(
             f"{exc} (set $P2PMSG_PASSPHRASE or $P2PMSG_PASSPHRASE_FILE, give the systemd credential "

@@ -107,6 +107,9 @@ class ContactNode:
                 raise ControlRequestError("invalid_invite", f"{p['target']!r} is not an invite or a peer id") from None
             if p["name"] in self.contacts:
                 raise ControlRequestError("name_taken", f"a contact is already called {p['name']!r}")
+            known = [c["name"] for c in self.contacts.values() if c["peer_id"] == peer]
+            if known:  # as the node answers (ChatService.add_contact: ContactExistsError)
+                raise ControlRequestError("bad_request", f"this peer is already the contact {known[0]!r}")
             self.contacts[p["name"]] = {"peer_id": peer, "name": p["name"], "state": "contact", "added": T0}
             return {"peer_id": peer, "name": p["name"]} | ({"unblocked": True} if peer in self.blocked else {})
 
@@ -307,6 +310,18 @@ async def test_contacts_add_list_rename_remove(home: Path) -> None:
         assert (await invoke(home, "contacts", "block", "bob")).output == "blocked bob\n"
         assert (await invoke(home, "contacts", "unblock", "bob")).output == "unblocked bob\n"
         assert node.blocked == []
+
+
+async def test_adding_a_peer_twice_says_how_to_rename_it(home: Path) -> None:
+    """The node refuses a peer that is already a contact (``bad_request``): the person reads the reason and what to
+    do instead, not protocol words such as "bad request"."""
+    async with node_on(home):
+        again = await invoke(home, "contacts", "add", BOB, "bobby")
+    assert again.exit_code == 1
+    assert again.output == (
+        "error: refused: this peer is already the contact 'bob' (see `p2pmsg contacts list`; `p2pmsg contacts rename` "
+        "changes a contact's name, `contacts unblock` unblocks it)\n"
+    )
 
 
 async def test_contacts_add_name_as_option(home: Path) -> None:

@@ -168,6 +168,21 @@ def test_run_takes_the_passphrase_from_a_file(home: Path, monkeypatch: pytest.Mo
     env["P2PMSG_PASSPHRASE_FILE"] = str(home.parent / "missing")
     missing = CliRunner().invoke(cli, ["--home", str(home), "run"], env=env, input="")
     assert missing.exit_code == 1 and "P2PMSG_PASSPHRASE_FILE" in missing.output and "cannot read" in missing.output
+    env["P2PMSG_PASSPHRASE_FILE"] = str(secret)
+    secret.write_text("\n")
+    empty = CliRunner().invoke(cli, ["--home", str(home), "run"], env=env, input="")
+    # What is wrong and where the file was named, without the list of other sources (this one was given).
+    assert empty.exit_code == 1
+    assert empty.output == (
+        f"error: passphrase file {secret} (from $P2PMSG_PASSPHRASE_FILE): empty (write the key file's passphrase "
+        "into it)\n"
+    )
+    env["P2PMSG_PASSPHRASE_FILE"] = None
+    env["CREDENTIALS_DIRECTORY"] = str(home.parent)  # systemd's LoadCredential=p2pmsg-passphrase:...
+    (home.parent / "p2pmsg-passphrase").write_text("")
+    credential = CliRunner().invoke(cli, ["--home", str(home), "run"], env=env, input="")
+    assert credential.exit_code == 1
+    assert "(from the systemd credential p2pmsg-passphrase): empty" in credential.output
 
 
 def test_run_reads_a_passphrase_pipe_once(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
