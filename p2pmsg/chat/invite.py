@@ -114,7 +114,8 @@ def parse_invite(text: str) -> Invite:
     try:
         peer_id = PeerId.from_string(path[1:])
     except RemoteProtocolError as exc:
-        raise InviteError("peer_id", str(exc)) from None
+        # What a person did (a link cut short or mistyped when copied), then the decoder's exact reason.
+        raise InviteError("peer_id", f"not a valid peer id: cut short or mistyped? ({exc})") from None
     pairs = _query_pairs(parts.query)
     addrs: list[Multiaddr] = []
     for key, value in pairs:

@@ -118,6 +118,13 @@ def test_malformed_invites_name_the_field(text: str, field: str) -> None:
     assert field in str(info.value)
 
 
+def test_a_cut_short_peer_id_says_what_likely_happened() -> None:
+    """The decoder's reason ("digest length is ...") alone reads as jargon to the person who pasted the link."""
+    with pytest.raises(InviteError) as info:
+        parse_invite(INVITE_PREFIX + PEER.to_base58()[:-3])
+    assert "peer_id: not a valid peer id: cut short or mistyped? (multihash" in str(info.value)
+
+
 def test_bad_targets() -> None:
     for text in ["", "   ", "bob", "12D3KooW", "p2pmsg://nope/x"]:
         with pytest.raises(InviteError):
