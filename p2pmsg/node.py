@@ -418,7 +418,7 @@ class Node:
             "dht_size": len(self.dht.routing_table_snapshot()),
             "dht_address": f"{self.dht.address[0]}:{self.dht.address[1]}",
             "database": self.database_state,
-            "store_failing": _store_failing(self.db.stats),
+            "store_failing": _store_failing(self.db.stats, self.chat.messages_stored_at),
             "clock_offset_s": None if (offset := self.clock_offset()) is None else round(offset),
             **chat,
             "listener": listener.as_dict(),
@@ -830,9 +830,14 @@ async def run_bootstrap_node(
     log.info("bootstrap node stopped")
 
 
-def _store_failing(stats: StoreStats) -> dict[str, Any] | None:
+def _store_failing(stats: StoreStats, messages_stored_at_ms: int | None) -> dict[str, Any] | None:
     """``status``'s ``store_failing``: while writes failed within the last 10 minutes, since when and when last
-    (whole seconds of the wall clock) and why; else ``None``."""
+    (whole seconds of the wall clock) and why, and when messages were last stored if that was after the latest
+    failure (``stored``: the store works again, or did for a while; else ``None``); without such failures ``None``."""
     if not stats.failing or stats.failing_since is None or stats.last_failure_at is None:
         return None
-    return {"since": int(stats.failing_since), "last": int(stats.last_failure_at), "error": stats.last_error or ""}
+    stored = None
+    if messages_stored_at_ms is not None and messages_stored_at_ms / 1000 >= stats.last_failure_at:
+        stored = messages_stored_at_ms // 1000
+    last = int(stats.last_failure_at)
+    return {"since": int(stats.failing_since), "last": last, "error": stats.last_error or "", "stored": stored}

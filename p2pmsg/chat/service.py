@@ -638,6 +638,9 @@ class ChatService:
         self._store_warning = LogThrottle(
             log, burst=1, interval=_STORE_WARNING_INTERVAL
         )  # a full disk fails each batch
+        self.messages_stored_at: int | None = None
+        """Wall-clock ms when a transaction that stored messages (received ones, or ours queued by ``send``) last
+        committed: ``status`` tells a store that works again (room came back) from one that still fails."""
         self._skew_warning = LogThrottle(log, burst=1, interval=_SKEW_WARNING_INTERVAL)
         self._store_failed_at = -math.inf  # trio clock of the last failed bookkeeping write
         self._store_holds = 0  # redial holds in a row for our own store's failures (see _hold_redials)
@@ -1889,6 +1892,7 @@ class ChatService:
         stored = [at for at, outcome in zip(incoming.sent_at, incoming.outcomes, strict=True) if outcome == "stored"]
         if stored:
             self._raise_floor(peer.to_bytes(), max(stored))
+            self.messages_stored_at = self._now()
         if incoming.auto_added:
             self._contacts_changed()
         if incoming.relation is Relation.BLOCKED:
@@ -2451,6 +2455,7 @@ class ChatService:
                     raise
                 finally:
                     batch.done.set()
+            self.messages_stored_at = self._now()
             stranded = self._after_enqueue(items)
             if stranded:  # the session went away during the commit: make them due for the outbox worker
                 # After the commit the send has succeeded: this write failing only delays them (they fall due at

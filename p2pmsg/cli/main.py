@@ -1000,9 +1000,14 @@ def _database_text(state: object, failing: object) -> str:
         value = failing.get(key)
         return time.strftime(layout, time.localtime(value)) if type(value) is int else "?"
 
+    failed = f"since {when('since', '%Y-%m-%d %H:%M:%S')} (the latest at {when('last', '%H:%M:%S')})"
+    if type(failing.get("stored")) is int:  # messages were stored after the latest failure: room came back
+        return (
+            f"{state}; writes failed {failed}: {failing.get('error', '')}; messages are stored again (the latest at "
+            f"{when('stored', '%H:%M:%S')})"
+        )
     return (
-        f"{state}, but writes fail since {when('since', '%Y-%m-%d %H:%M:%S')} (the latest at "
-        f"{when('last', '%H:%M:%S')}): {failing.get('error', '')} (nothing is lost: received messages wait at "
+        f"{state}, but writes fail {failed}: {failing.get('error', '')} (nothing is lost: received messages wait at "
         "their senders, and sends fail)"
     )
 

@@ -32,6 +32,7 @@ from p2pmsg.identity import Identity, PeerId
 from p2pmsg.net.channel import SecureChannel
 from p2pmsg.net.dialer import dial
 from p2pmsg.net.listener import Listener
+from p2pmsg.node import _store_failing
 from p2pmsg.store import errors as store_errors
 from p2pmsg.store import repo
 from p2pmsg.store.db import Database, open_database
@@ -1149,9 +1150,14 @@ async def test_a_receiver_whose_disk_is_full_acknowledges_nothing_and_is_not_red
         assert bob.chat.dropped.get("chat_internal_error", 0) == 0
         # (a first chunk may still fit in the free room of the file's last pages; the rest cannot)
         assert [r["status"] for r in await alice.chat.history("bob")].count("delivered") < 41
+        failing = _store_failing(bob.db.stats, bob.chat.messages_stored_at)
+        assert failing is not None and "full" in failing["error"]  # what `status` shows
         await _cap_database(bob, None)
         await eventually(lambda: _all_delivered(alice, "bob", 41), "delivery once there is room", timeout=15)
         assert [m["id"] for m in await bob.chat.history("alice", limit=100)][1:] == ids
+        # The failures stay in `status` for their 10-minute window, which now also says the store works again.
+        failing = _store_failing(bob.db.stats, bob.chat.messages_stored_at)
+        assert failing is not None and failing["stored"] >= failing["last"]
 
 
 async def test_a_receiver_short_of_space_stores_what_fits_of_a_large_batch(

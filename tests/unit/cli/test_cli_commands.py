@@ -48,6 +48,7 @@ class ContactNode:
 
     def __init__(self, hub: EventHub) -> None:
         self.hub = hub
+        self.stored_again: int | None = None  # status: store_failing.stored
         self.contacts: dict[str, dict[str, Any]] = {
             "bob": {"peer_id": BOB, "name": "bob", "state": "contact", "added": T0},
         }
@@ -197,6 +198,7 @@ class ContactNode:
                     "since": 1_700_000_000,
                     "last": 1_700_000_061,
                     "error": "cannot commit: database or disk is full",
+                    "stored": self.stored_again,
                 },
                 "clock_offset_s": -86_400,
                 "dropped": {"control_slow_subscriber": 2},
@@ -410,6 +412,21 @@ async def test_inbox_requests_peers_status(home: Path) -> None:
     ) in status.output
     assert "clock         1d 00h 00m behind the other nodes' (set it right: NTP)" in status.output
     assert json.loads(status_json.output)["dht_size"] == 12
+
+
+async def test_status_says_when_the_store_works_again_after_failing(home: Path) -> None:
+    """A QA pass freed room on a full disk and still read "writes fail since ..." for the failures' 10-minute window:
+    once messages were stored after the latest failure, status says so instead."""
+    async with node_on(home) as node:
+        node.stored_again = 1_700_000_090
+        status = await invoke(home, "status")
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1_700_000_000))
+    last = time.strftime("%H:%M:%S", time.localtime(1_700_000_061))
+    stored = time.strftime("%H:%M:%S", time.localtime(1_700_000_090))
+    assert (
+        f"database      damaged; writes failed since {since} (the latest at {last}): cannot commit: database or disk "
+        f"is full; messages are stored again (the latest at {stored})\n"
+    ) in status.output
 
 
 async def test_history_and_export_page_through_replies_that_cannot_hold_it_all(home: Path) -> None:
