@@ -215,6 +215,12 @@ _STORE_FAILED_PAUSE: Final = 5.0
 cannot record a dial's backoff, so without the pause every round would dial again at once."""
 _MAX_AWAITING_ROOM: Final = 1024
 """Peers remembered at most, whose received messages our store could not write (:meth:`ChatService.room_freed`)."""
+_UNREACHABLE_LOG_INTERVAL: Final = 3600.0
+"""Seconds between two INFO lines about one peer whose messages keep failing to go (an offline contact): the first
+failure of a streak is logged, then one line an hour (the others at DEBUG) until a session with the peer opens.  A
+QA pass with 150 offline contacts saw a line for every retry, 75 a minute, about 37 MB of log a day."""
+_MAX_UNREACHABLE: Final = 4096
+"""Peers whose failure streaks are remembered at most (the oldest streak is forgotten first)."""
 _LOW_SPACE_BATCH: Final = 16
 """Received messages stored per transaction while the store is short of space or its writes fail
 (:attr:`Database.short_of_space`): a batch is stored all or nothing, and a QA pass saw 147 messages, about 150 KB,
@@ -355,6 +361,17 @@ class _Redial:
     at: int
     length: int
     """How long (ms) the hold was when it was set."""
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Unreachable:
+    """A streak of failed attempts to deliver to one peer, for the log (:meth:`ChatService._note_unreachable`)."""
+
+    since: float
+    """trio time of the streak's first failure."""
+    logged_at: float
+    """trio time of its latest INFO line."""
+    attempts: int = 1
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -638,6 +655,8 @@ class ChatService:
         self._store_warning = LogThrottle(
             log, burst=1, interval=_STORE_WARNING_INTERVAL
         )  # a full disk fails each batch
+        self._unreachable: dict[PeerId, _Unreachable] = {}
+        """Peers whose messages failed to go since their last session opened (oldest streak first)."""
         self.messages_stored_at: int | None = None
         """Wall-clock ms when a transaction that stored messages (received ones, or ours queued by ``send``) last
         committed: ``status`` tells a store that works again (room came back) from one that still fails."""
@@ -992,9 +1011,36 @@ class ChatService:
                     count += 1
             return count
 
-        count = await self._db.write(txn)
+        # Unsynced: if a power cut loses it, the entries are due sooner (one more try), nothing else.  A node with
+        # many offline contacts reschedules every 2 minutes for each, a sync apiece on an SD card otherwise.
+        count = await self._db.write(txn, durable=False)
         if count:
+            self._note_unreachable(peer, count, error)
+
+    def _note_unreachable(self, peer: PeerId, count: int, error: str) -> None:
+        """Log that ``count`` messages to ``peer`` failed to go: the first failure of a streak, and then at most one
+        line in :data:`_UNREACHABLE_LOG_INTERVAL` at INFO (the rest at DEBUG); a session with the peer ends it."""
+        now = trio.current_time()
+        streak = self._unreachable.get(peer)
+        if streak is None:
+            if len(self._unreachable) >= _MAX_UNREACHABLE:
+                del self._unreachable[next(iter(self._unreachable))]
+            self._unreachable[peer] = _Unreachable(since=now, logged_at=now)
             log.info("chat: %d message(s) to %s rescheduled: %s", count, peer, error)
+            return
+        streak.attempts += 1
+        if now - streak.logged_at < _UNREACHABLE_LOG_INTERVAL:
+            log.debug("chat: %d message(s) to %s rescheduled: %s", count, peer, error)
+            return
+        streak.logged_at = now
+        log.info(
+            "chat: %d message(s) to %s still wait: %d attempts failed in %s (logged once an hour); the latest: %s",
+            count,
+            peer,
+            streak.attempts,
+            span(now - streak.since),
+            error,
+        )
 
     async def _expedite(self, peer: PeerId) -> None:
         self._redials.pop(peer, None)  # before the write: a _hold_dial that overlaps it then undoes itself
@@ -1379,6 +1425,7 @@ class ChatService:
                 ev.PeerUpEvent(peer_id=self._text(peer), contact=session.contact_name, direction=direction, addr=addr)
             )
             log.info("chat: session with %s open (%s %s)", peer, direction, addr or "?")
+            self._unreachable.pop(peer, None)  # a failure after this one starts a new streak, logged again
             if relation is Relation.CONTACT:
                 self._note_contact_address(addr)
             with session.scope:

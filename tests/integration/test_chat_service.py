@@ -1560,6 +1560,44 @@ async def test_messages_to_a_contact_that_is_offline_do_not_dial_it_once_each(tm
         assert dials.calls == 1  # Bob dialled her
 
 
+async def test_a_contact_that_stays_offline_is_logged_once_an_hour_not_at_every_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A QA pass with 150 offline contacts: an INFO line for every retry (each contact every 2 minutes), 75 lines a
+    minute.  The first failure of a streak is logged; later ones at DEBUG, but for one line per
+    _UNREACHABLE_LOG_INTERVAL; a session with the peer ends the streak, so the next failure is logged again."""
+    caplog.set_level(logging.INFO, logger="p2pmsg.chat")
+    addr = await _unused_address()  # Bob starts there later
+
+    def lines() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno >= logging.INFO and f"message(s) to {BOB.peer_id}" in r.getMessage()
+        ]
+
+    async def attempts(count: int) -> bool:
+        entries = await alice.db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
+        return bool(entries) and entries[0].attempts >= count
+
+    async with running_node(tmp_path / "alice", ALICE) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+        await alice.chat.send("bob", "one")
+        await eventually(lambda: attempts(6), "six failed attempts")
+        assert len(lines()) == 1 and "rescheduled: could not reach" in lines()[0]
+        monkeypatch.setattr(service_module, "_UNREACHABLE_LOG_INTERVAL", 0.0)  # the hour is over
+        await eventually(lambda: len(lines()) == 2, "the streak's next line")
+        assert "still wait:" in lines()[1] and "attempts failed in" in lines()[1]
+        monkeypatch.setattr(service_module, "_UNREACHABLE_LOG_INTERVAL", 3600.0)
+        async with running_node(tmp_path / "bob", BOB, listen=addr) as bob:
+            await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+            await eventually(lambda: _all_delivered(alice, "bob", 1), "delivery once bob is up")
+        said = len(lines())
+        await alice.chat.send("bob", "two")  # bob is gone again: a new streak, logged at once
+        await eventually(lambda: attempts(3), "failed attempts of the new streak")
+        assert len(lines()) == said + 1 and "rescheduled" in lines()[-1]
+
+
 async def test_a_stream_of_messages_to_an_offline_contact_dials_it_on_the_peer_s_own_backoff(tmp_path: Path) -> None:
     """Each postponed message failed with the next dial and got its own first retry a second later, which then
     allowed the next dial: a steady stream still dialled about once a second (a review).  The dials follow the
