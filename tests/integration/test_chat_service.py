@@ -1563,7 +1563,7 @@ async def test_messages_to_a_contact_that_is_offline_do_not_dial_it_once_each(tm
 async def test_a_contact_that_stays_offline_is_logged_once_an_hour_not_at_every_retry(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A QA pass with 150 offline contacts: an INFO line for every retry (each contact every 2 minutes), 75 lines a
+    """A QA pass with 150 offline contacts: an INFO line for every retry (each contact every 2 minutes at most), 108 a
     minute.  The first failure of a streak is logged; later ones at DEBUG, but for one line per
     _UNREACHABLE_LOG_INTERVAL; a session with the peer ends the streak, so the next failure is logged again."""
     caplog.set_level(logging.INFO, logger="p2pmsg.chat")
