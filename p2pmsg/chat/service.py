@@ -219,8 +219,12 @@ _UNREACHABLE_LOG_INTERVAL: Final = 3600.0
 """Seconds between two INFO lines about one peer whose messages keep failing to go (an offline contact): the first
 failure of a streak is logged, then one line an hour (the others at DEBUG) until a session with the peer opens.  A
 QA pass with 150 offline contacts saw a line for every retry: 108 a minute, 2.3 MB of log an hour."""
-_MAX_UNREACHABLE: Final = 4096
-"""Peers whose failure streaks are remembered at most (the oldest streak is forgotten first)."""
+_STREAK_GAP: Final = 600.0
+"""Seconds without a failed attempt after which a peer's streak counts as over even though no session opened (its
+contact was removed or blocked, or its messages failed for good): retries come at most 2 minutes apart."""
+_MAX_UNREACHABLE: Final = 16384
+"""Peers whose failure streaks are remembered at most (the oldest streak is forgotten first; only contacts have
+outbox entries, so this is beyond any personal node)."""
 _LOW_SPACE_BATCH: Final = 16
 """Received messages stored per transaction while the store is short of space or its writes fail
 (:attr:`Database.short_of_space`): a batch is stored all or nothing, and a QA pass saw 147 messages, about 150 KB,
@@ -371,6 +375,8 @@ class _Unreachable:
     """trio time of the streak's first failure."""
     logged_at: float
     """trio time of its latest INFO line."""
+    last: float
+    """trio time of its latest failure (retries come at most 2 minutes apart while the streak lasts)."""
     attempts: int = 1
 
 
@@ -658,8 +664,9 @@ class ChatService:
         self._unreachable: dict[PeerId, _Unreachable] = {}
         """Peers whose messages failed to go since their last session opened (oldest streak first)."""
         self.messages_stored_at: int | None = None
-        """Wall-clock ms when a transaction that stored messages (received ones, or ours queued by ``send``) last
-        committed: ``status`` tells a store that works again (room came back) from one that still fails."""
+        """Wall-clock ms taken just before the latest transaction that stored messages (received ones, or ours queued
+        by ``send``) and committed: ``status`` tells a store that works again (room came back) from one that still
+        fails (a failure after this time, even of a transaction that started later, still counts as failing)."""
         self._skew_warning = LogThrottle(log, burst=1, interval=_SKEW_WARNING_INTERVAL)
         self._store_failed_at = -math.inf  # trio clock of the last failed bookkeeping write
         self._store_holds = 0  # redial holds in a row for our own store's failures (see _hold_redials)
@@ -1020,15 +1027,20 @@ class ChatService:
     def _note_unreachable(self, peer: PeerId, count: int, error: str) -> None:
         """Log that ``count`` messages to ``peer`` failed to go: the first failure of a streak, and then at most one
         line in :data:`_UNREACHABLE_LOG_INTERVAL` at INFO (the rest at DEBUG); a session with the peer ends it."""
+        if self._best_session(peer) is not None:  # it opened while the reschedule was written: no outage now
+            return
         now = trio.current_time()
         streak = self._unreachable.get(peer)
-        if streak is None:
+        if streak is None or now - streak.last >= _STREAK_GAP:
+            # A new streak; or an old one that ended without a session (no attempt for a while).  News either way.
+            self._unreachable.pop(peer, None)
             if len(self._unreachable) >= _MAX_UNREACHABLE:
                 del self._unreachable[next(iter(self._unreachable))]
-            self._unreachable[peer] = _Unreachable(since=now, logged_at=now)
+            self._unreachable[peer] = _Unreachable(since=now, logged_at=now, last=now)
             log.info("chat: %d message(s) to %s rescheduled: %s", count, peer, error)
             return
         streak.attempts += 1
+        streak.last = now
         if now - streak.logged_at < _UNREACHABLE_LOG_INTERVAL:
             log.debug("chat: %d message(s) to %s rescheduled: %s", count, peer, error)
             return
@@ -1939,7 +1951,9 @@ class ChatService:
         stored = [at for at, outcome in zip(incoming.sent_at, incoming.outcomes, strict=True) if outcome == "stored"]
         if stored:
             self._raise_floor(peer.to_bytes(), max(stored))
-            self.messages_stored_at = self._now()
+            # The time before the write, not after it: the writer may have failed a later transaction by the time
+            # this task runs again, and `status` must not then say the store works.
+            self.messages_stored_at = now
         if incoming.auto_added:
             self._contacts_changed()
         if incoming.relation is Relation.BLOCKED:
@@ -2502,7 +2516,7 @@ class ChatService:
                     raise
                 finally:
                     batch.done.set()
-            self.messages_stored_at = self._now()
+            self.messages_stored_at = now  # from before the write, as in _store_received
             stranded = self._after_enqueue(items)
             if stranded:  # the session went away during the commit: make them due for the outbox worker
                 # After the commit the send has succeeded: this write failing only delays them (they fall due at

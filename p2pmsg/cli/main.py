@@ -113,6 +113,8 @@ _METHOD_HINT: Final = {
         "see `p2pmsg contacts list`; `p2pmsg contacts rename` changes a contact's name, `contacts unblock` unblocks it"
     ),
 }
+#: How the node's refusal of a peer that is already a contact starts (``repo.add_contact``).
+_CONTACT_EXISTS: Final = "this peer is already the contact "
 #: Words of their own for an error code of one method (the node answers a missing request as ``unknown_contact``).
 _METHOD_TEXT: Final = {
     ("requests.accept", "unknown_contact"): "unknown request",
@@ -125,6 +127,8 @@ def _request_error(exc: ControlRequestError, method: str | None = None) -> CliEr
     message = exc.message.removeprefix("invalid invite: ") if exc.code == "invalid_invite" else exc.message
     text = f"{words}: {clean(message)}"
     hint = _METHOD_HINT.get((method or "", exc.code)) or _CODE_HINT.get(exc.code)
+    if (method, exc.code) == ("contacts.add", "bad_request") and not exc.message.startswith(_CONTACT_EXISTS):
+        hint = None  # the rename/unblock hint is for a peer added twice, not for a name or an invite refused
     return CliError(f"{text} ({hint})" if hint else text)
 
 

@@ -108,6 +108,8 @@ class ContactNode:
                 raise ControlRequestError("invalid_invite", f"{p['target']!r} is not an invite or a peer id") from None
             if p["name"] in self.contacts:
                 raise ControlRequestError("name_taken", f"a contact is already called {p['name']!r}")
+            if peer == ME:
+                raise ControlRequestError("bad_request", "that invite is your own")
             known = [c["name"] for c in self.contacts.values() if c["peer_id"] == peer]
             if known:  # as the node answers (ChatService.add_contact: ContactExistsError)
                 raise ControlRequestError("bad_request", f"this peer is already the contact {known[0]!r}")
@@ -319,6 +321,8 @@ async def test_adding_a_peer_twice_says_how_to_rename_it(home: Path) -> None:
     do instead, not protocol words such as "bad request"."""
     async with node_on(home):
         again = await invoke(home, "contacts", "add", BOB, "bobby")
+        own = await invoke(home, "contacts", "add", ME, "me")
+    assert own.output == "error: refused: that invite is your own\n"  # no hint about renaming
     assert again.exit_code == 1
     assert again.output == (
         "error: refused: this peer is already the contact 'bob' (see `p2pmsg contacts list`; `p2pmsg contacts rename` "

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2pmsg.cli import main as cli_main
 from p2pmsg.errors import LocalProtocolError
 from p2pmsg.store import repo
 from p2pmsg.store.errors import (
@@ -135,8 +136,9 @@ def test_contact_names_are_unique_and_peers_not_added_twice(conn: sqlite3.Connec
     repo.add_contact(conn, peer_id=BOB, name="bob", now=T0)
     with pytest.raises(NameTakenError, match="'Bob'"):
         repo.add_contact(conn, peer_id=CAROL, name="Bob", now=T0)
-    with pytest.raises(ContactExistsError, match="'bob'"):
+    with pytest.raises(ContactExistsError, match="'bob'") as exists:
         repo.add_contact(conn, peer_id=BOB, name="bobby", now=T0)
+    assert str(exists.value).startswith(cli_main._CONTACT_EXISTS)  # the CLI adds its rename/unblock hint to this
     repo.add_contact(conn, peer_id=CAROL, name="carol", now=T0)
     with pytest.raises(NameTakenError):
         repo.rename_contact(conn, CAROL, "BOB", now=T0)
