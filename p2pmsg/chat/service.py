@@ -338,17 +338,6 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class _FixedRandom(random.Random):
-    """A ``random.Random`` whose ``random()`` always returns one value (the same jitter for a peer's whole batch)."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__(0)
-        self._value = value
-
-    def random(self) -> float:
-        return self._value
-
-
 class _ConnectFailed(P2PMsgError):
     pass
 
@@ -1004,23 +993,18 @@ class ChatService:
     async def _reschedule_peer(self, peer: PeerId, error: str, written: Iterable[bytes] = ()) -> None:
         """Count a failed attempt for ``peer``'s due entries and those in ``written`` (sent on a session that was
         lost before their receipts came): each gets its next try after the backoff."""
-        now = self._now()
-        lost = set(written)
-        jitter = _FixedRandom(self._rng.random())
-        backoff = self.config.backoff
-        raw = peer.to_bytes()
-
-        def txn(conn: sqlite3.Connection) -> int:
-            count = 0
-            for entry in repo.due_for(conn, raw, limit=MAX_QUERY_LIMIT):
-                if entry.next_attempt_at <= now or entry.message_id in lost:
-                    repo.reschedule(conn, entry.message_id, now=now, error=error, backoff=backoff, rng=jitter)
-                    count += 1
-            return count
-
+        reschedule = functools.partial(
+            repo.reschedule_recipient,
+            recipient=peer.to_bytes(),
+            now=self._now(),
+            error=error,
+            lost=set(written),
+            backoff=self.config.backoff,
+            unit_random=self._rng.random(),
+        )
         # Unsynced: if a power cut loses it, the entries are due sooner (one more try), nothing else.  A node with
         # many offline contacts reschedules every 2 minutes for each, a sync apiece on an SD card otherwise.
-        count = await self._db.write(txn, durable=False)
+        count = await self._db.write(reschedule, durable=False)
         if count:
             self._note_unreachable(peer, count, error)
 

@@ -1415,7 +1415,7 @@ async def test_a_store_failure_after_a_session_closed_costs_that_write_not_the_n
             def full(*args: object, **kwargs: object) -> object:
                 raise store_errors.StoreWriteError("the write failed: database or disk is full")
 
-            monkeypatch.setattr(repo, "due_for", full)
+            monkeypatch.setattr(repo, "reschedule_recipient", full)
         # Bob is gone: Alice's session ends and its reschedule fails.
         await eventually(lambda: alice.chat.dropped.get("chat_store_failed", 0) >= 1, "the failed reschedule")
         monkeypatch.undo()
@@ -1558,6 +1558,31 @@ async def test_messages_to_a_contact_that_is_offline_do_not_dial_it_once_each(tm
             await eventually(lambda: len(received()) == 10, "all ten arrive", timeout=10)
             assert received() == ids
         assert dials.calls == 1  # Bob dialled her
+
+
+async def test_a_peer_s_messages_keep_one_schedule_through_failed_attempts(tmp_path: Path) -> None:
+    """A QA pass with 150 offline contacts, two messages each: for 11 of them the two drifted apart (the second,
+    postponed while the first's dial failed, then counted one attempt less, so it got a shorter backoff and another
+    random factor), and each was dialled for separately, up to twice as often.  A failed attempt now schedules all of
+    the peer's messages for one time."""
+    addr = await _unused_address()  # nobody listens: every dial fails at once
+
+    async def entries() -> list[Any]:
+        return await alice.db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
+
+    async def attempted(count: int) -> bool:
+        rows = await entries()
+        return len(rows) == 2 and rows[1].attempts >= count
+
+    async with running_node(tmp_path / "alice", ALICE) as alice:
+        await alice.chat.add_contact(format_invite(BOB.peer_id, [addr]), "bob")
+        await alice.chat.send("bob", "first")
+        await eventually(lambda: _attempts(alice, BOB.peer_id), "the first dial fails")
+        await alice.chat.send("bob", "second")  # postponed to the peer's next dial: no attempt of its own
+        for count in (1, 3, 5):
+            await eventually(functools.partial(attempted, count), f"{count} failed attempts of the second")
+            first, second = await entries()
+            assert first.next_attempt_at == second.next_attempt_at
 
 
 async def test_a_contact_that_stays_offline_is_logged_once_an_hour_not_at_every_retry(
