@@ -211,12 +211,14 @@ async def _all_delivered(node: Node, name: str, count: int) -> bool:
 
 async def test_delivered_through_the_dht_after_the_peer_moved(tmp_path: Path) -> None:
     """Alice knows only Bob's peer id.  She finds his signed record in the DHT; when Bob comes back on another
-    port, the cached record fails, the DHT has a newer one, and delivery follows."""
+    port, the cached record fails, the DHT has a newer one, and delivery follows.  (Her dials ask the DHT once per
+    failure streak and then every 10 minutes; the record watcher, every 0.2 s here, finds the newer record.)"""
     dht_config = DhtConfig(rpc_timeout=0.5)
+    watching = dataclasses.replace(FAST, record_watch=0.2)
     async with (
         open_dht_node(Identity.from_seed(bytes([0xD0]) * 32), config=dht_config) as boot,
         open_dht_node(ALICE, config=dht_config) as alice_dht,
-        running_node(tmp_path / "alice", ALICE, resolver=alice_dht) as alice,
+        running_node(tmp_path / "alice", ALICE, config=watching, resolver=alice_dht) as alice,
     ):
         await alice_dht.bootstrap([boot.address])
         await alice.chat.add_contact(str(BOB.peer_id), "bob")
@@ -1583,6 +1585,34 @@ async def test_a_peer_s_messages_keep_one_schedule_through_failed_attempts(tmp_p
             await eventually(functools.partial(attempted, count), f"{count} failed attempts of the second")
             first, second = await entries()
             assert first.next_attempt_at == second.next_attempt_at
+
+
+async def test_dials_to_a_contact_that_stays_offline_ask_the_dht_once_in_ten_minutes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QA pass with 150 offline contacts: every failed dial looked the record up again (15 datagrams a second out,
+    6.4 KB a second in, for as long as they stayed offline).  The first dial of a failure streak asks the DHT; later
+    ones use the cached record until _STREAK_LOOKUP_INTERVAL has passed (the record watcher looks meanwhile)."""
+
+    def sealed(seq: int, addr: Multiaddr) -> bytes:
+        record = PeerRecord(peer_id=BOB.peer_id, addrs=(str(addr),), seq=seq, expires_at=int(time.time()) + 3600)
+        return seal_peer_record(BOB, record)
+
+    async def attempts(count: int) -> bool:
+        entries = await alice.db.read(lambda c: repo.due_for(c, BOB.peer_id.to_bytes()))
+        return bool(entries) and entries[0].attempts >= count
+
+    resolver = _ReplayingResolver(sealed(1, await _unused_address()))
+    async with running_node(tmp_path / "alice", ALICE, resolver=resolver) as alice:
+        await alice.chat.add_contact(str(BOB.peer_id), "bob")  # its addresses come from the DHT only
+        await alice.chat.send("bob", "hello")
+        await eventually(lambda: attempts(8), "eight failed dials")
+        assert resolver.calls <= 2  # the first dial's lookup (and at most one round of the record watcher)
+        async with running_node(tmp_path / "bob", BOB) as bob:  # back, at another address
+            await bob.chat.add_contact(str(ALICE.peer_id), "alice")
+            resolver.value = sealed(2, bob.addrs[0])
+            monkeypatch.setattr(service_module, "_STREAK_LOOKUP_INTERVAL", 0.0)  # ten minutes later
+            await eventually(lambda: _all_delivered(alice, "bob", 1), "delivery at the address the DHT gives now")
 
 
 async def test_a_contact_that_stays_offline_is_logged_once_an_hour_not_at_every_retry(
