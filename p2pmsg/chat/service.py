@@ -998,7 +998,8 @@ class ChatService:
 
     async def _reschedule_peer(self, peer: PeerId, error: str, written: Iterable[bytes] = ()) -> None:
         """Count a failed attempt for ``peer``'s due entries and those in ``written`` (sent on a session that was
-        lost before their receipts came): each gets its next try after the backoff."""
+        lost before their receipts came), and give all of the peer's entries one next try after the backoff
+        (:func:`repo.reschedule_recipient`)."""
         reschedule = functools.partial(
             repo.reschedule_recipient,
             recipient=peer.to_bytes(),
