@@ -1008,6 +1008,7 @@ class ChatService:
             lost=set(written),
             backoff=self.config.backoff,
             unit_random=self._rng.random(),
+            together=self._best_session(peer) is None,  # else some may be on their way on it
         )
         # Unsynced: if a power cut loses it, the entries are due sooner (one more try), nothing else.  A node with
         # many offline contacts reschedules every 2 minutes for each, a sync apiece on an SD card otherwise.

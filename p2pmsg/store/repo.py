@@ -1328,12 +1328,14 @@ def reschedule_recipient(
     lost: Collection[bytes] = (),
     backoff: Backoff = DEFAULT_BACKOFF,
     unit_random: float,
+    together: bool = True,
 ) -> int:
     """Record a failed attempt (*error*) for *recipient*'s entries that are due (``next_attempt_at <= now``) or in
     *lost* (message ids written to a session that ended before their receipts), and schedule them, with the
-    recipient's other entries, for one time: the backoff after the most attempts among the failed ones, scaled by
-    *unit_random* (uniform in ``[0, 1)``).  Only the recipient's first :data:`MAX_QUERY_LIMIT` entries (in send order)
-    are looked at.  Return how many attempts were recorded.
+    recipient's other entries if *together*, for one time: the backoff after the most attempts among the failed
+    ones, scaled by *unit_random* (uniform in ``[0, 1)``).  Only the recipient's first :data:`MAX_QUERY_LIMIT` entries
+    (in send order) are looked at.  Return how many attempts were recorded.  (Not *together* while a session with the
+    recipient lives: the others may be on their way on it, each with its own resend time.)
 
     One time for all of a peer's messages keeps them together: one dial carries them all.  Scheduled one by one (each
     by its own attempt count, as :func:`reschedule` does), a message postponed while the first's dial failed drifted
@@ -1355,7 +1357,9 @@ def reschedule_recipient(
         "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE seq = ?", [(reason, seq) for seq, _ in failed]
     )
     # All of them, sooner or later than they were: one dial carries them all.
-    moved = [(next_at, seq) for seq, _, _, at in rows if at != next_at]
+    failed_seqs = {seq for seq, _ in failed}
+    moving = rows if together else [row for row in rows if row[0] in failed_seqs]
+    moved = [(next_at, seq) for seq, _, _, at in moving if at != next_at]
     conn.executemany("UPDATE outbox SET next_attempt_at = ? WHERE seq = ?", moved)
     return len(failed)
 

@@ -442,6 +442,34 @@ def test_receipts_for_incoming_or_unknown_ids_are_ignored(conn: sqlite3.Connecti
     assert repo.get_message(conn, mid(1)).status is MessageStatus.RECEIVED  # type: ignore[union-attr]
 
 
+def test_a_recipient_s_entries_are_rescheduled_for_one_time(conn: sqlite3.Connection) -> None:
+    """reschedule_recipient: the due entries and the lost ones count the attempt; the delay follows the most attempts
+    among them; every entry of the recipient gets that time, or (a session lives) only those that failed."""
+    backoff = Backoff(base_ms=1000, factor=2.0, cap_ms=60_000, jitter=0.0)
+    for n in (1, 2, 3):
+        send(conn, n)
+    send(conn, 4, to=CAROL)
+    repo.reschedule(conn, mid(1), now=T0, error="first", backoff=backoff)  # 1 attempt, due at T0 + 1000
+    repo.mark_sent(conn, mid(3), now=T0, retry_at=T0 + 30_000)  # on its way, resent at T0 + 30000 unless acked
+
+    def schedule() -> list[tuple[int, int]]:
+        entries = [repo.get_outbox_entry(conn, mid(n)) for n in (1, 2, 3, 4)]
+        return [(e.attempts, e.next_attempt_at) for e in entries if e is not None]
+
+    # At T0 + 1000 entries 1 and 2 are due; 2 attempts at most -> 2 s.  Not together: 3 keeps its own time.
+    failed = repo.reschedule_recipient(
+        conn, BOB, now=T0 + 1000, error="x", backoff=backoff, unit_random=0.0, together=False
+    )
+    assert failed == 2
+    assert schedule() == [(2, T0 + 3000), (1, T0 + 3000), (1, T0 + 30_000), (0, T0)]
+    # Together, with 3 lost (its session ended): all three count it, and all of Bob's share one time; Carol's not.
+    failed = repo.reschedule_recipient(conn, BOB, now=T0 + 3000, error="y", lost=[mid(3)], unit_random=0.5)
+    delay = Backoff().delay_ms(3, 0.5)  # the default schedule
+    assert failed == 3
+    assert schedule() == [(3, T0 + 3000 + delay), (2, T0 + 3000 + delay), (2, T0 + 3000 + delay), (0, T0)]
+    assert repo.reschedule_recipient(conn, BOB, now=T0 + 3001, error="z", unit_random=0.0) == 0  # none due
+
+
 def test_reschedule_backs_off_exponentially_with_jitter(conn: sqlite3.Connection) -> None:
     send(conn, 1)
     backoff = Backoff(base_ms=1000, factor=2.0, cap_ms=5000, jitter=0.0)
