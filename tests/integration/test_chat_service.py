@@ -751,8 +751,10 @@ async def test_resolve_keeps_the_cached_record_over_an_older_one_from_the_dht(tm
     async with open_database(tmp_path / "db") as db:
         chat = ChatService(ALICE, db, config=FAST, resolver=resolver)
         assert await chat.peer_record_seen(BOB.peer_id, sealed(2, 2222))
+        unsynced = db.stats.unsynced_commits
         record = await chat._resolve(BOB.peer_id)
         assert resolver.calls == 1
+        assert db.stats.unsynced_commits == unsynced + 1  # a cache: no sync for it (QA: one per lookup)
         assert record is not None and (record.seq, record.addrs) == (2, ("/ip4/127.0.0.1/tcp/2222",))
         cached = await db.read(lambda c: repo.get_peer_record(c, BOB.peer_id.to_bytes()))
         assert cached is not None and cached.seq == 2
@@ -1613,6 +1615,18 @@ async def test_dials_to_a_contact_that_stays_offline_ask_the_dht_once_in_ten_min
             resolver.value = sealed(2, bob.addrs[0])
             monkeypatch.setattr(service_module, "_STREAK_LOOKUP_INTERVAL", 0.0)  # ten minutes later
             await eventually(lambda: _all_delivered(alice, "bob", 1), "delivery at the address the DHT gives now")
+
+
+async def test_failure_streaks_that_begin_together_look_up_at_different_times(tmp_path: Path) -> None:
+    """QA: 150 contacts that went offline together all looked their records up again in the same 2 minutes, ten
+    minutes later.  Each streak draws its own interval, half to all of _STREAK_LOOKUP_INTERVAL."""
+    async with running_node(tmp_path / "alice", ALICE) as alice:
+        for _ in range(50):
+            alice.chat._note_unreachable(Identity.generate().peer_id, 1, "offline")
+        intervals = [streak.lookup_interval for streak in alice.chat._unreachable.values()]
+    limit = service_module._STREAK_LOOKUP_INTERVAL
+    assert len(intervals) == 50 and all(limit / 2 <= i <= limit for i in intervals)
+    assert max(intervals) - min(intervals) > limit / 4
 
 
 async def test_a_contact_that_stays_offline_is_logged_once_an_hour_not_at_every_retry(
