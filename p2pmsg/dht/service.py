@@ -367,14 +367,51 @@ class DhtNode:
         assert isinstance(event, PingDone)
         return event.node_id
 
-    async def bootstrap(self, addresses: Iterable[tuple[str, int]]) -> int:
+    async def bootstrap(self, addresses: Iterable[tuple[str, int]], *, settle: float | None = None) -> int:
         """Ping every address (except our own), then look up our own id; returns the number of contacts in the
-        routing table."""
+        routing table.
+
+        The lookup starts once every ping has ended, or ``settle`` seconds (default ``DhtConfig.stall_timeout``)
+        after the first answer, whichever comes first: a restarted node pings the nodes of its saved routing table,
+        and each that died since would otherwise hold the join (and the node's first record publish, which waits
+        for it) for the full ``rpc_timeout``.  Pings still unanswered then go on unawaited; a late answer still
+        enters the routing table."""
         targets = [t for t in map(_check_ip_address, addresses) if t != self._address]  # never ourselves
-        now = self._now()
-        await self._wait([self.engine.ping(a, now) for a in targets])
+        await self._ping_until_settled(targets, self.engine.config.stall_timeout if settle is None else settle)
         await self.find_node(self.node_id)
         return len(self.engine.table)
+
+    async def _ping_until_settled(self, targets: Sequence[Address], settle: float) -> None:
+        """Ping ``targets``; return when every ping has ended or ``settle`` seconds after the first answer.  Pings
+        still pending on return are left to the engine (no waiter); if the caller is cancelled or the node stops,
+        they are cancelled like any operation."""
+        now = self._now()
+        waiters = {self.engine.ping(a, now): _Waiter() for a in targets}
+        self._waiters.update(waiters)
+        settled = False
+        try:
+            await self._flush()
+            pending = dict(waiters)
+            with trio.CancelScope() as scope:
+                while pending:
+                    progress = trio.Event()  # set by whichever pending ping ends next
+                    for waiter in pending.values():
+                        waiter.event = progress
+                    await progress.wait()
+                    for op, waiter in list(pending.items()):
+                        if waiter.result is None and op not in self._waiters:
+                            raise DhtUsageError("the DHT node stopped during the operation")
+                        if waiter.result is None:
+                            continue
+                        del pending[op]
+                        answered = isinstance(waiter.result, PingDone) and waiter.result.node_id is not None
+                        if answered and scope.deadline == math.inf:
+                            scope.deadline = trio.current_time() + settle
+            settled = True
+        finally:
+            for op in waiters:
+                if self._waiters.pop(op, None) is not None and not settled:
+                    self.engine.cancel(op)
 
     async def lookup(
         self, key: bytes, *, mode: ValueMode | None = None, use_local: bool = True, count: int | None = None

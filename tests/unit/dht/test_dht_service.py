@@ -160,3 +160,76 @@ async def test_stopping_the_node_wakes_waiting_callers() -> None:
                 await trio.sleep(0.05)
                 node_scope.cancel()
     assert len(result) == 1 and "stopped" in str(result[0])
+
+
+SLOW_PINGS = DhtConfig(rpc_timeout=20.0, stall_timeout=0.2)
+
+
+async def test_bootstrap_does_not_wait_for_saved_nodes_that_died() -> None:
+    """A restarted node pings the nodes of its saved routing table; each one that died since used to hold the join
+    (and the first record publish after it) for the full rpc_timeout."""
+    async with network(2, SLOW_PINGS) as nodes, open_dht_node(ident(9), config=SLOW_PINGS) as joiner:
+        dead = [trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) for _ in range(3)]
+        for sock in dead:
+            await sock.bind(("127.0.0.1", 0))
+        try:
+            with trio.fail_after(SLOW_PINGS.rpc_timeout / 2):
+                size = await joiner.bootstrap(
+                    [dead[0].getsockname(), nodes[0].address, *(s.getsockname() for s in dead[1:])]
+                )
+        finally:
+            for sock in dead:
+                sock.close()
+        assert size == 2
+        assert joiner._waiters == {}
+        assert {c.node_id for c in joiner.routing_table_snapshot()} == {n.node_id for n in nodes}
+
+
+async def test_a_ping_answered_after_bootstrap_returned_still_adds_its_node() -> None:
+    """Pings left pending when bootstrap settles go on: a slow node's late answer enters the routing table."""
+    delay = 2.0
+    config = DhtConfig(rpc_timeout=10.0, stall_timeout=0.2)
+    async with (
+        open_dht_node(ident(1), config=config) as fast,
+        open_dht_node(ident(2), config=config) as slow,
+        open_dht_node(ident(3), config=config) as joiner,
+    ):
+        relay = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with relay:
+            await relay.bind(("127.0.0.1", 0))
+
+            async def forward_later(data: bytes, to: tuple[str, int]) -> None:
+                await trio.sleep(delay)
+                await relay.sendto(data, to)
+
+            async def run_relay() -> None:  # joiner <-> relay <-> slow, each datagram toward slow held back
+                client: tuple[str, int] | None = None
+                while True:
+                    data, sender = await relay.recvfrom(65536)
+                    if sender == slow.address:
+                        if client is not None:
+                            await relay.sendto(data, client)
+                    else:
+                        client = sender
+                        nursery.start_soon(forward_later, data, slow.address)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_relay)
+                with trio.fail_after(delay):
+                    await joiner.bootstrap([fast.address, relay.getsockname()])
+                assert slow.node_id not in {c.node_id for c in joiner.routing_table_snapshot()}
+                with trio.fail_after(config.rpc_timeout):
+                    while slow.node_id not in {c.node_id for c in joiner.routing_table_snapshot()}:
+                        await trio.sleep(0.05)
+                nursery.cancel_scope.cancel()
+        assert joiner._waiters == {}
+
+
+async def test_bootstrap_waits_for_every_ping_when_none_answers() -> None:
+    async with open_dht_node(ident(1), config=FAST) as node:
+        silent = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        with silent:
+            await silent.bind(("127.0.0.1", 0))
+            assert await node.bootstrap([silent.getsockname()]) == 0
+        assert node.stats["timeouts"] >= 1
+        assert node._waiters == {}
