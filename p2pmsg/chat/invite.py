@@ -13,11 +13,13 @@ must name the same peer as the invite.
 
 Invites come from other people, so parsing is strict and bounded: at most :data:`MAX_INVITE_LENGTH` characters and
 :data:`MAX_INVITE_ADDRS` addresses; anything else raises :class:`InviteError` naming the field and the reason.
-Unknown query parameters are ignored so later versions can add some without breaking older readers.
+Unknown query parameters are ignored so later versions can add some without breaking older readers; their names
+are kept in :attr:`Invite.ignored`, so a user interface can say so (``adr=`` is more often a typo than a newer version).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -63,6 +65,8 @@ class Invite:
 
     peer_id: PeerId
     addrs: tuple[Multiaddr, ...] = ()
+    ignored: tuple[str, ...] = dataclasses.field(default=(), compare=False)
+    """Names of the query parameters this version does not know and left out, each once, in link order."""
 
     def __str__(self) -> str:
         return format_invite(self.peer_id, self.addrs)
@@ -118,9 +122,12 @@ def parse_invite(text: str) -> Invite:
         raise InviteError("peer_id", f"not a valid peer id: cut short or mistyped? ({exc})") from None
     pairs = _query_pairs(parts.query)
     addrs: list[Multiaddr] = []
+    ignored: list[str] = []
     for key, value in pairs:
         if key != "addr":
-            continue  # unknown parameters are reserved for later versions
+            if key not in ignored:  # unknown parameters are reserved for later versions
+                ignored.append(key)
+            continue
         if len(addrs) == MAX_INVITE_ADDRS:
             raise InviteError("addr", f"more than {MAX_INVITE_ADDRS} addresses")
         try:
@@ -133,7 +140,7 @@ def parse_invite(text: str) -> Invite:
         addr = addr.without_peer_id()
         if addr not in addrs:
             addrs.append(addr)
-    return Invite(peer_id=peer_id, addrs=tuple(addrs))
+    return Invite(peer_id=peer_id, addrs=tuple(addrs), ignored=tuple(ignored))
 
 
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")

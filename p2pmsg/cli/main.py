@@ -646,6 +646,24 @@ def contacts_add(state: State, target: str, name: str | None, name_option: str |
     click.echo(f"added {clean(result.get('name', name))} ({clean(result.get('peer_id', '?'))})")
     if result.get("unblocked"):
         click.echo("it was blocked: it is no longer")
+    ignored = _ignored_invite_parameters(target)
+    if ignored:
+        names = ", ".join(repr(truncate(clean(n), 32)) for n in ignored[:4]) + (", ..." if len(ignored) > 4 else "")
+        click.echo(
+            f"note: the invite's parameter(s) {names} are unknown to this version and were ignored (mistyped? the "
+            "address hints are addr=...)",
+            err=True,
+        )
+
+
+def _ignored_invite_parameters(target: str) -> tuple[str, ...]:
+    """Names of the query parameters of the invite ``target`` that this version ignores (none for a peer id)."""
+    from p2pmsg.chat.invite import parse_target  # only here: other commands need no invite parsing
+
+    try:
+        return parse_target(target).ignored
+    except P2PMsgError:  # the node took it; a parser that disagrees has nothing to add
+        return ()
 
 
 @contacts.command("list")

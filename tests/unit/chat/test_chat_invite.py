@@ -69,8 +69,12 @@ def test_address_count_is_bounded() -> None:
     assert info.value.field == "addr"
 
 
-def test_unknown_parameters_are_ignored() -> None:
-    assert parse_invite(format_invite(PEER, [TCP]) + "&name=bob&v=2").addrs == (TCP,)
+def test_unknown_parameters_are_ignored_and_named() -> None:
+    invite = parse_invite(format_invite(PEER, [TCP]) + "&name=bob&v=2&name=again&adr=%2Fip4%2F10.0.0.1%2Ftcp%2F1")
+    assert invite.addrs == (TCP,)
+    assert invite.ignored == ("name", "v", "adr")  # each once, in link order
+    assert invite == Invite(peer_id=PEER, addrs=(TCP,))  # what they were does not make another invite
+    assert parse_invite(format_invite(PEER, [TCP])).ignored == ()
 
 
 def test_plus_is_a_plus_sign_not_a_space() -> None:

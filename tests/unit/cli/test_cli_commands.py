@@ -330,6 +330,20 @@ async def test_adding_a_peer_twice_says_how_to_rename_it(home: Path) -> None:
     )
 
 
+async def test_contacts_add_names_the_invite_parameters_it_ignored(home: Path) -> None:
+    """``adr=`` for ``addr=`` dropped the address hint without a word: the contact was added and then reached only
+    through the DHT."""
+    async with node_on(home):
+        typo = await invoke(home, "contacts", "add", f"p2pmsg://invite/{CAROL}?adr=%2Fip4%2F1.2.3.4%2Ftcp%2F1", "carol")
+        plain = await invoke(home, "contacts", "add", STRANGER, "dave")
+    assert typo.exit_code == 0
+    assert typo.output == (
+        f"added carol ({CAROL})\nnote: the invite's parameter(s) 'adr' are unknown to this version and were ignored "
+        "(mistyped? the address hints are addr=...)\n"
+    )
+    assert plain.output == f"added dave ({STRANGER})\n"
+
+
 async def test_contacts_add_name_as_option(home: Path) -> None:
     async with node_on(home) as node:
         by_option = await invoke(home, "contacts", "add", CAROL, "--name", "carol")
