@@ -161,6 +161,10 @@ _MAX_DEFERRED_PER_ADDRESS: Final = 8
 _VERIFIED_CACHE_SIZE: Final = 128
 _LIFETIME_SAMPLES: Final = 64
 """Signers whose records' remaining lifetime the engine remembers (:meth:`DhtEngine.record_lifetimes`)."""
+_LIFETIME_SAMPLES_PER_SOURCE: Final = 8
+"""Of those, at most this many from records that came from one source network (IPv4 /24, IPv6 /64): signers cost
+nothing, so without it one host sending records signed far into the future took every sample for good (they expire
+last, and the stalest go first) and made ``Node.clock_offset`` call our clock weeks behind."""
 _MAX_OWN_ADDRESSES: Final = 16
 _MAX_ADDRESS_VOTES: Final = 64
 
@@ -392,7 +396,7 @@ class DhtEngine:
         self._own_addresses: OrderedDict[Address, None] = OrderedDict()
         self._address_votes: OrderedDict[Address, set[str]] = OrderedDict()
         self._verified: OrderedDict[tuple[bytes, bytes], VerifiedRecord] = OrderedDict()
-        self._lifetimes: dict[bytes, tuple[int, float, int]] = {}
+        self._lifetimes: dict[bytes, tuple[int, float, int, str]] = {}  # signer: expires_at, left, lifetime, network
         self._own_peer = identity.peer_id.to_bytes()
         self._silent: OrderedDict[Address, float] = OrderedDict()
         self._lookups: dict[int, _LookupOp] = {}
@@ -576,7 +580,7 @@ class DhtEngine:
         """Check a signed-record value for ``key`` now (every check of :func:`verify_record_value`); raises
         :class:`~p2pmsg.dht.core.errors.RecordError` naming the first failure."""
         self._check_key(key)
-        return self._verify_record(key, value, self._wall())
+        return self._verify_record(key, value, self._wall(), source="local")
 
     def is_verified(self, contact: Contact) -> bool:
         """Whether ``contact`` proved that its node id belongs to its key, from its current address."""
@@ -739,7 +743,7 @@ class DhtEngine:
         try:
             if is_signed_value(value):
                 wall = self._wall()
-                record = self._verify_record(key, value, wall)
+                record = self._verify_record(key, value, wall, source=source)
                 assert isinstance(value, bytes)
                 self.storage.put_signed(
                     key,
@@ -764,15 +768,16 @@ class DhtEngine:
         self.stats["stores_accepted"] += 1
         return True
 
-    def _verify_record(self, key: bytes, value: object, wall: float) -> VerifiedRecord:
+    def _verify_record(self, key: bytes, value: object, wall: float, *, source: str) -> VerifiedRecord:
         """:func:`verify_record_value`, remembering the last records that verified: a lookup meets the same bytes
         at every holder, and one Ed25519 check is worth ~80 us.  A remembered record is only re-checked for expiry
-        (its other checks do not depend on time, and its lifetime bound only gets looser as time passes)."""
+        (its other checks do not depend on time, and its lifetime bound only gets looser as time passes).
+        ``source`` is the IP the value came from (``"local"``: our own store), for the clock samples."""
         if isinstance(value, bytes):
             cached = self._verified.get((key, value))
             if cached is not None:
                 signer = cached.signer.to_bytes()
-                self._note_lifetime(signer, cached.seq, cached.expires_at, wall)
+                self._note_lifetime(signer, cached.seq, cached.expires_at, wall, source)
                 if cached.expires_at <= wall:
                     del self._verified[(key, value)]
                     raise RecordTimeError(
@@ -786,34 +791,42 @@ class DhtEngine:
         try:
             record = verify_record_value(key, value, now=wall, max_size=self.config.storage.max_signed_value_size)
         except RecordTimeError as exc:
-            self._note_lifetime(exc.signer, exc.seq, exc.expires_at, wall)
+            self._note_lifetime(exc.signer, exc.seq, exc.expires_at, wall, source)
             raise
-        self._note_lifetime(record.signer.to_bytes(), record.seq, record.expires_at, wall)
+        self._note_lifetime(record.signer.to_bytes(), record.seq, record.expires_at, wall, source)
         self._verified[(key, record.value)] = record
         while len(self._verified) > _VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
         return record
 
-    def _note_lifetime(self, signer: bytes, seq: int, expires_at: int, wall: float) -> None:
+    def _note_lifetime(self, signer: bytes, seq: int, expires_at: int, wall: float, source: str) -> None:
         """Remember the freshest record of ``signer`` we examined: how long (s) it had left to live by our clock
         when we saw it, and its own lifetime ``expires_at - seq`` (a p2pmsg record's ``seq`` is its signer's clock
-        when it signed, in seconds)."""
+        when it signed, in seconds), with the network of the ``source`` it came from."""
         if signer == self._own_peer:
             return
-        known = self._lifetimes.get(signer)
-        if known is None or expires_at >= known[0]:  # a stale copy served by some holder does not replace it
-            self._lifetimes[signer] = (expires_at, expires_at - wall, expires_at - seq)
-        if len(self._lifetimes) > _LIFETIME_SAMPLES:
-            # Drop the stalest record, not the least recently seen: a holder that hands on many records of nodes
-            # long gone (stock nodes store every value again each hour) must not push out every live node's.
-            del self._lifetimes[min(self._lifetimes, key=lambda s: self._lifetimes[s][0])]
+        samples = self._lifetimes
+        known = samples.get(signer)
+        if known is not None and expires_at < known[0]:  # a stale copy served by some holder does not replace it
+            return
+        network = source_prefix(source)
+        samples.pop(signer, None)
+        # Drop the stalest record, not the least recently seen: a holder that hands on many records of nodes long
+        # gone (stock nodes store every value again each hour) must not push out every live node's.  A network over
+        # its share gives up its own stalest.
+        same = [s for s, sample in samples.items() if sample[3] == network]
+        if len(same) >= _LIFETIME_SAMPLES_PER_SOURCE:
+            del samples[min(same, key=lambda s: samples[s][0])]
+        samples[signer] = (expires_at, expires_at - wall, expires_at - seq, network)
+        if len(samples) > _LIFETIME_SAMPLES:
+            del samples[min(samples, key=lambda s: samples[s][0])]
 
     def record_lifetimes(self) -> list[tuple[float, float]]:
         """For the last :data:`_LIFETIME_SAMPLES` other signers whose records we examined (for a STORE or a read,
         also those refused for their times), ``(left, lifetime)`` of the freshest one: the time (s) it had left by
         our clock when we saw it, and ``expires_at - seq``.  See ``Node.clock_offset``, which judges our clock by
         them."""
-        return [(left, lifetime) for _, left, lifetime in self._lifetimes.values()]
+        return [(left, lifetime) for _, left, lifetime, _ in self._lifetimes.values()]
 
     def _note_silent(self, address: Address, now: float) -> None:
         self._silent[address] = now
@@ -1214,7 +1227,7 @@ class DhtEngine:
         self.table.touch(target, now)
         if mode is not None and use_local:
             stored = self.storage.get(target, now)
-            if stored is not None and self._consider_value(op, stored.value, now, local=True):
+            if stored is not None and self._consider_value(op, stored.value, now, source="local"):
                 op.hops = 0
         self._lookups[op.op] = op
         if op.lookup.finished:
@@ -1224,18 +1237,20 @@ class DhtEngine:
         self._pump(op, now)
         return op.op
 
-    def _consider_value(self, op: _LookupOp, value: object, now: float, *, local: bool = False) -> bool:
-        """Record a value found for ``op``; whether it was acceptable."""
+    def _consider_value(self, op: _LookupOp, value: object, now: float, *, source: str) -> bool:
+        """Record a value found for ``op`` (from the IP ``source``, or ``"local"``: our own store); whether it was
+        acceptable."""
         if op.mode is ValueMode.PLAIN:
             # Any plain value is accepted (the stock semantics), except a value claiming to be a signed record:
             # those must verify.
-            if local or (is_plain_value(value) and (not is_signed_value(value) or self._verify(op, value))):
+            local = source == "local"
+            if local or (is_plain_value(value) and (not is_signed_value(value) or self._verify(op, value, source))):
                 op.value = value
                 op.found = True
                 op.lookup.finish()
                 return True
         elif op.mode is ValueMode.SIGNED:
-            record = self._verify(op, value)
+            record = self._verify(op, value, source)
             if record is not None:
                 if op.record is None or record.seq > op.record.seq:
                     op.record = record
@@ -1244,9 +1259,9 @@ class DhtEngine:
         self.stats["values_rejected"] += 1
         return False
 
-    def _verify(self, op: _LookupOp, value: object) -> VerifiedRecord | None:
+    def _verify(self, op: _LookupOp, value: object, source: str) -> VerifiedRecord | None:
         try:
-            return self._verify_record(op.lookup.target, value, self._wall())
+            return self._verify_record(op.lookup.target, value, self._wall(), source=source)
         except RecordError as exc:
             if isinstance(exc, RecordTimeError):
                 self.stats["records_out_of_time"] += 1
@@ -1266,7 +1281,7 @@ class DhtEngine:
         else:
             answer = parse_find_value_response(body)
             if isinstance(answer, FoundValue):
-                if self._consider_value(op, answer.value, now):
+                if self._consider_value(op, answer.value, now, source=contact.host):
                     op.holders.add(contact.node_id)
                     if op.hops is None:
                         op.hops = op.lookup.hop_of(contact.node_id)

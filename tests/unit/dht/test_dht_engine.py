@@ -492,8 +492,8 @@ def test_engines_remember_how_long_other_signers_records_had_left() -> None:
 
 
 def test_many_records_of_departed_nodes_do_not_push_out_the_live_ones() -> None:
-    """The samples are bounded (64 signers); the stalest go first, so a holder handing on records of 100 nodes long
-    gone, after those of three live ones, leaves the live ones."""
+    """The samples are bounded (8 from one source network); the stalest go first, so a holder handing on records of
+    100 nodes long gone, after those of three live ones, leaves the live ones."""
     net, engines = build_network(6)
     wall = int(net.wall())
     for left in (1800, 2400, 3000, *[-86_400] * 100):
@@ -501,9 +501,37 @@ def test_many_records_of_departed_nodes_do_not_push_out_the_live_ones() -> None:
         record = PeerRecord(peer_id=signer.peer_id, addrs=(), seq=wall + left - 3600, expires_at=wall + left)
         _publish(net, engines[0], seal_peer_record(signer, record), peer_record_key(signer.peer_id))
     samples = engines[1].record_lifetimes()
-    assert len(samples) == 64
+    assert len(samples) == 8  # every STORE came from 10.0.0.1
     live = sorted(left for left, _ in samples)[-3:]
     assert all(left > low for left, low in zip(live, (1700, 2300, 2900), strict=True)), live
+
+
+def _sample(engine: DhtEngine, left: int, lifetime: int, source: str) -> None:
+    wall = int(engine._wall())
+    engine._note_lifetime(Identity.generate().peer_id.to_bytes(), wall + left - lifetime, wall + left, wall, source)
+
+
+def test_one_source_network_cannot_take_over_the_clock_samples() -> None:
+    """Signers cost nothing: one host sending records signed 29 days into the future (each refused as out of range,
+    yet sampled, since that is what a clock far behind sees) took all 64 samples for good, as they expire last, and
+    the node then called its clock 29 days behind.  Now one source network (/24, /64) holds at most 8."""
+    engine = build_network(2)[1][0]
+    for n in range(12):  # live nodes: half an hour left of an hour
+        _sample(engine, 1800, 3600, f"198.51.{n}.7")
+    for n in range(300):
+        _sample(engine, 30 * 86_400, 86_400, f"203.0.113.{n % 250}")  # one /24, many hosts and signers
+    for n in range(6):
+        _sample(engine, -3600, 3600, f"2001:db8:0:1::{n + 1}")  # one /64, expired an hour ago
+    samples = engine.record_lifetimes()
+    assert sorted(round(left) for left, _ in samples) == [-3600] * 6 + [1800] * 12 + [30 * 86_400] * 8
+
+
+def test_the_clock_samples_stay_bounded_and_drop_the_stalest() -> None:
+    engine = build_network(2)[1][0]
+    for n in range(100):
+        _sample(engine, 100 * n - 5000, 3600, f"10.{n}.0.1")  # 100 networks, one sample each
+    lefts = sorted(round(left) for left, _ in engine.record_lifetimes())
+    assert lefts == [100 * n - 5000 for n in range(36, 100)]
 
 
 def test_a_stale_copy_does_not_replace_a_signer_s_fresher_sample() -> None:
