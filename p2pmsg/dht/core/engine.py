@@ -68,9 +68,10 @@ package, whose every holder re-stores every value hourly and so keeps it alive f
 *hand off*: when a contact enters the routing table -- which needs a round trip from its address -- and this node
 is the closest it knows to the key of a signed record it holds while the newcomer is among the ``k`` closest, it
 STOREs the record, byte for byte, to the newcomer (at most ``handoff_max_records`` per newcomer, and
-``handoff_rate`` per second in all), so a record stays on the nodes its readers ask after closer nodes join, until
-the owner's next republish.  Plain values are never handed off (a copy would start a fresh lifetime at the newcomer).
-Bucket refresh is the driver's: it looks up :meth:`~DhtEngine.refresh_targets` when
+``handoff_rate`` per second in all; the search for such records, a walk of the store and the table, runs for at
+most ``handoff_rate`` newcomers a second too), so a record stays on the nodes its readers ask after closer nodes
+join, until the owner's next republish.  Plain values are never handed off (a copy would start a fresh lifetime
+at the newcomer).  Bucket refresh is the driver's: it looks up :meth:`~DhtEngine.refresh_targets` when
 :meth:`~DhtEngine.next_refresh_at` comes.  So is the *liveness check* that keeps the table to contacts that answer
 (:mod:`~p2pmsg.dht.core.routing`): at :meth:`~DhtEngine.next_liveness_check` the driver calls
 :meth:`~DhtEngine.check_liveness`, which pings every contact quiet for ``liveness_interval`` seconds (each at most
@@ -181,6 +182,9 @@ class DhtConfig:
     stall_timeout: float = 0.5
     split_depth_modulus: int = 5
     max_failures: int = 3
+    #: Routing-table contacts one host (an IPv4 address, an IPv6 /64) may hold; loopback is exempt
+    #: (:class:`~p2pmsg.dht.core.routing.RoutingTable`).  ``None``: no bound.
+    max_contacts_per_host: int | None = 8
     max_pending: int = 4096
     #: Requests this node sends because of what others sent (address proofs, bucket pings, identity checks,
     #: hand-offs) may take at most ``max_pending - reserved_pending`` slots (default: a quarter is kept for this
@@ -231,6 +235,8 @@ class DhtConfig:
     def __post_init__(self) -> None:
         if self.k < 1 or self.alpha < 1:
             raise DhtUsageError("DhtConfig.k and alpha must be positive")
+        if self.max_contacts_per_host is not None and self.max_contacts_per_host < 1:
+            raise DhtUsageError("DhtConfig.max_contacts_per_host must be positive (or None: no bound)")
         if not self.refresh_interval > 0 or self.silent_memory < 0:
             raise DhtUsageError("DhtConfig.refresh_interval must be positive and silent_memory not negative")
         if not self.liveness_interval > 0 or not self.liveness_retry >= self.rpc_timeout:
@@ -369,7 +375,12 @@ class DhtEngine:
         self._wall = wall_clock
         cfg = self.config
         self.table = RoutingTable(
-            self.node_id, k=cfg.k, split_depth_modulus=cfg.split_depth_modulus, max_failures=cfg.max_failures, now=now
+            self.node_id,
+            k=cfg.k,
+            split_depth_modulus=cfg.split_depth_modulus,
+            max_failures=cfg.max_failures,
+            max_per_host=cfg.max_contacts_per_host,
+            now=now,
         )
         self.storage = storage if storage is not None else RecordStore(cfg.storage)
         self.guard = AddressGuard(proven_ttl=cfg.proven_ttl, max_entries=cfg.max_peers_tracked)
@@ -383,6 +394,7 @@ class DhtEngine:
             burst=cfg.store_provider_factor * cfg.store_burst_per_ip,
         )
         self._handoff_limiter: RateLimiter[None] = RateLimiter(rate=cfg.handoff_rate, burst=cfg.handoff_burst)
+        self._handoff_scans: RateLimiter[None] = RateLimiter(rate=cfg.handoff_rate, burst=cfg.handoff_burst)
         self._pending: dict[bytes, _Call] = {}
         self._background_pending = 0
         self._verify_by_source: dict[str, int] = {}
@@ -429,6 +441,7 @@ class DhtEngine:
                 "handoffs_sent",
                 "handoffs_stored",
                 "handoffs_skipped",
+                "handoff_scans_skipped",
                 "silent_skipped",
                 "liveness_checks",
                 "liveness_evicted",
@@ -854,8 +867,8 @@ class DhtEngine:
     # Contacts, address proofs and identity checks
     # =================================================================================================================
 
-    def _observe(self, contact: Contact, now: float) -> None:
-        self._routing_events(self.table.observe(contact, now), now)
+    def _observe(self, contact: Contact, now: float, *, answered_ping: bool = False) -> None:
+        self._routing_events(self.table.observe(contact, now, answered_ping=answered_ping), now)
         self._maybe_auth(contact, now)
 
     def _routing_events(self, events: list[RoutingEvent], now: float) -> None:
@@ -879,6 +892,11 @@ class DhtEngine:
         whose key this node is the closest it knows and ``newcomer`` among the k closest (module docstring)."""
         cfg = self.config
         if not cfg.handoff or cfg.handoff_max_records == 0 or not self.guard.is_proven(newcomer.address, now):
+            return
+        # The scan below walks the store and the table (about 3 ms with 2,400 contacts): bounded by its own bucket,
+        # so newcomers made faster than that (many hosts under ever new ids) cannot eat the node's CPU.
+        if not self._handoff_limiter.would_allow(None, now) or not self._handoff_scans.allow(None, now):
+            self.stats["handoff_scans_skipped"] += 1
             return
         signed = [v for v in self.storage.items(now) if v.kind is ValueKind.SIGNED]
         if not signed:
@@ -1124,7 +1142,7 @@ class DhtEngine:
             node_id = parse_ping_response(body)
             assert call.op is not None
             self._events.append(PingDone(op=call.op, address=call.address, node_id=node_id))
-            self._observe(Contact(node_id=node_id, host=call.address[0], port=call.address[1]), now)
+            self._observe(Contact(node_id=node_id, host=call.address[0], port=call.address[1]), now, answered_ping=True)
         elif purpose is _Purpose.VERIFY:
             self._verifying.pop(call.address, None)
             for msg_id, request in self._deferred.pop(call.address, ()):
@@ -1132,7 +1150,7 @@ class DhtEngine:
                     continue
                 self._emit(encode_response(msg_id, self._answer(request, call.address, now)), call.address)
             node_id = parse_ping_response(body)
-            self._observe(Contact(node_id=node_id, host=call.address[0], port=call.address[1]), now)
+            self._observe(Contact(node_id=node_id, host=call.address[0], port=call.address[1]), now, answered_ping=True)
         elif purpose is _Purpose.BUCKET:
             assert call.contact is not None
             node_id = parse_ping_response(body)

@@ -20,6 +20,14 @@ An RPC failure (:meth:`RoutingTable.failed`) evicts a contact at once if a repla
 ``max_failures`` consecutive failures.  A known node id seen at a different address is *not* moved there (that
 would let anyone hijack a contact); the new address only takes over once the old one has been evicted.
 
+Node ids cost nothing, addresses do, so the table bounds what one host can hold.  An address holds one contact: a
+new id from an address that already has one is ignored (not cached either), unless it is the id that address
+answered one of our pings with (``observe(..., answered_ping=True)``: a round trip proved that this node lives
+there now), which evicts the old contact.  And one host (an IPv4 address, an IPv6 /64) holds at most
+``max_per_host`` contacts; loopback addresses are exempt (several local nodes, and nobody can send from them over a
+network).  Without these, one host sending requests under ever new ids filled every bucket along our own id (3,000
+contacts from a single address) and made each id a newcomer (which costs a hand-off scan).
+
 Nothing above notices a contact that died in a part of the keyspace this node never asks about, so the table also
 remembers when it last heard from each contact, and offers a *liveness check*
 (:meth:`RoutingTable.quiet_contacts`): every contact not heard from for ``quiet_for`` seconds, each at most once per
@@ -36,6 +44,8 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
+import ipaddress
 import math
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -43,6 +53,7 @@ from typing import Final
 
 from p2pmsg.dht.core.contact import KEYSPACE_BITS, NODE_ID_SIZE, Address, Contact
 from p2pmsg.dht.core.errors import DhtUsageError
+from p2pmsg.ratelimit import network_of
 
 __all__ = [
     "BucketInfo",
@@ -54,6 +65,18 @@ __all__ = [
 ]
 
 _KEYSPACE: Final = 1 << KEYSPACE_BITS
+
+
+@functools.lru_cache(maxsize=4096)
+def host_of(host: str) -> str | None:
+    """What :attr:`RoutingTable.max_per_host` counts ``host`` against: the IPv4 address or the IPv6 /64 (as CIDR
+    text), or ``None`` for a loopback address or anything that is not an IP literal (not counted)."""
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        return None
+    return network_of(host, 32, 64)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,12 +164,15 @@ class RoutingTable:
         split_depth_modulus: int = 5,
         replacement_cache_size: int | None = None,
         max_failures: int = 3,
+        max_per_host: int | None = None,
         now: float = 0.0,
     ) -> None:
         if len(own_id) != NODE_ID_SIZE:
             raise DhtUsageError(f"own_id must be {NODE_ID_SIZE} bytes")
         if k < 1 or split_depth_modulus < 1 or max_failures < 1:
             raise DhtUsageError("k, split_depth_modulus and max_failures must be positive")
+        if max_per_host is not None and max_per_host < 1:
+            raise DhtUsageError("max_per_host must be positive (or None: no bound)")
         self.own_id = own_id
         self.k = k
         self._own = int.from_bytes(own_id, "big")
@@ -155,6 +181,10 @@ class RoutingTable:
         self._max_failures = max_failures
         self._buckets: list[_Bucket] = [_Bucket(0, _KEYSPACE, 0, now)]
         self._lows: list[int] = [0]
+        #: Contacts per host (module docstring), and the contact at each address (node id); replacements excluded.
+        self.max_per_host = max_per_host
+        self._hosts: dict[str, int] = {}
+        self._addresses: dict[Address, bytes] = {}
 
     # -- queries -------------------------------------------------------------------------------------------------
 
@@ -253,28 +283,38 @@ class RoutingTable:
 
     # -- updates -------------------------------------------------------------------------------------------------
 
-    def observe(self, contact: Contact, now: float) -> list[RoutingEvent]:
-        """``contact`` proved alive (it answered us, or requested from a proven address); see the module docstring."""
+    def observe(self, contact: Contact, now: float, *, answered_ping: bool = False) -> list[RoutingEvent]:
+        """``contact`` proved alive (it answered us, or requested from a proven address); see the module docstring.
+        ``answered_ping``: its id is the one its address answered our ping with, so it replaces whatever contact
+        held that address."""
         if contact.node_id == self.own_id:
             return []
+        events: list[RoutingEvent] = []
+        holder = self._addresses.get(contact.address)
+        if holder is not None and holder != contact.node_id:
+            if not answered_ping:
+                return []
+            events = self.remove(holder)  # another node answers at that address now: the old one is gone
         while True:
             bucket = self._bucket_for(contact.node_id)
             known = bucket.contacts.get(contact.node_id)
             if known is not None:
                 if known.address != contact.address:
-                    return []
+                    return events
                 bucket.contacts.move_to_end(contact.node_id)
                 bucket.failures.pop(contact.node_id, None)
                 bucket.checked.pop(contact.node_id, None)
                 bucket.seen[contact.node_id] = now
                 bucket.last_touched = now
-                return []
+                return events
+            if not self._has_room(contact):
+                return events
             if len(bucket.contacts) < self.k:
-                bucket.contacts[contact.node_id] = contact
+                self._add(bucket, contact)
                 bucket.replacements.pop(contact.node_id, None)
                 bucket.seen[contact.node_id] = now
                 bucket.last_touched = now
-                return [ContactAdded(contact=contact)]
+                return [*events, ContactAdded(contact=contact)]
             if self._splittable(bucket):
                 self._split(bucket)
                 continue
@@ -287,8 +327,8 @@ class RoutingTable:
             if bucket.pending_ping is None:
                 oldest = next(iter(bucket.contacts.values()))
                 bucket.pending_ping = oldest.node_id
-                return [PingNeeded(contact=oldest)]
-            return []
+                return [*events, PingNeeded(contact=oldest)]
+            return events
 
     def ping_result(self, node_id: bytes, *, alive: bool, now: float) -> list[RoutingEvent]:
         """Report the outcome of a :class:`PingNeeded` ping."""
@@ -348,6 +388,21 @@ class RoutingTable:
 
     # -- internals -----------------------------------------------------------------------------------------------
 
+    def _has_room(self, contact: Contact) -> bool:
+        """Whether ``contact`` (not in the table) may enter it, or its replacement cache: its address holds no other
+        contact, and its host holds fewer than :attr:`max_per_host`."""
+        if contact.address in self._addresses:
+            return False
+        host = host_of(contact.host)
+        return host is None or self.max_per_host is None or self._hosts.get(host, 0) < self.max_per_host
+
+    def _add(self, bucket: _Bucket, contact: Contact) -> None:
+        bucket.contacts[contact.node_id] = contact
+        self._addresses[contact.address] = contact.node_id
+        host = host_of(contact.host)
+        if host is not None:
+            self._hosts[host] = self._hosts.get(host, 0) + 1
+
     def _bucket_for(self, node_id: bytes) -> _Bucket:
         value = int.from_bytes(node_id, "big")
         return self._buckets[bisect.bisect_right(self._lows, value) - 1]
@@ -379,14 +434,25 @@ class RoutingTable:
 
     def _evict(self, bucket: _Bucket, node_id: bytes) -> list[RoutingEvent]:
         removed = bucket.contacts.pop(node_id)
+        del self._addresses[removed.address]
+        host = host_of(removed.host)
+        if host is not None:
+            left = self._hosts[host] - 1
+            if left:
+                self._hosts[host] = left
+            else:
+                del self._hosts[host]
         bucket.failures.pop(node_id, None)
         bucket.checked.pop(node_id, None)
         del bucket.seen[node_id]
         if bucket.pending_ping == node_id:
             bucket.pending_ping = None
         events: list[RoutingEvent] = [ContactRemoved(contact=removed)]
-        if bucket.replacements:
-            _, newcomer = bucket.replacements.popitem(last=True)
-            bucket.contacts[newcomer.node_id] = newcomer
+        # The most recent replacement that may enter (one that came while its address or host was free may no
+        # longer: it waits on in the cache).
+        newcomer = next((c for c in reversed(bucket.replacements.values()) if self._has_room(c)), None)
+        if newcomer is not None:
+            del bucket.replacements[newcomer.node_id]
+            self._add(bucket, newcomer)
             events.append(ContactAdded(contact=newcomer))
         return events

@@ -1,0 +1,184 @@
+"""Findings of the session-13 review of what a remote stranger can make the DHT do: ever new node ids from a few
+addresses (routing-table share per address and per host, the cost of hand-off scans)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pmsg.dht.core.contact import Address, Contact
+from p2pmsg.dht.core.engine import DhtConfig, DhtEngine
+from p2pmsg.dht.core.errors import DhtUsageError
+from p2pmsg.dht.core.messages import (
+    IncomingRequest,
+    PingRequest,
+    decode_datagram,
+    encode_request,
+    encode_response,
+    new_message_id,
+)
+from p2pmsg.dht.core.routing import ContactAdded, ContactRemoved, RoutingTable
+from p2pmsg.identity import Identity
+
+
+def ident(n: int) -> Identity:
+    return Identity.from_seed(hashlib.sha256(b"review4-%d" % n).digest())
+
+
+def node_id(n: int) -> bytes:
+    return hashlib.sha1(b"id-%d" % n).digest()
+
+
+def ping_from(engine: DhtEngine, address: Address, sender: bytes, now: float) -> None:
+    request = encode_request(new_message_id(hashlib.sha256(sender).digest()[:12]), PingRequest(node_id=sender))
+    engine.datagram_received(request, address, now)
+    engine.take_datagrams()
+
+
+def flood(engine: DhtEngine, addresses: list[Address], ids: int, *, step: float = 0.02) -> float:
+    """Pings under ``ids`` new node ids spread over ``addresses`` (already proven), below the per-address rate."""
+    now = 1.0
+    for address in addresses:
+        engine.guard.mark_proven(address, now)
+    for n in range(ids):
+        now += step / len(addresses)
+        ping_from(engine, addresses[n % len(addresses)], node_id(n), now)
+    return now
+
+
+def test_one_address_under_ever_new_ids_holds_one_contact() -> None:
+    """The review's probe: one proven address pinging under a new id each time filled the table along our own id
+    (3,000 contacts from a single address), each id a newcomer."""
+    engine = DhtEngine(ident(1))
+    address = ("198.51.100.7", 4000)
+    flood(engine, [address], 300)
+    assert [(c.node_id, c.address) for c in engine.table.contacts()] == [(node_id(0), address)]
+    assert all(not b.replacements for b in engine.table.buckets())  # not waiting in a cache either
+
+
+@pytest.mark.parametrize(
+    ("host", "ports", "held"),
+    [("198.51.100.7", 12, 8), ("2001:db8::", 12, 8), ("127.0.0.1", 12, 12)],  # IPv6: one /64, many addresses
+)
+def test_one_host_holds_at_most_eight_contacts_loopback_aside(host: str, ports: int, held: int) -> None:
+    engine = DhtEngine(ident(2))
+    if ":" in host:
+        addresses = [(f"{host}{n + 1:x}", 4000) for n in range(ports)]
+    else:
+        addresses = [(host, 4000 + n) for n in range(ports)]
+    flood(engine, addresses, 10 * ports)
+    contacts = engine.table.contacts()
+    assert len(contacts) == held
+    assert len({c.address for c in contacts}) == held  # one per address
+
+
+def test_a_node_that_restarted_under_a_new_id_takes_its_address_back_by_answering_a_ping() -> None:
+    engine = DhtEngine(ident(3))
+    address = ("198.51.100.7", 4000)
+    flood(engine, [address], 1)
+    engine.ping(address, 10.0)
+    [(datagram, to)] = engine.take_datagrams()
+    assert to == address
+    request = decode_datagram(datagram)
+    assert isinstance(request, IncomingRequest)
+    engine.datagram_received(encode_response(request.msg_id, node_id(99)), address, 10.1)
+    assert [(c.node_id, c.address) for c in engine.table.contacts()] == [(node_id(99), address)]
+
+
+def test_hand_off_scans_are_bounded_however_fast_newcomers_come() -> None:
+    """Each newcomer started a walk of the whole store and table (about 3 ms with 2,400 contacts) before the hand-off
+    rate was checked; newcomers from many hosts made faster than that took the node's CPU."""
+    config = DhtConfig(k=1024)  # one bucket: every id from a new host is a newcomer
+    engine = DhtEngine(ident(4), config=config)
+    scans = 0
+    items = engine.storage.items
+
+    def counted(now: float) -> object:
+        nonlocal scans
+        scans += 1
+        return items(now)
+
+    engine.storage.items = counted  # type: ignore[method-assign]
+    hosts = [(f"198.51.{n // 250}.{n % 250 + 1}", 4000) for n in range(600)]
+    end = flood(engine, hosts, 600, step=1.0)  # 600 newcomers in 1 s
+    assert len(engine.table) == 600
+    assert scans <= config.handoff_burst + config.handoff_rate * end + 1
+    assert engine.stats["handoff_scans_skipped"] == 600 - scans
+
+
+def test_routing_table_share_bounds_are_checked() -> None:
+    with pytest.raises(DhtUsageError, match="max_contacts_per_host"):
+        DhtConfig(max_contacts_per_host=0)
+    with pytest.raises(DhtUsageError, match="max_per_host"):
+        RoutingTable(bytes(20), max_per_host=0)
+
+
+# -- the table alone ---------------------------------------------------------------------------------------------------
+
+
+def far(n: int, host: str, port: int = 4000) -> Contact:
+    return Contact(node_id=((1 << 159) | n).to_bytes(20, "big"), host=host, port=port)
+
+
+def test_an_address_holds_one_contact_until_it_answers_a_ping_with_another_id() -> None:
+    table = RoutingTable(bytes(20), k=4)
+    first, second = far(1, "198.51.100.7"), far(2, "198.51.100.7")
+    assert table.observe(first, 0.0) == [ContactAdded(contact=first)]
+    assert table.observe(second, 1.0) == []
+    assert table.contacts() == [first]
+    assert table.observe(second, 2.0, answered_ping=True) == [
+        ContactRemoved(contact=first),
+        ContactAdded(contact=second),
+    ]
+    assert table.contacts() == [second]
+
+
+def test_a_waiting_replacement_whose_host_filled_up_meanwhile_stays_in_the_cache() -> None:
+    table = RoutingTable(bytes(20), k=2, max_per_host=1, split_depth_modulus=1)  # the far half never splits
+    a, b = far(1, "192.0.2.1"), far(2, "192.0.2.2")
+    c, e = far(3, "192.0.2.3"), far(4, "192.0.2.3", 4001)
+    for contact in (a, b, c, e):  # c and e wait (bucket full); their host has no contact yet
+        table.observe(contact, 0.0)
+    assert table.contacts() == [a, b]
+    assert table.ping_result(a.node_id, alive=False, now=1.0) == [ContactRemoved(contact=a), ContactAdded(contact=e)]
+    assert table.failed(b.node_id, 2.0) == [ContactRemoved(contact=b)]  # c's host is full now: not promoted
+    assert table.contacts() == [e]
+    [bucket] = [bk for bk in table.buckets() if bk.contacts]
+    assert bucket.replacements == (c,)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(st.sampled_from(["observe", "answered", "failed", "dead", "remove"]), st.integers(0, 2**160 - 1)),
+        max_size=200,
+    )
+)
+def test_address_and_host_shares_hold_under_any_sequence(ops: list[tuple[str, int]]) -> None:
+    table = RoutingTable(bytes(20), k=3, max_per_host=2)
+    seen: list[Contact] = []
+    for now, (op, value) in enumerate(ops):
+        if op in ("observe", "answered") or not seen:
+            # Few hosts and ports, so addresses and hosts collide all the time; 127.0.0.1 is not counted.
+            host = ("192.0.2.1", "192.0.2.2", "127.0.0.1")[value % 3]
+            contact = Contact(node_id=value.to_bytes(20, "big"), host=host, port=1 + (value >> 8) % 3)
+            table.observe(contact, float(now), answered_ping=op == "answered")
+            seen.append(contact)
+            continue
+        target = seen[value % len(seen)].node_id
+        if op == "failed":
+            table.failed(target, float(now))
+        elif op == "dead":
+            table.ping_result(target, alive=False, now=float(now))
+        else:
+            table.remove(target)
+    contacts = table.contacts()
+    assert len({c.address for c in contacts}) == len(contacts)
+    per_host = collections.Counter(c.host for c in contacts if c.host != "127.0.0.1")
+    assert all(count <= 2 for count in per_host.values())
+    assert table._addresses == {c.address: c.node_id for c in contacts}
+    assert table._hosts == {f"{h}/32": n for h, n in per_host.items()}
