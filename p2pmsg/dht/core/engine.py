@@ -29,6 +29,8 @@ RPC is unknown (as ``rpcudp`` does).  Otherwise it is answered exactly like ``ka
   per source network (/24, /64), and everything this node sends because of others' requests stays out of a reserved
   share of the pending-request table, so a flood of requests from fresh ports can never starve this node's own
   lookups.
+  A proven address is answered in full, up to ``answer_rate_per_address`` bytes a second: a request forged with
+  its source is answered to it too.
   Requests this node starts on its own (lookup queries, publishing) are not charged: they go to contacts learnt
   from the routing table or from answers, one small request each, and larger STOREs only go to nodes that answered
   a lookup;
@@ -200,6 +202,12 @@ class DhtConfig:
     request_burst_per_address: float = 200.0
     request_rate_per_ip: float = 1000.0
     request_burst_per_ip: float = 2000.0
+    #: Bytes of answers per second (and burst) to one *proven* address.  A proof only shows that the address talked
+    #: to us within ``proven_ttl``; a request forged with its source (a 78-byte ``find_value`` for a 2 KB record)
+    #: is answered to it all the same, so without this every node it talked to reflected 23 times the forger's bytes
+    #: at it (up to ``request_rate_per_address`` requests a second).  Unproven addresses have their byte credit.
+    answer_rate_per_address: float = 32768.0
+    answer_burst_per_address: float = 262144.0
     #: STOREs per source *network* (an IPv4 /24 or an IPv6 /64, :func:`~p2pmsg.dht.core.storage.source_prefix`),
     #: despite the names (kept for existing configurations): one /24 must not get 256 times the rate of one host.
     store_rate_per_ip: float = 50.0
@@ -394,6 +402,9 @@ class DhtEngine:
             burst=cfg.store_provider_factor * cfg.store_burst_per_ip,
         )
         self._handoff_limiter: RateLimiter[None] = RateLimiter(rate=cfg.handoff_rate, burst=cfg.handoff_burst)
+        self._answer_limiter: RateLimiter[Address] = RateLimiter(
+            rate=cfg.answer_rate_per_address, burst=cfg.answer_burst_per_address, max_sources=cfg.max_peers_tracked
+        )
         self._handoff_scans: RateLimiter[None] = RateLimiter(rate=cfg.handoff_rate, burst=cfg.handoff_burst)
         self._pending: dict[bytes, _Call] = {}
         self._background_pending = 0
@@ -429,6 +440,7 @@ class DhtEngine:
                 "answers_deferred",
                 "amplification_truncated",
                 "amplification_dropped",
+                "answers_capped",
                 "stores_accepted",
                 "stores_refused",
                 "values_rejected",
@@ -677,7 +689,11 @@ class DhtEngine:
         if self.guard.is_proven(address, now):
             if isinstance(request, StoreRequest) and not self._store_allowed(address, now):
                 return
-            self._emit(encode_response(message.msg_id, self._answer(request, address, now)), address)
+            datagram = encode_response(message.msg_id, self._answer(request, address, now))
+            if not self._answer_limiter.allow(address, now, len(datagram)):
+                self.stats["answers_capped"] += 1
+                return
+            self._emit(datagram, address)
             if sender is not None:
                 self._observe(Contact(node_id=sender, host=address[0], port=address[1]), now)
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -14,13 +15,16 @@ from p2pmsg.dht.core.contact import Address, Contact
 from p2pmsg.dht.core.engine import DhtConfig, DhtEngine
 from p2pmsg.dht.core.errors import DhtUsageError
 from p2pmsg.dht.core.messages import (
+    FindValueRequest,
     IncomingRequest,
+    IncomingResponse,
     PingRequest,
     decode_datagram,
     encode_request,
     encode_response,
     new_message_id,
 )
+from p2pmsg.dht.core.records import PeerRecord, peer_record_key, seal_peer_record
 from p2pmsg.dht.core.routing import ContactAdded, ContactRemoved, RoutingTable
 from p2pmsg.identity import Identity
 
@@ -115,6 +119,39 @@ def test_routing_table_share_bounds_are_checked() -> None:
         DhtConfig(max_contacts_per_host=0)
     with pytest.raises(DhtUsageError, match="max_per_host"):
         RoutingTable(bytes(20), max_per_host=0)
+
+
+def test_answers_to_a_proven_address_are_capped_so_forged_requests_cannot_reflect_much_at_it() -> None:
+    """A proof only says the address talked to us lately: a ``find_value`` forged with its source was answered to it
+    in full, a 2 KB record for 78 bytes, 100 times a second from every node it had talked to."""
+    config = DhtConfig()
+    engine = DhtEngine(ident(5), config=config)
+    signer = ident(6)
+    label = "a" * 60
+    addrs = tuple(f"/dns4/{label}.{label}.h{i}.example/tcp/4001" for i in range(8))  # a 1,400-byte record
+    record = PeerRecord(peer_id=signer.peer_id, addrs=addrs, seq=1, expires_at=int(time.time()) + 3600)
+    key = peer_record_key(signer.peer_id)
+    assert engine.store_local(key, seal_peer_record(signer, record), 0.0)
+    victim, other = ("198.51.100.9", 4000), ("203.0.113.5", 4000)
+    engine.guard.mark_proven(victim, 0.0)
+    engine.guard.mark_proven(other, 0.0)
+    sent_to_victim = 0
+    now = 0.0
+    for n in range(1000):  # 100 a second for 10 s: what the per-address request rate lets through
+        now += 0.01
+        request = FindValueRequest(node_id=node_id(1000 + n), key=key)
+        engine.datagram_received(encode_request(new_message_id(n.to_bytes(12, "big")), request), victim, now)
+        sent_to_victim += sum(len(data) for data, to in engine.take_datagrams() if to == victim)
+    single = len(encode_response(bytes(20), [])) + 1500
+    assert sent_to_victim <= config.answer_burst_per_address + config.answer_rate_per_address * now + single
+    assert sent_to_victim >= config.answer_burst_per_address  # not answered less than the cap either
+    assert engine.stats["answers_capped"] > 0
+    request = FindValueRequest(node_id=node_id(5000), key=key)
+    engine.datagram_received(encode_request(new_message_id(bytes(12)), request), other, now)
+    answers = [
+        d for d, to in engine.take_datagrams() if to == other and isinstance(decode_datagram(d), IncomingResponse)
+    ]
+    assert len(answers) == 1 and len(answers[0]) > 1400  # another address is answered as before
 
 
 # -- the table alone ---------------------------------------------------------------------------------------------------
