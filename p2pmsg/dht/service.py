@@ -393,11 +393,9 @@ class DhtNode:
             await self._flush()
             pending = dict(waiters)
             with trio.CancelScope() as scope:
-                while pending:
-                    progress = trio.Event()  # set by whichever pending ping ends next
-                    for waiter in pending.values():
-                        waiter.event = progress
-                    await progress.wait()
+                while True:
+                    # Take the pings that ended (a ping that cannot go out ends within the flush above), then wait
+                    # for the next, with no checkpoint in between: nothing can end unseen.
                     for op, waiter in list(pending.items()):
                         if waiter.result is None and op not in self._waiters:
                             raise DhtUsageError("the DHT node stopped during the operation")
@@ -407,6 +405,12 @@ class DhtNode:
                         answered = isinstance(waiter.result, PingDone) and waiter.result.node_id is not None
                         if answered and scope.deadline == math.inf:
                             scope.deadline = trio.current_time() + settle
+                    if not pending:
+                        break
+                    progress = trio.Event()  # set by whichever pending ping ends next
+                    for waiter in pending.values():
+                        waiter.event = progress
+                    await progress.wait()
             settled = True
         finally:
             for op in waiters:

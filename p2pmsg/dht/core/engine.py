@@ -422,6 +422,7 @@ class DhtEngine:
         self._lifetimes: dict[bytes, tuple[int, float, int, str]] = {}  # signer: expires_at, left, lifetime, network
         self._own_peer = identity.peer_id.to_bytes()
         self._silent: OrderedDict[Address, float] = OrderedDict()
+        self._pinging: dict[Address, tuple[int, float]] = {}  # address: pings pending (:meth:`ping`), first sent at
         self._lookups: dict[int, _LookupOp] = {}
         self._next_op = 1
         self._out: list[tuple[bytes, Address]] = []
@@ -838,6 +839,9 @@ class DhtEngine:
         known = samples.get(signer)
         if known is not None and expires_at < known[0]:  # a stale copy served by some holder does not replace it
             return
+        if known is not None and expires_at == known[0]:  # the same record again (our own check of a STORE we took,
+            samples[signer] = (expires_at, expires_at - wall, expires_at - seq, known[3])  # another holder's copy)
+            return  # stays with the network that brought it
         network = source_prefix(source)
         samples.pop(signer, None)
         # Drop the stalest record, not the least recently seen: a holder that hands on many records of nodes long
@@ -862,6 +866,14 @@ class DhtEngine:
         self._silent.move_to_end(address)
         while len(self._silent) > self.config.max_peers_tracked:
             self._silent.popitem(last=False)
+
+    def _ping_stalled(self, address: Address, now: float) -> bool:
+        """Whether a :meth:`ping` of ``address`` has gone unanswered for ``stall_timeout`` (it is still pending).
+        Lookups skip such an address as they skip a silent one: a restarted node pings the nodes of its saved routing
+        table, and others still name the ones that died since; without this, its first lookups waited for their
+        timeouts (``rpc_timeout``), which its pings were about to find anyway."""
+        pinging = self._pinging.get(address)
+        return pinging is not None and now - pinging[1] >= self.config.stall_timeout
 
     def _is_silent(self, address: Address, now: float) -> bool:
         """Whether a request to ``address`` timed out less than ``silent_memory`` ago with nothing heard since."""
@@ -1113,6 +1125,9 @@ class DhtEngine:
             expected_id=expected_id,
             challenge=challenge,
         )
+        if purpose is _Purpose.PING:
+            count, since = self._pinging.get(address, (0, now))
+            self._pinging[address] = (count + 1, since)
         self._timer_seq += 1
         heapq.heappush(self._timers, (deadline, self._timer_seq, msg_id))
         self._emit(datagram, address)
@@ -1123,6 +1138,12 @@ class DhtEngine:
         del self._pending[call.msg_id]
         if call.purpose in _BACKGROUND:
             self._background_pending -= 1
+        if call.purpose is _Purpose.PING:
+            count, since = self._pinging[call.address]
+            if count > 1:
+                self._pinging[call.address] = (count - 1, since)
+            else:
+                del self._pinging[call.address]
         if call.purpose is _Purpose.VERIFY:
             source = source_prefix(call.address[0])
             left = self._verify_by_source[source] - 1
@@ -1340,7 +1361,7 @@ class DhtEngine:
                     request = FindNodeRequest(node_id=self.node_id, key=lookup.target)
                 else:
                     request = FindValueRequest(node_id=self.node_id, key=lookup.target)
-                if self._is_silent(contact.address, now):
+                if self._is_silent(contact.address, now) or self._ping_stalled(contact.address, now):
                     self.stats["silent_skipped"] += 1
                     lookup.on_failure(contact.node_id, now)
                 elif (

@@ -4,16 +4,20 @@ addresses (routing-table share per address and per host, the cost of hand-off sc
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import time
 
 import pytest
+import trio
+from dht_sim import build_network
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2pmsg.dht.core.contact import Address, Contact
 from p2pmsg.dht.core.engine import DhtConfig, DhtEngine
-from p2pmsg.dht.core.errors import DhtUsageError
+from p2pmsg.dht.core.errors import DhtUsageError, RecordError
+from p2pmsg.dht.core.events import LookupDone, PingDone
 from p2pmsg.dht.core.messages import (
     FindValueRequest,
     IncomingRequest,
@@ -26,6 +30,7 @@ from p2pmsg.dht.core.messages import (
 )
 from p2pmsg.dht.core.records import PeerRecord, peer_record_key, seal_peer_record
 from p2pmsg.dht.core.routing import ContactAdded, ContactRemoved, RoutingTable
+from p2pmsg.dht.service import open_dht_node
 from p2pmsg.identity import Identity
 
 
@@ -219,3 +224,71 @@ def test_address_and_host_shares_hold_under_any_sequence(ops: list[tuple[str, in
     assert all(count <= 2 for count in per_host.values())
     assert table._addresses == {c.address: c.node_id for c in contacts}
     assert table._hosts == {f"{h}/32": n for h, n in per_host.items()}
+
+
+# -- a restart with dead nodes in the saved routing table --------------------------------------------------------------
+
+
+def test_lookups_skip_an_address_whose_ping_has_stalled_rather_than_wait_for_it_to_time_out() -> None:
+    """A restarted node pings the nodes it saved and, once the live ones answered, looks up its own id; the live
+    nodes still name the dead ones, and the lookup (and the first publish after it) waited for their timeouts, 2 s
+    after the pings that were about to find them dead."""
+    net, engines = build_network(6)
+    dead = [net.address_of(e) for e in engines[3:]]
+    net.dead.update(dead)
+    joiner = net.add(50)
+    start = net.now
+    pings = [joiner.ping(address, net.now) for address in [*dead, net.address_of(engines[0])]]
+    assert isinstance(net.wait(joiner, pings[-1]), PingDone)  # the live node answered
+    net.now = start + joiner.config.stall_timeout  # nothing is due before: the dead pings time out at start + 2 s
+    done = net.wait(joiner, joiner.lookup_nodes(joiner.node_id, net.now))
+    assert isinstance(done, LookupDone)
+    assert {c.address for c in done.closest} == {net.address_of(e) for e in engines[:3]}
+    assert net.now - start < joiner.config.rpc_timeout  # not held by the dead nodes it was still pinging
+    assert joiner.stats["silent_skipped"] >= len(dead)
+    for op in pings[:-1]:
+        event = net.wait(joiner, op)
+        assert isinstance(event, PingDone) and event.node_id is None  # they time out as before
+
+
+async def test_bootstrap_returns_when_no_ping_could_even_go_out() -> None:
+    """Pings that cannot be sent (the pending table is full) end at once, inside the first flush: the wait for
+    them must not start after they ended (it hung)."""
+    config = DhtConfig(max_pending=8, rpc_timeout=20.0, stall_timeout=0.2)
+    async with open_dht_node(ident(7), config=config) as node:
+        silent = [trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM) for _ in range(9)]
+        try:
+            for sock in silent:
+                await sock.bind(("127.0.0.1", 0))
+            for sock in silent[:8]:
+                node.engine.ping(sock.getsockname(), trio.current_time())  # fill the pending table
+            with trio.fail_after(5):
+                assert await node.bootstrap([silent[8].getsockname()]) == 0
+        finally:
+            for sock in silent:
+                sock.close()
+        assert node.engine.stats["pending_full"] >= 1
+        assert node._waiters == {}
+
+
+def test_a_record_checked_again_keeps_the_network_that_brought_it() -> None:
+    """A node checks each record its store took in once more, for its record listener (``verify_record``, source
+    "local"): that moved every sample to the "local" network, itself capped at 8, so 20 honest networks' records
+    counted as 8 and one host's 8 records signed weeks ahead outweighed them."""
+    engine = DhtEngine(ident(8))
+    wall = int(time.time())
+
+    def store(signer: Identity, left: int, lifetime: int, source: str) -> None:
+        record = PeerRecord(peer_id=signer.peer_id, addrs=(), seq=wall + left - lifetime, expires_at=wall + left)
+        key, value = peer_record_key(signer.peer_id), seal_peer_record(signer, record)
+        engine._accept_store(key, value, source, 0.0)
+        with contextlib.suppress(RecordError):
+            engine.verify_record(key, value)  # what DhtNode does for on_record
+
+    for n in range(20):
+        store(ident(100 + n), 1800, 3600, f"198.51.{n}.7")
+    for n in range(8):
+        store(ident(200 + n), 30 * 86_400, 86_400, "203.0.113.9")
+    lefts = sorted(left for left, _ in engine.record_lifetimes())
+    assert len(lefts) == 28
+    assert sum(1 for left in lefts if 1700 <= left <= 1800) == 20
