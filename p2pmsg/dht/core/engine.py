@@ -542,7 +542,7 @@ class DhtEngine:
             return
         if isinstance(message, IncomingRequest):
             self.guard.received(address, len(data), now)
-            self._on_request(message, address, now)
+            self._on_request(message, address, now, len(data))
         else:
             self._on_response(message, address, now)
 
@@ -673,7 +673,7 @@ class DhtEngine:
     # Requests from the network
     # =================================================================================================================
 
-    def _on_request(self, message: IncomingRequest, address: Address, now: float) -> None:
+    def _on_request(self, message: IncomingRequest, address: Address, now: float, size: int) -> None:
         self._silent.pop(address, None)
         request = message.request
         if isinstance(request, UnknownRequest) or (isinstance(request, AuthRequest) and not self.config.extensions):
@@ -693,10 +693,20 @@ class DhtEngine:
             datagram = encode_response(message.msg_id, self._answer(request, address, now))
             if not self._answer_limiter.allow(address, now, len(datagram)):
                 self.stats["answers_capped"] += 1
-                return
+                if not isinstance(request, FindNodeRequest | FindValueRequest):
+                    return
+                # Over the budget, a find_* still gets an answer no larger than the request (contacts, if any fit):
+                # silence would look like a timeout to an honest requester (which then drops us), and the address a
+                # forger named gets no more bytes than were forged.
+                fitted = fit_contacts(self._closest_for(request, address), size - HEADER_SIZE)
+                datagram = encode_response(message.msg_id, nodes_body(fitted))
             self._emit(datagram, address)
             if sender is not None:
-                self._observe(Contact(node_id=sender, host=address[0], port=address[1]), now)
+                holder = self.table.holder(address)
+                if holder is None or holder == sender:
+                    self._observe(Contact(node_id=sender, host=address[0], port=address[1]), now)
+                else:  # the address holds another id (maybe one a third node gave for it): its pong decides
+                    self._verify_requester(sender, address, now)
             return
         # Unproven address.  A ping is answered at once (the answer, 43 bytes, is smaller than the ping, so this is
         # never an amplifier, and it is what lets two new nodes prove themselves to each other without deadlock).

@@ -23,7 +23,8 @@ would let anyone hijack a contact); the new address only takes over once the old
 Node ids cost nothing, addresses do, so the table bounds what one host can hold.  An address holds one contact: a
 new id from an address that already has one is ignored (not cached either), unless it is the id that address
 answered one of our pings with (``observe(..., answered_ping=True)``: a round trip proved that this node lives
-there now), which evicts the old contact.  And one host (an IPv4 address, an IPv6 /64) holds at most
+there now), which evicts the old contact.  (The engine pings an address whose request names another id than its
+contact's, so a wrong id that a third node gave for an address cannot keep out the node that lives there.)  And one host (an IPv4 address, an IPv6 /64) holds at most
 ``max_per_host`` contacts; loopback addresses are exempt (several local nodes, and nobody can send from them over a
 network).  Without these, one host sending requests under ever new ids filled every bucket along our own id (3,000
 contacts from a single address) and made each id a newcomer (which costs a hand-off scan).
@@ -197,6 +198,10 @@ class RoutingTable:
     def get(self, node_id: bytes) -> Contact | None:
         """The contact with this id, if it is in the table."""
         return self._bucket_for(node_id).contacts.get(node_id)
+
+    def holder(self, address: Address) -> bytes | None:
+        """The node id of the contact at ``address``, if one is in the table."""
+        return self._addresses.get(address)
 
     def contacts(self) -> list[Contact]:
         """Every contact in the table (bucket order, least-recently seen first within a bucket)."""

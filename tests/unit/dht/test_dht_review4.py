@@ -140,23 +140,67 @@ def test_answers_to_a_proven_address_are_capped_so_forged_requests_cannot_reflec
     victim, other = ("198.51.100.9", 4000), ("203.0.113.5", 4000)
     engine.guard.mark_proven(victim, 0.0)
     engine.guard.mark_proven(other, 0.0)
-    sent_to_victim = 0
+    sent_to_victim = forged = 0
     now = 0.0
+    answers: list[bytes] = []
     for n in range(1000):  # 100 a second for 10 s: what the per-address request rate lets through
         now += 0.01
-        request = FindValueRequest(node_id=node_id(1000 + n), key=key)
-        engine.datagram_received(encode_request(new_message_id(n.to_bytes(12, "big")), request), victim, now)
-        sent_to_victim += sum(len(data) for data, to in engine.take_datagrams() if to == victim)
+        request = encode_request(new_message_id(n.to_bytes(12, "big")), FindValueRequest(node_id=node_id(n), key=key))
+        forged += len(request)
+        engine.datagram_received(request, victim, now)
+        out = [data for data, to in engine.take_datagrams() if to == victim]
+        sent_to_victim += sum(map(len, out))
+        answers += [data for data in out if isinstance(decode_datagram(data), IncomingResponse)]
     single = len(encode_response(bytes(20), [])) + 1500
-    assert sent_to_victim <= config.answer_burst_per_address + config.answer_rate_per_address * now + single
+    # In full up to the budget; beyond it, an answer no larger than its request each (forged bytes, not more).
+    assert sent_to_victim <= config.answer_burst_per_address + config.answer_rate_per_address * now + single + forged
     assert sent_to_victim >= config.answer_burst_per_address  # not answered less than the cap either
     assert engine.stats["answers_capped"] > 0
+    assert len(answers) == 1000  # every request answered: a capped one with a short answer, not with silence
+    assert sum(1 for data in answers if len(data) > 1400) < 1000 - engine.stats["answers_capped"] + 1
     request = FindValueRequest(node_id=node_id(5000), key=key)
     engine.datagram_received(encode_request(new_message_id(bytes(12)), request), other, now)
     answers = [
         d for d, to in engine.take_datagrams() if to == other and isinstance(decode_datagram(d), IncomingResponse)
     ]
     assert len(answers) == 1 and len(answers[0]) > 1400  # another address is answered as before
+
+
+def answer_our_pings(engine: DhtEngine, address: Address, with_id: bytes, now: float) -> int:
+    """Answer every ping the engine sent to ``address`` with ``with_id``; how many there were."""
+    pings = []
+    for data, to in engine.take_datagrams():
+        message = decode_datagram(data)
+        if to == address and isinstance(message, IncomingRequest) and isinstance(message.request, PingRequest):
+            pings.append(message.msg_id)
+    for msg_id in pings:
+        engine.datagram_received(encode_response(msg_id, with_id), address, now)
+    return len(pings)
+
+
+def test_an_id_a_third_node_gave_for_an_address_does_not_keep_out_the_node_living_there() -> None:
+    """Lookup answers bring contacts under the ids other nodes name; one that names a wrong id for an honest node's
+    address put that id in the table, and the honest node's own requests were then ignored for good."""
+    engine = DhtEngine(ident(9))
+    honest = ("198.51.100.20", 4000)
+    engine.guard.mark_proven(honest, 0.0)
+    engine.table.observe(Contact(node_id=node_id(1), host=honest[0], port=honest[1]), 0.0)  # as a lookup answer does
+    request = encode_request(new_message_id(b"\x07" * 12), PingRequest(node_id=node_id(2)))
+    engine.datagram_received(request, honest, 1.1)
+    assert answer_our_pings(engine, honest, node_id(2), 1.2) == 1  # we asked who lives there
+    assert engine.table.holder(honest) == node_id(2)
+    assert node_id(1) not in engine.table
+
+
+def test_a_request_forged_under_another_id_does_not_move_an_honest_contact() -> None:
+    engine = DhtEngine(ident(10))
+    honest = ("198.51.100.21", 4000)
+    flood(engine, [honest], 1)  # node_id(0) lives there
+    for n in range(5):
+        request = encode_request(new_message_id(bytes([n]) * 12), PingRequest(node_id=node_id(500 + n)))
+        engine.datagram_received(request, honest, 2.0 + n)
+        answer_our_pings(engine, honest, node_id(0), 2.1 + n)  # the real node answers with its own id
+    assert [c.node_id for c in engine.table.contacts()] == [node_id(0)]
 
 
 # -- the table alone ---------------------------------------------------------------------------------------------------
