@@ -20,14 +20,14 @@ An RPC failure (:meth:`RoutingTable.failed`) evicts a contact at once if a repla
 ``max_failures`` consecutive failures.  A known node id seen at a different address is *not* moved there (that
 would let anyone hijack a contact); the new address only takes over once the old one has been evicted.
 
-Node ids cost nothing, addresses do, so the table bounds what one host can hold.  An address holds one contact: a
-new id from an address that already has one is ignored (not cached either), unless it is the id that address
-answered one of our pings with (``observe(..., answered_ping=True)``: a round trip proved that this node lives
-there now), which evicts the old contact.  (The engine pings an address whose request names another id than its
-contact's, so a wrong id that a third node gave for an address cannot keep out the node that lives there.)  And one host (an IPv4 address, an IPv6 /64) holds at most
-``max_per_host`` contacts; loopback addresses are exempt (several local nodes, and nobody can send from them over a
-network).  Without these, one host sending requests under ever new ids filled every bucket along our own id (3,000
-contacts from a single address) and made each id a newcomer (which costs a hand-off scan).
+Node ids cost nothing, addresses do, so the table bounds what one host can hold.  An address holds one contact: a new id
+from an address that already has one is ignored (not cached either), unless it is the id that address answered one of
+our pings with (``observe(..., answered_ping=True)``: a round trip proved that this node lives there now), which evicts
+the old contact.  (The engine pings an address whose request names another id than its contact's, so a wrong id that a
+third node gave for an address cannot keep out the node that lives there.)  And one host (an IPv4 address, an IPv6 /64)
+holds at most ``max_per_host`` contacts; loopback addresses are exempt (several local nodes, and nobody can send from
+them over a network).  Without these, one host sending requests under ever new ids filled every bucket along our own id
+(3,000 contacts from a single address) and made each id a newcomer (which costs a hand-off scan).
 
 Nothing above notices a contact that died in a part of the keyspace this node never asks about, so the table also
 remembers when it last heard from each contact, and offers a *liveness check*
