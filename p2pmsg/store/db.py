@@ -589,7 +589,7 @@ class Database:
         self._read_limiter = trio.CapacityLimiter(readers)
         self._closed = False
         self._close_done = trio.Event()
-        self._checking: sqlite3.Connection | None = None  # the reader running quick_check, if one is
+        self._checking: set[sqlite3.Connection] = set()  # the readers running quick_check
 
     @property
     def schema_version(self) -> int:
@@ -672,7 +672,7 @@ class Database:
         def check(conn: sqlite3.Connection) -> list[str]:
             # aclose() interrupts the check (it waits for reads in flight, and this one can take long): it sets
             # _closed, then interrupts _checking; here _checking is set before _closed is looked at.
-            self._checking = conn
+            self._checking.add(conn)
             try:
                 if self._closed:
                     raise StoreClosedError("the database was closed")
@@ -682,7 +682,7 @@ class Database:
                     raise StoreClosedError("the database was closed during the check") from None
                 return [str(exc)]
             finally:
-                self._checking = None
+                self._checking.discard(conn)
             problems = [str(row[0]) for row in rows]
             return [] if problems == ["ok"] else problems
 
@@ -726,8 +726,9 @@ class Database:
         """Interrupt a ``quick_check`` in flight (:meth:`aclose`), again every :data:`_INTERRUPT_RETRY` seconds until it
         ends: SQLite ignores an interrupt that comes before the statement started, and the check may be between its
         look at ``_closed`` and its first step (a test saw 2 closes in 3 wait for the whole check)."""
-        while (checking := self._checking) is not None:
-            checking.interrupt()  # thread-safe by SQLite's design
+        while self._checking:
+            for conn in list(self._checking):
+                conn.interrupt()  # thread-safe by SQLite's design
             await trio.sleep(_INTERRUPT_RETRY)
 
 

@@ -162,6 +162,8 @@ AUTH_PAYLOAD_TYPE: Final = b"/p2pmsg/dht-auth/2"
 MAX_AUTH_RESPONSE: Final = 512
 _MAX_DEFERRED_PER_ADDRESS: Final = 8
 _VERIFIED_CACHE_SIZE: Final = 128
+_REVERIFY_INTERVAL: Final = 60.0
+"""Seconds between pings that settle who lives at an address whose requests name another id than its contact's."""
 _LIFETIME_SAMPLES: Final = 64
 """Signers whose records' remaining lifetime the engine remembers (:meth:`DhtEngine.record_lifetimes`)."""
 _LIFETIME_SAMPLES_PER_SOURCE: Final = 8
@@ -422,7 +424,12 @@ class DhtEngine:
         self._lifetimes: dict[bytes, tuple[int, float, int, str]] = {}  # signer: expires_at, left, lifetime, network
         self._own_peer = identity.peer_id.to_bytes()
         self._silent: OrderedDict[Address, float] = OrderedDict()
-        self._pinging: dict[Address, tuple[int, float]] = {}  # address: pings pending (:meth:`ping`), first sent at
+        self._pinging: dict[Address, tuple[int, float]] = {}  # address: pings pending (:meth:`ping`), since when
+        #: An address whose request names another id than its contact's is pinged to settle who lives there, at most
+        #: once a minute (else one address answering under ever new ids replaced its contact at every request).
+        self._reverify_limiter: RateLimiter[Address] = RateLimiter(
+            rate=1 / _REVERIFY_INTERVAL, burst=1.0, max_sources=cfg.max_peers_tracked
+        )
         self._lookups: dict[int, _LookupOp] = {}
         self._next_op = 1
         self._out: list[tuple[bytes, Address]] = []
@@ -674,7 +681,7 @@ class DhtEngine:
     # =================================================================================================================
 
     def _on_request(self, message: IncomingRequest, address: Address, now: float, size: int) -> None:
-        self._silent.pop(address, None)
+        self._heard_from(address, now)
         request = message.request
         if isinstance(request, UnknownRequest) or (isinstance(request, AuthRequest) and not self.config.extensions):
             self.stats["unknown_rpc"] += 1
@@ -705,8 +712,8 @@ class DhtEngine:
                 holder = self.table.holder(address)
                 if holder is None or holder == sender:
                     self._observe(Contact(node_id=sender, host=address[0], port=address[1]), now)
-                else:  # the address holds another id (maybe one a third node gave for it): its pong decides
-                    self._verify_requester(sender, address, now)
+                elif self._reverify_limiter.allow(address, now):  # another id holds the address (maybe one a
+                    self._verify_requester(sender, address, now)  # third node gave for it): its pong decides
             return
         # Unproven address.  A ping is answered at once (the answer, 43 bytes, is smaller than the ping, so this is
         # never an amplifier, and it is what lets two new nodes prove themselves to each other without deadlock).
@@ -877,8 +884,15 @@ class DhtEngine:
         while len(self._silent) > self.config.max_peers_tracked:
             self._silent.popitem(last=False)
 
+    def _heard_from(self, address: Address, now: float) -> None:
+        """``address`` sent us something: it is not silent, and pings still pending to it have not stalled yet."""
+        self._silent.pop(address, None)
+        pinging = self._pinging.get(address)
+        if pinging is not None:
+            self._pinging[address] = (pinging[0], now)
+
     def _ping_stalled(self, address: Address, now: float) -> bool:
-        """Whether a :meth:`ping` of ``address`` has gone unanswered for ``stall_timeout`` (it is still pending).
+        """Whether a :meth:`ping` of ``address`` is pending and nothing came from there for ``stall_timeout``.
         Lookups skip such an address as they skip a silent one: a restarted node pings the nodes of its saved routing
         table, and others still name the ones that died since; without this, its first lookups waited for their
         timeouts (``rpc_timeout``), which its pings were about to find anyway."""
@@ -1174,7 +1188,7 @@ class DhtEngine:
             return
         self._forget_call(call)
         self.guard.mark_proven(address, now)
-        self._silent.pop(address, None)
+        self._heard_from(address, now)
         body = message.body
         try:
             self._dispatch_answer(call, body, now)

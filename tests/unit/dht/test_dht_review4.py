@@ -203,6 +203,38 @@ def test_a_request_forged_under_another_id_does_not_move_an_honest_contact() -> 
     assert [c.node_id for c in engine.table.contacts()] == [node_id(0)]
 
 
+def test_an_address_answering_under_ever_new_ids_replaces_its_contact_at_most_once_a_minute() -> None:
+    """Each request under a new id made us ping the address, and each pong replaced its contact: a newcomer (a
+    hand-off scan, an identity check) per request, 1,000 in 10 s from one address."""
+    engine = DhtEngine(ident(11))
+    address = ("198.51.100.30", 4000)
+    flood(engine, [address], 1)
+    added = 0
+    for n in range(1, 300):  # 300 s, a request each second, each answered under its own id
+        now = 1.0 + n
+        request = encode_request(new_message_id(n.to_bytes(12, "big")), PingRequest(node_id=node_id(n)))
+        engine.datagram_received(request, address, now)
+        answer_our_pings(engine, address, node_id(n), now + 0.01)
+        added += engine.table.holder(address) == node_id(n)
+    assert 1 <= added <= 300 // 60 + 1
+
+
+def test_a_pending_ping_has_not_stalled_while_its_address_is_heard_from() -> None:
+    """Two pings to one address, the first lost: the answer to the second put the node in the table, yet lookups
+    skipped it until the first timed out, as its stall clock ran from the first ping."""
+    engine = DhtEngine(ident(12))
+    address = ("198.51.100.31", 4000)
+    engine.ping(address, 0.0)
+    engine.take_datagrams()  # lost
+    engine.ping(address, 0.9)
+    answer_our_pings(engine, address, node_id(7), 1.0)
+    assert engine.table.holder(address) == node_id(7)
+    engine.lookup_nodes(node_id(8), 1.1)
+    asked = [to for _, to in engine.take_datagrams()]
+    assert address in asked
+    assert engine.stats["silent_skipped"] == 0
+
+
 # -- the table alone ---------------------------------------------------------------------------------------------------
 
 

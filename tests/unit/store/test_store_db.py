@@ -613,7 +613,7 @@ async def test_closing_the_database_interrupts_a_quick_check_in_flight(tmp_path:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(check)
-            while db._checking is None and not outcome:
+            while not db._checking and not outcome:
                 await trio.sleep(0)
             await db_cm.__aexit__(None, None, None)
         [result] = outcome
@@ -621,6 +621,41 @@ async def test_closing_the_database_interrupts_a_quick_check_in_flight(tmp_path:
         if isinstance(result, StoreClosedError):
             break
     assert isinstance(results[-1], StoreClosedError), f"the check was not interrupted: {results!r}"
+
+
+async def test_closing_the_database_interrupts_every_quick_check_in_flight(tmp_path: Path) -> None:
+    """Two checks at once: only the one remembered last was interrupted, and the close waited for the other."""
+    path = tmp_path / "large.db"
+    async with open_database(path) as db:
+        for batch in range(8):
+            await db.write(
+                lambda c, b=batch: [
+                    c.execute("INSERT INTO settings VALUES (?, randomblob(60000), 1)", (f"k{b}.{i}",))
+                    for i in range(100)
+                ]
+            )
+    results: list[list[object]] = []
+    for _ in range(3):  # as above: on a loaded machine the checks may end before the close, which proves nothing
+        db_cm = open_database(path)
+        db = await db_cm.__aenter__()
+        outcome: list[object] = []
+
+        async def check(db: Database = db, outcome: list[object] = outcome) -> None:
+            try:
+                outcome.append(await db.quick_check())
+            except StoreClosedError as exc:
+                outcome.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(check)
+            nursery.start_soon(check)
+            while len(db._checking) < 2 and not outcome:
+                await trio.sleep(0)
+            await db_cm.__aexit__(None, None, None)
+        results.append(outcome)
+        if all(isinstance(result, StoreClosedError) for result in outcome):
+            break
+    assert len(results[-1]) == 2 and all(isinstance(r, StoreClosedError) for r in results[-1]), results
 
 
 async def test_the_wal_truncation_does_not_wait_for_a_reader(tmp_path: Path) -> None:
