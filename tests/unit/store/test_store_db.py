@@ -586,8 +586,12 @@ async def test_quick_check_finds_a_file_damaged_while_closed(tmp_path: Path) -> 
     assert problems and all(isinstance(p, str) and p for p in problems)
 
 
-async def test_closing_the_database_interrupts_a_quick_check_in_flight(tmp_path: Path) -> None:
-    """The close waits for reads in flight; a check of a large file must not hold it up."""
+async def _close_during_checks(tmp_path: Path, checks: int) -> list[list[object]]:
+    """Fill a large database, then open it, start ``checks`` quick_checks and close it while they run; what each
+    check returned or raised, per try.
+
+    On a loaded machine a check (tens of ms) can finish before this task runs again to close the database: the race
+    the tests need is then lost, not the property.  Three tries; a close that never interrupts fails all three."""
     path = tmp_path / "large.db"
     async with open_database(path) as db:
         for batch in range(8):
@@ -597,9 +601,7 @@ async def test_closing_the_database_interrupts_a_quick_check_in_flight(tmp_path:
                     for i in range(100)
                 ]
             )
-    results: list[object] = []
-    # On a loaded machine the check (tens of ms) can finish before this task runs again to close the database: the
-    # race the test needs is then lost, not the property.  Three tries; a close that never interrupts fails all three.
+    results: list[list[object]] = []
     for _ in range(3):
         db_cm = open_database(path)
         db = await db_cm.__aenter__()
@@ -612,49 +614,26 @@ async def test_closing_the_database_interrupts_a_quick_check_in_flight(tmp_path:
                 outcome.append(exc)
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(check)
-            while not db._checking and not outcome:
-                await trio.sleep(0)
-            await db_cm.__aexit__(None, None, None)
-        [result] = outcome
-        results.append(result)
-        if isinstance(result, StoreClosedError):
-            break
-    assert isinstance(results[-1], StoreClosedError), f"the check was not interrupted: {results!r}"
-
-
-async def test_closing_the_database_interrupts_every_quick_check_in_flight(tmp_path: Path) -> None:
-    """Two checks at once: only the one remembered last was interrupted, and the close waited for the other."""
-    path = tmp_path / "large.db"
-    async with open_database(path) as db:
-        for batch in range(8):
-            await db.write(
-                lambda c, b=batch: [
-                    c.execute("INSERT INTO settings VALUES (?, randomblob(60000), 1)", (f"k{b}.{i}",))
-                    for i in range(100)
-                ]
-            )
-    results: list[list[object]] = []
-    for _ in range(3):  # as above: on a loaded machine the checks may end before the close, which proves nothing
-        db_cm = open_database(path)
-        db = await db_cm.__aenter__()
-        outcome: list[object] = []
-
-        async def check(db: Database = db, outcome: list[object] = outcome) -> None:
-            try:
-                outcome.append(await db.quick_check())
-            except StoreClosedError as exc:
-                outcome.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(check)
-            nursery.start_soon(check)
-            while len(db._checking) < 2 and not outcome:
+            for _ in range(checks):
+                nursery.start_soon(check)
+            while len(db._checking) < checks and not outcome:
                 await trio.sleep(0)
             await db_cm.__aexit__(None, None, None)
         results.append(outcome)
         if all(isinstance(result, StoreClosedError) for result in outcome):
             break
+    return results
+
+
+async def test_closing_the_database_interrupts_a_quick_check_in_flight(tmp_path: Path) -> None:
+    """The close waits for reads in flight; a check of a large file must not hold it up."""
+    results = await _close_during_checks(tmp_path, 1)
+    assert isinstance(results[-1][0], StoreClosedError), f"the check was not interrupted: {results!r}"
+
+
+async def test_closing_the_database_interrupts_every_quick_check_in_flight(tmp_path: Path) -> None:
+    """Two checks at once: only the one remembered last was interrupted, and the close waited for the other."""
+    results = await _close_during_checks(tmp_path, 2)
     assert len(results[-1]) == 2 and all(isinstance(r, StoreClosedError) for r in results[-1]), results
 
 
