@@ -747,7 +747,7 @@ def send(state: State, name: str, text: tuple[str, ...], as_json: bool) -> None:
     Returns once the message is safely queued; it is delivered when the contact is reachable.
     """
     # Bytes that are not UTF-8 become lone surrogates (as in arguments), refused below with a plain answer.
-    message = " ".join(text) if text else sys.stdin.buffer.read().decode("utf-8", "surrogateescape").rstrip("\n")
+    message = " ".join(text) if text else _read_stdin_message()
     if not message.strip():
         raise click.UsageError("nothing to send: give TEXT or pipe the message on stdin (not only white space)")
     if len(message) > _MAX_CHARS_SURELY_SHORT or not message.isascii():
@@ -760,6 +760,17 @@ def send(state: State, name: str, text: tuple[str, ...], as_json: bool) -> None:
         _echo_json(result)
         return
     click.echo(f"{clean(result.get('status', 'queued'))} {clean(result.get('id', ''))}")
+
+
+def _read_stdin_message() -> str:
+    """The message piped on stdin, without its trailing newlines.  Reads at most two bytes more than a message may
+    hold, so ``send NAME < /dev/zero`` or a wrong file says it is too long instead of filling memory."""
+    from p2pmsg.chat.envelope import MAX_TEXT_BYTES  # here: a send with TEXT skips the import
+
+    data = sys.stdin.buffer.read(MAX_TEXT_BYTES + 2)
+    if len(data) > MAX_TEXT_BYTES + 1:
+        raise CliError(f"the message on stdin is longer than the limit of {MAX_TEXT_BYTES} bytes (64 KiB)")
+    return data.decode("utf-8", "surrogateescape").rstrip("\n")
 
 
 _MAX_CHARS_SURELY_SHORT: Final = 16 * 1024

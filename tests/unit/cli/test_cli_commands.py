@@ -369,6 +369,37 @@ async def test_send_from_args_and_stdin(home: Path) -> None:
     assert empty.exit_code == 2 and "nothing to send" in empty.output
 
 
+class _Endless(io.RawIOBase):
+    """A stdin like /dev/zero that counts what was read from it."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        size = min(len(buffer), 1 << 20)
+        buffer[:size] = b"x" * size
+        self.taken += size
+        return size
+
+
+async def test_send_reads_no_more_of_stdin_than_a_message_may_hold(home: Path) -> None:
+    """``send NAME < /dev/zero`` read all of stdin before the size check: 9 GB in 16 s, then killed."""
+    endless = _Endless()
+    limit = 65536
+    async with node_on(home) as node:
+        endless_run = await invoke(home, "send", "bob", input=io.BufferedReader(endless))  # type: ignore[arg-type]
+        at_limit = await invoke(home, "send", "bob", input=b"y" * limit + b"\n")
+        over = await invoke(home, "send", "bob", input=b"z" * (limit + 1))
+    assert endless_run.exit_code == 1
+    assert endless_run.output == "error: the message on stdin is longer than the limit of 65536 bytes (64 KiB)\n"
+    assert endless.taken <= 2 * limit + (1 << 20)  # a buffer's worth, not the stream
+    assert at_limit.exit_code == 0 and node.sent == [("bob", "y" * limit)]
+    assert over.exit_code == 1 and "65537 bytes of UTF-8; the limit is 65536" in over.output
+
+
 async def test_history_text_is_sanitised_and_json_is_exact(home: Path) -> None:
     async with node_on(home) as node:
         node.messages["bob"].append(
