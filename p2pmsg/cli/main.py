@@ -25,6 +25,7 @@ import logging
 import os
 import select
 import shlex
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from p2pmsg.cli.config import (
 )
 from p2pmsg.cli.output import clean, format_duration, format_ts, render_qr, table, to_json, truncate
 from p2pmsg.control import (
+    SOCKET_NAME,
     ControlClient,
     ControlError,
     ControlProtocolError,
@@ -294,7 +296,7 @@ def _record(result: Any, what: str) -> dict[str, Any]:
 @click.version_option(__version__, prog_name="p2pmsg")
 @click.option(
     "--home",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
     envvar=HOME_ENV,
     show_envvar=True,
     default=None,
@@ -302,13 +304,15 @@ def _record(result: Any, what: str) -> dict[str, Any]:
     "e.g. ~/.local/share/p2pmsg]",
 )
 @click.pass_context
-def cli(ctx: click.Context, home: Path | None) -> None:
+def cli(ctx: click.Context, home: str | None) -> None:
     """p2pmsg: a serverless, end-to-end encrypted messenger.
 
     Start with `p2pmsg init`, keep `p2pmsg run` going, and use the other commands (in another terminal) to talk to
     the running node.
     """
-    state = State(home if home is not None else default_home())
+    if home == "":  # a variable that was not set (``--home "$DIR"``): not the current directory
+        raise click.BadParameter("is empty; name the node's directory", param_hint="--home")
+    state = State(Path(home) if home is not None else default_home())
     ctx.obj = state
     ctx.call_on_close(state.close)
 
@@ -363,8 +367,12 @@ def init(
             "the passphrase is empty: give one, or run `init --no-passphrase` for a key file without a passphrase "
             "(anyone who can read it then has your identity)"
         )
+    _check_home_is_ours(home)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(home, 0o700)
+    mode = stat.S_IMODE(home.stat().st_mode)
+    if mode != 0o700:
+        os.chmod(home, 0o700)
+        click.echo(f"made {home} private (mode 0700; it was 0{mode:o})")
     identity = Identity.generate()
     save_identity(key_path, identity, passphrase, allow_unencrypted=no_passphrase)
     config_path = home / CONFIG_FILENAME
@@ -376,6 +384,26 @@ def init(
     click.echo(f"created {key_path}" + (" (UNENCRYPTED)" if no_passphrase else ""))
     click.echo(f"peer id  {identity.peer_id}")
     click.echo(f"start the node with: p2pmsg --home {shlex.quote(str(home))} run")
+
+
+def _check_home_is_ours(home: Path) -> None:
+    """Refuse a home that already holds files other than a node's: ``init`` makes the home private (mode 0700) and
+    keeps a private key in it, so ``--home /tmp`` (or an empty ``--home "$UNSET"``: the current directory) must not
+    lock everyone else out of a shared directory."""
+    if not home.is_dir():
+        return
+    ours = (CONFIG_FILENAME, SOCKET_NAME)
+    own_prefixes = ("p2pmsg.db", f".{IDENTITY_FILENAME}.", f".{CONFIG_FILENAME}.")  # the database, temporary files
+    try:
+        foreign = sorted(p.name for p in home.iterdir() if p.name not in ours and not p.name.startswith(own_prefixes))
+    except OSError as exc:
+        raise CliError(f"cannot read {home}: {exc.strerror or exc}") from None
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise CliError(
+            f"{home} already holds other files ({shown}); a node's home keeps its private key and is made private "
+            "(mode 0700), so give init a new or empty directory (it is created); nothing was changed"
+        )
 
 
 def _create_database(home: Path) -> None:

@@ -878,7 +878,7 @@ async def test_input_the_node_would_refuse_gets_a_plain_answer_first(home: Path)
     assert blank.exit_code == 2 and "nothing to send" in blank.output and "white space" in blank.output
     assert piped_blank.exit_code == 2 and "nothing to send" in piped_blank.output
     assert too_long.exit_code == 1
-    assert too_long.output == "error: the message is 80000 bytes of UTF-8; the limit is 65536 (64 KiB)\n"
+    assert too_long.output == "error: the message on stdin is longer than the limit of 65536 bytes (64 KiB)\n"
     assert at_limit.exit_code == 0
     assert not_utf8.exit_code == 1
     assert not_utf8.output == "error: the message is not valid UTF-8 (it holds bytes that are not text)\n"

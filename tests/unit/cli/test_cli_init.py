@@ -107,6 +107,41 @@ def test_init_keeps_an_existing_config_and_tightens_the_home(home: Path) -> None
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
 
 
+def test_init_refuses_a_directory_that_holds_other_files(home: Path) -> None:
+    """QA: init on a shared directory (mode 1777, other files in it) made it 0700 without a word: `--home /tmp init`
+    as root would lock everyone else out of /tmp."""
+    home.mkdir()
+    home.chmod(0o1777)
+    (home / "notes.txt").write_text("someone else's")
+    result = run_cli(home, "init", "--no-passphrase")
+    assert result.exit_code == 1
+    assert f"error: {home} already holds other files (notes.txt)" in result.output
+    assert "nothing was changed" in result.output
+    assert stat.S_IMODE(home.stat().st_mode) == 0o1777
+    assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
+
+
+def test_init_says_when_it_makes_an_existing_empty_directory_private(home: Path) -> None:
+    home.mkdir()
+    home.chmod(0o755)
+    result = run_cli(home, "init", "--no-passphrase")
+    assert result.exit_code == 0
+    assert f"made {home} private (mode 0700; it was 0755)" in result.output
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+def test_an_empty_home_is_refused_not_taken_for_the_current_directory(
+    home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--home "$DIR"` with DIR unset initialised (and made private) the current directory."""
+    home.mkdir()
+    monkeypatch.chdir(home)
+    result = CliRunner().invoke(cli, ["--home", "", "init", "--no-passphrase"])
+    assert result.exit_code == 2
+    assert "Invalid value for --home: is empty; name the node's directory" in result.output
+    assert list(home.iterdir()) == []
+
+
 def test_init_with_a_bad_address_creates_nothing(home: Path) -> None:
     result = run_cli(home, "init", "--no-passphrase", "--listen", "/ip4/1.2.3.4/udp/1")
     assert result.exit_code == 1
