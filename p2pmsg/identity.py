@@ -77,6 +77,7 @@ __all__ = [
     "parse_public_key_protobuf",
     "passphrase_from_environment",
     "public_key_protobuf",
+    "read_small_file",
     "read_uvarint",
     "resolve_passphrase",
     "save_identity",
@@ -766,12 +767,33 @@ def load_identity(path: StrPath, passphrase: str | None, *, allow_unencrypted: b
     readable by others.
     """
     name = os.fspath(path)
-    with open(name, "rb") as handle:
-        mode = os.fstat(handle.fileno()).st_mode
-        data = handle.read(MAX_KEY_FILE_SIZE + 1)
+    data, mode = read_small_file(name, MAX_KEY_FILE_SIZE + 1)
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         logger.warning("key file %s has mode 0o%o: it should be 0600 (chmod 600 it)", name, stat.S_IMODE(mode))
     return decode_key_file(data, passphrase, allow_unencrypted=allow_unencrypted, source=f"key file {name}")
+
+
+_FILE_KINDS: Final = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_small_file(path: StrPath, limit: int) -> tuple[bytes, int]:
+    """The first ``limit`` bytes of the regular file ``path`` and its ``st_mode``.  Anything else (a named pipe, a
+    device, a directory) raises :class:`OSError` saying what it is, without blocking: opening a named pipe that no
+    process writes to would wait forever, and a device may never end."""
+    fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as handle:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+            raise OSError(errno.EINVAL, f"{kind}, not a regular file", os.fspath(path))
+        os.set_blocking(fd, True)
+        return handle.read(limit), mode
 
 
 def passphrase_from_environment(env: Mapping[str, str] | None = None) -> str | None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from p2pmsg.errors import P2PMsgError
+from p2pmsg.identity import read_small_file
 from p2pmsg.wire.multiaddr import Multiaddr, MultiaddrError
 
 __all__ = [
@@ -169,8 +170,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate the configuration file at ``path``."""
     path = Path(path)
     try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_CONFIG_SIZE + 1)
+        raw, _ = read_small_file(path, MAX_CONFIG_SIZE + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no configuration file (create one with `p2pmsg init`)") from None
     except OSError as exc:

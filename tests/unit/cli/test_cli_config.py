@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import stat
+import threading
 import tomllib
 from pathlib import Path
 
@@ -102,8 +104,32 @@ def test_load_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(tmp_path / "latin1.toml")
     (tmp_path / "dir.toml").mkdir()
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read: Is a directory"):
         load_config(tmp_path / "dir.toml")
+    with pytest.raises(ConfigError, match="cannot read: a character device, not a regular file"):
+        load_config("/dev/zero")
+
+
+def test_a_named_pipe_in_place_of_the_config_is_refused_without_waiting(tmp_path: Path) -> None:
+    """QA: `run` and `id` hung with no output: opening a named pipe waits for a writer that never comes."""
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_config(fifo)
+        except ConfigError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)  # a daemon: a hang fails the test, not the whole run
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():
+        with open(fifo, "wb"):  # let it go
+            pass
+        pytest.fail("load_config waited on a named pipe")
+    assert len(outcome) == 1 and "cannot read: a named pipe, not a regular file" in str(outcome[0])
 
 
 def test_write_then_load_round_trip_with_mode_0600(tmp_path: Path) -> None:

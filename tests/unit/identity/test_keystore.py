@@ -584,3 +584,25 @@ def test_documented_unencrypted_example_is_exact() -> None:
     assert decode_key_file(bytes.fromhex(DOC_UNENCRYPTED), None, allow_unencrypted=True) == identity
     with pytest.raises(UnencryptedKeyFileError):
         decode_key_file(bytes.fromhex(DOC_UNENCRYPTED), "correct horse battery staple")
+
+
+def test_a_key_file_that_is_a_named_pipe_is_refused_without_waiting(tmp_path: Path) -> None:
+    """QA: `id` and `run` hung with no output when identity.key was a named pipe."""
+    fifo = tmp_path / "identity.key"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_identity(fifo, None)
+        except OSError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():
+        with open(fifo, "wb"):
+            pass
+        pytest.fail("load_identity waited on a named pipe")
+    assert len(outcome) == 1 and "a named pipe, not a regular file" in str(outcome[0])
