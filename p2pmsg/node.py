@@ -24,8 +24,8 @@ second node on the same home is refused before anything else binds), then starts
   newer record tells contacts we are back), and save the routing table for the next start.
 
 SIGINT and SIGTERM cancel the nursery: every service closes its sockets, the database finishes its queued writes,
-and the routing table is saved one last time.  Nothing acknowledged to a user depends on a clean shutdown: a
-``send`` returns only after its SQLite transaction is synced.
+and the routing table is saved one last time; further signals until then are logged, not obeyed.  Nothing
+acknowledged to a user depends on a clean shutdown: a ``send`` returns only after its SQLite transaction is synced.
 
 :func:`run_bootstrap_node` runs the DHT alone (no chat, no database): a node fit for a public host or a Raspberry
 Pi whose only job is to let others join.
@@ -742,21 +742,28 @@ class Node:
 
 @contextlib.asynccontextmanager
 async def _shutdown_on_signals(scope: trio.CancelScope) -> AsyncIterator[None]:
-    """Cancel ``scope`` on SIGINT or SIGTERM (a clean shutdown instead of KeyboardInterrupt)."""
-    async with trio.open_nursery() as nursery:
+    """Cancel ``scope`` on SIGINT or SIGTERM (a clean shutdown instead of KeyboardInterrupt).  The signals stay
+    caught until the body has ended, the database's close included: a second one (Ctrl-C pressed twice, or
+    ``timeout``, which sends its signal on twice) raised KeyboardInterrupt in the middle of the shutdown.  The
+    watcher is a system task, so an error of the body comes out as it was raised, not inside an exception group."""
+    watcher = trio.CancelScope()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
         async def watch() -> None:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            with watcher:
                 async for signum in signals:
-                    log.info("received %s, shutting down", signal.Signals(signum).name)
+                    name = signal.Signals(signum).name
+                    if scope.cancel_called:
+                        log.info("received %s again; still shutting down (finishing the writes queued)", name)
+                        continue
+                    log.info("received %s, shutting down", name)
                     scope.cancel()
-                    return
 
-        nursery.start_soon(watch)
+        trio.lowlevel.spawn_system_task(watch)
         try:
             yield
         finally:
-            nursery.cancel_scope.cancel()
+            watcher.cancel()
 
 
 async def run_node(
@@ -782,12 +789,12 @@ async def run_node(
             "init` creates it, so if this home had one, it was moved or deleted",
             path,
         )
-    async with open_database(path) as db:
+    scope = trio.CancelScope()  # what a signal cancels: the node, not the database's close
+    async with _shutdown_on_signals(scope), open_database(path) as db:
         node = Node(home, identity, config, db, options=options)
         await node.control.bind()  # the authoritative check: it owns the socket from here on
-        with trio.CancelScope() as scope:
-            async with _shutdown_on_signals(scope):
-                await node.run(task_status=task_status)
+        with scope:
+            await node.run(task_status=task_status)
     log.info("node stopped")
 
 

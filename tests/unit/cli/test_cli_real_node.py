@@ -73,3 +73,32 @@ def test_run_serves_the_cli_and_stops_on_sigterm(home: Path) -> None:
     assert node.returncode == 0, stderr.decode(errors="replace")
     assert not control_socket_path(home).exists()
     assert cli_run(home, "status")[0] == EXIT_NOT_RUNNING
+
+
+@pytest.mark.skipif(not BIN.exists(), reason=f"{BIN} is not installed (pip install -e .)")
+def test_a_second_signal_during_the_shutdown_changes_nothing(home: Path) -> None:
+    """QA: `timeout` sends its signal on twice, and Ctrl-C is often pressed twice: the second raised
+    KeyboardInterrupt in the middle of the shutdown (a traceback, once TrioInternalError, exit status 1)."""
+    assert cli_run(home, "init", "--no-passphrase", "--listen", "/ip4/127.0.0.1/tcp/0")[0] == 0
+    env = {**os.environ, "P2PMSG_HOME": str(home)}
+    env.pop("P2PMSG_PASSPHRASE", None)
+    node = subprocess.Popen([str(BIN), "run", "--no-passphrase"], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 15
+        while cli_run(home, "status")[0] != 0 and time.monotonic() < deadline and node.poll() is None:
+            time.sleep(0.1)
+        assert node.poll() is None
+        node.send_signal(signal.SIGINT)
+        node.send_signal(signal.SIGTERM)  # at once: the shutdown has barely begun
+        _, raw = node.communicate(timeout=30)
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.communicate()
+    stderr = raw.decode(errors="replace")
+    assert node.returncode == 0, stderr
+    assert "Traceback" not in stderr
+    assert "received SIGINT, shutting down" in stderr
+    assert "received SIGTERM again; still shutting down" in stderr
+    assert "node stopped" in stderr
+    assert not control_socket_path(home).exists()
