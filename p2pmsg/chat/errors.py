@@ -11,7 +11,7 @@ from typing import ClassVar, Final
 
 from p2pmsg.chat.invite import InviteError
 from p2pmsg.errors import P2PMsgError
-from p2pmsg.store.errors import StoreWriteError
+from p2pmsg.store.errors import StoreReadError, StoreWriteError
 
 __all__ = ["ERROR_CODES", "BadRequestError", "ChatError", "NameTakenError", "UnknownContactError"]
 
@@ -54,4 +54,5 @@ ERROR_CODES: Final[dict[type[BaseException], str]] = {
     BadRequestError: BadRequestError.code,
     InviteError: "invalid_invite",
     StoreWriteError: "not_stored",
+    StoreReadError: "not_stored",
 }

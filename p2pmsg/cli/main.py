@@ -104,8 +104,8 @@ _CODE_HINT: Final = {
     "unknown_contact": "see `p2pmsg contacts list`",
     "invalid_invite": "an invite looks like p2pmsg://invite/12D3KooW...; a bare peer id works too",
     "not_stored": (
-        "the node's database could not be written: is its disk full, or the file gone? see `p2pmsg status` and the "
-        "node's log"
+        "the node's database could not be written or read: is its disk full, or the file gone or damaged? see "
+        "`p2pmsg status` and the node's log"
     ),
 }
 #: A hint of its own for an error code of one method.

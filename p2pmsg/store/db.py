@@ -69,6 +69,7 @@ from p2pmsg.store.errors import (
     StoreArgumentError,
     StoreClosedError,
     StoreError,
+    StoreReadError,
     StoreWriteError,
     TransactionControlError,
 )
@@ -228,12 +229,21 @@ _ENVIRONMENT_CODES: Final = frozenset(
 elsewhere), not from what the write function asked for."""
 
 
+_READ_ENVIRONMENT_CODES: Final = _ENVIRONMENT_CODES - {sqlite3.SQLITE_READONLY}
+"""Those of a read: on a read-only connection SQLITE_READONLY is the read function's own doing (it tried to write)."""
+
+
+def _is_environment_error(error: sqlite3.Error, codes: frozenset[int] = _ENVIRONMENT_CODES) -> bool:
+    """Whether SQLite's primary result code of ``error`` is one of ``codes``."""
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF in codes
+
+
 def _environment_failure(result: outcome.Error) -> outcome.Error:
     """A write function that failed because of the machine (:data:`_ENVIRONMENT_CODES`, e.g. disk full in the middle
     of an insert) fails with :class:`StoreWriteError`, as a failed commit does; any other error is kept as it is."""
     error = result.error
-    code = getattr(error, "sqlite_errorcode", None)
-    if isinstance(error, sqlite3.Error) and isinstance(code, int) and code & 0xFF in _ENVIRONMENT_CODES:
+    if isinstance(error, sqlite3.Error) and _is_environment_error(error):
         wrapped = StoreWriteError(f"the write failed: {error}")
         wrapped.__cause__ = error
         return outcome.Error(wrapped)
@@ -651,7 +661,9 @@ class Database:
         """Run ``fn(conn)`` on a read-only connection in a worker thread, inside one read transaction.
 
         The snapshot includes every write whose ``await write`` returned before this call.  Raises
-        :class:`StoreClosedError` after :meth:`aclose`.
+        :class:`StoreClosedError` after :meth:`aclose`, and :class:`StoreReadError` for an SQLite error that comes
+        from the machine (:data:`_READ_ENVIRONMENT_CODES`: a damaged file, an I/O error); other errors of ``fn`` are
+        its own.
         """
         if self._closed:
             raise StoreClosedError("the database is closed")
@@ -661,6 +673,10 @@ class Database:
             conn = self._readers.pop()
             try:
                 return await trio.to_thread.run_sync(_run_read, conn, fn)
+            except sqlite3.Error as exc:
+                if _is_environment_error(exc, _READ_ENVIRONMENT_CODES):
+                    raise StoreReadError(f"the database could not be read: {exc}") from exc
+                raise
             finally:
                 self._readers.append(conn)
 

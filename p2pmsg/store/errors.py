@@ -68,6 +68,11 @@ class StoreWriteError(StoreError):
     """
 
 
+class StoreReadError(StoreError):
+    """SQLite could not read the database because of the machine (a damaged file, an I/O error).  The message names
+    the SQLite error."""
+
+
 class TransactionControlError(StoreError, LocalProtocolError):
     """A function passed to ``Database.write``/``Database.read`` tried to begin, commit or roll back the surrounding
     transaction, release the store's savepoint, attach a database or change a pragma.  The store owns the transaction;

@@ -11,7 +11,7 @@ from p2pmsg.chat.errors import ERROR_CODES, BadRequestError, NameTakenError, Unk
 from p2pmsg.chat.invite import InviteError
 from p2pmsg.chat.service import ChatConfig
 from p2pmsg.errors import LocalProtocolError
-from p2pmsg.store.errors import StoreWriteError
+from p2pmsg.store.errors import StoreReadError, StoreWriteError
 
 
 @pytest.mark.parametrize(
@@ -73,6 +73,7 @@ def test_error_codes() -> None:
         BadRequestError: "bad_request",
         InviteError: "invalid_invite",
         StoreWriteError: "not_stored",
+        StoreReadError: "not_stored",
     } == ERROR_CODES
     assert BadRequestError("why").message == "why"
 

@@ -22,6 +22,7 @@ from p2pmsg.store.errors import (
     StoreArgumentError,
     StoreClosedError,
     StoreError,
+    StoreReadError,
     StoreWriteError,
     TransactionControlError,
 )
@@ -566,7 +567,8 @@ async def test_non_durable_writes_commit_unsynced_only_when_the_whole_batch_is(d
     assert "kept" in await keys(db)
 
 
-async def test_quick_check_finds_a_file_damaged_while_closed(tmp_path: Path) -> None:
+async def _damaged_database(tmp_path: Path) -> Path:
+    """A database of 1,000 settings with two pages in the middle zeroed, as a bad disk block or a torn copy would."""
     path = tmp_path / "damaged.db"
     async with open_database(path) as db:
         assert await db.quick_check() == []
@@ -578,12 +580,26 @@ async def test_quick_check_finds_a_file_damaged_while_closed(tmp_path: Path) -> 
             )
     size = path.stat().st_size
     assert size > 40 * 16384
-    with open(path, "r+b") as fh:  # zero two pages in the middle, as a bad disk block or a torn copy would
+    with open(path, "r+b") as fh:
         fh.seek((size // 16384 // 2) * 16384)
         fh.write(bytes(2 * 16384))
-    async with open_database(path) as db:
+    return path
+
+
+async def test_quick_check_finds_a_file_damaged_while_closed(tmp_path: Path) -> None:
+    async with open_database(await _damaged_database(tmp_path)) as db:
         problems = await db.quick_check()
     assert problems and all(isinstance(p, str) and p for p in problems)
+
+
+async def test_a_read_of_a_damaged_page_raises_store_read_error(tmp_path: Path) -> None:
+    """QA: `send` and `history` on a damaged file answered "internal error (DatabaseError)"; a read that fails
+    because of the file is a StoreReadError naming SQLite's reason (the control API's `not_stored`)."""
+    async with open_database(await _damaged_database(tmp_path)) as db:
+        with pytest.raises(StoreReadError, match=r"the database could not be read: .*malformed"):
+            await db.read(lambda c: c.execute("SELECT count(*), sum(length(value)) FROM settings").fetchall())
+        with pytest.raises(sqlite3.OperationalError, match="no such table"):  # the function's own error stays its own
+            await db.read(lambda c: c.execute("SELECT * FROM no_such_table").fetchall())
 
 
 async def _close_during_checks(tmp_path: Path, checks: int) -> list[list[object]]:
