@@ -902,7 +902,7 @@ async def test_a_send_the_node_could_not_store_says_so_and_why(home: Path) -> No
         full = await invoke(home, "send", "bob", "disk full")
     assert full.exit_code == 1
     assert full.output.startswith("error: not stored: the write failed: database or disk is full (")
-    assert "is its disk full, or the file gone?" in full.output
+    assert "is its disk full, or the file gone or damaged?" in full.output
 
 
 async def test_requests_accept_takes_the_name_like_contacts_add(home: Path) -> None:
