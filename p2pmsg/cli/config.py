@@ -172,7 +172,10 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         raw, _ = read_small_file(path, MAX_CONFIG_SIZE + 1)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no configuration file (create one with `p2pmsg init`)") from None
+        raise ConfigError(
+            f"{path}: no configuration file (`p2pmsg init` writes one; in a home that has an identity, only the "
+            "config, with the --listen and --bootstrap options given)"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if len(raw) > MAX_CONFIG_SIZE:

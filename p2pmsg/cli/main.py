@@ -52,6 +52,7 @@ from p2pmsg.control import (
     ControlError,
     ControlProtocolError,
     ControlRequestError,
+    ControlSetupError,
     NodeAlreadyRunningError,
     NodeNotRunningError,
     SocketState,
@@ -342,12 +343,13 @@ def init(
     """Create a home: a new identity (encrypted key file) and config.toml.
 
     The passphrase is read from $P2PMSG_PASSPHRASE or the file named by $P2PMSG_PASSPHRASE_FILE if set, else asked
-    twice.  An existing identity is never
-    overwritten.
+    twice.  An existing identity is never overwritten; if the home has one but lost its config.toml, only a new
+    config.toml is written (from the options given).
     """
     home = state.home
     key_path = home / IDENTITY_FILENAME
-    if key_path.exists():
+    config_path = home / CONFIG_FILENAME
+    if key_path.exists() and (config_path.exists() or config_path.is_symlink()):
         raise CliError(
             f"{home} already has an identity ({key_path}); refusing to overwrite it. "
             "Use another --home for a second identity."
@@ -361,6 +363,14 @@ def init(
         )
     except ConfigError as exc:  # an option's value: nothing was written yet
         raise CliError(f"{exc} (check --listen and --bootstrap; nothing was created)") from None
+    if key_path.exists():  # the config went missing: what `run` told the user to do about it
+        write_config(config_path, config)
+        click.echo(f"{home} already has an identity ({key_path}): kept it, and wrote the missing {config_path}")
+        return
+    try:  # a home too deep for the node's control socket could never run: say so before making it
+        control_socket_path(home)
+    except ControlSetupError as exc:
+        raise CliError(f"{exc}; nothing was created") from None
     passphrase = None if no_passphrase else resolve_passphrase(confirm=True, prompt=_prompt)
     if passphrase == "":
         raise CliError(
@@ -375,7 +385,6 @@ def init(
         click.echo(f"made {home} private (mode 0700; it was 0{mode:o})")
     identity = Identity.generate()
     save_identity(key_path, identity, passphrase, allow_unencrypted=no_passphrase)
-    config_path = home / CONFIG_FILENAME
     if config_path.exists():
         click.echo(f"kept the existing {config_path}")
     else:

@@ -142,6 +142,29 @@ def test_an_empty_home_is_refused_not_taken_for_the_current_directory(
     assert list(home.iterdir()) == []
 
 
+def test_init_refuses_a_home_too_deep_for_the_control_socket(home: Path) -> None:
+    """QA: init made such a home, and then `run`, `status` and `id` all failed on the socket path."""
+    deep = home / ("d" * 100)
+    result = run_cli(deep, "init", "--no-passphrase")
+    assert result.exit_code == 1
+    assert "longer than the 107 a Unix socket allows; use a shorter --home; nothing was created" in result.output
+    assert not home.exists()
+
+
+def test_init_writes_only_the_config_a_home_with_an_identity_lost(home: Path) -> None:
+    """QA: `run` said "create one with `p2pmsg init`", and init then refused, as the identity exists."""
+    assert run_cli(home, "init", "--no-passphrase").exit_code == 0
+    key = (home / IDENTITY_FILENAME).read_bytes()
+    (home / CONFIG_FILENAME).unlink()
+    result = run_cli(home, "init", "--no-passphrase", "--listen", "/ip4/127.0.0.1/tcp/4100")
+    assert result.exit_code == 0, result.output
+    assert "kept it, and wrote the missing" in result.output
+    assert (home / IDENTITY_FILENAME).read_bytes() == key
+    assert load_config(home / CONFIG_FILENAME).listen == ["/ip4/127.0.0.1/tcp/4100"]
+    again = run_cli(home, "init", "--no-passphrase")  # with both there: refused, as before
+    assert again.exit_code == 1 and "refusing to overwrite it" in again.output
+
+
 def test_init_with_a_bad_address_creates_nothing(home: Path) -> None:
     result = run_cli(home, "init", "--no-passphrase", "--listen", "/ip4/1.2.3.4/udp/1")
     assert result.exit_code == 1
