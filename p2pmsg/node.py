@@ -432,21 +432,25 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         """Run every service until cancelled; ``task_status.started`` once all of them are up."""
         await self.control.bind()  # refuse a second node on this home before anything else binds (idempotent)
-        self._bootstrap = await resolve_bootstrap(self.config.bootstrap)
-        listen = [Multiaddr.parse(a) for a in self.config.listen]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.dht.run)
-            self._bound = await nursery.start(self.listener.run, listen)
-            self.addrs = advertised_addrs(self._bound, self._bootstrap)
-            await nursery.start(self.chat.run)
-            await nursery.start(self.control.serve)
-            nursery.start_soon(self._maintain)
-            nursery.start_soon(self._watch_addrs)
-            nursery.start_soon(self._watch_room)
-            nursery.start_soon(self._relay_records)
-            nursery.start_soon(self._check_database)
-            log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
-            task_status.started(self)
+        try:
+            self._bootstrap = await resolve_bootstrap(self.config.bootstrap)
+            listen = [Multiaddr.parse(a) for a in self.config.listen]
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.dht.run)
+                self._bound = await nursery.start(self.listener.run, listen)
+                self.addrs = advertised_addrs(self._bound, self._bootstrap)
+                await nursery.start(self.chat.run)
+                await nursery.start(self.control.serve)
+                nursery.start_soon(self._maintain)
+                nursery.start_soon(self._watch_addrs)
+                nursery.start_soon(self._watch_room)
+                nursery.start_soon(self._relay_records)
+                nursery.start_soon(self._check_database)
+                log.info("node %s up: %s", self.identity.peer_id, " ".join(str(a) for a in self.addrs))
+                task_status.started(self)
+        finally:  # a start that failed before the control server served (a port taken) leaves no socket behind
+            with trio.CancelScope(shield=True):
+                await self.control.aclose()
 
     def clock_offset(self) -> float | None:
         """How far (s) this host's clock seems ahead of the other nodes' (negative: behind), judged by the peer

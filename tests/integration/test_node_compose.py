@@ -565,3 +565,18 @@ async def test_a_maintenance_step_failing_every_round_is_warned_about_once_in_te
         nursery.cancel_scope.cancel()
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("maintenance: publish failed")]
     assert said == ["maintenance: publish failed (will retry): the write failed: database or disk is full"]
+
+
+async def test_a_node_that_cannot_start_leaves_no_control_socket(tmp_path: Path) -> None:
+    """QA: a start that failed on a taken port ("Address already in use") left control.sock behind."""
+    home = tmp_path / "taken"
+    home.mkdir(mode=0o700)
+    holder = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
+    with holder:
+        await holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        with pytest.raises(BaseException) as failed:
+            await run_node(home, Identity.generate(), Cfg(listen=[f"/ip4/127.0.0.1/tcp/{port}"]), options=FAST)
+    assert "already in use" in repr(failed.value) or "Address in use" in repr(failed.value), failed.value
+    assert not (home / "control.sock").exists()
