@@ -184,7 +184,8 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    return parse_config(text, source=str(path))
+    # Some editors start a UTF-8 file with a byte order mark, which tomllib calls an invalid statement at line 1.
+    return parse_config(text.removeprefix("\ufeff"), source=str(path))
 
 
 def toml_string(value: str) -> str:

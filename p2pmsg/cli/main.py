@@ -30,7 +30,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import click
 import platformdirs
@@ -661,6 +661,32 @@ def contacts() -> None:
     """Manage contacts: add, list, rename, remove, block, unblock."""
 
 
+if TYPE_CHECKING:
+    _StrParamType = click.ParamType[str]
+else:  # generic only in the typing of recent click versions (pyproject allows click >= 8.1)
+    _StrParamType = click.ParamType
+
+
+class _NameType(_StrParamType):
+    """A contact name (or peer id) as typed: not empty, and text (a byte that is not UTF-8, from a shell variable or a
+    file, reaches Python as a lone surrogate, which the node's control API refuses in its own words)."""
+
+    name = "name"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        if not text:
+            self.fail("is empty", param, ctx)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail("holds bytes that are not UTF-8 text", param, ctx)
+        return text
+
+
+NAME_TYPE: Final = _NameType()
+
+
 def _one_name(name: str | None, name_option: str | None, usage: str) -> str:
     """The contact name given as the NAME argument or as --name (the same one if both)."""
     if name is not None and name_option is not None and name != name_option:
@@ -673,8 +699,10 @@ def _one_name(name: str | None, name_option: str | None, usage: str) -> str:
 
 @contacts.command("add")
 @click.argument("target")
-@click.argument("name", required=False)
-@click.option("--name", "name_option", metavar="NAME", help="The contact's name (instead of the NAME argument).")
+@click.argument("name", type=NAME_TYPE, required=False)
+@click.option(
+    "--name", "name_option", type=NAME_TYPE, metavar="NAME", help="The contact's name (instead of the NAME argument)."
+)
 @pass_state
 def contacts_add(state: State, target: str, name: str | None, name_option: str | None) -> None:
     """Add a contact from an invite link (or a bare peer id) under NAME (or --name NAME)."""
@@ -724,7 +752,7 @@ def contacts_list(state: State, as_json: bool) -> None:
 
 
 @contacts.command("rename")
-@click.argument("name")
+@click.argument("name", type=NAME_TYPE)
 @click.argument("new_name")
 @pass_state
 def contacts_rename(state: State, name: str, new_name: str) -> None:
@@ -736,7 +764,7 @@ def contacts_rename(state: State, name: str, new_name: str) -> None:
 
 
 @contacts.command("remove")
-@click.argument("name")
+@click.argument("name", type=NAME_TYPE)
 @pass_state
 def contacts_remove(state: State, name: str) -> None:
     """Remove the contact NAME (its history stays; a blocked contact stays blocked)."""
@@ -752,7 +780,7 @@ def contacts_remove(state: State, name: str) -> None:
 
 
 @contacts.command("block")
-@click.argument("name_or_peer")
+@click.argument("name_or_peer", type=NAME_TYPE)
 @pass_state
 def contacts_block(state: State, name_or_peer: str) -> None:
     """Block a contact (by name) or any peer (by peer id)."""
@@ -761,7 +789,7 @@ def contacts_block(state: State, name_or_peer: str) -> None:
 
 
 @contacts.command("unblock")
-@click.argument("name_or_peer")
+@click.argument("name_or_peer", type=NAME_TYPE)
 @pass_state
 def contacts_unblock(state: State, name_or_peer: str) -> None:
     """Unblock a contact or peer."""
@@ -774,7 +802,7 @@ def contacts_unblock(state: State, name_or_peer: str) -> None:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", type=NAME_TYPE)
 @click.argument("text", nargs=-1)
 @json_option
 @pass_state
@@ -829,7 +857,7 @@ def format_message(row: dict[str, Any], *, contact: str) -> str:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", type=NAME_TYPE)
 @click.option("--limit", type=_LIMIT_RANGE, default=50, show_default=True, help="How many messages.")
 @click.option(
     "--before", type=click.IntRange(0, (1 << 63) - 1), default=None, help="Only messages before this time (ms)."
@@ -886,7 +914,7 @@ def _cursor(row: dict[str, Any]) -> tuple[int, int]:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", type=NAME_TYPE)
 @click.option("--limit", type=_LIMIT_RANGE, default=20, show_default=True, help="History shown first.")
 @pass_state
 def chat(state: State, name: str, limit: int) -> None:
@@ -976,8 +1004,10 @@ def requests(ctx: click.Context, as_json: bool) -> None:
 
 @requests.command("accept")
 @click.argument("peer_id")
-@click.argument("name", required=False)
-@click.option("--name", "name_option", metavar="NAME", help="The contact's name (instead of the NAME argument).")
+@click.argument("name", type=NAME_TYPE, required=False)
+@click.option(
+    "--name", "name_option", type=NAME_TYPE, metavar="NAME", help="The contact's name (instead of the NAME argument)."
+)
 @pass_state
 def requests_accept(state: State, peer_id: str, name: str | None, name_option: str | None) -> None:
     """Accept the request from PEER_ID as a contact called NAME (or --name NAME)."""
@@ -1095,7 +1125,7 @@ def _dht_size_text(size: object) -> str:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", type=NAME_TYPE)
 @click.option(
     "-o",
     "--output",

@@ -865,6 +865,23 @@ async def test_an_unknown_request_points_to_the_requests_not_the_contacts(home: 
     assert contact.output.endswith("(see `p2pmsg contacts list`)\n")
 
 
+async def test_names_that_are_empty_or_not_text_get_a_plain_answer(home: Path) -> None:
+    """QA: an empty name said "refused: send.name: str is 0 bytes long, less than the minimum 1", and a byte that is
+    not UTF-8 (a shell variable, a file) said "control frame: str holds a lone surrogate"."""
+    async with node_on(home) as node:
+        empty = await invoke(home, "send", "", "hi")
+        bad = await invoke(home, "history", "b\udcffob")
+        option = await invoke(home, "contacts", "add", CAROL, "--name", "")
+        block = await invoke(home, "contacts", "block", "")
+        assert node.sent == []
+    assert empty.exit_code == 2 and "Invalid value for 'NAME': is empty" in empty.output
+    assert bad.exit_code == 2 and "Invalid value for 'NAME': holds bytes that are not UTF-8 text" in bad.output
+    assert option.exit_code == 2 and "Invalid value for '--name': is empty" in option.output
+    assert block.exit_code == 2 and "Invalid value for 'NAME_OR_PEER': is empty" in block.output
+    for result in (empty, bad, option, block):
+        assert "control frame" not in result.output and "bytes long" not in result.output
+
+
 async def test_input_the_node_would_refuse_gets_a_plain_answer_first(home: Path) -> None:
     async with node_on(home) as node:
         blank = await invoke(home, "send", "bob", "   ")

@@ -110,6 +110,13 @@ def test_load_config_errors(tmp_path: Path) -> None:
         load_config("/dev/zero")
 
 
+def test_a_byte_order_mark_at_the_start_is_ignored(tmp_path: Path) -> None:
+    """QA: a file saved by an editor that writes a BOM was refused as "Invalid statement (at line 1, column 1)"."""
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'\xef\xbb\xbfaccept_from = "anyone"\n')
+    assert load_config(path).accept_from == "anyone"
+
+
 def test_a_named_pipe_in_place_of_the_config_is_refused_without_waiting(tmp_path: Path) -> None:
     """QA: `run` and `id` hung with no output: opening a named pipe waits for a writer that never comes."""
     fifo = tmp_path / "config.toml"
