@@ -787,12 +787,17 @@ def read_small_file(path: StrPath, limit: int) -> tuple[bytes, int]:
     device, a directory) raises :class:`OSError` saying what it is, without blocking: opening a named pipe that no
     process writes to would wait forever, and a device may never end."""
     fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with open(fd, "rb") as handle:
+    try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
             raise OSError(errno.EINVAL, f"{kind}, not a regular file", os.fspath(path))
         os.set_blocking(fd, True)
+        handle = open(fd, "rb")  # noqa: SIM115 (it owns the descriptor from here on, closed below)
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
         return handle.read(limit), mode
 
 

@@ -751,23 +751,32 @@ async def _shutdown_on_signals(scope: trio.CancelScope) -> AsyncIterator[None]:
     ``timeout``, which sends its signal on twice) raised KeyboardInterrupt in the middle of the shutdown.  The
     watcher is a system task, so an error of the body comes out as it was raised, not inside an exception group."""
     watcher = trio.CancelScope()
+    watcher_done = trio.Event()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
 
         async def watch() -> None:
-            with watcher:
-                async for signum in signals:
-                    name = signal.Signals(signum).name
-                    if scope.cancel_called:
-                        log.info("received %s again; still shutting down (finishing the writes queued)", name)
-                        continue
-                    log.info("received %s, shutting down", name)
-                    scope.cancel()
+            try:
+                with watcher:
+                    async for signum in signals:
+                        name = signal.Signals(signum).name
+                        if scope.cancel_called:
+                            log.info("received %s again; still shutting down (finishing the writes queued)", name)
+                            continue
+                        log.info("received %s, shutting down", name)
+                        scope.cancel()
+            finally:
+                watcher_done.set()
 
         trio.lowlevel.spawn_system_task(watch)
         try:
             yield
         finally:
+            # The watcher must be gone before the receiver closes: closing it hands a pending signal back to the
+            # process, and a watcher still reading it then failed inside trio (TrioInternalError, a review's flood
+            # of SIGINTs, 2 runs in 25).
             watcher.cancel()
+            with trio.CancelScope(shield=True):
+                await watcher_done.wait()
 
 
 async def run_node(

@@ -371,13 +371,13 @@ def init(
         control_socket_path(home)
     except ControlSetupError as exc:
         raise CliError(f"{exc}; nothing was created") from None
+    _check_home_is_ours(home)  # before the passphrase is asked
     passphrase = None if no_passphrase else resolve_passphrase(confirm=True, prompt=_prompt)
     if passphrase == "":
         raise CliError(
             "the passphrase is empty: give one, or run `init --no-passphrase` for a key file without a passphrase "
             "(anyone who can read it then has your identity)"
         )
-    _check_home_is_ours(home)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     mode = stat.S_IMODE(home.stat().st_mode)
     if mode != 0o700:
@@ -401,12 +401,17 @@ def _check_home_is_ours(home: Path) -> None:
     lock everyone else out of a shared directory."""
     if not home.is_dir():
         return
-    ours = (CONFIG_FILENAME, SOCKET_NAME)
-    own_prefixes = ("p2pmsg.db", f".{IDENTITY_FILENAME}.", f".{CONFIG_FILENAME}.")  # the database, temporary files
+    ours = (SOCKET_NAME,)
+    # The database, config.toml and its backups (config.toml~, config.toml.bak), temporary files.
+    own_prefixes = ("p2pmsg.db", CONFIG_FILENAME, f".{IDENTITY_FILENAME}.", f".{CONFIG_FILENAME}.")
     try:
         foreign = sorted(p.name for p in home.iterdir() if p.name not in ours and not p.name.startswith(own_prefixes))
     except OSError as exc:
         raise CliError(f"cannot read {home}: {exc.strerror or exc}") from None
+    # Hidden files are the rule in a service user's home (useradd copies /etc/skel: .bashrc, .profile): they may
+    # stay, unless others may write to the directory (/tmp and its like).
+    shared = bool(home.stat().st_mode & stat.S_IWOTH)
+    foreign = [name for name in foreign if shared or not name.startswith(".")]
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise CliError(
@@ -753,7 +758,7 @@ def contacts_list(state: State, as_json: bool) -> None:
 
 @contacts.command("rename")
 @click.argument("name", type=NAME_TYPE)
-@click.argument("new_name")
+@click.argument("new_name", type=NAME_TYPE)
 @pass_state
 def contacts_rename(state: State, name: str, new_name: str) -> None:
     """Rename the contact NAME to NEW_NAME."""

@@ -900,7 +900,7 @@ async def test_input_the_node_would_refuse_gets_a_plain_answer_first(home: Path)
     assert not_utf8.exit_code == 1
     assert not_utf8.output == "error: the message is not valid UTF-8 (it holds bytes that are not text)\n"
     assert huge_limit.exit_code == 2 and "2147483647" in huge_limit.output and "msgpack" not in huge_limit.output
-    assert empty_name.exit_code == 2 and "NEW_NAME must not be empty" in empty_name.output
+    assert empty_name.exit_code == 2 and "Invalid value for 'NEW_NAME': is empty" in empty_name.output
 
 
 async def test_a_peer_blocked_by_id_is_listed_without_a_name_and_export_takes_json(home: Path) -> None:

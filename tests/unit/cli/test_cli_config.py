@@ -104,10 +104,19 @@ def test_load_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(tmp_path / "latin1.toml")
     (tmp_path / "dir.toml").mkdir()
-    with pytest.raises(ConfigError, match="cannot read: Is a directory"):
+    with pytest.raises(ConfigError, match="cannot read: a directory, not a regular file"):
         load_config(tmp_path / "dir.toml")
     with pytest.raises(ConfigError, match="cannot read: a character device, not a regular file"):
         load_config("/dev/zero")
+
+
+def test_a_refused_file_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    (tmp_path / "dir.toml").mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(ConfigError, match="a directory, not a regular file"):
+            load_config(tmp_path / "dir.toml")
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 def test_a_byte_order_mark_at_the_start_is_ignored(tmp_path: Path) -> None:

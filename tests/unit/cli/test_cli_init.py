@@ -121,6 +121,27 @@ def test_init_refuses_a_directory_that_holds_other_files(home: Path) -> None:
     assert sorted(p.name for p in home.iterdir()) == ["notes.txt"]
 
 
+def test_init_accepts_a_service_user_s_home_with_its_dotfiles(home: Path) -> None:
+    """The systemd unit's steps make the home with `useradd --create-home`, which copies /etc/skel into it: init
+    refused it for .bashrc and .profile.  A backup of config.toml is the node's own too."""
+    home.mkdir()
+    home.chmod(0o755)
+    for name in (".bashrc", ".profile", "config.toml~"):
+        (home / name).write_text("")
+    result = run_cli(home, "init", "--no-passphrase")
+    assert result.exit_code == 0, result.output
+    assert (home / IDENTITY_FILENAME).exists()
+
+
+def test_init_refuses_hidden_files_in_a_directory_others_may_write_to(home: Path) -> None:
+    home.mkdir()
+    home.chmod(0o1777)
+    (home / ".X11-unix").mkdir()
+    result = run_cli(home, "init", "--no-passphrase", passphrase="never asked")
+    assert result.exit_code == 1 and "already holds other files (.X11-unix)" in result.output
+    assert stat.S_IMODE(home.stat().st_mode) == 0o1777
+
+
 def test_init_says_when_it_makes_an_existing_empty_directory_private(home: Path) -> None:
     home.mkdir()
     home.chmod(0o755)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -98,7 +99,8 @@ def test_a_second_signal_during_the_shutdown_changes_nothing(home: Path) -> None
     stderr = raw.decode(errors="replace")
     assert node.returncode == 0, stderr
     assert "Traceback" not in stderr
-    assert "received SIGINT, shutting down" in stderr
-    assert "received SIGTERM again; still shutting down" in stderr
+    # Either may be taken first.
+    assert re.search(r"received SIG(INT|TERM), shutting down", stderr), stderr
+    assert re.search(r"received SIG(INT|TERM) again; still shutting down", stderr), stderr
     assert "node stopped" in stderr
     assert not control_socket_path(home).exists()
