@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,3 +32,27 @@ def load_vectors(name: str) -> Any:
             pytest.fail(f"test vectors required but missing: {path}")
         pytest.skip(f"test vectors not available: {path} is missing (clone beside ../shared to run these)")
     return json.loads(path.read_text())
+
+
+def error_reading_a_named_pipe(read: Callable[[Path], object], fifo: Path) -> BaseException:
+    """Make ``fifo`` a named pipe nobody writes to, call ``read(fifo)`` in a thread and return what it raised; fail
+    the test if it waited (the thread is then let go by opening the pipe for writing), or raised nothing."""
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            read(fifo)
+        except Exception as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=call, daemon=True)  # a daemon: a hang fails the test, not the whole run
+    worker.start()
+    worker.join(10)
+    if worker.is_alive():
+        with open(fifo, "wb"):
+            pass
+        pytest.fail(f"reading {fifo.name} waited on a named pipe")
+    if not outcome:
+        pytest.fail(f"reading {fifo.name} (a named pipe) raised nothing")
+    return outcome[0]

@@ -13,7 +13,7 @@ import nacl.encoding
 import nacl.hash
 import nacl.pwhash.argon2id
 import pytest
-from conftest import load_vectors
+from conftest import error_reading_a_named_pipe, load_vectors
 
 from p2pmsg.errors import P2PMsgError
 from p2pmsg.identity import (
@@ -588,21 +588,5 @@ def test_documented_unencrypted_example_is_exact() -> None:
 
 def test_a_key_file_that_is_a_named_pipe_is_refused_without_waiting(tmp_path: Path) -> None:
     """QA: `id` and `run` hung with no output when identity.key was a named pipe."""
-    fifo = tmp_path / "identity.key"
-    os.mkfifo(fifo)
-    outcome: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            load_identity(fifo, None)
-        except OSError as exc:
-            outcome.append(exc)
-
-    worker = threading.Thread(target=load, daemon=True)
-    worker.start()
-    worker.join(10)
-    if worker.is_alive():
-        with open(fifo, "wb"):
-            pass
-        pytest.fail("load_identity waited on a named pipe")
-    assert len(outcome) == 1 and "a named pipe, not a regular file" in str(outcome[0])
+    error = error_reading_a_named_pipe(lambda path: load_identity(path, None), tmp_path / "identity.key")
+    assert isinstance(error, OSError) and "a named pipe, not a regular file" in str(error)
